@@ -1,0 +1,67 @@
+"""Plumbing shared by the judges: chat normalisation, joining items to generations, score rows."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, Iterable
+
+import pandas as pd
+
+from ..types import SCORE_COLUMNS
+
+NAN = float("nan")
+_THINK_RE = re.compile(r"<thinking>.*?(</thinking>|$)", re.S | re.I)
+
+
+def as_chat(messages: Any) -> tuple[dict, ...]:
+    """A messages cell (list, tuple, numpy array after parquet, or JSON string) -> tuple of dicts."""
+    if isinstance(messages, str):
+        messages = json.loads(messages)
+    return tuple({"role": str(m["role"]), "content": str(m["content"])} for m in messages)
+
+
+def strip_thinking(text: str) -> str:
+    """Drop <thinking>…</thinking> blocks (an unclosed one runs to the end)."""
+    return _THINK_RE.sub(" ", text or "")
+
+
+def render(messages: Iterable[dict], response: str | None = None) -> str:
+    """A chat as plain text for a judge prompt ("User: …\\n\\nAI: …")."""
+    names = {"user": "User", "assistant": "AI", "system": "System"}
+    turns = [f"{names.get(m['role'], m['role'])}: {m['content']}" for m in messages]
+    if response is not None:
+        turns.append(f"AI: {response}")
+    return "\n\n".join(turns)
+
+
+def join(items: pd.DataFrame, generations: pd.DataFrame) -> pd.DataFrame:
+    """Generations with their item's columns (inner join on item_id, and suite when both have it).
+    Item columns win over same-named generation columns (e.g. a stray `messages`)."""
+    keys = ["item_id"] + (["suite"] if "suite" in items.columns and "suite" in generations.columns else [])
+    g = generations.drop(columns=[c for c in items.columns if c in generations.columns and c not in keys])
+    return g.merge(items, on=keys, how="inner", validate="many_to_one")
+
+
+def row(g: Any, metric: str, value: float | None, judge: str, raw: str = "") -> dict:
+    """One score row for generation `g` (a namedtuple/Series); value None or NaN -> unscored."""
+    ok = value is not None and not (isinstance(value, float) and math.isnan(value))
+    out = {"suite": g["suite"], "item_id": g["item_id"], "metric": metric,
+           "value": float(value) if ok else NAN, "scored": bool(ok), "judge": judge, "raw": str(raw)}
+    if "run_id" in g:
+        out = {"run_id": g["run_id"], **out}
+    return out
+
+
+def to_frame(rows: list[dict], with_run_id: bool) -> pd.DataFrame:
+    cols = list(SCORE_COLUMNS if with_run_id else SCORE_COLUMNS[1:])
+    df = pd.DataFrame(rows, columns=cols)
+    df["value"] = df["value"].astype(float)
+    df["scored"] = df["scored"].astype(bool)
+    return df
+
+
+def records(items: pd.DataFrame, generations: pd.DataFrame) -> tuple[list[dict], bool]:
+    """Joined rows as dicts, and whether they carry run_id."""
+    j = join(items, generations)
+    return j.to_dict("records"), "run_id" in j.columns

@@ -1,0 +1,314 @@
+"""Self-contained HTML report of a value-induction study (tables + matplotlib figures as base64 PNG).
+
+Everything shown is computed by the caller (``analyze``); this module only formats. Any missing
+input produces a "not available" line instead of an error.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import math
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from evaluation import analyze  # noqa: E402
+
+__all__ = ["write_report"]
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.4}
+h1{border-bottom:2px solid #444}h2{border-bottom:1px solid #bbb;margin-top:2em}
+table{border-collapse:collapse;font-size:12px;margin:.5em 0}
+th,td{border:1px solid #ccc;padding:2px 6px;text-align:right}
+th{background:#f0f0f0}td.s{text-align:left}tr.sig td{background:#fff3d6}
+pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:12px}
+.na{color:#a33;font-style:italic}.note{color:#555;font-size:13px}
+img{max-width:100%;border:1px solid #ddd;margin:.5em 0}
+"""
+
+_MAX_ROWS = 2000  # beyond this a table is truncated, with a note, to keep the file usable
+
+_CONTRAST_SHOW = ["model", "condition", "metric", "judge", "reference", "n_seeds", "n_items",
+                  "n_unscored_pairs", "mean_condition", "mean_reference", "effect", "ci_lo",
+                  "ci_hi", "p_value", "p_seed", "p_holm", "p_bh", "effect_size", "effect_size_kind",
+                  "significant"]
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def _esc(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _fmt(x, col: str = "") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    if isinstance(x, (bool, np.bool_)):
+        return "yes" if x else ""
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        if col.startswith("p_") or col == "p_value":
+            return f"{x:.2e}" if 0 < x < 1e-3 else f"{x:.3f}"
+        return f"{x:.4g}"
+    return str(x)
+
+
+def _na(what: str) -> str:
+    return f'<p class="na">{_esc(what)}: not available.</p>'
+
+
+def _table(df: pd.DataFrame | None, what: str, highlight: str | None = None,
+           collapse_over: int = 60) -> str:
+    """HTML table with every header and cell escaped; long tables go inside <details>."""
+    if df is None or not isinstance(df, pd.DataFrame) or df.empty:
+        return _na(what)
+    note = ""
+    if len(df) > _MAX_ROWS:
+        note = f'<p class="note">Showing the first {_MAX_ROWS} of {len(df)} rows.</p>'
+        df = df.head(_MAX_ROWS)
+    head = "".join(f"<th>{_esc(c)}</th>" for c in df.columns)
+    body = []
+    for _, row in df.iterrows():
+        cls = ' class="sig"' if highlight and bool(row.get(highlight, False)) else ""
+        cells = []
+        for c in df.columns:
+            v = row[c]
+            is_text = not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool)
+            cells.append(f'<td{" class=s" if is_text else ""}>{_esc(_fmt(v, str(c)))}</td>')
+        body.append(f"<tr{cls}>{''.join(cells)}</tr>")
+    t = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{note}"
+    if len(df) > collapse_over:
+        return f"<details><summary>{_esc(what)} ({len(df)} rows)</summary>{t}</details>"
+    return t
+
+
+class _Figures:
+    """Saves figures to out_dir/figures and returns <img> tags with the PNG embedded."""
+
+    def __init__(self, out_dir: Path):
+        self.dir = out_dir / "figures"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.used: set[str] = set()
+
+    def add(self, fig, name: str, alt: str) -> str:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "figure"
+        base, i = stem, 1
+        while stem in self.used:
+            i += 1
+            stem = f"{base}_{i}"
+        self.used.add(stem)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        png = buf.getvalue()
+        (self.dir / f"{stem}.png").write_bytes(png)
+        b64 = base64.b64encode(png).decode("ascii")
+        return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{b64}">'
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _forest(figs: _Figures, df: pd.DataFrame, suite: str, reference: str, part: int) -> str:
+    df = df.iloc[::-1]  # matplotlib draws the first row at the bottom
+    labels = [f"{r.model} · {r.condition} · {r.metric} [{r.judge}]" for r in df.itertuples()]
+    y = np.arange(len(df))
+    eff = df["effect"].to_numpy(float)
+    lo = np.clip(eff - df["ci_lo"].to_numpy(float), 0, None)
+    hi = np.clip(df["ci_hi"].to_numpy(float) - eff, 0, None)
+    sig = df["significant"].to_numpy(bool)
+    fig, ax = plt.subplots(figsize=(9, max(2.0, 0.26 * len(df) + 1.0)))
+    for mask, color, lab in ((~sig, "#777777", "n.s."), (sig, "#c0392b", "significant (Holm)")):
+        if mask.any():
+            ax.errorbar(eff[mask], y[mask], xerr=[lo[mask], hi[mask]], fmt="o", color=color,
+                        ms=4, capsize=2, lw=1, label=lab)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_xlabel(f"effect vs {reference} (mean paired difference, 95% CI)")
+    ax.set_title(f"{suite}: effect vs {reference}" + (f" (part {part})" if part > 1 else ""))
+    ax.legend(fontsize=7, loc="best")
+    return figs.add(fig, f"forest_{suite}_{reference}_{part}", f"Forest plot {suite} vs {reference}")
+
+
+def _forest_plots(figs: _Figures, c: pd.DataFrame, suite: str, chunk: int = 80) -> str:
+    parts = []
+    for reference, d in c.groupby("reference", sort=True):
+        d = d[np.isfinite(d["effect"].to_numpy(float))]
+        for k, start in enumerate(range(0, len(d), chunk), start=1):
+            parts.append(_forest(figs, d.iloc[start:start + chunk], suite, reference, k))
+    return "".join(parts) or _na(f"Forest plot for suite {suite}")
+
+
+def _heatmap(figs: _Figures, co: pd.DataFrame, model: str, judge: str) -> str:
+    m = analyze.coexpression_matrix(co, model, judge, "effect")
+    lab = analyze.coexpression_matrix(co, model, judge, "label").reindex_like(m)
+    sig = analyze.coexpression_matrix(co, model, judge, "significant").reindex_like(m)
+    vals = m.to_numpy(float)
+    vmax = np.nanmax(np.abs(vals)) if np.isfinite(vals).any() else 1.0
+    vmax = vmax if vmax > 0 else 1.0
+    n_r, n_c = vals.shape
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * n_c + 2), max(3, 0.5 * n_r + 1.5)))
+    im = ax.imshow(vals, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
+    marks = {"related": "+", "contrastive": "−"}
+    for i in range(n_r):
+        for j in range(n_c):
+            if np.isfinite(vals[i, j]):
+                mark = marks.get(lab.iat[i, j], "")
+                if lab.iat[i, j] == "induced" and pd.notna(sig.iat[i, j]) and bool(sig.iat[i, j]):
+                    mark = "*"
+                dark = abs(vals[i, j]) > 0.6 * vmax  # white text stays readable on dark cells
+                ax.text(j, i, f"{vals[i, j]:.2f}{mark}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
+    ax.set_xticks(range(n_c), list(m.columns), rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n_r), list(m.index), fontsize=8)
+    ax.set_xlabel("expressed value")
+    ax.set_ylabel("induced value")
+    ax.set_title(f"Co-expression Δ — {model} [{judge}]\n(+ related, − contrastive, * induced; Holm)",
+                 fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="effect (rate difference)")
+    return figs.add(fig, f"coexpression_{model}_{judge}", f"Co-expression heatmap {model} {judge}")
+
+
+# ----------------------------------------------------------------------------- sections
+
+def _header(extras: dict) -> str:
+    name = extras.get("study_name") or "Value-induction study"
+    version = extras.get("code_version")
+    spec = extras.get("spec_yaml")
+    out = [f"<h1>{_esc(name)}</h1>",
+           f'<p class="note">Generated {_esc(_dt.datetime.now().isoformat(timespec="seconds"))}.</p>',
+           f"<p>Code version: {_esc(version)}</p>" if version else _na("Code version"),
+           "<h3>Study spec</h3>",
+           f"<pre>{_esc(spec)}</pre>" if spec else _na("Spec YAML")]
+    if extras.get("notes"):
+        out.append(f'<p class="note">{_esc(extras["notes"])}</p>')
+    return "".join(out)
+
+
+def _judges_section(scores: pd.DataFrame | None, prm: pd.DataFrame) -> str:
+    if scores is None or len(scores) == 0 or prm.empty:
+        return _na("Judge provenance")
+    t = (prm.groupby(["suite", "metric", "judge"], sort=True)
+            .agg(n_runs=("run_id", "nunique"), n_scored=("n_scored", "sum"),
+                 n_unscored=("n_unscored", "sum")).reset_index())
+    return ('<p class="note">Every number in this report is tied to the judge named in its '
+            '<code>judge</code> column; this table lists which judge scored each metric.</p>'
+            + _table(t, "Judge provenance"))
+
+
+def _condition_summary(runs: pd.DataFrame, prm: pd.DataFrame) -> pd.DataFrame | None:
+    """Mean and seed SD of each metric per (model, condition): base/control/value side by side."""
+    if prm.empty or runs is None or runs.empty:
+        return None
+    m = prm.merge(runs[["run_id", "model", "condition", "kind"]], on="run_id", how="inner")
+    if m.empty:
+        return None
+    g = m.groupby(["suite", "metric", "judge", "model", "kind", "condition"], sort=True)["mean"]
+    return g.agg(n_runs="count", mean="mean", sd_across_seeds="std").reset_index()
+
+
+def _coexpression_section(figs: _Figures, contrasts_df, extras: dict, alpha: float) -> str:
+    co = analyze.coexpression(contrasts_df, alpha=alpha) if contrasts_df is not None else None
+    if co is None or co.empty:
+        return _na("Co-expression matrix (no 'expresses/<value>' metrics in suite 'values')")
+    out = ['<p class="note">Cells: effect of inducing the row value on the expression rate of the '
+           'column value, against controls (against base where a model has no controls). '
+           '"related" = significantly positive off-diagonal, "contrastive" = significantly '
+           'negative (Holm-corrected within the model/reference/judge family).</p>']
+    for (model, judge), _ in co.groupby(["model", "judge"], sort=True):
+        out.append(f"<h3>{_esc(model)} — judge {_esc(judge)}</h3>")
+        out.append(_heatmap(figs, co, model, judge))
+    labelled = co[co["label"].isin(["related", "contrastive"])]
+    out.append("<h3>Related and contrastive pairs</h3>")
+    out.append(_table(labelled, "Related/contrastive pairs") if not labelled.empty
+               else '<p class="note">No significant off-diagonal cells.</p>')
+    out.append(_table(co, "Full co-expression table"))
+    null = extras.get("coexpression_null")
+    out.append("<h3>Permutation null for the whole matrix</h3>")
+    if null:
+        nulls = null if isinstance(null, (list, tuple)) else [null]
+        rows = [{k: v for k, v in d.items() if not isinstance(v, pd.DataFrame)} for d in nulls]
+        out.append('<p class="note">Statistic: sum of squared off-diagonal deltas; null: induced-'
+                   'value labels shuffled across value runs.</p>')
+        out.append(_table(pd.DataFrame(rows), "Co-expression permutation null"))
+    else:
+        out.append(_na("Co-expression permutation null"))
+    return "".join(out)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame | None,
+                 contrasts_df: pd.DataFrame | None, extras: dict | None = None) -> Path:
+    """Write ``out_dir/report.html`` (figures also in ``out_dir/figures``) and return its path.
+
+    ``extras`` (all optional): study_name, spec_yaml, code_version, notes, alpha,
+    judge_agreement (DataFrame), curation (DataFrame), coexpression_null (dict or list of dicts
+    from ``analyze.coexpression_permutation_null``), aa_checks (DataFrame).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extras = dict(extras or {})
+    alpha = float(extras.get("alpha", 0.05))
+    figs = _Figures(out_dir)
+    prm = analyze.per_run_metrics(scores) if scores is not None else analyze.per_run_metrics(None)
+    have_runs = isinstance(runs, pd.DataFrame) and not runs.empty
+    have_c = isinstance(contrasts_df, pd.DataFrame) and not contrasts_df.empty
+
+    sec = [_header(extras)]
+    sec.append("<h2>Runs</h2>" + (_table(runs, "Runs") if have_runs else _na("Runs table")))
+    sec.append("<h2>Judges</h2>" + _judges_section(scores, prm))
+
+    sec.append("<h2>Per-run metrics</h2>")
+    if prm.empty:
+        sec.append(_na("Per-run metrics"))
+    else:
+        t = prm.merge(runs[["run_id", "model", "condition", "seed"]], on="run_id", how="left") \
+            if have_runs else prm
+        sec.append(_table(t, "Per-run metrics"))
+    sec.append("<h2>Condition summary (base / control / value)</h2>"
+               '<p class="note">Mean over runs of each condition and SD across seeds; use it to '
+               'read capability (QA) changes directly.</p>'
+               + _table(_condition_summary(runs if have_runs else None, prm), "Condition summary"))
+
+    sec.append("<h2>Contrasts</h2>")
+    if have_c:
+        sec.append(f'<p class="note">effect = mean paired (item-by-item) difference condition − '
+                   f'reference; 95% CI from a seed-then-item bootstrap; p from a sign-flip '
+                   f'permutation test over items (p_seed: t-test over per-seed means, shown for '
+                   f'information only); p_holm / p_bh corrected per (model, reference, '
+                   f'judge) family; highlighted rows have p_holm &lt; {alpha:g}. Effect size is '
+                   f'Cohen\'s h for rates, Cohen\'s d_z for continuous metrics.</p>')
+        for suite, c in contrasts_df.groupby("suite", sort=True):
+            sec.append(f"<h3>Suite: {_esc(suite)}</h3>")
+            cols = [k for k in _CONTRAST_SHOW if k in c.columns]
+            sec.append(_table(c[cols], f"Contrasts for {suite}", highlight="significant"))
+            sec.append(_forest_plots(figs, c, str(suite)))
+    else:
+        sec.append(_na("Contrasts"))
+
+    sec.append("<h2>Co-expression of values</h2>")
+    sec.append(_coexpression_section(figs, contrasts_df if have_c else None, extras, alpha))
+
+    sec.append("<h2>A/A checks (control vs control)</h2>"
+               + _table(extras.get("aa_checks"), "A/A checks"))
+    sec.append("<h2>Judge agreement</h2>" + _table(extras.get("judge_agreement"), "Judge agreement"))
+    sec.append("<h2>Curation</h2>" + _table(extras.get("curation"), "Curation table"))
+
+    title = _esc(extras.get("study_name") or "Value-induction report")
+    doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
+           f"<style>{_CSS}</style></head><body>{''.join(sec)}</body></html>")
+    path = out_dir / "report.html"
+    path.write_text(doc, encoding="utf-8")
+    return path

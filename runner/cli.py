@@ -1,0 +1,135 @@
+"""`valind`: run a value-induction study, or one of its stages, from a YAML spec."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_INVALID = 2
+
+
+def _load(path: str):
+    from runner.spec import SpecError, load_spec
+    try:
+        spec = load_spec(path)
+    except SpecError as e:
+        print(e.render(), file=sys.stderr)
+        sys.exit(EXIT_INVALID)
+    return spec, Path(path).read_text()
+
+
+def _study(args):
+    from runner.pipeline import Study
+    spec, text = _load(args.spec)
+    return Study(spec, text)
+
+
+def cmd_validate(args) -> int:
+    spec, _ = _load(args.spec)
+    print(f"{args.spec}: valid — study {spec.study.name!r}, {len(spec.models)} model(s), "
+          f"{len(spec.conditions())} condition(s), {len(spec.seeds.values)} seed(s), "
+          f"{len(spec.models) * (1 + len(spec.conditions()) * len(spec.seeds.values))} evaluated runs")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    study = _study(args)
+    out = study.run(until=args.stage)
+    if args.stage == "analyze":
+        _print_where(study, out)
+    return 0
+
+
+def _print_where(study, report) -> None:
+    from runner.tracking import tracking_uri
+    uri = tracking_uri(study.spec.tracking.uri, study.root)
+    print(f"report:  {report}")
+    print(f"mlflow:  {uri}")
+    if uri.startswith("sqlite:///"):
+        print(f"open it: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+
+
+def cmd_status(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    study = _study(args)
+    rows = study.status()
+    table = Table(title=f"study {study.spec.study.name} — {study.root}")
+    for col in ("stage", "done", "failed", "missing"):
+        table.add_column(col)
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        rs = [r for r in rows if r["stage"] == stage]
+        count = {s: sum(r["state"] == s for r in rs) for s in ("done", "failed", "missing")}
+        table.add_row(stage, str(count["done"]), str(count["failed"]), str(count["missing"]))
+    Console().print(table)
+    for r in rows:
+        if r["state"] == "failed":
+            err = study.store.failed(r["stage"], r["key"]) or {}
+            print(f"failed: {r['stage']} {r['unit']}: {err.get('error')}")
+    ann = study.store.unit("annotate", study.annotate_key()) / "drops.json"
+    if ann.exists():
+        print(f"dropped pairs by reason: {ann.read_text().strip()}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from runner.models import prepare_all
+    for name, path in prepare_all().items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="valind", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="check a spec; every problem is printed with its YAML path (exit 2)")
+    v.add_argument("spec")
+    v.set_defaults(fn=cmd_validate)
+    r = sub.add_parser("run", help="run the whole study (cached stages are skipped)")
+    r.add_argument("spec")
+    r.set_defaults(fn=cmd_stage, stage="analyze")
+    for stage, help_ in [("annotate", "judge the preference pairs for values"),
+                         ("curate", "build value subsets, random controls and the held-out split"),
+                         ("train", "fine-tune every (model, condition, seed) cell"),
+                         ("generate", "generate responses to the evaluation suites"),
+                         ("score", "judge the generations"),
+                         ("report", "statistics and the HTML report")]:
+        s = sub.add_parser(stage, help=f"{help_} (runs earlier stages as needed)")
+        s.add_argument("spec")
+        s.set_defaults(fn=cmd_stage, stage="analyze" if stage == "report" else stage)
+    st = sub.add_parser("status", help="what is done, cached or failed")
+    st.add_argument("spec")
+    st.set_defaults(fn=cmd_status)
+    m = sub.add_parser("models", help="model provisioning")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    mp = msub.add_parser("prepare", help="build the offline SmolLM2-135M-Instruct dir and the tiny test model")
+    mp.set_defaults(fn=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("interrupted: finished units are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from runner.data.curate import CurationError
+        from runner.data.sources import DataError
+        from runner.models import ModelError
+        from runner.pipeline import StageError
+        from runner.store import StoreError
+        from runner.tracking import TrackingError
+        if isinstance(e, (CurationError, DataError, ModelError, StageError, StoreError, TrackingError)):
+            print(f"valind: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

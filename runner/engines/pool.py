@@ -1,0 +1,74 @@
+"""A pool of Ray actors, each holding one engine; requests are fanned out in batches."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import ray
+
+from evaluation.types import Request, ScoreRequest
+from runner.engines.base import EngineConfig, make_engine
+from runner.progress import progress
+
+
+@ray.remote
+class EngineActor:
+    def __init__(self, cfg: EngineConfig):
+        self.engine = make_engine(cfg)
+
+    def info(self) -> dict:
+        return {"name": self.engine.name, "version": self.engine.version}
+
+    def generate(self, requests: Sequence[Request]) -> list[str]:
+        return self.engine.generate(requests)
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[float]:
+        return self.engine.score(requests)
+
+
+class EnginePool:
+    """`Engine` over N actors. One engine per base model serves every LoRA adapter of it."""
+
+    def __init__(self, cfg: EngineConfig, actors: int = 1, gpus_per_actor: float = 0.0,
+                 cpus_per_actor: float = 1.0, batch_size: int = 64):
+        self.cfg, self.batch_size = cfg, batch_size
+        opts = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor}
+        self.actors = [EngineActor.options(**opts).remote(cfg) for _ in range(actors)]
+        info = ray.get(self.actors[0].info.remote())
+        self.name, self.version = info["name"], info["version"]
+
+    def _fan_out(self, method: str, items: Sequence, desc: str, on_batch: Callable | None = None) -> list:
+        batches = [list(items[i:i + self.batch_size]) for i in range(0, len(items), self.batch_size)]
+        results: list = [None] * len(batches)
+        pending = {}
+        free = list(self.actors)
+        todo = list(range(len(batches)))
+        with progress(total=len(items), desc=desc) as bar:
+            while todo or pending:
+                while free and todo:
+                    b, actor = todo.pop(0), free.pop()
+                    pending[getattr(actor, method).remote(batches[b])] = (b, actor)
+                done, _ = ray.wait(list(pending), num_returns=1)
+                b, actor = pending.pop(done[0])
+                results[b] = ray.get(done[0])
+                free.append(actor)
+                bar.update(len(batches[b]))
+                if on_batch:
+                    on_batch(b, batches[b], results[b])
+        return [x for r in results for x in r]
+
+    def generate(self, requests: Sequence[Request], desc: str = "generate") -> list[str]:
+        return self._fan_out("generate", requests, desc)
+
+    def score(self, requests: Sequence[ScoreRequest], desc: str = "score") -> list[float]:
+        return self._fan_out("score", requests, desc)
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

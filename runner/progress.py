@@ -1,0 +1,31 @@
+"""Progress bars and one-line stage summaries (rich on a terminal, plain lines in logs)."""
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+
+from tqdm.auto import tqdm
+
+
+@contextmanager
+def progress(total: int, desc: str):
+    bar = tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True, file=sys.stderr,
+               mininterval=1.0, disable=None if sys.stderr.isatty() else False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0

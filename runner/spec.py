@@ -1,0 +1,328 @@
+"""The study spec: pydantic models of the YAML file, validation with YAML paths, hashing."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# The closed list of the paper's judge prompt (Arora et al. 2026, appendix), in its order.
+VALUES: tuple[str, ...] = (
+    "deception", "accuracy", "creativity", "discretion", "honesty", "humor", "open-mindedness",
+    "fairness", "curiosity", "empathy", "personalization", "privacy", "violence", "justice",
+    "legality", "engagement",
+)
+Value = Literal[
+    "deception", "accuracy", "creativity", "discretion", "honesty", "humor", "open-mindedness",
+    "fairness", "curiosity", "empathy", "personalization", "privacy", "violence", "justice",
+    "legality", "engagement",
+]
+SUITES = ("values", "safety", "anthropomorphism", "sycophancy")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StudySpec(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    output_dir: str = "studies"
+    description: str = ""
+
+
+class ModelSpec(_Section):
+    """A base model: a builtin name (`smollm2-135m`, `tiny-llama`), a local HF dir or a hub id."""
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    path: str
+    chat_template: str | None = None  # a Jinja string or a path to a .jinja file
+    trust_remote_code: bool = False
+
+
+class ValuesSpec(_Section):
+    induced: list[Value] = Field(min_length=1)
+    positive: list[Value] = Field(default_factory=lambda: [v for v in VALUES if v not in ("deception", "violence")])
+
+    @field_validator("induced")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("induced values must be unique")
+        return v
+
+
+class ControlsSpec(_Section):
+    count: int = Field(default=1, ge=0, le=64)
+    length_bins: int = Field(default=4, ge=1, le=32)
+
+
+class AdaptiveSeeds(_Section):
+    target_ci_halfwidth: float = Field(gt=0)
+    max: int = Field(ge=1, le=100)
+
+
+class SeedsSpec(_Section):
+    values: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    adaptive: AdaptiveSeeds | None = None
+
+
+SourceName = Literal["hh_rlhf", "ultrafeedback", "pku_saferlhf", "tulu3_preference", "local"]
+
+
+class SourceSpec(_Section):
+    name: SourceName
+    subset: str | None = None      # e.g. HH-RLHF "harmless-base"
+    split: str = "test"
+    path: str | None = None        # local jsonl/parquet (name: local)
+    columns: dict[str, str] = Field(default_factory=dict)  # local: our field -> file column
+    max_pairs: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _local_needs_path(self) -> "SourceSpec":
+        if self.name == "local" and not self.path:
+            raise ValueError("a local source needs 'path'")
+        return self
+
+
+class DataSpec(_Section):
+    data_dir: str | None = None
+    sources: list[SourceSpec] = Field(min_length=1)
+    held_out_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    subset_size: int | None = Field(default=None, ge=1)   # N per condition; None = smallest value subset
+    min_subset_size: int = Field(default=4, ge=1)
+    max_chars: int = Field(default=4000, ge=100)          # pairs longer than this are dropped (over-length)
+    rule: Literal["chosen_not_rejected", "chosen"] = "chosen_not_rejected"
+    seed: int = 0
+
+
+class SamplingSpec(_Section):
+    temperature: float = Field(default=0.0, ge=0.0, le=5.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=64, ge=1, le=32768)
+    seed: int = 0
+
+
+class EngineSpec(_Section):
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    max_model_len: int = Field(default=1024, ge=64)
+    actors: int = Field(default=1, ge=1)
+    gpus_per_actor: float = Field(default=0.0, ge=0.0)
+    tensor_parallel: int = Field(default=1, ge=1)
+    kv_cache_gb: float = Field(default=1.0, gt=0.0)
+    batch_size: int = Field(default=64, ge=1)
+
+
+class AnnotateSpec(_Section):
+    judge_model: str  # a model name from `models`, or a path / hub id
+    prompt_version: Literal["v1"] = "v1"
+    mode: Literal["extract", "logprob"] = "extract"
+    logprob_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    sampling: SamplingSpec = SamplingSpec(max_tokens=48)
+    max_pairs: int | None = Field(default=None, ge=1)
+
+
+class LoraSpec(_Section):
+    r: int = Field(default=8, ge=1, le=1024)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class TrainSpec(_Section):
+    method: Literal["dpo", "ipo", "cdpo", "sft"] = "dpo"
+    finetune: Literal["lora", "full"] = "lora"
+    lora: LoraSpec = LoraSpec()
+    beta: float = Field(default=0.1, gt=0.0)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+    lr: float = Field(default=5e-6, gt=0.0, lt=1.0)
+    epochs: int = Field(default=1, ge=1, le=100)
+    batch_size: int = Field(default=8, ge=1)        # global batch (pairs per optimizer step)
+    micro_batch_size: int = Field(default=2, ge=1)  # pairs per worker per forward
+    max_length: int = Field(default=512, ge=16)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    workers: int = Field(default=2, ge=1)
+    gpus_per_worker: float = Field(default=0.0, ge=0.0)
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    bf16: Literal["auto", True, False] = "auto"
+    report_every: int = Field(default=1, ge=1)
+    checkpoint_every: int = Field(default=50, ge=1)  # optimizer steps between DeepSpeed checkpoints
+    max_failures: int = Field(default=1, ge=0)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainSpec":
+        if self.batch_size % (self.micro_batch_size * self.workers):
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size × workers "
+                f"({self.micro_batch_size} × {self.workers})")
+        return self
+
+
+class GenerateSpec(_Section):
+    suites: list[Literal["values", "safety", "anthropomorphism", "sycophancy"]] = Field(
+        default_factory=lambda: list(SUITES), min_length=1)
+    items_per_suite: int | None = Field(default=None, ge=1)  # cap per suite; None = all items
+    sampling: SamplingSpec = SamplingSpec(max_tokens=128)
+
+
+class ScoreSpec(_Section):
+    value_judge: str | None = None  # model name/path; None = annotate.judge_model
+    refusal_judges: list[Literal["strmatch", "substring", "llm"]] = Field(default_factory=lambda: ["strmatch", "substring"])
+    refusal_llm_judge: str | None = None
+    benchmarks: list[Literal["truthfulqa_mc", "openbookqa", "mmlu", "gsm8k"]] = Field(default_factory=list)
+    sampling: SamplingSpec = SamplingSpec(max_tokens=48)
+
+
+class AnalyzeSpec(_Section):
+    alpha: float = Field(default=0.05, gt=0.0, lt=0.5)
+    bootstrap: int = Field(default=2000, ge=100)
+    permutations: int = Field(default=2000, ge=100)
+    seed: int = 0
+
+
+class TrackingSpec(_Section):
+    uri: str | None = None         # default: $MLFLOW_TRACKING_URI, else sqlite under the study dir
+    experiment: str | None = None  # default: the study name
+
+
+class Spec(_Section):
+    study: StudySpec
+    models: list[ModelSpec] = Field(min_length=1)
+    values: ValuesSpec
+    controls: ControlsSpec = ControlsSpec()
+    seeds: SeedsSpec = SeedsSpec()
+    data: DataSpec
+    annotate: AnnotateSpec
+    train: TrainSpec = TrainSpec()
+    engine: EngineSpec = EngineSpec()
+    generate: GenerateSpec = GenerateSpec()
+    score: ScoreSpec = ScoreSpec()
+    analyze: AnalyzeSpec = AnalyzeSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    @model_validator(mode="after")
+    def _unique_model_names(self) -> "Spec":
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique: {names}")
+        return self
+
+    # --- derived views -------------------------------------------------------------
+    def conditions(self) -> list[str]:
+        return [f"value-{v}" for v in self.values.induced] + [f"control-{k}" for k in range(self.controls.count)]
+
+    def model(self, name_or_path: str) -> ModelSpec:
+        for m in self.models:
+            if m.name == name_or_path:
+                return m
+        return ModelSpec(name=_slug(name_or_path), path=name_or_path)
+
+    def output_dir(self, base: Path | None = None) -> Path:
+        out = Path(self.study.output_dir).expanduser()
+        if not out.is_absolute() and base is not None:
+            out = base / out
+        return (out / self.study.name).resolve()
+
+    def data_dir(self) -> Path | None:
+        d = os.environ.get("VALIND_DATA_DIR") or self.data.data_dir
+        return Path(d).expanduser().resolve() if d else None
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in s).strip("-.")[-64:] or "model"
+
+
+class SpecError(Exception):
+    """An invalid spec: `problems` holds (yaml path, message) for every problem found."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source, self.problems = source, problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [f"{self.source}: {len(self.problems)} problem(s)"]
+        lines += [f"  {path or '<root>'}: {msg}" for path, msg in self.problems]
+        return "\n".join(lines)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.startswith(("function-after[", "function-before[")):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def parse_spec(data: Any, source: str = "<spec>") -> Spec:
+    if not isinstance(data, dict):
+        raise SpecError(source, [("", f"the spec must be a YAML mapping, got {type(data).__name__}")])
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif err["type"] == "literal_error":
+                msg = f"{msg} (got {err.get('input')!r})"
+            problems.append((_loc(err["loc"]), msg))
+        raise SpecError(source, problems) from None
+    problems = _cross_checks(spec)
+    if problems:
+        raise SpecError(source, problems)
+    return spec
+
+
+def _cross_checks(spec: Spec) -> list[tuple[str, str]]:
+    """Checks that span sections (pydantic stops model validators at the first field error)."""
+    problems = []
+    if spec.data.subset_size is not None and spec.data.subset_size < spec.data.min_subset_size:
+        problems.append(("data.subset_size", f"must be >= data.min_subset_size ({spec.data.min_subset_size})"))
+    if "llm" in spec.score.refusal_judges and not spec.score.refusal_llm_judge:
+        problems.append(("score.refusal_llm_judge", "required when score.refusal_judges lists 'llm'"))
+    if len(set(spec.seeds.values)) != len(spec.seeds.values):
+        problems.append(("seeds.values", "seeds must be unique"))
+    if spec.seeds.adaptive and spec.seeds.adaptive.max < len(spec.seeds.values):
+        problems.append(("seeds.adaptive.max", f"must be >= the number of seeds ({len(spec.seeds.values)})"))
+    if spec.train.method == "sft" and spec.train.label_smoothing:
+        problems.append(("train.label_smoothing", "only applies to dpo/cdpo"))
+    return problems
+
+
+def load_spec(path: str | Path) -> Spec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(str(path), [("", f"cannot read the spec: {e.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise SpecError(str(path), [("", f"not valid YAML{where}: {getattr(e, 'problem', e)}")]) from None
+    return parse_spec(data, str(path))
+
+
+def content_hash(*parts: Any, n: int = 16) -> str:
+    """A stable hash of JSON-able parts (pydantic models are dumped in JSON mode)."""
+    def norm(p: Any) -> Any:
+        if isinstance(p, BaseModel):
+            return p.model_dump(mode="json")
+        if isinstance(p, (list, tuple)):
+            return [norm(x) for x in p]
+        if isinstance(p, dict):
+            return {str(k): norm(v) for k, v in p.items()}
+        if isinstance(p, Path):
+            return str(p)
+        return p
+    blob = json.dumps([norm(p) for p in parts], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:n]

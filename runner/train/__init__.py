@@ -1,0 +1,1 @@
+"""Preference fine-tuning: tokenised batches, losses, the Ray Train worker loop and its launcher."""

@@ -1,0 +1,87 @@
+"""Chat-template tokenisation of preference pairs and padded batches with response-only masks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class TokenizeError(ValueError):
+    pass
+
+
+def encode(tokenizer, prompt: list[dict], response: str, chat_template: str | None = None) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids): the response ids are what the template adds after the prompt."""
+    def ids(msgs, gen):
+        out = tokenizer.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True,
+                                            chat_template=chat_template, return_dict=False)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "input_ids") else out)
+
+    p = ids(list(prompt), True)
+    full = ids(list(prompt) + [{"role": "assistant", "content": response}], False)
+    if full[:len(p)] != p:
+        raise TokenizeError("the chat template does not render the prompt as a prefix of prompt+response")
+    return p, full[len(p):]
+
+
+def fit(prompt: list[int], responses: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]]]:
+    """Truncate to max_length: prompt from the left (keeps the last turn), responses from the right."""
+    longest = max(len(r) for r in responses)
+    if len(prompt) + longest > max_length:
+        keep = max(max_length // 2, max_length - longest)
+        prompt = prompt[-keep:] if keep < len(prompt) else prompt
+        responses = [r[: max_length - len(prompt)] for r in responses]
+    return prompt, responses
+
+
+@dataclass
+class Example:
+    """One tokenised preference pair (chosen/rejected share the prompt)."""
+    pair_id: str
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    ref_chosen: float = 0.0
+    ref_rejected: float = 0.0
+
+
+def encode_pairs(tokenizer, pairs, max_length: int, chat_template: str | None = None) -> list[Example]:
+    out = []
+    for row in pairs.itertuples():
+        p, c = encode(tokenizer, list(row.prompt), row.chosen, chat_template)
+        _, r = encode(tokenizer, list(row.prompt), row.rejected, chat_template)
+        p, (c, r) = fit(p, [c, r], max_length)
+        out.append(Example(row.pair_id, p, c, r))
+    return out
+
+
+def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask and the mask of response tokens (loss positions)."""
+    width = max(len(p) + len(r) for p, r in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    resp = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, (p, r) in enumerate(seqs):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r)
+        attn[i, :n] = 1
+        resp[i, len(p):n] = True
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
+
+
+def pair_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """[chosen_1..chosen_B, rejected_1..rejected_B] in one padded batch."""
+    seqs = [(e.prompt, e.chosen) for e in examples] + [(e.prompt, e.rejected) for e in examples]
+    batch = collate(seqs, pad_id)
+    batch["ref_chosen"] = torch.tensor([e.ref_chosen for e in examples], dtype=torch.float32)
+    batch["ref_rejected"] = torch.tensor([e.ref_rejected for e in examples], dtype=torch.float32)
+    return batch
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token) over response tokens only (prompt and padding masked)."""
+    logits = logits[:, :-1].float()
+    target = input_ids[:, 1:]
+    mask = response_mask[:, 1:]
+    token_logp = torch.gather(logits, 2, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return (token_logp * mask).sum(-1)

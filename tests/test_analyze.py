@@ -1,0 +1,287 @@
+"""Synthetic-study tests of evaluation.analyze and evaluation.report."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from evaluation import analyze, report, stats
+from evaluation.types import RUN_COLUMNS, SCORE_COLUMNS
+
+VALUES = ("empathy", "honesty", "care")
+JUDGE = "judge-a"
+
+
+def make_study(effects=None, n_items=80, seeds=(0, 1, 2), n_controls=2, models=("m1",), rng_seed=0,
+               values=VALUES):
+    """Runs and scores tables; ``effects[(value, metric)]`` shifts that value's runs on that metric.
+
+    Per-item baselines differ (so pairing matters); binary metrics are Bernoulli draws around them,
+    the continuous one adds Gaussian noise. No run-level (seed) shifts: every run is exchangeable
+    with its reference arm unless an effect is planted.
+    """
+    effects = effects or {}
+    rng = np.random.default_rng(rng_seed)
+    metrics = [("values", f"expresses/{v}", True) for v in values]
+    metrics += [("safety", "refusal", True), ("anthro", "anthro_lexical_per100", False)]
+    runs = []
+    for m in models:
+        runs.append(dict(run_id=f"{m}-base", model=m, condition="base", kind="base", value=None,
+                         seed=None))
+        for s in seeds:
+            for v in values:
+                runs.append(dict(run_id=f"{m}-value-{v}-s{s}", model=m, condition=f"value-{v}",
+                                 kind="value", value=v, seed=s))
+            for k in range(n_controls):
+                runs.append(dict(run_id=f"{m}-control-{k}-s{s}", model=m, condition=f"control-{k}",
+                                 kind="control", value=None, seed=s))
+    runs = pd.DataFrame(runs, columns=list(RUN_COLUMNS))
+    parts = []
+    for suite, metric, binary in metrics:
+        base = rng.uniform(0.1, 0.5, n_items) if binary else rng.normal(2.0, 1.0, n_items)
+        for r in runs.itertuples():
+            delta = effects.get((r.value, metric), 0.0)
+            if binary:
+                val = (rng.random(n_items) < np.clip(base + delta, 0, 1)).astype(float)
+            else:
+                val = base + delta + rng.normal(0, 0.5, n_items)
+            parts.append(pd.DataFrame(dict(
+                run_id=r.run_id, suite=suite, item_id=[f"{suite}-{i}" for i in range(n_items)],
+                metric=metric, value=val, scored=True, judge=JUDGE, raw="")))
+    scores = pd.concat(parts, ignore_index=True)[list(SCORE_COLUMNS)]
+    return runs, scores
+
+
+FAST = dict(n_boot=500, n_perm=2000, seed=0)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    runs, scores = make_study({("empathy", "expresses/empathy"): 0.35})
+    return runs, scores, analyze.contrasts(runs, scores, **FAST)
+
+
+def test_contrast_table_shape(planted):
+    runs, scores, c = planted
+    assert list(c.columns) == analyze.CONTRAST_COLUMNS
+    # 3 values x 2 refs + 2 controls x 1 ref, each on 5 metrics
+    assert len(c) == (3 * 2 + 2) * 5
+    assert set(c.loc[c["kind"] == "control", "reference"]) == {"base"}
+    assert (c["n_seeds"] == 3).all() and (c["n_items"] == 80).all()
+    assert (c["n_unscored_pairs"] == 0).all()
+    binary = c["metric"] != "anthro_lexical_per100"
+    assert set(c.loc[binary, "effect_size_kind"]) == {"cohens_h"}
+    assert set(c.loc[~binary, "effect_size_kind"]) == {"cohens_d"}
+
+
+def test_planted_effect_is_the_only_significant_contrast(planted):
+    _, _, c = planted
+    sig = c[c["significant"]]
+    assert set(zip(sig["condition"], sig["metric"], sig["reference"])) == {
+        ("value-empathy", "expresses/empathy", "base"),
+        ("value-empathy", "expresses/empathy", "control"),
+    }
+    row = sig.iloc[0]
+    assert 0.2 < row["effect"] < 0.5 and row["ci_lo"] > 0 and row["effect_size"] > 0.4
+    assert row["effect"] == pytest.approx(row["mean_condition"] - row["mean_reference"])
+    # the CI brackets the effect for every row
+    ok = c["effect"].notna()
+    assert ((c.loc[ok, "ci_lo"] <= c.loc[ok, "effect"]) & (c.loc[ok, "effect"] <= c.loc[ok, "ci_hi"])).all()
+
+
+def test_corrections_are_per_model_reference_judge_family():
+    runs, scores = make_study(models=("m1", "m2"), n_items=30)
+    c = analyze.contrasts(runs, scores, n_boot=100, n_perm=500)
+    for _, fam in c.groupby(["model", "reference", "judge"]):
+        np.testing.assert_allclose(fam["p_holm"], stats.correct(fam["p_value"], "holm"))
+        np.testing.assert_allclose(fam["p_bh"], stats.correct(fam["p_value"], "fdr_bh"))
+    assert len(c) == 2 * (3 * 2 + 2) * 5
+
+
+def test_control_reference_matches_same_seed():
+    runs, scores = make_study(n_items=20)
+    c = analyze.contrasts(runs, scores, n_boot=100, n_perm=200)
+    row = c[(c["condition"] == "value-care") & (c["metric"] == "anthro_lexical_per100")
+            & (c["reference"] == "control")].iloc[0]
+    s = scores[scores["metric"] == "anthro_lexical_per100"].pivot(
+        index="item_id", columns="run_id", values="value")
+    diffs = [s[f"m1-value-care-s{k}"] - (s[f"m1-control-0-s{k}"] + s[f"m1-control-1-s{k}"]) / 2
+             for k in range(3)]
+    assert row["effect"] == pytest.approx(np.mean(diffs))
+
+
+def test_unscored_items_are_dropped_and_counted():
+    runs, scores = make_study(n_items=40)
+    sel = scores["metric"] == "refusal"
+    # run s0 of value-honesty: items 0-4 unscored (value NaN)
+    m1 = sel & (scores["run_id"] == "m1-value-honesty-s0") & scores["item_id"].isin(
+        [f"safety-{i}" for i in range(5)])
+    scores.loc[m1, ["value", "scored"]] = [np.nan, False]
+    # base: item 5 unscored but with a stale value, which must still be ignored
+    m2 = sel & (scores["run_id"] == "m1-base") & (scores["item_id"] == "safety-5")
+    scores.loc[m2, "scored"] = False
+    scores.loc[m2, "value"] = 1.0
+    c = analyze.contrasts(runs, scores, n_boot=100, n_perm=200)
+    row = c[(c["condition"] == "value-honesty") & (c["metric"] == "refusal")
+            & (c["reference"] == "base")].iloc[0]
+    assert row["n_unscored_pairs"] == 5 + 3
+    assert row["n_items"] == 39
+
+    wide = scores[sel].assign(v=lambda d: d["value"].where(d["scored"])).pivot(
+        index="item_id", columns="run_id", values="v")
+    cond = wide[[f"m1-value-honesty-s{k}" for k in range(3)]].to_numpy()
+    ref = wide[["m1-base"]].to_numpy()
+    assert row["effect"] == pytest.approx(np.nanmean(cond - ref))
+
+    prm = analyze.per_run_metrics(scores)
+    b = prm[(prm["run_id"] == "m1-base") & (prm["metric"] == "refusal")].iloc[0]
+    assert (b["n_scored"], b["n_unscored"]) == (39, 1)
+    assert b["mean"] == pytest.approx(wide["m1-base"].mean())
+
+
+def test_run_without_any_scores_yields_nan_row():
+    runs, scores = make_study(n_items=20)
+    scores = scores[scores["run_id"] != "m1-value-care-s1"]
+    c = analyze.contrasts(runs, scores, n_boot=100, n_perm=200)
+    r = c[(c["condition"] == "value-care") & (c["reference"] == "base")]
+    assert (r["n_seeds"] == 2).all() and (r["n_unscored_pairs"] == 20).all()
+
+
+# ----------------------------------------------------------------------------- co-expression
+
+@pytest.fixture(scope="module")
+def structured():
+    eff = {("empathy", "expresses/empathy"): 0.35, ("empathy", "expresses/care"): 0.3,
+           ("honesty", "expresses/empathy"): -0.25}
+    runs, scores = make_study(eff, n_items=100, rng_seed=1)
+    return runs, scores, analyze.contrasts(runs, scores, **FAST)
+
+
+def test_coexpression_labels(structured):
+    _, _, c = structured
+    co = analyze.coexpression(c)
+    assert len(co) == 9 and set(co["reference"]) == {"control"}
+    labelled = {(r.induced, r.expressed): r.label for r in co.itertuples() if r.label}
+    assert labelled.pop(("empathy", "care")) == "related"
+    assert labelled.pop(("honesty", "empathy")) == "contrastive"
+    assert set(labelled.values()) == {"induced"}
+    diag = co[co["diagonal"]].set_index("induced")
+    assert diag.loc["empathy", "significant"] and diag.loc["empathy", "effect"] > 0.2
+    m = analyze.coexpression_matrix(co, "m1", JUDGE)
+    assert m.shape == (3, 3) and m.loc["empathy", "care"] > 0.2
+
+
+def test_coexpression_falls_back_to_base_without_controls():
+    runs, scores = make_study({("care", "expresses/care"): 0.3}, n_items=30, n_controls=0)
+    c = analyze.contrasts(runs, scores, n_boot=100, n_perm=500)
+    assert set(c["reference"]) == {"base"}
+    co = analyze.coexpression(c)
+    assert len(co) == 9 and set(co["reference"]) == {"base"}
+
+
+SIX = ("a", "b", "c", "d", "e", "f")
+
+
+def test_coexpression_permutation_null_detects_value_specific_crosstalk():
+    eff = {("a", "expresses/a"): 0.35, ("a", "expresses/b"): 0.3, ("c", "expresses/d"): -0.2,
+           ("e", "expresses/a"): 0.2}
+    runs, scores = make_study(eff, n_items=100, values=SIX, n_controls=1)
+    res = analyze.coexpression_permutation_null(runs, scores, n_perm=500, seed=0)
+    assert res["reference"] == "control" and res["n_runs"] == 18 and res["n_values"] == 6
+    assert res["p_value"] < 0.05 and res["statistic"] > res["null_q95"]
+    assert res["matrix"].loc["a", "b"] > 0.2 and np.isnan(res["matrix"].loc["a", "a"])
+
+
+def test_coexpression_permutation_null_ignores_diagonal_and_shared_shifts():
+    # Only the induced value itself moves, plus a shift of "b" shared by every value run:
+    # neither is value-specific crosstalk.
+    eff = {("a", "expresses/a"): 0.35, **{(v, "expresses/b"): 0.3 for v in SIX if v != "b"}}
+    runs, scores = make_study(eff, n_items=100, values=SIX, n_controls=1)
+    res = analyze.coexpression_permutation_null(runs, scores, n_perm=500, seed=0)
+    assert res["p_value"] > 0.1
+
+
+def test_coexpression_permutation_null_needs_explicit_model_when_ambiguous():
+    runs, scores = make_study(n_items=10, models=("a", "b"))
+    with pytest.raises(ValueError):
+        analyze.coexpression_permutation_null(runs, scores, n_perm=10)
+    res = analyze.coexpression_permutation_null(runs, scores, n_perm=10, model="b")
+    assert res["model"] == "b"
+
+
+# ----------------------------------------------------------------------------- A/A
+
+def _null_pair(rng, n_metrics=20, n_items=30, seeds=3):
+    """Two control arms, no true difference; half binary, half continuous metrics."""
+    runs = pd.DataFrame([dict(run_id=f"c{k}-s{s}", model="m", condition=f"control-{k}",
+                              kind="control", value=None, seed=s)
+                         for k in range(2) for s in range(seeds)], columns=list(RUN_COLUMNS))
+    n_runs = len(runs)
+    vals = []
+    for j in range(n_metrics):
+        if j % 2:
+            p = rng.uniform(0.1, 0.6, n_items)
+            vals.append((rng.random((n_runs, n_items)) < p).astype(float))
+        else:
+            vals.append(rng.normal(0, 1, n_items) + rng.normal(0, 0.5, (n_runs, n_items)))
+    v = np.stack(vals)  # metric, run, item
+    idx = np.indices(v.shape).reshape(3, -1)
+    scores = pd.DataFrame(dict(
+        run_id=runs["run_id"].to_numpy()[idx[1]], suite="s",
+        item_id=np.char.add("i", idx[2].astype(str)), metric=np.char.add("m", idx[0].astype(str)),
+        value=v.ravel(), scored=True, judge=JUDGE, raw=""))
+    return runs, scores
+
+
+def test_aa_check_reports_counts():
+    runs, scores = _null_pair(np.random.default_rng(0))
+    res = analyze.aa_check(runs, scores, "control-0", "control-1", n_boot=50, n_perm=1000)
+    assert res["n_tests"] == 20 and len(res["table"]) == 20
+    assert res["n_significant"] <= res["n_significant_uncorrected"]
+
+
+def test_aa_holm_controls_familywise_error_on_null_data():
+    rng = np.random.default_rng(123)
+    n_sim, alpha = 100, 0.05
+    any_holm = any_raw = 0
+    for i in range(n_sim):
+        runs, scores = _null_pair(rng)
+        res = analyze.aa_check(runs, scores, "control-0", "control-1", alpha=alpha,
+                               n_boot=20, n_perm=1000, seed=i)
+        any_holm += res["any_significant"]
+        any_raw += res["n_significant_uncorrected"] > 0
+    # Holm keeps P(any false positive) <= alpha; allow binomial slack (P(X>10 | p=.05) ~ 1%).
+    assert any_holm / n_sim <= alpha + 0.05
+    # Without correction, 20 null tests give a false positive most of the time.
+    assert any_raw / n_sim > 0.4
+
+
+# ----------------------------------------------------------------------------- report
+
+def test_report_writes_html_with_tables_and_figures(tmp_path, structured):
+    runs, scores, c = structured
+    null = analyze.coexpression_permutation_null(runs, scores, n_perm=50)
+    agreement = pd.DataFrame(dict(metric=["refusal"], judges=["a vs b"], cohens_kappa=[0.81]))
+    path = report.write_report(tmp_path, runs, scores, c, dict(
+        study_name="<script>alert(1)</script> study", spec_yaml="values: [empathy]\nx: <b>",
+        code_version="abc123", judge_agreement=agreement, coexpression_null=null))
+    text = path.read_text()
+    assert path == tmp_path / "report.html"
+    assert "<table" in text and "<img" in text and "data:image/png;base64," in text
+    assert "&lt;script&gt;" in text and "<script>alert" not in text
+    assert "x: &lt;b&gt;" in text and "abc123" in text and "cohens_kappa" in text
+    assert "Curation table: not available" in text
+    pngs = list((tmp_path / "figures").glob("*.png"))
+    assert any(p.name.startswith("coexpression") for p in pngs)
+    assert any(p.name.startswith("forest_safety") for p in pngs)
+    assert all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_report_survives_missing_inputs(tmp_path):
+    path = report.write_report(tmp_path / "empty", None, None, None, None)
+    text = path.read_text()
+    assert "not available" in text and "Runs table: not available" in text
+    runs, scores = make_study(n_items=10)
+    path = report.write_report(tmp_path / "nocontrasts", runs, scores, pd.DataFrame(), {})
+    text = path.read_text()
+    assert "<table" in text and "Contrasts: not available" in text
