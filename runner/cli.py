@@ -41,6 +41,15 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def cmd_annotate(args) -> int:
+    study = _study(args)
+    if args.audit is None and args.audit_labels is None:
+        study.run(until="annotate")
+    else:
+        study.audit(n=args.audit, labels=Path(args.audit_labels) if args.audit_labels else None)
+    return 0
+
+
 def _print_where(study, report) -> None:
     from runner.tracking import tracking_uri
     uri = tracking_uri(study.spec.tracking.uri, study.root)
@@ -64,6 +73,8 @@ def cmd_status(args) -> int:
         count = {s: sum(r["state"] == s for r in rs) for s in ("done", "failed", "missing")}
         table.add_row(stage, str(count["done"]), str(count["failed"]), str(count["missing"]))
     Console().print(table)
+    done = sum(r["state"] == "done" for r in rows)
+    print(f"{done}/{len(rows)} units done" + (" — the study is complete" if done == len(rows) else ""))
     for r in rows:
         if r["state"] == "failed":
             err = study.store.failed(r["stage"], r["key"]) or {}
@@ -99,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(stage, help=f"{help_} (runs earlier stages as needed)")
         s.add_argument("spec")
         s.set_defaults(fn=cmd_stage, stage="analyze" if stage == "report" else stage)
+        if stage == "annotate":
+            s.add_argument("--audit", type=int, metavar="N", help="write N stratified annotations as CSV for labelling")
+            s.add_argument("--audit-labels", metavar="CSV", help="score the labelled audit CSV against the judge")
+            s.set_defaults(fn=cmd_annotate)
     st = sub.add_parser("status", help="what is done, cached or failed")
     st.add_argument("spec")
     st.set_defaults(fn=cmd_status)
@@ -112,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

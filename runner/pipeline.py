@@ -46,6 +46,8 @@ class Study:
         self.data_dir = spec.data_dir()
         self._tracker = None
         self._tokenizers: dict[str, object] = {}
+        self._pools: dict[tuple[str, str | None], object] = {}  # (model, full-model path) -> (pool, lora)
+        self._memo: dict[str, object] = {}  # stage results within this process
 
     # ----------------------------------------------------------------- infrastructure
     def ensure_ray(self):
@@ -92,12 +94,26 @@ class Study:
                             trust_remote_code=m.trust_remote_code)
 
     def pool(self, model: str, enable_lora: bool = False, path: str | None = None):
+        """An engine pool for a model, reused across stages (a LoRA pool also serves the base)."""
         from runner.engines import EnginePool
+        key = (self.model_path(model), path)
+        if key in self._pools:
+            pool, lora = self._pools[key]
+            if lora or not enable_lora:
+                return pool
+            self.close_pools(key)
         self.ensure_ray()
         e = self.spec.engine
         say(f"  starting {e.actors} engine actor(s) for {path or model}{' (LoRA)' if enable_lora else ''}")
-        return EnginePool(self.engine_config(model, enable_lora, path), actors=e.actors,
+        pool = EnginePool(self.engine_config(model, enable_lora, path), actors=e.actors,
                           gpus_per_actor=e.gpus_per_actor, batch_size=e.batch_size)
+        self._pools[key] = (pool, enable_lora)
+        return pool
+
+    def close_pools(self, only: tuple | None = None) -> None:
+        """Free engines (before training, which needs every core and GPU)."""
+        for key in [k for k in self._pools if only is None or k == only]:
+            self._pools.pop(key)[0].close()
 
     # ----------------------------------------------------------------------- keys
     def _engine_key(self) -> dict:
@@ -164,7 +180,30 @@ class Study:
         return content_hash(CODE_VERSION, "agreement", s.refusal_judges, s.refusal_llm_judge, self._data_marker())
 
     # ---------------------------------------------------------------------- stages
+    def _once(self, stage: str, fn):
+        if stage not in self._memo:
+            self._memo[stage] = fn()
+        return self._memo[stage]
+
     def annotate(self) -> Path:
+        return self._once("annotate", self._annotate)
+
+    def curate(self) -> Path:
+        return self._once("curate", self._curate)
+
+    def train(self) -> dict[str, Path]:
+        return self._once("train", self._train)
+
+    def generate(self) -> dict[str, Path]:
+        return self._once("generate", self._generate)
+
+    def score(self) -> dict[str, Path]:
+        return self._once("score", self._score)
+
+    def analyze(self) -> Path:
+        return self._once("analyze", self._analyze)
+
+    def _annotate(self) -> Path:
         from evaluation.judges import values as vj
         from runner.data.sources import load_pairs
 
@@ -201,15 +240,14 @@ class Study:
             f"({len(batches) - len(todo)} already judged)")
         judged, t_judge = 0, 0.0
         if todo:
-            judge = s.annotate.judge_model
-            with self.pool(judge) as pool:
-                for i in todo:
-                    tb = time.perf_counter()
-                    out = self._judge_batch(pool, batches[i], vj)
-                    write_parquet(out, unit / "batches" / f"{i:05d}.parquet")
-                    judged += len(batches[i])
-                    t_judge += time.perf_counter() - tb
-                    say(f"  batch {i + 1}/{len(batches)}: {len(batches[i]) / (time.perf_counter() - tb):.2f} responses/s")
+            pool = self.pool(s.annotate.judge_model)
+            for i in todo:
+                tb = time.perf_counter()
+                out = self._judge_batch(pool, batches[i], vj)
+                write_parquet(out, unit / "batches" / f"{i:05d}.parquet")
+                judged += len(batches[i])
+                t_judge += time.perf_counter() - tb
+                say(f"  batch {i + 1}/{len(batches)}: {len(batches[i]) / (time.perf_counter() - tb):.2f} responses/s")
         ann = pd.concat([read_parquet(unit / "batches" / f"{i:05d}.parquet") for i in range(len(batches))],
                         ignore_index=True)
         write_parquet(ann, unit / "annotations.parquet")
@@ -220,6 +258,32 @@ class Study:
         say(f"annotate: done — {len(pairs)} pairs, {info['unscored']} unscored responses"
             + (f", {info['responses_per_s']:.2f} responses/s" if judged else "") + f" [{key}]")
         return unit
+
+    def audit(self, n: int | None = None, labels: Path | None = None) -> Path:
+        """Write a stratified audit sample (n) or score a labelled one against the judge (labels)."""
+        from runner.data.audit import audit_agreement, audit_sample, read_labels
+
+        unit = self.annotate()
+        ann = read_parquet(unit / "annotations.parquet")
+        if labels is None:
+            out = self.root / "audit" / f"audit-{self.annotate_key()}.csv"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            audit_sample(read_parquet(unit / "pairs.parquet"), ann, n or 100, seed=self.spec.data.seed).to_csv(out, index=False)
+            say(f"audit: wrote {out}: fill in `human_values` (comma-separated values from the closed list, "
+                f"or 'none'), then run `valind annotate SPEC --audit-labels {out}`")
+            return out
+        agree = audit_agreement(read_labels(labels), ann)
+        out = self.root / "audit" / f"agreement-{self.annotate_key()}.csv"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        agree.to_csv(out, index=False)
+        tr = self.tracker
+        parent = tr.parent()
+        tr.log_metrics(parent, {f"audit/{r.value}/{m}": getattr(r, m) for r in agree.itertuples()
+                                for m in ("accuracy", "kappa")})
+        tr.log_artifacts(parent, out, "audit")
+        say(f"audit: {int(agree['n'].iloc[0])} labelled responses; mean kappa {agree['kappa'].mean():.3f}; "
+            f"wrote {out}")
+        return out
 
     def _judge_batch(self, pool, rows, vj) -> pd.DataFrame:
         a = self.spec.annotate
@@ -243,7 +307,7 @@ class Study:
         return pd.DataFrame({"pair_id": [x[0] for x in rows], "side": [x[1] for x in rows], "values": vals,
                              "scored": scored, "raw": raws})
 
-    def curate(self) -> Path:
+    def _curate(self) -> Path:
         from runner.data.curate import curate
 
         s, key = self.spec, self.curate_key()
@@ -276,8 +340,8 @@ class Study:
         say(f"curate: done — {summary} [{key}]")
         return unit
 
-    def train(self) -> dict[str, Path]:
-        from runner.train.launch import train_cell
+    def _train(self) -> dict[str, Path]:
+        from runner.sweep import run_grid
 
         s = self.spec
         cells = [r for r in self.runs() if r.cell_key]
@@ -285,32 +349,31 @@ class Study:
         say(f"train: {len(cells)} cells, {len(cells) - len(todo)} cached")
         if todo:
             cur = self.curate()
+            self.close_pools()
             self.ensure_ray()
+            say(f"  {s.train.method}, {s.train.finetune}, ZeRO-{s.train.zero_stage}, {s.train.workers} worker(s) per cell")
+            specs = [{"cell_id": safe_name(r.run_id), "seed": r.seed, "train": s.train.model_dump(mode="json"),
+                      "pairs": str(cur / "subsets" / f"{safe_name(r.condition)}.parquet"),
+                      "model_path": self.model_path(r.model), "model_id": self.model_id(r.model),
+                      "out_dir": str(self.store.unit("train", r.cell_key)), "work_dir": str(self.root / "ray_train"),
+                      "ref_cache": str(self.root / "cache" / "reflogps"), "chat_template": self.chat_template(r.model),
+                      "trust_remote_code": s.model(r.model).trust_remote_code} for r in todo]
+            errors = run_grid(specs, s.train, self.root / "ray_tune",
+                              f"grid-{content_hash([c['cell_id'] for c in specs], n=8)}")
             failed = []
-            for i, r in enumerate(todo):
+            for r in todo:
                 unit = self.store.unit("train", r.cell_key)
-                t0 = time.perf_counter()
-                say(f"  [{i + 1}/{len(todo)}] training {r.run_id} ({s.train.method}, {s.train.finetune}, "
-                    f"ZeRO-{s.train.zero_stage}, {s.train.workers} workers)")
-                try:
-                    pairs = read_parquet(cur / "subsets" / f"{safe_name(r.condition)}.parquet")
-                    res = train_cell(cell_id=safe_name(r.run_id), pairs=pairs, model_path=self.model_path(r.model),
-                                     model_id=self.model_id(r.model), tokenizer=self.tokenizer(r.model),
-                                     seed=r.seed, train=s.train, out_dir=unit,
-                                     work_dir=self.root / "ray_train", ref_cache=self.root / "cache" / "reflogps",
-                                     chat_template=self.chat_template(r.model),
-                                     trust_remote_code=s.model(r.model).trust_remote_code)
-                    self.store.mark_done("train", r.cell_key, {"run_id": r.run_id, **{k: str(v) for k, v in res.items()}})
+                err = errors.get(safe_name(r.run_id), "the trial did not run")
+                if err is None and (unit / "model").is_dir():
+                    self.store.mark_done("train", r.cell_key, {"run_id": r.run_id})
                     last = _last_metrics(unit)
-                    say(f"  [{i + 1}/{len(todo)}] {r.run_id}: loss {last.get('loss', float('nan')):.4f}, "
-                        f"reward acc {last.get('rewards/accuracy', float('nan')):.2f}, "
-                        f"{time.perf_counter() - t0:.0f}s")
-                except Exception as e:  # one failed cell must not lose the others
-                    self.store.mark_failed("train", r.cell_key, e)
-                    failed.append((r.run_id, e))
-                    say(f"  [{i + 1}/{len(todo)}] {r.run_id}: FAILED: {type(e).__name__}: {e}")
+                    say(f"  {r.run_id}: loss {last.get('loss', float('nan')):.4f}, "
+                        f"reward accuracy {last.get('rewards/accuracy', float('nan')):.2f}")
+                else:  # one failed cell must not lose the others
+                    self.store.mark_failed("train", r.cell_key, err or "no model was written")
+                    failed.append(f"{r.run_id}: {err}")
             if failed:
-                raise StageError(f"train: {len(failed)} cell(s) failed: " + "; ".join(f"{a}: {b}" for a, b in failed))
+                raise StageError(f"train: {len(failed)} cell(s) failed: " + "; ".join(failed))
         self._log_training(cells)
         say(f"train: done — {len(cells)} cells")
         return {r.run_id: self.store.unit("train", r.cell_key) / "model" for r in cells}
@@ -343,7 +406,7 @@ class Study:
         write_parquet(items, path)
         return items
 
-    def generate(self) -> dict[str, Path]:
+    def _generate(self) -> dict[str, Path]:
         from evaluation.suites.sycophancy import followup_messages
         from evaluation.types import Request
 
@@ -361,39 +424,39 @@ class Study:
             for (model, full_path), group in groups.items():
                 lora = any(r.cell_key for r in group) and not full_path
                 t0 = time.perf_counter()
-                with self.pool(model, enable_lora=lora, path=full_path) as pool:
-                    def request(r: Run, messages) -> Request:
-                        adapter = str(adapters[r.run_id]) if (r.cell_key and lora) else None
-                        return Request(messages=tuple(dict(m) for m in messages), adapter=adapter,
-                                       max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed)
-                    reqs = [request(r, it.messages) for r in group for it in items.itertuples()]
-                    texts = pool.generate(reqs, desc=f"generate {model}")
-                    n_items = len(items)
-                    follow = items.get("needs_followup", pd.Series(False, index=items.index)).fillna(False).astype(bool)
-                    fidx = [i for i in range(n_items) if follow.iloc[i]]
-                    ftexts = []
-                    if fidx:
-                        freqs = [request(r, followup_messages(items.iloc[i], texts[k * n_items + i]))
-                                 for k, r in enumerate(group) for i in fidx]
-                        ftexts = pool.generate(freqs, desc="follow-ups")
-                    for k, r in enumerate(group):
-                        resp = texts[k * n_items:(k + 1) * n_items]
-                        fup = [None] * n_items
-                        for j, i in enumerate(fidx):
-                            fup[i] = ftexts[k * len(fidx) + j]
-                        df = pd.DataFrame({"run_id": r.run_id, "suite": items["suite"], "item_id": items["item_id"],
-                                           "response": resp, "followup_response": fup, "engine": pool.name,
-                                           "engine_version": pool.version, "sampling": json.dumps(sp.model_dump()),
-                                           "adapter": str(adapters.get(r.run_id, "")) if r.cell_key else ""})
-                        gkey = self.generate_key(r)
-                        write_parquet(df, self.store.unit("generate", gkey) / "generations.parquet")
-                        self.store.mark_done("generate", gkey, {"run_id": r.run_id, "items": n_items})
+                pool = self.pool(model, enable_lora=lora, path=full_path)
+                def request(r: Run, messages) -> Request:
+                    adapter = str(adapters[r.run_id]) if (r.cell_key and lora) else None
+                    return Request(messages=tuple(dict(m) for m in messages), adapter=adapter,
+                                   max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed)
+                reqs = [request(r, it.messages) for r in group for it in items.itertuples()]
+                texts = pool.generate(reqs, desc=f"generate {model}")
+                n_items = len(items)
+                follow = items.get("needs_followup", pd.Series(False, index=items.index)).fillna(False).astype(bool)
+                fidx = [i for i in range(n_items) if follow.iloc[i]]
+                ftexts = []
+                if fidx:
+                    freqs = [request(r, followup_messages(items.iloc[i], texts[k * n_items + i]))
+                             for k, r in enumerate(group) for i in fidx]
+                    ftexts = pool.generate(freqs, desc="follow-ups")
+                for k, r in enumerate(group):
+                    resp = texts[k * n_items:(k + 1) * n_items]
+                    fup = [None] * n_items
+                    for j, i in enumerate(fidx):
+                        fup[i] = ftexts[k * len(fidx) + j]
+                    df = pd.DataFrame({"run_id": r.run_id, "suite": items["suite"], "item_id": items["item_id"],
+                                       "response": resp, "followup_response": fup, "engine": pool.name,
+                                       "engine_version": pool.version, "sampling": json.dumps(sp.model_dump()),
+                                       "adapter": str(adapters.get(r.run_id, "")) if r.cell_key else ""})
+                    gkey = self.generate_key(r)
+                    write_parquet(df, self.store.unit("generate", gkey) / "generations.parquet")
+                    self.store.mark_done("generate", gkey, {"run_id": r.run_id, "items": n_items})
                 dt = time.perf_counter() - t0
                 say(f"  {model}: {len(group)} runs × {n_items} items in {dt:.0f}s")
         say(f"generate: done — {len(runs)} runs")
         return {r.run_id: self.store.unit("generate", self.generate_key(r)) / "generations.parquet" for r in runs}
 
-    def score(self) -> dict[str, Path]:
+    def _score(self) -> dict[str, Path]:
         from evaluation.judges import score_suite
 
         s, runs = self.spec, self.runs()
@@ -402,47 +465,55 @@ class Study:
         if todo:
             gens = self.generate()
             items = self.load_items()
-            judge = s.score.value_judge or s.annotate.judge_model
-            needs_engine = "values" in s.generate.suites
-            pool = self.pool(judge) if needs_engine else None
-            try:
-                for r in todo:
-                    g = read_parquet(gens[r.run_id], ("run_id", "suite", "item_id", "response"))
-                    frames = []
-                    for suite in s.generate.suites:
-                        settings = {"max_tokens": s.score.sampling.max_tokens,
-                                    "values_mode": "generate" if s.annotate.mode == "extract" else "logprob",
-                                    "values_threshold": s.annotate.logprob_threshold,
-                                    "refusal_judges": [j for j in s.score.refusal_judges if j != "llm"],
-                                    "anthro_llm": False}
-                        frames.append(score_suite(suite, items[items["suite"] == suite], g[g["suite"] == suite],
-                                                  engine=pool if suite == "values" else None, settings=settings))
-                    scores = pd.concat(frames, ignore_index=True)
-                    key = self.score_key(r)
-                    write_parquet(scores, self.store.unit("score", key) / "scores.parquet")
-                    unscored = int((~scores["scored"]).sum())
-                    self.store.mark_done("score", key, {"run_id": r.run_id, "rows": len(scores), "unscored": unscored})
-                    say(f"  {r.run_id}: {len(scores)} scores, {unscored} unscored")
-            finally:
-                if pool:
-                    pool.close()
+            engines = self._judge_engines()
+            for r in todo:
+                g = read_parquet(gens[r.run_id], ("run_id", "suite", "item_id", "response"))
+                frames = []
+                for suite in s.generate.suites:
+                    settings = {"max_tokens": s.score.sampling.max_tokens,
+                                "values_mode": "generate" if s.annotate.mode == "extract" else "logprob",
+                                "values_threshold": s.annotate.logprob_threshold,
+                                "refusal_judges": list(s.score.refusal_judges),
+                                "anthro_llm": engines.get("anthropomorphism") is not None}
+                    frames.append(score_suite(suite, items[items["suite"] == suite], g[g["suite"] == suite],
+                                              engine=engines.get(suite), settings=settings))
+                scores = pd.concat(frames, ignore_index=True)
+                key = self.score_key(r)
+                write_parquet(scores, self.store.unit("score", key) / "scores.parquet")
+                unscored = int((~scores["scored"]).sum())
+                self.store.mark_done("score", key, {"run_id": r.run_id, "rows": len(scores), "unscored": unscored})
+                say(f"  {r.run_id}: {len(scores)} scores, {unscored} unscored")
         self.agreement()
         say(f"score: done — {len(runs)} runs")
         return {r.run_id: self.store.unit("score", self.score_key(r)) / "scores.parquet" for r in runs}
 
+    def _judge_engines(self) -> dict[str, object]:
+        """The LLM judge of each suite that has one (engines are shared when the model is)."""
+        s = self.spec.score
+        out = {}
+        if "values" in self.spec.generate.suites:
+            out["values"] = self.pool(s.value_judge or self.spec.annotate.judge_model)
+        if "safety" in self.spec.generate.suites and "llm" in s.refusal_judges:
+            out["safety"] = self.pool(s.refusal_llm_judge)
+        if "anthropomorphism" in self.spec.generate.suites and s.anthro_judge:
+            out["anthropomorphism"] = self.pool(s.anthro_judge)
+        return out
+
     def agreement(self) -> pd.DataFrame:
+        """Each refusal judge against the human labels (safety/refusal_labelled.csv)."""
         from evaluation.judges import judge_agreement
 
         key = self.agreement_key()
         path = self.store.unit("agreement", key) / "agreement.parquet"
         if path.exists():
             return read_parquet(path)
-        judges = [j for j in self.spec.score.refusal_judges if j != "llm"]
-        df = judge_agreement(self.data_dir, judges)
+        judges = list(self.spec.score.refusal_judges)
+        engine = self.pool(self.spec.score.refusal_llm_judge) if "llm" in judges else None
+        df = judge_agreement(self.data_dir, judges, engine=engine)
         write_parquet(df, path)
         return df
 
-    def analyze(self) -> Path:
+    def _analyze(self) -> Path:
         from evaluation.analyze import contrasts, per_run_metrics
         from evaluation.report import write_report
 
@@ -509,8 +580,11 @@ class Study:
         _ = self.tracker  # MLflow must be reachable before any compute
         t0 = time.perf_counter()
         result = None
-        for stage in STAGES[: STAGES.index(until) + 1]:
-            result = getattr(self, stage)()
+        try:
+            for stage in STAGES[: STAGES.index(until) + 1]:
+                result = getattr(self, stage)()
+        finally:
+            self.close_pools()
         say(f"study {self.spec.study.name}: finished in {time.perf_counter() - t0:.0f}s")
         if until == "analyze" and result:
             final = self.root / "report.html"

@@ -172,6 +172,7 @@ class ScoreSpec(_Section):
     value_judge: str | None = None  # model name/path; None = annotate.judge_model
     refusal_judges: list[Literal["strmatch", "substring", "llm"]] = Field(default_factory=lambda: ["strmatch", "substring"])
     refusal_llm_judge: str | None = None
+    anthro_judge: str | None = None   # model for the anthropomorphism rubric; None = lexical index only
     benchmarks: list[Literal["truthfulqa_mc", "openbookqa", "mmlu", "gsm8k"]] = Field(default_factory=list)
     sampling: SamplingSpec = SamplingSpec(max_tokens=48)
 

@@ -89,9 +89,10 @@ class Store:
         (d / "_FAILED.json").unlink(missing_ok=True)
         write_json({"finished": time.time(), **(info or {})}, d / "_DONE.json")
 
-    def mark_failed(self, stage: str, key: str, err: BaseException) -> None:
-        write_json({"time": time.time(), "error": f"{type(err).__name__}: {err}",
-                    "traceback": traceback.format_exc()[-4000:]}, self.unit(stage, key) / "_FAILED.json")
+    def mark_failed(self, stage: str, key: str, err: BaseException | str) -> None:
+        text = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+        write_json({"time": time.time(), "error": text, "traceback": traceback.format_exc()[-4000:]},
+                   self.unit(stage, key) / "_FAILED.json")
 
     def info(self, stage: str, key: str) -> dict:
         return json.loads((self.unit(stage, key) / "_DONE.json").read_text())

@@ -79,9 +79,44 @@ def pair_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(token) over response tokens only (prompt and padding masked)."""
+    """Sum of log p(token) over response tokens only (prompt and padding masked).
+
+    `logits` may cover only the last L positions of the sequence (see `response_logps`).
+    """
+    start = input_ids.shape[1] - logits.shape[1]
     logits = logits[:, :-1].float()
-    target = input_ids[:, 1:]
-    mask = response_mask[:, 1:]
+    target = input_ids[:, start + 1:]
+    mask = response_mask[:, start + 1:]
     token_logp = torch.gather(logits, 2, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return (token_logp * mask).sum(-1)
+
+
+def response_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed response log-probs, projecting through the LM head only the positions that predict a response token.
+
+    The LM head over a ~50k vocabulary is a large share of a small model's FLOPs, and its float32
+    logits (and their softmax gradient) dominate memory traffic. Prompt and padding positions never
+    need logits, so a pre-hook on the output embedding hands it just those rows: the head sees
+    [n_response_tokens, hidden] instead of [batch, width, hidden]. Anything the model applies after
+    the head (scaling, soft-capping) still runs, on the compact rows.
+    """
+    ids, resp = batch["input_ids"], batch["response_mask"]
+    pred = torch.zeros_like(resp)
+    pred[:, :-1] = resp[:, 1:]  # position t predicts token t+1
+    head = getattr(model, "module", model).get_output_embeddings()
+
+    def compact(_module, args, kwargs):
+        if args:
+            return (args[0][pred], *args[1:]), kwargs
+        return args, {**kwargs, "input": kwargs["input"][pred]}
+
+    handle = head.register_forward_pre_hook(compact, with_kwargs=True)
+    try:
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=0).logits
+    finally:
+        handle.remove()
+    logits = logits.float()
+    target = ids[:, 1:][resp[:, 1:]]  # row-major, the same order as the rows of `logits`
+    token_logp = logits.gather(1, target.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(pred)[pred]
+    return torch.zeros(ids.shape[0], dtype=token_logp.dtype, device=ids.device).index_add(0, rows, token_logp)

@@ -23,12 +23,12 @@ class TrainError(RuntimeError):
     pass
 
 
-@ray.remote
-def _reference_logps(model_path: str, examples: list[Example], micro: int, threads: int,
-                     trust_remote_code: bool) -> list[tuple[float, float]]:
+def compute_reference_logps(model_path: str, examples: list[Example], micro: int, threads: int,
+                            trust_remote_code: bool) -> list[tuple[float, float]]:
+    """(chosen, rejected) summed response log-probs of the frozen base model, in example order."""
     from transformers import AutoModelForCausalLM
 
-    from runner.train.batches import pair_batch, sequence_logps
+    from runner.train.batches import pair_batch, response_logps
 
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,10 +40,12 @@ def _reference_logps(model_path: str, examples: list[Example], micro: int, threa
         for i in range(0, len(examples), micro):
             chunk = examples[i:i + micro]
             b = {k: v.to(device) for k, v in pair_batch(chunk, pad).items()}
-            lp = sequence_logps(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                                b["input_ids"], b["response_mask"]).cpu()
+            lp = response_logps(model, b).cpu()
             out += list(zip(lp[:len(chunk)].tolist(), lp[len(chunk):].tolist()))
     return out
+
+
+_reference_logps = ray.remote(compute_reference_logps)
 
 
 def reference_logps(model_path: str, model_id: str, examples: list[Example], train: TrainSpec,
@@ -76,7 +78,7 @@ def bf16_enabled(train: TrainSpec) -> bool:
 
 def train_cell(*, cell_id: str, pairs: pd.DataFrame, model_path: str, model_id: str, tokenizer, seed: int,
                train: TrainSpec, out_dir: Path, work_dir: Path, ref_cache: Path, chat_template: str | None = None,
-               trust_remote_code: bool = False, fail_at_step: int | None = None) -> dict:
+               trust_remote_code: bool = False, fail_at_step: int | None = None, callbacks: list | None = None) -> dict:
     """Train one cell; the final adapter (or full model) and metrics.jsonl land atomically in out_dir."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -106,7 +108,7 @@ def train_cell(*, cell_id: str, pairs: pd.DataFrame, model_path: str, model_id: 
         train_loop, train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend=cfg["backend"]),
-        run_config=RunConfig(name=cell_id, storage_path=str(work_dir),
+        run_config=RunConfig(name=cell_id, storage_path=str(work_dir), callbacks=callbacks or [],
                              failure_config=FailureConfig(max_failures=train.max_failures)),
     )
     result = trainer.fit()

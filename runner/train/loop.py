@@ -60,9 +60,6 @@ def train_loop(cfg: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from runner.train.batches import pair_batch, sequence_logps
-    from runner.train.losses import preference_loss
-
     torch.set_num_threads(max(1, int(cfg["threads"])))
     deepspeed.init_distributed(dist_backend=cfg["backend"])
     ctx = ray.train.get_context()
@@ -99,21 +96,8 @@ def train_loop(cfg: dict) -> None:
     for step in range(start, len(steps)):
         t0 = time.perf_counter()
         mine = steps[step][rank * micro * grad_acc:(rank + 1) * micro * grad_acc]
-        sums = torch.zeros(7, dtype=torch.float64)  # loss, rc, rr, acc, margin, tokens, n
-        for m in range(grad_acc):
-            ex = [examples[i] for i in mine[m * micro:(m + 1) * micro]]
-            batch = {k: v.to(device) for k, v in pair_batch(ex, pad).items()}
-            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logps = sequence_logps(out.logits, batch["input_ids"], batch["response_mask"])
-            n_tok = batch["response_mask"][:, 1:].sum(-1).float()
-            k = len(ex)
-            losses, r_c, r_r = preference_loss(method, logps[:k], logps[k:], batch["ref_chosen"], batch["ref_rejected"],
-                                               n_tok[:k], n_tok[k:], beta, ls)
-            engine.backward(losses.mean())
-            engine.step()
-            sums += torch.tensor([losses.sum().item(), r_c.sum().item(), r_r.sum().item(),
-                                  (r_c > r_r).float().sum().item(), (r_c - r_r).sum().item(),
-                                  batch["attention_mask"].sum().item(), k], dtype=torch.float64)
+        micro_batches = [[examples[i] for i in mine[m * micro:(m + 1) * micro]] for m in range(grad_acc)]
+        sums = optimizer_step(engine, micro_batches, method, beta, ls, pad, device)
         dist.all_reduce(sums)
         dt = time.perf_counter() - t0
         n = sums[6].item()
@@ -129,6 +113,32 @@ def train_loop(cfg: dict) -> None:
             _report_with_checkpoint(engine, cfg, rank, step + 1, history, metrics, final=last)
         elif (step + 1) % cfg["report_every"] == 0:
             ray.train.report(metrics)
+
+
+def optimizer_step(engine, micro_batches, method: str, beta: float, label_smoothing: float, pad: int,
+                   device) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches (DeepSpeed steps at the accumulation boundary).
+
+    Returns per-rank sums: loss, reward chosen, reward rejected, accuracy, margin, real tokens, pairs.
+    Shared by `train_loop` and bench/train_throughput.py so the benchmark times exactly this step.
+    """
+    from runner.train.batches import pair_batch, response_logps
+    from runner.train.losses import preference_loss
+
+    sums = torch.zeros(7, dtype=torch.float64)
+    for ex in micro_batches:
+        batch = {k: v.to(device) for k, v in pair_batch(ex, pad).items()}
+        logps = response_logps(engine, batch)
+        n_tok = batch["response_mask"][:, 1:].sum(-1).float()
+        k = len(ex)
+        losses, r_c, r_r = preference_loss(method, logps[:k], logps[k:], batch["ref_chosen"], batch["ref_rejected"],
+                                           n_tok[:k], n_tok[k:], beta, label_smoothing)
+        engine.backward(losses.mean())
+        engine.step()
+        sums += torch.tensor([losses.sum().item(), r_c.sum().item(), r_r.sum().item(),
+                              (r_c > r_r).float().sum().item(), (r_c - r_r).sum().item(),
+                              batch["attention_mask"].sum().item(), k], dtype=torch.float64)
+    return sums
 
 
 def _report_with_checkpoint(engine, cfg: dict, rank: int, step: int, history: list[dict], metrics: dict, final: bool):

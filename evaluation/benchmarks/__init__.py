@@ -1,0 +1,192 @@
+"""Standard QA benchmarks through lm-evaluation-harness, on our offline data files.
+
+The task configs live in `tasks/` as lm-eval YAML with a `@DATA_DIR@` placeholder in
+`dataset_kwargs.data_files`; `write_task_dir` renders them with an absolute data dir into a
+directory that lm-eval takes as `include_path` (the Python API and `lm_eval --include_path`
+alike), so both see byte-identical task configs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from evaluation.types import SCORE_COLUMNS
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+OFFLINE_TASKS = ("valind_truthfulqa_mc", "valind_openbookqa", "valind_gsm8k")
+HUB_TASKS = {"valind_mmlu": "cais/mmlu"}
+TASKS = OFFLINE_TASKS + tuple(HUB_TASKS)
+PER_ITEM_COLUMNS = tuple(c for c in SCORE_COLUMNS if c != "run_id")
+PLACEHOLDER = "@DATA_DIR@"
+
+
+class BenchmarkError(Exception):
+    pass
+
+
+def write_task_dir(data_dir: Path, dest: Path) -> Path:
+    """Render the task YAMLs (and their `utils.py`) into `dest` with `data_dir` made absolute."""
+    data_dir = Path(data_dir).expanduser().resolve()
+    missing = [p for p in ("qa/truthfulqa.csv", "qa/openbookqa-test.jsonl", "qa/gsm8k-test.jsonl")
+               if not (data_dir / p).exists()]
+    if missing:
+        raise BenchmarkError(f"{data_dir}: missing benchmark data files {missing}")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    # The placeholder sits inside double-quoted YAML strings; a JSON string body is valid there.
+    quoted = json.dumps(str(data_dir))[1:-1]
+    for src in TASKS_DIR.iterdir():
+        if src.suffix == ".yaml":
+            (dest / src.name).write_text(src.read_text().replace(PLACEHOLDER, quoted))
+        elif src.name == "utils.py":
+            shutil.copy(src, dest / src.name)
+    return dest
+
+
+def model_args(model_path: str, adapter: str | None, backend: str, device: str = "cpu") -> dict[str, Any]:
+    """lm-eval `model_args` for the hf or vllm backend, base model plus optional LoRA adapter.
+
+    `device` only picks the dtype here: lm-eval takes the device from simple_evaluate and
+    rejects it twice; vLLM ignores it (its platform decides)."""
+    dtype = "float32" if device == "cpu" else "auto"
+    if backend == "hf":
+        return {"pretrained": model_path, "dtype": dtype, **({"peft": adapter} if adapter else {})}
+    if backend == "vllm":
+        # lm-eval enables LoRA in vLLM whenever lora_local_path is given.
+        args = {"pretrained": model_path, "dtype": dtype,
+                **({"lora_local_path": adapter, "max_lora_rank": 64} if adapter else {})}
+        if device == "cpu":  # as runner.engines.vllm_engine: no graph capture, bounded KV cache
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            args.update(enforce_eager=True, max_model_len=2048)
+        return args
+    raise BenchmarkError(f"unknown backend {backend!r} (hf or vllm)")
+
+
+def _alias_vllm_cpu() -> None:
+    """Let lm-eval's vllm backend import where vLLM is installed as the `vllm-cpu` distribution.
+
+    lm-eval checks `importlib.metadata.version("vllm")`, which raises for vllm-cpu; its module
+    binds `version` at import, so the alias is confined to that module."""
+    import importlib.metadata as md
+    import sys
+
+    try:
+        md.version("vllm")
+        return
+    except md.PackageNotFoundError:
+        pass
+    # "+cpu" as vllm.platforms does for vllm-cpu: its CPU detection may run under the alias
+    cpu_version = md.version("vllm-cpu") + "+cpu"  # neither installed: let this error say so
+    real = md.version
+
+    def version(name: str) -> str:
+        return cpu_version if name == "vllm" else real(name)
+
+    if "lm_eval.models.vllm_causallms" not in sys.modules:
+        import vllm  # noqa: F401  -- import vLLM's own modules under the real `version`
+
+        md.version = version
+        try:
+            import lm_eval.models.vllm_causallms  # noqa: F401
+        finally:
+            md.version = real
+    sys.modules["lm_eval.models.vllm_causallms"].version = version
+
+
+def _check_tasks(tasks: list[str]) -> None:
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise BenchmarkError(f"unknown benchmark tasks {unknown}; known: {list(TASKS)}")
+
+
+def _hub_error(task: str, err: BaseException) -> BenchmarkError:
+    import datasets
+
+    offline = bool(datasets.config.HF_HUB_OFFLINE)  # as read at import, which is what counts
+    why = "HF_HUB_OFFLINE is set and it is not in the local datasets cache" if offline else \
+        "it could not be loaded from the hub"
+    return BenchmarkError(f"{task} needs the Hugging Face dataset {HUB_TASKS[task]!r}, which is not "
+                          f"available offline: {why} ({type(err).__name__}: {err})")
+
+
+def _load_tasks(tasks: list[str], include: Path) -> list:
+    """lm-eval Task objects (datasets loaded), one by one so a hub dataset that cannot load
+    fails with an error naming it, before any model is loaded."""
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(include), include_defaults=False)
+    out = []
+    for t in tasks:
+        try:
+            out.extend(tm.load(t)["tasks"].values())
+        except Exception as e:
+            if t in HUB_TASKS:
+                raise _hub_error(t, e) from e
+            raise
+    return out
+
+
+def _metric_name(key: str) -> str:
+    """lm-eval's `acc,none` → `acc`; `exact_match,strict-match` stays (the filter matters)."""
+    metric, _, flt = key.partition(",")
+    return metric if flt in ("", "none") else key
+
+
+def _summary(results: dict, tasks: list[str]) -> dict[str, dict[str, float]]:
+    out = {}
+    for t in tasks:
+        out[t] = {_metric_name(k): float(v) for k, v in results["results"][t].items()
+                  if k != "alias" and isinstance(v, (int, float))}
+    return out
+
+
+def _per_item(samples: dict, tasks: list[str]) -> pd.DataFrame:
+    rows = []
+    for t in tasks:
+        # doc_id order (not string order of item_id), filters in lm-eval's order
+        for s in sorted(samples.get(t, []), key=lambda s: s["doc_id"]):
+            flt = s.get("filter", "none")
+            raw = json.dumps({"target": s.get("target"), "resps": s.get("resps"),
+                              "filtered_resps": s.get("filtered_resps")}, default=str)
+            for m in s.get("metrics", []):
+                v = s.get(m)
+                ok = isinstance(v, (int, float)) and math.isfinite(float(v))
+                rows.append({"suite": "qa", "item_id": f"{t}/{s['doc_id']}",
+                             "metric": m if flt == "none" else f"{m},{flt}",
+                             "value": float(v) if ok else math.nan, "scored": bool(ok),
+                             "judge": "lm-eval", "raw": raw})
+    return pd.DataFrame(rows, columns=list(PER_ITEM_COLUMNS))
+
+
+def run_benchmarks(model_path: str, adapter: str | None, tasks: list[str], data_dir: Path,
+                   limit: int | None = None, backend: Literal["hf", "vllm"] = "hf",
+                   batch_size: int | str = 1, device: str = "cpu",
+                   ) -> tuple[dict[str, dict[str, float]], pd.DataFrame]:
+    """Evaluate a base model (plus optional LoRA adapter dir) on valind lm-eval tasks.
+
+    Returns (summary: task -> {metric: value}, incl. `<metric>_stderr`; per-item scores with
+    `PER_ITEM_COLUMNS`, item_id `<task>/<doc_id>` where doc_id is the row index in the data file,
+    so runs over the same files pair up item by item). `limit` takes the first N items per task.
+    """
+    import lm_eval
+
+    tasks = list(tasks)
+    _check_tasks(tasks)
+    with tempfile.TemporaryDirectory(prefix="valind-lm-eval-") as tmp:
+        include = write_task_dir(data_dir, Path(tmp))
+        task_objs = _load_tasks(tasks, include)
+        if backend == "vllm":
+            _alias_vllm_cpu()
+        results = lm_eval.simple_evaluate(
+            model=backend, model_args=model_args(model_path, adapter, backend, device),
+            tasks=task_objs, batch_size=batch_size, device=device, limit=limit, log_samples=True)
+    if results is None:  # lm-eval returns None on non-zero ranks of a distributed run
+        raise BenchmarkError("lm-eval returned no results")
+    return _summary(results, tasks), _per_item(results["samples"], tasks)

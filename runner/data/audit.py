@@ -1,0 +1,72 @@
+"""Judge audit: a stratified sample of annotations for human labelling, and agreement on it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from runner.data.sources import DataError, prompt_text
+from runner.spec import VALUES
+
+ID_COLUMNS = ("pair_id", "side")
+
+
+def audit_sample(pairs: pd.DataFrame, annotations: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFrame:
+    """About n scored responses, spread over the values the judge reported (and 'none')."""
+    ann = annotations[annotations["scored"]].merge(pairs[["pair_id", "prompt", "chosen", "rejected"]], on="pair_id")
+    rng = np.random.default_rng(seed)
+    strata = {v: ann.index[ann["values"].map(lambda vs, v=v: v in list(vs))] for v in VALUES}
+    strata["none"] = ann.index[ann["values"].map(len) == 0]
+    strata = {k: idx for k, idx in strata.items() if len(idx)}
+    per = max(1, n // max(1, len(strata)))
+    chosen: list[int] = []
+    for idx in strata.values():
+        free = [i for i in idx if i not in set(chosen)]
+        chosen += rng.choice(free, size=min(per, len(free)), replace=False).tolist() if free else []
+    chosen = chosen[:n]
+    out = ann.loc[chosen]
+    return pd.DataFrame({
+        "pair_id": out["pair_id"].values, "side": out["side"].values,
+        "conversation": [prompt_text(list(p)) for p in out["prompt"]],
+        "response": [row[row_side] for row, row_side in zip(out.to_dict("records"), out["side"])],
+        "judge_values": [", ".join(v) if len(v) else "none" for v in out["values"]],
+        "human_values": "",
+    })
+
+
+def read_labels(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, keep_default_na=False)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read the labelled audit CSV ({e})") from None
+    missing = [c for c in (*ID_COLUMNS, "human_values") if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}")
+    df = df[df["human_values"].astype(str).str.strip() != ""]
+    if df.empty:
+        raise DataError(f"{path}: no row has human_values filled in")
+    parsed = []
+    for i, text in enumerate(df["human_values"].astype(str)):
+        vals = [v.strip().lower() for v in text.split(",") if v.strip()]
+        bad = [v for v in vals if v not in VALUES and v != "none"]
+        if bad:
+            raise DataError(f"{path}: row {i + 2}: unknown value(s) {bad} (use the closed list or 'none')")
+        parsed.append([v for v in vals if v != "none"])
+    return df.assign(human=parsed)
+
+
+def audit_agreement(labels: pd.DataFrame, annotations: pd.DataFrame) -> pd.DataFrame:
+    """Per value: accuracy and Cohen's kappa of the judge's presence labels against the human's."""
+    from sklearn.metrics import cohen_kappa_score
+
+    merged = labels.merge(annotations[[*ID_COLUMNS, "values", "scored"]], on=list(ID_COLUMNS), how="inner")
+    merged = merged[merged["scored"]]
+    rows = []
+    for v in VALUES:
+        h = np.array([v in x for x in merged["human"]], dtype=int)
+        j = np.array([v in list(x) for x in merged["values"]], dtype=int)
+        kappa = float(cohen_kappa_score(h, j)) if len(h) and len(set(h) | set(j)) > 1 else float("nan")
+        rows.append({"value": v, "n": len(h), "human_yes": int(h.sum()), "judge_yes": int(j.sum()),
+                     "accuracy": float((h == j).mean()) if len(h) else float("nan"), "kappa": kappa})
+    return pd.DataFrame(rows)

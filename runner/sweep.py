@@ -1,0 +1,81 @@
+"""The training grid on Ray Tune: one trial per (model, condition, seed) cell.
+
+Under Ray Train V2 a TorchTrainer cannot be a Tune trainable, so each trial is a function that
+launches the cell's TorchTrainer (with TuneReportCallback forwarding worker reports to Tune).
+The trial itself holds no CPU: its trainer's worker group asks for the resources. Concurrency
+comes from the cluster: as many trials as worker groups fit at once.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import ray
+
+from runner.spec import TrainSpec
+
+
+def max_concurrent(train: TrainSpec) -> int:
+    res = ray.cluster_resources()
+    if train.gpus_per_worker > 0:
+        fit = res.get("GPU", 0) / (train.gpus_per_worker * train.workers)
+    else:
+        fit = res.get("CPU", 1) / (train.cpus_per_worker * train.workers)
+    return max(1, math.floor(fit))
+
+
+def _trial(config: dict) -> None:
+    """A Tune trial: train one cell (its output is published atomically to config['out_dir'])."""
+    import pandas as pd
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from transformers import AutoTokenizer
+
+    from runner.train.launch import train_cell
+
+    cell = config["cell"]
+    tokenizer = AutoTokenizer.from_pretrained(cell["model_path"], trust_remote_code=cell["trust_remote_code"])
+    train_cell(cell_id=cell["cell_id"], pairs=pd.read_parquet(cell["pairs"]), model_path=cell["model_path"],
+               model_id=cell["model_id"], tokenizer=tokenizer, seed=cell["seed"],
+               train=TrainSpec.model_validate(cell["train"]), out_dir=Path(cell["out_dir"]),
+               work_dir=Path(cell["work_dir"]), ref_cache=Path(cell["ref_cache"]),
+               chat_template=cell["chat_template"], trust_remote_code=cell["trust_remote_code"],
+               callbacks=[TuneReportCallback()])
+
+
+def run_grid(cells: list[dict], train: TrainSpec, storage: Path, name: str) -> dict[str, str | None]:
+    """Run the cells as Tune trials; returns cell_id → error text (None when it succeeded)."""
+    from ray import tune
+
+    from runner.progress import progress, say
+
+    class Progress(tune.Callback):
+        def __init__(self, bar):
+            self.bar = bar
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.bar.update(1)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            say(f"  trial {trial.config['cell']['cell_id']} failed")
+            self.bar.update(1)
+
+    say(f"  {len(cells)} cell(s) as Ray Tune trials, up to {max_concurrent(train)} at once")
+    bar_ctx = progress(total=len(cells), desc="train cells")
+    bar = bar_ctx.__enter__()
+    trainable = tune.with_resources(_trial, {"CPU": 0, "memory": 200 * 1024 ** 2})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"cell": tune.grid_search(cells)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(train)),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[Progress(bar)],
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    try:
+        grid = tuner.fit()
+    finally:
+        bar_ctx.__exit__(None, None, None)
+    out: dict[str, str | None] = {}
+    for res in grid:
+        cid = res.config["cell"]["cell_id"]
+        out[cid] = f"{type(res.error).__name__}: {res.error}" if res.error else None
+    return out

@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if SHARED_DATA.exists():
+    os.environ.setdefault("VALIND_DATA_DIR", str(SHARED_DATA))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = os.environ.get("VALIND_DATA_DIR")
+    if not d or not Path(d).exists():
+        pytest.skip("no data directory (set VALIND_DATA_DIR)")
+    return Path(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    from runner.models import prepare_tiny
+    return str(prepare_tiny())

@@ -1,0 +1,60 @@
+import pandas as pd
+import torch
+
+from runner.train.batches import collate, encode, encode_pairs, fit, pair_batch, response_logps, sequence_logps
+
+
+def _tok(tiny_model):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def test_encode_response_is_template_suffix(tiny_model):
+    tok = _tok(tiny_model)
+    prompt = [{"role": "user", "content": "Hi there"}]
+    p, r = encode(tok, prompt, "Hello!")
+    full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": "Hello!"}], tokenize=True,
+                                   return_dict=False)
+    assert p + r == list(full)
+    assert tok.decode(r).startswith("Hello!")
+    assert tok.eos_token in tok.decode(r)
+
+
+def test_fit_truncates_prompt_left_and_response_right():
+    p, (c, r) = fit(list(range(100)), [list(range(50)), list(range(10))], 64)
+    assert len(p) + len(c) <= 64 and p[-1] == 99 and c[0] == 0
+    assert p == list(range(100))[-len(p):]
+
+
+def test_masks_cover_only_response_tokens():
+    b = collate([([1, 2, 3], [4, 5]), ([1], [6, 7, 8])], pad_id=0)
+    assert b["response_mask"].tolist() == [[False, False, False, True, True], [False, True, True, True, False]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+
+
+def test_sequence_logps_matches_manual_sum():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    b = collate([([1, 2, 3], [4, 5]), ([1], [6, 7, 8])], pad_id=0)
+    got = sequence_logps(logits, b["input_ids"], b["response_mask"])
+    lp = torch.log_softmax(logits, -1)
+    want0 = lp[0, 2, 4] + lp[0, 3, 5]
+    want1 = lp[1, 0, 6] + lp[1, 1, 7] + lp[1, 2, 8]
+    assert torch.allclose(got, torch.stack([want0, want1]), atol=1e-6)
+
+
+def test_response_logps_skipping_prompt_logits_is_exact(tiny_model):
+    from transformers import AutoModelForCausalLM
+    tok = _tok(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    pairs = pd.DataFrame({"pair_id": ["a", "b"],
+                          "prompt": [[{"role": "user", "content": "Tell me a long story about cats " * 3}],
+                                     [{"role": "user", "content": "Hi"}]],
+                          "chosen": ["Sure, here it is.", "Hello, friend!"], "rejected": ["No.", "Go away"]})
+    ex = encode_pairs(tok, pairs, 128)
+    batch = pair_batch(ex, tok.pad_token_id)
+    with torch.no_grad():
+        full = sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                              batch["input_ids"], batch["response_mask"])
+        fast = response_logps(model, batch)
+    assert torch.allclose(full, fast, atol=1e-5)

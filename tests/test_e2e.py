@@ -1,0 +1,96 @@
+"""The walking skeleton end to end: the smoke study through every real stage on a local Ray cluster."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def valind(*args, cwd=ROOT, timeout=900):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "runner.cli", *args], capture_output=True, text=True, cwd=cwd,
+                       env=env, timeout=timeout)
+    r.seconds = time.perf_counter() - t0
+    return r
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("studies")
+    spec = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
+    spec["study"]["output_dir"] = str(out)
+    path = out / "smoke.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    first = valind("run", str(path))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+    return path, out / "smoke", first
+
+
+def test_report_and_where_things_are(smoke):
+    _, root, first = smoke
+    assert f"report:  {root / 'report.html'}" in first.stdout
+    assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
+    html = (root / "report.html").read_text()
+    assert "<table" in html and "<img" in html
+    for stage in ("annotate: done", "curate: done", "train: done", "generate: done", "score: done", "analyze: done"):
+        assert stage in first.stdout
+
+
+def test_mlflow_has_parent_and_one_child_per_cell(smoke):
+    import mlflow
+    _, root, _ = smoke
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["smoke"])
+    parents = runs[runs["tags.valind.kind"] == "study"]
+    children = runs[runs["tags.valind.kind"] != "study"]
+    assert len(parents) == 1
+    # 1 model × (2 values + 1 control) × 1 seed + the base model
+    assert sorted(children["tags.valind.run_id"]) == sorted(
+        ["tiny__base", "tiny__value-humor__s0", "tiny__value-justice__s0", "tiny__control-0__s0"])
+    assert (children["tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]).all()
+    cells = children[children["tags.valind.kind"] != "base"]
+    assert cells["metrics.train/loss"].notna().all()
+    assert cells["params.train.zero_stage"].eq("2").all()
+    assert children["metrics.safety/refusal/substring"].notna().all()
+    assert runs["status"].eq("FINISHED").all()
+    client = mlflow.tracking.MlflowClient()
+    rid = cells["run_id"].iloc[0]
+    assert len(client.get_metric_history(rid, "train/loss")) >= 2
+    assert any(a.path == "model" for a in client.list_artifacts(rid))
+
+
+def test_rerun_is_cached_and_creates_no_runs(smoke):
+    import mlflow
+    path, root, _ = smoke
+    again = valind("run", str(path))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "annotate: cached" in again.stdout and "curate: cached" in again.stdout
+    assert "train: 3 cells, 3 cached" in again.stdout
+    assert "generate: 4 runs, 4 cached" in again.stdout and "score: 4 runs, 4 cached" in again.stdout
+    assert "analyze: cached" in again.stdout
+    assert again.seconds < 30
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    assert len(mlflow.search_runs(experiment_names=["smoke"])) == 5
+    status = valind("status", str(path))
+    assert status.returncode == 0 and "the study is complete" in status.stdout
+
+
+def test_changing_a_score_setting_reruns_only_score_and_analyze(smoke):
+    path, _, _ = smoke
+    spec = yaml.safe_load(path.read_text())
+    spec["score"]["sampling"]["max_tokens"] = 20
+    changed = path.with_name("smoke-score.yaml")
+    changed.write_text(yaml.safe_dump(spec, sort_keys=False))
+    r = valind("run", str(changed))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "annotate: cached" in r.stdout and "train: 3 cells, 3 cached" in r.stdout
+    assert "generate: 4 runs, 4 cached" in r.stdout
+    assert "score: 4 runs, 0 cached" in r.stdout and "analyze: done" in r.stdout
