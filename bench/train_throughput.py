@@ -196,6 +196,7 @@ def main() -> None:
           f"{args.warmup} warm-up + {args.steps} timed steps; TRL: bf16=False, gradient_checkpointing=False")
     print("tokens = real (non-pad) tokens of chosen+rejected sequences per step; reference passes precomputed "
           "(not timed)")
+    print(f"load average at start (other processes on this machine skew timings): {os.getloadavg()[0]:.2f}")
     print("=" * 100, flush=True)
 
     peak = gemm_peak()
@@ -222,6 +223,7 @@ def main() -> None:
         r_b = summarise("ours (DeepSpeed bf16)", ours_bf16)
         print(f"  bf16/fp32 (ours): {r_b / r_ours:.2f}x; loss {ours_bf16['losses'][0]:.4f} -> "
               f"{ours_bf16['losses'][-1]:.4f}")
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
     print("-" * 100)
     if r_trl:
         print(f"RESULT train_tokens_per_s ours={r_ours:.1f} trl={r_trl:.1f} ratio={r_ours / r_trl:.2f} "

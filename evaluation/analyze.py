@@ -420,3 +420,23 @@ def aa_check(runs: pd.DataFrame, scores: pd.DataFrame, condition_a: str, conditi
                 n_tests=int(table["p_value"].notna().sum()), n_significant=n_sig,
                 n_significant_uncorrected=int((table["p_value"] < alpha).sum()),
                 any_significant=n_sig > 0, table=table)
+
+
+def power_table(contrasts_df: pd.DataFrame, target_halfwidth: float | None = None, min_effect: float | None = None,
+                alpha: float = 0.05, power: float = 0.8) -> pd.DataFrame:
+    """Per contrast: the CI half-width now, the seeds to reach a target half-width, and the seeds to
+    detect `min_effect` (or the observed effect when None) with the given power."""
+    from .stats import seeds_for_halfwidth, seeds_for_power
+
+    if contrasts_df is None or contrasts_df.empty:
+        return pd.DataFrame()
+    rows = []
+    for r in contrasts_df.itertuples():
+        hw = (r.ci_hi - r.ci_lo) / 2
+        s = int(r.n_seeds)
+        effect = min_effect if min_effect is not None else r.effect
+        rows.append({"model": r.model, "condition": r.condition, "reference": r.reference, "suite": r.suite,
+                     "metric": r.metric, "judge": r.judge, "n_seeds": s, "ci_halfwidth": hw,
+                     "seeds_for_target": seeds_for_halfwidth(hw, s, target_halfwidth) if target_halfwidth else None,
+                     "detect_effect": effect, "seeds_for_power": seeds_for_power(hw, s, effect, alpha, power)})
+    return pd.DataFrame(rows)

@@ -303,6 +303,9 @@ def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame 
 
     sec.append("<h2>A/A checks (control vs control)</h2>"
                + _table(extras.get("aa_checks"), "A/A checks"))
+    sec.append("<h2>Seeds and power</h2><p class='note'>CI half-width now, seeds needed to reach the "
+               "target half-width, and seeds needed to detect the effect (power 0.8), assuming the "
+               "half-width shrinks as 1/sqrt(seeds).</p>" + _table(extras.get("power"), "Power table"))
     sec.append("<h2>Judge agreement</h2>" + _table(extras.get("judge_agreement"), "Judge agreement"))
     sec.append("<h2>Curation</h2>" + _table(extras.get("curation"), "Curation table"))
 

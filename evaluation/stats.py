@@ -246,3 +246,25 @@ def seeds_needed(
     var1 = seed_sd**2 + item_sd**2 / n_items
     # Subtract a tiny slack so an exact integer solution is not bumped up by rounding error.
     return max(1, math.ceil(z**2 * var1 / effect**2 - 1e-9))
+
+
+def seeds_for_halfwidth(halfwidth: float, n_seeds: int, target: float) -> int:
+    """Seeds needed to shrink an observed CI half-width to `target`.
+
+    Under the model of `_se`, both variance terms scale as 1/S, so the half-width scales as
+    1/sqrt(S): S_target = ceil(S · (halfwidth / target)²).
+    """
+    if not (np.isfinite(halfwidth) and halfwidth > 0):
+        return n_seeds
+    return max(n_seeds if halfwidth <= target else 1, math.ceil(n_seeds * (halfwidth / target) ** 2 - 1e-9))
+
+
+def seeds_for_power(halfwidth: float, n_seeds: int, effect: float, alpha: float = 0.05,
+                    power: float = 0.8) -> int:
+    """Seeds for a two-sided z-test of size alpha to detect `effect` with the given power,
+    from an observed CI half-width at n_seeds (SE = halfwidth / z_{1−alpha/2}, SE ∝ 1/sqrt(S))."""
+    if effect == 0 or not np.isfinite(halfwidth):
+        return -1
+    se1 = halfwidth / sps.norm.ppf(1 - alpha / 2) * math.sqrt(n_seeds)
+    z = sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)
+    return max(1, math.ceil((z * se1 / effect) ** 2 - 1e-9))

@@ -85,6 +85,60 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_judge(args) -> int:
+    """Score a CSV/JSONL/parquet of (prompt, response) rows with one of the suites' judges."""
+    import pandas as pd
+
+    from evaluation.judges.external import JUDGES, judge_table
+    from runner.store import write_parquet
+
+    src, dst = Path(args.input), Path(args.output)
+    readers = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}
+    if src.suffix not in readers or dst.suffix not in readers:
+        print(f"valind: error: --input/--output must end in .csv, .jsonl or .parquet", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        df = readers[src.suffix](src)
+    except Exception as e:
+        print(f"valind: error: {src}: cannot read ({type(e).__name__}: {e})", file=sys.stderr)
+        return 1
+    engine = None
+    if JUDGES[args.judge][0]:
+        if not args.model:
+            print(f"valind: error: judge {args.judge!r} needs --model (a builtin name, local dir or hub id)",
+                  file=sys.stderr)
+            return EXIT_INVALID
+        from runner.engines import EngineConfig, make_engine
+        from runner.models import resolve
+        engine = make_engine(EngineConfig(model=resolve(args.model), backend=args.backend, max_model_len=2048))
+    try:
+        out = judge_table(args.judge, df, args.prompt_col, args.response_col, engine)
+    except KeyError as e:
+        print(f"valind: error: {src}: {e.args[0]}", file=sys.stderr)
+        return EXIT_INVALID
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.suffix == ".parquet":
+        write_parquet(out, dst)
+    elif dst.suffix == ".csv":
+        out.to_csv(dst, index=False)
+    else:
+        out.to_json(dst, orient="records", lines=True)
+    n = int(out["scored"].sum())
+    print(f"judge {args.judge}: {len(out)} rows, {n} scored, {len(out) - n} unscored → {dst}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from runner.plan import PlanError, plan_spec
+    spec, _ = _load(args.spec)
+    try:
+        plan_spec(spec, spec.study.name)
+    except PlanError as e:
+        print(f"valind: error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    return 0
+
+
 def cmd_models(args) -> int:
     from runner.models import prepare_all
     for name, path in prepare_all().items():
@@ -117,6 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="what is done, cached or failed")
     st.add_argument("spec")
     st.set_defaults(fn=cmd_status)
+    pl = sub.add_parser("plan", help="trials, requests, GPU-hours per stage and wall time on the declared cluster")
+    pl.add_argument("spec")
+    pl.set_defaults(fn=cmd_plan)
+    from evaluation.judges.external import JUDGES
+    j = sub.add_parser("judge", help="score an outside table of (prompt, response) rows with a judge")
+    j.add_argument("judge", choices=sorted(JUDGES))
+    j.add_argument("--input", required=True, help="CSV, JSONL or parquet file")
+    j.add_argument("--output", required=True, help="CSV, JSONL or parquet file (one row per input row)")
+    j.add_argument("--prompt-col", default="prompt")
+    j.add_argument("--response-col", default="response")
+    j.add_argument("--model", help="judge model for LLM judges (builtin name, local dir or hub id)")
+    j.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers"])
+    j.set_defaults(fn=cmd_judge)
     m = sub.add_parser("models", help="model provisioning")
     msub = m.add_subparsers(dest="models_command", required=True)
     mp = msub.add_parser("prepare", help="build the offline SmolLM2-135M-Instruct dir and the tiny test model")
@@ -142,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         from runner.store import StoreError
         from runner.tracking import TrackingError
         if isinstance(e, (CurationError, DataError, ModelError, StageError, StoreError, TrackingError)):
-            print(f"valind: error: {e}", file=sys.stderr)
+            from runner.secrets import redact
+            print(redact(f"valind: error: {e}"), file=sys.stderr)
             return 1
         raise
 

@@ -15,6 +15,7 @@ import pandas as pd
 
 from runner import models as model_registry
 from runner.progress import say
+from runner.secrets import redact
 from runner.spec import VALUES, Spec, content_hash
 from runner.store import Store, read_parquet, safe_name, write_json, write_parquet
 
@@ -48,6 +49,8 @@ class Study:
         self._tokenizers: dict[str, object] = {}
         self._pools: dict[tuple[str, str | None], object] = {}  # (model, full-model path) -> (pool, lora)
         self._memo: dict[str, object] = {}  # stage results within this process
+        seeds_file = self.root / "adaptive_seeds.json"
+        self.extra_seeds: dict[str, list[int]] = json.loads(seeds_file.read_text()) if seeds_file.exists() else {}
 
     # ----------------------------------------------------------------- infrastructure
     def ensure_ray(self):
@@ -60,7 +63,7 @@ class Study:
             from runner.tracking import Tracker, tracking_uri
             t = self.spec.tracking
             self._tracker = Tracker(tracking_uri(t.uri, self.root), t.experiment or self.spec.study.name,
-                                    self.spec.study.name, self.root)
+                                    self.spec.study.name, self.root, t.artifact_location)
         return self._tracker
 
     def model_path(self, name_or_path: str) -> str:
@@ -84,9 +87,19 @@ class Study:
                                                                    trust_remote_code=m.trust_remote_code)
         return self._tokenizers[name]
 
+    def engine_spec(self, model: str):
+        """The engine section for a model: judges use annotate.engine, evaluated models generate.engine."""
+        s = self.spec
+        judges = {s.annotate.judge_model, s.score.value_judge, s.score.refusal_llm_judge, s.score.anthro_judge}
+        if s.annotate.engine and model in judges:
+            return s.annotate.engine
+        if s.generate.engine and model in {m.name for m in s.models}:
+            return s.generate.engine
+        return s.engine
+
     def engine_config(self, model: str, enable_lora: bool = False, path: str | None = None):
         from runner.engines import EngineConfig
-        e, m = self.spec.engine, self.spec.model(model)
+        e, m = self.engine_spec(model), self.spec.model(model)
         return EngineConfig(model=path or self.model_path(model), backend=e.backend, dtype=e.dtype,
                             max_model_len=e.max_model_len, enable_lora=enable_lora,
                             max_lora_rank=self.spec.train.lora.r, max_loras=4, tensor_parallel=e.tensor_parallel,
@@ -103,7 +116,7 @@ class Study:
                 return pool
             self.close_pools(key)
         self.ensure_ray()
-        e = self.spec.engine
+        e = self.engine_spec(model)
         say(f"  starting {e.actors} engine actor(s) for {path or model}{' (LoRA)' if enable_lora else ''}")
         pool = EnginePool(self.engine_config(model, enable_lora, path), actors=e.actors,
                           gpus_per_actor=e.gpus_per_actor, batch_size=e.batch_size)
@@ -116,14 +129,14 @@ class Study:
             self._pools.pop(key)[0].close()
 
     # ----------------------------------------------------------------------- keys
-    def _engine_key(self) -> dict:
-        e = self.spec.engine
+    def _engine_key(self, model: str | None = None) -> dict:
+        e = self.engine_spec(model) if model else self.spec.engine
         return {"dtype": e.dtype, "max_model_len": e.max_model_len, "backend": e.backend}
 
     def annotate_key(self) -> str:
         s = self.spec
         return content_hash(CODE_VERSION, "annotate", s.data.sources, s.data.max_chars, s.annotate,
-                            self.model_id(s.annotate.judge_model), self._engine_key(), self._data_marker())
+                            self.model_id(s.annotate.judge_model), self._engine_key(s.annotate.judge_model), self._data_marker())
 
     def _data_marker(self) -> str:
         # The data directory is an input too: its files (names, sizes, times) feed the keys.
@@ -151,7 +164,7 @@ class Study:
             for cond in self.spec.conditions():
                 kind = cond.split("-", 1)[0]
                 value = cond.split("-", 1)[1] if kind == "value" else None
-                for seed in self.spec.seeds.values:
+                for seed in self.spec.seeds.values + self.extra_seeds.get(cond, []):
                     out.append(Run(f"{m.name}__{cond}__s{seed}", m.name, cond, kind, value, seed,
                                    self.cell_key(m.name, cond, seed)))
         return out
@@ -163,7 +176,7 @@ class Study:
 
     def generate_key(self, run: Run) -> str:
         return content_hash(CODE_VERSION, "generate", self.items_key(), self.spec.generate.sampling,
-                            self._engine_key(), self.model_id(run.model), run.cell_key or "base")
+                            self._engine_key(run.model), self.model_id(run.model), run.cell_key or "base")
 
     def score_key(self, run: Run) -> str:
         s = self.spec
@@ -345,6 +358,8 @@ class Study:
 
         s = self.spec
         cells = [r for r in self.runs() if r.cell_key]
+        for r in cells:  # published by a driver that was killed before it could mark the cell done
+            self._adopt_cell(r)
         todo = [r for r in cells if not self.store.done("train", r.cell_key)]
         say(f"train: {len(cells)} cells, {len(cells) - len(todo)} cached")
         if todo:
@@ -358,8 +373,10 @@ class Study:
                       "out_dir": str(self.store.unit("train", r.cell_key)), "work_dir": str(self.root / "ray_train"),
                       "ref_cache": str(self.root / "cache" / "reflogps"), "chat_template": self.chat_template(r.model),
                       "trust_remote_code": s.model(r.model).trust_remote_code} for r in todo]
+            by_id = {safe_name(r.run_id): r for r in todo}
             errors = run_grid(specs, s.train, self.root / "ray_tune",
-                              f"grid-{content_hash([c['cell_id'] for c in specs], n=8)}")
+                              f"grid-{content_hash([c['cell_id'] for c in specs], n=8)}",
+                              on_complete=lambda c: self._adopt_cell(by_id[c["cell_id"]]))
             failed = []
             for r in todo:
                 unit = self.store.unit("train", r.cell_key)
@@ -377,6 +394,12 @@ class Study:
         self._log_training(cells)
         say(f"train: done — {len(cells)} cells")
         return {r.run_id: self.store.unit("train", r.cell_key) / "model" for r in cells}
+
+    def _adopt_cell(self, r: Run) -> None:
+        """Mark a cell done as soon as train_cell has published it (an atomic rename of a finished dir)."""
+        unit = self.store.unit("train", r.cell_key)
+        if not self.store.done("train", r.cell_key) and (unit / "cell.json").is_file() and (unit / "model").is_dir():
+            self.store.mark_done("train", r.cell_key, {"run_id": r.run_id})
 
     def _log_training(self, cells: list[Run]) -> None:
         tr = self.tracker
@@ -415,6 +438,7 @@ class Study:
         say(f"generate: {len(runs)} runs, {len(runs) - len(todo)} cached")
         if todo:
             adapters = self.train() if any(r.cell_key for r in todo) else {}
+            self._check_adapters(todo, adapters)  # before any engine starts
             items = self.load_items()
             sp = s.generate.sampling
             groups: dict[tuple[str, str | None], list[Run]] = {}
@@ -456,6 +480,17 @@ class Study:
         say(f"generate: done — {len(runs)} runs")
         return {r.run_id: self.store.unit("generate", self.generate_key(r)) / "generations.parquet" for r in runs}
 
+    def _check_adapters(self, runs: list[Run], adapters: dict[str, Path]) -> None:
+        from runner.engines.base import AdapterError, check_adapter
+        if self.spec.train.finetune != "lora":
+            return
+        for r in runs:
+            if r.cell_key:
+                try:
+                    check_adapter(adapters[r.run_id])
+                except AdapterError as e:
+                    raise StageError(f"generate: {r.run_id}: {e}") from None
+
     def _score(self) -> dict[str, Path]:
         from evaluation.judges import score_suite
 
@@ -477,6 +512,8 @@ class Study:
                                 "anthro_llm": engines.get("anthropomorphism") is not None}
                     frames.append(score_suite(suite, items[items["suite"] == suite], g[g["suite"] == suite],
                                               engine=engines.get(suite), settings=settings))
+                if s.score.benchmarks:
+                    frames.append(self._benchmarks(r))
                 scores = pd.concat(frames, ignore_index=True)
                 key = self.score_key(r)
                 write_parquet(scores, self.store.unit("score", key) / "scores.parquet")
@@ -486,6 +523,19 @@ class Study:
         self.agreement()
         say(f"score: done — {len(runs)} runs")
         return {r.run_id: self.store.unit("score", self.score_key(r)) / "scores.parquet" for r in runs}
+
+    def _benchmarks(self, r: Run) -> pd.DataFrame:
+        """QA benchmarks through lm-evaluation-harness, per item (suite "qa"), with the run's adapter."""
+        from evaluation.benchmarks import run_benchmarks
+
+        s = self.spec.score
+        adapter = str(self.store.unit("train", r.cell_key) / "model") if r.cell_key else None
+        model = self.model_path(r.model)
+        if adapter and self.spec.train.finetune == "full":
+            model, adapter = adapter, None
+        _, per_item = run_benchmarks(model, adapter, [f"valind_{b}" for b in s.benchmarks], self.data_dir,
+                                     limit=s.benchmark_limit, backend=s.benchmark_backend)
+        return per_item.assign(run_id=r.run_id)
 
     def _judge_engines(self) -> dict[str, object]:
         """The LLM judge of each suite that has one (engines are shared when the model is)."""
@@ -514,7 +564,7 @@ class Study:
         return df
 
     def _analyze(self) -> Path:
-        from evaluation.analyze import contrasts, per_run_metrics
+        from evaluation.analyze import contrasts, per_run_metrics, power_table
         from evaluation.report import write_report
 
         s, key = self.spec, self.analyze_key()
@@ -529,9 +579,14 @@ class Study:
             con = contrasts(runs, scores, alpha=a.alpha, n_boot=a.bootstrap, n_perm=a.permutations, seed=a.seed)
             metrics = per_run_metrics(scores)
             cur = self.curate()
-            extras = {"study": s.study.name, "spec_yaml": self.spec_text, "code_version": _code_version(),
-                      "judge_agreement": self.agreement(), "curation": read_parquet(cur / "table.parquet"),
-                      "annotate": self.store.info("annotate", self.annotate_key())}
+            adaptive = s.seeds.adaptive
+            power = power_table(con, adaptive.target_ci_halfwidth if adaptive else None, a.min_effect, a.alpha, a.power)
+            extras = {"study_name": s.study.name, "spec_yaml": redact(self.spec_text), "code_version": _code_version(),
+                      "alpha": a.alpha, "judge_agreement": self.agreement(),
+                      "curation": read_parquet(cur / "table.parquet"), "power": power,
+                      "coexpression_null": self._coexpression_nulls(runs, scores),
+                      "aa_checks": self._aa_checks(runs, scores)}
+            write_parquet(power, unit / "power.parquet")
             write_parquet(con, unit / "contrasts.parquet")
             write_parquet(metrics, unit / "metrics.parquet")
             report = write_report(unit, runs, scores, con, extras)
@@ -540,6 +595,64 @@ class Study:
                 f"significant after Holm [{key}]")
         self._log_analysis(unit)
         return unit / "report.html"
+
+    def _coexpression_nulls(self, runs: pd.DataFrame, scores: pd.DataFrame) -> list[dict]:
+        """A permutation null for each model's whole induced × expressed matrix."""
+        from evaluation.analyze import coexpression_permutation_null
+
+        out = []
+        vals = scores[scores["suite"] == "values"]
+        if vals.empty or len(self.spec.values.induced) < 2:
+            return out
+        for model in self.spec.models:
+            for judge in vals["judge"].unique():
+                res = coexpression_permutation_null(runs, vals, n_perm=self.spec.analyze.permutations,
+                                                    seed=self.spec.analyze.seed, model=model.name, judge=judge)
+                out.append({"model": model.name, "judge": judge,
+                            **{k: v for k, v in res.items() if not isinstance(v, pd.DataFrame)}})
+        return out
+
+    def _aa_checks(self, runs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame | None:
+        """controls.aa_check: control-0 against control-1; how many comparisons come out significant."""
+        from evaluation.analyze import aa_check
+
+        if not self.spec.controls.aa_check:
+            return None
+        a, rows = self.spec.analyze, []
+        for model in self.spec.models:
+            res = aa_check(runs, scores, "control-0", "control-1", model=model.name, alpha=a.alpha,
+                           n_boot=a.bootstrap, n_perm=a.permutations, seed=a.seed)
+            rows.append({"model": model.name, **{k: v for k, v in res.items() if not isinstance(v, pd.DataFrame)}})
+        return pd.DataFrame(rows)
+
+    def _seeds_to_add(self, unit: Path) -> list[str]:
+        """Conditions whose widest CI (on the adaptive metrics) is still above the target."""
+        from fnmatch import fnmatch
+
+        ad = self.spec.seeds.adaptive
+        con = read_parquet(unit / "contrasts.parquet")
+        ref = "control" if self.spec.controls.count else "base"
+        con = con[(con["reference"] == ref) & (con["kind"] == "value")]
+        if ad.metrics:
+            con = con[[any(fnmatch(f"{r.suite}/{r.metric}", p) for p in ad.metrics) for r in con.itertuples()]]
+        need = []
+        for cond, c in con.groupby("condition"):
+            widest = float(((c["ci_hi"] - c["ci_lo"]) / 2).max())
+            seeds = len(self.spec.seeds.values) + len(self.extra_seeds.get(str(cond), []))
+            if widest > ad.target_ci_halfwidth and seeds < ad.max:
+                need.append(str(cond))
+        return need
+
+    def _add_seed(self, conditions: list[str]) -> int:
+        """One more seed for these conditions and for every control (they stay paired by seed)."""
+        used = set(self.spec.seeds.values) | {x for v in self.extra_seeds.values() for x in v}
+        seed = max(used) + 1
+        targets = set(conditions) | {c for c in self.spec.conditions() if c.startswith("control-")}
+        for cond in sorted(targets):
+            self.extra_seeds.setdefault(cond, []).append(seed)
+        write_json(self.extra_seeds, self.root / "adaptive_seeds.json")
+        self._memo.clear()
+        return seed
 
     def _log_analysis(self, unit: Path) -> None:
         tr = self.tracker
@@ -555,6 +668,13 @@ class Study:
             **({"annotate/responses_per_s": ann["responses_per_s"]} if ann.get("responses_per_s") else {}),
             **{f"data/dropped/{src}/{reason}": n for src, d in ann["drops"].items() for reason, n in d.items()},
             **{f"data/expressed/{side}/{v}": n for side, d in ann["value_counts"].items() for v, n in d.items()}}))
+        cur = self.store.unit("curate", self.curate_key())
+        table = read_parquet(cur / "table.parquet")
+        tr.once(parent, f"curate-{self.curate_key()}", lambda: (
+            tr.log_metrics(parent, {f"curate/{r.value}/{col}": getattr(r, col) for r in table.itertuples()
+                                    for col in ("available", "used") if hasattr(r, col)}),
+            tr.log_artifacts(parent, cur / "curation.json", "curation"),
+            tr.log_artifacts(parent, cur / "table.parquet", "curation")))
         key = unit.name
         tr.once(parent, f"analyze-{key}", lambda: (tr.log_artifacts(parent, unit, "report"),
                                                    tr.set_tags(parent, {"valind.report": str(unit / "report.html")})))
@@ -576,13 +696,22 @@ class Study:
     def run(self, until: str = "analyze") -> Path | None:
         """Run the study up to (and including) a stage; each stage pulls what it needs."""
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "spec.yaml").write_text(self.spec_text)
+        (self.root / "spec.yaml").write_text(redact(self.spec_text))
+        from runner.tracking import check_cluster_tracking, tracking_uri
+        s = self.spec
+        check_cluster_tracking(tracking_uri(s.tracking.uri, self.root), max(
+            [s.train.gpus_per_worker] + [e.gpus_per_actor for e in (s.engine, s.annotate.engine, s.generate.engine) if e]))
         _ = self.tracker  # MLflow must be reachable before any compute
         t0 = time.perf_counter()
         result = None
         try:
             for stage in STAGES[: STAGES.index(until) + 1]:
                 result = getattr(self, stage)()
+            while until == "analyze" and self.spec.seeds.adaptive and (need := self._seeds_to_add(Path(result).parent)):
+                seed = self._add_seed(need)
+                say(f"adaptive seeds: CI still wider than ±{self.spec.seeds.adaptive.target_ci_halfwidth} for "
+                    f"{', '.join(need)}; adding seed {seed}")
+                result = self.analyze()
         finally:
             self.close_pools()
         say(f"study {self.spec.study.name}: finished in {time.perf_counter() - t0:.0f}s")

@@ -19,7 +19,8 @@ def progress(total: int, desc: str):
 
 
 def say(msg: str) -> None:
-    print(msg, flush=True)
+    from runner.secrets import redact
+    print(redact(msg), flush=True)
 
 
 class Timer:

@@ -40,6 +40,7 @@ class ModelSpec(_Section):
     path: str
     chat_template: str | None = None  # a Jinja string or a path to a .jinja file
     trust_remote_code: bool = False
+    params_b: float | None = Field(default=None, gt=0)  # billions of parameters, for `valind plan`; None = parsed from the name
 
 
 class ValuesSpec(_Section):
@@ -57,11 +58,14 @@ class ValuesSpec(_Section):
 class ControlsSpec(_Section):
     count: int = Field(default=1, ge=0, le=64)
     length_bins: int = Field(default=4, ge=1, le=32)
+    aa_check: bool = False  # compare control-0 with control-1 (an A/A test): needs count >= 2
 
 
 class AdaptiveSeeds(_Section):
+    """Add seeds (one per round) to conditions whose CI is wider than the target, up to `max`."""
     target_ci_halfwidth: float = Field(gt=0)
     max: int = Field(ge=1, le=100)
+    metrics: list[str] = Field(default_factory=list)  # fnmatch patterns on "suite/metric"; [] = all
 
 
 class SeedsSpec(_Section):
@@ -123,6 +127,9 @@ class AnnotateSpec(_Section):
     logprob_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
     sampling: SamplingSpec = SamplingSpec(max_tokens=48)
     max_pairs: int | None = Field(default=None, ge=1)
+    # The judge's engine (annotation and scoring), e.g. a 70B with tensor parallelism; None = `engine`.
+    # Excluded from the section's dump so specs without it keep their cache keys (Study._engine_key covers it).
+    engine: EngineSpec | None = Field(default=None, exclude=True)
 
 
 class LoraSpec(_Section):
@@ -166,6 +173,7 @@ class GenerateSpec(_Section):
         default_factory=lambda: list(SUITES), min_length=1)
     items_per_suite: int | None = Field(default=None, ge=1)  # cap per suite; None = all items
     sampling: SamplingSpec = SamplingSpec(max_tokens=128)
+    engine: EngineSpec | None = Field(default=None, exclude=True)  # the evaluated models' engines; None = `engine`
 
 
 class ScoreSpec(_Section):
@@ -174,11 +182,15 @@ class ScoreSpec(_Section):
     refusal_llm_judge: str | None = None
     anthro_judge: str | None = None   # model for the anthropomorphism rubric; None = lexical index only
     benchmarks: list[Literal["truthfulqa_mc", "openbookqa", "mmlu", "gsm8k"]] = Field(default_factory=list)
+    benchmark_limit: int | None = Field(default=None, ge=1)   # items per benchmark; None = all
+    benchmark_backend: Literal["hf", "vllm"] = "hf"
     sampling: SamplingSpec = SamplingSpec(max_tokens=48)
 
 
 class AnalyzeSpec(_Section):
     alpha: float = Field(default=0.05, gt=0.0, lt=0.5)
+    power: float = Field(default=0.8, gt=0.0, lt=1.0)
+    min_effect: float | None = Field(default=None, gt=0.0)  # for seeds-needed; None = the observed effect
     bootstrap: int = Field(default=2000, ge=100)
     permutations: int = Field(default=2000, ge=100)
     seed: int = 0
@@ -187,6 +199,28 @@ class AnalyzeSpec(_Section):
 class TrackingSpec(_Section):
     uri: str | None = None         # default: $MLFLOW_TRACKING_URI, else sqlite under the study dir
     experiment: str | None = None  # default: the study name
+    artifact_location: str | None = None  # s3://, gs://, file:// or an absolute (shared) path; set when the experiment is created
+
+    @field_validator("artifact_location")
+    @classmethod
+    def _artifact_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith(("s3://", "gs://", "file://")) or v.startswith("/")):
+            raise ValueError("must be an s3://, gs:// or file:// URI or an absolute path")
+        return v
+
+
+class PlanSpec(_Section):
+    """Throughput overrides for `valind plan`, per GPU; None = runner.plan's default for the model size."""
+    judge_responses_per_s: float | None = Field(default=None, gt=0)   # judge responses (annotate, score)
+    train_pairs_per_s: float | None = Field(default=None, gt=0)       # preference pairs per optimizer pass
+    generate_tokens_per_s: float | None = Field(default=None, gt=0)   # output tokens of the evaluated models
+    efficiency: float = Field(default=0.8, gt=0, le=1)                # share of the GPUs' time doing work
+
+
+class ClusterSpec(_Section):
+    """The cluster `valind plan` sizes wall time for (default: cluster.yaml's GPU node type)."""
+    nodes: int = Field(default=1, ge=1)
+    gpus_per_node: int = Field(default=8, ge=1)
 
 
 class Spec(_Section):
@@ -203,6 +237,8 @@ class Spec(_Section):
     score: ScoreSpec = ScoreSpec()
     analyze: AnalyzeSpec = AnalyzeSpec()
     tracking: TrackingSpec = TrackingSpec()
+    plan: PlanSpec = PlanSpec()
+    cluster: ClusterSpec | None = None
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> "Spec":
@@ -293,6 +329,8 @@ def _cross_checks(spec: Spec) -> list[tuple[str, str]]:
         problems.append(("seeds.values", "seeds must be unique"))
     if spec.seeds.adaptive and spec.seeds.adaptive.max < len(spec.seeds.values):
         problems.append(("seeds.adaptive.max", f"must be >= the number of seeds ({len(spec.seeds.values)})"))
+    if spec.controls.aa_check and spec.controls.count < 2:
+        problems.append(("controls.aa_check", "needs controls.count >= 2 (two control arms to compare)"))
     if spec.train.method == "sft" and spec.train.label_smoothing:
         problems.append(("train.label_smoothing", "only applies to dpo/cdpo"))
     return problems
@@ -301,15 +339,20 @@ def _cross_checks(spec: Spec) -> list[tuple[str, str]]:
 def load_spec(path: str | Path) -> Spec:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError(str(path), [("", f"cannot read the spec: {e.strerror}")]) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(str(path), [("", f"not a UTF-8 text file (byte {e.start}: {e.reason})")]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise SpecError(str(path), [("", f"not valid YAML{where}: {getattr(e, 'problem', e)}")]) from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:
+        # PyYAML's constructors raise these for e.g. an impossible date (2020-99-99) or deep nesting
+        raise SpecError(str(path), [("", f"not valid YAML: {type(e).__name__}: {e}")]) from None
     return parse_spec(data, str(path))
 
 

@@ -46,7 +46,11 @@ def atomic_dir(final: Path):
 def write_parquet(df: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    df.to_parquet(tmp, index=False)
+    try:
+        df.to_parquet(tmp, index=False)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written file is left behind, and none at `path`
+        raise
     tmp.replace(path)
 
 

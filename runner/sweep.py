@@ -42,8 +42,12 @@ def _trial(config: dict) -> None:
                callbacks=[TuneReportCallback()])
 
 
-def run_grid(cells: list[dict], train: TrainSpec, storage: Path, name: str) -> dict[str, str | None]:
-    """Run the cells as Tune trials; returns cell_id → error text (None when it succeeded)."""
+def run_grid(cells: list[dict], train: TrainSpec, storage: Path, name: str,
+             on_complete=None) -> dict[str, str | None]:
+    """Run the cells as Tune trials; returns cell_id → error text (None when it succeeded).
+
+    `on_complete(cell)` runs in the driver as soon as a trial finishes, so a finished cell is
+    marked done even if the driver is killed before the whole grid is over."""
     from ray import tune
 
     from runner.progress import progress, say
@@ -53,6 +57,8 @@ def run_grid(cells: list[dict], train: TrainSpec, storage: Path, name: str) -> d
             self.bar = bar
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            if on_complete is not None:
+                on_complete(trial.config["cell"])
             self.bar.update(1)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -77,5 +83,11 @@ def run_grid(cells: list[dict], train: TrainSpec, storage: Path, name: str) -> d
     out: dict[str, str | None] = {}
     for res in grid:
         cid = res.config["cell"]["cell_id"]
-        out[cid] = f"{type(res.error).__name__}: {res.error}" if res.error else None
+        out[cid] = _last_line(res.error) if res.error else None
     return out
+
+
+def _last_line(err: BaseException) -> str:
+    """The final 'Type: message' line of a (possibly nested, remote) error."""
+    lines = [x for x in str(err).strip().splitlines() if x.strip()]
+    return lines[-1].strip() if lines else type(err).__name__

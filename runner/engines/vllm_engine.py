@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence
 
 from evaluation.types import Request, ScoreRequest
@@ -15,7 +16,7 @@ class VLLMEngine:
         from vllm import LLM
 
         self.cfg = cfg
-        self.name = f"vllm-{vllm.__version__}"
+        self.name = f"{Path(cfg.model).name}@vllm-{vllm.__version__}"  # names the judge in score rows
         self.version = vllm.__version__
         kwargs = dict(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
                       enforce_eager=True, tensor_parallel_size=cfg.tensor_parallel,

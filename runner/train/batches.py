@@ -91,32 +91,93 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask:
     return (token_logp * mask).sum(-1)
 
 
-def response_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed response log-probs, projecting through the LM head only the positions that predict a response token.
+def pack_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Repack a right-padded batch into fewer rows of the same width (first-fit decreasing).
 
-    The LM head over a ~50k vocabulary is a large share of a small model's FLOPs, and its float32
-    logits (and their softmax gradient) dominate memory traffic. Prompt and padding positions never
-    need logits, so a pre-hook on the output embedding hands it just those rows: the head sees
-    [n_response_tokens, hidden] instead of [batch, width, hidden]. Anything the model applies after
-    the head (scaling, soft-capping) still runs, on the compact rows.
+    Returns input_ids, position_ids (restarting at 0 for every sequence, which is what makes
+    transformers mask attention block-diagonally when no attention_mask is given), response_mask
+    and seq_index (the batch row each token came from; -1 for padding). None when packing saves
+    no row or the batch is not right-padded.
     """
-    ids, resp = batch["input_ids"], batch["response_mask"]
+    ids, attn, resp = (batch[k].cpu() for k in ("input_ids", "attention_mask", "response_mask"))
+    b, width = ids.shape
+    lens = attn.sum(1)
+    if not bool((attn == (torch.arange(width, device=attn.device) < lens.unsqueeze(1))).all()):
+        return None
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in sorted(range(b), key=lambda i: -int(lens[i])):
+        n = int(lens[i])
+        r = next((r for r in range(len(rows)) if used[r] + n <= width), None)
+        if r is None:
+            rows.append([]), used.append(0)
+            r = len(rows) - 1
+        rows[r].append(i)
+        used[r] += n
+    if len(rows) == b:
+        return None
+    out_ids = torch.zeros((len(rows), width), dtype=ids.dtype)  # the tail's ids are never read
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    out_resp = torch.zeros((len(rows), width), dtype=torch.bool)
+    seq = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        off = 0
+        for i in members:
+            n = int(lens[i])
+            out_ids[r, off:off + n] = ids[i, :n]
+            pos[r, off:off + n] = torch.arange(n)
+            out_resp[r, off + 1:off + n] = resp[i, 1:n]  # a sequence's first token is never predicted
+            seq[r, off:off + n] = i
+            off += n
+        pos[r, off:] = torch.arange(width - off)  # the tail pad is its own "sequence": no real token sees it
+    dev = batch["input_ids"].device
+    return {"input_ids": out_ids.to(dev), "position_ids": pos.to(dev), "response_mask": out_resp.to(dev),
+            "seq_index": seq.to(dev)}
+
+
+def _packable(model) -> bool:
+    """Only transformers' own architectures are known to turn restarting position_ids into packed masks."""
+    base = getattr(model, "module", model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return type(base).__module__.startswith("transformers.models.")
+
+
+def response_logps(model, batch: dict[str, torch.Tensor], pack: bool = True) -> torch.Tensor:
+    """Summed response log-probs per batch row, with no compute spent on padding or prompt logits.
+
+    - Packing: rows are repacked so short sequences share a row (block-diagonal attention via
+      restarting position_ids), so the backbone runs over fewer padding tokens.
+    - The LM head over a ~50k vocabulary is a large share of a small model's FLOPs, and its float32
+      logits (and their softmax gradient) dominate memory traffic. A pre-hook on the output embedding
+      hands it only the positions that predict a response token: [n_response_tokens, hidden] instead
+      of [rows, width, hidden]. Whatever the model applies after the head (scaling, soft-capping)
+      still runs, on the compact rows.
+    """
+    b = batch["input_ids"].shape[0]
+    packed = pack_rows(batch) if pack and _packable(model) else None
+    if packed is not None:
+        ids, resp, seq = packed["input_ids"], packed["response_mask"], packed["seq_index"]
+        kwargs = {"position_ids": packed["position_ids"], "attention_mask": None}
+    else:
+        ids, resp = batch["input_ids"], batch["response_mask"]
+        seq = torch.arange(b, device=ids.device).unsqueeze(1).expand_as(ids)
+        kwargs = {"attention_mask": batch["attention_mask"]}
     pred = torch.zeros_like(resp)
     pred[:, :-1] = resp[:, 1:]  # position t predicts token t+1
     head = getattr(model, "module", model).get_output_embeddings()
 
-    def compact(_module, args, kwargs):
+    def compact(_module, args, kw):
         if args:
-            return (args[0][pred], *args[1:]), kwargs
-        return args, {**kwargs, "input": kwargs["input"][pred]}
+            return (args[0][pred], *args[1:]), kw
+        return args, {**kw, "input": kw["input"][pred]}
 
     handle = head.register_forward_pre_hook(compact, with_kwargs=True)
     try:
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=0).logits
+        # use_cache=False: with a cache object transformers ignores the packed position_ids
+        logits = model(input_ids=ids, logits_to_keep=0, use_cache=False, **kwargs).logits
     finally:
         handle.remove()
     logits = logits.float()
     target = ids[:, 1:][resp[:, 1:]]  # row-major, the same order as the rows of `logits`
     token_logp = logits.gather(1, target.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(pred)[pred]
-    return torch.zeros(ids.shape[0], dtype=token_logp.dtype, device=ids.device).index_add(0, rows, token_logp)
+    return torch.zeros(b, dtype=token_logp.dtype, device=ids.device).index_add(0, seq[pred], token_logp)

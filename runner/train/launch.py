@@ -58,8 +58,9 @@ def reference_logps(model_path: str, model_id: str, examples: list[Example], tra
         values = json.loads(path.read_text())
     else:
         threads = int(train.cpus_per_worker * train.workers)
+        # DEFAULT: inside a Tune trial the task must not be captured by the trial's placement group
         task = _reference_logps.options(num_cpus=train.cpus_per_worker * train.workers,
-                                        num_gpus=min(1.0, train.gpus_per_worker))
+                                        num_gpus=min(1.0, train.gpus_per_worker), scheduling_strategy="DEFAULT")
         values = ray.get(task.remote(model_path, examples, 4, threads, trust_remote_code))
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

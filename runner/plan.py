@@ -1,0 +1,315 @@
+"""`valind plan SPEC`: how much work a study is and how long it takes on the declared cluster.
+
+Counts come from the spec (cells, runs, pairs, items); rates are per GPU, from the spec's `plan:`
+section, else a measured annotate unit of this study (`responses_per_s` in its _DONE.json), else
+the defaults below, which scale with model size from the anchors in shared/notes/anchors.md §4
+(H100-class GPUs, bf16). They are estimates for sizing, not promises.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from runner.spec import VALUES, Spec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# --- documented defaults (per GPU) ---------------------------------------------------------
+# Judge responses/s: 80/params_b, i.e. ~10/s for an 8B judge and ~1.1/s for a 70B one (prompts of
+# ~1k tokens with a cached instruction prefix, <=64 output tokens). Capped for tiny models,
+# whose engines are overhead-bound.
+JUDGE_RPS_AT_1B, JUDGE_RPS_MAX = 80.0, 100.0
+# Output tokens/s: ~12.5k for Llama-3.1-8B on one H100 (anchors §4, a ceiling) → 100k/params_b.
+GEN_TPS_AT_1B, GEN_TPS_MAX = 100_000.0, 30_000.0
+LORA_GEN_FACTOR = 0.7   # multi-LoRA batches decode slower than the bare base model
+# DPO pairs/s: ~1 for 8B full fine-tuning at seq 2048, ZeRO-3 (Tulu 3 DPO, anchors §4), scaled by
+# 8/params_b and 2048/max_length; LoRA skips the weight-gradient GEMMs (~1/3 of the FLOPs).
+DPO_PPS_8B_2048, DPO_PPS_MAX, LORA_TRAIN_FACTOR = 1.0, 200.0, 1.5
+SFT_FACTOR = 2.0        # one sequence per example instead of two
+# Reference log-probs (forward only) cost ~0.25 of a full-fine-tuning DPO epoch (0.6 h of 3.0 h in
+# the Tulu 3 run); computed once per (model, condition): seeds share the cache.
+REF_FRACTION = 0.25
+LOGLIK_PER_JUDGE = 4.0  # loglikelihood requests (benchmarks) are ~4× cheaper than a judge response
+
+# Rows per split of the hub datasets (their dataset cards), used when a source has no max_pairs.
+SOURCE_ROWS = {
+    ("ultrafeedback", "train_prefs"): 61_135, ("ultrafeedback", "test_prefs"): 2_000,
+    ("tulu3_preference", "train"): 272_898,
+    ("pku_saferlhf", "train"): 73_907, ("pku_saferlhf", "test"): 8_211,
+    ("hh_rlhf/harmless-base", "train"): 42_537, ("hh_rlhf/harmless-base", "test"): 2_312,
+    ("hh_rlhf/helpful-base", "train"): 43_835, ("hh_rlhf/helpful-base", "test"): 2_354,
+    ("hh_rlhf/helpful-online", "train"): 22_007, ("hh_rlhf/helpful-online", "test"): 1_137,
+    ("hh_rlhf/helpful-rejection-sampled", "train"): 52_421, ("hh_rlhf/helpful-rejection-sampled", "test"): 2_749,
+}
+# Items in the shipped suites (values: + the held-out preference prompts); sycophancy follow-ups.
+SUITE_ITEMS = {"values": 48, "safety": 2068, "anthropomorphism": 30, "sycophancy": 3918}
+SYCOPHANCY_FOLLOWUPS = 500
+# Per evaluated run: (loglikelihood requests, generations of <=256 tokens).
+BENCHMARKS = {"mmlu": (14_042 * 4, 0), "truthfulqa_mc": (817 * 8, 0), "openbookqa": (500 * 4, 0),
+              "gsm8k": (0, 1_319)}
+BUILTIN_PARAMS_B = {"tiny-llama": 0.0065, "smollm2-135m": 0.135}
+
+
+class PlanError(ValueError):
+    pass
+
+
+def params_b(name: str, path: str = "", declared: float | None = None) -> float:
+    """Billions of parameters: the declared `params_b`, a builtin, or the size in the name ("8B", "135M")."""
+    if declared:
+        return declared
+    for s in (path, name):
+        if s in BUILTIN_PARAMS_B:
+            return BUILTIN_PARAMS_B[s]
+        m = re.search(r"(?<![\d.])(\d+(?:\.\d+)?)([bm])(?![a-z])", Path(s).name, re.IGNORECASE)
+        if m:
+            return float(m.group(1)) / (1000.0 if m.group(2).lower() == "m" else 1.0)
+    raise PlanError(f"cannot tell the size of model {name!r} ({path}): give it `params_b`")
+
+
+def judge_rps(p: float) -> float:
+    return min(JUDGE_RPS_MAX, JUDGE_RPS_AT_1B / p)
+
+
+def gen_tps(p: float) -> float:
+    return min(GEN_TPS_MAX, GEN_TPS_AT_1B / p)
+
+
+def train_pps(p: float, max_length: int, finetune: str, method: str) -> float:
+    rate = DPO_PPS_8B_2048 * (8.0 / p) * (2048.0 / max_length)
+    rate *= LORA_TRAIN_FACTOR if finetune == "lora" else 1.0
+    rate *= SFT_FACTOR if method == "sft" else 1.0
+    return min(DPO_PPS_MAX, rate)
+
+
+def default_cluster(path: Path = ROOT / "cluster.yaml") -> tuple[int, int, str]:
+    """(nodes, GPUs per node, where from): cluster.yaml's GPU node type at its max_workers, else 1×8."""
+    try:
+        conf = yaml.safe_load(path.read_text())
+        for name, t in (conf.get("available_node_types") or {}).items():
+            gpus = int((t.get("resources") or {}).get("GPU", 0))
+            if gpus:
+                return int(t.get("max_workers", 1)) or 1, gpus, f"{path.name}: {name}"
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
+        pass
+    return 1, 8, "default"
+
+
+@dataclass
+class Row:
+    stage: str
+    work: str
+    rate: str
+    source: str
+    gpus: int
+    gpu_hours: float
+    wall_hours: float
+
+
+@dataclass
+class Plan:
+    cluster: tuple[int, int, str]
+    counts: dict[str, int]
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gpu_hours(self) -> float:
+        return sum(r.gpu_hours for r in self.rows)
+
+    @property
+    def wall_hours(self) -> float:
+        return sum(r.wall_hours for r in self.rows)
+
+
+def _pool_gpus(e) -> int:
+    """GPUs one engine pool holds (at least one device per actor)."""
+    return e.actors * max(1, e.tensor_parallel, math.ceil(e.gpus_per_actor))
+
+
+def source_pairs(spec: Spec) -> int:
+    """Pairs to annotate: each source's max_pairs or its known size, capped by annotate.max_pairs."""
+    from runner.data.sources import SPLIT_ALIASES
+    total = 0
+    for i, src in enumerate(spec.data.sources):
+        if src.max_pairs:
+            n = src.max_pairs
+        else:
+            split = SPLIT_ALIASES.get(src.name, {}).get(src.split, src.split)
+            key = (f"hh_rlhf/{src.subset}" if src.name == "hh_rlhf" else src.name, split)
+            if key not in SOURCE_ROWS:
+                raise PlanError(f"data.sources[{i}]: size unknown, give it max_pairs")
+            n = SOURCE_ROWS[key]
+        total += n
+    if spec.annotate.max_pairs:
+        total = min(total, spec.annotate.max_pairs)
+    return total
+
+
+def measured_judge_rps(spec: Spec, base_dir: Path | None = None) -> float | None:
+    """responses/s of this study's finished annotate unit, if any (a whole-pool rate)."""
+    try:
+        from runner.pipeline import Study
+        study = Study(spec, base_dir=base_dir)
+        key = study.annotate_key()
+        if study.store.done("annotate", key):
+            return study.store.info("annotate", key).get("responses_per_s") or None
+    except Exception:  # a plan must not fail on an unreadable store or an unprepared model
+        return None
+    return None
+
+
+def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_rps: float | None = None) -> Plan:
+    """The plan of a study; `measured_rps` is a measured whole-pool judge rate (responses/s)."""
+    if cluster is None:
+        cluster = ((spec.cluster.nodes, spec.cluster.gpus_per_node, "spec") if spec.cluster
+                   else default_cluster())
+    total_gpus = cluster[0] * cluster[1]
+    ov, eff = spec.plan, spec.plan.efficiency
+    conds, seeds = spec.conditions(), spec.seeds.values
+    pairs, notes = source_pairs(spec), []
+    held = int(pairs * spec.data.held_out_fraction)
+    subset = spec.data.subset_size
+    if subset is None:
+        subset = max(spec.data.min_subset_size, (pairs - held) // len(VALUES))
+        notes.append(f"data.subset_size unset: assumed {subset} pairs per condition (held-in pairs / 16)")
+    g = spec.generate
+    items = {}
+    for suite in g.suites:
+        n = SUITE_ITEMS[suite] + (held if suite == "values" else 0)
+        items[suite] = min(n, g.items_per_suite) if g.items_per_suite else n
+    followups = (round(SYCOPHANCY_FOLLOWUPS * items["sycophancy"] / SUITE_ITEMS["sycophancy"])
+                 if "sycophancy" in items else 0)
+    per_run = sum(items.values()) + followups
+    n_models, cells_per_model = len(spec.models), len(conds) * len(seeds)
+    runs = n_models * (1 + cells_per_model)
+    plan = Plan(cluster, {"trials (cells)": n_models * cells_per_model, "evaluated runs": runs,
+                          "preference pairs": pairs, "annotation responses": 2 * pairs,
+                          "pairs per condition": subset, "items per run": per_run,
+                          "generation requests": runs * per_run}, notes=notes)
+
+    def judge(model: str):
+        m = spec.model(model)
+        p = params_b(m.name, m.path, m.params_b)
+        e = spec.annotate.engine or spec.engine
+        if ov.judge_responses_per_s:
+            return ov.judge_responses_per_s, "spec plan:", e
+        if measured_rps:
+            return measured_rps / _pool_gpus(e), "measured", e
+        return judge_rps(p), f"default {p:g}B", e
+
+    # annotate
+    rate, src, e = judge(spec.annotate.judge_model)
+    gh = 2 * pairs / rate / 3600 / eff
+    used = min(total_gpus, _pool_gpus(e))
+    plan.rows.append(Row("annotate", f"{2 * pairs:,} responses", f"{rate:.3g} resp/s", src, used, gh, gh / used))
+
+    # train: one trial per cell, as many at once as worker groups fit
+    t = spec.train
+    per_trial = t.workers * max(1, math.ceil(t.gpus_per_worker))
+    concurrent = max(1, total_gpus // per_trial)
+    tr_gh = tr_wall = ref_gh = 0.0
+    rates = []
+    for m in spec.models:
+        p = params_b(m.name, m.path, m.params_b)
+        r = ov.train_pairs_per_s or train_pps(p, t.max_length, t.finetune, t.method)
+        rates.append(r)
+        cell_gh = subset * t.epochs / r / 3600 / eff
+        tr_gh += cell_gh * cells_per_model
+        tr_wall += math.ceil(cells_per_model / concurrent) * cell_gh / per_trial
+        if t.method != "sft":
+            full = train_pps(p, t.max_length, "full", t.method)
+            ref_gh += len(conds) * subset * REF_FRACTION / full / 3600 / eff
+    rsrc = "spec plan:" if ov.train_pairs_per_s else "default by size"
+    plan.rows.append(Row("train", f"{n_models * cells_per_model} cells × {subset * t.epochs:,} pairs",
+                         f"{min(rates):.3g}–{max(rates):.3g} pairs/s", rsrc,
+                         min(total_gpus, concurrent * per_trial), tr_gh, tr_wall))
+    if ref_gh:
+        used = min(total_gpus, concurrent * per_trial)
+        plan.rows.append(Row("  reference log-probs", f"{n_models * len(conds)} (model, condition)",
+                             f"×{1 / REF_FRACTION:g} DPO rate", "default", used, ref_gh, ref_gh / used))
+
+    # generate: one pool per base model, models one after another
+    ge = g.engine or spec.engine
+    gen_gh = gen_wall = 0.0
+    lora = t.finetune == "lora"
+    for m in spec.models:
+        p = params_b(m.name, m.path, m.params_b)
+        r = ov.generate_tokens_per_s or gen_tps(p)
+        toks = per_run * g.sampling.max_tokens
+        hours = toks / r / 3600 / eff + toks * cells_per_model / (r * (LORA_GEN_FACTOR if lora else 1)) / 3600 / eff
+        gen_gh += hours
+        gen_wall += hours / min(total_gpus, _pool_gpus(ge))
+    gsrc = "spec plan:" if ov.generate_tokens_per_s else "default by size"
+    plan.rows.append(Row("generate", f"{runs * per_run:,} requests ≤{g.sampling.max_tokens} tok",
+                         "tok/s by size" if not ov.generate_tokens_per_s else f"{ov.generate_tokens_per_s:.3g} tok/s",
+                         gsrc, min(total_gpus, _pool_gpus(ge)), gen_gh, gen_wall))
+
+    # score: LLM judges over the generations
+    s = spec.score
+    judged = []
+    if "values" in items:
+        per = 1 if spec.annotate.mode == "extract" else len(VALUES)
+        judged.append((s.value_judge or spec.annotate.judge_model, runs * items["values"] * per))
+    if "safety" in items and "llm" in s.refusal_judges:
+        judged.append((s.refusal_llm_judge, runs * items["safety"]))
+    if "anthropomorphism" in items and s.anthro_judge:
+        judged.append((s.anthro_judge, runs * items["anthropomorphism"]))
+    if judged:
+        sc_gh, n_req = 0.0, 0
+        for model, n in judged:
+            rate, src, e = judge(model)
+            sc_gh += n / rate / 3600 / eff
+            n_req += n
+        used = min(total_gpus, _pool_gpus(e))
+        plan.rows.append(Row("score", f"{n_req:,} judge requests", f"{rate:.3g} resp/s", src, used, sc_gh,
+                             sc_gh / used))
+
+    # benchmarks (lm-eval) on every evaluated run
+    if s.benchmarks:
+        bm_gh = 0.0
+        for m in spec.models:
+            p = params_b(m.name, m.path, m.params_b)
+            for b in s.benchmarks:
+                loglik, gens = BENCHMARKS[b]
+                bm_gh += (1 + cells_per_model) * (loglik / (LOGLIK_PER_JUDGE * judge_rps(p))
+                                                  + gens * 256 / gen_tps(p)) / 3600 / eff
+        used = min(total_gpus, _pool_gpus(ge))
+        plan.rows.append(Row("benchmarks", f"{', '.join(s.benchmarks)} × {runs} runs", "by size", "default",
+                             used, bm_gh, bm_gh / used))
+    return plan
+
+
+def _h(hours: float) -> str:
+    return f"{hours:,.1f}" if hours >= 1 else f"{hours:.2g}"
+
+
+def render(plan: Plan, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    nodes, per_node, where = plan.cluster
+    console = Console(width=120)
+    counts = Table(title=f"{title}: work", show_header=False)
+    for k, v in plan.counts.items():
+        counts.add_row(k, f"{v:,}")
+    console.print(counts)
+    table = Table(title=f"{title}: on {nodes} node(s) × {per_node} GPU(s) ({where})")
+    for col in ("stage", "work", "rate / GPU", "source", "GPUs", "GPU-hours", "wall h"):
+        table.add_column(col, justify="right" if col in ("GPUs", "GPU-hours", "wall h") else "left")
+    for r in plan.rows:
+        table.add_row(r.stage, r.work, r.rate, r.source, str(r.gpus), _h(r.gpu_hours), _h(r.wall_hours))
+    table.add_row("total", "", "", "", "", _h(plan.gpu_hours), _h(plan.wall_hours), style="bold")
+    console.print(table)
+    for n in plan.notes:
+        console.print(f"note: {n}")
+
+
+def plan_spec(spec: Spec, title: str) -> Plan:
+    plan = estimate(spec, measured_rps=measured_judge_rps(spec))
+    render(plan, title)
+    return plan

@@ -1,0 +1,77 @@
+"""`valind plan`: the counts and hours of a small hand-built spec, and the shipped paper spec."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner.plan import default_cluster, estimate, measured_judge_rps, params_b
+from runner.spec import load_spec, parse_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _spec(**plan):
+    return parse_spec({
+        "study": {"name": "p"},
+        "models": [{"name": "m", "path": "org/Model-8B"}],
+        "values": {"induced": ["humor", "fairness"]},
+        "controls": {"count": 1},
+        "seeds": {"values": [0, 1]},
+        "data": {"sources": [{"name": "ultrafeedback", "max_pairs": 1000}], "subset_size": 100},
+        "annotate": {"judge_model": "org/Judge-8B"},
+        "train": {"max_length": 2048, "epochs": 1, "workers": 2, "gpus_per_worker": 1, "batch_size": 8},
+        "generate": {"suites": ["values", "safety"], "items_per_suite": 50, "sampling": {"max_tokens": 100}},
+        "plan": {"efficiency": 1.0, **plan},
+        "cluster": {"nodes": 1, "gpus_per_node": 4},
+    })
+
+
+def test_counts_and_hours_of_a_small_spec():
+    plan = estimate(_spec())
+    c = plan.counts
+    assert (c["trials (cells)"], c["evaluated runs"], c["annotation responses"]) == (6, 7, 2000)
+    assert (c["items per run"], c["generation requests"]) == (100, 700)  # 50 values (48 + 100 held out, capped) + 50 safety
+    rows = {r.stage.strip(): r for r in plan.rows}
+    assert rows["annotate"].gpu_hours == pytest.approx(2000 / 10 / 3600)           # 8B judge: 10 responses/s/GPU
+    assert rows["train"].gpu_hours == pytest.approx(6 * 100 / 1.5 / 3600)         # 8B LoRA DPO at 2048: 1.5 pairs/s/GPU
+    assert rows["train"].wall_hours == pytest.approx(3 * 100 / 1.5 / 3600 / 2)     # 2 trials of 2 GPUs at once, 3 waves
+    assert rows["reference log-probs"].gpu_hours == pytest.approx(3 * 100 * 0.25 / 1.0 / 3600)
+    assert rows["generate"].gpu_hours == pytest.approx(10_000 / 12_500 / 3600 + 6 * 10_000 / (12_500 * 0.7) / 3600)
+    assert rows["score"].gpu_hours == pytest.approx(7 * 50 / 10 / 3600)
+    assert plan.gpu_hours == pytest.approx(sum(r.gpu_hours for r in plan.rows))
+
+
+def test_overrides_and_measured_rates():
+    assert {r.stage: r.gpu_hours for r in estimate(_spec(judge_responses_per_s=20)).rows}["annotate"] == \
+        pytest.approx(2000 / 20 / 3600)
+    measured = estimate(_spec(), measured_rps=5.0)  # a whole-pool rate; the default pool holds 1 GPU
+    assert measured.rows[0].source == "measured" and measured.rows[0].gpu_hours == pytest.approx(2000 / 5 / 3600)
+    spec_override_wins = estimate(_spec(judge_responses_per_s=20), measured_rps=5.0)
+    assert spec_override_wins.rows[0].source == "spec plan:"
+
+
+def test_measured_rate_is_read_from_the_study_dir(tmp_path):
+    from runner.pipeline import Study
+    spec = _spec()
+    assert measured_judge_rps(spec, base_dir=tmp_path) is None
+    study = Study(spec, base_dir=tmp_path)
+    study.store.mark_done("annotate", study.annotate_key(), {"responses_per_s": 7.5})
+    assert measured_judge_rps(spec, base_dir=tmp_path) == 7.5
+
+
+def test_model_sizes_and_cluster_default():
+    assert params_b("x", "meta-llama/Llama-3.1-8B-Instruct") == 8
+    assert params_b("x", "Qwen/Qwen2.5-72B-Instruct") == 72
+    assert params_b("smol", "HuggingFaceTB/SmolLM2-135M-Instruct") == pytest.approx(0.135)
+    assert params_b("x", "some/model", declared=13) == 13
+    assert default_cluster() == (4, 8, "cluster.yaml: gpu_8xh100")
+
+
+def test_paper_plan_prints_a_table_with_a_positive_total():
+    plan = estimate(load_spec(ROOT / "jobs" / "paper.yaml"))
+    assert plan.counts["trials (cells)"] == 8 * 18 * 3 and plan.gpu_hours > 0 and plan.wall_hours > 0
+    r = subprocess.run([sys.executable, "-m", "runner.cli", "plan", "jobs/paper.yaml"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "GPU-hours" in r.stdout and "total" in r.stdout and "annotate" in r.stdout
