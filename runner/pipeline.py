@@ -136,7 +136,8 @@ class Study:
     def annotate_key(self) -> str:
         s = self.spec
         return content_hash(CODE_VERSION, "annotate", s.data.sources, s.data.max_chars, s.annotate,
-                            self.model_id(s.annotate.judge_model), self._engine_key(s.annotate.judge_model), self._data_marker())
+                            self.model_id(s.annotate.judge_model), self._engine_key(s.annotate.judge_model),
+                            self._data_marker())
 
     def _data_marker(self) -> str:
         # The data directory is an input too: its files (names, sizes, times) feed the keys.
@@ -699,8 +700,9 @@ class Study:
         (self.root / "spec.yaml").write_text(redact(self.spec_text))
         from runner.tracking import check_cluster_tracking, tracking_uri
         s = self.spec
-        check_cluster_tracking(tracking_uri(s.tracking.uri, self.root), max(
-            [s.train.gpus_per_worker] + [e.gpus_per_actor for e in (s.engine, s.annotate.engine, s.generate.engine) if e]))
+        engines = [e for e in (s.engine, s.annotate.engine, s.generate.engine) if e]
+        check_cluster_tracking(tracking_uri(s.tracking.uri, self.root),
+                               max([s.train.gpus_per_worker] + [e.gpus_per_actor for e in engines]))
         _ = self.tracker  # MLflow must be reachable before any compute
         t0 = time.perf_counter()
         result = None

@@ -198,7 +198,7 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
         e = spec.annotate.engine or spec.engine
         if ov.judge_responses_per_s:
             return ov.judge_responses_per_s, "spec plan:", e
-        if measured_rps:
+        if measured_rps and model == spec.annotate.judge_model:  # measured on this judge only
             return measured_rps / _pool_gpus(e), "measured", e
         return judge_rps(p), f"default {p:g}B", e
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,7 +41,7 @@ class ModelSpec(_Section):
     path: str
     chat_template: str | None = None  # a Jinja string or a path to a .jinja file
     trust_remote_code: bool = False
-    params_b: float | None = Field(default=None, gt=0)  # billions of parameters, for `valind plan`; None = parsed from the name
+    params_b: float | None = Field(default=None, gt=0)  # size in billions for `valind plan`; None = from the name
 
 
 class ValuesSpec(_Section):
@@ -199,7 +200,7 @@ class AnalyzeSpec(_Section):
 class TrackingSpec(_Section):
     uri: str | None = None         # default: $MLFLOW_TRACKING_URI, else sqlite under the study dir
     experiment: str | None = None  # default: the study name
-    artifact_location: str | None = None  # s3://, gs://, file:// or an absolute (shared) path; set when the experiment is created
+    artifact_location: str | None = None  # s3://, gs://, file:// or an absolute path; used when creating the experiment
 
     @field_validator("artifact_location")
     @classmethod
@@ -281,7 +282,8 @@ class SpecError(Exception):
 
     def render(self) -> str:
         lines = [f"{self.source}: {len(self.problems)} problem(s)"]
-        lines += [f"  {path or '<root>'}: {msg}" for path, msg in self.problems]
+        # one line per problem, whatever the message holds (YAML errors span lines)
+        lines += [f"  {path or '<root>'}: {' '.join(str(msg).split())}" for path, msg in self.problems]
         return "\n".join(lines)
 
 
@@ -292,6 +294,8 @@ def _loc(loc: tuple[Any, ...]) -> str:
             out += f"[{part}]"
         elif isinstance(part, str) and part.startswith(("function-after[", "function-before[")):
             continue
+        elif isinstance(part, str) and not re.fullmatch(r"[A-Za-z0-9_-]+", part):
+            out += f"[{part!r}]"  # an odd key ('', 'a.b', '\r', ...) stays readable and on one line
         else:
             out += ("." if out else "") + str(part)
     return out

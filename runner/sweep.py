@@ -48,9 +48,13 @@ def run_grid(cells: list[dict], train: TrainSpec, storage: Path, name: str,
 
     `on_complete(cell)` runs in the driver as soon as a trial finishes, so a finished cell is
     marked done even if the driver is killed before the whole grid is over."""
+    import os
+
     from ray import tune
 
     from runner.progress import progress, say
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no experiment banner: our own bar reports progress
 
     class Progress(tune.Callback):
         def __init__(self, bar):

@@ -89,14 +89,14 @@ def check_cluster_tracking(uri: str, gpus_wanted: float = 0.0) -> None:
     """Raise TrackingError (before any compute) when a multi-node study would track into a local file."""
     if not is_local_uri(uri) or os.environ.get("VALIND_ALLOW_LOCAL_TRACKING", "0") not in ("", "0"):
         return
-    address, here = os.environ.get("RAY_ADDRESS"), local_hosts()
+    address = os.environ.get("RAY_ADDRESS")
+    here = local_hosts() if address else set()
     nodes, gpus = 1, 0.0
-    if local_tracking_refusal(uri, 1, address, here) is None and address:
-        from runner.cluster import init_ray  # an existing cluster: count its nodes
-        ray = init_ray()
-        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-        gpus = max((n.get("Resources", {}).get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
-    elif address is None:
+    if address and local_tracking_refusal(uri, 1, address, here) is None:
+        from runner.cluster import init_ray  # an existing cluster: count its nodes (a remote head needs no count)
+        alive = [n for n in init_ray().nodes() if n.get("Alive")]
+        nodes, gpus = len(alive), max((n.get("Resources", {}).get("GPU", 0.0) for n in alive), default=0.0)
+    elif not address:  # valind starts its own one-node Ray, unless this process already joined one
         import sys
         if "ray" in sys.modules and sys.modules["ray"].is_initialized():
             nodes = sum(1 for n in sys.modules["ray"].nodes() if n.get("Alive"))
@@ -129,7 +129,8 @@ class Tracker:
             with _fail_fast():  # an unreachable server is reported in seconds, before any compute
                 exp = self.client.get_experiment_by_name(experiment)
                 if exp is None:
-                    artifacts = artifact_location or ((root / "mlartifacts").as_uri() if uri.startswith("sqlite") else None)
+                    default = (root / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
+                    artifacts = artifact_location or default
                     if artifacts and artifacts.startswith("/"):
                         artifacts = Path(artifacts).as_uri()
                     exp_id = self.client.create_experiment(experiment, artifact_location=artifacts)

@@ -81,7 +81,8 @@ def pair_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Sum of log p(token) over response tokens only (prompt and padding masked).
 
-    `logits` may cover only the last L positions of the sequence (see `response_logps`).
+    `logits` may cover only the last L positions of the sequence. The reference implementation for tests;
+    training uses `response_logps`, which never builds prompt or padding logits.
     """
     start = input_ids.shape[1] - logits.shape[1]
     logits = logits[:, :-1].float()
