@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
+import ray
 
 from runner import models as model_registry
 from runner.progress import say
@@ -106,27 +107,30 @@ class Study:
                             kv_cache_gb=e.kv_cache_gb, chat_template=self.chat_template(model),
                             trust_remote_code=m.trust_remote_code)
 
-    def pool(self, model: str, enable_lora: bool = False, path: str | None = None):
-        """An engine pool for a model, reused across stages (a LoRA pool also serves the base)."""
+    def pool(self, model: str, enable_lora: bool = False, path: str | None = None, scores: bool = False):
+        """An engine pool for a model, reused across stages.
+
+        A LoRA pool also serves base-model generation, but not log-prob scoring (`scores`),
+        which vLLM cannot do with LoRA enabled: that gets a pool of its own.
+        """
         from runner.engines import EnginePool
-        key = (self.model_path(model), path)
-        if key in self._pools:
-            pool, lora = self._pools[key]
-            if lora or not enable_lora:
-                return pool
-            self.close_pools(key)
+        mp = self.model_path(model)
+        if not enable_lora and (mp, path, False) in self._pools:
+            return self._pools[(mp, path, False)]
+        if (mp, path, True) in self._pools and not scores:
+            return self._pools[(mp, path, True)]
         self.ensure_ray()
         e = self.engine_spec(model)
         say(f"  starting {e.actors} engine actor(s) for {path or model}{' (LoRA)' if enable_lora else ''}")
         pool = EnginePool(self.engine_config(model, enable_lora, path), actors=e.actors,
                           gpus_per_actor=e.gpus_per_actor, batch_size=e.batch_size)
-        self._pools[key] = (pool, enable_lora)
+        self._pools[(mp, path, enable_lora)] = pool
         return pool
 
-    def close_pools(self, only: tuple | None = None) -> None:
+    def close_pools(self) -> None:
         """Free engines (before training, which needs every core and GPU)."""
-        for key in [k for k in self._pools if only is None or k == only]:
-            self._pools.pop(key)[0].close()
+        while self._pools:
+            self._pools.popitem()[1].close()
 
     # ----------------------------------------------------------------------- keys
     def _engine_key(self, model: str | None = None) -> dict:
@@ -254,7 +258,7 @@ class Study:
             f"({len(batches) - len(todo)} already judged)")
         judged, t_judge = 0, 0.0
         if todo:
-            pool = self.pool(s.annotate.judge_model)
+            pool = self.pool(s.annotate.judge_model, scores=s.annotate.mode == "logprob")
             for i in todo:
                 tb = time.perf_counter()
                 out = self._judge_batch(pool, batches[i], vj)
@@ -382,8 +386,8 @@ class Study:
             for r in todo:
                 unit = self.store.unit("train", r.cell_key)
                 err = errors.get(safe_name(r.run_id), "the trial did not run")
-                if err is None and (unit / "model").is_dir():
-                    self.store.mark_done("train", r.cell_key, {"run_id": r.run_id})
+                self._adopt_cell(r)
+                if err is None and self.store.done("train", r.cell_key):
                     last = _last_metrics(unit)
                     say(f"  {r.run_id}: loss {last.get('loss', float('nan')):.4f}, "
                         f"reward accuracy {last.get('rewards/accuracy', float('nan')):.2f}")
@@ -526,16 +530,21 @@ class Study:
         return {r.run_id: self.store.unit("score", self.score_key(r)) / "scores.parquet" for r in runs}
 
     def _benchmarks(self, r: Run) -> pd.DataFrame:
-        """QA benchmarks through lm-evaluation-harness, per item (suite "qa"), with the run's adapter."""
-        from evaluation.benchmarks import run_benchmarks
+        """QA benchmarks through lm-evaluation-harness, per item (suite "qa"), with the run's adapter.
 
+        Runs as a Ray task so that on a cluster it lands on a GPU node, not on the driver.
+        """
         s = self.spec.score
         adapter = str(self.store.unit("train", r.cell_key) / "model") if r.cell_key else None
         model = self.model_path(r.model)
         if adapter and self.spec.train.finetune == "full":
             model, adapter = adapter, None
-        _, per_item = run_benchmarks(model, adapter, [f"valind_{b}" for b in s.benchmarks], self.data_dir,
-                                     limit=s.benchmark_limit, backend=s.benchmark_backend)
+        gpus = self.engine_spec(r.model).gpus_per_actor
+        self.ensure_ray()
+        task = _run_benchmarks.options(num_cpus=1, num_gpus=min(1.0, gpus))
+        per_item = ray.get(task.remote(model, adapter, [f"valind_{b}" for b in s.benchmarks], self.data_dir,
+                                       s.benchmark_limit, s.benchmark_backend, s.benchmark_batch_size,
+                                       "cuda" if gpus else "cpu"))
         return per_item.assign(run_id=r.run_id)
 
     def _judge_engines(self) -> dict[str, object]:
@@ -543,9 +552,10 @@ class Study:
         s = self.spec.score
         out = {}
         if "values" in self.spec.generate.suites:
-            out["values"] = self.pool(s.value_judge or self.spec.annotate.judge_model)
+            out["values"] = self.pool(s.value_judge or self.spec.annotate.judge_model,
+                                      scores=self.spec.annotate.mode == "logprob")
         if "safety" in self.spec.generate.suites and "llm" in s.refusal_judges:
-            out["safety"] = self.pool(s.refusal_llm_judge)
+            out["safety"] = self.pool(s.refusal_llm_judge, scores=True)
         if "anthropomorphism" in self.spec.generate.suites and s.anthro_judge:
             out["anthropomorphism"] = self.pool(s.anthro_judge)
         return out
@@ -559,7 +569,7 @@ class Study:
         if path.exists():
             return read_parquet(path)
         judges = list(self.spec.score.refusal_judges)
-        engine = self.pool(self.spec.score.refusal_llm_judge) if "llm" in judges else None
+        engine = self.pool(self.spec.score.refusal_llm_judge, scores=True) if "llm" in judges else None
         df = judge_agreement(self.data_dir, judges, engine=engine)
         write_parquet(df, path)
         return df
@@ -742,6 +752,21 @@ class Study:
             add("score", r.run_id, self.score_key(r))
         add("analyze", "report", self.analyze_key())
         return rows
+
+
+@ray.remote
+def _run_benchmarks(model, adapter, tasks, data_dir, limit, backend, batch_size, device) -> pd.DataFrame:
+    import os
+
+    import torch
+
+    from evaluation.benchmarks import run_benchmarks
+
+    # The task claims one CPU so it fits beside an idle engine actor; it runs alone, so use every core.
+    torch.set_num_threads(os.cpu_count() or 1)
+    _, per_item = run_benchmarks(model, adapter, tasks, data_dir, limit=limit, backend=backend,
+                                 batch_size=batch_size, device=device)
+    return per_item
 
 
 def _value_counts(ann: pd.DataFrame) -> dict[str, dict[str, int]]:

@@ -185,6 +185,7 @@ class ScoreSpec(_Section):
     benchmarks: list[Literal["truthfulqa_mc", "openbookqa", "mmlu", "gsm8k"]] = Field(default_factory=list)
     benchmark_limit: int | None = Field(default=None, ge=1)   # items per benchmark; None = all
     benchmark_backend: Literal["hf", "vllm"] = "hf"
+    benchmark_batch_size: int = Field(default=8, ge=1)
     sampling: SamplingSpec = SamplingSpec(max_tokens=48)
 
 

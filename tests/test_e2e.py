@@ -1,5 +1,10 @@
-"""The walking skeleton end to end: the smoke study through every real stage on a local Ray cluster."""
+"""The walking skeleton end to end: the smoke study through every real stage on a local Ray cluster.
+
+The first run is killed (driver and everything it started) once a training cell is done; the
+rerun must finish the study without training any cell twice or duplicating an MLflow run.
+"""
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -7,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from procs import kill_session, session_pids
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -29,13 +36,42 @@ def smoke(tmp_path_factory, data_dir):
     spec["study"]["output_dir"] = str(out)
     path = out / "smoke.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    train_dir = out / "smoke" / "stages" / "train"
+    log = out / "killed.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(path)], cwd=ROOT, env=env,
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, done = time.time() + 900, []
+        while time.time() < deadline and proc.poll() is None and not done:
+            done = list(train_dir.glob("*/_DONE.json"))
+            time.sleep(0.2)
+        assert done, f"no training cell finished (exit {proc.poll()}):\n{log.read_text()[-3000:]}"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        killed = {p.parent.name: (p.stat().st_mtime_ns, (p.parent / "cell.json").stat().st_mtime_ns)
+                  for p in train_dir.glob("*/_DONE.json")}
+    finally:
+        kill_session(proc.pid)
+    assert not session_pids(proc.pid)
     first = valind("run", str(path))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
-    return path, out / "smoke", first
+    return path, out / "smoke", first, killed
+
+
+def test_killed_driver_rerun_trains_no_cell_twice(smoke):
+    _, root, first, killed = smoke
+    assert f"train: 3 cells, {len(killed)} cached" in first.stdout
+    for key, (done_mtime, cell_mtime) in killed.items():
+        unit = root / "stages" / "train" / key
+        assert (unit / "_DONE.json").stat().st_mtime_ns == done_mtime
+        assert (unit / "cell.json").stat().st_mtime_ns == cell_mtime
 
 
 def test_report_and_where_things_are(smoke):
-    _, root, first = smoke
+    _, root, first, _ = smoke
     assert f"report:  {root / 'report.html'}" in first.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
     html = (root / "report.html").read_text()
@@ -46,7 +82,7 @@ def test_report_and_where_things_are(smoke):
 
 def test_mlflow_has_parent_and_one_child_per_cell(smoke):
     import mlflow
-    _, root, _ = smoke
+    _, root, _, _ = smoke
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["smoke"])
     parents = runs[runs["tags.valind.kind"] == "study"]
@@ -69,7 +105,7 @@ def test_mlflow_has_parent_and_one_child_per_cell(smoke):
 
 def test_rerun_is_cached_and_creates_no_runs(smoke):
     import mlflow
-    path, root, _ = smoke
+    path, root, _, _ = smoke
     again = valind("run", str(path))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "annotate: cached" in again.stdout and "curate: cached" in again.stdout
@@ -84,7 +120,7 @@ def test_rerun_is_cached_and_creates_no_runs(smoke):
 
 
 def test_changing_a_score_setting_reruns_only_score_and_analyze(smoke):
-    path, _, _ = smoke
+    path, _, _, _ = smoke
     spec = yaml.safe_load(path.read_text())
     spec["score"]["sampling"]["max_tokens"] = 20
     changed = path.with_name("smoke-score.yaml")

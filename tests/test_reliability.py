@@ -40,89 +40,13 @@ def _write_spec(tmp_path: Path, d: dict, name: str = "spec.yaml") -> Path:
 
 # ============================================================ 1. kill the driver, rerun
 
-def _session_pids(sid: int) -> list[int]:
-    """Processes still in the session the killed driver led (its Ray cluster, if any survived)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:  # fields after "(comm)": state ppid pgrp session ...
-            out.append(int(stat.parent.name))
-    return out
-
-
-def _kill_session(sid: int) -> None:
-    try:
-        os.killpg(sid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        left = _session_pids(sid)
-        if not left:
-            return
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-
-
 def _valind_env() -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
 
-@pytest.mark.slow
-def test_kill_driver_mid_study_and_resume(tmp_path, data_dir):
-    import mlflow
-
-    spec = _write_spec(tmp_path, _spec_dict(tmp_path))
-    root = tmp_path / "studies" / "smoke"
-    train_dir = root / "stages" / "train"
-    log = tmp_path / "first.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(spec)], cwd=ROOT,
-                                env=_valind_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline, done = time.time() + 900, []
-        while time.time() < deadline and proc.poll() is None and not done:
-            done = list(train_dir.glob("*/_DONE.json"))
-            time.sleep(0.2)
-        assert done, f"no training cell finished (exit {proc.poll()}):\n{log.read_text()[-3000:]}"
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-        proc.wait(timeout=30)
-        before = {p.parent.name: (p.stat().st_mtime_ns, p.read_text(), (p.parent / "cell.json").stat().st_mtime_ns)
-                  for p in train_dir.glob("*/_DONE.json")}
-    finally:
-        _kill_session(proc.pid)
-    assert not _session_pids(proc.pid)
-
-    again = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(spec)], cwd=ROOT, env=_valind_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = again.communicate(timeout=900)
-    finally:
-        _kill_session(again.pid)
-    assert again.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    assert f"train: 3 cells, {len(before)} cached" in stdout
-    for key, (mtime, text, cell_mtime) in before.items():  # not retrained, not re-marked
-        assert (train_dir / key / "_DONE.json").stat().st_mtime_ns == mtime
-        assert (train_dir / key / "_DONE.json").read_text() == text
-        assert (train_dir / key / "cell.json").stat().st_mtime_ns == cell_mtime
-    assert len(list(train_dir.glob("*/_DONE.json"))) == 3
-
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["smoke"])
-    assert (runs["tags.valind.kind"] == "study").sum() == 1
-    children = runs[runs["tags.valind.kind"] != "study"]
-    assert sorted(children["tags.valind.run_id"]) == sorted(
-        ["tiny__base", "tiny__value-humor__s0", "tiny__value-fairness__s0", "tiny__control-0__s0"])
-    assert runs["status"].eq("FINISHED").all()
+# The kill-the-driver test shares its smoke run with the end-to-end tests: tests/test_e2e.py.
 
 
 # ============================================================ 2. fuzzed specs: exit 2 with messages

@@ -59,22 +59,18 @@ class VLLMEngine:
     def score(self, requests: Sequence[ScoreRequest]) -> list[float]:
         from vllm import SamplingParams
 
-        prompts, loras, spans = [], [], []
+        if self.cfg.enable_lora:
+            # vllm(-cpu) 0.32 crashes the engine (einsum shape error in the LoRA logits path)
+            # when prompt logprobs are asked of a LoRA-enabled engine.
+            raise ValueError("log-prob scoring needs an engine started without LoRA")
+        prompts, spans = [], []
         for r in requests:
             ids = render_prompt_ids(self.tokenizer, r.messages, self.cfg.chat_template)
             cont = self.tokenizer.encode(r.continuation, add_special_tokens=False)
             ids = truncate_left(ids, self.cfg.max_model_len - len(cont) - 1)
             prompts.append({"prompt_token_ids": ids + cont})
             spans.append((len(ids), len(cont)))
-            loras.append(self._lora(r.adapter))
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-        lora_arg = loras if any(x is not None for x in loras) else None
-        outs = self.llm.generate(prompts, params, lora_request=lora_arg, use_tqdm=False)
-        result = []
-        for o, (start, n) in zip(outs, spans):
-            ids = o.prompt_token_ids
-            total = 0.0
-            for pos in range(start, start + n):
-                total += o.prompt_logprobs[pos][ids[pos]].logprob
-            result.append(total)
-        return result
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [sum(o.prompt_logprobs[pos][o.prompt_token_ids[pos]].logprob for pos in range(start, start + n))
+                for o, (start, n) in zip(outs, spans)]
