@@ -505,6 +505,12 @@ class Study:
         if todo:
             gens = self.generate()
             items = self.load_items()
+            # Generation engines are done; QA runs before the judge engines start, so its task
+            # never waits for CPUs or GPUs that idle engines hold.
+            self.close_pools()
+            qa = {r.run_id: self._benchmarks(r) for r in todo} if s.score.benchmarks else {}
+            if qa:
+                say(f"  QA benchmarks ({', '.join(s.score.benchmarks)}) done for {len(qa)} run(s)")
             engines = self._judge_engines()
             for r in todo:
                 g = read_parquet(gens[r.run_id], ("run_id", "suite", "item_id", "response"))
@@ -517,8 +523,8 @@ class Study:
                                 "anthro_llm": engines.get("anthropomorphism") is not None}
                     frames.append(score_suite(suite, items[items["suite"] == suite], g[g["suite"] == suite],
                                               engine=engines.get(suite), settings=settings))
-                if s.score.benchmarks:
-                    frames.append(self._benchmarks(r))
+                if r.run_id in qa:
+                    frames.append(qa[r.run_id])
                 scores = pd.concat(frames, ignore_index=True)
                 key = self.score_key(r)
                 write_parquet(scores, self.store.unit("score", key) / "scores.parquet")
