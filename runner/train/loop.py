@@ -81,7 +81,7 @@ def train_loop(cfg: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            engine.load_checkpoint(os.path.join(d, "ds"), tag="latest")
+            engine.load_checkpoint(os.path.join(d, "ds"), tag="state")
             start = json.loads(Path(d, "state.json").read_text())["step"]
     history: list[dict] = []
     if ckpt:
@@ -148,7 +148,7 @@ def _report_with_checkpoint(engine, cfg: dict, rank: int, step: int, history: li
 
     with tempfile.TemporaryDirectory() as tmp:
         if not final:
-            engine.save_checkpoint(os.path.join(tmp, "ds"), tag="latest")
+            engine.save_checkpoint(os.path.join(tmp, "ds"), tag="state")
         if rank == 0:
             Path(tmp, "state.json").write_text(json.dumps({"step": step}))
             Path(tmp, "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
