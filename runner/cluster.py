@@ -8,14 +8,13 @@ from pathlib import Path
 # Environment every Ray worker needs; secrets are never forwarded explicitly.
 def worker_env() -> dict[str, str]:
     env = {
-        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1" if not _hub_reachable_hint() else "0"),
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"),
         "TOKENIZERS_PARALLELISM": "false",
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
         "PYTHONWARNINGS": "ignore::DeprecationWarning",
     }
-    for key in ("VALIND_CACHE_DIR", "VALIND_DATA_DIR", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR"):
+    for key in ("HF_HUB_OFFLINE", "VALIND_CACHE_DIR", "VALIND_DATA_DIR", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR"):
         if os.environ.get(key):
             env[key] = os.environ[key]
     if not _has_gpu():
@@ -29,10 +28,6 @@ def _has_gpu() -> bool:
         return torch.cuda.is_available()
     except Exception:
         return False
-
-
-def _hub_reachable_hint() -> bool:
-    return bool(os.environ.get("VALIND_ONLINE"))
 
 
 def init_ray(num_cpus: int | None = None):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from contextlib import contextmanager
 
 from tqdm.auto import tqdm
@@ -21,12 +20,3 @@ def progress(total: int, desc: str):
 def say(msg: str) -> None:
     from runner.secrets import redact
     print(redact(msg), flush=True)
-
-
-class Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0
