@@ -6,6 +6,7 @@ cut off resumes from the last finished unit (annotation batch, training cell, ru
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -70,6 +71,7 @@ class Study:
     def model_path(self, name_or_path: str) -> str:
         return model_registry.resolve(self.spec.model(name_or_path).path)
 
+    @functools.cache
     def model_id(self, name_or_path: str) -> str:
         m = self.spec.model(name_or_path)
         return content_hash(model_registry.identity(m.path), m.chat_template)
@@ -137,12 +139,14 @@ class Study:
         e = self.engine_spec(model) if model else self.spec.engine
         return {"dtype": e.dtype, "max_model_len": e.max_model_len, "backend": e.backend}
 
+    @functools.cache
     def annotate_key(self) -> str:
         s = self.spec
         return content_hash(CODE_VERSION, "annotate", s.data.sources, s.data.max_chars, s.annotate,
                             self.model_id(s.annotate.judge_model), self._engine_key(s.annotate.judge_model),
                             self._data_marker())
 
+    @functools.cache  # keys feed every cell's key: walk the data dir and read configs once
     def _data_marker(self) -> str:
         # The data directory is an input too: its files (names, sizes, times) feed the keys.
         d = self.data_dir
@@ -151,6 +155,7 @@ class Study:
         return content_hash(sorted((str(p.relative_to(d)), p.stat().st_size, int(p.stat().st_mtime))
                                    for p in d.rglob("*") if p.is_file()))
 
+    @functools.cache
     def curate_key(self) -> str:
         s = self.spec
         d = s.data
@@ -174,6 +179,7 @@ class Study:
                                    self.cell_key(m.name, cond, seed)))
         return out
 
+    @functools.cache
     def items_key(self) -> str:
         g = self.spec.generate
         return content_hash(CODE_VERSION, "items", g.suites, g.items_per_suite, g.sampling.seed,
@@ -193,6 +199,7 @@ class Study:
         return content_hash(CODE_VERSION, "analyze", [(r.run_id, self.score_key(r)) for r in self.runs()],
                             self.spec.analyze, self.curate_key(), self.agreement_key())
 
+    @functools.cache
     def agreement_key(self) -> str:
         s = self.spec.score
         return content_hash(CODE_VERSION, "agreement", s.refusal_judges, s.refusal_llm_judge, self._data_marker())

@@ -70,20 +70,16 @@ def run_grid(cells: list[dict], train: TrainSpec, storage: Path, name: str,
             self.bar.update(1)
 
     say(f"  {len(cells)} cell(s) as Ray Tune trials, up to {max_concurrent(train)} at once")
-    bar_ctx = progress(total=len(cells), desc="train cells")
-    bar = bar_ctx.__enter__()
     trainable = tune.with_resources(_trial, {"CPU": 0, "memory": 200 * 1024 ** 2})
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"cell": tune.grid_search(cells)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(train)),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[Progress(bar)],
-                                  failure_config=tune.FailureConfig(max_failures=0)),
-    )
-    try:
+    with progress(total=len(cells), desc="train cells") as bar:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"cell": tune.grid_search(cells)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(train)),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[Progress(bar)],
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
         grid = tuner.fit()
-    finally:
-        bar_ctx.__exit__(None, None, None)
     out: dict[str, str | None] = {}
     for res in grid:
         cid = res.config["cell"]["cell_id"]
