@@ -180,22 +180,153 @@ def _heatmap(figs: _Figures, co: pd.DataFrame, model: str, judge: str) -> str:
     return figs.add(fig, f"coexpression_{model}_{judge}", f"Co-expression heatmap {model} {judge}")
 
 
+def _agreement_figure(figs: _Figures, agreement: pd.DataFrame) -> str:
+    """Accuracy (Wilson 95% CI) and Cohen's kappa of each judge against the human labels."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    a = agreement.dropna(subset=["accuracy"])
+    if a.empty:
+        return ""
+    n = a["n"].to_numpy(int)
+    acc = a["accuracy"].to_numpy(float)
+    lo, hi = proportion_confint(np.round(acc * n), n, alpha=0.05, method="wilson")
+    y = np.arange(len(a))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 0.45 * len(a) + 1.4), sharey=True)
+    ax1.errorbar(acc, y, xerr=[acc - lo, hi - acc], fmt="o", color="#2c3e50", capsize=3)
+    ax1.set_xlim(0, 1)
+    ax1.set_xlabel("accuracy vs human labels (Wilson 95% CI)")
+    ax1.set_yticks(y, [str(j) for j in a["judge"]], fontsize=8)
+    ax2.barh(y, a["kappa"].to_numpy(float), color="#2980b9")
+    ax2.axvline(0, color="k", lw=0.8)
+    ax2.set_xlim(min(-0.2, float(np.nanmin(a["kappa"])) - 0.05), 1)
+    ax2.set_xlabel("Cohen's κ (0 = chance)")
+    fig.suptitle(f"Refusal judges against {int(n.max())} human-labelled responses", fontsize=9)
+    return figs.add(fig, "judge_agreement", "Judge agreement with human labels")
+
+
 # ----------------------------------------------------------------------------- sections
 
-def _header(extras: dict) -> str:
+def _header(extras: dict, runs: pd.DataFrame | None, contrasts_df: pd.DataFrame | None) -> str:
     name = extras.get("study_name") or "Value-induction study"
+    out = [f"<h1>{_esc(name)}</h1>"]
+    if extras.get("description"):
+        out.append(f"<p>{_esc(extras['description'])}</p>")
+    if isinstance(runs, pd.DataFrame) and not runs.empty:
+        kinds = runs.groupby("kind")["condition"].nunique()
+        seeds = sorted({int(s) for s in runs["seed"].dropna()})
+        out.append(f"<p>{runs['model'].nunique()} model(s) × ({kinds.get('value', 0)} induced value(s) + "
+                   f"{kinds.get('control', 0)} random-subset control arm(s)) × seeds {seeds}, plus each "
+                   f"base model: {len(runs)} evaluated runs.</p>")
     version = extras.get("code_version")
-    spec = extras.get("spec_yaml")
-    out = [f"<h1>{_esc(name)}</h1>",
-           f'<p class="note">Generated {_esc(_dt.datetime.now().isoformat(timespec="seconds"))}.</p>',
-           f"<p>Code version: {_esc(version)}</p>" if version else _na("Code version"),
-           "<h3>Study spec</h3>",
-           f"<pre>{_esc(spec)}</pre>" if spec else _na("Spec YAML")]
+    out.append(f'<p class="note">Code version {_esc(version)}; generated '
+               f'{_esc(_dt.datetime.now().isoformat(timespec="seconds"))}. The exact spec is in the appendix.</p>'
+               if version else _na("Code version"))
     if extras.get("notes"):
         out.append(f'<p class="note">{_esc(extras["notes"])}</p>')
     return "".join(out)
 
 
+def _short_judges(c: pd.DataFrame) -> pd.DataFrame:
+    """Judge names without their model/version suffix ("llm:smollm2-135m@vllm-0.32.0" → "llm") for
+    result tables, unless that would merge two judges; the provenance table keeps the full names."""
+    full = pd.Series(c["judge"].astype(str).unique())
+    short = full.str.split(":").str[0]
+    if short.nunique() < len(full):
+        return c
+    return c.assign(judge=c["judge"].astype(str).map(dict(zip(full, short))))
+
+
+def _summary(contrasts_df: pd.DataFrame, extras: dict, alpha: float) -> str:
+    """The findings in sentences: what is significant after correction, else the largest effects."""
+    c = contrasts_df[np.isfinite(contrasts_df["effect"].to_numpy(float))]
+    sig = c[c["significant"].fillna(False).astype(bool)]
+    n_bh = int((c["p_bh"] < alpha).sum())
+    by_ref = ", ".join(f"{n} against {r}" for r, n in c.groupby("reference").size().items())
+    out = [f"<p>{len(c)} paired contrasts ({_esc(by_ref)}); <b>{len(sig)} significant after Holm</b> at "
+           f"α = {alpha:g} ({n_bh} after Benjamini-Hochberg).</p>"]
+
+    def sentence(r) -> str:
+        who = f"inducing {r.value}" if r.kind == "value" else r.condition
+        return (f"{_esc(r.model)}: {_esc(who)} changes {_esc(r.suite)}/{_esc(r.metric)} "
+                f"[{_esc(r.judge)}] by {r.effect:+.3g} (95% CI {r.ci_lo:+.3g} to {r.ci_hi:+.3g}) against "
+                f"{_esc(r.reference)}; p = {_fmt(r.p_value, 'p_value')}, Holm p = {_fmt(r.p_holm, 'p_holm')}, "
+                f"{_esc(r.effect_size_kind)} = {_fmt(r.effect_size)} ({int(r.n_seeds)} seed(s), "
+                f"{int(r.n_items)} items).")
+    if len(sig):
+        top = sig.sort_values("p_holm").head(15)
+        out.append("<ul>" + "".join(f"<li>{sentence(r)}</li>" for r in top.itertuples()) + "</ul>")
+        if len(sig) > len(top):
+            out.append(f'<p class="note">…and {len(sig) - len(top)} more in the tables below.</p>')
+    else:
+        near = c.assign(_abs=c["effect_size"].abs()).sort_values(["p_value", "_abs"], ascending=[True, False])
+        out.append("<p>No effect is significant after correction. The contrasts closest to it (smallest "
+                   "uncorrected p), none significant:</p><ul>"
+                   + "".join(f"<li>{sentence(r)}</li>" for r in near.head(5).itertuples()) + "</ul>")
+    aa = extras.get("aa_checks")
+    if isinstance(aa, pd.DataFrame) and not aa.empty:
+        out.append("<p>A/A check (two random-control arms against each other, where every null is true): "
+                   + "; ".join(f"{_esc(r.model)}: {int(r.n_significant)} of {int(r.n_tests)} comparisons "
+                               f"significant after Holm ({int(r.n_significant_uncorrected)} before correction)"
+                               for r in aa.itertuples()) + ".</p>")
+    return "".join(out)
+
+
+def _claims_section(contrasts_df: pd.DataFrame, extras: dict, alpha: float) -> str:
+    from evaluation.claims import claims_table
+
+    co = analyze.coexpression(contrasts_df, alpha=alpha)
+    nulls = extras.get("coexpression_null") or []
+    t = claims_table(contrasts_df, coexpression=co, nulls=[nulls] if isinstance(nulls, dict) else list(nulls))
+    return ('<p class="note">Each claim of the paper, tested on every contrast that bears on it: "for" '
+            'and "against" count contrasts significant (Holm) in the predicted and the opposite '
+            'direction. "Positive" values exclude deception and violence (our reading; the paper does '
+            'not list them).</p>' + _table(t, "Claims table"))
+
+
+_PER_VALUE_SHOW = ["suite", "metric", "judge", "reference", "n_seeds", "mean_condition", "mean_reference",
+                   "effect", "95% CI", "p_value", "p_holm", "p_bh", "effect_size", "significant"]
+
+
+def _compact(c: pd.DataFrame) -> pd.DataFrame:
+    """CI as one column and the effect-size kind folded into its value, so the table fits a page."""
+    c = c.copy()
+    c["95% CI"] = [f"[{lo:+.3g}, {hi:+.3g}]" if np.isfinite(lo) and np.isfinite(hi) else ""
+                   for lo, hi in zip(c["ci_lo"].astype(float), c["ci_hi"].astype(float))]
+    short = {"cohens_h": "h", "cohens_d": "d_z"}
+    c["effect_size"] = [f"{short.get(k, k)} {v:.3g}" if pd.notna(v) else ""
+                        for k, v in zip(c["effect_size_kind"], c["effect_size"].astype(float))]
+    return c
+
+
+def _per_value_section(contrasts_df: pd.DataFrame) -> str:
+    """One table per induced value: its own expression and every side-effect metric, against
+    the controls and against the base model (other values' expression is in the co-expression section)."""
+    c = contrasts_df[contrasts_df["kind"] == "value"]
+    if c.empty:
+        return _na("Per-value results")
+    out = []
+    for (model, cond), d in c.groupby(["model", "condition"], sort=True):
+        value = str(d["value"].iloc[0])
+        own = d["metric"] == f"{analyze.EXPRESSES_PREFIX}{value}"
+        d = d[(d["suite"] != analyze.VALUES_SUITE) | own].assign(_side=~own)  # own expression first
+        d = d.sort_values(["_side", "suite", "metric", "judge", "reference"])
+        out.append(f"<h3>{_esc(value)} <span class='note'>({_esc(model)})</span></h3>")
+        out.append(_table(_compact(d)[_PER_VALUE_SHOW], f"Results for {value}",
+                          highlight="significant", collapse_over=200))
+    return "".join(out)
+
+
+def _aa_section(extras: dict) -> str:
+    aa = extras.get("aa_checks")
+    if not isinstance(aa, pd.DataFrame) or aa.empty:
+        return _na("A/A check (set controls.aa_check: true with controls.count >= 2)")
+    detail = extras.get("aa_detail")
+    return ('<p class="note">control-0 against control-1, paired by seed and item, on every metric. Both arms '
+            'are random subsets, so every difference is noise: with Holm, a study should show a significant '
+            'comparison in at most α of such checks. More than that says the tests here are anticonservative '
+            'for this design.</p>' + _table(aa, "A/A checks")
+            + (_table(detail, "A/A comparisons", highlight="significant", collapse_over=0)
+               if detail is not None else ""))
 def _judges_section(scores: pd.DataFrame | None, prm: pd.DataFrame) -> str:
     if scores is None or len(scores) == 0 or prm.empty:
         return _na("Judge provenance")
@@ -203,7 +334,8 @@ def _judges_section(scores: pd.DataFrame | None, prm: pd.DataFrame) -> str:
             .agg(n_runs=("run_id", "nunique"), n_scored=("n_scored", "sum"),
                  n_unscored=("n_unscored", "sum")).reset_index())
     return ('<p class="note">Every number in this report is tied to the judge named in its '
-            '<code>judge</code> column; this table lists which judge scored each metric.</p>'
+            '<code>judge</code> column (result tables show the name before ":"); this table lists '
+            'which judge, with its model and engine version, scored each metric.</p>'
             + _table(t, "Judge provenance"))
 
 
@@ -254,8 +386,9 @@ def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame 
     """Write ``out_dir/report.html`` (figures also in ``out_dir/figures``) and return its path.
 
     ``extras`` (all optional): study_name, spec_yaml, code_version, notes, alpha,
-    judge_agreement (DataFrame), curation (DataFrame), coexpression_null (dict or list of dicts
-    from ``analyze.coexpression_permutation_null``), aa_checks (DataFrame).
+    description, judge_agreement (DataFrame), curation (DataFrame), coexpression_null (dict or list
+    of dicts from ``analyze.coexpression_permutation_null``), aa_checks and aa_detail (DataFrames),
+    power (DataFrame), adaptive (a sentence on seeds added by seeds.adaptive).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -265,49 +398,56 @@ def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame 
     prm = analyze.per_run_metrics(scores) if scores is not None else analyze.per_run_metrics(None)
     have_runs = isinstance(runs, pd.DataFrame) and not runs.empty
     have_c = isinstance(contrasts_df, pd.DataFrame) and not contrasts_df.empty
+    if have_c:
+        contrasts_df = _short_judges(contrasts_df)
 
-    sec = [_header(extras)]
-    sec.append("<h2>Runs</h2>" + (_table(runs, "Runs") if have_runs else _na("Runs table")))
-    sec.append("<h2>Judges</h2>" + _judges_section(scores, prm))
+    sec = [_header(extras, runs if have_runs else None, contrasts_df if have_c else None)]
+    sec.append("<h2>Summary</h2>" + (_summary(contrasts_df, extras, alpha) if have_c else _na("Contrasts")))
+    if have_c:
+        sec.append("<h2>The paper's claims</h2>" + _claims_section(contrasts_df, extras, alpha))
+        sec.append('<h2>Results by induced value</h2><p class="note">effect = mean paired (item-by-item) '
+                   'difference condition − reference; 95% CI from a seed-then-item bootstrap; p from a sign-flip '
+                   'permutation test over items; p_holm / p_bh corrected per (model, reference, judge) family; '
+                   f'highlighted rows have p_holm &lt; {alpha:g}. Effect size: Cohen\'s h for rates (with the '
+                   'risk difference), Cohen\'s d_z for continuous metrics.</p>' + _per_value_section(contrasts_df))
+    sec.append("<h2>Co-expression of values</h2>")
+    sec.append(_coexpression_section(figs, contrasts_df if have_c else None, extras, alpha))
+    sec.append("<h2>Side effects by suite</h2>")
+    if have_c:
+        order = {s: i for i, s in enumerate(("safety", "anthropomorphism", "sycophancy", "qa", "values"))}
+        for suite, c in sorted(contrasts_df.groupby("suite"), key=lambda kv: (order.get(kv[0], 9), kv[0])):
+            sec.append(f"<h3>{_esc(suite)}</h3>" + _forest_plots(figs, c, str(suite)))
+            cols = [k for k in _CONTRAST_SHOW if k in c.columns]
+            sec.append(_table(c[cols], f"All {suite} contrasts", highlight="significant", collapse_over=0))
+    else:
+        sec.append(_na("Contrasts"))
+    sec.append("<h2>A/A check (control against control)</h2>" + _aa_section(extras))
+    sec.append("<h2>Seeds and power</h2><p class='note'>CI half-width now, seeds needed to reach the "
+               "target half-width (seeds.adaptive), and seeds needed to detect the effect at power 0.8, "
+               "assuming the half-width shrinks as 1/sqrt(seeds).</p>"
+               + (f"<p>{_esc(extras['adaptive'])}</p>" if extras.get("adaptive") else "")
+               + _table(extras.get("power"), "Power table", collapse_over=40))
+    agreement = extras.get("judge_agreement")
+    sec.append("<h2>Judge agreement</h2>"
+               + (_agreement_figure(figs, agreement) if isinstance(agreement, pd.DataFrame)
+                  and {"accuracy", "kappa", "n"} <= set(agreement.columns) else "")
+               + _table(agreement, "Judge agreement") + "<h3>Which judge scored what</h3>"
+               + _judges_section(scores, prm))
+    sec.append("<h2>Curation</h2>" + _table(extras.get("curation"), "Curation table"))
 
-    sec.append("<h2>Per-run metrics</h2>")
+    sec.append("<h2>Appendix</h2><h3>Runs</h3>" + (_table(runs, "Runs") if have_runs else _na("Runs table")))
+    sec.append("<h3>Per-run metrics</h3>")
     if prm.empty:
         sec.append(_na("Per-run metrics"))
     else:
         t = prm.merge(runs[["run_id", "model", "condition", "seed"]], on="run_id", how="left") \
             if have_runs else prm
-        sec.append(_table(t, "Per-run metrics"))
-    sec.append("<h2>Condition summary (base / control / value)</h2>"
-               '<p class="note">Mean over runs of each condition and SD across seeds; use it to '
-               'read capability (QA) changes directly.</p>'
-               + _table(_condition_summary(runs if have_runs else None, prm), "Condition summary"))
-
-    sec.append("<h2>Contrasts</h2>")
-    if have_c:
-        sec.append(f'<p class="note">effect = mean paired (item-by-item) difference condition − '
-                   f'reference; 95% CI from a seed-then-item bootstrap; p from a sign-flip '
-                   f'permutation test over items (p_seed: t-test over per-seed means, shown for '
-                   f'information only); p_holm / p_bh corrected per (model, reference, '
-                   f'judge) family; highlighted rows have p_holm &lt; {alpha:g}. Effect size is '
-                   f'Cohen\'s h for rates, Cohen\'s d_z for continuous metrics.</p>')
-        for suite, c in contrasts_df.groupby("suite", sort=True):
-            sec.append(f"<h3>Suite: {_esc(suite)}</h3>")
-            cols = [k for k in _CONTRAST_SHOW if k in c.columns]
-            sec.append(_table(c[cols], f"Contrasts for {suite}", highlight="significant"))
-            sec.append(_forest_plots(figs, c, str(suite)))
-    else:
-        sec.append(_na("Contrasts"))
-
-    sec.append("<h2>Co-expression of values</h2>")
-    sec.append(_coexpression_section(figs, contrasts_df if have_c else None, extras, alpha))
-
-    sec.append("<h2>A/A checks (control vs control)</h2>"
-               + _table(extras.get("aa_checks"), "A/A checks"))
-    sec.append("<h2>Seeds and power</h2><p class='note'>CI half-width now, seeds needed to reach the "
-               "target half-width, and seeds needed to detect the effect (power 0.8), assuming the "
-               "half-width shrinks as 1/sqrt(seeds).</p>" + _table(extras.get("power"), "Power table"))
-    sec.append("<h2>Judge agreement</h2>" + _table(extras.get("judge_agreement"), "Judge agreement"))
-    sec.append("<h2>Curation</h2>" + _table(extras.get("curation"), "Curation table"))
+        sec.append(_table(t, "Per-run metrics", collapse_over=0))
+    sec.append("<h3>Condition summary (base / control / value)</h3>"
+               '<p class="note">Mean over runs of each condition and SD across seeds.</p>'
+               + _table(_condition_summary(runs if have_runs else None, prm), "Condition summary", collapse_over=0))
+    spec = extras.get("spec_yaml")
+    sec.append("<h3>Exact spec</h3>" + (f"<pre>{_esc(spec)}</pre>" if spec else _na("Spec YAML")))
 
     title = _esc(extras.get("study_name") or "Value-induction report")
     doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"

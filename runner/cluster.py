@@ -14,9 +14,14 @@ def worker_env() -> dict[str, str]:
         "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
         "PYTHONWARNINGS": "ignore::DeprecationWarning",
     }
-    for key in ("HF_HUB_OFFLINE", "VALIND_CACHE_DIR", "VALIND_DATA_DIR", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR"):
+    for key in ("HF_HUB_OFFLINE", "DS_ACCELERATOR"):
         if os.environ.get(key):
             env[key] = os.environ[key]
+    # Workers run in other directories: a relative path would point somewhere else there (for
+    # TORCH_EXTENSIONS_DIR that means rebuilding DeepSpeed's ops, ~25 s, in every training cell).
+    for key in ("VALIND_CACHE_DIR", "VALIND_DATA_DIR", "TORCH_EXTENSIONS_DIR"):
+        if os.environ.get(key):
+            env[key] = os.path.abspath(os.environ[key])
     if not _has_gpu():
         env["DS_ACCELERATOR"] = "cpu"
     return env

@@ -552,12 +552,12 @@ class Study:
         model = self.model_path(r.model)
         if adapter and self.spec.train.finetune == "full":
             model, adapter = adapter, None
-        gpus = self.engine_spec(r.model).gpus_per_actor
+        e = self.engine_spec(r.model)  # QA runs in the precision generation runs in
         self.ensure_ray()
-        task = _run_benchmarks.options(num_cpus=1, num_gpus=min(1.0, gpus))
+        task = _run_benchmarks.options(num_cpus=1, num_gpus=min(1.0, e.gpus_per_actor))
         per_item = ray.get(task.remote(model, adapter, [f"valind_{b}" for b in s.benchmarks], self.data_dir,
                                        s.benchmark_limit, s.benchmark_backend, s.benchmark_batch_size,
-                                       "cuda" if gpus else "cpu"))
+                                       "cuda" if e.gpus_per_actor else "cpu", e.dtype))
         return per_item.assign(run_id=r.run_id)
 
     def _judge_engines(self) -> dict[str, object]:
@@ -605,11 +605,15 @@ class Study:
             cur = self.curate()
             adaptive = s.seeds.adaptive
             power = power_table(con, adaptive.target_ci_halfwidth if adaptive else None, a.min_effect, a.alpha, a.power)
-            extras = {"study_name": s.study.name, "spec_yaml": redact(self.spec_text), "code_version": _code_version(),
+            aa, aa_detail = self._aa_checks(runs, scores)
+            extras = {"study_name": s.study.name, "description": s.study.description,
+                      "spec_yaml": redact(self.spec_text), "code_version": _code_version(),
                       "alpha": a.alpha, "judge_agreement": self.agreement(),
                       "curation": read_parquet(cur / "table.parquet"), "power": power,
                       "coexpression_null": self._coexpression_nulls(runs, scores),
-                      "aa_checks": self._aa_checks(runs, scores)}
+                      "aa_checks": aa, "aa_detail": aa_detail, "adaptive": self._adaptive_note()}
+            if aa is not None:
+                write_parquet(aa, unit / "aa_checks.parquet")
             write_parquet(power, unit / "power.parquet")
             write_parquet(con, unit / "contrasts.parquet")
             write_parquet(metrics, unit / "metrics.parquet")
@@ -636,18 +640,28 @@ class Study:
                             **{k: v for k, v in res.items() if not isinstance(v, pd.DataFrame)}})
         return out
 
-    def _aa_checks(self, runs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame | None:
-        """controls.aa_check: control-0 against control-1; how many comparisons come out significant."""
+    def _aa_checks(self, runs: pd.DataFrame, scores: pd.DataFrame) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+        """controls.aa_check: control-0 against control-1 — per model how many comparisons come out
+        significant, and every comparison."""
         from evaluation.analyze import aa_check
 
         if not self.spec.controls.aa_check:
-            return None
-        a, rows = self.spec.analyze, []
+            return None, None
+        a, rows, tables = self.spec.analyze, [], []
         for model in self.spec.models:
             res = aa_check(runs, scores, "control-0", "control-1", model=model.name, alpha=a.alpha,
                            n_boot=a.bootstrap, n_perm=a.permutations, seed=a.seed)
             rows.append({"model": model.name, **{k: v for k, v in res.items() if not isinstance(v, pd.DataFrame)}})
-        return pd.DataFrame(rows)
+            tables.append(res["table"])
+        return pd.DataFrame(rows), pd.concat(tables, ignore_index=True)
+
+    def _adaptive_note(self) -> str | None:
+        ad = self.spec.seeds.adaptive
+        if not ad:
+            return None
+        what = "; ".join(f"{c}: {', '.join(map(str, s))}" for c, s in sorted(self.extra_seeds.items())) or "none yet"
+        return (f"seeds.adaptive: target CI half-width ±{ad.target_ci_halfwidth}, at most {ad.max} seeds per "
+                f"condition. Seeds added so far: {what}.")
 
     def _seeds_to_add(self, unit: Path) -> list[str]:
         """Conditions whose widest CI (on the adaptive metrics) is still above the target."""
@@ -700,7 +714,14 @@ class Study:
             tr.log_artifacts(parent, cur / "curation.json", "curation"),
             tr.log_artifacts(parent, cur / "table.parquet", "curation")))
         key = unit.name
+        con = read_parquet(unit / "contrasts.parquet")
+        summary = {"analyze/contrasts": len(con), "analyze/significant_holm": int(con["significant"].sum()),
+                   "analyze/significant_bh": int((con["p_bh"] < s.analyze.alpha).sum())}
+        if (unit / "aa_checks.parquet").exists():
+            for r in read_parquet(unit / "aa_checks.parquet").itertuples():
+                summary |= {f"aa/{r.model}/tests": r.n_tests, f"aa/{r.model}/significant_holm": r.n_significant}
         tr.once(parent, f"analyze-{key}", lambda: (tr.log_artifacts(parent, unit, "report"),
+                                                   tr.log_metrics(parent, summary),
                                                    tr.set_tags(parent, {"valind.report": str(unit / "report.html")})))
         metrics = read_parquet(unit / "metrics.parquet")
         runs = {r.run_id: r for r in self.runs()}
@@ -768,7 +789,7 @@ class Study:
 
 
 @ray.remote
-def _run_benchmarks(model, adapter, tasks, data_dir, limit, backend, batch_size, device) -> pd.DataFrame:
+def _run_benchmarks(model, adapter, tasks, data_dir, limit, backend, batch_size, device, dtype) -> pd.DataFrame:
     import os
 
     import torch
@@ -778,7 +799,7 @@ def _run_benchmarks(model, adapter, tasks, data_dir, limit, backend, batch_size,
     # The task claims one CPU so it fits beside an idle engine actor; it runs alone, so use every core.
     torch.set_num_threads(os.cpu_count() or 1)
     _, per_item = run_benchmarks(model, adapter, tasks, data_dir, limit=limit, backend=backend,
-                                 batch_size=batch_size, device=device)
+                                 batch_size=batch_size, device=device, dtype=dtype)
     return per_item
 
 

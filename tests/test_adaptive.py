@@ -34,7 +34,7 @@ def test_wide_conditions_get_a_seed_and_controls_follow(tmp_path):
     before = {r.run_id for r in study.runs()}
     assert study._add_seed(["value-humor"]) == 2
     added = {r.run_id for r in study.runs()} - before
-    assert added == {"tiny__value-humor__s2", "tiny__control-0__s2"}
+    assert added == {"tiny__value-humor__s2", "tiny__control-0__s2", "tiny__control-1__s2"}
     # persisted: a new driver (a rerun after a crash) sees the same runs
     assert {r.run_id for r in Study(study.spec, "").runs()} == before | added
     # at the max number of seeds nothing more is added

@@ -261,19 +261,30 @@ def test_aa_holm_controls_familywise_error_on_null_data():
 def test_report_writes_html_with_tables_and_figures(tmp_path, structured):
     runs, scores, c = structured
     null = analyze.coexpression_permutation_null(runs, scores, n_perm=50)
-    agreement = pd.DataFrame(dict(metric=["refusal"], judges=["a vs b"], cohens_kappa=[0.81]))
+    agreement = pd.DataFrame(dict(judge=["strmatch", "llm"], n=[105, 105], accuracy=[0.74, 0.31],
+                                  kappa=[0.52, -0.04], tp=0, fp=0, fn=0, tn=0))
+    aa = analyze.aa_check(runs, scores, "control-0", "control-1", n_boot=50, n_perm=200)
+    aa_summary = pd.DataFrame([{k: v for k, v in aa.items() if k != "table"}])
     path = report.write_report(tmp_path, runs, scores, c, dict(
         study_name="<script>alert(1)</script> study", spec_yaml="values: [empathy]\nx: <b>",
-        code_version="abc123", judge_agreement=agreement, coexpression_null=null))
+        code_version="abc123", judge_agreement=agreement, coexpression_null=null,
+        aa_checks=aa_summary, aa_detail=aa["table"]))
     text = path.read_text()
     assert path == tmp_path / "report.html"
     assert "<table" in text and "<img" in text and "data:image/png;base64," in text
     assert "&lt;script&gt;" in text and "<script>alert" not in text
-    assert "x: &lt;b&gt;" in text and "abc123" in text and "cohens_kappa" in text
+    assert "x: &lt;b&gt;" in text and "abc123" in text and "kappa" in text
     assert "Curation table: not available" in text
+    # reads like a results section: findings in sentences, the paper's claims, one table per value
+    assert "significant after Holm" in text and "inducing empathy changes values/expresses/empathy" in text
+    assert "supported in" in text and "Inducing a value raises its own expression" in text
+    for v in VALUES:
+        assert f"Results for {v}" in text or f"<h3>{v} " in text
+    assert f"{aa['n_significant']} of {aa['n_tests']} comparisons significant after Holm" in text
     pngs = list((tmp_path / "figures").glob("*.png"))
     assert any(p.name.startswith("coexpression") for p in pngs)
     assert any(p.name.startswith("forest_safety") for p in pngs)
+    assert any(p.name.startswith("judge_agreement") for p in pngs)
     assert all(p.stat().st_size > 1000 for p in pngs)
 
 

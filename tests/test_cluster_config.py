@@ -11,3 +11,15 @@ def test_cluster_yaml_passes_rays_schema():
     validate_config(config)
     assert any("'.[gpu]'" in c for c in config["setup_commands"])
     assert config["available_node_types"]["gpu_8xh100"]["resources"]["GPU"] == 8
+
+
+def test_worker_env_makes_relative_paths_absolute(monkeypatch, tmp_path):
+    """Ray workers run elsewhere: a relative TORCH_EXTENSIONS_DIR would rebuild DeepSpeed ops per cell."""
+    from runner.cluster import worker_env
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", ".venv/torch_extensions")
+    monkeypatch.setenv("VALIND_DATA_DIR", "data")
+    env = worker_env()
+    assert env["TORCH_EXTENSIONS_DIR"] == str(tmp_path / ".venv" / "torch_extensions")
+    assert env["VALIND_DATA_DIR"] == str(tmp_path / "data")

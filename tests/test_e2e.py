@@ -3,7 +3,9 @@
 The first run is killed (driver and everything it started) once a training cell is done; the
 rerun must finish the study without training any cell twice or duplicating an MLflow run.
 """
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,7 +65,7 @@ def smoke(tmp_path_factory, data_dir):
 
 def test_killed_driver_rerun_trains_no_cell_twice(smoke):
     _, root, first, killed = smoke
-    assert f"train: 3 cells, {len(killed)} cached" in first.stdout
+    assert f"train: 4 cells, {len(killed)} cached" in first.stdout
     for key, (done_mtime, cell_mtime) in killed.items():
         unit = root / "stages" / "train" / key
         assert (unit / "_DONE.json").stat().st_mtime_ns == done_mtime
@@ -76,6 +78,12 @@ def test_report_and_where_things_are(smoke):
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
     html = (root / "report.html").read_text()
     assert "<table" in html and "<img" in html
+    for section in ("Summary", "The paper's claims", "Results by induced value", "Co-expression of values",
+                    "Side effects by suite", "Seeds and power", "Judge agreement", "Curation"):
+        assert section in html, section
+    # controls.aa_check: control-0 against control-1, counted
+    assert "A/A check (two random-control arms against each other" in html
+    assert "comparisons significant after Holm" in html
     killed_log = (root.parent / "killed.log").read_text()
     assert "annotate: done" in killed_log and "curate: done" in killed_log  # before the kill
     for stage in ("train: done", "generate: done", "score: done", "analyze: done"):
@@ -90,9 +98,11 @@ def test_mlflow_has_parent_and_one_child_per_cell(smoke):
     parents = runs[runs["tags.valind.kind"] == "study"]
     children = runs[runs["tags.valind.kind"] != "study"]
     assert len(parents) == 1
-    # 1 model × (2 values + 1 control) × 1 seed + the base model
+    assert parents["metrics.analyze/contrasts"].iloc[0] > 0 and parents["metrics.aa/tiny/tests"].iloc[0] > 0
+    # 1 model × (2 values + 2 controls) × 1 seed + the base model
     assert sorted(children["tags.valind.run_id"]) == sorted(
-        ["tiny__base", "tiny__value-humor__s0", "tiny__value-fairness__s0", "tiny__control-0__s0"])
+        ["tiny__base", "tiny__value-humor__s0", "tiny__value-fairness__s0", "tiny__control-0__s0",
+         "tiny__control-1__s0"])
     assert (children["tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]).all()
     cells = children[children["tags.valind.kind"] != "base"]
     assert cells["metrics.train/loss"].notna().all()
@@ -111,12 +121,12 @@ def test_rerun_is_cached_and_creates_no_runs(smoke):
     again = valind("run", str(path))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "annotate: cached" in again.stdout and "curate: cached" in again.stdout
-    assert "train: 3 cells, 3 cached" in again.stdout
-    assert "generate: 4 runs, 4 cached" in again.stdout and "score: 4 runs, 4 cached" in again.stdout
+    assert "train: 4 cells, 4 cached" in again.stdout
+    assert "generate: 5 runs, 5 cached" in again.stdout and "score: 5 runs, 5 cached" in again.stdout
     assert "analyze: cached" in again.stdout
     assert again.seconds < 30
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    assert len(mlflow.search_runs(experiment_names=["smoke"])) == 5
+    assert len(mlflow.search_runs(experiment_names=["smoke"])) == 6
     status = valind("status", str(path))
     assert status.returncode == 0 and "the study is complete" in status.stdout
 
@@ -129,6 +139,46 @@ def test_changing_a_score_setting_reruns_only_score_and_analyze(smoke):
     changed.write_text(yaml.safe_dump(spec, sort_keys=False))
     r = valind("run", str(changed))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "annotate: cached" in r.stdout and "train: 3 cells, 3 cached" in r.stdout
-    assert "generate: 4 runs, 4 cached" in r.stdout
-    assert "score: 4 runs, 0 cached" in r.stdout and "analyze: done" in r.stdout
+    assert "annotate: cached" in r.stdout and "train: 4 cells, 4 cached" in r.stdout
+    assert "generate: 5 runs, 5 cached" in r.stdout
+    assert "score: 5 runs, 0 cached" in r.stdout and "analyze: done" in r.stdout
+
+
+def test_adaptive_seeds_add_a_seed_until_the_max(smoke, tmp_path):
+    """seeds.adaptive on a copy of the finished smoke study: one seed leaves every CI wider than the
+    target, so `valind run` adds seed 1 to both value conditions and both controls, trains and
+    evaluates them, and stops at max: 2. A rerun computes nothing."""
+    import mlflow
+    import pandas as pd
+    path, root, _, _ = smoke
+    studies = tmp_path / "studies"
+    shutil.copytree(root, studies / "smoke", ignore=shutil.ignore_patterns("ray_tune", "ray_train"))
+    spec = yaml.safe_load(path.read_text())
+    spec["study"]["output_dir"] = str(studies)
+    spec["seeds"]["adaptive"] = {"target_ci_halfwidth": 1e-6, "max": 2}
+    adaptive = tmp_path / "smoke-adaptive.yaml"
+    adaptive.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+    r = valind("run", str(adaptive))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert ("adaptive seeds: CI still wider than ±1e-06 for value-fairness, value-humor; adding seed 1"
+            in r.stdout)
+    assert r.stdout.count("adaptive seeds:") == 1  # at max: 2 it stops
+    assert "train: 8 cells, 4 cached" in r.stdout and "generate: 9 runs, 5 cached" in r.stdout
+    study = studies / "smoke"
+    assert json.loads((study / "adaptive_seeds.json").read_text()) == {
+        "control-0": [1], "control-1": [1], "value-fairness": [1], "value-humor": [1]}
+    analyze_units = [u for u in (study / "stages" / "analyze").iterdir() if (u / "_DONE.json").exists()]
+    newest = max(analyze_units, key=lambda u: (u / "_DONE.json").stat().st_mtime_ns)
+    con = pd.read_parquet(newest / "contrasts.parquet")
+    assert set(con.loc[con["reference"] == "control", "n_seeds"]) == {2}
+    assert "Seeds added so far: control-0: 1; control-1: 1; value-fairness: 1; value-humor: 1" in (
+        study / "report.html").read_text()
+    mlflow.set_tracking_uri(f"sqlite:///{study / 'mlflow.db'}")
+    ids = set(mlflow.search_runs(experiment_names=["smoke"])["tags.valind.run_id"].dropna())
+    assert {"tiny__value-humor__s1", "tiny__value-fairness__s1", "tiny__control-0__s1", "tiny__control-1__s1"} <= ids
+
+    again = valind("run", str(adaptive))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "train: 8 cells, 8 cached" in again.stdout and "analyze: cached" in again.stdout
+    assert "adaptive seeds:" not in again.stdout

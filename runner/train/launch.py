@@ -24,15 +24,18 @@ class TrainError(RuntimeError):
 
 
 def compute_reference_logps(model_path: str, examples: list[Example], micro: int, threads: int,
-                            trust_remote_code: bool) -> list[tuple[float, float]]:
-    """(chosen, rejected) summed response log-probs of the frozen base model, in example order."""
+                            trust_remote_code: bool, bf16: bool = False) -> list[tuple[float, float]]:
+    """(chosen, rejected) summed response log-probs of the frozen base model, in example order.
+
+    In the policy's precision: with bf16 training, fp32 references would differ from the policy's
+    own log-probs at step 0 by rounding summed over the response, and DPO would start off log 2."""
     from transformers import AutoModelForCausalLM
 
     from runner.train.batches import pair_batch, response_logps
 
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32,
                                                  trust_remote_code=trust_remote_code).to(device).eval()
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     out = []
@@ -51,7 +54,9 @@ _reference_logps = ray.remote(compute_reference_logps)
 def reference_logps(model_path: str, model_id: str, examples: list[Example], train: TrainSpec,
                     cache_dir: Path, trust_remote_code: bool = False) -> tuple[list[Example], bool]:
     """Fill ref_chosen/ref_rejected from the cache, computing (and caching) them if missing."""
-    key = content_hash("reflogps-v1", model_id, [(e.pair_id, e.prompt, e.chosen, e.rejected) for e in examples])
+    bf16 = bf16_enabled(train)
+    key = content_hash("reflogps-v1", model_id, [(e.pair_id, e.prompt, e.chosen, e.rejected) for e in examples],
+                       *(["bf16"] if bf16 else []))
     path = cache_dir / f"{key}.json"
     hit = path.exists()
     if hit:
@@ -61,7 +66,7 @@ def reference_logps(model_path: str, model_id: str, examples: list[Example], tra
         # DEFAULT: inside a Tune trial the task must not be captured by the trial's placement group
         task = _reference_logps.options(num_cpus=train.cpus_per_worker * train.workers,
                                         num_gpus=min(1.0, train.gpus_per_worker), scheduling_strategy="DEFAULT")
-        values = ray.get(task.remote(model_path, examples, 4, threads, trust_remote_code))
+        values = ray.get(task.remote(model_path, examples, 4, threads, trust_remote_code, bf16))
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(values))

@@ -1,0 +1,66 @@
+"""The claims table counts significant contrasts for and against each of the paper's claims."""
+import numpy as np
+import pandas as pd
+
+from evaluation import analyze
+from evaluation.claims import claims_table
+
+
+def _row(value, suite, metric, effect, significant, reference="control"):
+    return dict(model="m", condition=f"value-{value}", kind="value", value=value, suite=suite, metric=metric,
+                judge="j", reference=reference, effect=effect, significant=significant)
+
+
+def _table(rows):
+    return claims_table(pd.DataFrame(rows)).set_index("claim")
+
+
+def test_own_expression_counts_only_the_diagonal():
+    t = _table([_row("empathy", "values", "expresses/empathy", 0.3, True),
+                _row("honesty", "values", "expresses/honesty", 0.1, False),
+                _row("empathy", "values", "expresses/honesty", -0.4, True)])  # off-diagonal: not this claim
+    r = t.loc["Inducing a value raises its own expression"]
+    assert (r["n_contrasts"], r["for"], r["against"]) == (2, 1, 0)
+    assert r["verdict"] == "supported in 1 of 2 contrasts"
+
+
+def test_safety_claim_uses_positive_values_and_its_direction():
+    t = _table([_row("empathy", "safety", "harmful_compliance", -0.2, True),
+                _row("honesty", "safety", "harmful_compliance", 0.2, True),
+                _row("deception", "safety", "harmful_compliance", 0.5, True)])  # a negative value: excluded
+    r = t.loc[t.index.str.startswith("Positive values make models safer")].iloc[0]
+    assert (r["n_contrasts"], r["for"], r["against"]) == (2, 1, 1)
+    assert r["verdict"].startswith("mixed")
+
+
+def test_no_change_claims_count_any_significant_change_against():
+    t = _table([_row("empathy", "qa", "acc", -0.1, True), _row("honesty", "qa", "acc", 0.01, False)])
+    r = t.loc["QA accuracy stays largely stable"]
+    assert np.isnan(r["for"]) and r["against"] == 1 and r["verdict"] == "changed in 1 of 2 contrasts"
+
+
+def test_not_significant_is_not_detected_and_missing_is_not_measured():
+    t = _table([_row("empathy", "anthropomorphism", "anthro_llm", 0.5, False)])
+    assert t.loc["Every value raises anthropomorphic language", "verdict"] == "not detected: 0 of 1 contrasts significant"
+    assert t.loc["QA accuracy stays largely stable", "verdict"] == "not measured"
+
+
+def test_controls_are_the_reference_when_present():
+    rows = [_row("empathy", "sycophancy", "sycophantic", 0.3, True, reference="base"),
+            _row("empathy", "sycophancy", "sycophantic", 0.1, False, reference="control")]
+    r = claims_table(pd.DataFrame(rows)).iloc[0]
+    assert r["reference"] == "control"
+    assert claims_table(pd.DataFrame(rows[:1])).iloc[0]["reference"] == "base"
+
+
+def test_crosstalk_row_counts_related_and_contrastive_cells():
+    rows = [dict(_row(v, "values", f"expresses/{e}", eff, sig), p_value=0.01, p_holm=0.02 if sig else 0.5,
+                 p_bh=0.02, effect_size=0.5, n_seeds=2, n_items=10, ci_lo=eff - 0.1, ci_hi=eff + 0.1)
+            for v, e, eff, sig in [("empathy", "empathy", 0.3, True), ("empathy", "honesty", 0.2, True),
+                                   ("honesty", "empathy", -0.2, True), ("honesty", "honesty", 0.0, False)]]
+    c = pd.DataFrame(rows)
+    co = analyze.coexpression(c)
+    t = claims_table(c, coexpression=co, nulls=[{"p_value": 0.004, "judge": "j"}])
+    r = t.set_index("claim").loc["Inducing a value moves related and contrastive values along"]
+    assert (r["n_contrasts"], r["for"]) == (2, 2)
+    assert r["verdict"] == "1 related and 1 contrastive of 2 off-diagonal cells; whole-matrix permutation p 0.004"
