@@ -367,6 +367,7 @@ class Study:
 
     def _train(self) -> dict[str, Path]:
         from runner.sweep import run_grid
+        from runner.train.launch import bf16_enabled
 
         s = self.spec
         cells = [r for r in self.runs() if r.cell_key]
@@ -378,15 +379,17 @@ class Study:
             cur = self.curate()
             self.close_pools()
             self.ensure_ray()
-            say(f"  {s.train.method}, {s.train.finetune}, ZeRO-{s.train.zero_stage}, {s.train.workers} worker(s) per cell")
-            specs = [{"cell_id": safe_name(r.run_id), "seed": r.seed, "train": s.train.model_dump(mode="json"),
+            train = s.train.model_copy(update={"bf16": bf16_enabled(s.train)})  # "auto" resolved once
+            say(f"  {train.method}, {train.finetune}, ZeRO-{train.zero_stage}, {'bf16' if train.bf16 else 'fp32'}, "
+                f"{train.workers} worker(s) per cell")
+            specs = [{"cell_id": safe_name(r.run_id), "seed": r.seed, "train": train.model_dump(mode="json"),
                       "pairs": str(cur / "subsets" / f"{safe_name(r.condition)}.parquet"),
                       "model_path": self.model_path(r.model), "model_id": self.model_id(r.model),
                       "out_dir": str(self.store.unit("train", r.cell_key)), "work_dir": str(self.root / "ray_train"),
                       "ref_cache": str(self.root / "cache" / "reflogps"), "chat_template": self.chat_template(r.model),
                       "trust_remote_code": s.model(r.model).trust_remote_code} for r in todo]
             by_id = {safe_name(r.run_id): r for r in todo}
-            errors = run_grid(specs, s.train, self.root / "ray_tune",
+            errors = run_grid(specs, train, self.root / "ray_tune",
                               f"grid-{content_hash([c['cell_id'] for c in specs], n=8)}",
                               on_complete=lambda c: self._adopt_cell(by_id[c["cell_id"]]))
             failed = []

@@ -155,7 +155,7 @@ class TrainSpec(_Section):
     workers: int = Field(default=2, ge=1)
     gpus_per_worker: float = Field(default=0.0, ge=0.0)
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
-    bf16: Literal["auto", True, False] = "auto"  # auto: on GPUs that support it; true also on CPU (fast with AMX)
+    bf16: Literal["auto", True, False] = "auto"  # auto: where native (bf16 GPUs; CPUs with AMX/AVX512-BF16)
     report_every: int = Field(default=1, ge=1)
     checkpoint_every: int = Field(default=50, ge=1)  # optimizer steps between DeepSpeed checkpoints
     max_failures: int = Field(default=1, ge=0)

@@ -5,7 +5,9 @@ cached on disk under a content hash, so no reference forward pass runs during tr
 """
 from __future__ import annotations
 
+import functools
 import json
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -76,9 +78,33 @@ def reference_logps(model_path: str, model_id: str, examples: list[Example], tra
     return examples, hit
 
 
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16 (Linux): bf16 matmuls there run about 2x fp32; elsewhere they are emulated."""
+    try:
+        return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", Path("/proc/cpuinfo").read_text()))
+    except OSError:
+        return False
+
+
+@ray.remote
+def _native_bf16() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_native_bf16()
+
+
+@functools.lru_cache
+def _auto_bf16(gpus_per_worker: float) -> bool:
+    # Asked where a training worker would run: the driver may sit on a node without the GPUs.
+    task = _native_bf16.options(num_cpus=0, num_gpus=min(1.0, gpus_per_worker), scheduling_strategy="DEFAULT")
+    return ray.get(task.remote())
+
+
 def bf16_enabled(train: TrainSpec) -> bool:
+    """train.bf16, with "auto" resolved: on where the hardware does bf16 natively (GPUs that support
+    it, CPUs with AMX or AVX512-BF16), off elsewhere."""
     if train.bf16 == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return _auto_bf16(train.gpus_per_worker)
     return bool(train.bf16)
 
 
