@@ -379,6 +379,18 @@ def _coexpression_section(figs: _Figures, contrasts_df, extras: dict, alpha: flo
     return "".join(out)
 
 
+def _anchor_sections(body: str) -> tuple[str, str]:
+    """Give each <h2> an id (report.html#seeds-and-power links to it) and return a contents line."""
+    links = []
+
+    def anchor(m: re.Match) -> str:
+        slug = re.sub(r"[^a-z0-9]+", "-", html.unescape(m.group(1)).lower()).strip("-")
+        links.append(f'<a href="#{slug}">{m.group(1)}</a>')
+        return f'<h2 id="{slug}">{m.group(1)}</h2>'
+    body = re.sub(r"<h2>(.*?)</h2>", anchor, body)
+    return body, " · ".join(links)
+
+
 # ----------------------------------------------------------------------------- entry point
 
 def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame | None,
@@ -449,6 +461,8 @@ def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame 
     spec = extras.get("spec_yaml")
     sec.append("<h3>Exact spec</h3>" + (f"<pre>{_esc(spec)}</pre>" if spec else _na("Spec YAML")))
 
+    body, toc = _anchor_sections("".join(sec[1:]))
+    sec = [sec[0], f'<p class="note">Contents: {toc}</p>', body]
     title = _esc(extras.get("study_name") or "Value-induction report")
     doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
            f"<style>{_CSS}</style></head><body>{''.join(sec)}</body></html>")

@@ -281,6 +281,7 @@ def test_report_writes_html_with_tables_and_figures(tmp_path, structured):
     for v in VALUES:
         assert f"Results for {v}" in text or f"<h3>{v} " in text
     assert f"{aa['n_significant']} of {aa['n_tests']} comparisons significant after Holm" in text
+    assert '<h2 id="seeds-and-power">' in text and 'href="#seeds-and-power"' in text
     pngs = list((tmp_path / "figures").glob("*.png"))
     assert any(p.name.startswith("coexpression") for p in pngs)
     assert any(p.name.startswith("forest_safety") for p in pngs)
