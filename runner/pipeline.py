@@ -667,7 +667,8 @@ class Study:
                 f"condition. Seeds added so far: {what}.")
 
     def _seeds_to_add(self, unit: Path) -> list[str]:
-        """Conditions whose widest CI (on the adaptive metrics) is still above the target."""
+        """Conditions whose widest CI (on the adaptive metrics) is still above the target, or that have
+        a single seed: one seed says nothing about seed-to-seed variance, so its CI cannot be trusted."""
         from fnmatch import fnmatch
 
         ad = self.spec.seeds.adaptive
@@ -680,7 +681,7 @@ class Study:
         for cond, c in con.groupby("condition"):
             widest = float(((c["ci_hi"] - c["ci_lo"]) / 2).max())
             seeds = len(self.spec.seeds.values) + len(self.extra_seeds.get(str(cond), []))
-            if widest > ad.target_ci_halfwidth and seeds < ad.max:
+            if seeds < ad.max and (seeds < 2 or widest > ad.target_ci_halfwidth):
                 need.append(str(cond))
         return need
 
@@ -758,8 +759,8 @@ class Study:
                 result = getattr(self, stage)()
             while until == "analyze" and self.spec.seeds.adaptive and (need := self._seeds_to_add(Path(result).parent)):
                 seed = self._add_seed(need)
-                say(f"adaptive seeds: CI still wider than ±{self.spec.seeds.adaptive.target_ci_halfwidth} for "
-                    f"{', '.join(need)}; adding seed {seed}")
+                say(f"adaptive seeds: adding seed {seed} to {', '.join(need)} (CI wider than "
+                    f"±{self.spec.seeds.adaptive.target_ci_halfwidth}, or from one seed) and to the controls")
                 result = self.analyze()
         finally:
             self.close_pools()

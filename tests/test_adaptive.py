@@ -46,3 +46,16 @@ def test_metric_patterns_select_what_counts(tmp_path):
     unit = tmp_path / "analyze"
     _contrasts(unit, {"value-humor": 0.05, "value-fairness": 0.05})
     assert study._seeds_to_add(unit) == ["value-humor"]
+
+
+def test_a_single_seed_always_gets_a_second(tmp_path):
+    """Zero-width CIs from one seed say nothing about seed-to-seed variance: add a seed anyway."""
+    d = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
+    d["study"]["output_dir"] = str(tmp_path)
+    d["seeds"] = {"values": [0], "adaptive": {"target_ci_halfwidth": 0.1, "max": 2}}
+    study = Study(parse_spec(d), "")
+    unit = tmp_path / "analyze"
+    _contrasts(unit, {"value-humor": 0.0, "value-fairness": 0.0})
+    assert study._seeds_to_add(unit) == ["value-fairness", "value-humor"]
+    study._add_seed(study._seeds_to_add(unit))
+    assert study._seeds_to_add(unit) == []  # two seeds, narrow CIs (and the max)

@@ -145,8 +145,8 @@ def test_changing_a_score_setting_reruns_only_score_and_analyze(smoke):
 
 
 def test_adaptive_seeds_add_a_seed_until_the_max(smoke, tmp_path):
-    """seeds.adaptive on a copy of the finished smoke study: one seed leaves every CI wider than the
-    target, so `valind run` adds seed 1 to both value conditions and both controls, trains and
+    """seeds.adaptive on a copy of the finished smoke study (one seed): a single seed's CI cannot be
+    trusted, so `valind run` adds seed 1 to both value conditions and both controls, trains and
     evaluates them, and stops at max: 2. A rerun computes nothing."""
     import mlflow
     import pandas as pd
@@ -161,8 +161,7 @@ def test_adaptive_seeds_add_a_seed_until_the_max(smoke, tmp_path):
 
     r = valind("run", str(adaptive))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert ("adaptive seeds: CI still wider than ±1e-06 for value-fairness, value-humor; adding seed 1"
-            in r.stdout)
+    assert "adaptive seeds: adding seed 1 to value-fairness, value-humor" in r.stdout
     assert r.stdout.count("adaptive seeds:") == 1  # at max: 2 it stops
     assert "train: 8 cells, 4 cached" in r.stdout and "generate: 9 runs, 5 cached" in r.stdout
     study = studies / "smoke"
@@ -171,7 +170,7 @@ def test_adaptive_seeds_add_a_seed_until_the_max(smoke, tmp_path):
     analyze_units = [u for u in (study / "stages" / "analyze").iterdir() if (u / "_DONE.json").exists()]
     newest = max(analyze_units, key=lambda u: (u / "_DONE.json").stat().st_mtime_ns)
     con = pd.read_parquet(newest / "contrasts.parquet")
-    assert set(con.loc[con["reference"] == "control", "n_seeds"]) == {2}
+    assert set(con.loc[(con["reference"] == "control") & con["effect"].notna(), "n_seeds"]) == {2}
     assert "Seeds added so far: control-0: 1; control-1: 1; value-fairness: 1; value-humor: 1" in (
         study / "report.html").read_text()
     mlflow.set_tracking_uri(f"sqlite:///{study / 'mlflow.db'}")
