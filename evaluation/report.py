@@ -206,7 +206,7 @@ def _agreement_figure(figs: _Figures, agreement: pd.DataFrame) -> str:
 
 # ----------------------------------------------------------------------------- sections
 
-def _header(extras: dict, runs: pd.DataFrame | None, contrasts_df: pd.DataFrame | None) -> str:
+def _header(extras: dict, runs: pd.DataFrame | None) -> str:
     name = extras.get("study_name") or "Value-induction study"
     out = [f"<h1>{_esc(name)}</h1>"]
     if extras.get("description"):
@@ -237,7 +237,7 @@ def _short_judges(c: pd.DataFrame) -> pd.DataFrame:
 
 
 def _summary(contrasts_df: pd.DataFrame, extras: dict, alpha: float) -> str:
-    """The findings in sentences: what is significant after correction, else the largest effects."""
+    """The findings in sentences: what is significant after correction, else what comes closest."""
     c = contrasts_df[np.isfinite(contrasts_df["effect"].to_numpy(float))]
     sig = c[c["significant"].fillna(False).astype(bool)]
     n_bh = int((c["p_bh"] < alpha).sum())
@@ -413,7 +413,7 @@ def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame 
     if have_c:
         contrasts_df = _short_judges(contrasts_df)
 
-    sec = [_header(extras, runs if have_runs else None, contrasts_df if have_c else None)]
+    sec = [_header(extras, runs if have_runs else None)]
     sec.append("<h2>Summary</h2>" + (_summary(contrasts_df, extras, alpha) if have_c else _na("Contrasts")))
     if have_c:
         sec.append("<h2>The paper's claims</h2>" + _claims_section(contrasts_df, extras, alpha))
