@@ -1,6 +1,7 @@
 """Pure-table analysis of a value-induction study: per-run metrics, paired contrasts against the base
-model and against random-subset controls, the induced × expressed co-expression matrix, its
-permutation null, and an A/A check between control arms.
+model and against random-subset controls (trained runs and items crossed, docs/STATISTICS.md),
+the induced × expressed co-expression matrix with a whole-matrix test, the positive control, and
+an A/A check between control arms.
 
 Inputs follow ``evaluation.types``: ``runs`` has RUN_COLUMNS, ``scores`` has SCORE_COLUMNS.
 Nothing here trains, generates or judges; tables in, tables out.
@@ -8,8 +9,7 @@ Nothing here trains, generates or judges; tables in, tables out.
 from __future__ import annotations
 
 import math
-import zlib
-from dataclasses import dataclass
+from fnmatch import fnmatch
 
 import numpy as np
 import pandas as pd
@@ -21,8 +21,10 @@ __all__ = [
     "contrasts",
     "coexpression",
     "coexpression_matrix",
-    "coexpression_permutation_null",
+    "crosstalk_tests",
     "aa_check",
+    "positive_control",
+    "power_table",
     "CONTRAST_COLUMNS",
 ]
 
@@ -30,11 +32,17 @@ VALUES_SUITE = "values"
 EXPRESSES_PREFIX = "expresses/"
 _KEYS = ["suite", "metric", "judge"]
 
+PLANTED_SUITE = "planted"
+# Holm/BH families. The positive control's planted-marker test is one pre-specified hypothesis;
+# the planted metric in the other arms checks the detector's specificity; the positive arm's
+# other metrics are its side effects; everything else is the study proper.
+FAMILIES = ("study", "positive control", "planted marker", "positive arm")
+
 CONTRAST_COLUMNS = [
-    "model", "condition", "kind", "value", "suite", "metric", "judge", "reference",
-    "n_seeds", "n_items", "n_unscored_pairs", "mean_condition", "mean_reference", "effect",
-    "ci_lo", "ci_hi", "p_value", "p_wilcoxon", "p_seed", "p_holm", "p_bh", "effect_size",
-    "effect_size_kind", "risk_difference", "significant",
+    "model", "condition", "kind", "value", "suite", "metric", "judge", "reference", "primary", "family",
+    "n_seeds", "n_items", "n_unscored_pairs", "mean_condition", "mean_reference", "effect", "se", "df",
+    "ci_lo", "ci_hi", "p_value", "p_holm", "p_bh", "significant", "effect_size", "effect_size_kind",
+    "risk_difference", "var_seed", "var_item", "var_resid", "inference",
 ]
 
 
@@ -82,20 +90,6 @@ def _seed_key(x) -> int | None:
         return None
 
 
-def _rng_for(seed: int, *key) -> np.random.Generator:
-    # One stream per contrast, derived from its key, so a row's CI/p does not depend on which
-    # other rows were computed before it.
-    return np.random.default_rng([seed, zlib.crc32("|".join(map(str, key)).encode())])
-
-
-@dataclass
-class _Params:
-    alpha: float
-    n_boot: int
-    n_perm: int
-    seed: int
-
-
 def _reference_groups(cond_runs: pd.DataFrame, ref_runs: pd.DataFrame,
                       match_seed: bool) -> list[tuple[str, ...]]:
     """Per condition run, the reference runs averaged into its reference arm.
@@ -113,39 +107,29 @@ def _reference_groups(cond_runs: pd.DataFrame, ref_runs: pd.DataFrame,
     return out
 
 
-def _pair_stats(cond: np.ndarray, ref: np.ndarray, exists: np.ndarray, binary: bool,
-                p: _Params, rng: np.random.Generator) -> dict:
+def _effect_size(test: stats.CrossedTest, mc: float, mr: float, binary: bool) -> float:
+    """Cohen's h for proportions; otherwise d = effect / SD of one (run, item) difference, which
+    does not drift with the number of runs (unlike d_z of seed-averaged differences)."""
+    if binary:
+        return stats.cohens_h(mc, mr)
+    var = np.nansum([test.var_seed, test.var_item, test.var_resid])
+    return float(test.effect / math.sqrt(var)) if var > 0 else math.nan
+
+
+def _pair_stats(cond: np.ndarray, ref: np.ndarray, exists: np.ndarray, binary: bool, alpha: float) -> dict:
     """Statistics of one paired contrast from aligned (runs × items) condition/reference arrays."""
     valid = np.isfinite(cond) & np.isfinite(ref)
-    diffs = np.where(valid, cond - ref, np.nan)
-    out = dict(
-        n_seeds=int(valid.any(axis=1).sum()),
-        n_items=int(valid.any(axis=0).sum()),
-        n_unscored_pairs=int((exists & ~valid).sum()),
-    )
-    nan_stats = dict(mean_condition=math.nan, mean_reference=math.nan, effect=math.nan,
-                     ci_lo=math.nan, ci_hi=math.nan, p_value=math.nan, p_wilcoxon=math.nan,
-                     p_seed=math.nan, effect_size=math.nan, risk_difference=math.nan)
-    kind = "cohens_h" if binary else "cohens_d"
-    if not valid.any():
-        return {**out, **nan_stats, "effect_size_kind": kind}
-    mc, mr = float(cond[valid].mean()), float(ref[valid].mean())
-    # Seed-aggregated per-item differences: the unit of the sign-flip test and of d_z.
-    per_item = _nanmean_rows(diffs)
-    per_item = per_item[np.isfinite(per_item)]
-    lo, hi = stats.hierarchical_bootstrap_ci(diffs, p.n_boot, p.alpha, rng)
-    out.update(
-        mean_condition=mc, mean_reference=mr,
-        effect=float(diffs[valid].mean()),
-        ci_lo=lo, ci_hi=hi,
-        p_value=stats.paired_permutation_test(per_item, p.n_perm, rng),
-        p_wilcoxon=stats.wilcoxon_p(per_item),
-        p_seed=stats.seed_level_t_test(diffs),
-        effect_size=stats.cohens_h(mc, mr) if binary else stats.cohens_d_paired(per_item),
-        effect_size_kind=kind,
-        risk_difference=stats.risk_difference(mc, mr) if binary else math.nan,
-    )
-    return out
+    # The crossed test needs a balanced table: runs with any score, items scored in all of them.
+    rows = valid.any(axis=1)
+    cols = valid[rows].all(axis=0) if rows.any() else np.zeros(valid.shape[1], bool)
+    c, r = cond[rows][:, cols], ref[rows][:, cols]
+    test = stats.crossed_test(c - r, alpha)
+    mc, mr = (float(c.mean()), float(r.mean())) if c.size else (math.nan, math.nan)
+    return dict(**test.as_dict(), n_unscored_pairs=int((exists & ~valid).sum()),
+                mean_condition=mc, mean_reference=mr,
+                effect_size=_effect_size(test, mc, mr, binary) if c.size else math.nan,
+                effect_size_kind="cohens_h" if binary else "d_per_observation",
+                risk_difference=stats.risk_difference(mc, mr) if binary and c.size else math.nan)
 
 
 def _wide(scores: pd.DataFrame, run_ids) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -169,7 +153,7 @@ def _prepare_runs(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _compare_arms(vals: pd.DataFrame, exists: pd.DataFrame, cond_runs: pd.DataFrame,
-                  ref_runs: pd.DataFrame, match_seed: bool, p: _Params, key: tuple) -> list[dict]:
+                  ref_runs: pd.DataFrame, match_seed: bool, alpha: float) -> list[dict]:
     """One row per (suite, metric, judge) comparing cond_runs to ref_runs item by item."""
     col = {r: i for i, r in enumerate(vals.columns)}
     ci = np.array([col[r] for r in cond_runs["run_id"]], dtype=int)
@@ -191,43 +175,84 @@ def _compare_arms(vals: pd.DataFrame, exists: pd.DataFrame, cond_runs: pd.DataFr
         ref = np.vstack([ref_arm[g] for g in groups])
         ex_pair = ex[:, ci].T | ex[:, ri].any(axis=1)[None, :]
         binary = _is_binary(mat[:, np.concatenate([ci, ri])])
-        res = _pair_stats(cond, ref, ex_pair, binary, p, _rng_for(p.seed, *key, suite, metric, judge))
-        rows.append(dict(suite=suite, metric=metric, judge=judge, **res))
+        rows.append(dict(suite=suite, metric=metric, judge=judge,
+                         **_pair_stats(cond, ref, ex_pair, binary, alpha)))
     return rows
 
 
+def _judge_matches(judge: str, name: str) -> bool:
+    return judge == name or str(judge).split(":")[0] == name
+
+
+def mark_primary(df: pd.DataFrame, primary_judges: dict[str, str] | None = None) -> pd.Series:
+    """True on the rows scored by each (suite, metric)'s primary judge.
+
+    ``primary_judges`` maps "suite/metric" patterns (fnmatch) or suite names to a judge name
+    (matched whole or before its ":"); the first matching key wins. A metric with one judge needs
+    no entry; one with several and no entry gets the alphabetically first.
+    """
+    primary_judges = primary_judges or {}
+    chosen: dict[tuple[str, str], str] = {}
+    for (suite, metric), judges in df.groupby(["suite", "metric"])["judge"]:
+        judges = sorted(set(judges))
+        name = next((j for k, j in primary_judges.items() if k == suite or fnmatch(f"{suite}/{metric}", k)), None)
+        if name is not None:
+            match = [j for j in judges if _judge_matches(j, name)]
+            if not match:
+                raise ValueError(f"analyze.primary_judges names {name!r} for {suite}/{metric}, "
+                                 f"which is scored by {', '.join(judges)}")
+            chosen[(suite, metric)] = match[0]
+        else:
+            chosen[(suite, metric)] = judges[0]
+    return pd.Series([chosen[(s, m)] == j for s, m, j in zip(df["suite"], df["metric"], df["judge"])],
+                     index=df.index, dtype=bool)
+
+
+def family_of(kind: str, suite: str) -> str:
+    if suite == PLANTED_SUITE:
+        return "positive control" if kind == "positive" else "planted marker"
+    return "positive arm" if kind == "positive" else "study"
+
+
 def _add_corrections(df: pd.DataFrame, family: list[str], alpha: float) -> pd.DataFrame:
+    """Holm and BH within each family of primary rows. A sensitivity row (another judge of the
+    same contrast) is Bonferroni-adjusted by its primary family's size and carries no verdict of
+    its own: claims, the summary and the adaptive loop read primary rows only."""
     df = df.copy()
     df["p_holm"] = np.nan
     df["p_bh"] = np.nan
-    for _, idx in df.groupby(family, sort=False, dropna=False).groups.items():
+    prim = df[df["primary"]]
+    sizes = {}
+    by = family[0] if len(family) == 1 else family  # a one-element list makes pandas warn
+    for key, idx in prim.groupby(by, sort=False, dropna=False).groups.items():
         pv = df.loc[idx, "p_value"].to_numpy(float)
         df.loc[idx, "p_holm"] = stats.correct(pv, "holm")
         df.loc[idx, "p_bh"] = stats.correct(pv, "fdr_bh")
+        sizes[key if isinstance(key, tuple) else (key,)] = int(np.isfinite(pv).sum())
+    for i in df.index[~df["primary"]]:
+        m = sizes.get(tuple(df.loc[i, family]), 1)
+        df.loc[i, "p_holm"] = float(np.minimum(1.0, df.loc[i, "p_value"] * max(m, 1)))
     df["significant"] = (df["p_holm"] < alpha).fillna(False).astype(bool)
     return df
 
 
-def contrasts(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float = 0.05, n_boot: int = 2000,
-              n_perm: int = 2000, seed: int = 0) -> pd.DataFrame:
+def contrasts(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float = 0.05,
+              primary_judges: dict[str, str] | None = None) -> pd.DataFrame:
     """Paired contrasts of every trained condition against the base model and against controls.
 
     One row per (model, condition, suite, metric, judge, reference). Reference "base" is the
     model's base run(s); reference "control" is, per condition run, the item-wise mean over the
     model's control runs with the same seed (all control runs when no seed matches). Control
-    conditions get only the "base" reference. Pairs unscored in either arm are dropped and counted
-    in ``n_unscored_pairs``.
+    conditions get only the "base" reference. Items unscored in any run of either arm are left
+    out of the pair and counted in ``n_unscored_pairs``.
 
-    ``effect`` is the mean paired difference over all (seed, item) pairs, ``ci_lo/ci_hi`` a
-    hierarchical (seed, then item) bootstrap CI of it, and ``p_value`` a sign-flip permutation test
-    on per-item differences averaged over seeds. That test treats prompt items as the sampling
-    unit, so a run-level shift shared by all items of one seed counts as signal; ``p_seed`` (t-test
-    over per-seed mean differences, not used for ``significant``; against "base" it conditions on
-    the single base run) and the CI reflect seed noise,
-    and :func:`aa_check` on two control arms shows whether that matters for a study. ``p_holm``/``p_bh`` are corrected within each
-    family (model, reference, judge): all conditions × suites × metrics scored by that judge.
+    Inference is :func:`evaluation.stats.crossed_test` on the (condition runs × items) table of
+    paired differences: trained runs are the replication unit, so run-to-run variance and the
+    item × condition interaction are both in the standard error; CI and p come from the same t,
+    so the CI excludes 0 exactly when p < alpha. With a single run ``p_value`` is NaN.
+    ``primary`` marks each metric's primary judge (:func:`mark_primary`); ``p_holm``/``p_bh``
+    are corrected within (model, reference, family) over primary rows (see FAMILIES).
     """
-    p = _Params(alpha, n_boot, n_perm, seed)
     r = _prepare_runs(runs)
     rows = []
     for model, mr in r.groupby("model", sort=True):
@@ -236,25 +261,50 @@ def contrasts(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float = 0.05, n_b
         vals, exists = _wide(scores, list(mr["run_id"]))
         if vals.empty:
             continue
-        trained = mr[mr["kind"].isin(["value", "control"])]
+        trained = mr[mr["kind"].isin(["value", "control", "positive"])]
         for condition, cr in trained.groupby("condition", sort=True):
             kind = cr["kind"].iloc[0]
             value = cr["value"].iloc[0] if "value" in cr else None
             refs = []
             if len(base):
                 refs.append(("base", base, False))
-            if kind == "value" and len(controls):
+            if kind != "control" and len(controls):
                 refs.append(("control", controls, True))
             for ref_name, ref_runs, match in refs:
-                for row in _compare_arms(vals, exists, cr, ref_runs, match, p,
-                                         (model, condition, ref_name)):
+                for row in _compare_arms(vals, exists, cr, ref_runs, match, alpha):
                     rows.append(dict(model=model, condition=condition, kind=kind,
                                      value=None if pd.isna(value) else value,
                                      reference=ref_name, **row))
     if not rows:
         return pd.DataFrame(columns=CONTRAST_COLUMNS)
-    df = _add_corrections(pd.DataFrame(rows), ["model", "reference", "judge"], alpha)
+    df = pd.DataFrame(rows)
+    df["primary"] = mark_primary(df, primary_judges)
+    df["family"] = [family_of(k, s) for k, s in zip(df["kind"], df["suite"])]
+    df = _add_corrections(df, ["model", "reference", "family"], alpha)
     return df[CONTRAST_COLUMNS].reset_index(drop=True)
+
+
+def positive_control(contrasts_df: pd.DataFrame, alpha: float = 0.05) -> list[dict]:
+    """The study's measured sensitivity: per model, the planted arm against the controls (or the
+    base model without controls) on the planted marker, with a verdict line."""
+    out = []
+    if contrasts_df is None or contrasts_df.empty:
+        return out
+    c = contrasts_df[(contrasts_df["family"] == "positive control") & contrasts_df["primary"]]
+    for model, m in c.groupby("model", sort=True):
+        ref = "control" if (m["reference"] == "control").any() else "base"
+        row = m[m["reference"] == ref].iloc[0]
+        detected = bool(row["significant"] and row["ci_lo"] > 0)
+        what = (f"{model}: positive control {'detected' if detected else 'NOT detected'}: planted marker "
+                f"{row['effect']:+.3f} against the {ref} (95% CI {row['ci_lo']:+.3f} to {row['ci_hi']:+.3f}, "
+                f"Holm p {row['p_holm']:.3g}, {int(row['n_seeds'])} runs × {int(row['n_items'])} items)")
+        if not detected:
+            what += (f". This study cannot see effects of this size: {row['effect']:+.3f} on a marker "
+                     f"absent from the base model was not significant at α = {alpha}")
+        out.append(dict(model=model, reference=ref, detected=detected, line=what,
+                        **{k: row[k] for k in ("effect", "ci_lo", "ci_hi", "p_value", "p_holm", "n_seeds",
+                                               "n_items", "inference")}))
+    return out
 
 
 # ----------------------------------------------------------------------------- co-expression
@@ -280,7 +330,7 @@ def coexpression(contrasts_df: pd.DataFrame, alpha: float = 0.05, correction: st
         return pd.DataFrame(columns=cols)
     c = contrasts_df[(contrasts_df["suite"] == VALUES_SUITE)
                      & contrasts_df["metric"].astype(str).str.startswith(EXPRESSES_PREFIX)
-                     & (contrasts_df["kind"] == "value")].copy()
+                     & (contrasts_df["kind"] == "value") & contrasts_df["primary"]].copy()
     if c.empty:
         return pd.DataFrame(columns=cols)
     c["induced"] = [_induced_value(k, v) for k, v in zip(c["condition"], c["value"])]
@@ -311,6 +361,28 @@ def coexpression_matrix(coexp: pd.DataFrame, model: str | None = None, judge: st
     return m.reindex(index=[v for v in order if v in m.index], columns=order)
 
 
+def crosstalk_tests(coexp: pd.DataFrame, alpha: float = 0.05) -> list[dict]:
+    """Whole-matrix test per (model, judge): does inducing a value move ANY other value?
+
+    Simes' combination of the off-diagonal cells' crossed-test p-values: the global null is
+    "every off-diagonal cell is 0". It inherits the cells' run-level inference (the earlier
+    label-permutation null ignored run-to-run variance and was over-conservative), and it is
+    valid under the positive dependence that a shared control arm induces.
+    """
+    out = []
+    if coexp is None or coexp.empty:
+        return out
+    off = coexp[~coexp["diagonal"].astype(bool)]
+    for (model, judge), c in off.groupby(["model", "judge"], sort=True):
+        p = stats.simes(c["p_value"].to_numpy(float))
+        out.append(dict(model=model, judge=judge, reference=", ".join(sorted(set(c["reference"]))),
+                        n_cells=int(c["p_value"].notna().sum()), p_value=p,
+                        significant=bool(np.isfinite(p) and p < alpha),
+                        n_related=int((c["label"] == "related").sum()),
+                        n_contrastive=int((c["label"] == "contrastive").sum())))
+    return out
+
+
 def _only(values, what: str):
     u = sorted(set(values))
     if len(u) != 1:
@@ -318,88 +390,18 @@ def _only(values, what: str):
     return u[0]
 
 
-def coexpression_permutation_null(runs: pd.DataFrame, scores: pd.DataFrame, n_perm: int = 1000,
-                                  seed: int = 0, model: str | None = None,
-                                  judge: str | None = None, center: bool = True) -> dict:
-    """Permutation test of the co-expression matrix as a whole.
-
-    Per value run, delta = expression rate − reference rate (mean of the model's control runs,
-    or its base run(s) without controls). Cell (a, b) is the mean delta of runs inducing a on
-    metric expresses/b. Statistic: sum of squared off-diagonal cells. Null: shuffle induced-value
-    labels across the value runs. Each run's own-value metric is masked first, otherwise shuffling
-    would move the (large, expected) diagonal effect into off-diagonal cells and inflate the null;
-    the observed statistic is unchanged by the mask. With ``center`` (default) each metric's mean
-    delta over value runs is subtracted first: a shift shared by all value runs is invariant under
-    relabelling and would only dilute the test (``center=False`` gives the raw sum of squared
-    deltas). A small p says the crosstalk pattern depends on which value was induced.
-    Returns model, judge, reference, statistic, p_value, n_perm, n_runs, n_values, null_mean,
-    null_q95, center and the observed off-diagonal ``matrix`` (DataFrame).
-    """
-    prm = per_run_metrics(scores)
-    prm = prm[(prm["suite"] == VALUES_SUITE) & prm["metric"].astype(str).str.startswith(EXPRESSES_PREFIX)]
-    r = runs[runs["run_id"].isin(set(prm["run_id"]))]
-    model = model if model is not None else _only(r["model"], "model")
-    judge = judge if judge is not None else _only(prm["judge"], "judge")
-    r = r[r["model"] == model]
-    prm = prm[prm["judge"] == judge]
-    rates = prm.pivot_table(index="run_id", columns="metric", values="mean", aggfunc="mean")
-    rates.columns = [c.removeprefix(EXPRESSES_PREFIX) for c in rates.columns]
-    vr = r[r["kind"] == "value"]
-    reference = "control" if (r["kind"] == "control").any() else "base"
-    ref_ids = r.loc[r["kind"] == reference, "run_id"]
-    if vr.empty or ref_ids.empty:
-        raise ValueError("need value runs and control or base runs")
-    ref = rates.reindex(ref_ids).mean(axis=0)
-    delta = rates.reindex(vr["run_id"]) - ref
-    labels = np.array([_induced_value(k, v) for k, v in zip(vr["condition"], vr["value"])])
-    expressed = np.array(delta.columns)
-    d = delta.to_numpy(float, copy=True)
-    d[labels[:, None] == expressed[None, :]] = np.nan
-    ok = np.isfinite(d)
-    if center:
-        # Remove each metric's shift shared by all value runs: it is invariant under relabelling,
-        # so it only adds the same constant to the observed and null statistics and costs power.
-        with np.errstate(invalid="ignore"):
-            d = d - np.nanmean(d, axis=0, keepdims=True)
-    d0, okf = np.where(ok, d, 0.0), ok.astype(float)
-    levels = np.unique(labels)
-    offdiag = levels[:, None] != expressed[None, :]
-
-    def statistic(lab: np.ndarray) -> float:
-        g = (lab[:, None] == levels[None, :]).astype(float)  # runs × levels
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cell = (g.T @ d0) / (g.T @ okf)
-        return float(np.nansum(np.where(offdiag, cell, np.nan) ** 2))
-
-    obs = statistic(labels)
-    rng = np.random.default_rng(seed)
-    null = np.array([statistic(rng.permutation(labels)) for _ in range(n_perm)])
-    count = np.count_nonzero(null >= obs - 1e-12 * abs(obs))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cells = (((labels[:, None] == levels[None, :]).astype(float).T @ d0)
-                 / ((labels[:, None] == levels[None, :]).astype(float).T @ okf))
-    return dict(
-        model=model, judge=judge, reference=reference, statistic=obs,
-        p_value=float((count + 1) / (n_perm + 1)), n_perm=n_perm, n_runs=len(labels),
-        n_values=len(levels), null_mean=float(null.mean()),
-        null_q95=float(np.quantile(null, 0.95)), center=center,
-        matrix=pd.DataFrame(np.where(offdiag, cells, np.nan), index=levels, columns=expressed),
-    )
-
-
 # ----------------------------------------------------------------------------- A/A check
 
 def aa_check(runs: pd.DataFrame, scores: pd.DataFrame, condition_a: str, condition_b: str,
-             model: str | None = None, alpha: float = 0.05, method: str = "holm",
-             n_boot: int = 500, n_perm: int = 2000, seed: int = 0) -> dict:
+             model: str | None = None, alpha: float = 0.05, primary_judges: dict[str, str] | None = None) -> dict:
     """A/A check: compare two control conditions (paired by seed) on every (suite, metric, judge).
 
-    Both arms are trained on random subsets, so every null hypothesis is true and, after
-    correction, at most ``alpha`` of such checks should show any significant comparison
-    (family-wise, for "holm"). Returns n_tests, n_significant, n_significant_uncorrected,
-    any_significant and the per-comparison ``table``.
+    Both arms are trained on random subsets, so every null hypothesis is true. The comparisons
+    are tested and corrected exactly as :func:`contrasts` does (crossed test; Holm within each
+    family of primary-judge rows), so the share of A/A checks with any significant comparison
+    estimates the family-wise false-positive rate that the study's contrasts face. Returns
+    n_tests, n_significant, n_significant_uncorrected, any_significant and the ``table``.
     """
-    p = _Params(alpha, n_boot, n_perm, seed)
     r = _prepare_runs(runs)
     if model is None:
         model = _only(r.loc[r["condition"].isin([condition_a, condition_b]), "model"], "model")
@@ -408,35 +410,52 @@ def aa_check(runs: pd.DataFrame, scores: pd.DataFrame, condition_a: str, conditi
     if ra.empty or rb.empty:
         raise ValueError(f"no runs for {condition_a!r} or {condition_b!r} of model {model!r}")
     vals, exists = _wide(scores, list(ra["run_id"]) + list(rb["run_id"]))
-    rows = _compare_arms(vals, exists, ra, rb, True, p, (model, condition_a, condition_b))
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(_compare_arms(vals, exists, ra, rb, True, alpha))
     if table.empty:
         return dict(model=model, n_tests=0, n_significant=0, n_significant_uncorrected=0,
                     any_significant=False, table=table)
-    table["p_adj"] = stats.correct(table["p_value"].to_numpy(float), method)
-    table["significant"] = (table["p_adj"] < alpha).fillna(False).astype(bool)
-    n_sig = int(table["significant"].sum())
-    return dict(model=model, method=method, alpha=alpha,
-                n_tests=int(table["p_value"].notna().sum()), n_significant=n_sig,
-                n_significant_uncorrected=int((table["p_value"] < alpha).sum()),
+    table["primary"] = mark_primary(table, primary_judges)
+    table["family"] = [family_of("control", s) for s in table["suite"]]
+    table = _add_corrections(table, ["family"], alpha).rename(columns={"p_holm": "p_adj"})
+    prim = table[table["primary"]]
+    n_sig = int(prim["significant"].sum())
+    return dict(model=model, alpha=alpha, n_tests=int(prim["p_value"].notna().sum()), n_significant=n_sig,
+                n_significant_uncorrected=int((prim["p_value"] < alpha).sum()),
                 any_significant=n_sig > 0, table=table)
 
 
-def power_table(contrasts_df: pd.DataFrame, target_halfwidth: float | None = None, min_effect: float | None = None,
-                alpha: float = 0.05, power: float = 0.8) -> pd.DataFrame:
-    """Per contrast: the CI half-width now, the seeds to reach a target half-width, and the seeds to
-    detect `min_effect` (or the observed effect when None) with the given power."""
-    from .stats import seeds_for_halfwidth, seeds_for_power
+# ----------------------------------------------------------------------------- seeds and power
 
+def power_table(contrasts_df: pd.DataFrame, target_halfwidth: float | None = None,
+                min_effect: float | None = None, alpha: float = 0.05, power: float = 0.8) -> pd.DataFrame:
+    """Per primary contrast: the CI half-width now, the floor no number of seeds goes below (the
+    item × condition term), the runs needed for a target half-width, and the power now and runs
+    needed against the smallest effect of interest ``min_effect`` (never the observed effect,
+    which would make every observed effect look detectable)."""
     if contrasts_df is None or contrasts_df.empty:
         return pd.DataFrame()
     rows = []
-    for r in contrasts_df.itertuples():
-        hw = (r.ci_hi - r.ci_lo) / 2
-        s = int(r.n_seeds)
-        effect = min_effect if min_effect is not None else r.effect
-        rows.append({"model": r.model, "condition": r.condition, "reference": r.reference, "suite": r.suite,
-                     "metric": r.metric, "judge": r.judge, "n_seeds": s, "ci_halfwidth": hw,
-                     "seeds_for_target": seeds_for_halfwidth(hw, s, target_halfwidth) if target_halfwidth else None,
-                     "detect_effect": effect, "seeds_for_power": seeds_for_power(hw, s, effect, alpha, power)})
+    for r in contrasts_df[contrasts_df["primary"]].itertuples():
+        s, i = int(r.n_seeds), int(r.n_items)
+        comps = (r.var_seed, r.var_item, r.var_resid)
+        planned = s >= 2 and i >= 2 and all(np.isfinite(comps))
+        floor = stats.halfwidth_floor(r.var_item, i, alpha) if planned else math.nan
+        row = {"model": r.model, "condition": r.condition, "reference": r.reference, "suite": r.suite,
+               "metric": r.metric, "judge": r.judge, "n_seeds": s, "n_items": i,
+               "ci_halfwidth": (r.ci_hi - r.ci_lo) / 2, "halfwidth_floor": floor,
+               "seeds_for_target": None, "power_now": math.nan, "seeds_for_power": None, "note": ""}
+        if not planned:
+            row["note"] = "needs 2+ runs to estimate run-to-run variance"
+        else:
+            if target_halfwidth:
+                row["seeds_for_target"] = stats.seeds_for_halfwidth(*comps, i, target_halfwidth, alpha)
+                if floor >= target_halfwidth:
+                    row["note"] = "more items, not more seeds: the item floor is above the target"
+            if min_effect:
+                row["power_now"] = stats.power_at(min_effect, *comps, i, s, alpha)
+                row["seeds_for_power"] = stats.seeds_for_power(min_effect, *comps, i, alpha, power)
+                if row["seeds_for_power"] is None:
+                    row["note"] = (row["note"] + "; " if row["note"] else "") + \
+                        f"no number of seeds reaches {power:.0%} power for {min_effect}: more items"
+        rows.append(row)
     return pd.DataFrame(rows)

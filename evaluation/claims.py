@@ -3,7 +3,9 @@
 A claim names the contrasts that test it (suite, metric, which induced values) and the
 direction it predicts. Its row counts how many of those contrasts are significant in that
 direction and how many against it, so a reader sees "supported in 3 of 8" rather than a
-cherry-picked example. Tables in, a table out; nothing here computes a p-value.
+cherry-picked example. Each contrast counts once, by its primary judge's verdict, and counts
+"for" only when it is significant after correction and its CI excludes 0 on the predicted side.
+Tables in, a table out; nothing here computes a p-value.
 """
 from __future__ import annotations
 
@@ -70,15 +72,16 @@ def _verdict(direction: int, n: int, k_for: int, k_against: int) -> str:
 
 
 def claims_table(contrasts_df: pd.DataFrame | None, reference: str | None = None,
-                 coexpression: pd.DataFrame | None = None, nulls: list[dict] | None = None) -> pd.DataFrame:
+                 coexpression: pd.DataFrame | None = None, crosstalk: list[dict] | None = None) -> pd.DataFrame:
     """One row per claim: how many of its contrasts (against ``reference``: the controls where the
     study has them, else the base model) are significant after Holm, for and against it.
 
     With ``coexpression`` (from ``analyze.coexpression``) a row for the cross-talk claim counts the
-    related and contrastive off-diagonal cells; ``nulls`` adds each whole-matrix permutation p."""
+    related and contrastive off-diagonal cells; ``crosstalk`` (``analyze.crosstalk_tests``) adds
+    each whole-matrix p."""
     if contrasts_df is None or len(contrasts_df) == 0:
         return pd.DataFrame(columns=COLUMNS)
-    c = contrasts_df
+    c = contrasts_df[contrasts_df["primary"]]
     if reference is None:
         reference = "control" if (c["reference"] == "control").any() else "base"
     c = c[c["reference"] == reference]
@@ -87,12 +90,12 @@ def claims_table(contrasts_df: pd.DataFrame | None, reference: str | None = None
         d = _rows_for(claim, c)
         d = d[np.isfinite(d["effect"].to_numpy(float))]
         sig = d["significant"].fillna(False).astype(bool).to_numpy()
-        sign = np.sign(d["effect"].to_numpy(float))
+        up, down = d["ci_lo"].to_numpy(float) > 0, d["ci_hi"].to_numpy(float) < 0
         if claim.direction == 0:
-            k_for, k_against = np.nan, int(sig.sum())  # "no change" has no direction to agree with
+            k_for, k_against = np.nan, int((sig & (up | down)).sum())  # "no change" has no side to agree with
         else:
-            k_for = int((sig & (sign == claim.direction)).sum())
-            k_against = int((sig & (sign == -claim.direction)).sum())
+            k_for = int((sig & (up if claim.direction > 0 else down)).sum())
+            k_against = int((sig & (down if claim.direction > 0 else up)).sum())
         rows.append({"claim": claim.text,
                      "metrics": ", ".join(f"{claim.suite}/{m if m != 'own' else 'expresses/<induced>'}"
                                           for m in claim.metrics),
@@ -101,17 +104,17 @@ def claims_table(contrasts_df: pd.DataFrame | None, reference: str | None = None
                      "effect_max": float(d["effect"].max()) if len(d) else np.nan,
                      "verdict": _verdict(claim.direction, len(d), k_for, k_against)})
     if coexpression is not None and len(coexpression):
-        rows.insert(1, _crosstalk_row(coexpression, nulls or []))
+        rows.insert(1, _crosstalk_row(coexpression, crosstalk or []))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _crosstalk_row(co: pd.DataFrame, nulls: list[dict]) -> dict:
+def _crosstalk_row(co: pd.DataFrame, tests: list[dict]) -> dict:
     off = co[~co["diagonal"].astype(bool)]
     related, contrastive = int((off["label"] == "related").sum()), int((off["label"] == "contrastive").sum())
     verdict = f"{related} related and {contrastive} contrastive of {len(off)} off-diagonal cells"
-    if nulls:
-        verdict += "; whole-matrix permutation p " + ", ".join(
-            f"{n['p_value']:.3g}" + (f" ({n['judge']})" if len(nulls) > 1 else "") for n in nulls)
+    if tests:
+        verdict += "; whole-matrix (Simes) p " + ", ".join(
+            f"{t['p_value']:.3g}" + (f" ({t['model']}/{t['judge']})" if len(tests) > 1 else "") for t in tests)
     return {"claim": "Inducing a value moves related and contrastive values along",
             "metrics": "values/expresses/<other values>", "reference": ", ".join(sorted(set(off["reference"]))),
             "n_contrasts": len(off), "for": related + contrastive, "against": np.nan,

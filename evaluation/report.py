@@ -33,15 +33,15 @@ th,td{border:1px solid #ccc;padding:2px 6px;text-align:right}
 th{background:#f0f0f0}td.s{text-align:left}tr.sig td{background:#fff3d6}
 pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:12px}
 .na{color:#a33;font-style:italic}.note{color:#555;font-size:13px}
+.ok{border-left:4px solid #27ae60;padding-left:.6em}.bad{border-left:4px solid #c0392b;padding-left:.6em}
 img{max-width:100%;border:1px solid #ddd;margin:.5em 0}
 """
 
 _MAX_ROWS = 2000  # beyond this a table is truncated, with a note, to keep the file usable
 
-_CONTRAST_SHOW = ["model", "condition", "metric", "judge", "reference", "n_seeds", "n_items",
-                  "n_unscored_pairs", "mean_condition", "mean_reference", "effect", "ci_lo",
-                  "ci_hi", "p_value", "p_seed", "p_holm", "p_bh", "effect_size", "effect_size_kind",
-                  "significant"]
+_CONTRAST_SHOW = ["model", "condition", "metric", "judge", "primary", "reference", "n_seeds", "n_items",
+                  "n_unscored_pairs", "mean_condition", "mean_reference", "effect", "se", "df", "ci_lo",
+                  "ci_hi", "p_value", "p_holm", "p_bh", "effect_size", "effect_size_kind", "significant"]
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -127,7 +127,7 @@ def _forest(figs: _Figures, df: pd.DataFrame, suite: str, reference: str, part: 
     eff = df["effect"].to_numpy(float)
     lo = np.clip(eff - df["ci_lo"].to_numpy(float), 0, None)
     hi = np.clip(df["ci_hi"].to_numpy(float) - eff, 0, None)
-    sig = df["significant"].to_numpy(bool)
+    sig = (df["significant"] & df["primary"]).to_numpy(bool)
     fig, ax = plt.subplots(figsize=(9, max(2.0, 0.26 * len(df) + 1.0)))
     for mask, color, lab in ((~sig, "#777777", "n.s."), (sig, "#c0392b", "significant (Holm)")):
         if mask.any():
@@ -238,19 +238,26 @@ def _short_judges(c: pd.DataFrame) -> pd.DataFrame:
 
 def _summary(contrasts_df: pd.DataFrame, extras: dict, alpha: float) -> str:
     """The findings in sentences: what is significant after correction, else what comes closest."""
-    c = contrasts_df[np.isfinite(contrasts_df["effect"].to_numpy(float))]
+    c = contrasts_df[np.isfinite(contrasts_df["effect"].to_numpy(float)) & contrasts_df["primary"]
+                     & (contrasts_df["family"] == "study")]
     sig = c[c["significant"].fillna(False).astype(bool)]
     n_bh = int((c["p_bh"] < alpha).sum())
     by_ref = ", ".join(f"{n} against {r}" for r, n in c.groupby("reference").size().items())
-    out = [f"<p>{len(c)} paired contrasts ({_esc(by_ref)}); <b>{len(sig)} significant after Holm</b> at "
+    out = [f"<p>{len(c)} paired contrasts of the study ({_esc(by_ref)}; each scored by its primary judge, "
+           f"other judges are sensitivity analyses in the tables); <b>{len(sig)} significant after Holm</b> at "
            f"α = {alpha:g} ({n_bh} after Benjamini-Hochberg).</p>"]
+    one_run = c[c["inference"] != "runs × items"]
+    if len(one_run):
+        out.append(f"<p><b>{len(one_run)} contrast(s) rest on a single trained run</b>: run-to-run variance is "
+                   "unmeasured there, so they get a CI over items but no p-value and make no claim across "
+                   "training runs.</p>")
 
     def sentence(r) -> str:
         who = f"inducing {r.value}" if r.kind == "value" else r.condition
         return (f"{_esc(r.model)}: {_esc(who)} changes {_esc(r.suite)}/{_esc(r.metric)} "
                 f"[{_esc(r.judge)}] by {r.effect:+.3g} (95% CI {r.ci_lo:+.3g} to {r.ci_hi:+.3g}) against "
                 f"{_esc(r.reference)}; p = {_fmt(r.p_value, 'p_value')}, Holm p = {_fmt(r.p_holm, 'p_holm')}, "
-                f"{_esc(r.effect_size_kind)} = {_fmt(r.effect_size)} ({int(r.n_seeds)} seed(s), "
+                f"{_esc(_SHORT_ES.get(r.effect_size_kind, r.effect_size_kind))} = {_fmt(r.effect_size)} ({int(r.n_seeds)} run(s), "
                 f"{int(r.n_items)} items).")
     if len(sig):
         top = sig.sort_values("p_holm").head(15)
@@ -258,16 +265,45 @@ def _summary(contrasts_df: pd.DataFrame, extras: dict, alpha: float) -> str:
         if len(sig) > len(top):
             out.append(f'<p class="note">…and {len(sig) - len(top)} more in the tables below.</p>')
     else:
-        near = c.assign(_abs=c["effect_size"].abs()).sort_values(["p_value", "_abs"], ascending=[True, False])
+        near = c.assign(_abs=c["effect_size"].abs()).sort_values(["p_value", "_abs"], ascending=[True, False],
+                                                                 na_position="last")
         out.append("<p>No effect is significant after correction. The contrasts closest to it (smallest "
                    "uncorrected p), none significant:</p><ul>"
                    + "".join(f"<li>{sentence(r)}</li>" for r in near.head(5).itertuples()) + "</ul>")
+    return "".join(out)
+
+
+def _sensitivity(contrasts_df: pd.DataFrame | None, extras: dict, alpha: float) -> str:
+    """What the study can see (the positive control) beside what it wrongly sees (the A/A check),
+    and whether every trained run changed its model's outputs at all."""
+    out = []
+    pcs = analyze.positive_control(contrasts_df, alpha) if contrasts_df is not None else []
+    if pcs:
+        out += [f"<p class='{'ok' if p['detected'] else 'bad'}'><b>Sensitivity.</b> {_esc(p['line'])}.</p>"
+                for p in pcs]
+    else:
+        out.append("<p class='na'><b>Sensitivity</b>: not measured (no positive control: set "
+                   "controls.positive). Without it a null result cannot be told from a blind pipeline.</p>")
     aa = extras.get("aa_checks")
     if isinstance(aa, pd.DataFrame) and not aa.empty:
-        out.append("<p>A/A check (two random-control arms against each other, where every null is true): "
+        out.append("<p><b>Specificity.</b> A/A check (two random-control arms against each other, where every "
+                   "null is true, tested and corrected like the study's contrasts): "
                    + "; ".join(f"{_esc(r.model)}: {int(r.n_significant)} of {int(r.n_tests)} comparisons "
                                f"significant after Holm ({int(r.n_significant_uncorrected)} before correction)"
                                for r in aa.itertuples()) + ".</p>")
+    else:
+        out.append("<p class='na'><b>Specificity</b>: no A/A check (controls.aa_check).</p>")
+    changed = extras.get("changed")
+    if isinstance(changed, pd.DataFrame) and not changed.empty:
+        flagged = changed[changed["flagged"].astype(bool)]
+        share = extras.get("min_changed_share")
+        if len(flagged):
+            out.append(f"<p class='bad'><b>{len(flagged)} trained run(s) changed fewer than {share:.0%} of the "
+                       f"base model's responses</b> (adapter not applied?): "
+                       + ", ".join(_esc(r) for r in flagged["run_id"]) + ". See the appendix.</p>")
+        else:
+            out.append(f"<p>Every trained run changed at least {share:.0%} of its base model's responses "
+                       f"(lowest: {changed['share_changed'].min():.0%}).</p>")
     return "".join(out)
 
 
@@ -275,16 +311,16 @@ def _claims_section(contrasts_df: pd.DataFrame, extras: dict, alpha: float) -> s
     from evaluation.claims import claims_table
 
     co = analyze.coexpression(contrasts_df, alpha=alpha)
-    nulls = extras.get("coexpression_null") or []
-    t = claims_table(contrasts_df, coexpression=co, nulls=[nulls] if isinstance(nulls, dict) else list(nulls))
-    return ('<p class="note">Each claim of the paper, tested on every contrast that bears on it: "for" '
-            'and "against" count contrasts significant (Holm) in the predicted and the opposite '
-            'direction. "Positive" values exclude deception and violence (our reading; the paper does '
-            'not list them).</p>' + _table(t, "Claims table"))
+    t = claims_table(contrasts_df, coexpression=co, crosstalk=analyze.crosstalk_tests(co, alpha))
+    return ('<p class="note">Each claim of the paper, tested on every contrast that bears on it, each counted '
+            'once by its primary judge: "for" and "against" count contrasts significant (Holm) whose CI '
+            'excludes 0 on the predicted and on the opposite side. "Positive" values exclude deception and '
+            'violence (our reading; the paper does not list them).</p>' + _table(t, "Claims table"))
 
 
-_PER_VALUE_SHOW = ["suite", "metric", "judge", "reference", "n_seeds", "mean_condition", "mean_reference",
-                   "effect", "95% CI", "p_value", "p_holm", "p_bh", "effect_size", "significant"]
+_PER_VALUE_SHOW = ["suite", "metric", "judge", "primary", "reference", "n_seeds", "n_items", "mean_condition",
+                   "mean_reference", "effect", "95% CI", "p_value", "p_holm", "p_bh", "effect_size", "significant"]
+_SHORT_ES = {"cohens_h": "h", "d_per_observation": "d"}
 
 
 def _compact(c: pd.DataFrame) -> pd.DataFrame:
@@ -292,8 +328,7 @@ def _compact(c: pd.DataFrame) -> pd.DataFrame:
     c = c.copy()
     c["95% CI"] = [f"[{lo:+.3g}, {hi:+.3g}]" if np.isfinite(lo) and np.isfinite(hi) else ""
                    for lo, hi in zip(c["ci_lo"].astype(float), c["ci_hi"].astype(float))]
-    short = {"cohens_h": "h", "cohens_d": "d_z"}
-    c["effect_size"] = [f"{short.get(k, k)} {v:.3g}" if pd.notna(v) else ""
+    c["effect_size"] = [f"{_SHORT_ES.get(k, k)} {v:.3g}" if pd.notna(v) else ""
                         for k, v in zip(c["effect_size_kind"], c["effect_size"].astype(float))]
     return c
 
@@ -309,10 +344,11 @@ def _per_value_section(contrasts_df: pd.DataFrame) -> str:
         value = str(d["value"].iloc[0])
         own = d["metric"] == f"{analyze.EXPRESSES_PREFIX}{value}"
         d = d[(d["suite"] != analyze.VALUES_SUITE) | own].assign(_side=~own)  # own expression first
-        d = d.sort_values(["_side", "suite", "metric", "judge", "reference"])
+        d = d.assign(_sens=~d["primary"]).sort_values(["_side", "suite", "metric", "reference", "_sens", "judge"])
         out.append(f"<h3>{_esc(value)} <span class='note'>({_esc(model)})</span></h3>")
-        out.append(_table(_compact(d)[_PER_VALUE_SHOW], f"Results for {value}",
-                          highlight="significant", collapse_over=200))
+        # only a primary row carries a verdict; other judges' rows are shown for sensitivity
+        d = _compact(d).assign(significant=d["significant"] & d["primary"])
+        out.append(_table(d[_PER_VALUE_SHOW], f"Results for {value}", highlight="significant", collapse_over=200))
     return "".join(out)
 
 
@@ -321,10 +357,11 @@ def _aa_section(extras: dict) -> str:
     if not isinstance(aa, pd.DataFrame) or aa.empty:
         return _na("A/A check (set controls.aa_check: true with controls.count >= 2)")
     detail = extras.get("aa_detail")
-    return ('<p class="note">control-0 against control-1, paired by seed and item, on every metric. Both arms '
-            'are random subsets, so every difference is noise: with Holm, a study should show a significant '
-            'comparison in at most α of such checks. More than that says the tests here are anticonservative '
-            'for this design.</p>' + _table(aa, "A/A checks")
+    return ('<p class="note">control-0 against control-1, paired by seed and item, on every metric, tested and '
+            'Holm-corrected over the same families of primary-judge rows as the study\'s contrasts. Both arms '
+            'are random subsets, so every difference is noise: a study should show a significant comparison '
+            'in at most α of such checks. More than that says the tests are anticonservative for this '
+            'design.</p>' + _table(aa, "A/A checks")
             + (_table(detail, "A/A comparisons", highlight="significant", collapse_over=0)
                if detail is not None else ""))
 def _judges_section(scores: pd.DataFrame | None, prm: pd.DataFrame) -> str:
@@ -357,7 +394,7 @@ def _coexpression_section(figs: _Figures, contrasts_df, extras: dict, alpha: flo
     out = ['<p class="note">Cells: effect of inducing the row value on the expression rate of the '
            'column value, against controls (against base where a model has no controls). '
            '"related" = significantly positive off-diagonal, "contrastive" = significantly '
-           'negative (Holm-corrected within the model/reference/judge family).</p>']
+           'negative (Holm-corrected within the study family).</p>']
     for (model, judge), _ in co.groupby(["model", "judge"], sort=True):
         out.append(f"<h3>{_esc(model)} — judge {_esc(judge)}</h3>")
         out.append(_heatmap(figs, co, model, judge))
@@ -366,16 +403,48 @@ def _coexpression_section(figs: _Figures, contrasts_df, extras: dict, alpha: flo
     out.append(_table(labelled, "Related/contrastive pairs") if not labelled.empty
                else '<p class="note">No significant off-diagonal cells.</p>')
     out.append(_table(co, "Full co-expression table"))
-    null = extras.get("coexpression_null")
-    out.append("<h3>Permutation null for the whole matrix</h3>")
-    if null:
-        nulls = null if isinstance(null, (list, tuple)) else [null]
-        rows = [{k: v for k, v in d.items() if not isinstance(v, pd.DataFrame)} for d in nulls]
-        out.append('<p class="note">Statistic: sum of squared off-diagonal deltas; null: induced-'
-                   'value labels shuffled across value runs.</p>')
-        out.append(_table(pd.DataFrame(rows), "Co-expression permutation null"))
+    out.append("<h3>Whole-matrix test</h3>")
+    tests = analyze.crosstalk_tests(co, alpha)
+    if tests:
+        out.append('<p class="note">Null hypothesis: inducing a value moves no other value (every '
+                   'off-diagonal cell is 0). Simes\' combination of the cells\' p-values.</p>')
+        out.append(_table(pd.DataFrame(tests), "Whole-matrix test"))
     else:
-        out.append(_na("Co-expression permutation null"))
+        out.append(_na("Whole-matrix test (needs off-diagonal cells)"))
+    return "".join(out)
+
+
+def _trajectory(figs: _Figures, traj: pd.DataFrame) -> str:
+    """CI half-width and p of the watched contrasts after each round of seeds.adaptive."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3))
+    for key, d in traj.groupby(["condition", "suite", "metric"], sort=True):
+        d = d.sort_values("n_seeds")
+        label = " · ".join(map(str, key))
+        ax1.plot(d["n_seeds"], d["ci_halfwidth"], "o-", label=label)
+        ax2.plot(d["n_seeds"], d["p_holm"], "o-", label=label)
+    ax1.set_xlabel("trained runs per condition")
+    ax1.set_ylabel("95% CI half-width")
+    ax2.set_xlabel("trained runs per condition")
+    ax2.set_ylabel("Holm p")
+    ax2.set_yscale("log")
+    ax2.axhline(0.05, color="k", lw=0.8, ls="--")
+    ax1.legend(fontsize=6)
+    return figs.add(fig, "adaptive_trajectory", "Adaptive seeds trajectory")
+
+
+def _power_section(figs: _Figures, extras: dict) -> str:
+    out = ["<p class='note'>Planned from the variance components of each contrast (run-to-run, item × "
+           "condition, residual). The item × condition part repeats in every run, so it sets a floor on the "
+           "CI half-width that no number of seeds goes below; where that floor is above the target the "
+           "answer is more items, not more seeds. Power is against the smallest effect of interest "
+           "(analyze.min_effect), not the observed effect.</p>"]
+    if extras.get("adaptive"):
+        out.append(f"<p>{_esc(extras['adaptive'])}</p>")
+    traj = extras.get("adaptive_trajectory")
+    if isinstance(traj, pd.DataFrame) and not traj.empty:
+        out.append("<h3>Trajectory of seeds.adaptive</h3>" + _trajectory(figs, traj)
+                   + _table(traj, "Trajectory", collapse_over=40))
+    out.append(_table(extras.get("power"), "Power table", collapse_over=40))
     return "".join(out)
 
 
@@ -397,10 +466,10 @@ def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame 
                  contrasts_df: pd.DataFrame | None, extras: dict | None = None) -> Path:
     """Write ``out_dir/report.html`` (figures also in ``out_dir/figures``) and return its path.
 
-    ``extras`` (all optional): study_name, spec_yaml, code_version, notes, alpha,
-    description, judge_agreement (DataFrame), curation (DataFrame), coexpression_null (dict or list
-    of dicts from ``analyze.coexpression_permutation_null``), aa_checks and aa_detail (DataFrames),
-    power (DataFrame), adaptive (a sentence on seeds added by seeds.adaptive).
+    ``extras`` (all optional): study_name, spec_yaml, code_version, notes, alpha, description,
+    judge_agreement (DataFrame), curation (DataFrame), aa_checks and aa_detail (DataFrames), power
+    (DataFrame), adaptive (a sentence on seeds.adaptive), adaptive_trajectory (DataFrame from
+    ``evaluation.adaptive.snapshot`` rows), changed and min_changed_share (``evaluation.sanity``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -413,15 +482,19 @@ def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame 
     if have_c:
         contrasts_df = _short_judges(contrasts_df)
 
-    sec = [_header(extras, runs if have_runs else None)]
+    sec = [_header(extras, runs if have_runs else None),
+           _sensitivity(contrasts_df if have_c else None, extras, alpha)]
     sec.append("<h2>Summary</h2>" + (_summary(contrasts_df, extras, alpha) if have_c else _na("Contrasts")))
     if have_c:
         sec.append("<h2>The paper's claims</h2>" + _claims_section(contrasts_df, extras, alpha))
         sec.append('<h2>Results by induced value</h2><p class="note">effect = mean paired (item-by-item) '
-                   'difference condition − reference; 95% CI from a seed-then-item bootstrap; p from a sign-flip '
-                   'permutation test over items; p_holm / p_bh corrected per (model, reference, judge) family; '
-                   f'highlighted rows have p_holm &lt; {alpha:g}. Effect size: Cohen\'s h for rates (with the '
-                   'risk difference), Cohen\'s d_z for continuous metrics.</p>' + _per_value_section(contrasts_df))
+                   'difference condition − reference over trained runs; 95% CI and p from one t-test with trained '
+                   'runs and items as crossed random factors (docs/STATISTICS.md), so a CI excludes 0 exactly '
+                   'when p &lt; α; p_holm / p_bh corrected per (model, reference) over the primary judge of '
+                   f'each metric; highlighted rows are primary and have p_holm &lt; {alpha:g}; rows with '
+                   '"primary" empty are other judges of the same contrast (sensitivity). Effect size: Cohen\'s h '
+                   'for rates, d = effect / SD of one (run, item) difference for continuous metrics.</p>'
+                   + _per_value_section(contrasts_df))
     sec.append("<h2>Co-expression of values</h2>")
     sec.append(_coexpression_section(figs, contrasts_df if have_c else None, extras, alpha))
     sec.append("<h2>Side effects by suite</h2>")
@@ -434,11 +507,7 @@ def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame 
     else:
         sec.append(_na("Contrasts"))
     sec.append("<h2>A/A check (control against control)</h2>" + _aa_section(extras))
-    sec.append("<h2>Seeds and power</h2><p class='note'>CI half-width now, seeds needed to reach the "
-               "target half-width (seeds.adaptive), and seeds needed to detect the effect at power 0.8, "
-               "assuming the half-width shrinks as 1/sqrt(seeds).</p>"
-               + (f"<p>{_esc(extras['adaptive'])}</p>" if extras.get("adaptive") else "")
-               + _table(extras.get("power"), "Power table", collapse_over=40))
+    sec.append("<h2>Seeds and power</h2>" + _power_section(figs, extras))
     agreement = extras.get("judge_agreement")
     sec.append("<h2>Judge agreement</h2>"
                + (_agreement_figure(figs, agreement) if isinstance(agreement, pd.DataFrame)
@@ -455,6 +524,11 @@ def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame 
         t = prm.merge(runs[["run_id", "model", "condition", "seed"]], on="run_id", how="left") \
             if have_runs else prm
         sec.append(_table(t, "Per-run metrics", collapse_over=0))
+    changed = extras.get("changed")
+    if isinstance(changed, pd.DataFrame) and not changed.empty:
+        sec.append("<h3>Did each adapter change its model?</h3>"
+                   "<p class='note'>Share of items whose response differs from the base model's.</p>"
+                   + _table(changed, "Changed responses", highlight="flagged", collapse_over=40))
     sec.append("<h3>Condition summary (base / control / value)</h3>"
                '<p class="note">Mean over runs of each condition and SD across seeds.</p>'
                + _table(_condition_summary(runs if have_runs else None, prm), "Condition summary", collapse_over=0))

@@ -1,168 +1,147 @@
-"""Statistics for paired value-induction contrasts: bootstrap CIs, permutation tests, effect sizes,
-multiple-comparison correction and seed-count planning.
+"""Statistics for paired value-induction contrasts: the crossed (runs × items) test, effect sizes,
+multiple-comparison correction and seed planning. docs/STATISTICS.md says why each method.
 
-Data layout used throughout: a paired-difference matrix ``diffs[seed, item]`` (condition minus
-reference on the same prompt item, one row per trained seed). NaN marks an item that is
-unscored in either arm; every function here drops NaN rather than propagating it.
+Data layout: a paired-difference matrix ``diffs[run, item]`` (condition minus reference on the
+same prompt item, one row per trained run of the condition). Trained runs (seeds) are the unit
+of replication; items are crossed with runs. NaN marks an item unscored in either arm.
+
+The model behind every number here (Clark 1973; Baayen, Davidson & Bates 2008):
+
+    diffs[s, i] = effect + a_s + b_i + e_si,   a ~ (0, var_seed), b ~ (0, var_item), e ~ (0, var_resid)
+
+a_s is run-to-run (training-seed) variation, b_i the item × condition interaction (with, against
+the base model, the base run's own per-item noise): it repeats in every seed and never averages
+away by adding seeds. For a balanced table the ANOVA mean squares give unbiased components and
+Var(mean) = var_seed/S + var_item/I + var_resid/(S·I) = (MS_seed + MS_item − MS_resid) / (S·I).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
+from scipy import special
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
 __all__ = [
-    "hierarchical_bootstrap_ci",
-    "paired_permutation_test",
-    "paired_permutation_test_scipy",
-    "wilcoxon_p",
-    "seed_level_t_test",
-    "cohens_d_paired",
+    "CrossedTest",
+    "crossed_test",
     "cohens_h",
     "risk_difference",
     "correct",
-    "variance_components",
-    "ci_halfwidth",
-    "seeds_needed",
+    "simes",
+    "expected_halfwidth",
+    "halfwidth_floor",
+    "seeds_for_halfwidth",
+    "power_at",
+    "seeds_for_power",
+    "DF_BETA",
 ]
 
-# Same relative tolerance as scipy.stats.permutation_test: resampled statistics that equal the
-# observed one in exact arithmetic but differ by rounding must count as "as extreme".
-_REL_TOL = np.finfo(float).eps * 100
+# Satterthwaite's df for a sum of mean squares is anti-conservative when the seed mean square,
+# which has only S−1 df, happens to come out small: the df then jumps exactly when t is
+# inflated (type-I error .11–.14 at 2 seeds). We compute the df with MS_seed replaced by its
+# one-sided (1 − DF_BETA) upper confidence limit. 0.20 keeps type-I error ≤ α from 2 seeds up
+# and CI coverage within [.94, .98] from 3 seeds up on tests/test_calibration.py's grid.
+DF_BETA = 0.2
 
 
-def _rng(rng: np.random.Generator | int | None) -> np.random.Generator:
-    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+@dataclass(frozen=True)
+class CrossedTest:
+    """One contrast's inference. ``p_value`` is NaN with a single run (run-to-run variance is
+    unmeasured: the CI then covers item sampling only and no claim is made across runs)."""
+    effect: float
+    se: float
+    df: float
+    ci_lo: float
+    ci_hi: float
+    p_value: float
+    n_seeds: int
+    n_items: int
+    var_seed: float
+    var_item: float
+    var_resid: float
+    inference: str      # "runs × items" | "items only (1 run)" | "none"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
-def hierarchical_bootstrap_ci(
-    diffs: np.ndarray,
-    n_boot: int = 2000,
-    alpha: float = 0.05,
-    rng: np.random.Generator | int | None = None,
-) -> tuple[float, float]:
-    """Percentile CI of the mean paired difference, resampling seeds (rows) then items (columns).
+_NONE = dict(effect=math.nan, se=math.nan, df=math.nan, ci_lo=math.nan, ci_hi=math.nan, p_value=math.nan,
+             var_seed=math.nan, var_item=math.nan, var_resid=math.nan)
 
-    Items are crossed with seeds (every seed answers the same prompts), so one item resample is
-    shared by all resampled seeds. The statistic is the nanmean of the resampled matrix. Resampling
-    is done with multinomial counts, which is equivalent to index resampling but lets the whole
-    bootstrap run as two matrix products: mean = (w·D·c) / (w·M·c) with M the non-NaN mask.
-    Returns (nan, nan) when there is no finite difference.
-    """
+
+def complete_table(diffs: np.ndarray) -> np.ndarray:
+    """The balanced sub-table: runs with any finite value, then items finite in every such run."""
     d = np.atleast_2d(np.asarray(diffs, dtype=float))
-    mask = np.isfinite(d)
-    if not mask.any():
-        return (math.nan, math.nan)
-    # Rows/columns that are entirely NaN carry no information; dropping them keeps the resample
-    # sizes equal to the number of informative seeds/items.
-    d = d[mask.any(axis=1)][:, mask.any(axis=0)]
-    mask = np.isfinite(d)
-    n_s, n_i = d.shape
-    g = _rng(rng)
-    w = g.multinomial(n_s, np.full(n_s, 1.0 / n_s), size=n_boot).astype(float)  # (B, S)
-    c = g.multinomial(n_i, np.full(n_i, 1.0 / n_i), size=n_boot).astype(float)  # (B, I)
-    num = ((w @ np.where(mask, d, 0.0)) * c).sum(axis=1)
-    den = ((w @ mask.astype(float)) * c).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        boot = num / den
-    # A resample can, rarely, pick only NaN cells (ragged matrices); skip those.
-    boot = boot[np.isfinite(boot)]
-    lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
-    return (float(lo), float(hi))
+    d = d[np.isfinite(d).any(axis=1)]
+    return d[:, np.isfinite(d).all(axis=0)] if d.size else d
 
 
-def _sign_flip_null(d: np.ndarray, n_perm: int, g: np.random.Generator) -> tuple[np.ndarray, bool]:
-    n = d.size
-    if n <= 62 and 2**n <= n_perm:
-        # Enumerate all 2^n sign vectors (exact test, as scipy does when n_resamples >= 2^n).
-        bits = (np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1
-        signs = 1.0 - 2.0 * bits
-        return (signs * d).mean(axis=1), True
-    signs = g.choice(np.array([-1.0, 1.0]), size=(n_perm, n))
-    return (signs * d).mean(axis=1), False
+def mean_squares(d: np.ndarray) -> tuple[float, float, float]:
+    """(MS_seed, MS_item, MS_resid) of a complete S × I table (two-way ANOVA without replication)."""
+    s, i = d.shape
+    g, rm, cm = d.mean(), d.mean(axis=1), d.mean(axis=0)
+    ms_s = i * float(((rm - g) ** 2).sum()) / (s - 1)
+    ms_i = s * float(((cm - g) ** 2).sum()) / (i - 1)
+    ms_r = float(((d - rm[:, None] - cm[None, :] + g) ** 2).sum()) / ((s - 1) * (i - 1))
+    return ms_s, ms_i, ms_r
 
 
-def paired_permutation_test(
-    diffs_per_item: np.ndarray,
-    n_perm: int = 2000,
-    rng: np.random.Generator | int | None = None,
-) -> float:
-    """Two-sided sign-flip permutation p-value for mean(diffs) == 0 (NaN dropped).
+def _satterthwaite(ms_s: float, ms_i: float, ms_r: float, s: int, i: int) -> tuple[float, float]:
+    """(S·I·Var(mean), df) with the item term clipped at 0 and the hedged df (see DF_BETA)."""
+    nu = s - 1
+    item = ms_i > ms_r
+    lin = ms_s + (ms_i - ms_r if item else 0.0)
+    ms_s_hi = ms_s * nu / (2 * special.gammaincinv(nu / 2, DF_BETA))  # chi2.ppf(DF_BETA, nu)
+    lin_hi = ms_s_hi + (ms_i - ms_r if item else 0.0)
+    den = ms_s_hi**2 / nu + ((ms_i**2 / (i - 1) + ms_r**2 / (nu * (i - 1))) if item else 0.0)
+    return lin, (lin_hi**2 / den if den > 0 else math.inf)
 
-    Exact (all 2^n sign vectors) when 2^n <= n_perm, otherwise Monte Carlo with the add-one
-    correction p = (1 + #{|T*| >= |T|}) / (n_perm + 1). In the exact case the result equals
-    ``scipy.stats.permutation_test(..., permutation_type="samples")``; see
-    :func:`paired_permutation_test_scipy`. Returns NaN when no finite difference is left.
+
+def _from_t(effect: float, se: float, df: float, alpha: float) -> tuple[float, float, float]:
+    if se == 0:  # every difference identical: no sampling variation at all
+        return effect, effect, (1.0 if effect == 0 else 0.0)
+    # scipy.special's t functions: the same numbers as scipy.stats.t at a fraction of the call cost
+    q = float(special.stdtrit(df, 1 - alpha / 2))
+    return effect - q * se, effect + q * se, float(2 * special.stdtr(df, -abs(effect) / se))
+
+
+def crossed_test(diffs: np.ndarray, alpha: float = 0.05) -> CrossedTest:
+    """t-test and CI of the mean paired difference with runs and items as crossed random factors.
+
+    Uses the complete sub-table (see :func:`complete_table`); with S ≥ 2 runs the variance is
+    (MS_seed + max(MS_item − MS_resid, 0)) / (S·I) and the reference distribution t with the
+    hedged Satterthwaite df, so the CI excludes 0 exactly when p < alpha. With one run only the
+    item variance is available: the CI is reported, the p-value is NaN.
     """
-    d = np.asarray(diffs_per_item, dtype=float).ravel()
-    d = d[np.isfinite(d)]
-    if d.size == 0:
-        return math.nan
-    obs = abs(d.mean())
-    null, exact = _sign_flip_null(d, n_perm, _rng(rng))
-    count = np.count_nonzero(np.abs(null) >= obs - _REL_TOL * obs)
-    if exact:
-        return float(min(1.0, count / null.size))
-    return float(min(1.0, (count + 1) / (null.size + 1)))
-
-
-def paired_permutation_test_scipy(
-    diffs_per_item: np.ndarray,
-    n_perm: int = 2000,
-    rng: np.random.Generator | int | None = None,
-) -> float:
-    """Same test delegated to ``scipy.stats.permutation_test`` (one sample => sign flips)."""
-    d = np.asarray(diffs_per_item, dtype=float).ravel()
-    d = d[np.isfinite(d)]
-    if d.size == 0:
-        return math.nan
-    res = sps.permutation_test(
-        (d,),
-        lambda x, axis: np.mean(x, axis=axis),
-        permutation_type="samples",
-        vectorized=True,
-        n_resamples=n_perm,
-        alternative="two-sided",
-        rng=_rng(rng),
-    )
-    return float(res.pvalue)
-
-
-def wilcoxon_p(diffs_per_item: np.ndarray) -> float:
-    """Two-sided Wilcoxon signed-rank p-value (scipy); NaN if fewer than one non-zero difference."""
-    d = np.asarray(diffs_per_item, dtype=float).ravel()
-    d = d[np.isfinite(d)]
-    if np.count_nonzero(d) == 0:
-        return math.nan
-    return float(sps.wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
-
-
-def seed_level_t_test(diffs: np.ndarray) -> float:
-    """Two-sided one-sample t-test of per-seed mean differences (rows of diffs[seed, item]).
-
-    Uses seeds as the unit, so run-to-run training noise is part of the error term; with the
-    usual 3 seeds it has little power. NaN with fewer than 2 informative seeds or zero spread.
-    """
-    d = np.atleast_2d(np.asarray(diffs, dtype=float))
-    ok = np.isfinite(d)
-    n = ok.sum(axis=1)
-    means = np.where(ok, d, 0.0).sum(axis=1)[n > 0] / n[n > 0]
-    if means.size < 2 or np.ptp(means) == 0:
-        return math.nan
-    return float(sps.ttest_1samp(means, 0.0).pvalue)
-
-
-def cohens_d_paired(diffs: np.ndarray) -> float:
-    """Cohen's d_z for paired data: mean(diff) / sd(diff, ddof=1); NaN if undefined (n<2 or sd=0)."""
-    d = np.asarray(diffs, dtype=float).ravel()
-    d = d[np.isfinite(d)]
-    if d.size < 2:
-        return math.nan
-    sd = d.std(ddof=1)
-    return float(d.mean() / sd) if sd > 0 else math.nan
+    d = complete_table(diffs)
+    s, i = d.shape if d.ndim == 2 else (0, 0)
+    if s == 0 or i == 0:
+        return CrossedTest(**_NONE, n_seeds=int(s), n_items=0, inference="none")
+    effect = float(d.mean())
+    if s == 1:
+        if i < 2:
+            return CrossedTest(**{**_NONE, "effect": effect}, n_seeds=1, n_items=int(i), inference="none")
+        var_i = float(d.var(ddof=1))
+        se = math.sqrt(var_i / i)
+        lo, hi, _ = _from_t(effect, se, i - 1, alpha)
+        return CrossedTest(effect, se, float(i - 1), lo, hi, math.nan, 1, int(i), math.nan, var_i, math.nan,
+                           "items only (1 run)")
+    if i == 1:  # one item: the runs are the only replication
+        se = float(d[:, 0].std(ddof=1)) / math.sqrt(s)
+        lo, hi, p = _from_t(effect, se, s - 1, alpha)
+        return CrossedTest(effect, se, float(s - 1), lo, hi, p, int(s), 1, se**2 * s, math.nan, math.nan,
+                           "runs × items")
+    ms_s, ms_i, ms_r = mean_squares(d)
+    lin, df = _satterthwaite(ms_s, ms_i, ms_r, s, i)
+    se = math.sqrt(max(lin, 0.0) / (s * i))
+    lo, hi, p = _from_t(effect, se, df, alpha)
+    return CrossedTest(effect, se, float(df), lo, hi, p, int(s), int(i),
+                       var_seed=max(0.0, (ms_s - ms_r) / i), var_item=max(0.0, (ms_i - ms_r) / s),
+                       var_resid=ms_r, inference="runs × items")
 
 
 def cohens_h(p1: float, p2: float) -> float:
@@ -193,78 +172,75 @@ def correct(pvalues: Sequence[float] | np.ndarray, method: str = "holm") -> np.n
     return out
 
 
-def variance_components(diffs: np.ndarray) -> tuple[float, float]:
-    """Method-of-moments (seed_sd, item_sd) of a diffs[seed, item] matrix, for :func:`seeds_needed`.
+def simes(pvalues: Sequence[float] | np.ndarray) -> float:
+    """Simes' global p-value min_k(m·p_(k)/k) for "every hypothesis is null" (NaN ignored).
 
-    item_sd is the pooled within-seed SD; seed_sd² = var(seed means) − mean(item_sd²/n_i), clipped
-    at 0. seed_sd is NaN with a single seed.
+    Valid under independence and positive regression dependence (Simes 1986; Sarkar 1998); it is
+    the first step of Hommel's procedure and never larger than the Bonferroni minimum.
     """
-    d = np.atleast_2d(np.asarray(diffs, dtype=float))
-    rows = [r[np.isfinite(r)] for r in d]
-    rows = [r for r in rows if r.size > 0]
-    within = [r.var(ddof=1) for r in rows if r.size > 1]
-    item_var = float(np.mean(within)) if within else math.nan
-    if len(rows) < 2:
-        return (math.nan, math.sqrt(item_var) if np.isfinite(item_var) else math.nan)
-    means = np.array([r.mean() for r in rows])
-    n_i = np.array([r.size for r in rows])
-    seed_var = max(0.0, float(means.var(ddof=1) - np.mean(item_var / n_i)))
-    return (math.sqrt(seed_var), math.sqrt(item_var))
+    p = np.sort(np.asarray(pvalues, dtype=float)[np.isfinite(pvalues)])
+    if p.size == 0:
+        return math.nan
+    return float(min(1.0, (p.size * p / np.arange(1, p.size + 1)).min()))
 
 
-def _se(seed_sd: float, item_sd: float, n_items: int, n_seeds: float) -> float:
-    # Normal approximation: each seed contributes its own training noise (seed_sd) plus the mean of
-    # n_items item-level residuals (item_sd), so Var(mean diff) = seed_sd²/S + item_sd²/(S·n_items).
-    # This treats item residuals as independent across seeds, i.e. it ignores an item effect
-    # shared by all seeds; that effect mostly cancels in paired differences.
-    return math.sqrt(seed_sd**2 / n_seeds + item_sd**2 / (n_seeds * n_items))
+# ----------------------------------------------------------------------------- seed planning
+
+def _plan_var_df(var_seed: float, var_item: float, var_resid: float, n_items: int, n_seeds: int) -> tuple[float, float]:
+    """Var(mean) and the df the test will use at n_seeds, from the expected mean squares."""
+    s, i = n_seeds, max(n_items, 2)
+    var = var_seed / s + var_item / i + var_resid / (s * i)
+    if s < 2:
+        return var, math.nan
+    return var, _satterthwaite(var_resid + i * var_seed, var_resid + s * var_item, var_resid, s, i)[1]
 
 
-def ci_halfwidth(seed_sd: float, item_sd: float, n_items: int, n_seeds: int, alpha: float = 0.05) -> float:
-    """Expected half-width of a (1−alpha) normal CI of the mean difference with n_seeds seeds."""
-    return float(sps.norm.ppf(1 - alpha / 2) * _se(seed_sd, item_sd, n_items, n_seeds))
+def expected_halfwidth(var_seed: float, var_item: float, var_resid: float, n_items: int, n_seeds: int,
+                       alpha: float = 0.05) -> float:
+    """Expected CI half-width with n_seeds runs (t quantile at the expected df; NaN below 2 runs)."""
+    var, df = _plan_var_df(var_seed, var_item, var_resid, n_items, n_seeds)
+    if not np.isfinite(df):
+        return math.nan
+    return float(sps.t.ppf(1 - alpha / 2, df) * math.sqrt(var))
 
 
-def seeds_needed(
-    seed_sd: float,
-    item_sd: float,
-    n_items: int,
-    effect: float,
-    alpha: float = 0.05,
-    power: float = 0.8,
-) -> int:
-    """Smallest number of seeds S giving a two-sided z-test of size alpha the requested power.
+def halfwidth_floor(var_item: float, n_items: int, alpha: float = 0.05) -> float:
+    """The half-width no number of seeds goes below: the item × condition term z·√(var_item/I)."""
+    return float(sps.norm.ppf(1 - alpha / 2) * math.sqrt(max(var_item, 0.0) / n_items))
 
-    Under Var(mean diff) = (seed_sd² + item_sd²/n_items) / S, the condition
-    |effect| / SE(S) >= z_{1−alpha/2} + z_{power} gives
-    S = ceil((z_{1−alpha/2} + z_{power})² · (seed_sd² + item_sd²/n_items) / effect²), at least 1.
-    A normal approximation: with very few seeds a t-based plan would ask for somewhat more.
-    """
+
+def seeds_for_halfwidth(var_seed: float, var_item: float, var_resid: float, n_items: int, target: float,
+                        alpha: float = 0.05, max_seeds: int = 1000) -> int | None:
+    """Smallest number of runs whose expected half-width is ≤ target; None when the item floor
+    alone is ≥ target (more items, not more seeds) or more than max_seeds would be needed."""
+    if halfwidth_floor(var_item, n_items, alpha) >= target:
+        return None
+    for s in range(2, max_seeds + 1):
+        if expected_halfwidth(var_seed, var_item, var_resid, n_items, s, alpha) <= target:
+            return s
+    return None
+
+
+def power_at(effect: float, var_seed: float, var_item: float, var_resid: float, n_items: int, n_seeds: int,
+             alpha: float = 0.05) -> float:
+    """Power of the two-sided crossed t-test to detect `effect` with n_seeds runs (noncentral t)."""
+    var, df = _plan_var_df(var_seed, var_item, var_resid, n_items, n_seeds)
+    if not np.isfinite(df) or var <= 0:
+        return math.nan
+    nc, q = abs(effect) / math.sqrt(var), sps.t.ppf(1 - alpha / 2, df)
+    return float(sps.nct.sf(q, df, nc) + sps.nct.cdf(-q, df, nc))
+
+
+def seeds_for_power(effect: float, var_seed: float, var_item: float, var_resid: float, n_items: int,
+                    alpha: float = 0.05, power: float = 0.8, max_seeds: int = 1000) -> int | None:
+    """Smallest number of runs giving `power` against the smallest effect of interest `effect`;
+    None when even infinitely many runs would not (the item term alone is too large)."""
     if effect == 0:
         raise ValueError("effect must be non-zero")
-    z = sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)
-    var1 = seed_sd**2 + item_sd**2 / n_items
-    # Subtract a tiny slack so an exact integer solution is not bumped up by rounding error.
-    return max(1, math.ceil(z**2 * var1 / effect**2 - 1e-9))
-
-
-def seeds_for_halfwidth(halfwidth: float, n_seeds: int, target: float) -> int:
-    """Seeds needed to shrink an observed CI half-width to `target`.
-
-    Under the model of `_se`, both variance terms scale as 1/S, so the half-width scales as
-    1/sqrt(S): S_target = ceil(S · (halfwidth / target)²).
-    """
-    if not (np.isfinite(halfwidth) and halfwidth > 0):
-        return n_seeds
-    return max(n_seeds if halfwidth <= target else 1, math.ceil(n_seeds * (halfwidth / target) ** 2 - 1e-9))
-
-
-def seeds_for_power(halfwidth: float, n_seeds: int, effect: float, alpha: float = 0.05,
-                    power: float = 0.8) -> int:
-    """Seeds for a two-sided z-test of size alpha to detect `effect` with the given power,
-    from an observed CI half-width at n_seeds (SE = halfwidth / z_{1−alpha/2}, SE ∝ 1/sqrt(S))."""
-    if effect == 0 or not np.isfinite(halfwidth):
-        return -1
-    se1 = halfwidth / sps.norm.ppf(1 - alpha / 2) * math.sqrt(n_seeds)
-    z = sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)
-    return max(1, math.ceil((z * se1 / effect) ** 2 - 1e-9))
+    z = sps.norm.ppf(1 - alpha / 2)
+    if var_item > 0 and sps.norm.sf(z - abs(effect) / math.sqrt(var_item / n_items)) < power:
+        return None
+    for s in range(2, max_seeds + 1):
+        if power_at(effect, var_seed, var_item, var_resid, n_items, s, alpha) >= power:
+            return s
+    return None

@@ -52,13 +52,12 @@ def make_study(effects=None, n_items=80, seeds=(0, 1, 2), n_controls=2, models=(
     return runs, scores
 
 
-FAST = dict(n_boot=500, n_perm=2000, seed=0)
 
 
 @pytest.fixture(scope="module")
 def planted():
-    runs, scores = make_study({("empathy", "expresses/empathy"): 0.35})
-    return runs, scores, analyze.contrasts(runs, scores, **FAST)
+    runs, scores = make_study({("empathy", "expresses/empathy"): 0.35}, seeds=range(5))
+    return runs, scores, analyze.contrasts(runs, scores)
 
 
 def test_contrast_table_shape(planted):
@@ -67,11 +66,12 @@ def test_contrast_table_shape(planted):
     # 3 values x 2 refs + 2 controls x 1 ref, each on 5 metrics
     assert len(c) == (3 * 2 + 2) * 5
     assert set(c.loc[c["kind"] == "control", "reference"]) == {"base"}
-    assert (c["n_seeds"] == 3).all() and (c["n_items"] == 80).all()
+    assert (c["n_seeds"] == 5).all() and (c["n_items"] == 80).all()
     assert (c["n_unscored_pairs"] == 0).all()
     binary = c["metric"] != "anthro_lexical_per100"
     assert set(c.loc[binary, "effect_size_kind"]) == {"cohens_h"}
-    assert set(c.loc[~binary, "effect_size_kind"]) == {"cohens_d"}
+    assert set(c.loc[~binary, "effect_size_kind"]) == {"d_per_observation"}
+    assert c["primary"].all() and set(c["family"]) == {"study"} and set(c["inference"]) == {"runs × items"}
 
 
 def test_planted_effect_is_the_only_significant_contrast(planted):
@@ -91,8 +91,8 @@ def test_planted_effect_is_the_only_significant_contrast(planted):
 
 def test_corrections_are_per_model_reference_judge_family():
     runs, scores = make_study(models=("m1", "m2"), n_items=30)
-    c = analyze.contrasts(runs, scores, n_boot=100, n_perm=500)
-    for _, fam in c.groupby(["model", "reference", "judge"]):
+    c = analyze.contrasts(runs, scores)
+    for _, fam in c.groupby(["model", "reference", "family"]):
         np.testing.assert_allclose(fam["p_holm"], stats.correct(fam["p_value"], "holm"))
         np.testing.assert_allclose(fam["p_bh"], stats.correct(fam["p_value"], "fdr_bh"))
     assert len(c) == 2 * (3 * 2 + 2) * 5
@@ -100,7 +100,7 @@ def test_corrections_are_per_model_reference_judge_family():
 
 def test_control_reference_matches_same_seed():
     runs, scores = make_study(n_items=20)
-    c = analyze.contrasts(runs, scores, n_boot=100, n_perm=200)
+    c = analyze.contrasts(runs, scores)
     row = c[(c["condition"] == "value-care") & (c["metric"] == "anthro_lexical_per100")
             & (c["reference"] == "control")].iloc[0]
     s = scores[scores["metric"] == "anthro_lexical_per100"].pivot(
@@ -121,17 +121,19 @@ def test_unscored_items_are_dropped_and_counted():
     m2 = sel & (scores["run_id"] == "m1-base") & (scores["item_id"] == "safety-5")
     scores.loc[m2, "scored"] = False
     scores.loc[m2, "value"] = 1.0
-    c = analyze.contrasts(runs, scores, n_boot=100, n_perm=200)
+    c = analyze.contrasts(runs, scores)
     row = c[(c["condition"] == "value-honesty") & (c["metric"] == "refusal")
             & (c["reference"] == "base")].iloc[0]
     assert row["n_unscored_pairs"] == 5 + 3
-    assert row["n_items"] == 39
+    # the crossed test needs a balanced table: items unscored in any run of either arm drop out
+    assert row["n_items"] == 34
 
     wide = scores[sel].assign(v=lambda d: d["value"].where(d["scored"])).pivot(
         index="item_id", columns="run_id", values="v")
     cond = wide[[f"m1-value-honesty-s{k}" for k in range(3)]].to_numpy()
     ref = wide[["m1-base"]].to_numpy()
-    assert row["effect"] == pytest.approx(np.nanmean(cond - ref))
+    complete = np.isfinite(cond - ref).all(axis=1)
+    assert row["effect"] == pytest.approx((cond - ref)[complete].mean())
 
     prm = analyze.per_run_metrics(scores)
     b = prm[(prm["run_id"] == "m1-base") & (prm["metric"] == "refusal")].iloc[0]
@@ -142,7 +144,7 @@ def test_unscored_items_are_dropped_and_counted():
 def test_run_without_any_scores_yields_nan_row():
     runs, scores = make_study(n_items=20)
     scores = scores[scores["run_id"] != "m1-value-care-s1"]
-    c = analyze.contrasts(runs, scores, n_boot=100, n_perm=200)
+    c = analyze.contrasts(runs, scores)
     r = c[(c["condition"] == "value-care") & (c["reference"] == "base")]
     assert (r["n_seeds"] == 2).all() and (r["n_unscored_pairs"] == 20).all()
 
@@ -153,8 +155,8 @@ def test_run_without_any_scores_yields_nan_row():
 def structured():
     eff = {("empathy", "expresses/empathy"): 0.35, ("empathy", "expresses/care"): 0.3,
            ("honesty", "expresses/empathy"): -0.25}
-    runs, scores = make_study(eff, n_items=100, rng_seed=1)
-    return runs, scores, analyze.contrasts(runs, scores, **FAST)
+    runs, scores = make_study(eff, n_items=100, rng_seed=1, seeds=range(5))
+    return runs, scores, analyze.contrasts(runs, scores)
 
 
 def test_coexpression_labels(structured):
@@ -173,101 +175,38 @@ def test_coexpression_labels(structured):
 
 def test_coexpression_falls_back_to_base_without_controls():
     runs, scores = make_study({("care", "expresses/care"): 0.3}, n_items=30, n_controls=0)
-    c = analyze.contrasts(runs, scores, n_boot=100, n_perm=500)
+    c = analyze.contrasts(runs, scores)
     assert set(c["reference"]) == {"base"}
     co = analyze.coexpression(c)
     assert len(co) == 9 and set(co["reference"]) == {"base"}
 
 
-SIX = ("a", "b", "c", "d", "e", "f")
-
-
-def test_coexpression_permutation_null_detects_value_specific_crosstalk():
-    eff = {("a", "expresses/a"): 0.35, ("a", "expresses/b"): 0.3, ("c", "expresses/d"): -0.2,
-           ("e", "expresses/a"): 0.2}
-    runs, scores = make_study(eff, n_items=100, values=SIX, n_controls=1)
-    res = analyze.coexpression_permutation_null(runs, scores, n_perm=500, seed=0)
-    assert res["reference"] == "control" and res["n_runs"] == 18 and res["n_values"] == 6
-    assert res["p_value"] < 0.05 and res["statistic"] > res["null_q95"]
-    assert res["matrix"].loc["a", "b"] > 0.2 and np.isnan(res["matrix"].loc["a", "a"])
-
-
-def test_coexpression_permutation_null_ignores_diagonal_and_shared_shifts():
-    # Only the induced value itself moves, plus a shift of "b" shared by every value run:
-    # neither is value-specific crosstalk.
-    eff = {("a", "expresses/a"): 0.35, **{(v, "expresses/b"): 0.3 for v in SIX if v != "b"}}
-    runs, scores = make_study(eff, n_items=100, values=SIX, n_controls=1)
-    res = analyze.coexpression_permutation_null(runs, scores, n_perm=500, seed=0)
-    assert res["p_value"] > 0.1
-
-
-def test_coexpression_permutation_null_needs_explicit_model_when_ambiguous():
-    runs, scores = make_study(n_items=10, models=("a", "b"))
-    with pytest.raises(ValueError):
-        analyze.coexpression_permutation_null(runs, scores, n_perm=10)
-    res = analyze.coexpression_permutation_null(runs, scores, n_perm=10, model="b")
-    assert res["model"] == "b"
-
-
 # ----------------------------------------------------------------------------- A/A
 
-def _null_pair(rng, n_metrics=20, n_items=30, seeds=3):
-    """Two control arms, no true difference; half binary, half continuous metrics."""
-    runs = pd.DataFrame([dict(run_id=f"c{k}-s{s}", model="m", condition=f"control-{k}",
-                              kind="control", value=None, seed=s)
-                         for k in range(2) for s in range(seeds)], columns=list(RUN_COLUMNS))
-    n_runs = len(runs)
-    vals = []
-    for j in range(n_metrics):
-        if j % 2:
-            p = rng.uniform(0.1, 0.6, n_items)
-            vals.append((rng.random((n_runs, n_items)) < p).astype(float))
-        else:
-            vals.append(rng.normal(0, 1, n_items) + rng.normal(0, 0.5, (n_runs, n_items)))
-    v = np.stack(vals)  # metric, run, item
-    idx = np.indices(v.shape).reshape(3, -1)
-    scores = pd.DataFrame(dict(
-        run_id=runs["run_id"].to_numpy()[idx[1]], suite="s",
-        item_id=np.char.add("i", idx[2].astype(str)), metric=np.char.add("m", idx[0].astype(str)),
-        value=v.ravel(), scored=True, judge=JUDGE, raw=""))
-    return runs, scores
-
-
-def test_aa_check_reports_counts():
-    runs, scores = _null_pair(np.random.default_rng(0))
-    res = analyze.aa_check(runs, scores, "control-0", "control-1", n_boot=50, n_perm=1000)
-    assert res["n_tests"] == 20 and len(res["table"]) == 20
+def test_aa_check_uses_the_contrasts_families_and_primary_judges():
+    runs, scores = make_study(n_items=40)
+    second = scores[scores["suite"] == "safety"].assign(judge="judge-b", value=lambda d: 1 - d["value"])
+    scores = pd.concat([scores, second], ignore_index=True)
+    res = analyze.aa_check(runs, scores, "control-0", "control-1", primary_judges={"safety": "judge-b"})
+    t = res["table"]
+    assert res["n_tests"] == 5 and len(t) == 6  # one verdict per metric; judge-a on safety is sensitivity
+    prim = t[t["primary"]]
+    assert set(prim.loc[prim["suite"] == "safety", "judge"]) == {"judge-b"}
+    np.testing.assert_allclose(prim["p_adj"], stats.correct(prim["p_value"], "holm"))
     assert res["n_significant"] <= res["n_significant_uncorrected"]
-
-
-def test_aa_holm_controls_familywise_error_on_null_data():
-    rng = np.random.default_rng(123)
-    n_sim, alpha = 100, 0.05
-    any_holm = any_raw = 0
-    for i in range(n_sim):
-        runs, scores = _null_pair(rng)
-        res = analyze.aa_check(runs, scores, "control-0", "control-1", alpha=alpha,
-                               n_boot=20, n_perm=1000, seed=i)
-        any_holm += res["any_significant"]
-        any_raw += res["n_significant_uncorrected"] > 0
-    # Holm keeps P(any false positive) <= alpha; allow binomial slack (P(X>10 | p=.05) ~ 1%).
-    assert any_holm / n_sim <= alpha + 0.05
-    # Without correction, 20 null tests give a false positive most of the time.
-    assert any_raw / n_sim > 0.4
 
 
 # ----------------------------------------------------------------------------- report
 
 def test_report_writes_html_with_tables_and_figures(tmp_path, structured):
     runs, scores, c = structured
-    null = analyze.coexpression_permutation_null(runs, scores, n_perm=50)
     agreement = pd.DataFrame(dict(judge=["strmatch", "llm"], n=[105, 105], accuracy=[0.74, 0.31],
                                   kappa=[0.52, -0.04], tp=0, fp=0, fn=0, tn=0))
-    aa = analyze.aa_check(runs, scores, "control-0", "control-1", n_boot=50, n_perm=200)
+    aa = analyze.aa_check(runs, scores, "control-0", "control-1")
     aa_summary = pd.DataFrame([{k: v for k, v in aa.items() if k != "table"}])
     path = report.write_report(tmp_path, runs, scores, c, dict(
         study_name="<script>alert(1)</script> study", spec_yaml="values: [empathy]\nx: <b>",
-        code_version="abc123", judge_agreement=agreement, coexpression_null=null,
+        code_version="abc123", judge_agreement=agreement,
         aa_checks=aa_summary, aa_detail=aa["table"]))
     text = path.read_text()
     assert path == tmp_path / "report.html"

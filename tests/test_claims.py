@@ -6,9 +6,11 @@ from evaluation import analyze
 from evaluation.claims import claims_table
 
 
-def _row(value, suite, metric, effect, significant, reference="control"):
+def _row(value, suite, metric, effect, significant, reference="control", judge="j", primary=True):
+    half = abs(effect) / 2 if significant else abs(effect) + 0.1  # a significant CI excludes 0
     return dict(model="m", condition=f"value-{value}", kind="value", value=value, suite=suite, metric=metric,
-                judge="j", reference=reference, effect=effect, significant=significant)
+                judge=judge, primary=primary, reference=reference, effect=effect, significant=significant,
+                ci_lo=effect - half, ci_hi=effect + half)
 
 
 def _table(rows):
@@ -45,6 +47,20 @@ def test_not_significant_is_not_detected_and_missing_is_not_measured():
     assert t.loc["QA accuracy stays largely stable", "verdict"] == "not measured"
 
 
+def test_one_contrast_counts_once_whatever_the_number_of_judges():
+    t = _table([_row("empathy", "safety", "harmful_compliance", -0.2, True, judge=j, primary=j == "strmatch")
+                for j in ("strmatch", "substring", "llm")])
+    r = t.loc[t.index.str.startswith("Positive values make models safer")].iloc[0]
+    assert (r["n_contrasts"], r["for"]) == (1, 1)
+
+
+def test_for_needs_the_ci_on_the_predicted_side():
+    row = _row("empathy", "anthropomorphism", "anthro_llm", 0.3, True)
+    row.update(ci_lo=-0.05, ci_hi=0.65)  # significant after correction, yet the CI covers 0: no verdict
+    r = _table([row]).loc["Every value raises anthropomorphic language"]
+    assert (r["for"], r["against"]) == (0, 0)
+
+
 def test_controls_are_the_reference_when_present():
     rows = [_row("empathy", "sycophancy", "sycophantic", 0.3, True, reference="base"),
             _row("empathy", "sycophancy", "sycophantic", 0.1, False, reference="control")]
@@ -55,12 +71,12 @@ def test_controls_are_the_reference_when_present():
 
 def test_crosstalk_row_counts_related_and_contrastive_cells():
     rows = [dict(_row(v, "values", f"expresses/{e}", eff, sig), p_value=0.01, p_holm=0.02 if sig else 0.5,
-                 p_bh=0.02, effect_size=0.5, n_seeds=2, n_items=10, ci_lo=eff - 0.1, ci_hi=eff + 0.1)
+                 p_bh=0.02, effect_size=0.5, n_seeds=2, n_items=10)
             for v, e, eff, sig in [("empathy", "empathy", 0.3, True), ("empathy", "honesty", 0.2, True),
                                    ("honesty", "empathy", -0.2, True), ("honesty", "honesty", 0.0, False)]]
     c = pd.DataFrame(rows)
     co = analyze.coexpression(c)
-    t = claims_table(c, coexpression=co, nulls=[{"p_value": 0.004, "judge": "j"}])
+    t = claims_table(c, coexpression=co, crosstalk=[{"p_value": 0.004, "model": "m", "judge": "j"}])
     r = t.set_index("claim").loc["Inducing a value moves related and contrastive values along"]
     assert (r["n_contrasts"], r["for"]) == (2, 2)
-    assert r["verdict"] == "1 related and 1 contrastive of 2 off-diagonal cells; whole-matrix permutation p 0.004"
+    assert r["verdict"] == "1 related and 1 contrastive of 2 off-diagonal cells; whole-matrix (Simes) p 0.004"

@@ -1,9 +1,11 @@
-"""Reference checks of evaluation.stats against scipy / statsmodels."""
+"""Reference checks of evaluation.stats against scipy / statsmodels (calibration by simulation is
+in test_calibration.py)."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
@@ -11,94 +13,70 @@ from statsmodels.stats.multitest import multipletests
 from evaluation import stats
 
 
-# ----------------------------------------------------------------------------- permutation test
-
-def test_permutation_exact_equals_scipy():
-    rng = np.random.default_rng(0)
-    for n, shift in [(6, 0.0), (8, 0.8), (10, 0.3)]:
-        d = rng.normal(shift, 1.0, n)
-        # 2**n <= n_perm: both enumerate every sign vector, so the p-values must be identical.
-        ours = stats.paired_permutation_test(d, n_perm=2000, rng=1)
-        ref = stats.paired_permutation_test_scipy(d, n_perm=2000, rng=1)
-        assert ours == pytest.approx(ref, abs=1e-12)
+def _table(rng, s=4, i=60, effect=0.2, sd_seed=0.3, sd_item=0.4, sd_resid=0.5):
+    return (effect + rng.normal(0, sd_seed, (s, 1)) + rng.normal(0, sd_item, (1, i))
+            + rng.normal(0, sd_resid, (s, i)))
 
 
-def test_permutation_exact_with_ties_and_zero_effect():
-    d = np.array([1.0, -1.0, 2.0, -2.0, 0.0])
-    assert stats.paired_permutation_test(d, 2000) == pytest.approx(1.0)
-    d = np.array([1.0, 1.0, 1.0, 1.0, 1.0])  # all positive: 2 of 32 sign vectors as extreme
-    assert stats.paired_permutation_test(d, 2000) == pytest.approx(2 / 32)
-    assert stats.paired_permutation_test_scipy(d, 2000) == pytest.approx(2 / 32)
+# ----------------------------------------------------------------------------- crossed test
+
+def test_crossed_components_and_se_equal_statsmodels_reml():
+    """Balanced and away from the boundary, REML for crossed random effects equals the ANOVA
+    estimates; so must the standard error of the fixed intercept."""
+    import statsmodels.formula.api as smf
+
+    d = _table(np.random.default_rng(3), s=3, i=30)
+    long = pd.DataFrame(dict(y=d.ravel(), seed=np.repeat(np.arange(3), 30), item=np.tile(np.arange(30), 3), g=1))
+    fit = smf.mixedlm("y ~ 1", long, groups="g", re_formula="0",
+                      vc_formula={"item": "0 + C(item)", "seed": "0 + C(seed)"}).fit(reml=True)
+    t = stats.crossed_test(d)
+    var_item, var_seed = fit.vcomp  # statsmodels orders vc_formula keys alphabetically
+    assert (t.var_seed, t.var_item, t.var_resid) == pytest.approx((var_seed, var_item, fit.scale), rel=1e-3)
+    assert t.effect == pytest.approx(fit.fe_params["Intercept"])
+    assert t.se == pytest.approx(fit.bse_fe["Intercept"], rel=1e-3)
 
 
-def test_permutation_monte_carlo_matches_scipy_within_mc_error():
-    rng = np.random.default_rng(3)
-    d = rng.normal(0.25, 1.0, 40)
-    n_perm = 20000
-    ours = stats.paired_permutation_test(d, n_perm=n_perm, rng=5)
-    ref = stats.paired_permutation_test_scipy(d, n_perm=n_perm, rng=6)
-    se = math.sqrt(ref * (1 - ref) / n_perm)
-    assert 0.01 < ref < 0.5  # a regime where the comparison is informative
-    assert abs(ours - ref) < 5 * se + 1e-3
+def test_crossed_p_and_ci_come_from_one_t():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        t = stats.crossed_test(_table(rng, s=int(rng.integers(2, 6)), i=int(rng.integers(5, 80)), effect=0.1))
+        assert t.p_value == pytest.approx(2 * sps.t.sf(abs(t.effect) / t.se, t.df))
+        assert t.ci_hi - t.effect == pytest.approx(sps.t.ppf(0.975, t.df) * t.se)
+        # one procedure: the CI excludes 0 exactly when p < alpha
+        assert (t.ci_lo > 0 or t.ci_hi < 0) == (t.p_value < 0.05)
 
 
-def test_permutation_add_one_and_nan():
-    d = np.full(30, 1.0)
-    p = stats.paired_permutation_test(d, n_perm=999, rng=0)
-    assert p == pytest.approx(1 / 1000)  # never zero: add-one correction
-    d_nan = np.concatenate([np.random.default_rng(1).normal(0.3, 1, 9), [np.nan, np.nan]])
-    assert stats.paired_permutation_test(d_nan, 2000, 0) == stats.paired_permutation_test(
-        d_nan[:9], 2000, 0)
-    assert math.isnan(stats.paired_permutation_test(np.array([np.nan]), 100, 0))
+def test_crossed_one_seed_makes_no_claim_across_runs():
+    d = np.random.default_rng(2).normal(0.5, 1, (1, 40))
+    t = stats.crossed_test(d)
+    assert math.isnan(t.p_value) and t.inference == "items only (1 run)"
+    ref = sps.ttest_1samp(d[0], 0).confidence_interval()
+    assert (t.ci_lo, t.ci_hi) == pytest.approx((ref.low, ref.high))
 
 
-def test_wilcoxon_matches_scipy():
-    d = np.random.default_rng(2).normal(0.4, 1, 25)
-    assert stats.wilcoxon_p(d) == pytest.approx(sps.wilcoxon(d).pvalue)
-    assert math.isnan(stats.wilcoxon_p(np.zeros(5)))
+def test_crossed_seed_variance_is_the_replication_unit():
+    """Items cannot stand in for runs: a large seed shift makes the test wide, not significant."""
+    rng = np.random.default_rng(4)
+    d = np.array([[0.3], [-0.1], [0.25]]) + rng.normal(0, 0.1, (3, 500))
+    t = stats.crossed_test(d)
+    assert t.var_seed > 0.01 and t.p_value > 0.05 and t.df < 3
+    assert sps.ttest_1samp(d.mean(axis=0), 0).pvalue < 1e-10  # what pooling items over seeds would claim
 
 
-# ----------------------------------------------------------------------------- bootstrap
-
-def test_bootstrap_one_seed_matches_scipy_percentile():
-    x = np.random.default_rng(4).normal(0.5, 2.0, 300)
-    lo, hi = stats.hierarchical_bootstrap_ci(x[None, :], n_boot=5000, alpha=0.05, rng=0)
-    ref = sps.bootstrap((x,), np.mean, method="percentile", n_resamples=5000, rng=1,
-                        confidence_level=0.95).confidence_interval
-    width = ref.high - ref.low
-    assert lo == pytest.approx(ref.low, abs=0.05 * width)
-    assert hi == pytest.approx(ref.high, abs=0.05 * width)
+def test_crossed_drops_incomplete_items_and_empty_runs():
+    d = _table(np.random.default_rng(5), s=3, i=20)
+    d[1, 3] = np.nan
+    full = np.vstack([d, np.full((1, 20), np.nan)])
+    t = stats.crossed_test(full)
+    assert (t.n_seeds, t.n_items) == (3, 19)
+    assert t.effect == pytest.approx(np.delete(d, 3, axis=1).mean())
+    assert stats.crossed_test(np.full((2, 3), np.nan)).inference == "none"
 
 
-def test_bootstrap_equals_naive_index_resampling_with_nan():
-    """The count-weighted matrix trick must equal nanmean of the explicitly resampled matrix."""
-    rng = np.random.default_rng(7)
-    d = rng.normal(0.2, 1.0, (4, 25))
-    d[rng.random(d.shape) < 0.15] = np.nan
-    n_boot, alpha = 300, 0.1
-    lo, hi = stats.hierarchical_bootstrap_ci(d, n_boot=n_boot, alpha=alpha, rng=11)
-    g = np.random.default_rng(11)
-    w = g.multinomial(4, np.full(4, 0.25), size=n_boot)
-    c = g.multinomial(25, np.full(25, 1 / 25), size=n_boot)
-    boot = []
-    for wb, cb in zip(w, c):
-        si, ii = np.repeat(np.arange(4), wb), np.repeat(np.arange(25), cb)
-        m = d[si][:, ii]
-        if np.isfinite(m).any():
-            boot.append(np.nanmean(m))
-    ref_lo, ref_hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
-    assert (lo, hi) == pytest.approx((ref_lo, ref_hi), abs=1e-12)
-
-
-def test_bootstrap_widens_with_seed_variance():
-    rng = np.random.default_rng(8)
-    items = rng.normal(0, 1, (1, 200))
-    no_seed = items + rng.normal(0, 0.3, (5, 200))
-    with_seed = no_seed + rng.normal(0, 2.0, (5, 1))  # run-level shifts shared by all items
-    w0 = np.diff(stats.hierarchical_bootstrap_ci(no_seed, 2000, 0.05, 0))[0]
-    w1 = np.diff(stats.hierarchical_bootstrap_ci(with_seed, 2000, 0.05, 0))[0]
-    assert w1 > 2 * w0
-    assert all(math.isnan(v) for v in stats.hierarchical_bootstrap_ci(np.full((2, 3), np.nan)))
+def test_crossed_constant_differences():
+    t = stats.crossed_test(np.ones((2, 10)))
+    assert (t.effect, t.ci_lo, t.ci_hi, t.p_value) == (1.0, 1.0, 1.0, 0.0)
+    assert stats.crossed_test(np.zeros((3, 4))).p_value == 1.0
 
 
 # ----------------------------------------------------------------------------- effect sizes
@@ -109,15 +87,6 @@ def test_effect_sizes_known_values():
     assert stats.cohens_h(0.75, 0.25) == pytest.approx(math.pi / 3)
     assert stats.cohens_h(0.25, 0.75) == pytest.approx(-math.pi / 3)
     assert stats.risk_difference(0.7, 0.4) == pytest.approx(0.3)
-    assert stats.cohens_d_paired(np.array([1.0, 2.0, 3.0])) == pytest.approx(2.0)
-    assert math.isnan(stats.cohens_d_paired(np.array([1.0, 1.0])))
-    assert math.isnan(stats.cohens_d_paired(np.array([1.0])))
-
-
-def test_seed_level_t_test():
-    d = np.array([[1.0, 2.0], [2.0, 3.0], [3.0, np.nan]])
-    assert stats.seed_level_t_test(d) == pytest.approx(sps.ttest_1samp([1.5, 2.5, 3.0], 0).pvalue)
-    assert math.isnan(stats.seed_level_t_test(np.ones((1, 5))))
 
 
 # ----------------------------------------------------------------------------- corrections
@@ -138,27 +107,40 @@ def test_correct_nan_safe():
         stats.correct(p, "bonferroni")
 
 
+def test_simes_global_p():
+    assert stats.simes([0.04, 0.01, 0.02]) == pytest.approx(min(3 * 0.01, 3 * 0.02 / 2, 3 * 0.04 / 3))
+    p = np.random.default_rng(3).uniform(0, 0.3, 12)
+    # the global test rejects whenever Hommel (its closed-testing extension) rejects anything
+    assert stats.simes(p) <= multipletests(p, method="hommel")[1].min() + 1e-12
+    assert stats.simes(p) <= min(1.0, 12 * p.min())
+    assert stats.simes([0.01, np.nan]) == pytest.approx(0.01)
+    assert math.isnan(stats.simes([np.nan]))
+
+
 # ----------------------------------------------------------------------------- planning
 
-def test_seeds_needed_monotone_and_consistent():
-    kw = dict(seed_sd=0.05, item_sd=0.4, n_items=200)
-    s80 = stats.seeds_needed(effect=0.05, power=0.8, **kw)
-    s95 = stats.seeds_needed(effect=0.05, power=0.95, **kw)
-    assert s95 > s80 >= 1
-    assert stats.seeds_needed(effect=0.10, power=0.8, **kw) < s80
-    assert stats.seeds_needed(effect=0.05, power=0.8, alpha=0.01, **kw) > s80
-    # At the returned S the z-test reaches the requested power; at S-1 it does not.
-    z = sps.norm.ppf(0.975) + sps.norm.ppf(0.8)
-    half = lambda s: stats.ci_halfwidth(n_seeds=s, alpha=0.05, **kw)  # noqa: E731
-    se = lambda s: half(s) / sps.norm.ppf(0.975)  # noqa: E731
-    assert 0.05 / se(s80) >= z
-    assert 0.05 / se(s80 - 1) < z
-    assert half(4 * s80) == pytest.approx(half(s80) / 2)
+def test_planning_floor_blocks_unreachable_targets():
+    """The issue's case: item SD .3, 100 items. The floor ±.0588 is above a .043 target, and no
+    number of seeds gives 80% power for an effect whose item-only power is .385."""
+    comps = dict(var_seed=0.01, var_item=0.09, var_resid=0.25)
+    assert stats.halfwidth_floor(0.09, 100) == pytest.approx(1.96 * 0.03, abs=1e-3)
+    assert stats.seeds_for_halfwidth(**comps, n_items=100, target=0.043) is None
+    assert stats.seeds_for_power(0.05, **comps, n_items=100) is None
+    s = stats.seeds_for_halfwidth(**comps, n_items=100, target=0.1)
+    assert stats.expected_halfwidth(**comps, n_items=100, n_seeds=s) <= 0.1 < \
+        stats.expected_halfwidth(**comps, n_items=100, n_seeds=s - 1)
 
 
-def test_variance_components_recovers_simulation():
-    rng = np.random.default_rng(10)
-    d = rng.normal(0, 0.2, (400, 1)) + rng.normal(0, 1.0, (400, 50))
-    seed_sd, item_sd = stats.variance_components(d)
-    assert seed_sd == pytest.approx(0.2, abs=0.05)
-    assert item_sd == pytest.approx(1.0, abs=0.05)
+def test_power_at_matches_noncentral_t():
+    comps = dict(var_seed=0.02, var_item=0.01, var_resid=0.3)
+    p = stats.power_at(0.15, **comps, n_items=80, n_seeds=4)
+    var = 0.02 / 4 + 0.01 / 80 + 0.3 / 320
+    # the df the test will use: Satterthwaite at the expected mean squares, MS_seed hedged
+    ms = ((0.3 + 80 * 0.02) * 3 / sps.chi2.ppf(stats.DF_BETA, 3), 0.3 + 4 * 0.01, 0.3)
+    df = (ms[0] + ms[1] - ms[2]) ** 2 / (ms[0] ** 2 / 3 + ms[1] ** 2 / 79 + ms[2] ** 2 / 237)
+    q = sps.t.ppf(0.975, df)
+    nc = 0.15 / math.sqrt(var)
+    assert p == pytest.approx(sps.nct.sf(q, df, nc) + sps.nct.cdf(-q, df, nc))
+    s = stats.seeds_for_power(0.15, **comps, n_items=80)
+    assert stats.power_at(0.15, **comps, n_items=80, n_seeds=s) >= 0.8 > \
+        stats.power_at(0.15, **comps, n_items=80, n_seeds=s - 1)

@@ -1,0 +1,210 @@
+"""Calibration of the study's inference by simulation: data with a known truth go through the
+same code the report uses, and type-I error, CI coverage, the A/A check, the whole-matrix
+co-expression test and seed planning are measured against it. Fixed seeds: deterministic.
+
+`pytest tests/test_calibration.py -s` prints the grid table.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from evaluation import analyze, stats
+from evaluation.types import RUN_COLUMNS, SCORE_COLUMNS
+
+ALPHA = 0.05
+N_SIM = 1000
+SLACK = 2.5 * math.sqrt(ALPHA * (1 - ALPHA) / N_SIM)   # one-sided binomial slack, ≈ .017
+SD_ITEM, SD_RESID, EFFECT, N_CONTROLS = 0.1, 0.5, 0.1, 2
+GRID = list(itertools.product(("base", "control"), (2, 3, 5), (50, 500), (0.0, 0.03, 0.05, 0.2)))
+
+
+def simulate(rng, n, seeds, items, sd_seed, reference, effect=0.0, binary=False):
+    """n studies' (seeds × items) paired differences: condition runs minus the reference arm.
+
+    Condition run s on item i: effect + seed shift a_s + item × condition b_i + noise. Against
+    the base model the reference is one run (its own per-item noise repeats in every seed);
+    against control it is, per seed, the mean of N_CONTROLS trained runs with their own shifts.
+    """
+    a = rng.normal(0, sd_seed, (n, seeds, 1))
+    b = rng.normal(0, SD_ITEM, (n, 1, items))
+    if binary:
+        p0 = rng.uniform(0.1, 0.6, (n, 1, items))
+        draw = lambda p, shape: (rng.random(shape) < np.clip(p, 0, 1)).astype(float)  # noqa: E731
+        cond = draw(p0 + effect + a + b, (n, seeds, items))
+        if reference == "base":
+            ref = draw(p0, (n, 1, items))
+        else:
+            c = rng.normal(0, sd_seed, (n, N_CONTROLS, seeds, 1))
+            ref = draw(p0[:, None] + c, (n, N_CONTROLS, seeds, items)).mean(axis=1)
+    else:
+        cond = effect + a + b + rng.normal(0, SD_RESID, (n, seeds, items))
+        if reference == "base":
+            ref = rng.normal(0, SD_RESID, (n, 1, items))
+        else:
+            c = rng.normal(0, sd_seed, (n, N_CONTROLS, seeds, 1))
+            ref = (c + rng.normal(0, SD_RESID, (n, N_CONTROLS, seeds, items))).mean(axis=1)
+    return cond - ref
+
+
+def rates(reference, seeds, items, sd_seed, binary=False, n=N_SIM):
+    key = f"{reference}{seeds}{items}{sd_seed}{binary}"
+    null = simulate(np.random.default_rng([0, *key.encode()]), n, seeds, items, sd_seed, reference, binary=binary)
+    alt = simulate(np.random.default_rng([1, *key.encode()]), n, seeds, items, sd_seed, reference, EFFECT, binary)
+    type1 = np.mean([stats.crossed_test(d, ALPHA).p_value <= ALPHA for d in null])
+    cover = np.mean([(t := stats.crossed_test(d, ALPHA)).ci_lo <= EFFECT <= t.ci_hi for d in alt])
+    return float(type1), float(cover)
+
+
+@pytest.fixture(scope="module")
+def grid() -> pd.DataFrame:
+    rows = [dict(reference=r, seeds=s, items=i, sd_seed=sd, **dict(zip(("type1", "coverage"), rates(r, s, i, sd))))
+            for r, s, i, sd in GRID]
+    t = pd.DataFrame(rows)
+    with pd.option_context("display.width", 200, "display.max_rows", 100):
+        print(f"\ntype-I error (α = {ALPHA}, bound {ALPHA + SLACK:.3f}) and 95% CI coverage, {N_SIM} studies per cell;"
+              f" SD item×condition {SD_ITEM}, residual {SD_RESID}, effect {EFFECT}\n"
+              + t.pivot_table(index=["reference", "seeds", "items"], columns="sd_seed",
+                              values=["type1", "coverage"]).round(3).to_string())
+    return t
+
+
+def test_type1_error_is_at_most_alpha(grid):
+    bad = grid[grid["type1"] > ALPHA + SLACK]
+    assert bad.empty, bad
+
+
+def test_coverage_from_three_seeds(grid):
+    g = grid[grid["seeds"] >= 3]
+    bad = g[(g["coverage"] < 0.92) | (g["coverage"] > 0.98)]
+    assert bad.empty, bad
+
+
+def test_two_seeds_are_conservative(grid):
+    """With two runs the seed variance has one df: the test errs on the safe side (type-I ≤ α,
+    coverage ≥ 95%), and is more conservative than from three seeds up."""
+    g = grid[grid["seeds"] == 2]
+    assert (g["coverage"] >= 0.95 - SLACK).all() and (g["type1"] <= ALPHA + SLACK).all()
+
+
+@pytest.mark.parametrize("reference,seeds", [("base", 2), ("base", 3), ("control", 3), ("control", 5)])
+def test_binary_scores(reference, seeds):
+    type1, cover = rates(reference, seeds, 200, 0.05, binary=True, n=600)
+    assert type1 <= ALPHA + 2.5 * math.sqrt(ALPHA * (1 - ALPHA) / 600)
+    assert cover >= 0.92 and (seeds < 3 or cover <= 0.98)
+
+
+def test_effect_size_does_not_drift_with_seeds():
+    """d = effect / SD of one (run, item) difference estimates the same number at 2 and 8 seeds
+    (d_z of seed-averaged differences grew from .26 to .67 for the same truth)."""
+    rng = np.random.default_rng(7)
+
+    def mean_d(seeds):
+        ds = []
+        for d in simulate(rng, 300, seeds, 100, 0.1, "control", effect=0.2):
+            t = stats.crossed_test(d)
+            ds.append(t.effect / math.sqrt(t.var_seed + t.var_item + t.var_resid))
+        return np.mean(ds)
+    assert mean_d(2) == pytest.approx(mean_d(8), rel=0.1)
+
+
+# ----------------------------------------------------------------------------- whole study tables
+
+def study_tables(rng, values=("a", "b", "c"), seeds=(0, 1, 2), n_items=50, sd_seed=0.05, effects=None,
+                 metrics=None):
+    """Runs and scores of a synthetic study with run-level (seed) shifts; ``effects[(value, metric)]``."""
+    effects = effects or {}
+    metrics = metrics or [("values", f"expresses/{v}") for v in values] + [("safety", "refusal")]
+    runs = [dict(run_id="base", model="m", condition="base", kind="base", value=None, seed=None)]
+    runs += [dict(run_id=f"{c}-s{s}", model="m", condition=c, kind=k, value=v, seed=s)
+             for s in seeds for c, k, v in [(f"value-{v}", "value", v) for v in values]
+             + [(f"control-{k}", "control", None) for k in range(N_CONTROLS)]]
+    runs = pd.DataFrame(runs, columns=list(RUN_COLUMNS))
+    parts = []
+    for suite, metric in metrics:
+        p0 = rng.uniform(0.1, 0.6, n_items) + rng.normal(0, SD_ITEM, n_items)
+        for r in runs.itertuples():
+            shift = 0.0 if r.kind == "base" else rng.normal(0, sd_seed)
+            p = np.clip(p0 + shift + effects.get((r.value, metric), 0.0), 0, 1)
+            parts.append(pd.DataFrame(dict(run_id=r.run_id, suite=suite, item_id=[f"i{i}" for i in range(n_items)],
+                                           metric=metric, value=(rng.random(n_items) < p).astype(float),
+                                           scored=True, judge="j", raw="")))
+    return runs, pd.concat(parts, ignore_index=True)[list(SCORE_COLUMNS)]
+
+
+def test_contrasts_type1_end_to_end():
+    """The report's own entry point, on null studies with seed shifts: P(p ≤ α) per contrast."""
+    rng = np.random.default_rng(11)
+    p = pd.concat([analyze.contrasts(*study_tables(rng))["p_value"] for _ in range(60)])
+    assert len(p) == 60 * (3 * 2 + 2) * 4
+    assert (p <= ALPHA).mean() <= ALPHA + 2.5 * math.sqrt(ALPHA * (1 - ALPHA) / 60 / 8)
+
+
+def test_crosstalk_whole_matrix_null_rejects_at_about_alpha():
+    rng = np.random.default_rng(12)
+    ps = []
+    for _ in range(150):
+        runs, scores = study_tables(rng, values=("a", "b", "c", "d"), metrics=[("values", f"expresses/{v}")
+                                                                                for v in "abcd"])
+        ps.append(analyze.crosstalk_tests(analyze.coexpression(analyze.contrasts(runs, scores)))[0]["p_value"])
+    rate = np.mean(np.array(ps) <= ALPHA)
+    assert 0.01 <= rate <= ALPHA + 2.5 * math.sqrt(ALPHA * (1 - ALPHA) / 150), rate
+
+
+def test_crosstalk_whole_matrix_detects_a_moved_value():
+    runs, scores = study_tables(np.random.default_rng(13), seeds=(0, 1, 2, 3), n_items=300,
+                                effects={("a", "expresses/b"): 0.25, ("a", "expresses/a"): 0.3})
+    co = analyze.coexpression(analyze.contrasts(runs, scores))
+    res = analyze.crosstalk_tests(co)[0]
+    assert res["p_value"] < ALPHA and res["n_cells"] == 6
+
+
+def test_aa_check_familywise_error_with_seed_shifts():
+    """Two random arms, 20 metrics, seed shifts: Holm over the contrasts' family keeps P(any
+    false positive) ≤ α; uncorrected, most A/A checks would show one."""
+    rng = np.random.default_rng(123)
+    any_holm = any_raw = 0
+    for _ in range(100):
+        runs, scores = study_tables(rng, values=(), metrics=[("s", f"m{j}") for j in range(20)], n_items=30)
+        res = analyze.aa_check(runs, scores, "control-0", "control-1")
+        assert res["n_tests"] == 20
+        any_holm += res["any_significant"]
+        any_raw += res["n_significant_uncorrected"] > 0
+    assert any_holm / 100 <= ALPHA + 0.05  # P(X > 10 | p = .05) ≈ 1%
+    assert any_raw / 100 > 0.4
+
+
+# ----------------------------------------------------------------------------- seed planning
+
+COMPS = dict(var_seed=0.004, var_item=0.01, var_resid=0.25)
+
+
+def _simulate_components(rng, n, seeds, items):
+    return (rng.normal(0, math.sqrt(COMPS["var_seed"]), (n, seeds, 1))
+            + rng.normal(0, math.sqrt(COMPS["var_item"]), (n, 1, items))
+            + rng.normal(0, math.sqrt(COMPS["var_resid"]), (n, seeds, items)))
+
+
+def test_planned_seeds_reach_the_promised_halfwidth():
+    target = 0.06
+    s = stats.seeds_for_halfwidth(**COMPS, n_items=200, target=target)
+    assert s is not None and s >= 3
+    hw = [(t.ci_hi - t.ci_lo) / 2 for d in _simulate_components(np.random.default_rng(5), 500, s, 200)
+          for t in [stats.crossed_test(d)]]
+    assert np.median(hw) <= target * 1.05
+    hw_less = [(t.ci_hi - t.ci_lo) / 2 for d in _simulate_components(np.random.default_rng(6), 500, s - 1, 200)
+               for t in [stats.crossed_test(d)]]
+    assert np.median(hw_less) > target * 0.95
+
+
+def test_planned_seeds_reach_the_promised_power():
+    effect = 0.08
+    s = stats.seeds_for_power(effect, **COMPS, n_items=200)
+    assert s is not None and s >= 3
+    hits = [stats.crossed_test(d + effect).p_value < ALPHA
+            for d in _simulate_components(np.random.default_rng(8), 600, s, 200)]
+    assert np.mean(hits) >= 0.8 - 2.5 * math.sqrt(0.16 / 600)
