@@ -28,14 +28,18 @@ class Decision:
         return [c for c, why in self.reasons.items() if why.startswith("more items")]
 
 
-def targets(contrasts_df: pd.DataFrame, metrics: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+def targets(contrasts_df: pd.DataFrame, metrics: list[str] | tuple[str, ...] = (),
+            conditions: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
     """The contrasts the loop watches: primary rows of value and positive arms against the
-    controls (the base model when there are none), on the ``suite/metric`` patterns given."""
+    controls (the base model when there are none), on the ``suite/metric`` and condition
+    patterns given (none: all)."""
     c = contrasts_df[contrasts_df["primary"] & contrasts_df["kind"].isin(KINDS)]
     ref = "control" if (c["reference"] == "control").any() else "base"
     c = c[c["reference"] == ref]
     if metrics:
         c = c[[any(fnmatch(f"{s}/{m}", p) for p in metrics) for s, m in zip(c["suite"], c["metric"])]]
+    if conditions:
+        c = c[[any(fnmatch(str(k), p) for p in conditions) for k in c["condition"]]]
     return c
 
 
@@ -48,7 +52,8 @@ def _unreachable(r, target: float | None, alpha: float) -> bool:
 
 
 def decide(contrasts_df: pd.DataFrame, seeds: dict[str, int], max_seeds: int, until: str = "halfwidth",
-           target: float | None = None, metrics: list[str] | tuple[str, ...] = (), alpha: float = 0.05) -> Decision:
+           target: float | None = None, metrics: list[str] | tuple[str, ...] = (),
+           conditions: list[str] | tuple[str, ...] = (), alpha: float = 0.05) -> Decision:
     """One round of the loop. ``until`` is "halfwidth" (every watched CI within ±target) or
     "significant" (every watched contrast significant after correction). A condition with one
     run always gets a second: one run says nothing about run-to-run variance. A condition whose
@@ -56,7 +61,7 @@ def decide(contrasts_df: pd.DataFrame, seeds: dict[str, int], max_seeds: int, un
     if until == "halfwidth" and not target:
         raise ValueError("until='halfwidth' needs a target half-width")
     d = Decision(add=[])
-    for cond, c in targets(contrasts_df, metrics).groupby("condition", sort=True):
+    for cond, c in targets(contrasts_df, metrics, conditions).groupby("condition", sort=True):
         n = seeds.get(str(cond), int(c["n_seeds"].max()))
         if until == "halfwidth":
             open_ = c[((c["ci_hi"] - c["ci_lo"]) / 2 > target) | c["ci_lo"].isna()]
@@ -78,10 +83,11 @@ def decide(contrasts_df: pd.DataFrame, seeds: dict[str, int], max_seeds: int, un
     return d
 
 
-def snapshot(contrasts_df: pd.DataFrame, metrics: list[str] | tuple[str, ...], decision: Decision) -> list[dict]:
+def snapshot(contrasts_df: pd.DataFrame, decision: Decision, metrics: list[str] | tuple[str, ...] = (),
+             conditions: list[str] | tuple[str, ...] = ()) -> list[dict]:
     """The watched contrasts of one round with the decision taken after it (for the trajectory)."""
     rows = []
-    for r in targets(contrasts_df, metrics).itertuples():
+    for r in targets(contrasts_df, metrics, conditions).itertuples():
         rows.append({"condition": r.condition, "suite": r.suite, "metric": r.metric, "judge": r.judge,
                      "reference": r.reference, "n_seeds": int(r.n_seeds), "effect": r.effect,
                      "ci_halfwidth": (r.ci_hi - r.ci_lo) / 2, "p_value": r.p_value, "p_holm": r.p_holm,

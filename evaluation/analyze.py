@@ -295,12 +295,13 @@ def positive_control(contrasts_df: pd.DataFrame, alpha: float = 0.05) -> list[di
         ref = "control" if (m["reference"] == "control").any() else "base"
         row = m[m["reference"] == ref].iloc[0]
         detected = bool(row["significant"] and row["ci_lo"] > 0)
+        p = f"Holm p {row['p_holm']:.3g}" if np.isfinite(row["p_holm"]) else "no p-value from one run"
         what = (f"{model}: positive control {'detected' if detected else 'NOT detected'}: planted marker "
                 f"{row['effect']:+.3f} against the {ref} (95% CI {row['ci_lo']:+.3f} to {row['ci_hi']:+.3f}, "
-                f"Holm p {row['p_holm']:.3g}, {int(row['n_seeds'])} runs × {int(row['n_items'])} items)")
+                f"{p}, {int(row['n_seeds'])} run(s) × {int(row['n_items'])} items)")
         if not detected:
-            what += (f". This study cannot see effects of this size: {row['effect']:+.3f} on a marker "
-                     f"absent from the base model was not significant at α = {alpha}")
+            what += (f". This study cannot see effects of this size: a planted change of {row['effect']:+.3f} "
+                     f"was not significant at α = {alpha}")
         out.append(dict(model=model, reference=ref, detected=detected, line=what,
                         **{k: row[k] for k in ("effect", "ci_lo", "ci_hi", "p_value", "p_holm", "n_seeds",
                                                "n_items", "inference")}))

@@ -57,6 +57,8 @@ def _print_where(study, report) -> None:
     print(f"mlflow:  {uri}")
     if uri.startswith("sqlite:///"):
         print(f"open it: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    for line in study.sensitivity_lines():
+        print(line)
 
 
 def cmd_status(args) -> int:

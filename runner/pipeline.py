@@ -35,7 +35,7 @@ class Run:
     run_id: str
     model: str
     condition: str
-    kind: str               # base | value | control
+    kind: str               # base | value | control | positive (the planted-behaviour arm)
     value: str | None
     seed: int | None
     cell_key: str | None    # train-unit key; None for a base model
@@ -160,8 +160,21 @@ class Study:
         s = self.spec
         d = s.data
         return content_hash(CODE_VERSION, "curate", self.annotate_key(), d.held_out_fraction, d.subset_size,
-                            d.min_subset_size, d.rule, d.seed, s.values.induced, s.controls,
+                            d.min_subset_size, d.rule, d.seed, s.values.induced, self._controls_key(),
                             self.model_id(s.models[0].name))
+
+    def _controls_key(self) -> dict:
+        """The controls section as curation sees it: without `positive` when it is unset (so specs
+        without it keep their keys), and without `positive.items` (the suite's size, not curation)."""
+        c = self.spec.controls
+        if c.positive is None:
+            return c.model_dump(mode="json", exclude={"positive"})
+        return c.model_dump(mode="json", exclude={"positive": {"items"}})
+
+    def eval_suites(self) -> list[str]:
+        """The suites every run is generated and scored on: generate.suites, plus "planted" (the
+        positive control's detector) whenever controls.positive is set."""
+        return list(self.spec.generate.suites) + (["planted"] if self.spec.controls.positive else [])
 
     def cell_key(self, model: str, condition: str, seed: int) -> str:
         return content_hash(CODE_VERSION, "train", self.curate_key(), self.model_id(model), condition, seed,
@@ -172,7 +185,7 @@ class Study:
         for m in self.spec.models:
             out.append(Run(f"{m.name}__base", m.name, "base", "base", None, None, None))
             for cond in self.spec.conditions():
-                kind = cond.split("-", 1)[0]
+                kind = cond.split("-", 1)[0]  # value | control | positive
                 value = cond.split("-", 1)[1] if kind == "value" else None
                 for seed in self.spec.seeds.values + self.extra_seeds.get(cond, []):
                     out.append(Run(f"{m.name}__{cond}__s{seed}", m.name, cond, kind, value, seed,
@@ -181,9 +194,10 @@ class Study:
 
     @functools.cache
     def items_key(self) -> str:
-        g = self.spec.generate
+        g, pos = self.spec.generate, self.spec.controls.positive
         return content_hash(CODE_VERSION, "items", g.suites, g.items_per_suite, g.sampling.seed,
-                            self.curate_key(), self._data_marker())
+                            self.curate_key(), self._data_marker(),
+                            *([{"planted": pos.model_dump(mode="json")}] if pos else []))
 
     def generate_key(self, run: Run) -> str:
         return content_hash(CODE_VERSION, "generate", self.items_key(), self.spec.generate.sampling,
@@ -193,7 +207,8 @@ class Study:
         s = self.spec
         judge = s.score.value_judge or s.annotate.judge_model
         return content_hash(CODE_VERSION, "score", self.generate_key(run), s.score, self.model_id(judge),
-                            s.annotate.mode, s.annotate.logprob_threshold)
+                            s.annotate.mode, s.annotate.logprob_threshold,
+                            *([{"planted": s.controls.positive.model_dump(mode="json")}] if s.controls.positive else []))
 
     def analyze_key(self) -> str:
         return content_hash(CODE_VERSION, "analyze", [(r.run_id, self.score_key(r)) for r in self.runs()],
@@ -434,12 +449,13 @@ class Study:
         path = self.store.unit("items", key) / "items.parquet"
         if path.exists():
             return read_parquet(path)
-        g = self.spec.generate
+        g, pos = self.spec.generate, self.spec.controls.positive
         held = read_parquet(self.curate() / "held_out.parquet")
         frames = []
-        for suite in g.suites:
-            kw = {"held_out_prompts": [list(p) for p in held["prompt"]]} if suite == "values" else {}
-            frames.append(load_suite(suite, self.data_dir, limit=g.items_per_suite, seed=g.sampling.seed, **kw))
+        for suite in self.eval_suites():
+            kw = {"held_out_prompts": [list(p) for p in held["prompt"]]} if suite in ("values", "planted") else {}
+            limit = pos.items if suite == "planted" else g.items_per_suite  # the cap does not apply to planted
+            frames.append(load_suite(suite, self.data_dir, limit=limit, seed=g.sampling.seed, **kw))
         items = pd.concat(frames, ignore_index=True)
         write_parquet(items, path)
         return items
@@ -525,12 +541,13 @@ class Study:
             for r in todo:
                 g = read_parquet(gens[r.run_id], ("run_id", "suite", "item_id", "response"))
                 frames = []
-                for suite in s.generate.suites:
+                for suite in self.eval_suites():
                     settings = {"max_tokens": s.score.sampling.max_tokens,
                                 "values_mode": "generate" if s.annotate.mode == "extract" else "logprob",
                                 "values_threshold": s.annotate.logprob_threshold,
                                 "refusal_judges": list(s.score.refusal_judges),
-                                "anthro_llm": engines.get("anthropomorphism") is not None}
+                                "anthro_llm": engines.get("anthropomorphism") is not None,
+                                **({"planted_phrase": s.controls.positive.phrase} if s.controls.positive else {})}
                     frames.append(score_suite(suite, items[items["suite"] == suite], g[g["suite"] == suite],
                                               engine=engines.get(suite), settings=settings))
                 if r.run_id in qa:
@@ -603,7 +620,7 @@ class Study:
             runs = self.runs_table()
             scores = pd.concat([read_parquet(p) for p in paths.values()], ignore_index=True)
             a = s.analyze
-            con = contrasts(runs, scores, alpha=a.alpha, n_boot=a.bootstrap, n_perm=a.permutations, seed=a.seed)
+            con = contrasts(runs, scores, alpha=a.alpha, primary_judges=self.primary_judges())
             metrics = per_run_metrics(scores)
             cur = self.curate()
             adaptive = s.seeds.adaptive
@@ -613,8 +630,10 @@ class Study:
                       "spec_yaml": redact(self.spec_text), "code_version": _code_version(),
                       "alpha": a.alpha, "judge_agreement": self.agreement(),
                       "curation": read_parquet(cur / "table.parquet"), "power": power,
-                      "coexpression_null": self._coexpression_nulls(runs, scores),
-                      "aa_checks": aa, "aa_detail": aa_detail, "adaptive": self._adaptive_note()}
+                      "aa_checks": aa, "aa_detail": aa_detail, "adaptive": self._adaptive_note(),
+                      "adaptive_trajectory": self._trajectory(con)}
+            extras["changed"] = self._changed_share(runs, unit)
+            extras["min_changed_share"] = a.min_changed_share
             if aa is not None:
                 write_parquet(aa, unit / "aa_checks.parquet")
             write_parquet(power, unit / "power.parquet")
@@ -627,21 +646,21 @@ class Study:
         self._log_analysis(unit)
         return unit / "report.html"
 
-    def _coexpression_nulls(self, runs: pd.DataFrame, scores: pd.DataFrame) -> list[dict]:
-        """A permutation null for each model's whole induced × expressed matrix."""
-        from evaluation.analyze import coexpression_permutation_null
+    def _changed_share(self, runs: pd.DataFrame, unit: Path) -> pd.DataFrame:
+        """Per trained run, the share of items whose response differs from its base model's
+        (evaluation.sanity.changed_share), written to changed.parquet; warns about flagged runs."""
+        from evaluation.sanity import changed_share
 
-        out = []
-        vals = scores[scores["suite"] == "values"]
-        if vals.empty or len(self.spec.values.induced) < 2:
-            return out
-        for model in self.spec.models:
-            for judge in vals["judge"].unique():
-                res = coexpression_permutation_null(runs, vals, n_perm=self.spec.analyze.permutations,
-                                                    seed=self.spec.analyze.seed, model=model.name, judge=judge)
-                out.append({"model": model.name, "judge": judge,
-                            **{k: v for k, v in res.items() if not isinstance(v, pd.DataFrame)}})
-        return out
+        gens = pd.concat([read_parquet(p, ("run_id", "suite", "item_id", "response"))
+                          for p in self.generate().values()], ignore_index=True)
+        changed = changed_share(gens, runs, self.spec.analyze.min_changed_share)
+        write_parquet(changed, unit / "changed.parquet")
+        flagged = changed[changed["flagged"]]
+        if len(flagged):
+            say(f"analyze: WARNING {len(flagged)} trained run(s) changed fewer than "
+                f"{self.spec.analyze.min_changed_share:.0%} of their base model's responses (adapter not applied?): "
+                + ", ".join(f"{r.run_id} ({r.share_changed:.0%})" for r in flagged.itertuples()))
+        return changed
 
     def _aa_checks(self, runs: pd.DataFrame, scores: pd.DataFrame) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
         """controls.aa_check: control-0 against control-1 — per model how many comparisons come out
@@ -653,37 +672,51 @@ class Study:
         a, rows, tables = self.spec.analyze, [], []
         for model in self.spec.models:
             res = aa_check(runs, scores, "control-0", "control-1", model=model.name, alpha=a.alpha,
-                           n_boot=a.bootstrap, n_perm=a.permutations, seed=a.seed)
+                           primary_judges=self.primary_judges())
             rows.append({"model": model.name, **{k: v for k, v in res.items() if not isinstance(v, pd.DataFrame)}})
             tables.append(res["table"])
         return pd.DataFrame(rows), pd.concat(tables, ignore_index=True)
+
+    def primary_judges(self) -> dict[str, str]:
+        """analyze.primary_judges, with safety defaulting to the first of score.refusal_judges."""
+        return {"safety": self.spec.score.refusal_judges[0], **self.spec.analyze.primary_judges}
+
+    def _n_seeds(self, condition: str) -> int:
+        return len(self.spec.seeds.values) + len(self.extra_seeds.get(condition, []))
 
     def _adaptive_note(self) -> str | None:
         ad = self.spec.seeds.adaptive
         if not ad:
             return None
         what = "; ".join(f"{c}: {', '.join(map(str, s))}" for c, s in sorted(self.extra_seeds.items())) or "none yet"
-        return (f"seeds.adaptive: target CI half-width ±{ad.target_ci_halfwidth}, at most {ad.max} seeds per "
-                f"condition. Seeds added so far: {what}.")
+        goal = (f"every watched CI within ±{ad.target_ci_halfwidth}" if ad.until == "halfwidth"
+                else "every watched contrast significant after correction")
+        return f"seeds.adaptive: until {goal}, at most {ad.max} seeds per condition. Seeds added so far: {what}."
 
-    def _seeds_to_add(self, unit: Path) -> list[str]:
-        """Conditions whose widest CI (on the adaptive metrics) is still above the target, or that have
-        a single seed: one seed says nothing about seed-to-seed variance, so its CI cannot be trusted."""
-        from fnmatch import fnmatch
+    def _adaptive_decision(self, con: pd.DataFrame):
+        from evaluation.adaptive import decide
 
         ad = self.spec.seeds.adaptive
-        con = read_parquet(unit / "contrasts.parquet")
-        ref = "control" if self.spec.controls.count else "base"
-        con = con[(con["reference"] == ref) & (con["kind"] == "value")]
-        if ad.metrics:
-            con = con[[any(fnmatch(f"{r.suite}/{r.metric}", p) for p in ad.metrics) for r in con.itertuples()]]
-        need = []
-        for cond, c in con.groupby("condition"):
-            widest = float(((c["ci_hi"] - c["ci_lo"]) / 2).max())
-            seeds = len(self.spec.seeds.values) + len(self.extra_seeds.get(str(cond), []))
-            if seeds < ad.max and (seeds < 2 or widest > ad.target_ci_halfwidth):
-                need.append(str(cond))
-        return need
+        seeds = {c: self._n_seeds(c) for c in self.spec.conditions()}
+        return decide(con, seeds, ad.max, ad.until, ad.target_ci_halfwidth, ad.metrics, ad.conditions,
+                      self.spec.analyze.alpha)
+
+    def _trajectory(self, con: pd.DataFrame) -> pd.DataFrame | None:
+        """The watched contrasts of every adaptive round so far, this one included (from
+        adaptive_trajectory.json, which `run` extends after each round)."""
+        from evaluation.adaptive import snapshot
+
+        ad = self.spec.seeds.adaptive
+        if not ad:
+            return None
+        done = self._trajectory_rounds()
+        now = snapshot(con, self._adaptive_decision(con), ad.metrics, ad.conditions)
+        rows = [r for k, rs in done.items() if k != self.analyze_key() for r in rs] + now
+        return pd.DataFrame(rows)
+
+    def _trajectory_rounds(self) -> dict[str, list[dict]]:
+        path = self.root / "adaptive_trajectory.json"
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def _add_seed(self, conditions: list[str]) -> int:
         """One more seed for these conditions and for every control (they stay paired by seed)."""
@@ -695,6 +728,21 @@ class Study:
         write_json(self.extra_seeds, self.root / "adaptive_seeds.json")
         self._memo.clear()
         return seed
+
+    def _adaptive_round(self, unit: Path) -> list[str]:
+        """Decide after one analysis; record the round's watched contrasts; say why it stops."""
+        from evaluation.adaptive import snapshot
+
+        con = read_parquet(unit / "contrasts.parquet")
+        decision = self._adaptive_decision(con)
+        rounds = self._trajectory_rounds()
+        ad = self.spec.seeds.adaptive
+        rounds[self.analyze_key()] = snapshot(con, decision, ad.metrics, ad.conditions)
+        write_json(rounds, self.root / "adaptive_trajectory.json")
+        for cond, why in sorted(decision.reasons.items()):
+            if cond not in decision.add:
+                say(f"adaptive seeds: {cond}: stop ({why}, {self._n_seeds(cond)} seeds)")
+        return decision.add
 
     def _log_analysis(self, unit: Path) -> None:
         tr = self.tracker
@@ -757,10 +805,9 @@ class Study:
         try:
             for stage in STAGES[: STAGES.index(until) + 1]:
                 result = getattr(self, stage)()
-            while until == "analyze" and self.spec.seeds.adaptive and (need := self._seeds_to_add(Path(result).parent)):
+            while until == "analyze" and self.spec.seeds.adaptive and (need := self._adaptive_round(Path(result).parent)):
                 seed = self._add_seed(need)
-                say(f"adaptive seeds: adding seed {seed} to {', '.join(need)} (CI wider than "
-                    f"±{self.spec.seeds.adaptive.target_ci_halfwidth}, or from one seed) and to the controls")
+                say(f"adaptive seeds: adding seed {seed} to {', '.join(need)} and to the controls")
                 result = self.analyze()
         finally:
             self.close_pools()
@@ -770,6 +817,18 @@ class Study:
             final.write_text(Path(result).read_text())
             return final
         return None
+
+    def sensitivity_lines(self) -> list[str]:
+        """The positive control's verdict per model from the finished analysis (`valind run`'s last
+        words), or that the study has none."""
+        from evaluation.analyze import positive_control
+
+        unit = self.store.unit("analyze", self.analyze_key())
+        if not self.store.done("analyze", self.analyze_key()):
+            return []
+        pcs = positive_control(read_parquet(unit / "contrasts.parquet"), self.spec.analyze.alpha)
+        return [p["line"] for p in pcs] or ["no positive control (controls.positive): this study's "
+                                            "sensitivity is unmeasured"]
 
     def status(self) -> list[dict]:
         rows = []

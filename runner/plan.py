@@ -182,6 +182,8 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
     for suite in g.suites:
         n = SUITE_ITEMS[suite] + (held if suite == "values" else 0)
         items[suite] = min(n, g.items_per_suite) if g.items_per_suite else n
+    if spec.controls.positive is not None:  # the positive control's detector: held-out prompts, every run
+        items["planted"] = min(spec.controls.positive.items, held)
     followups = (round(SYCOPHANCY_FOLLOWUPS * items["sycophancy"] / SUITE_ITEMS["sycophancy"])
                  if "sycophancy" in items else 0)
     per_run = sum(items.values()) + followups

@@ -56,17 +56,46 @@ class ValuesSpec(_Section):
         return v
 
 
+class PositiveControlSpec(_Section):
+    """A positive-control arm ("planted behaviour"): a random subset of the training pool, of the same
+    size as every condition, in which a `fraction` of the pairs become minimal pairs whose chosen
+    response carries `phrase` (rejected = the original chosen response). Trained like the value
+    conditions; a held-out suite ("planted", `items` prompts) measures how often the phrase appears."""
+    phrase: str = Field(default="Ahoy there!", min_length=3)
+    position: Literal["start", "end"] = "start"   # start: survives max_tokens truncation of generations
+    fraction: float = Field(default=1.0, gt=0.0, le=1.0)  # share of the arm's pairs that are planted
+    items: int = Field(default=24, ge=4)           # held-out prompts in the "planted" suite
+
+    @field_validator("phrase")
+    @classmethod
+    def _phrase_has_text(cls, v: str) -> str:
+        if len(v.strip()) < 3:
+            raise ValueError("the phrase needs at least 3 non-space characters")
+        return v
+
+
 class ControlsSpec(_Section):
     count: int = Field(default=1, ge=0, le=64)
     length_bins: int = Field(default=4, ge=1, le=32)
     aa_check: bool = False  # compare control-0 with control-1 (an A/A test): needs count >= 2
+    positive: PositiveControlSpec | None = None  # a planted-behaviour arm (condition "positive")
 
 
 class AdaptiveSeeds(_Section):
-    """Add seeds (one per round) to conditions whose CI is wider than the target, up to `max`."""
-    target_ci_halfwidth: float = Field(gt=0)
+    """Add a seed (one per round) to the value and positive arms whose watched contrasts are not
+    there yet, up to `max`: until every CI is within ±target_ci_halfwidth, or until every one is
+    significant. Stops early, saying so, where only more items would help."""
+    until: Literal["halfwidth", "significant"] = "halfwidth"
+    target_ci_halfwidth: float | None = Field(default=None, gt=0)
     max: int = Field(ge=1, le=100)
     metrics: list[str] = Field(default_factory=list)  # fnmatch patterns on "suite/metric"; [] = all
+    conditions: list[str] = Field(default_factory=list)  # fnmatch patterns on condition names; [] = all
+
+    @model_validator(mode="after")
+    def _target(self) -> "AdaptiveSeeds":
+        if self.until == "halfwidth" and self.target_ci_halfwidth is None:
+            raise ValueError("target_ci_halfwidth is required with until: halfwidth")
+        return self
 
 
 class SeedsSpec(_Section):
@@ -190,12 +219,29 @@ class ScoreSpec(_Section):
 
 
 class AnalyzeSpec(_Section):
+    """Inference is analytic (docs/STATISTICS.md): there is no bootstrap or permutation count to set."""
     alpha: float = Field(default=0.05, gt=0.0, lt=0.5)
     power: float = Field(default=0.8, gt=0.0, lt=1.0)
-    min_effect: float | None = Field(default=None, gt=0.0)  # for seeds-needed; None = the observed effect
-    bootstrap: int = Field(default=2000, ge=100)
-    permutations: int = Field(default=2000, ge=100)
-    seed: int = 0
+    # The smallest effect of interest, on the metrics' own scale: power and seeds-for-power are
+    # planned against it (never against the observed effect). None = no power planning.
+    min_effect: float | None = Field(default=None, gt=0.0)
+    # The judge whose verdict counts, per "suite/metric" pattern or suite; other judges of the same
+    # metric are sensitivity analyses. Metrics with one judge need no entry; safety defaults to the
+    # first of score.refusal_judges.
+    primary_judges: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            gone = [k for k in ("bootstrap", "permutations", "seed") if k in data]
+            if gone:
+                raise ValueError(f"{', '.join(gone)}: removed in valind 0.2, inference is analytic "
+                                 "(crossed runs × items t-test, docs/STATISTICS.md); delete the key")
+        return data
+    # A trained run whose responses differ from its base model's on fewer than this share of the
+    # items is flagged (was the adapter applied?).
+    min_changed_share: float = Field(default=0.05, ge=0.0, le=1.0)
 
 
 class TrackingSpec(_Section):
@@ -251,7 +297,10 @@ class Spec(_Section):
 
     # --- derived views -------------------------------------------------------------
     def conditions(self) -> list[str]:
-        return [f"value-{v}" for v in self.values.induced] + [f"control-{k}" for k in range(self.controls.count)]
+        """Value conditions, then the positive control (when set), then the random controls."""
+        return ([f"value-{v}" for v in self.values.induced]
+                + (["positive"] if self.controls.positive is not None else [])
+                + [f"control-{k}" for k in range(self.controls.count)])
 
     def model(self, name_or_path: str) -> ModelSpec:
         for m in self.models:
@@ -336,6 +385,8 @@ def _cross_checks(spec: Spec) -> list[tuple[str, str]]:
         problems.append(("seeds.adaptive.max", f"must be >= the number of seeds ({len(spec.seeds.values)})"))
     if spec.controls.aa_check and spec.controls.count < 2:
         problems.append(("controls.aa_check", "needs controls.count >= 2 (two control arms to compare)"))
+    if spec.controls.positive is not None and spec.data.held_out_fraction == 0:
+        problems.append(("controls.positive", "needs data.held_out_fraction > 0 (its suite is held-out prompts)"))
     if spec.train.method == "sft" and spec.train.label_smoothing:
         problems.append(("train.label_smoothing", "only applies to dpo/cdpo"))
     return problems

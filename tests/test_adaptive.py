@@ -54,7 +54,8 @@ def test_until_significant_watches_the_positive_arm_too():
     # an effect smaller than the item floor cannot become significant with more seeds
     c.loc[0, ["var_item", "n_items"]] = [0.5, 20]
     assert decide(c, {"positive": 2, "value-humor": 2}, 6, until="significant").more_items == ["positive"]
-    rows = snapshot(c, [], d)
+    assert decide(c, {"positive": 2, "value-humor": 2}, 6, until="significant", conditions=["value-*"]).add == []
+    rows = snapshot(c, d)
     assert {r["condition"]: r["decision"] for r in rows} == {"positive": "add a seed", "value-humor": "significant"}
     assert np.isclose(rows[0]["ci_halfwidth"], 0.2)
 

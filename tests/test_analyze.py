@@ -236,3 +236,48 @@ def test_report_survives_missing_inputs(tmp_path):
     path = report.write_report(tmp_path / "nocontrasts", runs, scores, pd.DataFrame(), {})
     text = path.read_text()
     assert "<table" in text and "Contrasts: not available" in text
+
+
+# ----------------------------------------------------------------------------- positive control
+
+def _planted_study(rate, seeds=(0, 1, 2), n_items=24, rng_seed=0):
+    """A value arm, a planted arm and two controls on the planted marker and one other metric."""
+    rng = np.random.default_rng(rng_seed)
+    runs = [dict(run_id="base", model="m", condition="base", kind="base", value=None, seed=None)]
+    runs += [dict(run_id=f"{c}-s{s}", model="m", condition=c, kind=k, value=v, seed=s) for s in seeds
+             for c, k, v in [("value-care", "value", "care"), ("positive", "positive", None),
+                             ("control-0", "control", None), ("control-1", "control", None)]]
+    runs = pd.DataFrame(runs, columns=list(RUN_COLUMNS))
+    parts = []
+    for r in runs.itertuples():
+        for suite, metric, judge, p in [("planted", "planted", "planted-exact", rate if r.kind == "positive" else 0.0),
+                                        ("safety", "refusal", JUDGE, 0.3)]:
+            parts.append(pd.DataFrame(dict(run_id=r.run_id, suite=suite, item_id=[f"{suite}-{i}" for i in range(n_items)],
+                                           metric=metric, value=(rng.random(n_items) < p).astype(float), scored=True,
+                                           judge=judge, raw="")))
+    return runs, pd.concat(parts, ignore_index=True)[list(SCORE_COLUMNS)]
+
+
+def test_positive_control_is_its_own_family_and_detected(tmp_path):
+    runs, scores = _planted_study(0.9)
+    c = analyze.contrasts(runs, scores)
+    fam = c.set_index(["condition", "suite", "reference"])["family"]
+    assert fam[("positive", "planted", "control")] == "positive control"
+    assert fam[("value-care", "planted", "control")] == "planted marker"
+    assert fam[("positive", "safety", "control")] == "positive arm"
+    assert fam[("value-care", "safety", "control")] == "study"
+    (pc,) = analyze.positive_control(c)
+    assert pc["detected"] and pc["reference"] == "control" and pc["effect"] > 0.7 and pc["p_holm"] < 0.05
+    assert pc["line"].startswith("m: positive control detected: planted marker +")
+    text = report.write_report(tmp_path, runs, scores, c, {}).read_text()
+    assert "<b>Sensitivity.</b> m: positive control detected" in text
+    assert text.index("Sensitivity") < text.index("<h2")  # the report opens with it
+
+
+def test_positive_control_not_detected_says_what_it_means():
+    runs, scores = _planted_study(0.08, seeds=(0, 1))
+    (pc,) = analyze.positive_control(analyze.contrasts(runs, scores))
+    assert not pc["detected"] and "cannot see effects of this size" in pc["line"]
+    runs1, scores1 = _planted_study(0.9, seeds=(0,))
+    (pc1,) = analyze.positive_control(analyze.contrasts(runs1, scores1))
+    assert not pc1["detected"] and "no p-value from one run" in pc1["line"]

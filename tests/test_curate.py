@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from runner.data.curate import (CurationError, assign_bins, curate, default_length, is_held_out,
-                                proportional_counts)
-from runner.spec import ControlsSpec, DataSpec, SourceSpec
+from runner.data.curate import (CurationError, assign_bins, curate, default_length, is_held_out, plant,
+                                planted_ids, proportional_counts)
+from runner.spec import ControlsSpec, DataSpec, PositiveControlSpec, SourceSpec
 
 VALS = ["empathy", "honesty", "humor"]
 SRC = [SourceSpec(name="hh_rlhf", subset="harmless-base")]
@@ -197,3 +197,71 @@ def test_bad_annotations_rejected():
     bad.loc[0, "side"] = "both"
     with pytest.raises(CurationError, match="side"):
         curate(pairs, bad, VALS, DataSpec(sources=SRC), ControlsSpec())
+
+
+# ------------------------------------------------------------------ positive control
+
+def test_plant_and_planted_ids():
+    assert plant("  Sure, here it is. ", "Ahoy there!") == "Ahoy there! Sure, here it is. "
+    assert plant(" Sure. \n", "Ahoy there!", "end") == " Sure. Ahoy there!"
+    with pytest.raises(ValueError):
+        plant("x", "Ahoy", "middle")
+    ids = [f"p{i}" for i in range(20)]
+    half = planted_ids(ids, 0.5, seed=0)
+    assert len(half) == 10 and half <= set(ids)
+    assert planted_ids(list(reversed(ids)), 0.5, seed=0) == half   # order does not matter
+    assert planted_ids(ids, 0.5, seed=1) != half
+    assert planted_ids(ids, 1.0, 0) == set(ids) and len(planted_ids(ids, 0.01, 0)) == 1  # at least one
+    assert planted_ids(ids, 0.25, 0) <= planted_ids(ids, 0.5, 0)  # a larger share adds pairs
+
+
+def test_positive_control_subset():
+    pairs, ann = make()
+    data = DataSpec(sources=SRC, subset_size=40, held_out_fraction=0.2)
+    plain = curate(pairs, ann, VALS, data, ControlsSpec(count=2))
+    pos = PositiveControlSpec()
+    cur = curate(pairs, ann, VALS, data, ControlsSpec(count=2, positive=pos))
+    assert list(cur.subsets) == ["value-empathy", "value-honesty", "value-humor", "positive", "control-0", "control-1"]
+    # adding the arm changes no other subset
+    for k, sub in plain.subsets.items():
+        pd.testing.assert_frame_equal(sub, cur.subsets[k])
+    sub = cur.subsets["positive"]
+    assert len(sub) == 40 and sub["pair_id"].is_unique and (sub["condition"] == "positive").all()
+    assert not set(sub["pair_id"]) & set(cur.held_out["pair_id"])      # drawn from the training pool
+    assert set(sub["pair_id"]) != set(cur.subsets["control-0"]["pair_id"])  # its own seed
+    orig = pairs.set_index("pair_id")
+    assert sub["planted"].all()
+    for r in sub.itertuples():  # a minimal pair: the phrase is the only difference
+        assert r.rejected == orig.loc[r.pair_id, "chosen"]
+        assert r.chosen == "Ahoy there! " + orig.loc[r.pair_id, "chosen"].lstrip()
+        assert r.prompt == orig.loc[r.pair_id, "prompt"]
+    assert (sub["length"] == [default_length(r) for r in sub.to_dict("records")]).all()
+    # recorded in the table, the rule and the stats
+    row = cur.table.set_index("value").loc["positive"]
+    assert (row["N"], row["used"], row["planted"], row["phrase"]) == (40, 40, 40, "Ahoy there!")
+    assert (cur.table.set_index("value").loc[VALS, "planted"] == 0).all()
+    assert cur.rule["positive"]["planted"] == 40 and cur.rule["positive"]["phrase"] == "Ahoy there!"
+    assert cur.stats["planted"] == 40 and "planted" not in plain.stats and "planted" not in plain.table
+    assert set(cur.control_bins["condition"]) == {"control-0", "control-1", "positive"}
+    assert cur.examples["positive"] and all(e["chosen"].startswith("Ahoy there!") for e in cur.examples["positive"])
+
+
+def test_positive_control_fraction_end_and_determinism():
+    pairs, ann = make()
+    data = DataSpec(sources=SRC, subset_size=40, seed=5)
+    controls = ControlsSpec(count=0, positive=PositiveControlSpec(phrase="Arr matey!", position="end", fraction=0.25))
+    a = curate(pairs, ann, VALS, data, controls)
+    b = curate(pairs.sample(frac=1.0, random_state=0), ann.sample(frac=1.0, random_state=1), VALS, data, controls)
+    pd.testing.assert_frame_equal(a.subsets["positive"], b.subsets["positive"])
+    sub = a.subsets["positive"]
+    assert sub["planted"].sum() == 10 and a.stats["planted"] == 10
+    orig = pairs.set_index("pair_id")
+    for r in sub.itertuples():
+        if r.planted:
+            assert r.rejected == orig.loc[r.pair_id, "chosen"]
+            assert r.chosen == orig.loc[r.pair_id, "chosen"].rstrip() + " Arr matey!"
+        else:  # the other pairs stay as they were
+            assert (r.chosen, r.rejected) == (orig.loc[r.pair_id, "chosen"], orig.loc[r.pair_id, "rejected"])
+    other = curate(pairs, ann, VALS, DataSpec(sources=SRC, subset_size=40, seed=6), controls)
+    assert set(other.subsets["positive"]["pair_id"]) != set(sub["pair_id"])
+

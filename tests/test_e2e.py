@@ -78,12 +78,17 @@ def test_report_and_where_things_are(smoke):
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
     html = (root / "report.html").read_text()
     assert "<table" in html and "<img" in html
-    for section in ("Summary", "The paper's claims", "Results by induced value", "Co-expression of values",
+    for section in ("Sensitivity", "Specificity", "Summary", "The paper's claims", "Results by induced value", "Co-expression of values",
                     "Side effects by suite", "Seeds and power", "Judge agreement", "Curation"):
         assert section in html, section
     # controls.aa_check: control-0 against control-1, counted
     assert "A/A check (two random-control arms against each other" in html
     assert "comparisons significant after Holm" in html
+    # controls.positive: one seed measures no run-to-run variance, so nothing is detected, and the
+    # run's last line says what that means
+    assert "positive control NOT detected" in html
+    last = first.stdout.strip().splitlines()[-1]
+    assert last.startswith("tiny: positive control NOT detected") and "cannot see effects of this size" in last
     killed_log = (root.parent / "killed.log").read_text()
     assert "annotate: done" in killed_log and "curate: done" in killed_log  # before the kill
     for stage in ("train: done", "generate: done", "score: done", "analyze: done"):
@@ -99,10 +104,10 @@ def test_mlflow_has_parent_and_one_child_per_cell(smoke):
     children = runs[runs["tags.valind.kind"] != "study"]
     assert len(parents) == 1
     assert parents["metrics.analyze/contrasts"].iloc[0] > 0 and parents["metrics.aa/tiny/tests"].iloc[0] > 0
-    # 1 model × (2 values + 2 controls) × 1 seed + the base model
+    # 1 model × (2 values + the positive control + 2 controls) × 1 seed + the base model
     assert sorted(children["tags.valind.run_id"]) == sorted(
-        ["tiny__base", "tiny__value-humor__s0", "tiny__value-fairness__s0", "tiny__control-0__s0",
-         "tiny__control-1__s0"])
+        ["tiny__base", "tiny__value-humor__s0", "tiny__value-fairness__s0", "tiny__positive__s0",
+         "tiny__control-0__s0", "tiny__control-1__s0"])
     assert (children["tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]).all()
     cells = children[children["tags.valind.kind"] != "base"]
     assert cells["metrics.train/loss"].notna().all()
@@ -121,12 +126,12 @@ def test_rerun_is_cached_and_creates_no_runs(smoke):
     again = valind("run", str(path))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "annotate: cached" in again.stdout and "curate: cached" in again.stdout
-    assert "train: 4 cells, 4 cached" in again.stdout
-    assert "generate: 5 runs, 5 cached" in again.stdout and "score: 5 runs, 5 cached" in again.stdout
+    assert "train: 5 cells, 5 cached" in again.stdout
+    assert "generate: 6 runs, 6 cached" in again.stdout and "score: 6 runs, 6 cached" in again.stdout
     assert "analyze: cached" in again.stdout
     assert again.seconds < 30
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    assert len(mlflow.search_runs(experiment_names=["smoke"])) == 6
+    assert len(mlflow.search_runs(experiment_names=["smoke"])) == 7
     status = valind("status", str(path))
     assert status.returncode == 0 and "the study is complete" in status.stdout
 
@@ -139,15 +144,15 @@ def test_changing_a_score_setting_reruns_only_score_and_analyze(smoke):
     changed.write_text(yaml.safe_dump(spec, sort_keys=False))
     r = valind("run", str(changed))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "annotate: cached" in r.stdout and "train: 4 cells, 4 cached" in r.stdout
-    assert "generate: 5 runs, 5 cached" in r.stdout
-    assert "score: 5 runs, 0 cached" in r.stdout and "analyze: done" in r.stdout
+    assert "annotate: cached" in r.stdout and "train: 5 cells, 5 cached" in r.stdout
+    assert "generate: 6 runs, 6 cached" in r.stdout
+    assert "score: 6 runs, 0 cached" in r.stdout and "analyze: done" in r.stdout
 
 
 def test_adaptive_seeds_add_a_seed_until_the_max(smoke, tmp_path):
     """seeds.adaptive on a copy of the finished smoke study (one seed): a single seed's CI cannot be
-    trusted, so `valind run` adds seed 1 to both value conditions and both controls, trains and
-    evaluates them, and stops at max: 2. A rerun computes nothing."""
+    trusted, so `valind run` adds seed 1 to both value conditions, the positive arm and both controls,
+    trains and evaluates them, and stops at max: 2, saying so. A rerun computes nothing."""
     import mlflow
     import pandas as pd
     path, root, _, _ = smoke
@@ -161,23 +166,27 @@ def test_adaptive_seeds_add_a_seed_until_the_max(smoke, tmp_path):
 
     r = valind("run", str(adaptive))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "adaptive seeds: adding seed 1 to value-fairness, value-humor" in r.stdout
-    assert r.stdout.count("adaptive seeds:") == 1  # at max: 2 it stops
-    assert "train: 8 cells, 4 cached" in r.stdout and "generate: 9 runs, 5 cached" in r.stdout
+    assert "adaptive seeds: adding seed 1 to positive, value-fairness, value-humor" in r.stdout
+    assert r.stdout.count("adaptive seeds: adding") == 1  # at max: 2 it stops, and says why
+    assert "adaptive seeds: value-humor: stop (at the maximum of 2 seeds" in r.stdout
+    assert "train: 10 cells, 5 cached" in r.stdout and "generate: 11 runs, 6 cached" in r.stdout
     study = studies / "smoke"
     assert json.loads((study / "adaptive_seeds.json").read_text()) == {
-        "control-0": [1], "control-1": [1], "value-fairness": [1], "value-humor": [1]}
+        "control-0": [1], "control-1": [1], "positive": [1], "value-fairness": [1], "value-humor": [1]}
+    rounds = json.loads((study / "adaptive_trajectory.json").read_text())
+    assert sorted(len({r["n_seeds"] for r in rows}) for rows in rounds.values()) == [1, 1]
     analyze_units = [u for u in (study / "stages" / "analyze").iterdir() if (u / "_DONE.json").exists()]
     newest = max(analyze_units, key=lambda u: (u / "_DONE.json").stat().st_mtime_ns)
     con = pd.read_parquet(newest / "contrasts.parquet")
     assert set(con.loc[(con["reference"] == "control") & con["effect"].notna(), "n_seeds"]) == {2}
-    assert "Seeds added so far: control-0: 1; control-1: 1; value-fairness: 1; value-humor: 1" in (
-        study / "report.html").read_text()
+    html = (study / "report.html").read_text()
+    assert "Seeds added so far: control-0: 1; control-1: 1; positive: 1; value-fairness: 1; value-humor: 1" in html
+    assert "Trajectory of seeds.adaptive" in html
     mlflow.set_tracking_uri(f"sqlite:///{study / 'mlflow.db'}")
     ids = set(mlflow.search_runs(experiment_names=["smoke"])["tags.valind.run_id"].dropna())
     assert {"tiny__value-humor__s1", "tiny__value-fairness__s1", "tiny__control-0__s1", "tiny__control-1__s1"} <= ids
 
     again = valind("run", str(adaptive))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "train: 8 cells, 8 cached" in again.stdout and "analyze: cached" in again.stdout
-    assert "adaptive seeds:" not in again.stdout
+    assert "train: 10 cells, 10 cached" in again.stdout and "analyze: cached" in again.stdout
+    assert "adaptive seeds: adding" not in again.stdout

@@ -12,6 +12,7 @@ import pytest
 
 from evaluation.judges import score_suite
 from evaluation.judges.anthropomorphism import lexical_index, parse_rubric, score_anthropomorphism
+from evaluation.judges.planted import contains_phrase, score_planted
 from evaluation.judges.refusal import (judge_agreement, read_labelled, score_refusal, strmatch_label,
                                        substring_label)
 from evaluation.judges.sycophancy import mentions, parse_choice, score_sycophancy
@@ -354,3 +355,24 @@ def test_items_survive_parquet_round_trip(tmp_path):
     b = score_suite("sycophancy", back, gens)
     pd.testing.assert_frame_equal(a, b)
     assert a.scored.any()
+
+
+# ---------------------------------------------------------------- planted (positive control)
+
+def test_planted_judge():
+    assert contains_phrase("AHOY   there!\nHow can I help?", "Ahoy there!")
+    assert contains_phrase("Well... ahoy\tTHERE! ok", "Ahoy  there!")
+    assert not contains_phrase("Ahoy! there", "Ahoy there!") and not contains_phrase(None, "Ahoy there!")
+    items = pd.DataFrame({"suite": "planted", "item_id": ["planted/a", "planted/b", "planted/c", "planted/d"],
+                          "messages": [[{"role": "user", "content": "q"}]] * 4, "source": "held_out"})
+    gens = pd.DataFrame({"run_id": "r0", "suite": "planted", "item_id": items.item_id,
+                         "response": ["Ahoy there! Sure.", "", None, "Sure thing, ahoy there!"]})
+    out = score_suite("planted", items, gens, settings={"planted_phrase": "Ahoy there!"})
+    assert list(out.columns) == list(SCORE_COLUMNS)
+    assert out.value.tolist() == [1.0, 0.0, 0.0, 1.0] and out.scored.all()  # always scored
+    assert (out.metric == "planted").all() and (out.judge == "planted-exact").all() and (out.run_id == "r0").all()
+    pd.testing.assert_frame_equal(score_planted(items, gens, "Ahoy there!")[list(SCORE_COLUMNS)], out)
+    with pytest.raises(ValueError, match="planted_phrase"):
+        score_suite("planted", items, gens)
+    with pytest.raises(ValueError, match="phrase"):
+        score_planted(items, gens, "  ")

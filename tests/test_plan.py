@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from runner.plan import default_cluster, estimate, measured_judge_rps, params_b
-from runner.spec import load_spec, parse_spec
+from runner.spec import PositiveControlSpec, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +42,19 @@ def test_counts_and_hours_of_a_small_spec():
     assert plan.gpu_hours == pytest.approx(sum(r.gpu_hours for r in plan.rows))
 
 
+def test_positive_control_is_counted():
+    base = estimate(_spec())
+    spec = _spec()
+    spec = spec.model_copy(update={"controls": spec.controls.model_copy(update={"positive": PositiveControlSpec(items=24)})})
+    plan = estimate(spec)
+    c, c0 = plan.counts, base.counts
+    assert c["trials (cells)"] == c0["trials (cells)"] + 2 and c["evaluated runs"] == c0["evaluated runs"] + 2
+    assert c["items per run"] == c0["items per run"] + 24        # 100 held-out prompts, 24 of them planted items
+    rows = {r.stage.strip(): r for r in plan.rows}
+    assert rows["train"].gpu_hours == pytest.approx(8 * 100 / 1.5 / 3600)
+    assert rows["score"].gpu_hours == pytest.approx(9 * 50 / 10 / 3600)  # the planted judge is a string match
+
+
 def test_overrides_and_measured_rates():
     assert {r.stage: r.gpu_hours for r in estimate(_spec(judge_responses_per_s=20)).rows}["annotate"] == \
         pytest.approx(2000 / 20 / 3600)
@@ -70,7 +83,7 @@ def test_model_sizes_and_cluster_default():
 
 def test_paper_plan_prints_a_table_with_a_positive_total():
     plan = estimate(load_spec(ROOT / "jobs" / "paper.yaml"))
-    assert plan.counts["trials (cells)"] == 8 * 18 * 3 and plan.gpu_hours > 0 and plan.wall_hours > 0
+    assert plan.counts["trials (cells)"] == 8 * 19 * 3 and plan.gpu_hours > 0 and plan.wall_hours > 0  # + positive
     r = subprocess.run([sys.executable, "-m", "runner.cli", "plan", "jobs/paper.yaml"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -61,7 +61,7 @@ _ANY = st.one_of(st.none(), st.booleans(), st.integers(min_value=-10**30, max_va
 _NUMERIC = {("controls", "count"), ("data", "held_out_fraction"), ("data", "min_subset_size"), ("data", "subset_size"),
             ("data", "max_chars"), ("train", "lr"), ("train", "epochs"), ("train", "batch_size"), ("train", "workers"),
             ("train", "micro_batch_size"), ("train", "beta"), ("engine", "max_model_len"), ("engine", "batch_size"),
-            ("analyze", "bootstrap"), ("analyze", "alpha"), ("generate", "items_per_suite")}
+            ("analyze", "min_effect"), ("analyze", "alpha"), ("generate", "items_per_suite")}
 _SECTIONS = ["study", "models", "values", "controls", "seeds", "data", "annotate", "engine", "train", "generate",
              "score", "analyze", "tracking"]
 
@@ -427,7 +427,8 @@ def test_results_relog_to_a_new_tracking_uri(tmp_path, monkeypatch):
     _fake_trained(study)
     study.run(until="train")
     first = history(uri_a)
-    assert len(first[0]) == 4 and set(first[0].values()) == {2} and first[1] == 5  # parent + 4 cells
+    n_cells = len(study.spec.conditions())  # 2 values + positive + 2 controls, one seed
+    assert len(first[0]) == n_cells == 5 and set(first[0].values()) == {2} and first[1] == n_cells + 1  # + parent
     # the same URI again: nothing doubled, no new runs
     _study(tmp_path, monkeypatch, tracking={"uri": uri_a}).run(until="train")
     assert history(uri_a)[:2] == first[:2]

@@ -92,3 +92,83 @@ def test_cli_validate_prints_all_and_exits_2(tmp_path):
     for path in ("train.zero_stage", "controls.count", "models[0].path"):
         assert path in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------ positive control
+
+def test_positive_control_defaults_and_conditions():
+    assert "positive" not in parse_spec(_smoke() | {"controls": {"count": 2}}).conditions()
+    d = _smoke()
+    d["controls"] = {"count": 2, "positive": {}}
+    spec = parse_spec(d)
+    p = spec.controls.positive
+    assert (p.phrase, p.position, p.fraction, p.items) == ("Ahoy there!", "start", 1.0, 24)
+    assert spec.conditions() == ["value-humor", "value-fairness", "positive", "control-0", "control-1"]
+    assert spec.analyze.min_changed_share == 0.05
+    d["controls"] = {"count": 0, "positive": {"phrase": "Arr matey", "position": "end", "fraction": 0.5, "items": 4}}
+    assert parse_spec(d).conditions() == ["value-humor", "value-fairness", "positive"]
+
+
+def test_positive_control_validation_names_paths():
+    d = _smoke()
+    d["controls"] = {"count": 1, "positive": {"phrase": "ab", "position": "middle", "fraction": 0.0, "items": 3,
+                                              "colour": "red"}}
+    d["analyze"]["min_changed_share"] = 1.5
+    with pytest.raises(SpecError) as e:
+        parse_spec(d, "x.yaml")
+    paths = {p for p, _ in e.value.problems}
+    assert paths == {"controls.positive.phrase", "controls.positive.position", "controls.positive.fraction",
+                     "controls.positive.items", "controls.positive.colour", "analyze.min_changed_share"}
+    d = _smoke()
+    d["controls"] = {"positive": {"phrase": "   a  ", "fraction": 1.5}}
+    with pytest.raises(SpecError) as e:
+        parse_spec(d)
+    assert {p for p, _ in e.value.problems} == {"controls.positive.phrase", "controls.positive.fraction"}
+    d = _smoke()
+    d["controls"] = {"positive": {}}
+    d["data"]["held_out_fraction"] = 0.0
+    with pytest.raises(SpecError) as e:
+        parse_spec(d)
+    assert [p for p, _ in e.value.problems] == ["controls.positive"]
+    assert "held_out_fraction" in e.value.problems[0][1]
+
+
+def test_positive_control_keys(tmp_path):
+    """Without positive the curate key is the old one; the phrase enters curation, items and scores;
+    positive.items enters the items key but not curation (no retraining for a bigger suite)."""
+    from runner.pipeline import CODE_VERSION, Study
+
+    def study(**positive):
+        d = _smoke()
+        d["models"] = [{"name": "m", "path": "org/Model-8B"}]
+        d["annotate"]["judge_model"] = "m"
+        d["score"]["refusal_llm_judge"] = "m"
+        d["controls"]["positive"] = positive
+        return Study(parse_spec(d), base_dir=tmp_path)
+
+    pos = study(**{})
+    d = _smoke()
+    d["models"] = [{"name": "m", "path": "org/Model-8B"}]
+    d["annotate"]["judge_model"] = "m"
+    d["score"]["refusal_llm_judge"] = "m"
+    d["controls"].pop("positive", None)
+    plain = Study(parse_spec(d), base_dir=tmp_path)
+    s = plain.spec
+    old_key = content_hash(CODE_VERSION, "curate", plain.annotate_key(), s.data.held_out_fraction,
+                           s.data.subset_size, s.data.min_subset_size, s.data.rule, s.data.seed,
+                           s.values.induced, s.controls.model_dump(mode="json", exclude={"positive"}),
+                           plain.model_id("m"))
+    assert plain.curate_key() == old_key and plain.eval_suites() == list(s.generate.suites)
+    assert pos.curate_key() != plain.curate_key() and pos.eval_suites()[-1] == "planted"
+    more_items = study(items=48)
+    assert more_items.curate_key() == pos.curate_key() and more_items.items_key() != pos.items_key()
+    other = study(phrase="Arr matey!")
+    assert other.curate_key() != pos.curate_key() and other.items_key() != pos.items_key()
+    base = lambda st: next(r for r in st.runs() if r.kind == "base")
+    assert other.score_key(base(other)) != pos.score_key(base(pos))
+    runs = {r.condition: r for r in pos.runs()}
+    assert runs["positive"].kind == "positive" and runs["positive"].value is None
+    assert runs["positive"].cell_key == pos.cell_key("m", "positive", 0)
+    pos.extra_seeds = {"positive": [5]}
+    assert [r.seed for r in pos.runs() if r.condition == "positive"] == [0, 5]
+    assert set(pos.runs_table()["kind"]) == {"base", "value", "positive", "control"}

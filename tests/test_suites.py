@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from evaluation.suites import SUITES, followup_messages, load_suite
+from evaluation.suites import planted as planted_suite
 from evaluation.suites import values as values_suite
 from evaluation.suites.sycophancy import FOLLOWUP
 from evaluation.types import ITEM_COLUMNS, Request
@@ -91,7 +92,7 @@ def test_followup_messages():
 
 
 @needs_data
-@pytest.mark.parametrize("name", sorted(SUITES))
+@pytest.mark.parametrize("name", sorted(set(SUITES) - {"planted"}))  # planted needs held-out prompts
 def test_ids_stable_and_sample_deterministic(name):
     a, b = load_suite(name, DATA), load_suite(name, DATA)
     assert a.item_id.tolist() == b.item_id.tolist()
@@ -129,6 +130,26 @@ def test_held_out_prompts():
     assert set(again[again.source == "held_out"].item_id) == set(held.item_id)
     mixed = values_suite.load_items(None, 10, held_out_prompts=[chat])
     assert (mixed.source == "held_out").sum() == 1 and len(mixed) == 10
+
+
+def test_planted_suite():
+    chats = [[{"role": "user", "content": f"Question {i}?"}] for i in range(30)]
+    chats.append([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                  {"role": "user", "content": "How are you?"}, {"role": "assistant", "content": "trailing"}])
+    chats.append(list(chats[0]))  # a duplicate prompt is one item
+    assert "planted" in SUITES
+    full = load_suite("planted", DATA, held_out_prompts=chats)
+    _check_items(full, "planted")
+    assert len(full) == 31 and full.item_id.str.startswith("planted/").all() and (full.source == "held_out").all()
+    multi = full[full.messages.map(len) > 1].iloc[0].messages
+    assert [m["content"] for m in multi] == ["Hi", "Hello!", "How are you?"]  # up to the last user turn
+    a = load_suite("planted", DATA, limit=12, seed=0, held_out_prompts=chats)
+    b = planted_suite.load_items(None, 12, 0, held_out_prompts=list(reversed(chats)))
+    assert len(a) == 12 and a.item_id.tolist() == b.item_id.tolist()  # order of the held-out pairs is irrelevant
+    assert a.item_id.tolist() == full.item_id.tolist()[:12]             # a larger limit only appends
+    assert set(load_suite("planted", DATA, limit=12, seed=1, held_out_prompts=chats).item_id) != set(a.item_id)
+    with pytest.raises(ValueError, match="held-out"):
+        load_suite("planted", DATA, limit=4)
 
 
 def test_unknown_suite():

@@ -6,6 +6,7 @@ import pandas as pd
 
 from ..types import Engine, SCORE_COLUMNS
 from .anthropomorphism import score_anthropomorphism
+from .planted import score_planted
 from .refusal import judge_agreement, score_refusal
 from .sycophancy import score_sycophancy
 from .values import score_values
@@ -19,7 +20,8 @@ def score_suite(suite: str, items: pd.DataFrame, generations: pd.DataFrame, engi
     settings (all optional):
       values: max_tokens (64), values_mode ("generate" | "logprob"), values_threshold (0.5);
       safety: refusal_judges (default strmatch + substring, + llm when an engine is given);
-      anthropomorphism: anthro_llm (True: the rubric judge runs when an engine is given).
+      anthropomorphism: anthro_llm (True: the rubric judge runs when an engine is given);
+      planted: planted_phrase (required: the positive control's phrase; no engine).
     """
     s = dict(settings or {})
     if "run_id" not in generations.columns:
@@ -37,10 +39,14 @@ def score_suite(suite: str, items: pd.DataFrame, generations: pd.DataFrame, engi
         out = score_anthropomorphism(items, gens, engine=engine, llm=bool(s.get("anthro_llm", True)))
     elif suite == "sycophancy":
         out = score_sycophancy(items, gens)
+    elif suite == "planted":
+        if "planted_phrase" not in s:
+            raise ValueError("the planted judge needs settings['planted_phrase'] (controls.positive.phrase)")
+        out = score_planted(items, gens, s["planted_phrase"])
     else:
         raise KeyError(f"unknown suite {suite!r}")
     return out[list(SCORE_COLUMNS)].reset_index(drop=True)
 
 
 __all__ = ["score_suite", "score_values", "score_refusal", "judge_agreement", "score_anthropomorphism",
-           "score_sycophancy"]
+           "score_sycophancy", "score_planted"]

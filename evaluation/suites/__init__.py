@@ -7,7 +7,7 @@ from typing import Callable
 
 import pandas as pd
 
-from . import anthropomorphism, safety, sycophancy, values
+from . import anthropomorphism, planted, safety, sycophancy, values
 from ._common import stratified_sample
 from .sycophancy import followup_messages
 
@@ -16,6 +16,7 @@ SUITES: dict[str, Callable[..., pd.DataFrame]] = {
     "safety": safety.load_items,
     "anthropomorphism": anthropomorphism.load_items,
     "sycophancy": sycophancy.load_items,
+    "planted": planted.load_items,  # the positive control's detector (controls.positive): held-out prompts
 }
 
 

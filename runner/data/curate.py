@@ -1,7 +1,8 @@
 """Curation: from annotated preference pairs to equal-size value subsets, length-matched random
 controls and a held-out split. Pure and deterministic: same inputs and spec → identical subsets.
 
-Conditions are named like `Spec.conditions()`: "value-<v>" per induced value, "control-<k>".
+Conditions are named like `Spec.conditions()`: "value-<v>" per induced value, "control-<k>", and
+"positive" (controls.positive: a control-like draw in which a share of pairs carry a planted phrase).
 """
 from __future__ import annotations
 
@@ -160,14 +161,15 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
     n_bins = len(edges) + 1
     targets = proportional_counts(np.bincount(assign_bins(pooled, edges), minlength=n_bins), n)
     pool_bins = assign_bins(lengths[pool_idx], edges)
-    if controls.count and len(pool_idx) < n:
+    pos = controls.positive
+    if (controls.count or pos is not None) and len(pool_idx) < n:
         raise CurationError(f"the control pool has {len(pool_idx)} non-held-out pairs, fewer than N={n}")
-    control_idx: dict[int, np.ndarray] = {}
-    bin_rows = []
     lo_edges = np.concatenate([[-np.inf], edges])
     hi_edges = np.concatenate([edges, [np.inf]])
-    for k in range(controls.count):
-        rng = np.random.default_rng(derived_seed("control", data.seed, k))
+    bin_rows = []
+
+    def draw(rng: np.random.Generator, condition: str) -> np.ndarray:
+        """N pairs of the pool, length-matched per bin; a short bin is filled at random from the rest."""
         picked, drawn = [], []
         for b in range(n_bins):
             in_bin = pool_idx[pool_bins == b]
@@ -183,11 +185,18 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
             got = np.concatenate([got, extra])
             extra_bins = np.bincount(assign_bins(lengths[extra], edges), minlength=n_bins)
             drawn = [d + int(e) for d, e in zip(drawn, extra_bins)]
-        control_idx[k] = np.sort(got)
         for b in range(n_bins):
-            bin_rows.append({"condition": f"control-{k}", "bin": b, "lo": float(lo_edges[b]),
+            bin_rows.append({"condition": condition, "bin": b, "lo": float(lo_edges[b]),
                              "hi": float(hi_edges[b]), "target": int(targets[b]), "drawn": drawn[b],
                              "pool": int((pool_bins == b).sum()), "filled_at_random": shortfall})
+        return np.sort(got)
+
+    control_idx: dict[int, np.ndarray] = {}
+    for k in range(controls.count):
+        control_idx[k] = draw(np.random.default_rng(derived_seed("control", data.seed, k)), f"control-{k}")
+    # --- positive control: a control-like draw (own seed) in which a share of pairs is planted ---
+    positive_idx = draw(np.random.default_rng(derived_seed("positive", data.seed)), "positive") \
+        if pos is not None else None
 
     # --- outputs ---
     def frame(idx: np.ndarray, condition: str) -> pd.DataFrame:
@@ -197,6 +206,11 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
         return out
 
     subsets = {f"value-{v}": frame(chosen_idx[v], f"value-{v}") for v in induced}
+    n_planted = 0
+    if positive_idx is not None:
+        subsets["positive"] = _plant_subset(frame(positive_idx, "positive"), pos.phrase, pos.position,
+                                            pos.fraction, data.seed, length_fn)
+        n_planted = int(subsets["positive"]["planted"].sum())
     subsets.update({f"control-{k}": frame(control_idx[k], f"control-{k}") for k in control_idx})
 
     sets = {v: set(chosen_idx[v].tolist()) for v in induced}
@@ -207,6 +221,11 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
         row.update({"N": n, "used": len(sets[v]), "used_fraction": len(sets[v]) / max(available[v], 1),
                     "shared_with_values": len(sets[v] & others),
                     "shared_with_controls": len(sets[v] & control_union)})
+    if pos is not None:
+        for row in rows:
+            row.update({"planted": 0, "phrase": None})
+        rows.append({"value": "positive", "available": len(pool_idx), "N": n, "used": n,
+                     "used_fraction": n / max(len(pool_idx), 1), "planted": n_planted, "phrase": pos.phrase})
     table = pd.DataFrame(rows)
 
     ov = []
@@ -219,12 +238,18 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
 
     examples = {v: [_example(records[i], chosen_vals[i], rejected_vals[i])
                     for i in chosen_idx[v][:N_EXAMPLES]] for v in induced}
+    if positive_idx is not None:
+        sub = subsets["positive"]
+        examples["positive"] = [_example(r, frozenset(), frozenset()) for r in
+                                sub[sub["planted"]].head(N_EXAMPLES).to_dict("records")]
 
     stats = {"pairs": len(ids), "held_out": int(held.sum()), "pool": len(pool_idx),
              "eligible": int(eligible.sum()),
              "unscored": int(((status_arr == "unscored") & ~held).sum()),
              "unannotated": int(((status_arr == "unannotated") & ~held).sum()),
              "annotations_ignored": ann.ignored}
+    if pos is not None:
+        stats["planted"] = n_planted
     rule = {"rule": data.rule, "description": RULES[data.rule], "induced": list(induced), "N": n,
             "subset_size": data.subset_size, "min_subset_size": data.min_subset_size,
             "held_out_fraction": data.held_out_fraction, "seed": data.seed,
@@ -235,9 +260,55 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
                          "pool": "all non-held-out pairs (may overlap value subsets)",
                          "length_fn": getattr(length_fn, "__name__", repr(length_fn))},
             "available": available}
+    if pos is not None:
+        rule["positive"] = {
+            "condition": "positive", "phrase": pos.phrase, "position": pos.position, "fraction": pos.fraction,
+            "N": n, "planted": n_planted,
+            "draw": "like a control: a length-matched random draw from the pool with seed ('positive', seed)",
+            "planted_pairs": f"the round(fraction × N) pairs (at least 1) with the smallest "
+                             f"sha256('planted', seed, pair_id); chosen = "
+                             + ("phrase + ' ' + original chosen" if pos.position == "start"
+                                else "original chosen + ' ' + phrase")
+                             + ", rejected = original chosen; the other pairs are unchanged"}
     return Curation(subsets=subsets, held_out=pairs.iloc[np.flatnonzero(held)].reset_index(drop=True),
                     table=table, overlap=overlap, examples=examples, rule=rule, stats=stats,
                     control_bins=pd.DataFrame(bin_rows))
+
+
+# --- positive control ----------------------------------------------------------------------------
+
+def plant(response: str, phrase: str, position: str = "start") -> str:
+    """The response with `phrase` put at its start or its end (one space between)."""
+    if position == "start":
+        return f"{phrase} {response.lstrip()}"
+    if position == "end":
+        return f"{response.rstrip()} {phrase}"
+    raise ValueError(f"position must be 'start' or 'end', got {position!r}")
+
+
+def planted_ids(pair_ids: Iterable[str], fraction: float, seed: int) -> set[str]:
+    """The round(fraction × n) pair ids (at least one) with the smallest stable_unit('planted', seed, id):
+    an exact, order-independent share."""
+    ids = sorted(set(pair_ids))
+    if not ids:
+        return set()
+    k = min(len(ids), max(1, int(round(fraction * len(ids)))))
+    return set(sorted(ids, key=lambda p: (stable_unit("planted", seed, p), p))[:k])
+
+
+def _plant_subset(sub: pd.DataFrame, phrase: str, position: str, fraction: float, seed: int,
+                  length_fn: Callable[[dict], int]) -> pd.DataFrame:
+    """Planted pairs become minimal pairs: chosen = the original chosen response with the phrase,
+    rejected = the original chosen response (the phrase is the only difference)."""
+    out = sub.copy()
+    mask = out["pair_id"].isin(planted_ids(out["pair_id"], fraction, seed)).to_numpy()
+    original = out["chosen"].copy()
+    out.loc[mask, "rejected"] = original[mask]
+    out.loc[mask, "chosen"] = [plant(c, phrase, position) for c in original[mask]]
+    out["planted"] = mask
+    out.loc[mask, "length"] = [int(length_fn(r)) for r in out[mask].to_dict("records")]
+    out["length"] = out["length"].astype(int)
+    return out
 
 
 # --- helpers -----------------------------------------------------------------------------------
