@@ -68,6 +68,12 @@ def per_run_metrics(scores: pd.DataFrame) -> pd.DataFrame:
     return out[cols]
 
 
+def _lattice(x: np.ndarray, max_levels: int = 20) -> float:
+    """The spacing of discrete scores (1 for 0/1, 1 for a 1–5 rubric), 0 for continuous ones."""
+    u = np.unique(x[np.isfinite(x)])
+    return float(np.diff(u).min()) if 1 < u.size <= max_levels else 0.0
+
+
 def _is_binary(x: np.ndarray) -> bool:
     x = x[np.isfinite(x)]
     return x.size > 0 and bool(np.all((x == 0) | (x == 1)))
@@ -116,14 +122,16 @@ def _effect_size(test: stats.CrossedTest, mc: float, mr: float, binary: bool) ->
     return float(test.effect / math.sqrt(var)) if var > 0 else math.nan
 
 
-def _pair_stats(cond: np.ndarray, ref: np.ndarray, exists: np.ndarray, binary: bool, alpha: float) -> dict:
-    """Statistics of one paired contrast from aligned (runs × items) condition/reference arrays."""
+def _pair_stats(cond: np.ndarray, ref: np.ndarray, exists: np.ndarray, binary: bool, alpha: float,
+                resolution: float = 0.0) -> dict:
+    """Statistics of one paired contrast from aligned (runs × items) condition/reference arrays;
+    ``resolution``: the lattice spacing of one paired difference (see stats.crossed_test)."""
     valid = np.isfinite(cond) & np.isfinite(ref)
     # The crossed test needs a balanced table: runs with any score, items scored in all of them.
     rows = valid.any(axis=1)
     cols = valid[rows].all(axis=0) if rows.any() else np.zeros(valid.shape[1], bool)
     c, r = cond[rows][:, cols], ref[rows][:, cols]
-    test = stats.crossed_test(c - r, alpha)
+    test = stats.crossed_test(c - r, alpha, resolution)
     mc, mr = (float(c.mean()), float(r.mean())) if c.size else (math.nan, math.nan)
     return dict(**test.as_dict(), n_unscored_pairs=int((exists & ~valid).sum()),
                 mean_condition=mc, mean_reference=mr,
@@ -174,9 +182,11 @@ def _compare_arms(vals: pd.DataFrame, exists: pd.DataFrame, cond_runs: pd.DataFr
         cond = mat[:, ci].T
         ref = np.vstack([ref_arm[g] for g in groups])
         ex_pair = ex[:, ci].T | ex[:, ri].any(axis=1)[None, :]
-        binary = _is_binary(mat[:, np.concatenate([ci, ri])])
+        scores = mat[:, np.concatenate([ci, ri])]
+        # a reference arm averages up to K runs: its mean lives on a K-times finer lattice
+        resolution = _lattice(scores) / max(len(g) for g in groups)
         rows.append(dict(suite=suite, metric=metric, judge=judge,
-                         **_pair_stats(cond, ref, ex_pair, binary, alpha)))
+                         **_pair_stats(cond, ref, ex_pair, _is_binary(scores), alpha, resolution)))
     return rows
 
 

@@ -109,13 +109,18 @@ def _from_t(effect: float, se: float, df: float, alpha: float) -> tuple[float, f
     return effect - q * se, effect + q * se, float(2 * special.stdtr(df, -abs(effect) / se))
 
 
-def crossed_test(diffs: np.ndarray, alpha: float = 0.05) -> CrossedTest:
+def crossed_test(diffs: np.ndarray, alpha: float = 0.05, resolution: float = 0.0) -> CrossedTest:
     """t-test and CI of the mean paired difference with runs and items as crossed random factors.
 
     Uses the complete sub-table (see :func:`complete_table`); with S ≥ 2 runs the variance is
     (MS_seed + max(MS_item − MS_resid, 0)) / (S·I) and the reference distribution t with the
     hedged Satterthwaite df, so the CI excludes 0 exactly when p < alpha. With one run only the
     item variance is available: the CI is reported, the p-value is NaN.
+
+    ``resolution`` is the spacing of the differences' lattice for discrete scores (1 for a rate
+    against one run, 1/K against the mean of K runs; 0 for continuous scores). Run means of a
+    few discrete items tie often; a tie is no evidence of zero run-to-run variance, so the
+    variance of the run means is floored at that of a uniform rounding error, (resolution/I)²/12.
     """
     d = complete_table(diffs)
     s, i = d.shape if d.ndim == 2 else (0, 0)
@@ -130,12 +135,14 @@ def crossed_test(diffs: np.ndarray, alpha: float = 0.05) -> CrossedTest:
         lo, hi, _ = _from_t(effect, se, i - 1, alpha)
         return CrossedTest(effect, se, float(i - 1), lo, hi, math.nan, 1, int(i), math.nan, var_i, math.nan,
                            "items only (1 run)")
+    floor = resolution**2 / (12 * i * i)  # variance of a run mean rounded to the lattice
     if i == 1:  # one item: the runs are the only replication
-        se = float(d[:, 0].std(ddof=1)) / math.sqrt(s)
+        se = math.sqrt(max(float(d[:, 0].var(ddof=1)), floor) / s)
         lo, hi, p = _from_t(effect, se, s - 1, alpha)
         return CrossedTest(effect, se, float(s - 1), lo, hi, p, int(s), 1, se**2 * s, math.nan, math.nan,
                            "runs × items")
     ms_s, ms_i, ms_r = mean_squares(d)
+    ms_s = max(ms_s, i * floor)  # MS_seed = I · variance of the run means
     lin, df = _satterthwaite(ms_s, ms_i, ms_r, s, i)
     se = math.sqrt(max(lin, 0.0) / (s * i))
     lo, hi, p = _from_t(effect, se, df, alpha)

@@ -73,6 +73,18 @@ def test_crossed_drops_incomplete_items_and_empty_runs():
     assert stats.crossed_test(np.full((2, 3), np.nan)).inference == "none"
 
 
+def test_crossed_tied_run_means_of_discrete_scores_are_not_zero_variance():
+    """Two runs, 10 binary items, one different item each: the run means tie exactly. Without
+    the resolution floor SE was 0 and p 0 (the demo showed such 'effects' of +0.1 [+0.1, +0.1])."""
+    d = np.zeros((2, 10))
+    d[0, 3] = d[1, 7] = 1.0
+    assert stats.crossed_test(d).p_value == 0.0  # continuous-score reading: no spread at all
+    t = stats.crossed_test(d, resolution=1.0)
+    assert t.se > 0 and t.p_value > 0.05 and t.ci_lo < 0 < t.ci_hi
+    # a whole-lattice effect (every item, every run) stays decisive
+    assert stats.crossed_test(np.ones((2, 16)), resolution=0.5).p_value < 0.01
+
+
 def test_crossed_constant_differences():
     t = stats.crossed_test(np.ones((2, 10)))
     assert (t.effect, t.ci_lo, t.ci_hi, t.p_value) == (1.0, 1.0, 1.0, 0.0)
