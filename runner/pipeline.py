@@ -693,24 +693,23 @@ class Study:
                 else "every watched contrast significant after correction")
         return f"seeds.adaptive: until {goal}, at most {ad.max} seeds per condition. Seeds added so far: {what}."
 
-    def _adaptive_decision(self, con: pd.DataFrame):
-        from evaluation.adaptive import decide
+    def _adaptive_round(self, con: pd.DataFrame):
+        """seeds.adaptive's decision after one analysis, and the round's watched contrasts."""
+        from evaluation.adaptive import decide, snapshot
 
         ad = self.spec.seeds.adaptive
         seeds = {c: self._n_seeds(c) for c in self.spec.conditions()}
-        return decide(con, seeds, ad.max, ad.until, ad.target_ci_halfwidth, ad.metrics, ad.conditions,
-                      self.spec.analyze.alpha)
+        decision = decide(con, seeds, ad.max, ad.until, ad.target_ci_halfwidth, ad.metrics, ad.conditions,
+                          self.spec.analyze.alpha)
+        return decision, snapshot(con, decision, ad.metrics, ad.conditions)
 
     def _trajectory(self, con: pd.DataFrame) -> pd.DataFrame | None:
         """The watched contrasts of every adaptive round so far, this one included (from
         adaptive_trajectory.json, which `run` extends after each round)."""
-        from evaluation.adaptive import snapshot
-
-        ad = self.spec.seeds.adaptive
-        if not ad:
+        if not self.spec.seeds.adaptive:
             return None
         done = self._trajectory_rounds()
-        now = snapshot(con, self._adaptive_decision(con), ad.metrics, ad.conditions)
+        _, now = self._adaptive_round(con)
         rows = [r for k, rs in done.items() if k != self.analyze_key() for r in rs] + now
         return pd.DataFrame(rows)
 
@@ -729,15 +728,11 @@ class Study:
         self._memo.clear()
         return seed
 
-    def _adaptive_round(self, unit: Path) -> list[str]:
-        """Decide after one analysis; record the round's watched contrasts; say why it stops."""
-        from evaluation.adaptive import snapshot
-
-        con = read_parquet(unit / "contrasts.parquet")
-        decision = self._adaptive_decision(con)
+    def _seeds_to_add(self, unit: Path) -> list[str]:
+        """Decide after one analysis; record the round's watched contrasts; say why a condition stops."""
+        decision, rows = self._adaptive_round(read_parquet(unit / "contrasts.parquet"))
         rounds = self._trajectory_rounds()
-        ad = self.spec.seeds.adaptive
-        rounds[self.analyze_key()] = snapshot(con, decision, ad.metrics, ad.conditions)
+        rounds[self.analyze_key()] = rows
         write_json(rounds, self.root / "adaptive_trajectory.json")
         for cond, why in sorted(decision.reasons.items()):
             if cond not in decision.add:
@@ -805,7 +800,7 @@ class Study:
         try:
             for stage in STAGES[: STAGES.index(until) + 1]:
                 result = getattr(self, stage)()
-            while until == "analyze" and self.spec.seeds.adaptive and (need := self._adaptive_round(Path(result).parent)):
+            while until == "analyze" and self.spec.seeds.adaptive and (need := self._seeds_to_add(Path(result).parent)):
                 seed = self._add_seed(need)
                 say(f"adaptive seeds: adding seed {seed} to {', '.join(need)} and to the controls")
                 result = self.analyze()
