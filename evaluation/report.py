@@ -214,7 +214,8 @@ def _header(extras: dict, runs: pd.DataFrame | None) -> str:
     if isinstance(runs, pd.DataFrame) and not runs.empty:
         kinds = runs.groupby("kind")["condition"].nunique()
         seeds = sorted({int(s) for s in runs["seed"].dropna()})
-        out.append(f"<p>{runs['model'].nunique()} model(s) × ({kinds.get('value', 0)} induced value(s) + "
+        positive = " + a positive control (planted marker)" if kinds.get("positive", 0) else ""
+        out.append(f"<p>{runs['model'].nunique()} model(s) × ({kinds.get('value', 0)} induced value(s){positive} + "
                    f"{kinds.get('control', 0)} random-subset control arm(s)) × seeds {seeds}, plus each "
                    f"base model: {len(runs)} evaluated runs.</p>")
     version = extras.get("code_version")
