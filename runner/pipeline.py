@@ -23,6 +23,7 @@ from runner.store import Store, read_parquet, safe_name, write_json, write_parqu
 
 STAGES = ("annotate", "curate", "train", "generate", "score", "analyze")
 CODE_VERSION = "valind-0.1"  # part of every key: bump when a stage's semantics change
+ANALYSIS_VERSION = "crossed-runs-items-1"  # the analyze key's own: inference changed, training did not
 
 
 class StageError(RuntimeError):
@@ -211,7 +212,8 @@ class Study:
                             *([{"planted": s.controls.positive.model_dump(mode="json")}] if s.controls.positive else []))
 
     def analyze_key(self) -> str:
-        return content_hash(CODE_VERSION, "analyze", [(r.run_id, self.score_key(r)) for r in self.runs()],
+        return content_hash(CODE_VERSION, "analyze", ANALYSIS_VERSION,
+                            [(r.run_id, self.score_key(r)) for r in self.runs()],
                             self.spec.analyze, self.curate_key(), self.agreement_key())
 
     @functools.cache
