@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -429,6 +430,8 @@ def _trajectory(figs: _Figures, traj: pd.DataFrame) -> str:
     ax2.set_ylabel("Holm p")
     ax2.set_yscale("log")
     ax2.axhline(0.05, color="k", lw=0.8, ls="--")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax1.legend(fontsize=6)
     return figs.add(fig, "adaptive_trajectory", "Adaptive seeds trajectory")
 
