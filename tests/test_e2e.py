@@ -65,7 +65,7 @@ def smoke(tmp_path_factory, data_dir):
 
 def test_killed_driver_rerun_trains_no_cell_twice(smoke):
     _, root, first, killed = smoke
-    assert f"train: 4 cells, {len(killed)} cached" in first.stdout
+    assert f"train: 5 cells, {len(killed)} cached" in first.stdout
     for key, (done_mtime, cell_mtime) in killed.items():
         unit = root / "stages" / "train" / key
         assert (unit / "_DONE.json").stat().st_mtime_ns == done_mtime
@@ -103,7 +103,8 @@ def test_mlflow_has_parent_and_one_child_per_cell(smoke):
     parents = runs[runs["tags.valind.kind"] == "study"]
     children = runs[runs["tags.valind.kind"] != "study"]
     assert len(parents) == 1
-    assert parents["metrics.analyze/contrasts"].iloc[0] > 0 and parents["metrics.aa/tiny/tests"].iloc[0] > 0
+    # one seed: the A/A check has comparisons but no p-values (run-to-run variance unmeasured)
+    assert parents["metrics.analyze/contrasts"].iloc[0] > 0 and parents["metrics.aa/tiny/tests"].iloc[0] == 0
     # 1 model × (2 values + the positive control + 2 controls) × 1 seed + the base model
     assert sorted(children["tags.valind.run_id"]) == sorted(
         ["tiny__base", "tiny__value-humor__s0", "tiny__value-fairness__s0", "tiny__positive__s0",
@@ -174,7 +175,7 @@ def test_adaptive_seeds_add_a_seed_until_the_max(smoke, tmp_path):
     assert json.loads((study / "adaptive_seeds.json").read_text()) == {
         "control-0": [1], "control-1": [1], "positive": [1], "value-fairness": [1], "value-humor": [1]}
     rounds = json.loads((study / "adaptive_trajectory.json").read_text())
-    assert sorted(len({r["n_seeds"] for r in rows}) for rows in rounds.values()) == [1, 1]
+    assert sorted(max(r["n_seeds"] for r in rows) for rows in rounds.values()) == [1, 2]
     analyze_units = [u for u in (study / "stages" / "analyze").iterdir() if (u / "_DONE.json").exists()]
     newest = max(analyze_units, key=lambda u: (u / "_DONE.json").stat().st_mtime_ns)
     con = pd.read_parquet(newest / "contrasts.parquet")
