@@ -33,10 +33,6 @@ EXPRESSES_PREFIX = "expresses/"
 _KEYS = ["suite", "metric", "judge"]
 
 PLANTED_SUITE = "planted"
-# Holm/BH families. The positive control's planted-marker test is one pre-specified hypothesis;
-# the planted metric in the other arms checks the detector's specificity; the positive arm's
-# other metrics are its side effects; everything else is the study proper.
-FAMILIES = ("study", "positive control", "planted marker", "positive arm")
 
 CONTRAST_COLUMNS = [
     "model", "condition", "kind", "value", "suite", "metric", "judge", "reference", "primary", "family",
@@ -127,9 +123,8 @@ def _pair_stats(cond: np.ndarray, ref: np.ndarray, exists: np.ndarray, binary: b
     """Statistics of one paired contrast from aligned (runs × items) condition/reference arrays;
     ``resolution``: the lattice spacing of one paired difference (see stats.crossed_test)."""
     valid = np.isfinite(cond) & np.isfinite(ref)
-    # The crossed test needs a balanced table: runs with any score, items scored in all of them.
-    rows = valid.any(axis=1)
-    cols = valid[rows].all(axis=0) if rows.any() else np.zeros(valid.shape[1], bool)
+    # The crossed test needs a balanced table; the arms' means are taken over the same cells.
+    rows, cols = stats.complete_index(valid)
     c, r = cond[rows][:, cols], ref[rows][:, cols]
     test = stats.crossed_test(c - r, alpha, resolution)
     mc, mr = (float(c.mean()), float(r.mean())) if c.size else (math.nan, math.nan)
@@ -219,6 +214,9 @@ def mark_primary(df: pd.DataFrame, primary_judges: dict[str, str] | None = None)
 
 
 def family_of(kind: str, suite: str) -> str:
+    """The Holm/BH family of a row. The positive control's planted-marker test is one pre-specified
+    hypothesis; the marker in the other arms checks the detector's specificity; the positive arm's
+    other metrics are its side effects; everything else is the study proper."""
     if suite == PLANTED_SUITE:
         return "positive control" if kind == "positive" else "planted marker"
     return "positive arm" if kind == "positive" else "study"
@@ -226,24 +224,18 @@ def family_of(kind: str, suite: str) -> str:
 
 def _add_corrections(df: pd.DataFrame, family: list[str], alpha: float) -> pd.DataFrame:
     """Holm and BH within each family of primary rows. A sensitivity row (another judge of the
-    same contrast) is Bonferroni-adjusted by its primary family's size and carries no verdict of
-    its own: claims, the summary and the adaptive loop read primary rows only."""
-    df = df.copy()
-    df["p_holm"] = np.nan
-    df["p_bh"] = np.nan
-    prim = df[df["primary"]]
-    sizes = {}
-    by = family[0] if len(family) == 1 else family  # a one-element list makes pandas warn
-    for key, idx in prim.groupby(by, sort=False, dropna=False).groups.items():
-        pv = df.loc[idx, "p_value"].to_numpy(float)
-        df.loc[idx, "p_holm"] = stats.correct(pv, "holm")
-        df.loc[idx, "p_bh"] = stats.correct(pv, "fdr_bh")
-        sizes[key if isinstance(key, tuple) else (key,)] = int(np.isfinite(pv).sum())
-    for i in df.index[~df["primary"]]:
-        m = sizes.get(tuple(df.loc[i, family]), 1)
-        df.loc[i, "p_holm"] = float(np.minimum(1.0, df.loc[i, "p_value"] * max(m, 1)))
-    df["significant"] = (df["p_holm"] < alpha).fillna(False).astype(bool)
-    return df
+    same contrast) is Bonferroni-adjusted by its primary family's size and is never
+    ``significant``: the verdict is the primary row's."""
+    fam = df.groupby(family, sort=False, dropna=False).ngroup().to_numpy()
+    prim = df["primary"].to_numpy(bool)
+    p = df["p_value"].to_numpy(float)
+    holm, bh = np.full(len(df), np.nan), np.full(len(df), np.nan)
+    for g in np.unique(fam):
+        primary, other = prim & (fam == g), ~prim & (fam == g)
+        holm[primary], bh[primary] = stats.correct(p[primary], "holm"), stats.correct(p[primary], "fdr_bh")
+        holm[other] = np.minimum(1.0, p[other] * max(int(np.isfinite(p[primary]).sum()), 1))
+    with np.errstate(invalid="ignore"):
+        return df.assign(p_holm=holm, p_bh=bh, significant=prim & (holm < alpha))
 
 
 def contrasts(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float = 0.05,
@@ -261,7 +253,7 @@ def contrasts(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float = 0.05,
     item × condition interaction are both in the standard error; CI and p come from the same t,
     so the CI excludes 0 exactly when p < alpha. With a single run ``p_value`` is NaN.
     ``primary`` marks each metric's primary judge (:func:`mark_primary`); ``p_holm``/``p_bh``
-    are corrected within (model, reference, family) over primary rows (see FAMILIES).
+    are corrected within (model, reference, family) over primary rows (see :func:`family_of`).
     """
     r = _prepare_runs(runs)
     rows = []

@@ -128,7 +128,7 @@ def _forest(figs: _Figures, df: pd.DataFrame, suite: str, reference: str, part: 
     eff = df["effect"].to_numpy(float)
     lo = np.clip(eff - df["ci_lo"].to_numpy(float), 0, None)
     hi = np.clip(df["ci_hi"].to_numpy(float) - eff, 0, None)
-    sig = (df["significant"] & df["primary"]).to_numpy(bool)
+    sig = df["significant"].to_numpy(bool)
     fig, ax = plt.subplots(figsize=(9, max(2.0, 0.26 * len(df) + 1.0)))
     for mask, color, lab in ((~sig, "#777777", "n.s."), (sig, "#c0392b", "significant (Holm)")):
         if mask.any():
@@ -309,11 +309,10 @@ def _sensitivity(contrasts_df: pd.DataFrame | None, extras: dict, alpha: float) 
     return "".join(out)
 
 
-def _claims_section(contrasts_df: pd.DataFrame, extras: dict, alpha: float) -> str:
+def _claims_section(contrasts_df: pd.DataFrame, co: pd.DataFrame, crosstalk: list[dict]) -> str:
     from evaluation.claims import claims_table
 
-    co = analyze.coexpression(contrasts_df, alpha=alpha)
-    t = claims_table(contrasts_df, coexpression=co, crosstalk=analyze.crosstalk_tests(co, alpha))
+    t = claims_table(contrasts_df, coexpression=co, crosstalk=crosstalk)
     return ('<p class="note">Each claim of the paper, tested on every contrast that bears on it, each counted '
             'once by its primary judge: "for" and "against" count contrasts significant (Holm) whose CI '
             'excludes 0 on the predicted and on the opposite side. "Positive" values exclude deception and '
@@ -348,9 +347,8 @@ def _per_value_section(contrasts_df: pd.DataFrame) -> str:
         d = d[(d["suite"] != analyze.VALUES_SUITE) | own].assign(_side=~own)  # own expression first
         d = d.assign(_sens=~d["primary"]).sort_values(["_side", "suite", "metric", "reference", "_sens", "judge"])
         out.append(f"<h3>{_esc(value)} <span class='note'>({_esc(model)})</span></h3>")
-        # only a primary row carries a verdict; other judges' rows are shown for sensitivity
-        d = _compact(d).assign(significant=d["significant"] & d["primary"])
-        out.append(_table(d[_PER_VALUE_SHOW], f"Results for {value}", highlight="significant", collapse_over=200))
+        out.append(_table(_compact(d)[_PER_VALUE_SHOW], f"Results for {value}", highlight="significant",
+                          collapse_over=200))
     return "".join(out)
 
 
@@ -389,8 +387,7 @@ def _condition_summary(runs: pd.DataFrame, prm: pd.DataFrame) -> pd.DataFrame | 
     return g.agg(n_runs="count", mean="mean", sd_across_seeds="std").reset_index()
 
 
-def _coexpression_section(figs: _Figures, contrasts_df, extras: dict, alpha: float) -> str:
-    co = analyze.coexpression(contrasts_df, alpha=alpha) if contrasts_df is not None else None
+def _coexpression_section(figs: _Figures, co: pd.DataFrame | None, crosstalk: list[dict]) -> str:
     if co is None or co.empty:
         return _na("Co-expression matrix (no 'expresses/<value>' metrics in suite 'values')")
     out = ['<p class="note">Cells: effect of inducing the row value on the expression rate of the '
@@ -406,11 +403,10 @@ def _coexpression_section(figs: _Figures, contrasts_df, extras: dict, alpha: flo
                else '<p class="note">No significant off-diagonal cells.</p>')
     out.append(_table(co, "Full co-expression table"))
     out.append("<h3>Whole-matrix test</h3>")
-    tests = analyze.crosstalk_tests(co, alpha)
-    if tests:
+    if crosstalk:
         out.append('<p class="note">Null hypothesis: inducing a value moves no other value (every '
                    'off-diagonal cell is 0). Simes\' combination of the cells\' p-values.</p>')
-        out.append(_table(pd.DataFrame(tests), "Whole-matrix test"))
+        out.append(_table(pd.DataFrame(crosstalk), "Whole-matrix test"))
     else:
         out.append(_na("Whole-matrix test (needs off-diagonal cells)"))
     return "".join(out)
@@ -483,14 +479,17 @@ def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame 
     prm = analyze.per_run_metrics(scores) if scores is not None else analyze.per_run_metrics(None)
     have_runs = isinstance(runs, pd.DataFrame) and not runs.empty
     have_c = isinstance(contrasts_df, pd.DataFrame) and not contrasts_df.empty
+    co, crosstalk = None, []
     if have_c:
         contrasts_df = _short_judges(contrasts_df)
+        co = analyze.coexpression(contrasts_df, alpha=alpha)  # read by the claims and co-expression sections
+        crosstalk = analyze.crosstalk_tests(co, alpha)
 
     sec = [_header(extras, runs if have_runs else None),
            _sensitivity(contrasts_df if have_c else None, extras, alpha)]
     sec.append("<h2>Summary</h2>" + (_summary(contrasts_df, extras, alpha) if have_c else _na("Contrasts")))
     if have_c:
-        sec.append("<h2>The paper's claims</h2>" + _claims_section(contrasts_df, extras, alpha))
+        sec.append("<h2>The paper's claims</h2>" + _claims_section(contrasts_df, co, crosstalk))
         sec.append('<h2>Results by induced value</h2><p class="note">effect = mean paired (item-by-item) '
                    'difference condition − reference over trained runs; 95% CI and p from one t-test with trained '
                    'runs and items as crossed random factors (docs/STATISTICS.md), so a CI excludes 0 exactly '
@@ -500,7 +499,7 @@ def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame 
                    'for rates, d = effect / SD of one (run, item) difference for continuous metrics.</p>'
                    + _per_value_section(contrasts_df))
     sec.append("<h2>Co-expression of values</h2>")
-    sec.append(_coexpression_section(figs, contrasts_df if have_c else None, extras, alpha))
+    sec.append(_coexpression_section(figs, co, crosstalk))
     sec.append("<h2>Side effects by suite</h2>")
     if have_c:
         order = {s: i for i, s in enumerate(("safety", "anthropomorphism", "sycophancy", "qa", "values"))}

@@ -73,11 +73,18 @@ _NONE = dict(effect=math.nan, se=math.nan, df=math.nan, ci_lo=math.nan, ci_hi=ma
              var_seed=math.nan, var_item=math.nan, var_resid=math.nan)
 
 
+def complete_index(valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(runs, items) masks of the balanced sub-table of a runs × items validity mask: runs with
+    any valid cell, then items valid in every such run."""
+    runs = valid.any(axis=1)
+    return runs, (valid[runs].all(axis=0) if runs.any() else np.zeros(valid.shape[1], bool))
+
+
 def complete_table(diffs: np.ndarray) -> np.ndarray:
-    """The balanced sub-table: runs with any finite value, then items finite in every such run."""
+    """The balanced sub-table of a runs × items table (see :func:`complete_index`)."""
     d = np.atleast_2d(np.asarray(diffs, dtype=float))
-    d = d[np.isfinite(d).any(axis=1)]
-    return d[:, np.isfinite(d).all(axis=0)] if d.size else d
+    runs, items = complete_index(np.isfinite(d))
+    return d[runs][:, items]
 
 
 def mean_squares(d: np.ndarray) -> tuple[float, float, float]:
@@ -222,10 +229,8 @@ def seeds_for_halfwidth(var_seed: float, var_item: float, var_resid: float, n_it
     alone is ≥ target (more items, not more seeds) or more than max_seeds would be needed."""
     if halfwidth_floor(var_item, n_items, alpha) >= target:
         return None
-    for s in range(2, max_seeds + 1):
-        if expected_halfwidth(var_seed, var_item, var_resid, n_items, s, alpha) <= target:
-            return s
-    return None
+    return _fewest_seeds(lambda s: expected_halfwidth(var_seed, var_item, var_resid, n_items, s, alpha) <= target,
+                         max_seeds)
 
 
 def power_at(effect: float, var_seed: float, var_item: float, var_resid: float, n_items: int, n_seeds: int,
@@ -247,7 +252,20 @@ def seeds_for_power(effect: float, var_seed: float, var_item: float, var_resid: 
     z = sps.norm.ppf(1 - alpha / 2)
     if var_item > 0 and sps.norm.sf(z - abs(effect) / math.sqrt(var_item / n_items)) < power:
         return None
-    for s in range(2, max_seeds + 1):
-        if power_at(effect, var_seed, var_item, var_resid, n_items, s, alpha) >= power:
-            return s
-    return None
+    return _fewest_seeds(lambda s: power_at(effect, var_seed, var_item, var_resid, n_items, s, alpha) >= power,
+                         max_seeds)
+
+
+def _fewest_seeds(enough, max_seeds: int) -> int | None:
+    """Smallest S in [2, max_seeds] with enough(S), for a goal that more runs only bring closer
+    (half-width falls and power rises with S): bisection, not a scan of up to max_seeds noncentral-t
+    evaluations per contrast."""
+    lo, hi = 1, 2  # doubling, then bisection between the last miss and the first hit
+    while not enough(hi):
+        if hi >= max_seeds:
+            return None
+        lo, hi = hi, min(2 * hi, max_seeds)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
+    return hi

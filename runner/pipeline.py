@@ -193,12 +193,17 @@ class Study:
                                    self.cell_key(m.name, cond, seed)))
         return out
 
+    def _planted_key(self) -> list[dict]:
+        """The positive control's settings, for the keys of what its suite touches (nothing when
+        it is unset, so specs without it keep their keys)."""
+        pos = self.spec.controls.positive
+        return [{"planted": pos.model_dump(mode="json")}] if pos else []
+
     @functools.cache
     def items_key(self) -> str:
-        g, pos = self.spec.generate, self.spec.controls.positive
+        g = self.spec.generate
         return content_hash(CODE_VERSION, "items", g.suites, g.items_per_suite, g.sampling.seed,
-                            self.curate_key(), self._data_marker(),
-                            *([{"planted": pos.model_dump(mode="json")}] if pos else []))
+                            self.curate_key(), self._data_marker(), *self._planted_key())
 
     def generate_key(self, run: Run) -> str:
         return content_hash(CODE_VERSION, "generate", self.items_key(), self.spec.generate.sampling,
@@ -208,8 +213,7 @@ class Study:
         s = self.spec
         judge = s.score.value_judge or s.annotate.judge_model
         return content_hash(CODE_VERSION, "score", self.generate_key(run), s.score, self.model_id(judge),
-                            s.annotate.mode, s.annotate.logprob_threshold,
-                            *([{"planted": s.controls.positive.model_dump(mode="json")}] if s.controls.positive else []))
+                            s.annotate.mode, s.annotate.logprob_threshold, *self._planted_key())
 
     def analyze_key(self) -> str:
         return content_hash(CODE_VERSION, "analyze", ANALYSIS_VERSION,
