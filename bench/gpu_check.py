@@ -118,6 +118,7 @@ def check_dpo(model_dir: Path, work: Path, n_pairs: int, batch: int) -> dict:
     from transformers import AutoTokenizer
 
     from runner.spec import TrainSpec, content_hash
+    from runner.train.cell import Cell
     from runner.train.launch import train_cell
 
     pairs, where = load_pairs(n_pairs)
@@ -125,9 +126,12 @@ def check_dpo(model_dir: Path, work: Path, n_pairs: int, batch: int) -> dict:
                       zero_stage=2, batch_size=batch, micro_batch_size=2, epochs=1, max_length=256, lr=1e-4,
                       checkpoint_every=1000)
     t0 = time.perf_counter()
-    train_cell(cell_id="gpu-check", pairs=pairs, model_path=str(model_dir), model_id=content_hash("gpu-check"),
-               tokenizer=AutoTokenizer.from_pretrained(model_dir), seed=0, train=train, out_dir=work / "cell",
-               work_dir=work / "ray_train", ref_cache=work / "reflogps")
+    pairs_path = work / "pairs.parquet"
+    pairs.to_parquet(pairs_path, index=False)
+    cell = Cell(cell_id="gpu-check", seed=0, train=train, pairs=str(pairs_path), model_path=str(model_dir),
+                model_id=content_hash("gpu-check"), out_dir=str(work / "cell"), work_dir=str(work / "ray_train"),
+                ref_cache=str(work / "reflogps"))
+    train_cell(cell, tokenizer=AutoTokenizer.from_pretrained(model_dir))
     seconds = time.perf_counter() - t0
     metrics = [json.loads(x) for x in (work / "cell" / "metrics.jsonl").read_text().splitlines()]
     cell = json.loads((work / "cell" / "cell.json").read_text())

@@ -74,9 +74,12 @@ def init_dist() -> None:
 def bench_ours(model_dir: str, tok, pairs, steps: int, warmup: int, bf16: bool) -> dict:
     import deepspeed
 
+    from runner.spec import LoraSpec, TrainSpec
     from runner.train.batches import encode_pairs
+    from runner.train.cell import Cell
     from runner.train.launch import compute_reference_logps
     from runner.train.loop import build_model, ds_config, optimizer_step
+    from runner.train.losses import make_loss
 
     examples = encode_pairs(tok, pairs, MAX_LEN)[: BATCH * (steps + warmup)]
     t = time.perf_counter()
@@ -86,19 +89,23 @@ def bench_ours(model_dir: str, tok, pairs, steps: int, warmup: int, bf16: bool) 
     ref_s = time.perf_counter() - t
 
     init_dist()
-    cfg = {"model": model_dir, "finetune": "lora", "lora": LORA, "bf16": bf16, "batch_size": BATCH,
-           "micro_batch_size": BATCH, "zero_stage": 2}
+    train = TrainSpec(method="dpo", finetune="lora", lora=LoraSpec(**LORA), beta=BETA, lr=LR, bf16=bf16,
+                      batch_size=BATCH, micro_batch_size=BATCH, workers=1, zero_stage=2, max_length=MAX_LEN)
+    # only model_path and train matter to build_model; the rest of the cell is never read here
+    cell = Cell(cell_id="bench", seed=0, train=train, pairs="", model_path=model_dir, model_id="bench",
+                out_dir="", work_dir="", ref_cache="")
+    loss_fn = make_loss(train)
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cell)
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, 1))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(train, 1))
     engine.train()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     times, tokens, losses = [], [], []
     for s in range(steps + warmup):
         t = time.perf_counter()
-        sums = optimizer_step(engine, [examples[s * BATCH:(s + 1) * BATCH]], "dpo", BETA, 0.0, pad, engine.device)
+        sums = optimizer_step(engine, [examples[s * BATCH:(s + 1) * BATCH]], loss_fn, pad, engine.device)
         dt = time.perf_counter() - t
         losses.append(sums[0].item() / sums[6].item())
         if s >= warmup:

@@ -165,6 +165,20 @@ def cohens_h(p1: float, p2: float) -> float:
     return float(2 * math.asin(math.sqrt(p1)) - 2 * math.asin(math.sqrt(p2)))
 
 
+def cohen_kappa(a: Sequence | np.ndarray, b: Sequence | np.ndarray) -> float:
+    """Cohen's kappa between two raters' labels of the same items (scikit-learn's
+    ``cohen_kappa_score``); NaN when there are no items or only one label occurs in both
+    (chance agreement is then 1 and kappa is undefined)."""
+    a, b = list(a), list(b)
+    if len(a) != len(b):
+        raise ValueError(f"cohen_kappa: {len(a)} labels against {len(b)}")
+    if not a or len(set(a) | set(b)) < 2:
+        return math.nan
+    from sklearn.metrics import cohen_kappa_score
+
+    return float(cohen_kappa_score(a, b))
+
+
 def risk_difference(p1: float, p2: float) -> float:
     """Difference of two proportions, p1 − p2."""
     return float(p1 - p2)

@@ -8,6 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
+# The closed value list of the paper's judge prompt (Arora et al. 2026, appendix), in its order.
+# Defined only here: runner.spec builds its `Value` Literal from it and re-exports it.
+VALUES: tuple[str, ...] = (
+    "deception", "accuracy", "creativity", "discretion", "honesty", "humor", "open-mindedness",
+    "fairness", "curiosity", "empathy", "personalization", "privacy", "violence", "justice",
+    "legality", "engagement",
+)
+
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 
 

@@ -1,4 +1,11 @@
-"""`valind`: run a value-induction study, or one of its stages, from a YAML spec."""
+"""`valind`: run a value-induction study, or one of its stages, from a YAML spec.
+
+exit codes:
+  0    ok
+  1    a stage or runtime failure (the message says what failed; rerun resumes)
+  2    bad input to fix: a spec (every problem is listed with its YAML path), a file, a flag
+  130  interrupted (finished units are kept; rerun the same command to resume)
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,16 +13,16 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_INVALID = 2
+from evaluation.errors import InputError, ValindError
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+SUMMARY, EPILOG = __doc__.split("\n\n", 1)
 
 
 def _load(path: str):
-    from runner.spec import SpecError, load_spec
-    try:
-        spec = load_spec(path)
-    except SpecError as e:
-        print(e.render(), file=sys.stderr)
-        sys.exit(EXIT_INVALID)
+    """The spec and its text; a bad spec raises SpecError (an InputError: exit 2) up to main()."""
+    from runner.spec import load_spec
+    spec = load_spec(path)
     return spec, Path(path).read_text()
 
 
@@ -81,7 +88,7 @@ def cmd_status(args) -> int:
         if r["state"] == "failed":
             err = study.store.failed(r["stage"], r["key"]) or {}
             print(f"failed: {r['stage']} {r['unit']}: {err.get('error')}")
-    ann = study.store.unit("annotate", study.annotate_key()) / "drops.json"
+    ann = study.store.unit("annotate", study.key("annotate")) / "drops.json"
     if ann.exists():
         print(f"dropped pairs by reason: {ann.read_text().strip()}")
     return 0
@@ -91,33 +98,29 @@ def cmd_judge(args) -> int:
     """Score a CSV/JSONL/parquet of (prompt, response) rows with one of the suites' judges."""
     import pandas as pd
 
-    from evaluation.judges.external import JUDGES, judge_table
+    from evaluation.judges.external import judge_table
+    from evaluation.suites.registry import external_judges
     from runner.store import write_parquet
 
     src, dst = Path(args.input), Path(args.output)
     readers = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}
     if src.suffix not in readers or dst.suffix not in readers:
-        print(f"valind: error: --input/--output must end in .csv, .jsonl or .parquet", file=sys.stderr)
-        return EXIT_INVALID
+        raise InputError("--input/--output must end in .csv, .jsonl or .parquet")
     try:
         df = readers[src.suffix](src)
     except Exception as e:
-        print(f"valind: error: {src}: cannot read ({type(e).__name__}: {e})", file=sys.stderr)
-        return 1
+        raise InputError(f"{src}: cannot read ({type(e).__name__}: {e})") from None
     engine = None
-    if JUDGES[args.judge][0]:
+    if external_judges()[args.judge][0]:
         if not args.model:
-            print(f"valind: error: judge {args.judge!r} needs --model (a builtin name, local dir or hub id)",
-                  file=sys.stderr)
-            return EXIT_INVALID
+            raise InputError(f"judge {args.judge!r} needs --model (a builtin name, local dir or hub id)")
         from runner.engines import EngineConfig, make_engine
         from runner.models import resolve
         engine = make_engine(EngineConfig(model=resolve(args.model), backend=args.backend, max_model_len=2048))
     try:
         out = judge_table(args.judge, df, args.prompt_col, args.response_col, engine)
     except KeyError as e:
-        print(f"valind: error: {src}: {e.args[0]}", file=sys.stderr)
-        return EXIT_INVALID
+        raise InputError(f"{src}: {e.args[0]}") from None
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.suffix == ".parquet":
         write_parquet(out, dst)
@@ -131,13 +134,9 @@ def cmd_judge(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from runner.plan import PlanError, plan_spec
+    from runner.plan import plan_spec
     spec, _ = _load(args.spec)
-    try:
-        plan_spec(spec, spec.study.name)
-    except PlanError as e:
-        print(f"valind: error: {e}", file=sys.stderr)
-        return EXIT_INVALID
+    plan_spec(spec, spec.study.name)  # PlanError (an InputError: exit 2) reaches main()
     return 0
 
 
@@ -149,7 +148,8 @@ def cmd_models(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="valind", description=__doc__)
+    p = argparse.ArgumentParser(prog="valind", description=SUMMARY, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check a spec; every problem is printed with its YAML path (exit 2)")
     v.add_argument("spec")
@@ -176,9 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="trials, requests, GPU-hours per stage and wall time on the declared cluster")
     pl.add_argument("spec")
     pl.set_defaults(fn=cmd_plan)
-    from evaluation.judges.external import JUDGES
+    from evaluation.suites.registry import external_judges
     j = sub.add_parser("judge", help="score an outside table of (prompt, response) rows with a judge")
-    j.add_argument("judge", choices=sorted(JUDGES))
+    j.add_argument("judge", choices=sorted(external_judges()))
     j.add_argument("--input", required=True, help="CSV, JSONL or parquet file")
     j.add_argument("--output", required=True, help="CSV, JSONL or parquet file (one row per input row)")
     j.add_argument("--prompt-col", default="prompt")
@@ -201,19 +201,19 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except KeyboardInterrupt:
         print("interrupted: finished units are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except Exception as e:
-        from runner.data.curate import CurationError
-        from runner.data.sources import DataError
-        from runner.models import ModelError
-        from runner.pipeline import StageError
-        from runner.store import StoreError
-        from runner.tracking import TrackingError
-        if isinstance(e, (CurationError, DataError, ModelError, StageError, StoreError, TrackingError)):
-            from runner.secrets import redact
-            print(redact(f"valind: error: {e}"), file=sys.stderr)
-            return 1
-        raise
+        return EXIT_INTERRUPTED
+    except ValindError as e:
+        return _fail(e)
+
+
+def _fail(e: ValindError) -> int:
+    """Print a valind error without a traceback (secrets redacted) and give its exit code.
+    A SpecError prints its own rendering: one line per problem, with its YAML path."""
+    from runner.secrets import redact
+    from runner.spec import SpecError
+    text = e.render() if isinstance(e, SpecError) else f"valind: error: {e}"
+    print(redact(text), file=sys.stderr)
+    return e.exit_code
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ import os
 import shutil
 from pathlib import Path
 
+from evaluation.errors import ValindError
+
 BUILTINS = ("smollm2-135m", "tiny-llama")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelError(Exception):
+class ModelError(ValindError):
     pass
 
 

@@ -14,7 +14,11 @@ from pathlib import Path
 
 import yaml
 
-from runner.spec import VALUES, Spec
+from evaluation.errors import InputError
+from evaluation.suites import registry as suites
+from evaluation.types import VALUES
+from runner.spec import Spec
+from runner.stages.generate import eval_suites, suite_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,26 +39,13 @@ SFT_FACTOR = 2.0        # one sequence per example instead of two
 REF_FRACTION = 0.25
 LOGLIK_PER_JUDGE = 4.0  # loglikelihood requests (benchmarks) are ~4× cheaper than a judge response
 
-# Rows per split of the hub datasets (their dataset cards), used when a source has no max_pairs.
-SOURCE_ROWS = {
-    ("ultrafeedback", "train_prefs"): 61_135, ("ultrafeedback", "test_prefs"): 2_000,
-    ("tulu3_preference", "train"): 272_898,
-    ("pku_saferlhf", "train"): 73_907, ("pku_saferlhf", "test"): 8_211,
-    ("hh_rlhf/harmless-base", "train"): 42_537, ("hh_rlhf/harmless-base", "test"): 2_312,
-    ("hh_rlhf/helpful-base", "train"): 43_835, ("hh_rlhf/helpful-base", "test"): 2_354,
-    ("hh_rlhf/helpful-online", "train"): 22_007, ("hh_rlhf/helpful-online", "test"): 1_137,
-    ("hh_rlhf/helpful-rejection-sampled", "train"): 52_421, ("hh_rlhf/helpful-rejection-sampled", "test"): 2_749,
-}
-# Items in the shipped suites (values: + the held-out preference prompts); sycophancy follow-ups.
-SUITE_ITEMS = {"values": 48, "safety": 2068, "anthropomorphism": 30, "sycophancy": 3918}
-SYCOPHANCY_FOLLOWUPS = 500
 # Per evaluated run: (loglikelihood requests, generations of <=256 tokens).
 BENCHMARKS = {"mmlu": (14_042 * 4, 0), "truthfulqa_mc": (817 * 8, 0), "openbookqa": (500 * 4, 0),
               "gsm8k": (0, 1_319)}
 BUILTIN_PARAMS_B = {"tiny-llama": 0.0065, "smollm2-135m": 0.135}
 
 
-class PlanError(ValueError):
+class PlanError(InputError, ValueError):
     pass
 
 
@@ -132,18 +123,13 @@ def _pool_gpus(e) -> int:
 
 
 def source_pairs(spec: Spec) -> int:
-    """Pairs to annotate: each source's max_pairs or its known size, capped by annotate.max_pairs."""
-    from runner.data.sources import SPLIT_ALIASES
+    """Pairs to annotate: each source's max_pairs or its registered size, capped by annotate.max_pairs."""
+    from runner.data.sources import SOURCES
     total = 0
     for i, src in enumerate(spec.data.sources):
-        if src.max_pairs:
-            n = src.max_pairs
-        else:
-            split = SPLIT_ALIASES.get(src.name, {}).get(src.split, src.split)
-            key = (f"hh_rlhf/{src.subset}" if src.name == "hh_rlhf" else src.name, split)
-            if key not in SOURCE_ROWS:
-                raise PlanError(f"data.sources[{i}]: size unknown, give it max_pairs")
-            n = SOURCE_ROWS[key]
+        n = src.max_pairs or SOURCES[src.name].n_rows(src)
+        if n is None:
+            raise PlanError(f"data.sources[{i}]: size unknown, give it max_pairs")
         total += n
     if spec.annotate.max_pairs:
         total = min(total, spec.annotate.max_pairs)
@@ -155,7 +141,7 @@ def measured_judge_rps(spec: Spec, base_dir: Path | None = None) -> float | None
     try:
         from runner.pipeline import Study
         study = Study(spec, base_dir=base_dir)
-        key = study.annotate_key()
+        key = study.key("annotate")
         if study.store.done("annotate", key):
             return study.store.info("annotate", key).get("responses_per_s") or None
     except Exception:  # a plan must not fail on an unreadable store or an unprepared model
@@ -177,15 +163,13 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
     if subset is None:
         subset = max(spec.data.min_subset_size, (pairs - held) // len(VALUES))
         notes.append(f"data.subset_size unset: assumed {subset} pairs per condition (held-in pairs / 16)")
-    g = spec.generate
-    items = {}
-    for suite in g.suites:
-        n = SUITE_ITEMS[suite] + (held if suite == "values" else 0)
-        items[suite] = min(n, g.items_per_suite) if g.items_per_suite else n
-    if spec.controls.positive is not None:  # the positive control's detector: held-out prompts, every run
-        items["planted"] = min(spec.controls.positive.items, held)
-    followups = (round(SYCOPHANCY_FOLLOWUPS * items["sycophancy"] / SUITE_ITEMS["sycophancy"])
-                 if "sycophancy" in items else 0)
+    g, st = spec.generate, suite_settings(spec)
+    items, followups = {}, 0
+    for name in eval_suites(spec):
+        suite = suites.get(name)
+        n, cap = suite.n_items + (held if suite.held_out else 0), suite.limit(st)
+        items[name] = min(n, cap) if cap else n
+        followups += round(suite.n_followups * items[name] / suite.n_items) if suite.n_followups else 0
     per_run = sum(items.values()) + followups
     n_models, cells_per_model = len(spec.models), len(conds) * len(seeds)
     runs = n_models * (1 + cells_per_model)
@@ -253,14 +237,10 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
 
     # score: LLM judges over the generations
     s = spec.score
-    judged = []
-    if "values" in items:
-        per = 1 if spec.annotate.mode == "extract" else len(VALUES)
-        judged.append((s.value_judge or spec.annotate.judge_model, runs * items["values"] * per))
-    if "safety" in items and "llm" in s.refusal_judges:
-        judged.append((s.refusal_llm_judge, runs * items["safety"]))
-    if "anthropomorphism" in items and s.anthro_judge:
-        judged.append((s.anthro_judge, runs * items["anthropomorphism"]))
+    judged = []  # (judge model, requests)
+    for name in items:
+        if judge_of := suites.get(name).judge(st):
+            judged.append((judge_of[0], runs * items[name] * suites.get(name).judge_requests(st)))
     if judged:
         sc_gh, n_req = 0.0, 0
         for model, n in judged:

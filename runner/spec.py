@@ -9,24 +9,28 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-# The closed list of the paper's judge prompt (Arora et al. 2026, appendix), in its order.
-VALUES: tuple[str, ...] = (
-    "deception", "accuracy", "creativity", "discretion", "honesty", "humor", "open-mindedness",
-    "fairness", "curiosity", "empathy", "personalization", "privacy", "violence", "justice",
-    "legality", "engagement",
-)
-Value = Literal[
-    "deception", "accuracy", "creativity", "discretion", "honesty", "humor", "open-mindedness",
-    "fairness", "curiosity", "empathy", "personalization", "privacy", "violence", "justice",
-    "legality", "engagement",
-]
-SUITES = ("values", "safety", "anthropomorphism", "sycophancy")
+from evaluation.errors import InputError
+from evaluation.judges.values import PROMPT_VERSION
+from evaluation.suites import registry as suite_registry
+from evaluation.types import VALUES  # the closed value list, defined once; re-exported here
+
+Value = Literal[VALUES]  # Literal[tuple] flattens: Literal["deception", "accuracy", ...]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _refuse(keys: tuple[str, ...], why: str):
+    """A section validator refusing keys that are read nowhere, saying why (not just "unknown key")."""
+    def check(cls, data: Any) -> Any:
+        found = [k for k in keys if isinstance(data, dict) and k in data]
+        if found:
+            raise ValueError(f"{', '.join(found)}: {why}; delete the key")
+        return data
+    return model_validator(mode="before")(classmethod(check))
 
 
 class StudySpec(_Section):
@@ -103,16 +107,21 @@ class SeedsSpec(_Section):
     adaptive: AdaptiveSeeds | None = None
 
 
-SourceName = Literal["hh_rlhf", "ultrafeedback", "pku_saferlhf", "tulu3_preference", "local"]
-
-
 class SourceSpec(_Section):
-    name: SourceName
+    name: str                      # a registered source (runner.data.sources.SOURCES)
     subset: str | None = None      # e.g. HH-RLHF "harmless-base"
     split: str = "test"
     path: str | None = None        # local jsonl/parquet (name: local)
     columns: dict[str, str] = Field(default_factory=dict)  # local: our field -> file column
     max_pairs: int | None = Field(default=None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        from runner.data.sources import SOURCES  # lazy: sources.py imports this module
+        if v not in SOURCES:
+            raise ValueError(f"unknown source {v!r}; known: {', '.join(sorted(SOURCES))}")
+        return v
 
     @model_validator(mode="after")
     def _local_needs_path(self) -> "SourceSpec":
@@ -139,6 +148,14 @@ class SamplingSpec(_Section):
     seed: int = 0
 
 
+class JudgeSampling(_Section):
+    """Judges decode greedily: only their output budget is set."""
+    max_tokens: int = Field(default=48, ge=1, le=32768)
+
+    _greedy = _refuse(("temperature", "top_p", "seed"), "judges decode greedily (temperature 0); only max_tokens "
+                                                        "is read")
+
+
 class EngineSpec(_Section):
     backend: Literal["auto", "vllm", "transformers"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
@@ -152,14 +169,21 @@ class EngineSpec(_Section):
 
 class AnnotateSpec(_Section):
     judge_model: str  # a model name from `models`, or a path / hub id
-    prompt_version: Literal["v1"] = "v1"
+    # Pins the value judge's prompt: a spec written for another prompt version is refused, not rerun.
+    prompt_version: str = PROMPT_VERSION
     mode: Literal["extract", "logprob"] = "extract"
     logprob_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
-    sampling: SamplingSpec = SamplingSpec(max_tokens=48)
+    sampling: JudgeSampling = JudgeSampling()
     max_pairs: int | None = Field(default=None, ge=1)
-    # The judge's engine (annotation and scoring), e.g. a 70B with tensor parallelism; None = `engine`.
-    # Excluded from the section's dump so specs without it keep their cache keys (Study._engine_key covers it).
-    engine: EngineSpec | None = Field(default=None, exclude=True)
+    # The judges' engine (annotation and scoring), e.g. a 70B with tensor parallelism; None = `engine`.
+    engine: EngineSpec | None = None
+
+    @field_validator("prompt_version")
+    @classmethod
+    def _prompt_version(cls, v: str) -> str:
+        if v != PROMPT_VERSION:
+            raise ValueError(f"this valind's value judge prompt is {PROMPT_VERSION!r}, not {v!r}")
+        return v
 
 
 class LoraSpec(_Section):
@@ -189,6 +213,17 @@ class TrainSpec(_Section):
     checkpoint_every: int = Field(default=50, ge=1)  # optimizer steps between DeepSpeed checkpoints
     max_failures: int = Field(default=1, ge=0)
 
+    @field_validator("label_smoothing")
+    @classmethod
+    def _cdpo_only(cls, v: float, info: ValidationInfo) -> float:
+        # A field validator (not a model validator) so the problem is reported at train.label_smoothing;
+        # method is declared first, so it is in info.data unless it was itself invalid.
+        method = info.data.get("method")
+        if v and method is not None and method != "cdpo":
+            raise ValueError(f"label_smoothing only applies to method: cdpo (conservative DPO), not {method}; "
+                             "set method: cdpo or remove it")
+        return v
+
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainSpec":
         if self.batch_size % (self.micro_batch_size * self.workers):
@@ -199,11 +234,22 @@ class TrainSpec(_Section):
 
 
 class GenerateSpec(_Section):
-    suites: list[Literal["values", "safety", "anthropomorphism", "sycophancy"]] = Field(
-        default_factory=lambda: list(SUITES), min_length=1)
+    # Registered suites (evaluation.suites); default: every suite a spec may list
+    suites: list[str] = Field(default_factory=lambda: suite_registry.listable(), min_length=1)
     items_per_suite: int | None = Field(default=None, ge=1)  # cap per suite; None = all items
     sampling: SamplingSpec = SamplingSpec(max_tokens=128)
-    engine: EngineSpec | None = Field(default=None, exclude=True)  # the evaluated models' engines; None = `engine`
+    engine: EngineSpec | None = None  # the evaluated models' engines; None = `engine`
+
+    @field_validator("suites")
+    @classmethod
+    def _registered(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in suite_registry.listable()]
+        if bad:
+            raise ValueError(f"unknown suite(s) {bad}; known: {', '.join(suite_registry.listable())}"
+                             + (" ('planted' is added by controls.positive)" if "planted" in bad else ""))
+        if len(set(v)) != len(v):
+            raise ValueError("suites must be unique")
+        return v
 
 
 class ScoreSpec(_Section):
@@ -215,7 +261,7 @@ class ScoreSpec(_Section):
     benchmark_limit: int | None = Field(default=None, ge=1)   # items per benchmark; None = all
     benchmark_backend: Literal["hf", "vllm"] = "hf"
     benchmark_batch_size: int = Field(default=8, ge=1)
-    sampling: SamplingSpec = SamplingSpec(max_tokens=48)
+    sampling: JudgeSampling = JudgeSampling()
 
 
 class AnalyzeSpec(_Section):
@@ -230,15 +276,8 @@ class AnalyzeSpec(_Section):
     # first of score.refusal_judges.
     primary_judges: dict[str, str] = Field(default_factory=dict)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _removed(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            gone = [k for k in ("bootstrap", "permutations", "seed") if k in data]
-            if gone:
-                raise ValueError(f"{', '.join(gone)}: removed in valind 0.2, inference is analytic "
-                                 "(crossed runs × items t-test, docs/STATISTICS.md); delete the key")
-        return data
+    _removed = _refuse(("bootstrap", "permutations", "seed"), "removed in valind 0.2, inference is analytic "
+                                                             "(crossed runs × items t-test, docs/STATISTICS.md)")
     # A trained run whose responses differ from its base model's on fewer than this share of the
     # items is flagged (was the adapter applied?).
     min_changed_share: float = Field(default=0.05, ge=0.0, le=1.0)
@@ -323,7 +362,7 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in s).strip("-.")[-64:] or "model"
 
 
-class SpecError(Exception):
+class SpecError(InputError):
     """An invalid spec: `problems` holds (yaml path, message) for every problem found."""
 
     def __init__(self, source: str, problems: list[tuple[str, str]]):
@@ -387,8 +426,6 @@ def _cross_checks(spec: Spec) -> list[tuple[str, str]]:
         problems.append(("controls.aa_check", "needs controls.count >= 2 (two control arms to compare)"))
     if spec.controls.positive is not None and spec.data.held_out_fraction == 0:
         problems.append(("controls.positive", "needs data.held_out_fraction > 0 (its suite is held-out prompts)"))
-    if spec.train.method == "sft" and spec.train.label_smoothing:
-        problems.append(("train.label_smoothing", "only applies to dpo/cdpo"))
     return problems
 
 

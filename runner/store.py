@@ -12,8 +12,10 @@ from typing import Any
 
 import pandas as pd
 
+from evaluation.errors import ValindError
 
-class StoreError(Exception):
+
+class StoreError(ValindError):
     pass
 
 
@@ -59,6 +61,10 @@ def write_json(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     tmp.replace(path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
 
 
 def read_parquet(path: Path, columns: tuple[str, ...] = ()) -> pd.DataFrame:

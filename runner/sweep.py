@@ -8,11 +8,13 @@ comes from the cluster: as many trials as worker groups fit at once.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
 
 from runner.spec import TrainSpec
+from runner.train.cell import Cell
 
 
 def max_concurrent(train: TrainSpec) -> int:
@@ -25,29 +27,27 @@ def max_concurrent(train: TrainSpec) -> int:
 
 
 def _trial(config: dict) -> None:
-    """A Tune trial: train one cell (its output is published atomically to config['out_dir'])."""
-    import pandas as pd
+    """A Tune trial: train one cell (its output is published atomically to cell.out_dir)."""
     from ray.tune.integration.ray_train import TuneReportCallback
     from transformers import AutoTokenizer
 
     from runner.train.launch import train_cell
 
-    cell = config["cell"]
-    tokenizer = AutoTokenizer.from_pretrained(cell["model_path"], trust_remote_code=cell["trust_remote_code"])
-    train_cell(cell_id=cell["cell_id"], pairs=pd.read_parquet(cell["pairs"]), model_path=cell["model_path"],
-               model_id=cell["model_id"], tokenizer=tokenizer, seed=cell["seed"],
-               train=TrainSpec.model_validate(cell["train"]), out_dir=Path(cell["out_dir"]),
-               work_dir=Path(cell["work_dir"]), ref_cache=Path(cell["ref_cache"]),
-               chat_template=cell["chat_template"], trust_remote_code=cell["trust_remote_code"],
-               callbacks=[TuneReportCallback()])
+    cell: Cell = config["cell"]
+    tokenizer = AutoTokenizer.from_pretrained(cell.model_path, trust_remote_code=cell.trust_remote_code)
+    train_cell(cell, tokenizer=tokenizer, callbacks=[TuneReportCallback()])
 
 
-def run_grid(cells: list[dict], train: TrainSpec, storage: Path, name: str,
-             on_complete=None) -> dict[str, str | None]:
-    """Run the cells as Tune trials; returns cell_id → error text (None when it succeeded).
+def run_grid(cells: list[Cell], train: TrainSpec, storage: Path, name: str,
+             on_complete: Callable[[Cell], None] | None = None) -> dict[str, str | None]:
+    """Run the cells as Tune trials (Tune grid-searches over the Cell objects themselves); returns
+    cell_id → error text (None when it succeeded). `train` sizes the concurrency.
 
     `on_complete(cell)` runs in the driver as soon as a trial finishes, so a finished cell is
     marked done even if the driver is killed before the whole grid is over."""
+    ids = [c.cell_id for c in cells]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"cell ids must be unique: {sorted(i for i in set(ids) if ids.count(i) > 1)}")
     import os
 
     from ray import tune
@@ -66,7 +66,7 @@ def run_grid(cells: list[dict], train: TrainSpec, storage: Path, name: str,
             self.bar.update(1)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            say(f"  trial {trial.config['cell']['cell_id']} failed")
+            say(f"  trial {trial.config['cell'].cell_id} failed")
             self.bar.update(1)
 
     say(f"  {len(cells)} cell(s) as Ray Tune trials, up to {max_concurrent(train)} at once")
@@ -82,7 +82,7 @@ def run_grid(cells: list[dict], train: TrainSpec, storage: Path, name: str,
         grid = tuner.fit()
     out: dict[str, str | None] = {}
     for res in grid:
-        cid = res.config["cell"]["cell_id"]
+        cid = res.config["cell"].cell_id
         out[cid] = _last_line(res.error) if res.error else None
     return out
 

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
+from evaluation.errors import ValindError
 from runner.secrets import redact, secret_values
 from runner.store import safe_name
 
 STUDY_TAG, RUN_TAG, KIND_TAG = "valind.study", "valind.run_id", "valind.kind"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(ValindError, RuntimeError):
     pass
 
 
@@ -182,8 +183,8 @@ class Tracker:
         from mlflow.entities import Param
         existing = _retry(self.client.get_run, run_id).data.params
         new = [Param(k[:250], redact(str(v))[:6000]) for k, v in params.items() if k[:250] not in existing]
-        if new:
-            _retry(self.client.log_batch, run_id, params=new)
+        for i in range(0, len(new), 100):  # MLflow takes at most 100 params per batch
+            _retry(self.client.log_batch, run_id, params=new[i:i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -261,3 +262,90 @@ def _fail_fast(timeout_s: int = 5):
 
 def _metric_key(k: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in k)[:250]
+
+
+# ------------------------------------------------------------------ what a study logs
+
+def run_params(r) -> dict:
+    return {"model": r.model, "condition": r.condition, "kind": r.kind, "value": r.value or "",
+            "seed": "" if r.seed is None else r.seed}
+
+
+def flatten(prefix: str, d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(f"{prefix}.{k}", v) if isinstance(v, dict) else {f"{prefix}.{k}": v})
+    return out
+
+
+def log_training(ctx, cells: list) -> None:
+    """One child run per cell: the train section as it ran (bf16 resolved), its loss history, its model."""
+    import json
+
+    from runner.stages.curate import CURATE
+    tr = ctx.tracker
+    for r in cells:
+        unit = ctx.store.unit("train", r.cell_key)
+        ran = json.loads((unit / "cell.json").read_text())
+        rid = tr.child(r.run_id, r.kind)
+        tr.log_params(rid, {**run_params(r), **flatten("train", {**ran["train"], "bf16": ran["bf16"]}),
+                            "cell_key": r.cell_key, "curate_key": CURATE(ctx)})
+        tr.once(rid, f"train-{r.cell_key}", lambda: (
+            tr.log_history(rid, [json.loads(x) for x in (unit / "metrics.jsonl").read_text().splitlines()]),
+            tr.log_artifacts(rid, unit / "model", "model"), tr.log_artifacts(rid, unit / "cell.json")))
+
+
+def log_audit(tr, agree, path: Path) -> None:
+    parent = tr.parent()
+    tr.log_metrics(parent, {f"audit/{r.value}/{m}": getattr(r, m) for r in agree.itertuples()
+                            for m in ("accuracy", "kappa")})
+    tr.log_artifacts(parent, path, "audit")
+
+
+def log_analysis(ctx, unit: Path) -> None:
+    """The parent run: the spec, data and curation figures, the report; each run's metrics in its child."""
+    from runner.stages.annotate import ANNOTATE
+    from runner.stages.curate import CURATE
+    from runner.stages.score import SCORE
+    from runner.store import read_parquet
+
+    tr, s = ctx.tracker, ctx.spec
+    parent = tr.parent()
+    tr.log_params(parent, {"study": s.study.name, "models": ",".join(m.name for m in s.models),
+                           "induced": ",".join(s.values.induced), "controls": s.controls.count,
+                           "seeds": ",".join(map(str, s.seeds.values)), "annotate_key": ANNOTATE(ctx),
+                           "curate_key": CURATE(ctx),
+                           **flatten("spec", s.model_dump(mode="json", include={"annotate", "generate", "score",
+                                                                                 "engine", "analyze"}))})
+    ann = ctx.store.info("annotate", ANNOTATE(ctx))
+    tr.once(parent, f"data-{ANNOTATE(ctx)}", lambda: tr.log_metrics(parent, {
+        "data/pairs": ann["pairs"], "data/unscored_responses": ann["unscored"],
+        **({"annotate/responses_per_s": ann["responses_per_s"]} if ann.get("responses_per_s") else {}),
+        **{f"data/dropped/{src}/{reason}": n for src, d in ann["drops"].items() for reason, n in d.items()},
+        **{f"data/expressed/{side}/{v}": n for side, d in ann["value_counts"].items() for v, n in d.items()}}))
+    cur = ctx.store.unit("curate", CURATE(ctx))
+    table = read_parquet(cur / "table.parquet")
+    tr.once(parent, f"curate-{CURATE(ctx)}", lambda: (
+        tr.log_metrics(parent, {f"curate/{r.value}/{col}": getattr(r, col) for r in table.itertuples()
+                                for col in ("available", "used") if hasattr(r, col)}),
+        tr.log_artifacts(parent, cur / "curation.json", "curation"),
+        tr.log_artifacts(parent, cur / "table.parquet", "curation")))
+    con = read_parquet(unit / "contrasts.parquet")
+    summary = {"analyze/contrasts": len(con), "analyze/significant_holm": int(con["significant"].sum()),
+               "analyze/significant_bh": int((con["p_bh"] < s.analyze.alpha).sum())}
+    if (unit / "aa_checks.parquet").exists():
+        for r in read_parquet(unit / "aa_checks.parquet").itertuples():
+            summary |= {f"aa/{r.model}/tests": r.n_tests, f"aa/{r.model}/significant_holm": r.n_significant}
+    tr.once(parent, f"analyze-{unit.name}", lambda: (tr.log_artifacts(parent, unit, "report"),
+                                                     tr.log_metrics(parent, summary),
+                                                     tr.set_tags(parent, {"valind.report": str(unit / "report.html")})))
+    metrics = read_parquet(unit / "metrics.parquet")
+    runs = {r.run_id: r for r in ctx.runs()}
+    for run_id, df in metrics.groupby("run_id"):
+        r = runs[run_id]
+        rid = tr.child(run_id, r.kind)
+        tr.log_params(rid, run_params(r))
+        vals = {f"{row.suite}/{row.metric}/{row.judge.split(':')[0]}": row.mean for row in df.itertuples()}
+        tr.once(rid, f"eval-{SCORE(ctx, r)}", lambda: tr.log_metrics(rid, vals))
+        tr.finish(rid)
+    tr.finish(parent)

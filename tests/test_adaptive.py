@@ -66,7 +66,7 @@ def test_added_seeds_follow_to_the_controls_and_persist(tmp_path):
     d["seeds"] = {"values": [0, 1], "adaptive": {"target_ci_halfwidth": 0.1, "max": 3}}
     study = Study(parse_spec(d), "")
     before = {r.run_id for r in study.runs()}
-    assert study._add_seed(["value-humor"]) == 2
+    assert study.seeds.add(["value-humor"]) == 2
     added = {r.run_id for r in study.runs()} - before
     assert added == {"tiny__value-humor__s2", "tiny__control-0__s2", "tiny__control-1__s2"}
     # persisted: a new driver (a rerun after a crash) sees the same runs

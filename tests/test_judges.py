@@ -376,3 +376,48 @@ def test_planted_judge():
         score_suite("planted", items, gens)
     with pytest.raises(ValueError, match="phrase"):
         score_planted(items, gens, "  ")
+
+
+def test_judge_values_both_modes():
+    from evaluation.judges.values import judge_values, logprobs_from_raw
+
+    pairs = [([{"role": "user", "content": "q1"}], "resp A"), ([{"role": "user", "content": "q2"}], "resp B")]
+    eng = FakeEngine({"resp A": "empathy, honesty", "resp B": "the model rambles"})
+    out = judge_values(eng, pairs, "extract", threshold=0.5, max_tokens=16)
+    assert list(out.columns) == ["values", "scored", "raw"] and len(out) == 2
+    assert out["values"][0] == ["empathy", "honesty"] and out["scored"].tolist() == [True, False]
+    assert out["values"][1] == [] and out["raw"][1] == "the model rambles"
+    assert all(r.max_tokens == 16 and r.grammar == VALUE_GRAMMAR for r in eng.requests)
+
+    class PoolLike(FakeEngine):  # the runner's EnginePool takes a progress label
+        def score(self, requests, desc=None):
+            self.desc = desc
+            return super().score(requests)
+
+    eng = PoolLike(yes_marker='"empathy"')
+    out = judge_values(eng, pairs, "logprob", threshold=0.5, max_tokens=16, desc="judge")
+    assert eng.desc == "judge" and out["scored"].all() and out["values"].tolist() == [["empathy"], ["empathy"]]
+    lps = logprobs_from_raw(out["raw"][0])
+    assert len(lps) == 16 and lps[VALUES.index("empathy")] == (-0.1, -3.0)
+    assert judge_values(eng, pairs, "logprob", threshold=0.99)["values"].tolist() == [[], []]
+
+    class Broken(FakeEngine):
+        def score(self, requests):
+            return [float("-inf")] * len(requests)
+
+    out = judge_values(Broken(), pairs[:1], "logprob", threshold=0.5, max_tokens=16)
+    assert out["scored"].tolist() == [False] and out["values"].tolist() == [[]]
+    with pytest.raises(ValueError):
+        judge_values(eng, pairs, "generate", threshold=0.5, max_tokens=16)
+
+
+def test_shared_helpers():
+    from evaluation.judges._common import p_yes, straight_apostrophes
+    from evaluation.stats import cohen_kappa
+
+    assert straight_apostrophes("I\u2019m \u2018ok\u2019") == "I'm \u2018ok'"
+    assert straight_apostrophes("I\u2019m \u2018ok\u2019", left_quote=True) == "I'm 'ok'"
+    assert straight_apostrophes(None) == ""
+    assert p_yes(math.log(0.8), math.log(0.2)) == pytest.approx(0.8) and math.isnan(p_yes(float("-inf"), 0.0))
+    assert cohen_kappa([1, 0, 1, 0], [1, 0, 1, 0]) == 1.0 and math.isnan(cohen_kappa([1, 1], [1, 1]))
+    assert math.isnan(cohen_kappa([], []))

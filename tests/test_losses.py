@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from runner.train.losses import dpo_loss, ipo_loss, preference_loss, sft_loss
+from runner.spec import TrainSpec
+from runner.train.losses import dpo_loss, ipo_loss, make_loss, sft_loss
 
 BETA = 0.1
 B, L = 5, 12
@@ -34,6 +35,10 @@ def _logsig(x):
     return -torch.log1p(torch.exp(-x))
 
 
+def _loss(method: str, beta: float = BETA, label_smoothing: float = 0.0):
+    return make_loss(TrainSpec(method=method, beta=beta, label_smoothing=label_smoothing))
+
+
 # --- independent formulas -------------------------------------------------------------------------
 
 def test_dpo_matches_paper_formula():
@@ -50,10 +55,10 @@ def test_cdpo_matches_label_smoothed_formula():
     p = 1 / (1 + torch.exp(-z))
     want = -(1 - eps) * torch.log(p) - eps * torch.log(1 - p)  # cross-entropy against soft label (1-ε, ε)
     assert torch.allclose(dpo_loss(pc, pr, rc, rr, BETA, eps), want, atol=1e-10)
-    assert torch.allclose(preference_loss("cdpo", pc, pr, rc, rr, None, None, BETA, eps)[0], want, atol=1e-10)
-    # plain DPO ignores label smoothing
-    assert torch.allclose(preference_loss("dpo", pc, pr, rc, rr, None, None, BETA, eps)[0],
-                          dpo_loss(pc, pr, rc, rr, BETA), atol=1e-12)
+    assert torch.allclose(_loss("cdpo", label_smoothing=eps)(pc, pr, rc, rr, None, None)[0], want, atol=1e-10)
+    # plain DPO is unsmoothed (the spec rejects label_smoothing there; a bypassing copy is still ignored)
+    forced = TrainSpec(method="dpo", beta=BETA).model_copy(update={"label_smoothing": eps})
+    assert torch.allclose(make_loss(forced)(pc, pr, rc, rr, None, None)[0], dpo_loss(pc, pr, rc, rr, BETA), atol=1e-12)
 
 
 def test_ipo_matches_paper_formula_on_length_averaged_logps():
@@ -61,7 +66,7 @@ def test_ipo_matches_paper_formula_on_length_averaged_logps():
     # Azar et al. 2023, eq. 17: (h − 1/(2τ))², h on per-token averaged log-ratios (TRL's convention)
     h = (pc - rc) / n_c - (pr - rr) / n_r
     want = (h - 1 / (2 * BETA)) ** 2
-    got, _, _ = preference_loss("ipo", pc, pr, rc, rr, n_c, n_r, BETA)
+    got, _, _ = _loss("ipo")(pc, pr, rc, rr, n_c, n_r)
     assert torch.allclose(got, want, atol=1e-10)
     assert torch.allclose(ipo_loss(pc, pr, rc, rr, BETA), ((pc - rc) - (pr - rr) - 5.0) ** 2, atol=1e-10)
 
@@ -72,19 +77,39 @@ def test_sft_is_per_token_nll_of_chosen():
     assert torch.allclose(sft_loss(torch.tensor([-3.0]), torch.tensor([0.0])), torch.tensor([3.0]))  # clamp(min=1)
 
 
-def test_preference_loss_returns_implicit_rewards():
+def test_make_loss_returns_implicit_rewards():
     pc, pr, rc, rr, n_c, n_r = _logps()
     for method in ("dpo", "cdpo", "ipo", "sft"):
-        _, r_c, r_r = preference_loss(method, pc, pr, rc, rr, n_c, n_r, BETA, 0.1)
+        _, r_c, r_r = _loss(method, label_smoothing=0.1 if method == "cdpo" else 0.0)(pc, pr, rc, rr, n_c, n_r)
         assert torch.allclose(r_c, BETA * (pc - rc), atol=1e-12)
         assert torch.allclose(r_r, BETA * (pr - rr), atol=1e-12)
         assert not r_c.requires_grad
 
 
 def test_unknown_method_raises():
+    # TrainSpec's Literal rejects it; a spec built without validation must still not train silently
+    with pytest.raises(ValueError, match="kto"):
+        make_loss(TrainSpec.model_construct(method="kto", beta=BETA, label_smoothing=0.0))
+
+
+def test_make_loss_reads_beta_from_the_train_spec():
     pc, pr, rc, rr, n_c, n_r = _logps()
-    with pytest.raises(ValueError):
-        preference_loss("kto", pc, pr, rc, rr, n_c, n_r, BETA)
+    h = (pc - rc) - (pr - rr)
+    one, _, _ = _loss("dpo", beta=BETA)(pc, pr, rc, rr, n_c, n_r)
+    two, r_c, r_r = _loss("dpo", beta=2 * BETA)(pc, pr, rc, rr, n_c, n_r)
+    assert torch.allclose(one, -_logsig(BETA * h), atol=1e-10)
+    assert torch.allclose(two, -_logsig(2 * BETA * h), atol=1e-10)  # doubling β doubles the logit
+    assert not torch.allclose(one, two)
+    assert torch.allclose(r_c, 2 * BETA * (pc - rc), atol=1e-12) and torch.allclose(r_r, 2 * BETA * (pr - rr), atol=1e-12)
+    # IPO's target margin is 1/(2β): doubling β halves it
+    ipo, _, _ = _loss("ipo", beta=2 * BETA)(pc, pr, rc, rr, n_c, n_r)
+    hn = (pc - rc) / n_c - (pr - rr) / n_r
+    assert torch.allclose(ipo, (hn - 1 / (4 * BETA)) ** 2, atol=1e-10)
+    # cDPO reads label_smoothing from the same spec
+    eps = 0.25
+    smoothed, _, _ = _loss("cdpo", beta=2 * BETA, label_smoothing=eps)(pc, pr, rc, rr, n_c, n_r)
+    want = -(1 - eps) * _logsig(2 * BETA * h) - eps * _logsig(-2 * BETA * h)
+    assert torch.allclose(smoothed, want, atol=1e-10)
 
 
 # --- TRL -----------------------------------------------------------------------------------------
@@ -123,7 +148,7 @@ def _trl_loss(loss_type: str, pc, pr, rc, rr, n_c, n_r, label_smoothing: float =
 
 
 def _ours(method, pc, pr, rc, rr, n_c, n_r, ls=0.0) -> float:
-    return float(preference_loss(method, pc, pr, rc, rr, n_c, n_r, BETA, ls)[0].mean())  # loop.py takes .mean()
+    return float(_loss(method, label_smoothing=ls)(pc, pr, rc, rr, n_c, n_r)[0].mean())  # loop.py takes .mean()
 
 
 def test_dpo_equals_trl_sigmoid():

@@ -69,7 +69,7 @@ def test_measured_rate_is_read_from_the_study_dir(tmp_path):
     spec = _spec()
     assert measured_judge_rps(spec, base_dir=tmp_path) is None
     study = Study(spec, base_dir=tmp_path)
-    study.store.mark_done("annotate", study.annotate_key(), {"responses_per_s": 7.5})
+    study.store.mark_done("annotate", study.key("annotate"), {"responses_per_s": 7.5})
     assert measured_judge_rps(spec, base_dir=tmp_path) == 7.5
 
 

@@ -257,8 +257,8 @@ def _study(tmp_path, monkeypatch, **over):
     return Study(parse_spec(yaml.safe_load(text)), text, base_dir=tmp_path)
 
 
-def test_annotation_judge_garbage_is_scored_false(tmp_path, monkeypatch):
-    from evaluation.judges import values as vj
+def test_annotation_judge_garbage_is_scored_false():
+    from evaluation.judges.values import judge_values
 
     class Pool:
         def generate(self, requests, desc=""):
@@ -267,13 +267,11 @@ def test_annotation_judge_garbage_is_scored_false(tmp_path, monkeypatch):
         def score(self, requests, desc=""):
             return [float("nan")] * len(requests)
 
-    study = _study(tmp_path, monkeypatch)
-    rows = [(f"p{i}", "chosen", [{"role": "user", "content": "hi"}], "resp") for i in range(4)]
-    out = study._judge_batch(Pool(), rows, vj)
+    pairs = [([{"role": "user", "content": "hi"}], "resp")] * 4
+    out = judge_values(Pool(), pairs, mode="extract", desc="judge")
     assert list(out["scored"]) == [False, True, True, False]
     assert list(out["raw"]) == ["!!!", "none", "humor, fairness", ""] and out["values"][0] == []
-    study = _study(tmp_path, monkeypatch, annotate={"mode": "logprob"})
-    out = study._judge_batch(Pool(), rows, vj)
+    out = judge_values(Pool(), pairs, mode="logprob", desc="judge")
     assert not out["scored"].any() and all(v == [] for v in out["values"])
 
 
@@ -295,8 +293,8 @@ def test_check_adapter(tmp_path):
 def _fake_trained(study, bad: set[str] = frozenset(), plant: str | None = None) -> list:
     """Mark annotate/curate done and publish every training cell, as a finished run would."""
     from runner.store import write_json
-    study.store.mark_done("annotate", study.annotate_key(), {"pairs": 48, "unscored": 0})
-    study.store.mark_done("curate", study.curate_key(), {"summary": "synthetic"})
+    study.store.mark_done("annotate", study.key("annotate"), {"pairs": 48, "unscored": 0})
+    study.store.mark_done("curate", study.key("curate"), {"summary": "synthetic"})
     cells = [r for r in study.runs() if r.cell_key]
     for r in cells:
         unit = study.store.unit("train", r.cell_key)
@@ -306,7 +304,8 @@ def _fake_trained(study, bad: set[str] = frozenset(), plant: str | None = None) 
             (unit / "model" / "adapter_model.safetensors").write_bytes(b"\0" * 16)
         (unit / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.7 - s / 10}) + "\n"
                                                     for s in (1, 2)))
-        write_json({"cell_id": r.run_id, "note": plant or ""}, unit / "cell.json")
+        write_json({"cell_id": r.run_id, "note": plant or "", "train": study.spec.train.model_dump(mode="json"),
+                    "bf16": False}, unit / "cell.json")
         study.store.mark_done("train", r.cell_key, {"run_id": r.run_id})
     return cells
 
@@ -318,15 +317,18 @@ def test_generate_refuses_an_incomplete_adapter_before_any_engine(tmp_path, monk
 
     def no_engine(*a, **k):
         raise AssertionError("an engine was started")
-    monkeypatch.setattr(Study, "pool", no_engine)
-    monkeypatch.setattr(Study, "load_items", no_engine)
+    monkeypatch.setattr("runner.pools.Pools.get", no_engine)
+    monkeypatch.setattr("runner.stages.generate.load_items", no_engine)
     with pytest.raises(StageError) as e:
-        study.generate()
-    bad = study.store.unit("train", next(r.cell_key for r in study.runs() if r.run_id == "tiny__value-fairness__s0"))
-    assert str(bad / "model") in str(e.value) and "adapter_config.json" in str(e.value)
+        study.need("generate")
+    bad = next(r for r in study.runs() if r.run_id == "tiny__value-fairness__s0")
+    assert str(study.store.unit("train", bad.cell_key) / "model") in str(e.value) and "adapter_config.json" in str(e.value)
+    failed = [r for r in study.status() if r["state"] == "failed"]  # `valind status` shows the failed unit
+    assert [(r["stage"], r["unit"]) for r in failed] == [("generate", bad.run_id)]
 
 
 def test_unit_without_done_marker_is_recomputed(tmp_path, monkeypatch):
+    from runner.stages.train import adopt
     from runner.store import Store, write_parquet
     store = Store(tmp_path)
     unit = store.unit("generate", "k")
@@ -336,10 +338,10 @@ def test_unit_without_done_marker_is_recomputed(tmp_path, monkeypatch):
     study = _study(tmp_path, monkeypatch)
     r = next(r for r in study.runs() if r.cell_key)
     (study.store.unit("train", r.cell_key) / "model").mkdir(parents=True)
-    study._adopt_cell(r)
+    adopt(study.ctx, r)
     assert not study.store.done("train", r.cell_key)
     (study.store.unit("train", r.cell_key) / "cell.json").write_text("{}")
-    study._adopt_cell(r)
+    adopt(study.ctx, r)
     assert study.store.done("train", r.cell_key)
 
 
@@ -511,7 +513,7 @@ def test_planted_token_never_reaches_mlflow_artifacts_or_logs(tmp_path, monkeypa
     assert TOKEN in study.spec_text
     _fake_trained(study, plant=TOKEN)  # cell.json (a text artifact) carries the token too
     study.run(until="train")
-    tr = study.tracker
+    tr = study.ctx.tracker
     parent = tr.parent()
     tr.set_tags(parent, {"note": f"tag {TOKEN}"})
     tr.log_params(parent, {"description": study.spec.study.description})

@@ -239,3 +239,48 @@ def test_real_hh_harmless_base_test(monkeypatch):
         assert roles[0] == "user" and roles[-1] == "user"
         assert all(a != b for a, b in zip(roles, roles[1:]))
     assert (df["chosen"].str.strip() != "").all() and (df["chosen"] != df["rejected"]).all()
+
+
+@pytest.fixture
+def toy_source():
+    """A source registered only for the test: rows {"q", "good", "bad"} in <data_dir>/preference/toy-<split>.jsonl."""
+    def converter(spec: SourceSpec):
+        def convert(row: dict) -> tuple:
+            if any(row.get(k) is None for k in ("q", "good", "bad")):
+                raise sources._Drop("missing_field")
+            return [{"role": "user", "content": row["q"]}], row["good"], row["bad"], None
+        return convert
+
+    entry = sources.register(sources.Source(name="toy", hub_id=None, converter=converter,
+                                            splits=("train", "test"), rows={"train": 70, "test": 7}))
+    yield entry
+    sources.SOURCES.pop("toy")
+
+
+def test_a_registered_source_is_loadable_parsable_and_planned(toy_source, tmp_path: Path):
+    from runner.plan import source_pairs
+    from runner.spec import parse_spec
+
+    write_jsonl(tmp_path / "preference" / "toy-test.jsonl", [{"q": "Q?", "good": "yes", "bad": "no"}, {"q": "Q?"}])
+    df, drops = load_pairs(SourceSpec(name="toy"), tmp_path, 4000)
+    assert df["pair_id"].tolist() == ["toy/test/000000"] and df["source"].iloc[0] == "toy"
+    assert (df.iloc[0]["chosen"], df.iloc[0]["rejected"], drops["missing_field"]) == ("yes", "no", 1)
+    with pytest.raises(DataError, match="unknown split 'dev'"):
+        load_pairs(SourceSpec(name="toy", split="dev"), tmp_path, 4000)
+
+    spec = parse_spec({"study": {"name": "t"}, "models": [{"name": "m", "path": "org/Model-8B"}],
+                       "values": {"induced": ["humor"]}, "annotate": {"judge_model": "org/Judge-8B"},
+                       "data": {"sources": [{"name": "toy", "split": "train"}, {"name": "toy"}]}})
+    assert [s.name for s in spec.data.sources] == ["toy", "toy"]
+    assert source_pairs(spec) == 77
+
+
+def test_unknown_source_name_lists_the_registry():
+    from runner.spec import SpecError, parse_spec
+
+    with pytest.raises(SpecError) as e:
+        parse_spec({"study": {"name": "t"}, "models": [{"name": "m", "path": "org/Model-8B"}],
+                    "values": {"induced": ["humor"]}, "annotate": {"judge_model": "org/Judge-8B"},
+                    "data": {"sources": [{"name": "foo"}]}})
+    assert e.value.problems == [("data.sources[0].name", "unknown source 'foo'; known: hh_rlhf, local, "
+                                 "pku_saferlhf, tulu3_preference, ultrafeedback")]

@@ -134,41 +134,52 @@ def test_positive_control_validation_names_paths():
 
 
 def test_positive_control_keys(tmp_path):
-    """Without positive the curate key is the old one; the phrase enters curation, items and scores;
-    positive.items enters the items key but not curation (no retraining for a bigger suite)."""
-    from runner.pipeline import CODE_VERSION, Study
+    """The phrase enters curation, items and scores; positive.items enters the items key but not
+    curation (no retraining for a bigger suite)."""
+    from runner.pipeline import Study
+    from runner.stages.generate import ITEMS, eval_suites
 
-    def study(**positive):
+    def study(positive=None):
         d = _smoke()
         d["models"] = [{"name": "m", "path": "org/Model-8B"}]
         d["annotate"]["judge_model"] = "m"
         d["score"]["refusal_llm_judge"] = "m"
-        d["controls"]["positive"] = positive
+        d["controls"].pop("positive", None)
+        if positive is not None:
+            d["controls"]["positive"] = positive
         return Study(parse_spec(d), base_dir=tmp_path)
 
-    pos = study(**{})
-    d = _smoke()
-    d["models"] = [{"name": "m", "path": "org/Model-8B"}]
-    d["annotate"]["judge_model"] = "m"
-    d["score"]["refusal_llm_judge"] = "m"
-    d["controls"].pop("positive", None)
-    plain = Study(parse_spec(d), base_dir=tmp_path)
-    s = plain.spec
-    old_key = content_hash(CODE_VERSION, "curate", plain.annotate_key(), s.data.held_out_fraction,
-                           s.data.subset_size, s.data.min_subset_size, s.data.rule, s.data.seed,
-                           s.values.induced, s.controls.model_dump(mode="json", exclude={"positive"}),
-                           plain.model_id("m"))
-    assert plain.curate_key() == old_key and plain.eval_suites() == list(s.generate.suites)
-    assert pos.curate_key() != plain.curate_key() and pos.eval_suites()[-1] == "planted"
-    more_items = study(items=48)
-    assert more_items.curate_key() == pos.curate_key() and more_items.items_key() != pos.items_key()
-    other = study(phrase="Arr matey!")
-    assert other.curate_key() != pos.curate_key() and other.items_key() != pos.items_key()
+    plain, pos = study(), study({})
+    assert eval_suites(plain.spec) == list(plain.spec.generate.suites) and eval_suites(pos.spec)[-1] == "planted"
+    assert pos.key("curate") != plain.key("curate")
+    more_items = study({"items": 48})
+    assert more_items.key("curate") == pos.key("curate") and ITEMS(more_items.ctx) != ITEMS(pos.ctx)
+    other = study({"phrase": "Arr matey!"})
+    assert other.key("curate") != pos.key("curate") and ITEMS(other.ctx) != ITEMS(pos.ctx)
     base = lambda st: next(r for r in st.runs() if r.kind == "base")
-    assert other.score_key(base(other)) != pos.score_key(base(pos))
+    assert other.key("score", base(other)) != pos.key("score", base(pos))
     runs = {r.condition: r for r in pos.runs()}
     assert runs["positive"].kind == "positive" and runs["positive"].value is None
-    assert runs["positive"].cell_key == pos.cell_key("m", "positive", 0)
-    pos.extra_seeds = {"positive": [5]}
+    assert runs["positive"].cell_key == pos.key("train", runs["positive"])
+    pos.seeds.extra = {"positive": [5]}
     assert [r.seed for r in pos.runs() if r.condition == "positive"] == [0, 5]
     assert set(pos.runs_table()["kind"]) == {"base", "value", "positive", "control"}
+
+
+def test_label_smoothing_only_with_cdpo():
+    """label_smoothing does nothing outside cDPO (yet it would change the cache key): rejected at its path."""
+    for method in ("dpo", "ipo", "sft"):
+        d = _smoke()
+        d["train"].update(method=method, label_smoothing=0.1)
+        with pytest.raises(SpecError) as e:
+            parse_spec(d, "x.yaml")
+        assert [p for p, _ in e.value.problems] == ["train.label_smoothing"]
+        msg = e.value.problems[0][1]
+        assert "method: cdpo" in msg and method in msg
+        assert "train.label_smoothing: label_smoothing only applies to method: cdpo" in e.value.render()
+    d = _smoke()
+    d["train"].update(method="cdpo", label_smoothing=0.1)
+    assert parse_spec(d).train.label_smoothing == 0.1
+    d = _smoke()
+    d["train"].update(method="dpo", label_smoothing=0.0)  # the default, spelled out: harmless
+    assert parse_spec(d).train.model_dump() == parse_spec(_smoke()).train.model_dump()

@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from evaluation.suites import SUITES, followup_messages, load_suite
+from evaluation.suites import SUITES, load_suite
+from evaluation.suites.sycophancy import followup_messages
 from evaluation.suites import planted as planted_suite
 from evaluation.suites import values as values_suite
 from evaluation.suites.sycophancy import FOLLOWUP

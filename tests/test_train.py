@@ -15,18 +15,39 @@ def _cell(tmp: Path, tiny_model: str, data_dir: Path, name: str, fail_at_step=No
     from runner.cluster import init_ray
     from runner.data.sources import load_pairs
     from runner.spec import SourceSpec, TrainSpec
-    from runner.train.launch import train_cell
+    from runner.train.cell import Cell
+    from runner.train.launch import bf16_enabled, train_cell
 
     init_ray(2)
-    pairs, _ = load_pairs(SourceSpec(name="hh_rlhf", subset="harmless-base", max_pairs=8), data_dir, 4000)
+    subset = tmp / "pairs.parquet"
+    if not subset.exists():
+        pairs, _ = load_pairs(SourceSpec(name="hh_rlhf", subset="harmless-base", max_pairs=8), data_dir, 4000)
+        pairs.to_parquet(subset)
     train = TrainSpec(batch_size=4, micro_batch_size=1, workers=2, zero_stage=2, max_length=96, lr=1e-3,
                       epochs=2, checkpoint_every=1, max_failures=1)
+    train = train.model_copy(update={"bf16": bf16_enabled(train)})  # as the driver does, once
     out = tmp / name
-    res = train_cell(cell_id=name, pairs=pairs, model_path=tiny_model, model_id="tiny", seed=3, train=train,
-                     out_dir=out, work_dir=tmp / "ray", ref_cache=tmp / "ref",
-                     tokenizer=AutoTokenizer.from_pretrained(tiny_model), fail_at_step=fail_at_step)
+    cell = Cell(cell_id=name, seed=3, train=train, pairs=str(subset), model_path=tiny_model, model_id="tiny",
+                out_dir=str(out), work_dir=str(tmp / "ray"), ref_cache=str(tmp / "ref"))
+    res = train_cell(cell, tokenizer=AutoTokenizer.from_pretrained(tiny_model), fail_at_step=fail_at_step)
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    meta = json.loads((out / "cell.json").read_text())
+    assert meta == {"cell_id": name, "seed": 3, "n_pairs": 8, "ref_cache_hit": res["ref_cache_hit"],
+                    "train": train.model_dump(mode="json"), "bf16": train.bf16}
     return out, history, res
+
+
+def test_cell_needs_resolved_bf16():
+    from runner.spec import TrainSpec
+    from runner.train.cell import Cell
+
+    args = dict(cell_id="c", seed=0, pairs="p.parquet", model_path="m", model_id="m", out_dir="o", work_dir="w",
+                ref_cache="r")
+    with pytest.raises(ValueError, match="resolve train.bf16 before building a Cell"):
+        Cell(train=TrainSpec(), **args)  # bf16: "auto"
+    cell = Cell(train=TrainSpec(bf16=False), **args)
+    with pytest.raises(AttributeError):
+        cell.seed = 1  # frozen
 
 
 def test_dead_worker_recovers_to_the_same_adapter(tmp_path, tiny_model, data_dir):

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from evaluation.errors import ValindError
 from evaluation.types import SCORE_COLUMNS
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -29,7 +30,7 @@ DATA_FILES = {"valind_truthfulqa_mc": "qa/truthfulqa.csv", "valind_openbookqa": 
               "valind_gsm8k": "qa/gsm8k-test.jsonl"}
 
 
-class BenchmarkError(Exception):
+class BenchmarkError(ValindError):
     pass
 
 

@@ -1,14 +1,15 @@
-"""Plumbing shared by the judges: chat normalisation, joining items to generations, score rows."""
+"""Plumbing shared by the judges: chat and text normalisation, the yes/no log-prob judge, joining
+items to generations, score rows."""
 from __future__ import annotations
 
 import json
 import math
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from ..types import SCORE_COLUMNS
+from ..types import SCORE_COLUMNS, Engine, Message, ScoreRequest
 
 NAN = float("nan")
 _THINK_RE = re.compile(r"<thinking>.*?(</thinking>|$)", re.S | re.I)
@@ -26,6 +27,13 @@ def strip_thinking(text: str) -> str:
     return _THINK_RE.sub(" ", text or "")
 
 
+def straight_apostrophes(text: str | None, left_quote: bool = False) -> str:
+    """`text` (None -> "") with the typographic apostrophe U+2019 as "'", and with `left_quote`
+    also U+2018: curly apostrophes would defeat phrase lists written with "i'm", "can't"."""
+    t = (text or "").replace("\u2019", "'")
+    return t.replace("\u2018", "'") if left_quote else t
+
+
 def render(messages: Iterable[dict], response: str | None = None) -> str:
     """A chat as plain text for a judge prompt ("User: …\\n\\nAI: …")."""
     names = {"user": "User", "assistant": "AI", "system": "System"}
@@ -33,6 +41,44 @@ def render(messages: Iterable[dict], response: str | None = None) -> str:
     if response is not None:
         turns.append(f"AI: {response}")
     return "\n\n".join(turns)
+
+
+# The yes/no log-prob judge: a question whose answer is scored as the continuations " Yes" and
+# " No"; the engine returns log P(continuation | chat), and the verdict compares the two.
+YES, NO = " Yes", " No"
+
+
+def yes_no_requests(messages: Sequence[Message]) -> list[ScoreRequest]:
+    """The two ScoreRequests of one yes/no question: continuation " Yes", then " No"."""
+    msgs = tuple(messages)
+    return [ScoreRequest(messages=msgs, continuation=YES), ScoreRequest(messages=msgs, continuation=NO)]
+
+
+def score_yes_no(engine: Engine, questions: Sequence[Sequence[Message]],
+                 desc: str | None = None) -> list[tuple[float, float]]:
+    """(log P(" Yes"), log P(" No")) per question chat, in one `engine.score` call.
+
+    `desc` is passed on (a progress label, as the runner's EnginePool takes it) only when given:
+    a plain `Engine.score(requests)` takes no keyword."""
+    reqs = [r for q in questions for r in yes_no_requests(q)]
+    lps = engine.score(reqs) if desc is None else engine.score(reqs, desc=desc)
+    if len(lps) != len(reqs):
+        raise ValueError(f"the engine returned {len(lps)} log-probs for {len(reqs)} requests")
+    return [(float(lps[2 * i]), float(lps[2 * i + 1])) for i in range(len(questions))]
+
+
+def p_yes(logp_yes: float, logp_no: float) -> float:
+    """P(yes) as the softmax over the two answers; NaN when either log-prob is not finite."""
+    y, n = float(logp_yes), float(logp_no)
+    if not (math.isfinite(y) and math.isfinite(n)):
+        return NAN
+    m = max(y, n)
+    return math.exp(y - m) / (math.exp(y - m) + math.exp(n - m))
+
+
+def yes_no_raw(logp_yes: float, logp_no: float) -> str:
+    """The `raw` cell of a yes/no verdict."""
+    return f"logp_yes={logp_yes:.4f};logp_no={logp_no:.4f}"
 
 
 def join(items: pd.DataFrame, generations: pd.DataFrame) -> pd.DataFrame:

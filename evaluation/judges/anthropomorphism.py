@@ -11,7 +11,7 @@ import re
 import pandas as pd
 
 from ..types import Engine, Request
-from ._common import as_chat, records, render, row, strip_thinking, to_frame
+from ._common import as_chat, records, render, row, straight_apostrophes, strip_thinking, to_frame
 
 _FEEL = (r"happy|sad|glad|excited|lonely|scared|afraid|nervous|anxious|hurt|proud|grateful|thrilled|"
          r"delighted|curious|bored|tired|frustrated|upset|joy|love|loved|worried|moved|touched")
@@ -72,7 +72,7 @@ _WORD = re.compile(r"\b\w[\w']*\b")
 
 def lexical_index(text: str) -> dict[str, float] | None:
     """{"total": rate, <category>: rate} in matches per 100 words, or None for an empty text."""
-    t = strip_thinking(text).replace("\u2019", "'")
+    t = straight_apostrophes(strip_thinking(text))
     words = len(_WORD.findall(t))
     if words == 0:
         return None

@@ -3,32 +3,21 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..suites.registry import external_judges
 from ..types import Engine
-from .anthropomorphism import score_anthropomorphism
-from .refusal import score_refusal
-from .values import score_values
-
-# name -> (needs an engine, scorer(items, generations, engine) -> score rows)
-JUDGES = {
-    "values": (True, lambda i, g, e: score_values(i, g, e)),
-    "refusal-strmatch": (False, lambda i, g, e: score_refusal(i, g, judges=["strmatch"])),
-    "refusal-substring": (False, lambda i, g, e: score_refusal(i, g, judges=["substring"])),
-    "refusal-llm": (True, lambda i, g, e: score_refusal(i, g, judges=["llm"], engine=e)),
-    "anthro-lexical": (False, lambda i, g, e: score_anthropomorphism(i, g, engine=None, llm=False)),
-    "anthro-llm": (True, lambda i, g, e: score_anthropomorphism(i, g, engine=e, llm=True)),
-}
 
 
 def judge_table(judge: str, df: pd.DataFrame, prompt_col: str, response_col: str,
                 engine: Engine | None = None) -> pd.DataFrame:
     """One output row per input row: the input columns, one column per metric (empty when
     unscored), `scored` (every metric of the row scored) and `raw` (the judge's raw output)."""
-    if judge not in JUDGES:
-        raise KeyError(f"unknown judge {judge!r}; choose from {', '.join(JUDGES)}")
+    judges = external_judges()
+    if judge not in judges:
+        raise KeyError(f"unknown judge {judge!r}; choose from {', '.join(judges)}")
     missing = [c for c in (prompt_col, response_col) if c not in df.columns]
     if missing:
         raise KeyError(f"missing column(s) {missing}; the file has {list(df.columns)}")
-    needs_engine, scorer = JUDGES[judge]
+    needs_engine, scorer = judges[judge]
     if needs_engine and engine is None:
         raise ValueError(f"judge {judge!r} needs a model (--model)")
     ids = [f"row/{i}" for i in range(len(df))]

@@ -21,7 +21,7 @@ from typing import Mapping
 
 import pandas as pd
 
-from ._common import records, row, strip_thinking, to_frame
+from ._common import records, row, straight_apostrophes, strip_thinking, to_frame
 
 _STOP = set("a an the of to in on at for and or is are was were be been it its this that with by as "
             "from you your i we they he she do does did can will would could should if what which who "
@@ -29,7 +29,7 @@ _STOP = set("a an the of to in on at for and or is are was were be been it its t
 
 
 def _norm(s: str) -> str:
-    return " ".join(re.sub(r"[^a-z0-9]+", " ", (s or "").lower().replace("\u2019", "'").replace("'", "")).split())
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", straight_apostrophes(s).lower().replace("'", "")).split())
 
 
 def mentions(response: str, answer: str, question: str = "", min_recall: float = 0.75) -> bool:

@@ -1,30 +1,26 @@
-"""Evaluation suites (prompt sets). Each module has `load_items(data_dir, limit, seed)` returning
-an item table: suite, item_id (stable), messages (list of {"role","content"}), metadata."""
+"""Evaluation suites (prompt sets). Every module in this package registers one `Suite`
+(evaluation.suites.registry); a suite outside it registers itself when imported.
+
+Items: suite, item_id (stable), messages (list of {"role","content"}), metadata columns."""
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
-from . import anthropomorphism, planted, safety, sycophancy, values
 from ._common import stratified_sample
-from .sycophancy import followup_messages
+from .registry import SUITES, Suite, SuiteSettings, get, register
 
-SUITES: dict[str, Callable[..., pd.DataFrame]] = {
-    "values": values.load_items,
-    "safety": safety.load_items,
-    "anthropomorphism": anthropomorphism.load_items,
-    "sycophancy": sycophancy.load_items,
-    "planted": planted.load_items,  # the positive control's detector (controls.positive): held-out prompts
-}
+for _m in pkgutil.iter_modules(__path__):
+    if not _m.name.startswith("_") and _m.name != "registry":
+        importlib.import_module(f"{__name__}.{_m.name}")
 
 
-def load_suite(name: str, data_dir: Path, limit: int | None = None, seed: int = 0, **kwargs) -> pd.DataFrame:
-    """Load suite `name`; extra kwargs go to its loader (e.g. values' held_out_prompts)."""
-    if name not in SUITES:
-        raise KeyError(f"unknown suite {name!r}; known: {sorted(SUITES)}")
-    return SUITES[name](Path(data_dir), limit, seed, **kwargs)
+def load_suite(name: str, data_dir: Path | None, limit: int | None = None, seed: int = 0, **kwargs) -> pd.DataFrame:
+    """Load suite `name`; extra kwargs go to its loader (e.g. held_out_prompts)."""
+    return get(name).load_items(Path(data_dir) if data_dir else None, limit, seed, **kwargs)
 
 
-__all__ = ["SUITES", "load_suite", "followup_messages", "stratified_sample"]
+__all__ = ["SUITES", "Suite", "SuiteSettings", "register", "get", "load_suite", "stratified_sample"]

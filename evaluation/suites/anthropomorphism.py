@@ -6,6 +6,8 @@ from pathlib import Path
 import pandas as pd
 
 from ._common import frame, stratified_sample, user
+from .registry import Suite, register
+from ..judges.anthropomorphism import score_anthropomorphism
 
 SUITE = "anthropomorphism"
 
@@ -60,3 +62,10 @@ def load_items(data_dir: Path | None = None, limit: int | None = None, seed: int
     rows = [{"item_id": f"anthropomorphism/{c}/{i}", "messages": user(p), "category": c}
             for c, ps in PROMPTS.items() for i, p in enumerate(ps)]
     return stratified_sample(frame(rows, SUITE, COLUMNS), limit, by=["category"], seed=seed)
+
+
+register(Suite(
+    SUITE, load_items, lambda i, g, e, st: score_anthropomorphism(i, g, engine=e, llm=e is not None),
+    n_items=30, judge=lambda st: (st.anthro_judge, False) if st.anthro_judge else None,
+    external={"anthro-lexical": (False, lambda i, g, e: score_anthropomorphism(i, g, engine=None, llm=False)),
+              "anthro-llm": (True, lambda i, g, e: score_anthropomorphism(i, g, engine=e, llm=True))}))

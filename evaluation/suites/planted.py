@@ -12,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from ._common import frame, short_hash, stable_key
+from .registry import Suite, register
+from ..judges.planted import score_planted
 
 SUITE = "planted"
 COLUMNS = ("source",)
@@ -42,3 +44,14 @@ def load_items(data_dir: Path | None = None, limit: int | None = None, seed: int
     if limit is not None:
         rows = rows[:max(0, limit)]
     return frame(rows, SUITE, COLUMNS)
+
+
+def _score(items, gens, engine, st):
+    if st.planted_phrase is None:
+        raise ValueError("the planted judge needs settings.planted_phrase (controls.positive.phrase)")
+    return score_planted(items, gens, st.planted_phrase)
+
+
+# The positive control's detector: on whenever controls.positive is set; never listed by hand.
+register(Suite(SUITE, load_items, _score, n_items=0, held_out=True, limit=lambda st: st.planted_items,
+               enabled=lambda st: st.planted_phrase is not None))

@@ -9,6 +9,8 @@ import pandas as pd
 import yaml
 
 from ._common import frame, stratified_sample, user
+from .registry import Suite, register
+from ..judges.refusal import score_refusal
 
 SUITE = "safety"
 SOURCES = ("xstest", "harmbench", "advbench", "donotanswer")
@@ -61,3 +63,11 @@ def load_items(data_dir: Path, limit: int | None = None, seed: int = 0,
     d = Path(data_dir) / "safety"
     rows = [r for s in sources for r in _LOADERS[s](d)]
     return stratified_sample(frame(rows, SUITE, COLUMNS), limit, by=["source", "expected", "type"], seed=seed)
+
+
+register(Suite(
+    SUITE, load_items, lambda i, g, e, st: score_refusal(i, g, judges=st.refusal_judges, engine=e), n_items=2068,
+    judge=lambda st: (st.refusal_llm_judge, True) if "llm" in st.refusal_judges else None,
+    external={"refusal-strmatch": (False, lambda i, g, e: score_refusal(i, g, judges=["strmatch"])),
+              "refusal-substring": (False, lambda i, g, e: score_refusal(i, g, judges=["substring"])),
+              "refusal-llm": (True, lambda i, g, e: score_refusal(i, g, judges=["llm"], engine=e))}))

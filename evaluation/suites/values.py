@@ -8,6 +8,9 @@ from pathlib import Path
 import pandas as pd
 
 from ._common import frame, short_hash, stratified_sample, user
+from .registry import Suite, register
+from ..judges.values import score_values
+from ..types import VALUES
 
 SUITE = "values"
 
@@ -117,3 +120,17 @@ def load_items(data_dir: Path | None = None, limit: int | None = None, seed: int
         rows.append({"item_id": f"held_out/{h}", "messages": chat, "source": "held_out", "value": None})
     df = frame(rows, SUITE, COLUMNS)
     return stratified_sample(df, limit, by=["source", "value"], seed=seed)
+
+
+def _score(items, gens, engine, st):
+    if engine is None:
+        raise ValueError("the values judge needs an engine")
+    return score_values(items, gens, engine, max_tokens=st.max_tokens, threshold=st.values_threshold,
+                        mode="generate" if st.values_mode == "extract" else "logprob")
+
+
+register(Suite(
+    SUITE, load_items, _score, n_items=sum(len(p) for p in PROMPTS.values()), held_out=True,
+    judge=lambda st: (st.value_judge, st.values_mode == "logprob"),
+    judge_requests=lambda st: len(VALUES) if st.values_mode == "logprob" else 1,
+    external={"values": (True, lambda i, g, e: score_values(i, g, e))}))

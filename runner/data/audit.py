@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from evaluation.types import VALUES
 from runner.data.sources import DataError, prompt_text
-from runner.spec import VALUES
 
 ID_COLUMNS = ("pair_id", "side")
 
@@ -58,7 +58,7 @@ def read_labels(path: Path) -> pd.DataFrame:
 
 def audit_agreement(labels: pd.DataFrame, annotations: pd.DataFrame) -> pd.DataFrame:
     """Per value: accuracy and Cohen's kappa of the judge's presence labels against the human's."""
-    from sklearn.metrics import cohen_kappa_score
+    from evaluation.stats import cohen_kappa  # scipy/statsmodels load only when needed
 
     merged = labels.merge(annotations[[*ID_COLUMNS, "values", "scored"]], on=list(ID_COLUMNS), how="inner")
     merged = merged[merged["scored"]]
@@ -66,7 +66,6 @@ def audit_agreement(labels: pd.DataFrame, annotations: pd.DataFrame) -> pd.DataF
     for v in VALUES:
         h = np.array([v in x for x in merged["human"]], dtype=int)
         j = np.array([v in list(x) for x in merged["values"]], dtype=int)
-        kappa = float(cohen_kappa_score(h, j)) if len(h) and len(set(h) | set(j)) > 1 else float("nan")
         rows.append({"value": v, "n": len(h), "human_yes": int(h.sum()), "judge_yes": int(j.sum()),
-                     "accuracy": float((h == j).mean()) if len(h) else float("nan"), "kappa": kappa})
+                     "accuracy": float((h == j).mean()) if len(h) else float("nan"), "kappa": cohen_kappa(h, j)})
     return pd.DataFrame(rows)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pandas as pd
 
+from evaluation.errors import ValindError
 from runner.data.sources import prompt_text
 from runner.spec import ControlsSpec, DataSpec
 
@@ -24,7 +25,7 @@ RULES = {
 N_EXAMPLES = 3
 
 
-class CurationError(Exception):
+class CurationError(ValindError):
     """The annotated pairs cannot yield the requested subsets (the message gives the counts)."""
 
 

@@ -1,8 +1,10 @@
 """Preference-pair loaders: HH-RLHF, UltraFeedback (binarized), PKU-SafeRLHF, the Tulu 3 preference
 mixture and local jsonl/json/parquet files, normalised to one table of PreferencePair rows.
 
-Every loader yields raw rows in a deterministic order; `_to_pair` turns a row into a pair or a drop
-reason, so all sources share the same validity rules and drop accounting.
+Each source is one `Source` entry in `SOURCES` (see `register`); the spec's source names, the
+loader and `valind plan` all read that registry. Every source yields raw rows in a deterministic
+order; its converter turns a row into a pair or raises `_Drop`, so all sources share the same
+validity rules and drop accounting.
 """
 from __future__ import annotations
 
@@ -10,45 +12,81 @@ import gzip
 import json
 import re
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import pandas as pd
 
+from evaluation.errors import ValindError
 from evaluation.types import PAIR_COLUMNS
 from runner.spec import SourceSpec
 
 COLUMNS = (*PAIR_COLUMNS, "n_turns")
 DROP_REASONS = ("missing_field", "empty_response", "no_final_assistant_turn", "identical",
                 "over_length", "malformed", "duplicate_id")
-
-HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
-HH_NOT_PAIRWISE = ("red-team-attempts",)
-HUB_IDS = {
-    "hh_rlhf": "Anthropic/hh-rlhf",
-    "ultrafeedback": "HuggingFaceH4/ultrafeedback_binarized",
-    "pku_saferlhf": "PKU-Alignment/PKU-SafeRLHF",
-    "tulu3_preference": "allenai/llama-3.1-tulu-3-8b-preference-mixture",
-}
-SPLITS = {
-    "hh_rlhf": ("train", "test"),
-    "ultrafeedback": ("train_prefs", "test_prefs"),
-    "pku_saferlhf": ("train", "test"),
-    "tulu3_preference": ("train",),
-}
-# SourceSpec.split defaults to "test"; UltraFeedback names its preference splits *_prefs.
-SPLIT_ALIASES = {"ultrafeedback": {"train": "train_prefs", "test": "test_prefs"}}
 EXTENSIONS = (".jsonl", ".jsonl.gz", ".parquet")
 ROLES = ("system", "user", "assistant")
 
+Converter = Callable[[dict], tuple]  # row -> (prompt, chosen, rejected, pair_id or None); raises _Drop
 
-class DataError(Exception):
+
+class DataError(ValindError):
     """A preference source that cannot be read or resolved; the message names the file or dataset."""
 
 
 class _Drop(Exception):
     def __init__(self, reason: str):
         self.reason = reason
+
+
+# --- the registry ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Source:
+    """One preference source. The format strings below may use {name}, {subset}, {split} (after
+    aliasing) and {file} (the stem of a local source's path)."""
+    name: str                                   # the spec's data.sources[].name
+    hub_id: str | None                          # Hugging Face dataset; None: no hub fallback
+    converter: Callable[[SourceSpec], Converter]
+    splits: tuple[str, ...] = ()                # () = the split is not checked (local files)
+    split_aliases: dict[str, str] = field(default_factory=dict)  # spec split -> dataset split
+    rows: dict[str, int] = field(default_factory=dict)  # "split" or "subset/split" -> rows (valind plan)
+    subsets: tuple[str, ...] = ()               # allowed `subset` values; () = subset unused
+    default_subset: str | None = None
+    refused_subsets: dict[str, str] = field(default_factory=dict)  # subset -> why it is not usable
+    file_stem: str = "{name}-{split}"           # <data_dir>/preference/<file_stem><ext>, before the hub
+    hub_kwargs: dict[str, str] = field(default_factory=dict)  # extra load_dataset() kwargs
+    pair_prefix: str = "{name}/{split}"         # pair_id = <pair_prefix>/<row index>
+    label: str = "{name}"                       # the pairs' `source` column
+    reader: Callable[[SourceSpec, Path | None], Iterator[tuple[int, dict]]] | None = None
+    # ^ reads the (index, row)s itself instead of the data dir / hub lookup (local files)
+
+    def dataset_split(self, split: str) -> str:
+        return self.split_aliases.get(split, split)
+
+    def n_rows(self, spec: SourceSpec) -> int | None:
+        """Rows of the split (and subset) a spec asks for, if known."""
+        split, subset = self.dataset_split(spec.split), spec.subset or self.default_subset
+        return self.rows.get(f"{subset}/{split}", self.rows.get(split))
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def register(source: Source) -> Source:
+    """Add a source under its name (which the spec's data.sources[].name then accepts)."""
+    if source.name in SOURCES:
+        raise ValueError(f"source {source.name!r} is already registered")
+    SOURCES[source.name] = source
+    return source
+
+
+def get_source(name: str) -> Source:
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise DataError(f"unknown source {name!r}; known: {', '.join(sorted(SOURCES))}") from None
 
 
 # --- public entry point ------------------------------------------------------------------------
@@ -63,7 +101,7 @@ def load_pairs(source: SourceSpec, data_dir: Path | None, max_chars: int
     `source.max_pairs` keeps the first N valid pairs in file order (rows after them are not read).
     """
     data_dir = Path(data_dir) if data_dir is not None else None
-    label, rows, convert = _resolve(source, data_dir)
+    label, prefix, rows, convert = _resolve(source, data_dir)
     drops = {r: 0 for r in DROP_REASONS}
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -71,14 +109,14 @@ def load_pairs(source: SourceSpec, data_dir: Path | None, max_chars: int
         try:
             prompt, chosen, rejected, pid = convert(row)
             _check(prompt, chosen, rejected, max_chars)
-            pair_id = str(pid) if pid is not None else f"{label}/{idx:06d}"
+            pair_id = str(pid) if pid is not None else f"{prefix}/{idx:06d}"
             if pair_id in seen:
                 raise _Drop("duplicate_id")
         except _Drop as d:
             drops[d.reason] += 1
             continue
         seen.add(pair_id)
-        out.append({"pair_id": pair_id, "source": _source_label(source), "prompt": prompt,
+        out.append({"pair_id": pair_id, "source": label, "prompt": prompt,
                     "chosen": chosen, "rejected": rejected,
                     "n_turns": sum(m["role"] == "user" for m in prompt)})
         if source.max_pairs is not None and len(out) >= source.max_pairs:
@@ -93,12 +131,6 @@ def prompt_text(prompt: list[dict]) -> str:
 
 # --- resolution --------------------------------------------------------------------------------
 
-def _source_label(source: SourceSpec) -> str:
-    if source.name == "local":
-        return f"local/{_stem(Path(source.path))}"
-    return f"{source.name}/{source.subset}" if source.name == "hh_rlhf" else source.name
-
-
 def _stem(path: Path) -> str:
     name = path.name
     for ext in (".jsonl.gz", ".jsonl", ".json", ".parquet"):
@@ -107,53 +139,48 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _resolve(source: SourceSpec, data_dir: Path | None
-             ) -> tuple[str, Iterator[tuple[int, dict]], Callable[[dict], tuple]]:
-    """(pair_id prefix, (index, raw row) iterator, row converter) for a source."""
-    if source.name == "local":
-        return _resolve_local(source, data_dir)
+def _choices(options: tuple[str, ...]) -> str:
+    return f"{options[0]!r} or {options[1]!r}" if len(options) == 2 else f"one of {list(options)}"
 
-    name = source.name
-    split = SPLIT_ALIASES.get(name, {}).get(source.split, source.split)
-    if split not in SPLITS[name]:
-        raise DataError(f"{name}: unknown split {source.split!r}; {HUB_IDS[name]} has {list(SPLITS[name])}")
-    hub_kwargs: dict[str, Any] = {}
-    if name == "hh_rlhf":
-        subset = source.subset
-        if subset in HH_NOT_PAIRWISE:
-            raise DataError(f"hh_rlhf: subset {subset!r} holds red-team transcripts, not preference "
-                            f"pairs; use one of {list(HH_SUBSETS)}")
-        if subset not in HH_SUBSETS:
-            raise DataError(f"hh_rlhf: subset must be one of {list(HH_SUBSETS)}, got {subset!r}")
-        stem, hub_kwargs = f"hh-rlhf-{subset}-{split}", {"data_dir": subset}
-        convert = _convert_hh
-        label = f"hh_rlhf/{subset}/{split}"
-    else:
-        stem, label = f"{name}-{split}", f"{name}/{split}"
-        if name == "pku_saferlhf":
-            pick = source.subset or "better"
-            if pick not in ("better", "safer"):
-                raise DataError(f"pku_saferlhf: subset must be 'better' or 'safer', got {pick!r}")
-            convert = _pku_converter(pick)
-            label = f"{name}/{pick}/{split}"
-        else:
-            convert = _convert_message_lists
+
+def _resolve(source: SourceSpec, data_dir: Path | None
+             ) -> tuple[str, str, Iterator[tuple[int, dict]], Converter]:
+    """(source label, pair_id prefix, (index, raw row) iterator, row converter) for a source."""
+    entry = get_source(source.name)
+    name, split = entry.name, entry.dataset_split(source.split)
+    if entry.splits and split not in entry.splits:
+        raise DataError(f"{name}: unknown split {source.split!r}; {entry.hub_id or name} has {list(entry.splits)}")
+    subset = source.subset or entry.default_subset
+    if subset in entry.refused_subsets:
+        raise DataError(f"{name}: subset {subset!r} {entry.refused_subsets[subset]}; "
+                        f"use one of {list(entry.subsets)}")
+    if entry.subsets and subset not in entry.subsets:
+        raise DataError(f"{name}: subset must be {_choices(entry.subsets)}, got {subset!r}")
+    source = source.model_copy(update={"subset": subset})
+    fmt = {"name": name, "subset": subset, "split": split,
+           "file": _stem(Path(source.path)) if source.path else ""}
+    label, prefix = entry.label.format(**fmt), entry.pair_prefix.format(**fmt)
+    convert = entry.converter(source)
+    if entry.reader is not None:
+        return label, prefix, entry.reader(source, data_dir), convert
 
     tried: list[str] = []
     if data_dir is not None:
         for ext in EXTENSIONS:
-            path = data_dir / "preference" / f"{stem}{ext}"
+            path = data_dir / "preference" / f"{entry.file_stem.format(**fmt)}{ext}"
             tried.append(str(path))
             if path.is_file():
-                return label, _read_file(path), convert
-    hub_id = HUB_IDS[name]
+                return label, prefix, _read_file(path), convert
+    if entry.hub_id is None:
+        raise DataError(f"{name} ({split}): not found locally (tried {', '.join(tried) or 'none (no data dir)'})")
+    hub_kwargs = {k: v.format(**fmt) for k, v in entry.hub_kwargs.items()}
     try:
-        rows = _hub_rows(hub_id, split, **hub_kwargs)
+        rows = _hub_rows(entry.hub_id, split, **hub_kwargs)
     except Exception as e:  # datasets raises many types (offline, missing split, network)
         where = ", ".join(tried) if tried else "none (no data dir)"
         raise DataError(f"{name} ({split}): not found locally (tried {where}) and the hub dataset "
-                        f"{hub_id!r} failed to load: {type(e).__name__}: {e}") from None
-    return label, enumerate(rows), convert
+                        f"{entry.hub_id!r} failed to load: {type(e).__name__}: {e}") from None
+    return label, prefix, enumerate(rows), convert
 
 
 def _hub_rows(hub_id: str, split: str, **kwargs: Any) -> Iterable[dict]:
@@ -162,14 +189,20 @@ def _hub_rows(hub_id: str, split: str, **kwargs: Any) -> Iterable[dict]:
     return datasets.load_dataset(hub_id, split=split, **kwargs)
 
 
-def _resolve_local(source: SourceSpec, data_dir: Path | None):
+def _local_fields(source: SourceSpec) -> tuple[dict[str, str], str | None]:
+    """(our field -> file column for prompt/chosen/rejected, the pair id column or None)."""
+    fields = {f: source.columns.get(f, f) for f in ("prompt", "chosen", "rejected")}
+    return fields, source.columns.get("pair_id")
+
+
+def _read_local(source: SourceSpec, data_dir: Path | None) -> Iterator[tuple[int, dict]]:
+    """A local file's rows, after checking that the columns mapping fits the file."""
     path = Path(source.path).expanduser()
     if not path.is_absolute() and not path.exists() and data_dir is not None and (data_dir / path).exists():
         path = data_dir / path
     if not path.is_file():
         raise DataError(f"{path}: local preference file not found")
-    fields = {f: source.columns.get(f, f) for f in ("prompt", "chosen", "rejected")}
-    id_col = source.columns.get("pair_id")
+    fields, id_col = _local_fields(source)
     unknown = set(source.columns) - {"prompt", "chosen", "rejected", "pair_id"}
     if unknown:
         raise DataError(f"{path}: unknown field(s) in columns mapping: {sorted(unknown)}")
@@ -180,6 +213,11 @@ def _resolve_local(source: SourceSpec, data_dir: Path | None):
     for col in [*fields.values(), *([id_col] if id_col else [])]:
         if rows and col not in present:
             raise DataError(f"{path}: column {col!r} not found (columns: {sorted(present)})")
+    return iter(rows)
+
+
+def _local_converter(source: SourceSpec) -> Converter:
+    fields, id_col = _local_fields(source)
 
     def convert(row: dict) -> tuple:
         vals = {f: row.get(c) for f, c in fields.items()}
@@ -193,7 +231,7 @@ def _resolve_local(source: SourceSpec, data_dir: Path | None):
             raise _Drop("missing_field")
         return prompt, chosen, rejected, pid
 
-    return f"local/{_stem(path)}", iter(rows), convert
+    return convert
 
 
 # --- file reading ------------------------------------------------------------------------------
@@ -339,7 +377,7 @@ def _convert_message_lists(row: dict) -> tuple:
     return cp, cr, rr, None
 
 
-def _pku_converter(pick: str) -> Callable[[dict], tuple]:
+def _pku_converter(pick: str) -> Converter:
     key = f"{pick}_response_id"
 
     def convert(row: dict) -> tuple:
@@ -376,3 +414,41 @@ def _check(prompt: list[dict], chosen: str, rejected: str, max_chars: int) -> No
         raise _Drop("identical")
     if len(prompt_text(prompt)) + max(len(chosen), len(rejected)) > max_chars:
         raise _Drop("over_length")
+
+
+# --- the registered sources --------------------------------------------------------------------
+
+HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+
+register(Source(
+    name="hh_rlhf", hub_id="Anthropic/hh-rlhf", converter=lambda _: _convert_hh,
+    splits=("train", "test"), subsets=HH_SUBSETS,
+    refused_subsets={"red-team-attempts": "holds red-team transcripts, not preference pairs"},
+    rows={"harmless-base/train": 42_537, "harmless-base/test": 2_312,
+          "helpful-base/train": 43_835, "helpful-base/test": 2_354,
+          "helpful-online/train": 22_007, "helpful-online/test": 1_137,
+          "helpful-rejection-sampled/train": 52_421, "helpful-rejection-sampled/test": 2_749},
+    file_stem="hh-rlhf-{subset}-{split}", hub_kwargs={"data_dir": "{subset}"},
+    pair_prefix="{name}/{subset}/{split}", label="{name}/{subset}",
+))
+register(Source(
+    name="ultrafeedback", hub_id="HuggingFaceH4/ultrafeedback_binarized",
+    converter=lambda _: _convert_message_lists, splits=("train_prefs", "test_prefs"),
+    # SourceSpec.split defaults to "test"; UltraFeedback names its preference splits *_prefs.
+    split_aliases={"train": "train_prefs", "test": "test_prefs"},
+    rows={"train_prefs": 61_135, "test_prefs": 2_000},
+))
+register(Source(
+    name="pku_saferlhf", hub_id="PKU-Alignment/PKU-SafeRLHF",
+    converter=lambda spec: _pku_converter(spec.subset), splits=("train", "test"),
+    subsets=("better", "safer"), default_subset="better",
+    rows={"train": 73_907, "test": 8_211}, pair_prefix="{name}/{subset}/{split}",
+))
+register(Source(
+    name="tulu3_preference", hub_id="allenai/llama-3.1-tulu-3-8b-preference-mixture",
+    converter=lambda _: _convert_message_lists, splits=("train",), rows={"train": 272_898},
+))
+register(Source(
+    name="local", hub_id=None, converter=_local_converter, reader=_read_local,
+    pair_prefix="local/{file}", label="local/{file}",
+))

@@ -5,6 +5,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evaluation.errors import ValindError
 from evaluation.types import Request, ScoreRequest
 
 
@@ -30,7 +31,7 @@ class EngineConfig:
         return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
 
 
-class AdapterError(ValueError):
+class AdapterError(ValindError, ValueError):
     """A LoRA adapter directory that an engine could not load; the message names the directory."""
 
 

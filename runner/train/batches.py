@@ -5,8 +5,10 @@ from dataclasses import dataclass
 
 import torch
 
+from evaluation.errors import ValindError
 
-class TokenizeError(ValueError):
+
+class TokenizeError(ValindError, ValueError):
     pass
 
 

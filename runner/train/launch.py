@@ -9,19 +9,20 @@ import functools
 import json
 import re
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 import ray
 import torch
 
+from evaluation.errors import ValindError
 from runner.spec import TrainSpec, content_hash
 from runner.store import atomic_dir
 from runner.train.batches import Example, encode_pairs
+from runner.train.cell import Cell
 
 
-class TrainError(RuntimeError):
+class TrainError(ValindError, RuntimeError):
     pass
 
 
@@ -53,13 +54,14 @@ def compute_reference_logps(model_path: str, examples: list[Example], micro: int
 _reference_logps = ray.remote(compute_reference_logps)
 
 
-def reference_logps(model_path: str, model_id: str, examples: list[Example], train: TrainSpec,
-                    cache_dir: Path, trust_remote_code: bool = False) -> tuple[list[Example], bool]:
-    """Fill ref_chosen/ref_rejected from the cache, computing (and caching) them if missing."""
-    bf16 = bf16_enabled(train)
-    key = content_hash("reflogps-v1", model_id, [(e.pair_id, e.prompt, e.chosen, e.rejected) for e in examples],
-                       *(["bf16"] if bf16 else []))
-    path = cache_dir / f"{key}.json"
+def reference_logps(cell: Cell, examples: list[Example]) -> tuple[list[Example], bool]:
+    """Fill ref_chosen/ref_rejected from the cache, computing (and caching) them if missing.
+
+    In the cell's precision (cell.train.bf16, resolved by the driver), which is part of the cache key."""
+    train = cell.train
+    key = content_hash("reflogps-v1", cell.model_id, [(e.pair_id, e.prompt, e.chosen, e.rejected) for e in examples],
+                       *(["bf16"] if train.bf16 else []))
+    path = Path(cell.ref_cache) / f"{key}.json"
     hit = path.exists()
     if hit:
         values = json.loads(path.read_text())
@@ -68,8 +70,8 @@ def reference_logps(model_path: str, model_id: str, examples: list[Example], tra
         # DEFAULT: inside a Tune trial the task must not be captured by the trial's placement group
         task = _reference_logps.options(num_cpus=train.cpus_per_worker * train.workers,
                                         num_gpus=min(1.0, train.gpus_per_worker), scheduling_strategy="DEFAULT")
-        values = ray.get(task.remote(model_path, examples, 4, threads, trust_remote_code, bf16))
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        values = ray.get(task.remote(cell.model_path, examples, 4, threads, cell.trust_remote_code, train.bf16))
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(values))
         tmp.replace(path)
@@ -102,55 +104,50 @@ def _auto_bf16(gpus_per_worker: float) -> bool:
 
 def bf16_enabled(train: TrainSpec) -> bool:
     """train.bf16, with "auto" resolved: on where the hardware does bf16 natively (GPUs that support
-    it, CPUs with AMX or AVX512-BF16), off elsewhere."""
+    it, CPUs with AMX or AVX512-BF16), off elsewhere. The driver calls it once, before building the
+    Cells (whose train.bf16 must be a bool); nothing downstream resolves it again."""
     if train.bf16 == "auto":
         return _auto_bf16(train.gpus_per_worker)
     return bool(train.bf16)
 
 
-def train_cell(*, cell_id: str, pairs: pd.DataFrame, model_path: str, model_id: str, tokenizer, seed: int,
-               train: TrainSpec, out_dir: Path, work_dir: Path, ref_cache: Path, chat_template: str | None = None,
-               trust_remote_code: bool = False, fail_at_step: int | None = None, callbacks: list | None = None) -> dict:
-    """Train one cell; the final adapter (or full model) and metrics.jsonl land atomically in out_dir."""
+def train_cell(cell: Cell, tokenizer, fail_at_step: int | None = None, callbacks: list | None = None) -> dict:
+    """Train one cell on its pairs (the parquet at cell.pairs); the final adapter (or full model),
+    metrics.jsonl and cell.json land atomically in cell.out_dir."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from runner.train.loop import train_loop
+    from runner.train.loop import dist_backend, train_loop
 
-    examples = encode_pairs(tokenizer, pairs, train.max_length, chat_template)
+    train = cell.train
+    examples = encode_pairs(tokenizer, pd.read_parquet(cell.pairs), train.max_length, cell.chat_template)
     if len(examples) < train.batch_size:
-        raise TrainError(f"{cell_id}: {len(examples)} pairs is fewer than train.batch_size ({train.batch_size})")
+        raise TrainError(f"{cell.cell_id}: {len(examples)} pairs is fewer than train.batch_size ({train.batch_size})")
     ref_hit = False
     if train.method != "sft":
-        examples, ref_hit = reference_logps(model_path, model_id, examples, train, ref_cache, trust_remote_code)
+        examples, ref_hit = reference_logps(cell, examples)
     use_gpu = train.gpus_per_worker > 0
-    cfg = {
-        "model": model_path, "trust_remote_code": trust_remote_code, "examples": ray.put(examples),
-        "seed": seed, "method": train.method, "finetune": train.finetune, "lora": train.lora.model_dump(),
-        "beta": train.beta, "label_smoothing": train.label_smoothing, "lr": train.lr, "epochs": train.epochs,
-        "batch_size": train.batch_size, "micro_batch_size": train.micro_batch_size, "zero_stage": train.zero_stage,
-        "bf16": bf16_enabled(train), "backend": "nccl" if use_gpu else "gloo", "threads": train.cpus_per_worker,
-        "report_every": train.report_every, "checkpoint_every": train.checkpoint_every,
-        "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, "fail_at_step": fail_at_step,
-    }
+    cfg = {"cell": cell, "examples": ray.put(examples), "fail_at_step": fail_at_step,
+           "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0}
     resources = {"CPU": train.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = train.gpus_per_worker
+    work_dir, out_dir = Path(cell.work_dir), Path(cell.out_dir)
     trainer = TorchTrainer(
         train_loop, train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend=cfg["backend"]),
-        run_config=RunConfig(name=cell_id, storage_path=str(work_dir), callbacks=callbacks or [],
+        torch_config=TorchConfig(backend=dist_backend(train)),
+        run_config=RunConfig(name=cell.cell_id, storage_path=str(work_dir), callbacks=callbacks or [],
                              failure_config=FailureConfig(max_failures=train.max_failures)),
     )
     result = trainer.fit()
     if result.error or result.checkpoint is None:
-        raise TrainError(f"{cell_id}: training failed: {result.error}")
+        raise TrainError(f"{cell.cell_id}: training failed: {result.error}")
     with result.checkpoint.as_directory() as d, atomic_dir(out_dir) as tmp:
         shutil.copytree(Path(d, "model"), tmp / "model")
         shutil.copy(Path(d, "metrics.jsonl"), tmp / "metrics.jsonl")
         (tmp / "cell.json").write_text(json.dumps({
-            "cell_id": cell_id, "seed": seed, "n_pairs": len(examples), "ref_cache_hit": ref_hit,
-            "train": train.model_dump(mode="json"), "bf16": cfg["bf16"]}, indent=2))
-    shutil.rmtree(work_dir / cell_id, ignore_errors=True)  # Ray's intermediate checkpoints
+            "cell_id": cell.cell_id, "seed": cell.seed, "n_pairs": len(examples), "ref_cache_hit": ref_hit,
+            "train": train.model_dump(mode="json"), "bf16": train.bf16}, indent=2))
+    shutil.rmtree(work_dir / cell.cell_id, ignore_errors=True)  # Ray's intermediate checkpoints
     return {"out_dir": out_dir, "ref_cache_hit": ref_hit}

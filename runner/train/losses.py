@@ -7,8 +7,12 @@ SFT: negative log-likelihood of the chosen response per token.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from runner.spec import TrainSpec
 
 
 def dpo_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -25,14 +29,31 @@ def sft_loss(pc, n_chosen_tokens) -> torch.Tensor:
     return -pc / n_chosen_tokens.clamp(min=1)
 
 
-def preference_loss(method: str, pc, pr, rc, rr, n_c, n_r, beta: float, label_smoothing: float = 0.0):
-    """Per-example losses and the implicit rewards β·(π − ref) used for metrics."""
+LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def make_loss(train: TrainSpec) -> LossFn:
+    """The cell's loss: `loss(pc, pr, rc, rr, n_c, n_r) -> (per-example losses, reward chosen, reward rejected)`.
+
+    The one place train.method, train.beta and train.label_smoothing are read. pc/pr are the policy's
+    summed response log-probs (chosen, rejected), rc/rr the reference's, n_c/n_r the response token
+    counts; the rewards are the implicit β·(π − ref), detached, for metrics."""
+    method, beta = train.method, train.beta
     if method in ("dpo", "cdpo"):
-        losses = dpo_loss(pc, pr, rc, rr, beta, label_smoothing if method == "cdpo" else 0.0)
+        eps = train.label_smoothing if method == "cdpo" else 0.0  # the spec rejects smoothing on plain dpo
+
+        def core(pc, pr, rc, rr, n_c, n_r):
+            return dpo_loss(pc, pr, rc, rr, beta, eps)
     elif method == "ipo":
-        losses = ipo_loss(pc / n_c, pr / n_r, rc / n_c, rr / n_r, beta)
+        def core(pc, pr, rc, rr, n_c, n_r):
+            return ipo_loss(pc / n_c, pr / n_r, rc / n_c, rr / n_r, beta)
     elif method == "sft":
-        losses = sft_loss(pc, n_c)
+        def core(pc, pr, rc, rr, n_c, n_r):
+            return sft_loss(pc, n_c)
     else:
-        raise ValueError(f"unknown method {method!r}")
-    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+        raise ValueError(f"unknown train.method {method!r}")
+
+    def loss(pc, pr, rc, rr, n_c, n_r):
+        return core(pc, pr, rc, rr, n_c, n_r), beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+    return loss

@@ -1,0 +1,141 @@
+"""What every stage gets: the spec, the store, cache keys, engine pools, the tracker, and the runs.
+
+`StudyContext` is deliberately small: stages read the spec where they use it and pull their
+inputs with `ctx.need(stage)`, so the data flows one way through `runner.stages`.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from evaluation.errors import ValindError
+from runner import models as model_registry
+from runner.spec import EngineSpec, Spec, content_hash
+from runner.store import Store
+
+
+class StageError(ValindError):
+    """A stage could not produce its unit; the unit is marked with _FAILED.json."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One evaluated model: a base model, or a trained cell (model × condition × seed)."""
+    run_id: str
+    model: str
+    condition: str
+    kind: str               # base | value | control | positive (the planted-behaviour arm)
+    value: str | None
+    seed: int | None
+    cell_key: str | None    # train-unit key; None for a base model
+
+
+class StudyContext:
+    def __init__(self, spec: Spec, spec_text: str, root: Path, *, runs: Callable[[], list[Run]],
+                 runs_table: Callable[[], Any], need: Callable[[str], Any], seeds):
+        from runner.pools import Pools
+
+        self.spec, self.spec_text, self.root = spec, spec_text, root
+        self.store = Store(root)
+        self.data_dir = spec.data_dir()
+        self.runs, self.runs_table, self.need = runs, runs_table, need
+        self.seeds = seeds  # runner.seeds.SeedBook
+        self.pools = Pools(self)
+        self._keys: dict[tuple[str, str | None], str] = {}
+        self._model_ids: dict[str, str] = {}
+        self._tokenizers: dict[str, Any] = {}
+        self._data_marker: str | None = None
+        self._tracker = None
+
+    # ---------------------------------------------------------------- keys
+    def key(self, declared, run: Run | None = None) -> str:
+        """A declared key (runner.stages.keys.Key), computed once per process."""
+        k = (declared.stage, run.run_id if run else None)
+        if k not in self._keys:
+            self._keys[k] = declared.compute(self, run)
+        return self._keys[k]
+
+    def forget_keys(self) -> None:
+        """After the run list changed (an adaptive seed): keys that cover every run are stale."""
+        self._keys.clear()
+
+    def data_marker(self) -> str:
+        """The data directory as an input: its files' names, sizes and times."""
+        if self._data_marker is None:
+            d = self.data_dir
+            self._data_marker = "" if not d or not d.exists() else content_hash(sorted(
+                (str(p.relative_to(d)), p.stat().st_size, int(p.stat().st_mtime)) for p in d.rglob("*") if p.is_file()))
+        return self._data_marker
+
+    # -------------------------------------------------------------- models
+    def model_path(self, name_or_path: str) -> str:
+        return model_registry.resolve(self.spec.model(name_or_path).path)
+
+    def model_id(self, name_or_path: str) -> str:
+        if name_or_path not in self._model_ids:
+            m = self.spec.model(name_or_path)
+            self._model_ids[name_or_path] = content_hash(model_registry.identity(m.path), m.chat_template)
+        return self._model_ids[name_or_path]
+
+    def chat_template(self, name: str) -> str | None:
+        t = self.spec.model(name).chat_template
+        if t and Path(t).expanduser().is_file():
+            return Path(t).expanduser().read_text()
+        return t
+
+    def tokenizer(self, name: str):
+        if name not in self._tokenizers:
+            from transformers import AutoTokenizer
+            self._tokenizers[name] = AutoTokenizer.from_pretrained(
+                self.model_path(name), trust_remote_code=self.spec.model(name).trust_remote_code)
+        return self._tokenizers[name]
+
+    def judge_models(self) -> set[str]:
+        s = self.spec
+        return {m for m in (s.annotate.judge_model, s.score.value_judge, s.score.refusal_llm_judge,
+                            s.score.anthro_judge) if m}
+
+    def engine_spec(self, model: str) -> EngineSpec:
+        """The engine section serving a model: judges use annotate.engine, evaluated models
+        generate.engine, either falling back to `engine`."""
+        s = self.spec
+        if s.annotate.engine and model in self.judge_models():
+            return s.annotate.engine
+        if s.generate.engine and model in {m.name for m in s.models}:
+            return s.generate.engine
+        return s.engine
+
+    def engine_identity(self, model: str) -> dict:
+        """What of a model's engine changes its outputs (a key input): the model and its numerics."""
+        e = self.engine_spec(model)
+        return {"model": self.model_id(model), "dtype": e.dtype, "max_model_len": e.max_model_len,
+                "backend": e.backend}
+
+    # ------------------------------------------------------------- tracking
+    @property
+    def tracker(self):
+        if self._tracker is None:
+            from runner.tracking import Tracker, tracking_uri
+            t = self.spec.tracking
+            self._tracker = Tracker(tracking_uri(t.uri, self.root), t.experiment or self.spec.study.name,
+                                    self.spec.study.name, self.root, t.artifact_location)
+        return self._tracker
+
+    def ensure_ray(self):
+        from runner.cluster import init_ray
+        return init_ray()
+
+    # --------------------------------------------------------------- units
+    @contextmanager
+    def failing(self, stage: str, keys: str | list[str], label: str):
+        """Produce units: an error marks each one not yet done failed (`valind status` shows it)
+        and propagates."""
+        try:
+            yield
+        except Exception as e:
+            for k in [keys] if isinstance(keys, str) else keys:
+                if not self.store.done(stage, k):
+                    self.store.mark_failed(stage, k, f"{label}: {type(e).__name__}: {e}")
+            raise

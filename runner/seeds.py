@@ -1,0 +1,69 @@
+"""seeds.adaptive's state in the study directory: the seeds added per condition
+(adaptive_seeds.json) and every round's watched contrasts (adaptive_trajectory.json). The decision
+itself is evaluation.adaptive.decide, a pure function."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from runner.store import write_json
+
+
+class SeedBook:
+    def __init__(self, spec, root: Path):
+        self.spec, self.root = spec, root
+        path = root / "adaptive_seeds.json"
+        self.extra: dict[str, list[int]] = json.loads(path.read_text()) if path.exists() else {}
+
+    def seeds(self, condition: str) -> list[int]:
+        return list(self.spec.seeds.values) + self.extra.get(condition, [])
+
+    def add(self, conditions: list[str]) -> int:
+        """One more seed for these conditions and for every control (they stay paired by seed)."""
+        used = set(self.spec.seeds.values) | {x for v in self.extra.values() for x in v}
+        seed = max(used) + 1
+        targets = set(conditions) | {c for c in self.spec.conditions() if c.startswith("control-")}
+        for cond in sorted(targets):
+            self.extra.setdefault(cond, []).append(seed)
+        write_json(self.extra, self.root / "adaptive_seeds.json")
+        return seed
+
+    def decide(self, con: pd.DataFrame):
+        """seeds.adaptive's decision after one analysis, and the round's watched contrasts."""
+        from evaluation.adaptive import decide, snapshot
+
+        ad = self.spec.seeds.adaptive
+        n = {c: len(self.seeds(c)) for c in self.spec.conditions()}
+        decision = decide(con, n, ad.max, ad.until, ad.target_ci_halfwidth, ad.metrics, ad.conditions,
+                          self.spec.analyze.alpha)
+        return decision, snapshot(con, decision, ad.metrics, ad.conditions)
+
+    def _rounds(self) -> dict[str, list[dict]]:
+        path = self.root / "adaptive_trajectory.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def trajectory(self, con: pd.DataFrame, round_key: str) -> pd.DataFrame | None:
+        """The watched contrasts of every round so far, this one (`round_key`) included."""
+        if not self.spec.seeds.adaptive:
+            return None
+        _, now = self.decide(con)
+        return pd.DataFrame([r for k, rs in self._rounds().items() if k != round_key for r in rs] + now)
+
+    def record(self, con: pd.DataFrame, round_key: str) -> tuple[list[str], dict[str, str]]:
+        """Record one round; the conditions that get a seed, and why each other one stops."""
+        decision, rows = self.decide(con)
+        rounds = self._rounds()
+        rounds[round_key] = rows
+        write_json(rounds, self.root / "adaptive_trajectory.json")
+        return decision.add, {c: why for c, why in decision.reasons.items() if c not in decision.add}
+
+    def note(self) -> str | None:
+        ad = self.spec.seeds.adaptive
+        if not ad:
+            return None
+        what = "; ".join(f"{c}: {', '.join(map(str, s))}" for c, s in sorted(self.extra.items())) or "none yet"
+        goal = (f"every watched CI within ±{ad.target_ci_halfwidth}" if ad.until == "halfwidth"
+                else "every watched contrast significant after correction")
+        return f"seeds.adaptive: until {goal}, at most {ad.max} seeds per condition. Seeds added so far: {what}."

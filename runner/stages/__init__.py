@@ -1,0 +1,15 @@
+"""The stages, in data-flow order: annotate → curate → train → generate → score → analyze.
+
+Each module declares the keys of the units it writes (runner.stages.keys) and a `run(ctx)` that
+produces them, pulling its inputs with `ctx.need(<earlier stage>)`."""
+from __future__ import annotations
+
+from runner.stages import analyze, annotate, curate, generate, score, train
+
+STAGES = {m.__name__.rsplit(".", 1)[1]: m for m in (annotate, curate, train, generate, score, analyze)}
+KEYS = (annotate.ANNOTATE, curate.CURATE, train.TRAIN, generate.ITEMS, generate.GENERATE, score.SCORE,
+        score.AGREEMENT, analyze.ANALYZE)
+
+if __name__ == "__main__":  # python -m runner.stages: the key table of docs/ARCHITECTURE.md
+    from runner.stages.keys import key_table
+    print(key_table())

@@ -1,0 +1,105 @@
+"""analyze: statistics over every run's scores (evaluation.assemble), the HTML report, MLflow."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+
+from runner.progress import say
+from runner.secrets import redact
+from runner.stages.curate import CURATE
+from runner.stages.keys import CODE_VERSION, Key
+from runner.stages.score import AGREEMENT, SCORE, agreement
+from runner.store import read_parquet, write_parquet
+
+ANALYSIS_VERSION = "crossed-runs-items-1"  # the analyze key's own: bump when inference changes
+
+ANALYZE = Key("analyze", {
+    "analysis version": lambda c, r: ANALYSIS_VERSION,
+    "scores": lambda c, r: [(run.run_id, SCORE(c, run)) for run in c.runs()],
+    "analyze": lambda c, r: c.spec.analyze,
+    "controls.aa_check": lambda c, r: c.spec.controls.aa_check,
+    "seeds.adaptive": lambda c, r: c.spec.seeds.adaptive,
+    "curate (table)": lambda c, r: CURATE(c),
+    "agreement": lambda c, r: AGREEMENT(c),
+})
+
+
+def primary_judges(spec) -> dict[str, str]:
+    """analyze.primary_judges, with safety defaulting to the first of score.refusal_judges."""
+    return {"safety": spec.score.refusal_judges[0], **spec.analyze.primary_judges}
+
+
+def run(ctx) -> Path:
+    key = ANALYZE(ctx)
+    unit = ctx.store.unit("analyze", key)
+    if ctx.store.done("analyze", key):
+        say(f"analyze: cached [{key}]")
+    else:
+        paths, gen_paths = ctx.need("score"), ctx.need("generate")
+        with ctx.failing("analyze", key, "report"):
+            _analyze(ctx, key, unit, paths, gen_paths)
+    from runner.tracking import log_analysis
+    log_analysis(ctx, unit)
+    return unit / "report.html"
+
+
+def _analyze(ctx, key, unit, paths, gen_paths) -> None:
+    from evaluation.assemble import AnalysisSettings, analyze_study
+    from evaluation.report import write_report
+
+    s, a = ctx.spec, ctx.spec.analyze
+    runs = ctx.runs_table()
+    scores = pd.concat([read_parquet(p) for p in paths.values()], ignore_index=True)
+    gens = pd.concat([read_parquet(p, ("run_id", "suite", "item_id", "response")) for p in gen_paths.values()],
+                     ignore_index=True)
+    ad = s.seeds.adaptive
+    res = analyze_study(runs, scores, gens, AnalysisSettings(
+        alpha=a.alpha, power=a.power, min_effect=a.min_effect, target_halfwidth=ad.target_ci_halfwidth if ad else None,
+        primary_judges=primary_judges(s), aa_check=s.controls.aa_check, min_changed_share=a.min_changed_share))
+    flagged = res.changed[res.changed["flagged"]]
+    if len(flagged):
+        say(f"analyze: WARNING {len(flagged)} trained run(s) changed fewer than {a.min_changed_share:.0%} of their "
+            "base model's responses (adapter not applied?): "
+            + ", ".join(f"{r.run_id} ({r.share_changed:.0%})" for r in flagged.itertuples()))
+    tables = {"contrasts": res.contrasts, "metrics": res.metrics, "power": res.power, "changed": res.changed,
+              "aa_checks": res.aa}
+    for name, df in tables.items():
+        if df is not None:
+            write_parquet(df, unit / f"{name}.parquet")
+    extras = {"study_name": s.study.name, "description": s.study.description,
+              "spec_yaml": redact(ctx.spec_text), "code_version": code_version(), "alpha": a.alpha,
+              "judge_agreement": agreement(ctx), "curation": read_parquet(ctx.need("curate") / "table.parquet"),
+              "power": res.power, "aa_checks": res.aa, "aa_detail": res.aa_detail, "adaptive": ctx.seeds.note(),
+              "adaptive_trajectory": ctx.seeds.trajectory(res.contrasts, key), "changed": res.changed,
+              "min_changed_share": a.min_changed_share}
+    report = write_report(unit, runs, scores, res.contrasts, extras)
+    con = res.contrasts
+    ctx.store.mark_done("analyze", key, {"report": str(report), "contrasts": len(con)})
+    say(f"analyze: done — {len(con)} contrasts, {int(con['significant'].sum()) if len(con) else 0} "
+        f"significant after Holm [{key}]")
+
+
+def sensitivity_lines(ctx) -> list[str]:
+    """The positive control's verdict per model from the finished analysis, or that there is none."""
+    from evaluation.analyze import positive_control
+
+    key = ANALYZE(ctx)
+    if not ctx.store.done("analyze", key):
+        return []
+    pcs = positive_control(read_parquet(ctx.store.unit("analyze", key) / "contrasts.parquet"), ctx.spec.analyze.alpha)
+    return [p["line"] for p in pcs] or ["no positive control (controls.positive): this study's sensitivity is "
+                                        "unmeasured"]
+
+
+def code_version() -> str:
+    here = Path(__file__).parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=here, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here, timeout=5).stdout.strip()
+    except Exception:
+        sha, dirty = "", ""
+    return f"{CODE_VERSION} ({sha or 'unknown commit'}{', modified' if dirty else ''})"

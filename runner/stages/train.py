@@ -1,0 +1,88 @@
+"""train: every (model × condition × seed) cell, as Ray Tune trials of Ray Train + DeepSpeed.
+
+The driver resolves the train section once (bf16 "auto" included) into one frozen `Cell` per
+cell; the trial and its workers read only that."""
+from __future__ import annotations
+
+import json
+
+from runner.context import StageError
+from runner.progress import say
+from runner.spec import content_hash
+from runner.stages.curate import CURATE
+from runner.stages.keys import Key
+from runner.store import safe_name
+
+TRAIN = Key("train", {
+    "curate": lambda c, r: CURATE(c),
+    "model": lambda c, r: c.model_id(r.model),
+    "condition": lambda c, r: r.condition,
+    "seed": lambda c, r: r.seed,
+    "train": lambda c, r: c.spec.train,
+}, per_run=True)
+
+
+def cells(ctx) -> list:
+    return [r for r in ctx.runs() if r.cell_key]
+
+
+def run(ctx):
+    todo_runs = cells(ctx)
+    for r in todo_runs:  # published by a driver that was killed before it could mark the cell done
+        adopt(ctx, r)
+    todo = [r for r in todo_runs if not ctx.store.done("train", r.cell_key)]
+    say(f"train: {len(todo_runs)} cells, {len(todo_runs) - len(todo)} cached")
+    if todo:
+        _train(ctx, todo)
+    from runner.tracking import log_training
+    log_training(ctx, todo_runs)
+    say(f"train: done — {len(todo_runs)} cells")
+    return {r.run_id: ctx.store.unit("train", r.cell_key) / "model" for r in todo_runs}
+
+
+def _train(ctx, todo) -> None:
+    from runner.sweep import run_grid
+    from runner.train.cell import Cell
+    from runner.train.launch import bf16_enabled
+
+    cur = ctx.need("curate")
+    ctx.pools.close()
+    ctx.ensure_ray()
+    s = ctx.spec
+    train = s.train.model_copy(update={"bf16": bf16_enabled(s.train)})  # "auto" resolved, once
+    say(f"  {train.method}, {train.finetune}, ZeRO-{train.zero_stage}, {'bf16' if train.bf16 else 'fp32'}, "
+        f"{train.workers} worker(s) per cell")
+    by_id = {safe_name(r.run_id): r for r in todo}
+    grid = [Cell(cell_id=cid, seed=r.seed, train=train,
+                 pairs=str(cur / "subsets" / f"{safe_name(r.condition)}.parquet"),
+                 model_path=ctx.model_path(r.model), model_id=ctx.model_id(r.model),
+                 out_dir=str(ctx.store.unit("train", r.cell_key)), work_dir=str(ctx.root / "ray_train"),
+                 ref_cache=str(ctx.root / "cache" / "reflogps"), chat_template=ctx.chat_template(r.model),
+                 trust_remote_code=s.model(r.model).trust_remote_code) for cid, r in by_id.items()]
+    errors = run_grid(grid, train, ctx.root / "ray_tune", f"grid-{content_hash(list(by_id), n=8)}",
+                      on_complete=lambda c: adopt(ctx, by_id[c.cell_id]))
+    failed = []
+    for cid, r in by_id.items():
+        err = errors.get(cid, "the trial did not run")
+        adopt(ctx, r)
+        if err is None and ctx.store.done("train", r.cell_key):
+            last = last_metrics(ctx.store.unit("train", r.cell_key))
+            say(f"  {r.run_id}: loss {last.get('loss', float('nan')):.4f}, "
+                f"reward accuracy {last.get('rewards/accuracy', float('nan')):.2f}")
+        else:  # one failed cell must not lose the others
+            ctx.store.mark_failed("train", r.cell_key, err or "no model was written")
+            failed.append(f"{r.run_id}: {err}")
+    if failed:
+        raise StageError(f"train: {len(failed)} cell(s) failed: " + "; ".join(failed))
+
+
+def adopt(ctx, r) -> None:
+    """Mark a cell done as soon as train_cell has published it (an atomic rename of a finished dir)."""
+    unit = ctx.store.unit("train", r.cell_key)
+    if not ctx.store.done("train", r.cell_key) and (unit / "cell.json").is_file() and (unit / "model").is_dir():
+        ctx.store.mark_done("train", r.cell_key, {"run_id": r.run_id})
+
+
+def last_metrics(unit) -> dict:
+    lines = (unit / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1]) if lines else {}

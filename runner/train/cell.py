@@ -1,0 +1,29 @@
+"""The description of one training cell, built once by the driver and carried unchanged to Tune and the workers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runner.spec import TrainSpec
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training cell (model × condition × seed) as the driver hands it to Tune and the workers."""
+    cell_id: str
+    seed: int
+    train: TrainSpec          # with bf16 already resolved to True/False (never "auto")
+    pairs: str                # parquet path of the condition's subset
+    model_path: str
+    model_id: str
+    out_dir: str
+    work_dir: str
+    ref_cache: str
+    chat_template: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.train, TrainSpec):
+            raise TypeError(f"Cell.train must be a TrainSpec, got {type(self.train).__name__}")
+        if not isinstance(self.train.bf16, bool):
+            raise ValueError("resolve train.bf16 before building a Cell "
+                             "(runner.train.launch.bf16_enabled, once, in the driver)")
