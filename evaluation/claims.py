@@ -10,9 +10,12 @@ Tables in, a table out; nothing here computes a p-value.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Collection
 
 import numpy as np
 import pandas as pd
+
+from evaluation.types import VALUES
 
 __all__ = ["CLAIMS", "NEGATIVE_VALUES", "Claim", "claims_table"]
 
@@ -47,10 +50,10 @@ COLUMNS = ["claim", "metrics", "reference", "n_contrasts", "for", "against", "ef
            "verdict"]
 
 
-def _rows_for(claim: Claim, c: pd.DataFrame) -> pd.DataFrame:
+def _rows_for(claim: Claim, c: pd.DataFrame, positive: Collection[str]) -> pd.DataFrame:
     d = c[(c["suite"] == claim.suite) & (c["kind"] == "value")]
     if claim.values == "positive":
-        d = d[~d["value"].isin(NEGATIVE_VALUES)]
+        d = d[d["value"].isin(positive)]
     if claim.metrics == ("own",):
         return d[d["metric"] == "expresses/" + d["value"].astype(str)]
     return d[d["metric"].isin(claim.metrics)]
@@ -72,13 +75,16 @@ def _verdict(direction: int, n: int, k_for: int, k_against: int) -> str:
 
 
 def claims_table(contrasts_df: pd.DataFrame | None, reference: str | None = None,
-                 coexpression: pd.DataFrame | None = None, crosstalk: list[dict] | None = None) -> pd.DataFrame:
+                 coexpression: pd.DataFrame | None = None, crosstalk: list[dict] | None = None,
+                 positive_values: Collection[str] | None = None) -> pd.DataFrame:
     """One row per claim: how many of its contrasts (against ``reference``: the controls where the
     study has them, else the base model) are significant after Holm, for and against it.
 
     With ``coexpression`` (from ``analyze.coexpression``) a row for the cross-talk claim counts the
     related and contrastive off-diagonal cells; ``crosstalk`` (``analyze.crosstalk_tests``) adds
-    each whole-matrix p."""
+    each whole-matrix p. ``positive_values`` (the spec's values.positive) default to every value
+    but NEGATIVE_VALUES."""
+    positive = set(positive_values) if positive_values is not None else set(VALUES) - NEGATIVE_VALUES
     if contrasts_df is None or len(contrasts_df) == 0:
         return pd.DataFrame(columns=COLUMNS)
     c = contrasts_df[contrasts_df["primary"]]
@@ -87,7 +93,7 @@ def claims_table(contrasts_df: pd.DataFrame | None, reference: str | None = None
     c = c[c["reference"] == reference]
     rows = []
     for claim in CLAIMS:
-        d = _rows_for(claim, c)
+        d = _rows_for(claim, c, positive)
         d = d[np.isfinite(d["effect"].to_numpy(float))]
         sig = d["significant"].fillna(False).astype(bool).to_numpy()
         up, down = d["ci_lo"].to_numpy(float) > 0, d["ci_hi"].to_numpy(float) < 0

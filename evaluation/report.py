@@ -309,14 +309,17 @@ def _sensitivity(contrasts_df: pd.DataFrame | None, extras: dict, alpha: float) 
     return "".join(out)
 
 
-def _claims_section(contrasts_df: pd.DataFrame, co: pd.DataFrame, crosstalk: list[dict]) -> str:
-    from evaluation.claims import claims_table
+def _claims_section(contrasts_df: pd.DataFrame, co: pd.DataFrame, crosstalk: list[dict],
+                    positive_values: list[str] | None) -> str:
+    from evaluation.claims import NEGATIVE_VALUES, claims_table
 
-    t = claims_table(contrasts_df, coexpression=co, crosstalk=crosstalk)
+    t = claims_table(contrasts_df, coexpression=co, crosstalk=crosstalk, positive_values=positive_values)
+    which = ("exclude " + " and ".join(sorted(NEGATIVE_VALUES)) + " (our reading; the paper does not list them)"
+             if positive_values is None else "are the spec's values.positive: " + ", ".join(positive_values))
     return ('<p class="note">Each claim of the paper, tested on every contrast that bears on it, each counted '
             'once by its primary judge: "for" and "against" count contrasts significant (Holm) whose CI '
-            'excludes 0 on the predicted and on the opposite side. "Positive" values exclude deception and '
-            'violence (our reading; the paper does not list them).</p>' + _table(t, "Claims table"))
+            f'excludes 0 on the predicted and on the opposite side. "Positive" values {_esc(which)}.</p>'
+            + _table(t, "Claims table"))
 
 
 _PER_VALUE_SHOW = ["suite", "metric", "judge", "primary", "reference", "n_seeds", "n_items", "mean_condition",
@@ -489,7 +492,7 @@ def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame 
            _sensitivity(contrasts_df if have_c else None, extras, alpha)]
     sec.append("<h2>Summary</h2>" + (_summary(contrasts_df, extras, alpha) if have_c else _na("Contrasts")))
     if have_c:
-        sec.append("<h2>The paper's claims</h2>" + _claims_section(contrasts_df, co, crosstalk))
+        sec.append("<h2>The paper's claims</h2>" + _claims_section(contrasts_df, co, crosstalk, extras.get("positive_values")))
         sec.append('<h2>Results by induced value</h2><p class="note">effect = mean paired (item-by-item) '
                    'difference condition − reference over trained runs; 95% CI and p from one t-test with trained '
                    'runs and items as crossed random factors (docs/STATISTICS.md), so a CI excludes 0 exactly '

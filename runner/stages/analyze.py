@@ -20,6 +20,7 @@ ANALYZE = Key("analyze", {
     "scores": lambda c, r: [(run.run_id, SCORE(c, run)) for run in c.runs()],
     "analyze": lambda c, r: c.spec.analyze,
     "controls.aa_check": lambda c, r: c.spec.controls.aa_check,
+    "values.positive (claims)": lambda c, r: c.spec.values.positive,
     "seeds.adaptive": lambda c, r: c.spec.seeds.adaptive,
     "curate (table)": lambda c, r: CURATE(c),
     "agreement": lambda c, r: AGREEMENT(c),
@@ -73,7 +74,7 @@ def _analyze(ctx, key, unit, paths, gen_paths) -> None:
               "judge_agreement": agreement(ctx), "curation": read_parquet(ctx.need("curate") / "table.parquet"),
               "power": res.power, "aa_checks": res.aa, "aa_detail": res.aa_detail, "adaptive": ctx.seeds.note(),
               "adaptive_trajectory": ctx.seeds.trajectory(res.contrasts, key), "changed": res.changed,
-              "min_changed_share": a.min_changed_share}
+              "min_changed_share": a.min_changed_share, "positive_values": list(s.values.positive)}
     report = write_report(unit, runs, scores, res.contrasts, extras)
     con = res.contrasts
     ctx.store.mark_done("analyze", key, {"report": str(report), "contrasts": len(con)})
