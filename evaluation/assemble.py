@@ -42,7 +42,8 @@ def analyze_study(runs: pd.DataFrame, scores: pd.DataFrame, generations: pd.Data
             res = aa_check(runs, scores, "control-0", "control-1", model=model, alpha=s.alpha,
                            primary_judges=s.primary_judges)
             rows.append({"model": model, **{k: v for k, v in res.items() if not isinstance(v, pd.DataFrame)}})
-            tables.append(res["table"])
+            t = res["table"]
+            tables.append(t.reindex(columns=["model", *t.columns]).assign(model=model))
         aa, aa_detail = pd.DataFrame(rows), pd.concat(tables, ignore_index=True)
     return Analysis(contrasts=con, metrics=per_run_metrics(scores),
                     power=power_table(con, s.target_halfwidth, s.min_effect, s.alpha, s.power),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from evaluation.errors import InputError, ValindError
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_INTERRUPTED = 130  # 1 and 2 are ValindError.exit_code and InputError.exit_code
 SUMMARY, EPILOG = __doc__.split("\n\n", 1)
 
 

@@ -279,7 +279,8 @@ def flatten(prefix: str, d: dict) -> dict:
 
 
 def log_training(ctx, cells: list) -> None:
-    """One child run per cell: the train section as it ran (bf16 resolved), its loss history, its model."""
+    """One child run per cell: the train section as it ran (cell.json: bf16 resolved), its loss history,
+    its model."""
     import json
 
     from runner.stages.curate import CURATE
@@ -288,7 +289,7 @@ def log_training(ctx, cells: list) -> None:
         unit = ctx.store.unit("train", r.cell_key)
         ran = json.loads((unit / "cell.json").read_text())
         rid = tr.child(r.run_id, r.kind)
-        tr.log_params(rid, {**run_params(r), **flatten("train", {**ran["train"], "bf16": ran["bf16"]}),
+        tr.log_params(rid, {**run_params(r), **flatten("train", ran["train"]),
                             "cell_key": r.cell_key, "curate_key": CURATE(ctx)})
         tr.once(rid, f"train-{r.cell_key}", lambda: (
             tr.log_history(rid, [json.loads(x) for x in (unit / "metrics.jsonl").read_text().splitlines()]),

@@ -281,3 +281,20 @@ def test_positive_control_not_detected_says_what_it_means():
     runs1, scores1 = _planted_study(0.9, seeds=(0,))
     (pc1,) = analyze.positive_control(analyze.contrasts(runs1, scores1))
     assert not pc1["detected"] and "no p-value from one run" in pc1["line"]
+
+
+def test_analyze_study_assembles_the_whole_analysis_from_tables():
+    from evaluation.assemble import AnalysisSettings, analyze_study
+
+    runs, scores = make_study({("empathy", "expresses/empathy"): 0.35}, seeds=range(3), n_items=30)
+    base = runs.loc[runs["kind"] == "base", "run_id"].iloc[0]
+    gens = pd.DataFrame([{"run_id": r, "suite": "values", "item_id": f"i{i}",
+                          "response": "same" if r == base or "control" in r else f"new {i}"}
+                         for r in runs["run_id"] for i in range(10)])
+    res = analyze_study(runs, scores, gens, AnalysisSettings(min_effect=0.2, aa_check=True))
+    assert res.contrasts.equals(analyze.contrasts(runs, scores))
+    assert set(res.metrics["run_id"]) == set(runs["run_id"])
+    assert list(res.aa["model"]) == ["m1"] and res.aa_detail["model"].eq("m1").all()
+    assert len(res.power) and res.changed.set_index("run_id")["flagged"].to_dict() == {
+        r: "control" in r for r in runs.loc[runs["kind"] != "base", "run_id"]}
+    assert analyze_study(runs, scores, gens, AnalysisSettings()).aa is None

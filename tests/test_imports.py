@@ -15,10 +15,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("runner", "evaluation")  # first party: never looked up
 
-# Top-level modules whose distribution is not declared because a declared one provides it, as
-# {module: (distribution, why)}. Only for the unavoidable; prefer declaring what the code imports.
-TRANSITIVE: dict[str, tuple[str, str]] = {}
-
 
 def _norm(name: str) -> str:
     """A distribution name normalised (PEP 503): lower case, runs of -, _ and . equal."""
@@ -69,11 +65,6 @@ def test_imported_third_party_modules_are_declared():
     problems = []
     for module, files in sorted(imported_modules().items()):
         if module in sys.stdlib_module_names or module in PACKAGES:
-            continue
-        if module in TRANSITIVE:
-            dist, _why = TRANSITIVE[module]
-            if _norm(dist) not in declared:
-                problems.append(f"{module}: TRANSITIVE names {dist!r}, which pyproject.toml does not declare")
             continue
         # A module not installed here is looked up by its own name (e.g. an optional backend).
         dists = dists_of.get(module) or [module]
