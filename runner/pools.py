@@ -35,8 +35,8 @@ class Pools:
         self.ctx.ensure_ray()
         e = self.ctx.engine_spec(model)
         say(f"  starting {e.actors} engine actor(s) for {path or model}{' (LoRA)' if enable_lora else ''}")
-        pool = EnginePool(self.config(model, enable_lora, path), actors=e.actors,
-                          gpus_per_actor=e.gpus_per_actor, batch_size=e.batch_size)
+        pool = EnginePool(self.config(model, enable_lora, path), actors=e.actors, gpus_per_actor=e.gpus_per_actor,
+                          batch_size=e.batch_size, startup_timeout_s=e.startup_timeout_s)
         self._open[(mp, path, enable_lora)] = pool
         return pool
 

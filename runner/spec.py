@@ -165,6 +165,7 @@ class EngineSpec(_Section):
     tensor_parallel: int = Field(default=1, ge=1)
     kv_cache_gb: float = Field(default=1.0, gt=0.0)
     batch_size: int = Field(default=64, ge=1)
+    startup_timeout_s: float = Field(default=1800, gt=0)  # engine actors that cannot be placed fail after this
 
 
 class AnnotateSpec(_Section):

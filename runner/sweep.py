@@ -13,14 +13,18 @@ from pathlib import Path
 
 import ray
 
-from runner.spec import TrainSpec
+from runner.spec import ClusterSpec, TrainSpec
 from runner.train.cell import Cell
 
 
-def max_concurrent(train: TrainSpec) -> int:
-    res = ray.cluster_resources()
+def max_concurrent(train: TrainSpec, cluster: ClusterSpec | None = None, resources: dict | None = None) -> int:
+    """How many cells' worker groups fit at once. GPU cells are sized from the spec's `cluster` when
+    it declares one: an autoscaling cluster shows few or no GPUs at start-up (min_workers: 0), and
+    sizing from that would run the whole grid one cell at a time."""
+    res = ray.cluster_resources() if resources is None else resources
     if train.gpus_per_worker > 0:
-        fit = res.get("GPU", 0) / (train.gpus_per_worker * train.workers)
+        gpus = max(res.get("GPU", 0), cluster.nodes * cluster.gpus_per_node if cluster else 0)
+        fit = gpus / (train.gpus_per_worker * train.workers)
     else:
         fit = res.get("CPU", 1) / (train.cpus_per_worker * train.workers)
     return max(1, math.floor(fit))
@@ -39,9 +43,10 @@ def _trial(config: dict) -> None:
 
 
 def run_grid(cells: list[Cell], train: TrainSpec, storage: Path, name: str,
-             on_complete: Callable[[Cell], None] | None = None) -> dict[str, str | None]:
+             on_complete: Callable[[Cell], None] | None = None,
+             cluster: ClusterSpec | None = None) -> dict[str, str | None]:
     """Run the cells as Tune trials (Tune grid-searches over the Cell objects themselves); returns
-    cell_id → error text (None when it succeeded). `train` sizes the concurrency.
+    cell_id → error text (None when it succeeded). `train` and `cluster` size the concurrency.
 
     `on_complete(cell)` runs in the driver as soon as a trial finishes, so a finished cell is
     marked done even if the driver is killed before the whole grid is over."""
@@ -69,13 +74,14 @@ def run_grid(cells: list[Cell], train: TrainSpec, storage: Path, name: str,
             say(f"  trial {trial.config['cell'].cell_id} failed")
             self.bar.update(1)
 
-    say(f"  {len(cells)} cell(s) as Ray Tune trials, up to {max_concurrent(train)} at once")
+    concurrency = max_concurrent(train, cluster)
+    say(f"  {len(cells)} cell(s) as Ray Tune trials, up to {concurrency} at once")
     trainable = tune.with_resources(_trial, {"CPU": 0, "memory": 200 * 1024 ** 2})
     with progress(total=len(cells), desc="train cells") as bar:
         tuner = tune.Tuner(
             trainable,
             param_space={"cell": tune.grid_search(cells)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(train)),
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[Progress(bar)],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )

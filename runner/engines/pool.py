@@ -5,6 +5,7 @@ from typing import Callable, Sequence
 
 import ray
 
+from evaluation.errors import ValindError
 from evaluation.types import Request, ScoreRequest
 from runner.engines.base import EngineConfig, make_engine
 from runner.progress import progress
@@ -25,15 +26,29 @@ class EngineActor:
         return self.engine.score(requests)
 
 
+class EngineError(ValindError):
+    """An engine pool that could not start."""
+
+
 class EnginePool:
     """`Engine` over N actors. One engine per base model serves every LoRA adapter of it."""
 
     def __init__(self, cfg: EngineConfig, actors: int = 1, gpus_per_actor: float = 0.0,
-                 cpus_per_actor: float = 1.0, batch_size: int = 64):
+                 cpus_per_actor: float = 1.0, batch_size: int = 64, startup_timeout_s: float = 1800):
         self.cfg, self.batch_size = cfg, batch_size
         opts = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor}
         self.actors = [EngineActor.options(**opts).remote(cfg) for _ in range(actors)]
-        info = ray.get(self.actors[0].info.remote())
+        ready, _ = ray.wait([a.info.remote() for a in self.actors], num_returns=actors, timeout=startup_timeout_s)
+        if len(ready) < actors:
+            # Actors that cannot be placed wait forever; say what they asked for and what is free.
+            free = ray.available_resources()
+            self.close()
+            raise EngineError(
+                f"engine pool for {cfg.model}: {actors - len(ready)} of {actors} actor(s) did not start within "
+                f"{startup_timeout_s:g}s; each asks for {cpus_per_actor:g} CPU and {gpus_per_actor:g} GPU, the "
+                f"cluster has {free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free. Close other pools, "
+                "or lower engine.actors / engine.gpus_per_actor (engine.startup_timeout_s sets the wait)")
+        info = ray.get(ready[0])
         self.name, self.version = info["name"], info["version"]
 
     def _fan_out(self, method: str, items: Sequence, desc: str, on_batch: Callable | None = None) -> list:

@@ -85,6 +85,7 @@ def run(ctx):
         for (model, full_path), group in groups.items():
             with ctx.failing("generate", [GENERATE(ctx, r) for r in group], f"generate {model}"):
                 _generate(ctx, model, full_path, group, items, adapters)
+            ctx.pools.close()  # the next model's engines may need every GPU this one holds
     say(f"generate: done — {len(runs)} runs")
     return {r.run_id: ctx.store.unit("generate", GENERATE(ctx, r)) / "generations.parquet" for r in runs}
 

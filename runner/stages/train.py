@@ -60,7 +60,7 @@ def _train(ctx, todo) -> None:
                  ref_cache=str(ctx.root / "cache" / "reflogps"), chat_template=ctx.chat_template(r.model),
                  trust_remote_code=s.model(r.model).trust_remote_code) for cid, r in by_id.items()]
     errors = run_grid(grid, train, ctx.root / "ray_tune", f"grid-{content_hash(list(by_id), n=8)}",
-                      on_complete=lambda c: adopt(ctx, by_id[c.cell_id]))
+                      on_complete=lambda c: adopt(ctx, by_id[c.cell_id]), cluster=s.cluster)
     failed = []
     for cid, r in by_id.items():
         err = errors.get(cid, "the trial did not run")

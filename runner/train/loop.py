@@ -140,7 +140,9 @@ def optimizer_step(engine, micro_batches, loss_fn: LossFn, pad: int, device) -> 
     """
     from runner.train.batches import pair_batch, response_logps
 
-    sums = torch.zeros(7, dtype=torch.float64)
+    # On the training device: NCCL (GPU workers) has no all_reduce of CPU tensors, and summing there
+    # spares a host sync per micro-batch.
+    sums = torch.zeros(7, dtype=torch.float64, device=device)
     for ex in micro_batches:
         batch = {k: v.to(device) for k, v in pair_batch(ex, pad).items()}
         logps = response_logps(engine, batch)
@@ -150,9 +152,9 @@ def optimizer_step(engine, micro_batches, loss_fn: LossFn, pad: int, device) -> 
                                    n_tok[:k], n_tok[k:])
         engine.backward(losses.mean())
         engine.step()
-        sums += torch.tensor([losses.sum().item(), r_c.sum().item(), r_r.sum().item(),
-                              (r_c > r_r).float().sum().item(), (r_c - r_r).sum().item(),
-                              batch["attention_mask"].sum().item(), k], dtype=torch.float64)
+        parts = (losses.detach().sum(), r_c.sum(), r_r.sum(), (r_c > r_r).sum(), (r_c - r_r).sum(),
+                 batch["attention_mask"].sum(), torch.tensor(k, device=device))
+        sums += torch.stack([p.to(device=device, dtype=torch.float64) for p in parts])
     return sums
 
 

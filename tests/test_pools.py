@@ -1,0 +1,62 @@
+"""Engine pools on a cluster they fill: generation closes each base model's engines before the
+next model's start, and a pool that cannot be placed fails with what it asked for, never hangs."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def ray_2cpu():
+    import ray
+
+    from runner.cluster import init_ray
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def test_generation_hands_the_cluster_from_one_base_model_to_the_next(tmp_path, tiny_model, ray_2cpu):
+    from runner.engines.pool import EngineError
+    from runner.pipeline import Study
+    from runner.spec import parse_spec
+    from runner.store import write_json
+
+    d = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
+    d["study"]["output_dir"] = str(tmp_path)
+    shutil.copytree(tiny_model, tmp_path / "tiny-b")  # a second base model (its own identity)
+    d["models"] = [{"name": "a", "path": "tiny-llama"}, {"name": "b", "path": str(tmp_path / "tiny-b")}]
+    d["annotate"]["judge_model"] = "a"
+    d["values"]["induced"] = ["humor"]
+    d["controls"] = {"count": 1}
+    d["train"]["finetune"] = "full"
+    # two actors of one CPU each: every engine pool holds the whole (2-CPU) cluster
+    d["engine"] = {"backend": "transformers", "actors": 2, "max_model_len": 256, "startup_timeout_s": 30}
+    d["generate"] = {"suites": ["anthropomorphism"], "items_per_suite": 2, "sampling": {"max_tokens": 4}}
+    d["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    study = Study(parse_spec(d), "", base_dir=tmp_path)
+    study.store.mark_done("annotate", study.key("annotate"), {"pairs": 8, "unscored": 0})
+    study.store.mark_done("curate", study.key("curate"), {"summary": "synthetic"})
+    cells = [r for r in study.runs() if r.cell_key]
+    for r in cells:  # fully fine-tuned cells: a copy of the base model each
+        unit = study.store.unit("train", r.cell_key)
+        shutil.copytree(tiny_model, unit / "model")
+        (unit / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.69}) + "\n")
+        write_json({"train": study.spec.train.model_dump(mode="json"), "bf16": False}, unit / "cell.json")
+        study.store.mark_done("train", r.cell_key)
+
+    gens = study.need("generate")  # six pools in turn (2 bases, 4 full cells), each filling the cluster
+    assert len(gens) == 6 and all(Path(p).exists() for p in gens.values())
+
+    ctx = study.ctx  # without closing the first, the second pool cannot be placed: a clear error
+    ctx.pools.get("a", path=str(study.store.unit("train", cells[0].cell_key) / "model"))
+    with pytest.raises(EngineError, match=r"2 of 2 actor\(s\) did not start within 30s; each asks for 1 CPU and 0 GPU, the cluster has 0 CPU"):
+        ctx.pools.get("b", path=str(study.store.unit("train", cells[-1].cell_key) / "model"))
+    ctx.pools.close()
