@@ -17,7 +17,8 @@ class Pools:
         return EngineConfig(model=path or ctx.model_path(model), backend=e.backend, dtype=e.dtype,
                             max_model_len=e.max_model_len, enable_lora=enable_lora,
                             max_lora_rank=ctx.spec.train.lora.r, max_loras=4, tensor_parallel=e.tensor_parallel,
-                            kv_cache_gb=e.kv_cache_gb, chat_template=ctx.chat_template(model),
+                            kv_cache_gb=e.kv_cache_gb, gpu_memory_utilization=e.gpu_memory_utilization,
+                            chat_template=ctx.chat_template(model),
                             trust_remote_code=m.trust_remote_code)
 
     def get(self, model: str, enable_lora: bool = False, path: str | None = None, scores: bool = False):

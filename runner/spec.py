@@ -163,7 +163,8 @@ class EngineSpec(_Section):
     actors: int = Field(default=1, ge=1)
     gpus_per_actor: float = Field(default=0.0, ge=0.0)
     tensor_parallel: int = Field(default=1, ge=1)
-    kv_cache_gb: float = Field(default=1.0, gt=0.0)
+    kv_cache_gb: float | None = Field(default=None, gt=0.0)  # None: 1 GB on CPU; on GPU the memory share below
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)  # vLLM's share of each GPU
     batch_size: int = Field(default=64, ge=1)
     startup_timeout_s: float = Field(default=1800, gt=0)  # engine actors that cannot be placed fail after this
 
@@ -188,7 +189,7 @@ class AnnotateSpec(_Section):
 
 
 class LoraSpec(_Section):
-    r: int = Field(default=8, ge=1, le=1024)
+    r: int = Field(default=8, ge=1, le=512)  # vLLM serves adapters up to rank 512
     alpha: int = Field(default=16, ge=1)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,3 +37,18 @@ def test_tune_concurrency_is_sized_from_the_declared_cluster():
     assert max_concurrent(gpu, ClusterSpec(nodes=1, gpus_per_node=8), {"GPU": 32}) == 16  # more is there
     cpu = TrainSpec(workers=2, cpus_per_worker=1, micro_batch_size=1, batch_size=8)
     assert max_concurrent(cpu, ClusterSpec(nodes=4, gpus_per_node=8), {"CPU": 6}) == 3
+
+
+def test_vllm_settings_on_gpu_and_cpu():
+    from runner.engines.base import EngineConfig
+    from runner.engines.vllm_engine import engine_kwargs, vllm_lora_rank
+
+    assert [vllm_lora_rank(r) for r in (1, 4, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
+    with pytest.raises(ValueError, match="above vLLM's largest"):
+        vllm_lora_rank(513)
+    cfg = EngineConfig(model="m", enable_lora=True, max_lora_rank=4, gpu_memory_utilization=0.85)
+    gpu, cpu = engine_kwargs(cfg, gpu=True), engine_kwargs(cfg, gpu=False)
+    assert gpu["enforce_eager"] is False and gpu["gpu_memory_utilization"] == 0.85 and gpu["max_lora_rank"] == 8
+    assert "kv_cache_memory_bytes" not in gpu  # no explicit KV size: the memory share decides
+    assert engine_kwargs(EngineConfig(model="m", kv_cache_gb=20), gpu=True)["kv_cache_memory_bytes"] == 20 * 2 ** 30
+    assert cpu["enforce_eager"] is True and "gpu_memory_utilization" not in cpu

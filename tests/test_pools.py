@@ -52,8 +52,10 @@ def test_generation_hands_the_cluster_from_one_base_model_to_the_next(tmp_path, 
         write_json({"train": study.spec.train.model_dump(mode="json"), "bf16": False}, unit / "cell.json")
         study.store.mark_done("train", r.cell_key)
 
+    import ray
     gens = study.need("generate")  # six pools in turn (2 bases, 4 full cells), each filling the cluster
     assert len(gens) == 6 and all(Path(p).exists() for p in gens.values())
+    assert ray.available_resources().get("CPU") == 2  # closed pools give their CPUs back before returning
 
     ctx = study.ctx  # without closing the first, the second pool cannot be placed: a clear error
     ctx.pools.get("a", path=str(study.store.unit("train", cells[0].cell_key) / "model"))

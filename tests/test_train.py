@@ -58,6 +58,10 @@ def test_dead_worker_recovers_to_the_same_adapter(tmp_path, tiny_model, data_dir
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "lr", "tokens_per_s"):
         assert key in hist[-1]
     assert not res["ref_cache_hit"]
+    # Intermediate checkpoints hold the adapter and its optimizer state, not the frozen base (29 MB)
+    ckpt_mb = [h["checkpoint_mb"] for h in hist if "checkpoint_mb" in h]
+    assert len(ckpt_mb) == 3 and max(ckpt_mb) < 0.1 * sum(
+        p.stat().st_size for p in Path(tiny_model).glob("*.safetensors")) / 2**20, ckpt_mb
 
     killed, hist_k, res_k = _cell(tmp_path, tiny_model, data_dir, "killed", fail_at_step=2)
     assert res_k["ref_cache_hit"]  # same model and subset: the reference log-probs came from disk

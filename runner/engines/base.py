@@ -19,7 +19,8 @@ class EngineConfig:
     max_lora_rank: int = 8
     max_loras: int = 4
     tensor_parallel: int = 1
-    kv_cache_gb: float = 1.0
+    kv_cache_gb: float | None = None     # None: 1 GB on CPU; on GPU, gpu_memory_utilization decides
+    gpu_memory_utilization: float = 0.9
     seed: int = 0
     chat_template: str | None = None
     trust_remote_code: bool = False

@@ -34,6 +34,15 @@ class TransformersEngine:
         self.model = self.base
         self._adapters: dict[str, str] = {}
 
+    def close(self) -> None:
+        import gc
+
+        import torch
+        del self.model, self.base
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def _use(self, adapter: str | None):
         from peft import PeftModel
         if adapter is None:

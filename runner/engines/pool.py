@@ -1,6 +1,7 @@
 """A pool of Ray actors, each holding one engine; requests are fanned out in batches."""
 from __future__ import annotations
 
+import time
 from typing import Callable, Sequence
 
 import ray
@@ -8,7 +9,7 @@ import ray
 from evaluation.errors import ValindError
 from evaluation.types import Request, ScoreRequest
 from runner.engines.base import EngineConfig, make_engine
-from runner.progress import progress
+from runner.progress import progress, say
 
 
 @ray.remote
@@ -18,6 +19,10 @@ class EngineActor:
 
     def info(self) -> dict:
         return {"name": self.engine.name, "version": self.engine.version}
+
+    def close(self) -> None:
+        if hasattr(self.engine, "close"):
+            self.engine.close()
 
     def generate(self, requests: Sequence[Request]) -> list[str]:
         return self.engine.generate(requests)
@@ -35,7 +40,7 @@ class EnginePool:
 
     def __init__(self, cfg: EngineConfig, actors: int = 1, gpus_per_actor: float = 0.0,
                  cpus_per_actor: float = 1.0, batch_size: int = 64, startup_timeout_s: float = 1800):
-        self.cfg, self.batch_size = cfg, batch_size
+        self.cfg, self.batch_size, self.cpus, self.gpus = cfg, batch_size, cpus_per_actor, gpus_per_actor
         opts = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor}
         self.actors = [EngineActor.options(**opts).remote(cfg) for _ in range(actors)]
         ready, _ = ray.wait([a.info.remote() for a in self.actors], num_returns=actors, timeout=startup_timeout_s)
@@ -77,10 +82,27 @@ class EnginePool:
     def score(self, requests: Sequence[ScoreRequest], desc: str = "score") -> list[float]:
         return self._fan_out("score", requests, desc)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 120) -> None:
+        """Shut the engines down (vLLM's engine-core processes hold GPU memory that killing the
+        actor can leave behind), kill the actors, and wait until their CPUs and GPUs are free again."""
+        if not self.actors:
+            return
+        try:
+            ray.get([a.close.remote() for a in self.actors], timeout=timeout_s)
+        except Exception as e:  # a dead or stuck actor: killing it is all that is left
+            say(f"  engine pool for {self.cfg.model}: shutdown failed ({type(e).__name__}), killing its actors")
+        held = {"CPU": self.cpus * len(self.actors), "GPU": self.gpus * len(self.actors)}
+        before = ray.available_resources()
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            now = ray.available_resources()
+            if all(now.get(k, 0) >= before.get(k, 0) + v - 1e-6 for k, v in held.items() if v):
+                return
+            time.sleep(0.2)
+        say(f"  engine pool for {self.cfg.model}: its resources were not back after {timeout_s:g}s")
 
     def __enter__(self):
         return self

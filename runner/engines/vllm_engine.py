@@ -9,24 +9,53 @@ from evaluation.types import Request, ScoreRequest
 from runner.engines.base import EngineConfig, render_prompt_ids, truncate_left
 
 
+# The max_lora_rank values vLLM accepts (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(r: int) -> int:
+    """The smallest rank vLLM accepts that serves adapters of rank r."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= r:
+            return allowed
+    raise ValueError(f"LoRA rank {r} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]})")
+
+
+def engine_kwargs(cfg: EngineConfig, gpu: bool) -> dict:
+    """vLLM's LLM(...) arguments. On GPU: CUDA graphs (no enforce_eager) and the memory share or
+    KV-cache size from the spec; vLLM's CPU build runs eagerly and sizes its cache from the env."""
+    kwargs = dict(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
+                  enforce_eager=not gpu, tensor_parallel_size=cfg.tensor_parallel,
+                  trust_remote_code=cfg.trust_remote_code, enable_prefix_caching=True)
+    if gpu:
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        if cfg.kv_cache_gb is not None:
+            kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gb * 2 ** 30)
+    if cfg.enable_lora:
+        kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(cfg.max_lora_rank), max_loras=cfg.max_loras)
+    return {**kwargs, **cfg.extra}
+
+
 class VLLMEngine:
     def __init__(self, cfg: EngineConfig):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gb))))
+        import torch
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gb or 1))))
         import vllm
         from vllm import LLM
 
         self.cfg = cfg
         self.name = f"{Path(cfg.model).name}@vllm-{vllm.__version__}"  # names the judge in score rows
         self.version = vllm.__version__
-        kwargs = dict(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
-                      enforce_eager=True, tensor_parallel_size=cfg.tensor_parallel,
-                      trust_remote_code=cfg.trust_remote_code, enable_prefix_caching=True)
-        if cfg.enable_lora:
-            kwargs.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras)
-        kwargs.update(cfg.extra)
+        kwargs = engine_kwargs(cfg, gpu=torch.cuda.is_available())
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self._lora_ids: dict[str, int] = {}
+
+    def close(self) -> None:
+        """Stop the engine core (its worker processes hold the GPU memory) before the actor dies."""
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        _free_memory()
 
     def _lora(self, adapter: str | None):
         if adapter is None:
@@ -74,3 +103,12 @@ class VLLMEngine:
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         return [sum(o.prompt_logprobs[pos][o.prompt_token_ids[pos]].logprob for pos in range(start, start + n))
                 for o, (start, n) in zip(outs, spans)]
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -89,6 +89,7 @@ def train_loop(cfg: dict) -> None:
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=0.0)
     conf = ds_config(train, world)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=conf)
+    _exclude_every_frozen_name(engine)
     device = engine.device
     micro, grad_acc = conf["train_micro_batch_size_per_gpu"], conf["gradient_accumulation_steps"]
 
@@ -97,7 +98,7 @@ def train_loop(cfg: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            engine.load_checkpoint(os.path.join(d, "ds"), tag="state")
+            engine.load_checkpoint(os.path.join(d, "ds"), tag="state", load_module_strict=False)  # frozen: from the model
             start = json.loads(Path(d, "state.json").read_text())["step"]
     history: list[dict] = []
     if ckpt:
@@ -129,6 +130,22 @@ def train_loop(cfg: dict) -> None:
             _report_with_checkpoint(engine, train.zero_stage, rank, step + 1, history, metrics, final=last)
         elif (step + 1) % train.report_every == 0:
             ray.train.report(metrics)
+
+
+def _exclude_every_frozen_name(engine) -> None:
+    """DeepSpeed's exclude_frozen_parameters drops frozen weights by their first name only, so a
+    tied one (lm_head.weight = embed_tokens.weight, the whole vocabulary matrix) is still saved.
+    Drop every name a frozen parameter has."""
+    frozen = {n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    own = engine.module_state_dict
+
+    def module_state_dict(*args, exclude_frozen_parameters=False, **kwargs):
+        sd = own(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        for name in frozen & set(sd) if exclude_frozen_parameters else ():
+            del sd[name]
+        return sd
+
+    engine.module_state_dict = module_state_dict
 
 
 def optimizer_step(engine, micro_batches, loss_fn: LossFn, pad: int, device) -> torch.Tensor:
@@ -166,7 +183,11 @@ def _report_with_checkpoint(engine, zero_stage: int, rank: int, step: int, histo
 
     with tempfile.TemporaryDirectory() as tmp:
         if not final:
-            engine.save_checkpoint(os.path.join(tmp, "ds"), tag="state")
+            # Frozen weights (a LoRA cell's whole base model) are reloaded from the model, not the
+            # checkpoint: saving them would cost the base model's size per cell and checkpoint.
+            engine.save_checkpoint(os.path.join(tmp, "ds"), tag="state", exclude_frozen_parameters=True)
+            if rank == 0:
+                metrics["checkpoint_mb"] = sum(p.stat().st_size for p in Path(tmp, "ds").rglob("*") if p.is_file()) / 2**20
         if rank == 0:
             Path(tmp, "state.json").write_text(json.dumps({"step": step}))
             Path(tmp, "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
