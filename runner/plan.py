@@ -49,6 +49,28 @@ class PlanError(InputError, ValueError):
     pass
 
 
+# Peak memory of a training worker: activation bytes per token, hidden unit and layer of a bf16
+# transformer without recomputation (Korthikanti et al. 2022, ~34) and with activation checkpointing
+# (each layer's input, 2); both responses' logits in fp32 over a Llama-3-size vocabulary.
+ACT_BYTES, ACT_BYTES_CHECKPOINTED, VOCAB = 34, 2, 128_256
+LORA_TRAINABLE = 0.01  # share of parameters a LoRA adapter trains (rank 16 on attention: ~0.5%)
+
+
+def train_memory_gb(p: float, t) -> float:
+    """Rough peak GPU memory of one training worker: weights, gradients and Adam state (sharded as
+    the ZeRO stage says), the activations and logits of one micro-batch of chosen+rejected pairs.
+    Hidden size and depth from the parameter count, at Llama's aspect ratio (depth = hidden/128)."""
+    n = p * 1e9
+    width = 2 if t.bf16 in (True, "auto") else 4  # "auto" is bf16 on every GPU that trains 8B models
+    hidden = (n * 128 / 12) ** (1 / 3)
+    sharded = lambda stage: t.workers if t.zero_stage >= stage else 1  # noqa: E731
+    trainable = n if t.finetune == "full" else n * LORA_TRAINABLE
+    states = n * width / sharded(3) + trainable * width / sharded(2) + trainable * 12 / sharded(1)
+    tokens = 2 * t.micro_batch_size * t.max_length
+    acts = tokens * hidden * (hidden / 128) * (ACT_BYTES_CHECKPOINTED if t.gradient_checkpointing else ACT_BYTES)
+    return (states + acts + tokens * VOCAB * 4) / 1e9
+
+
 def params_b(name: str, path: str = "", declared: float | None = None) -> float:
     """Billions of parameters: the declared `params_b`, a builtin, or the size in the name ("8B", "135M")."""
     if declared:
@@ -200,8 +222,15 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
     concurrent = max(1, total_gpus // per_trial)
     tr_gh = tr_wall = ref_gh = 0.0
     rates = []
+    gpu_gb = spec.cluster.gpu_memory_gb if spec.cluster else 80
     for m in spec.models:
         p = params_b(m.name, m.path, m.params_b)
+        if t.gpus_per_worker > 0 and (need := train_memory_gb(p, t)) > gpu_gb * t.gpus_per_worker:
+            raise PlanError(
+                f"train: {m.name} needs about {need:.0f} GB per worker ({p:g}B, micro_batch_size "
+                f"{t.micro_batch_size} × 2 × {t.max_length} tokens) and a worker has {gpu_gb * t.gpus_per_worker:g} GB"
+                " (cluster.gpu_memory_gb × train.gpus_per_worker): set train.gradient_checkpointing: true, "
+                "or lower micro_batch_size or max_length")
         r = ov.train_pairs_per_s or train_pps(p, t.max_length, t.finetune, t.method)
         rates.append(r)
         cell_gh = subset * t.epochs / r / 3600 / eff

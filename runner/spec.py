@@ -206,6 +206,7 @@ class TrainSpec(_Section):
     batch_size: int = Field(default=8, ge=1)        # global batch (pairs per optimizer step)
     micro_batch_size: int = Field(default=2, ge=1)  # pairs per worker per forward
     max_length: int = Field(default=512, ge=16)
+    gradient_checkpointing: bool = False  # recompute activations in backward: ~1/15 of their memory, ~1.3x time
     zero_stage: Literal[0, 1, 2, 3] = 2
     workers: int = Field(default=2, ge=1)
     gpus_per_worker: float = Field(default=0.0, ge=0.0)
@@ -310,6 +311,7 @@ class ClusterSpec(_Section):
     """The cluster `valind plan` sizes wall time for (default: cluster.yaml's GPU node type)."""
     nodes: int = Field(default=1, ge=1)
     gpus_per_node: int = Field(default=8, ge=1)
+    gpu_memory_gb: float = Field(default=80, gt=0)  # per GPU: `valind plan` refuses training that cannot fit
 
 
 class Spec(_Section):

@@ -98,3 +98,31 @@ def test_packed_response_logps_equal_padded(tiny_model):
     model.train()
     response_logps(model, batch).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_gradient_checkpointing_gives_lora_the_same_gradients(tiny_model):
+    """train.gradient_checkpointing recomputes activations; the LoRA gradients must not change."""
+    from runner.spec import TrainSpec
+    from runner.train.cell import Cell
+    from runner.train.loop import build_model
+
+    tok = _tok(tiny_model)
+    pairs = pd.DataFrame({"pair_id": ["a"], "prompt": [[{"role": "user", "content": "Hi there"}]],
+                          "chosen": ["Hello, friend!"], "rejected": ["Go away"]})
+    batch = pair_batch(encode_pairs(tok, pairs, 64), tok.pad_token_id)
+    grads = []
+    for ckpt in (False, True):
+        train = TrainSpec(bf16=False, gradient_checkpointing=ckpt, lora={"r": 4, "dropout": 0.0})
+        cell = Cell(cell_id="c", seed=0, train=train, pairs="", model_path=tiny_model, model_id="t", out_dir="",
+                    work_dir="", ref_cache="")
+        torch.manual_seed(0)
+        model = build_model(cell).train()
+        assert model.is_gradient_checkpointing == ckpt
+        for name, p in model.named_parameters():  # lora_B starts at 0: give it a value so lora_A gets a gradient
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
+        response_logps(model, batch).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-5) for n in grads[0])
+    assert any(g.abs().sum() > 0 for g in grads[1].values())

@@ -4,8 +4,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from runner.plan import default_cluster, estimate, measured_judge_rps, params_b
+from runner.plan import PlanError, default_cluster, estimate, measured_judge_rps, params_b
 from runner.spec import PositiveControlSpec, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,3 +89,27 @@ def test_paper_plan_prints_a_table_with_a_positive_total():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "GPU-hours" in r.stdout and "total" in r.stdout and "annotate" in r.stdout
+
+
+def test_plan_refuses_training_that_cannot_fit_a_gpu():
+    d = yaml.safe_load((ROOT / "jobs" / "paper.yaml").read_text())
+    assert estimate(parse_spec(d)).gpu_hours > 0  # gradient checkpointing on: 8B fits an 80 GB GPU
+    d["train"]["gradient_checkpointing"] = False
+    with pytest.raises(PlanError, match=r"llama-3-8b needs about 109 GB per worker .* has 80 GB .*"
+                                        r"gradient_checkpointing: true"):
+        estimate(parse_spec(d))
+    d["cluster"]["gpu_memory_gb"] = 141  # H200
+    assert estimate(parse_spec(d)).gpu_hours > 0
+
+
+def test_train_memory_estimate_scales_as_documented():
+    from runner.plan import train_memory_gb
+    from runner.spec import TrainSpec
+
+    lora = TrainSpec(bf16=True, micro_batch_size=1, max_length=2048, workers=1, batch_size=8)
+    full = lora.model_copy(update={"finetune": "full"})
+    ckpt = lora.model_copy(update={"gradient_checkpointing": True})
+    assert train_memory_gb(8, lora) - train_memory_gb(8, ckpt) > 15  # micro-batch 1 × 2 × 2048 tokens
+    assert 16 < train_memory_gb(8, ckpt) < 24  # bf16 weights (16 GB) dominate once activations are recomputed
+    assert train_memory_gb(8, full) > train_memory_gb(8, lora) + 100  # grads + fp32 Adam of all 8B: 112 GB
+    assert train_memory_gb(8, full.model_copy(update={"zero_stage": 3, "workers": 8})) < train_memory_gb(8, full) / 3

@@ -55,8 +55,13 @@ def build_model(cell: Cell):
     from transformers import AutoModelForCausalLM
 
     train = cell.train
-    dtype = torch.bfloat16 if train.bf16 and train.finetune == "full" else torch.float32
+    # bf16 training loads in bf16: DeepSpeed would cast the module anyway, after a peak at fp32 size.
+    dtype = torch.bfloat16 if train.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cell.model_path, dtype=dtype, trust_remote_code=cell.trust_remote_code)
+    if train.gradient_checkpointing:
+        # Non-reentrant checkpointing back-propagates into LoRA weights without inputs that require grad.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     if train.finetune == "lora":
         from peft import LoraConfig, get_peft_model
         lora = train.lora
