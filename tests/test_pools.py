@@ -62,3 +62,26 @@ def test_generation_hands_the_cluster_from_one_base_model_to_the_next(tmp_path, 
     with pytest.raises(EngineError, match=r"2 of 2 actor\(s\) did not start within 30s; each asks for 1 CPU and 0 GPU, the cluster has 0 CPU"):
         ctx.pools.get("b", path=str(study.store.unit("train", cells[-1].cell_key) / "model"))
     ctx.pools.close()
+
+
+def test_a_dead_engine_actor_is_restarted_and_its_batch_resubmitted(tmp_path, tiny_model, monkeypatch):
+    import ray
+
+    from evaluation.types import Request
+    from runner.cluster import init_ray
+    from runner.engines import EngineConfig, EnginePool
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.setenv("VALIND_TEST_ENGINE_DIES", str(tmp_path / "died"))  # workers inherit it
+    init_ray(num_cpus=2)
+    try:
+        cfg = EngineConfig(model=tiny_model, backend="transformers", max_model_len=256)
+        reqs = [Request(messages=({"role": "user", "content": f"Count to {i}"},), max_tokens=4) for i in range(6)]
+        pool = EnginePool(cfg, actors=1, batch_size=2)
+        got = pool.generate(reqs)  # the actor dies on its first batch
+        assert (tmp_path / "died").exists() and pool.restarts == 1
+        assert got == pool.generate(reqs) and len(got) == 6  # resubmitted batches: same answers, in order
+        pool.close()
+    finally:
+        ray.shutdown()

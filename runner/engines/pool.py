@@ -1,6 +1,7 @@
 """A pool of Ray actors, each holding one engine; requests are fanned out in batches."""
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Sequence
 
@@ -25,6 +26,10 @@ class EngineActor:
             self.engine.close()
 
     def generate(self, requests: Sequence[Request]) -> list[str]:
+        marker = os.environ.get("VALIND_TEST_ENGINE_DIES")  # fault injection: die once, mid-stage
+        if marker and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
         return self.engine.generate(requests)
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[float]:
@@ -32,16 +37,19 @@ class EngineActor:
 
 
 class EngineError(ValindError):
-    """An engine pool that could not start."""
+    """An engine pool that could not start, or whose actors kept dying."""
 
 
 class EnginePool:
     """`Engine` over N actors. One engine per base model serves every LoRA adapter of it."""
 
     def __init__(self, cfg: EngineConfig, actors: int = 1, gpus_per_actor: float = 0.0,
-                 cpus_per_actor: float = 1.0, batch_size: int = 64, startup_timeout_s: float = 1800):
+                 cpus_per_actor: float = 1.0, batch_size: int = 64, startup_timeout_s: float = 1800,
+                 in_flight: int = 2, max_restarts: int = 3):
         self.cfg, self.batch_size, self.cpus, self.gpus = cfg, batch_size, cpus_per_actor, gpus_per_actor
-        opts = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor}
+        self.in_flight, self.restarts, self.max_restarts = in_flight, 0, max_restarts
+        self._opts = opts = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor}
+        self._replaced: dict = {}  # dead actor -> its replacement
         self.actors = [EngineActor.options(**opts).remote(cfg) for _ in range(actors)]
         ready, _ = ray.wait([a.info.remote() for a in self.actors], num_returns=actors, timeout=startup_timeout_s)
         if len(ready) < actors:
@@ -60,7 +68,7 @@ class EnginePool:
         batches = [list(items[i:i + self.batch_size]) for i in range(0, len(items), self.batch_size)]
         results: list = [None] * len(batches)
         pending = {}
-        free = list(self.actors)
+        free = list(self.actors) * self.in_flight  # the next batch is queued while one is being served
         todo = list(range(len(batches)))
         with progress(total=len(items), desc=desc) as bar:
             while todo or pending:
@@ -69,12 +77,32 @@ class EnginePool:
                     pending[getattr(actor, method).remote(batches[b])] = (b, actor)
                 done, _ = ray.wait(list(pending), num_returns=1)
                 b, actor = pending.pop(done[0])
-                results[b] = ray.get(done[0])
+                try:
+                    results[b] = ray.get(done[0])
+                except ray.exceptions.RayActorError as e:  # resubmit the batch to a fresh actor
+                    todo.insert(0, b)
+                    free.append(self._replace(actor, e))
+                    continue
                 free.append(actor)
                 bar.update(len(batches[b]))
                 if on_batch:
                     on_batch(b, batches[b], results[b])
         return [x for r in results for x in r]
+
+    def _replace(self, dead, error: Exception):
+        """The actor that took over from `dead` (started now, the first time it is asked for)."""
+        if dead not in self._replaced:
+            self.restarts += 1
+            if self.restarts > self.max_restarts:
+                raise EngineError(f"engine pool for {self.cfg.model}: actors died {self.restarts} times "
+                                  f"(limit {self.max_restarts}); last: {error}") from error
+            say(f"  engine pool for {self.cfg.model}: an actor died ({type(error).__name__}); restarting it "
+                f"and resubmitting its batches (restart {self.restarts} of at most {self.max_restarts})")
+            new = EngineActor.options(**self._opts).remote(self.cfg)
+            ray.get(new.info.remote())
+            self.actors = [new if a == dead else a for a in self.actors]
+            self._replaced[dead] = new
+        return self._replaced[dead]
 
     def generate(self, requests: Sequence[Request], desc: str = "generate") -> list[str]:
         return self._fan_out("generate", requests, desc)

@@ -48,25 +48,34 @@ def run(ctx):
         # never waits for CPUs or GPUs that idle engines hold.
         ctx.pools.close()
         with ctx.failing("score", [SCORE(ctx, r) for r in todo], "QA benchmarks"):
-            qa = {r.run_id: _benchmarks(ctx, r) for r in todo} if ctx.spec.score.benchmarks else {}
+            qa = _benchmarks(ctx, todo) if ctx.spec.score.benchmarks else {}
         if qa:
             say(f"  QA benchmarks ({', '.join(ctx.spec.score.benchmarks)}) done for {len(qa)} run(s)")
         st = suite_settings(ctx.spec)
         engines = {n: ctx.pools.get(m, scores=logprob) for n, (m, logprob) in judge_engines(ctx).items()}
-        for r in todo:
-            key = SCORE(ctx, r)
-            with ctx.failing("score", key, r.run_id):
-                g = read_parquet(gens[r.run_id], ("run_id", "suite", "item_id", "response"))
-                frames = [score_suite(n, items[items["suite"] == n], g, engines.get(n), st)
-                          for n in eval_suites(ctx.spec)]
-                scores = pd.concat(frames + ([qa[r.run_id]] if r.run_id in qa else []), ignore_index=True)
-                write_parquet(scores, ctx.store.unit("score", key) / "scores.parquet")
-            unscored = int((~scores["scored"]).sum())
-            ctx.store.mark_done("score", key, {"run_id": r.run_id, "rows": len(scores), "unscored": unscored})
-            say(f"  {r.run_id}: {len(scores)} scores, {unscored} unscored")
+        for i in range(0, len(todo), RUNS_PER_PASS):
+            _score(ctx, todo[i:i + RUNS_PER_PASS], gens, items, qa, engines, st)
     agreement(ctx)
     say(f"score: done — {len(runs)} runs")
     return {r.run_id: ctx.store.unit("score", SCORE(ctx, r)) / "scores.parquet" for r in runs}
+
+
+RUNS_PER_PASS = 8  # runs judged together: the judges' batches span runs, and a pass's tables stay small
+
+
+def _score(ctx, runs, gens, items, qa, engines, st) -> None:
+    with ctx.failing("score", [SCORE(ctx, r) for r in runs], "judges"):
+        g = pd.concat([read_parquet(gens[r.run_id], ("run_id", "suite", "item_id", "response")) for r in runs],
+                      ignore_index=True)
+        scored = pd.concat([score_suite(n, items[items["suite"] == n], g, engines.get(n), st)
+                            for n in eval_suites(ctx.spec)] + [qa[r.run_id] for r in runs if r.run_id in qa],
+                           ignore_index=True)
+    for r in runs:
+        key, scores = SCORE(ctx, r), scored[scored["run_id"] == r.run_id].reset_index(drop=True)
+        write_parquet(scores, ctx.store.unit("score", key) / "scores.parquet")
+        unscored = int((~scores["scored"]).sum())
+        ctx.store.mark_done("score", key, {"run_id": r.run_id, "rows": len(scores), "unscored": unscored})
+        say(f"  {r.run_id}: {len(scores)} scores, {unscored} unscored")
 
 
 def agreement(ctx) -> pd.DataFrame:
@@ -85,23 +94,31 @@ def agreement(ctx) -> pd.DataFrame:
     return df
 
 
-def _benchmarks(ctx, r) -> pd.DataFrame:
-    """QA benchmarks through lm-evaluation-harness, per item (suite "qa"), with the run's adapter.
+def _benchmarks(ctx, runs) -> dict[str, pd.DataFrame]:
+    """QA benchmarks through lm-evaluation-harness, per item (suite "qa"), with each run's adapter.
 
-    Runs as a Ray task so that on a cluster it lands on a GPU node, not on the driver.
+    One Ray task per run, so that on a cluster they land on GPU nodes, all at once. On CPUs they
+    run one after another: each uses every core of its node.
     """
     s = ctx.spec.score
-    adapter = str(ctx.store.unit("train", r.cell_key) / "model") if r.cell_key else None
-    model = ctx.model_path(r.model)
-    if adapter and ctx.spec.train.finetune == "full":
-        model, adapter = adapter, None
-    e = ctx.engine_spec(r.model)  # QA runs in the precision generation runs in
     ctx.ensure_ray()
-    task = _run_benchmarks.options(num_cpus=1, num_gpus=min(1.0, e.gpus_per_actor))
-    per_item = ray.get(task.remote(model, adapter, [f"valind_{b}" for b in s.benchmarks], ctx.data_dir,
-                                   s.benchmark_limit, s.benchmark_backend, s.benchmark_batch_size,
-                                   "cuda" if e.gpus_per_actor else "cpu", e.dtype))
-    return per_item.assign(run_id=r.run_id)
+
+    def submit(r):
+        adapter = str(ctx.store.unit("train", r.cell_key) / "model") if r.cell_key else None
+        model = ctx.model_path(r.model)
+        if adapter and ctx.spec.train.finetune == "full":
+            model, adapter = adapter, None
+        e = ctx.engine_spec(r.model)  # QA runs in the precision generation runs in
+        task = _run_benchmarks.options(num_cpus=1, num_gpus=min(1.0, e.gpus_per_actor))
+        return task.remote(model, adapter, [f"valind_{b}" for b in s.benchmarks], ctx.data_dir, s.benchmark_limit,
+                           s.benchmark_backend, s.benchmark_batch_size, "cuda" if e.gpus_per_actor else "cpu",
+                           e.dtype)
+
+    if any(ctx.engine_spec(r.model).gpus_per_actor for r in runs):
+        results = ray.get([submit(r) for r in runs])
+    else:
+        results = [ray.get(submit(r)) for r in runs]
+    return {r.run_id: df.assign(run_id=r.run_id) for r, df in zip(runs, results)}
 
 
 @ray.remote
