@@ -86,6 +86,33 @@ class VLLMEngine:
         return [o.outputs[0].text for o in outs]
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[float]:
+        """log P(continuation | chat). A one-token continuation (a judge's " Yes" / " No") is read from
+        the next-token log-probs of one generation step per distinct prompt: that path keeps prefix
+        caching (prompt log-probs bypass it) and serves the candidates of one prompt together."""
+        from vllm import SamplingParams
+
+        conts = [self.tokenizer.encode(r.continuation, add_special_tokens=False) for r in requests]
+        out: list[float | None] = [None] * len(requests)
+        prompts: dict[tuple, list[int]] = {}  # rendered prompt -> indices of its one-token requests
+        for i, (r, cont) in enumerate(zip(requests, conts)):
+            if len(cont) == 1 and r.adapter is None:
+                prompts.setdefault(tuple(self._prompt(r.messages, 1)["prompt_token_ids"]), []).append(i)
+        if prompts:
+            ids = [sorted({conts[i][0] for i in idx}) for idx in prompts.values()]
+            params = [SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(t), logprob_token_ids=t) for t in ids]
+            outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+            for o, idx in zip(outs, prompts.values()):
+                step = o.outputs[0].logprobs[0]
+                for i in idx:
+                    out[i] = step[conts[i][0]].logprob
+        rest = [i for i, x in enumerate(out) if x is None]
+        if rest:
+            for i, lp in zip(rest, self._prompt_logprob_scores([requests[i] for i in rest])):
+                out[i] = lp
+        return out
+
+    def _prompt_logprob_scores(self, requests: Sequence[ScoreRequest]) -> list[float]:
+        """Summed prompt log-probs of multi-token continuations."""
         from vllm import SamplingParams
 
         if self.cfg.enable_lora:
