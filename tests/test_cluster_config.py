@@ -57,3 +57,14 @@ def test_vllm_settings_on_gpu_and_cpu():
 def test_cluster_yaml_copies_the_code_only():
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     assert {".venv", "studies"} <= set(config["rsync_exclude"])
+
+
+def test_cluster_yaml_shares_one_install_and_the_study_disk():
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    assert any("mount -t nfs4" in c and "/mnt/shared" in c for c in config["initialization_commands"])
+    setup = " ".join(config["setup_commands"])
+    assert "flock" in setup and "test -x /mnt/shared/valind/venv/bin/valind ||" in setup  # built once
+    for cmds in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert any("/mnt/shared/valind/venv/bin/ray start" in c for c in cmds)
+    paper = yaml.safe_load((ROOT / "jobs" / "paper.yaml").read_text())
+    assert paper["study"]["output_dir"].startswith("/mnt/shared/")

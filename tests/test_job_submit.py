@@ -107,7 +107,8 @@ def test_smoke_study_as_a_ray_job(head, tmp_path, data_dir, monkeypatch):
     spec_path = tmp_path / "smoke.yaml"
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
 
-    env_vars = {**worker_env(), "HF_HUB_OFFLINE": "1", "VALIND_DATA_DIR": str(data_dir)}
+    token = "hf_rehearsal_secret_token_0123456789"  # reaches every worker through the job's runtime env
+    env_vars = {**worker_env(), "HF_HUB_OFFLINE": "1", "VALIND_DATA_DIR": str(data_dir), "HF_TOKEN": token}
     ext = os.environ.get("TORCH_EXTENSIONS_DIR") or str(BIN.parent / "torch_extensions")
     env_vars["TORCH_EXTENSIONS_DIR"] = ext  # the venv's prebuilt DeepSpeed ops (Makefile)
     runtime_env = {"env_vars": env_vars,
@@ -137,3 +138,9 @@ def test_smoke_study_as_a_ray_job(head, tmp_path, data_dir, monkeypatch):
     kinds = sorted(run.data.tags["valind.kind"] for run in runs)
     assert kinds == ["base", "control", "study", "value", "value"]
     assert all(run.info.status == "FINISHED" for run in runs)
+    # the token never lands in what valind writes: logs, report, params, tags, text files of the store
+    assert token not in r.stdout + r.stderr + (root / "report.html").read_text()
+    assert not [run for run in runs if token in json.dumps({**run.data.params, **run.data.tags})]
+    leaks = [p for p in root.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml", ".html", ".txt")
+             and token in p.read_text(errors="ignore")]
+    assert not leaks, leaks
