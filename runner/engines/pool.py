@@ -55,7 +55,9 @@ class EnginePool:
         if len(ready) < actors:
             # Actors that cannot be placed wait forever; say what they asked for and what is free.
             free = ray.available_resources()
-            self.close()
+            for a in self.actors:  # never placed: nothing to shut down or wait for
+                ray.kill(a)
+            self.actors = []
             raise EngineError(
                 f"engine pool for {cfg.model}: {actors - len(ready)} of {actors} actor(s) did not start within "
                 f"{startup_timeout_s:g}s; each asks for {cpus_per_actor:g} CPU and {gpus_per_actor:g} GPU, the "

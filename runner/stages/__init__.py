@@ -9,7 +9,3 @@ from runner.stages import analyze, annotate, curate, generate, score, train
 STAGES = {m.__name__.rsplit(".", 1)[1]: m for m in (annotate, curate, train, generate, score, analyze)}
 KEYS = (annotate.ANNOTATE, curate.CURATE, train.TRAIN, generate.ITEMS, generate.GENERATE, score.SCORE,
         score.AGREEMENT, analyze.ANALYZE)
-
-if __name__ == "__main__":  # python -m runner.stages: the key table of docs/ARCHITECTURE.md
-    from runner.stages.keys import key_table
-    print(key_table())
