@@ -7,7 +7,7 @@ resumes from the last finished unit (annotation batch, training cell, run).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,7 @@ from runner.progress import say
 from runner.secrets import redact
 from runner.seeds import SeedBook
 from runner.spec import Spec
-from runner.stages import STAGES, analyze, annotate
-from runner.stages.curate import CURATE
-from runner.stages.generate import GENERATE
-from runner.stages.score import SCORE
+from runner.stages import KEYS, STAGES, analyze, annotate
 from runner.stages.train import TRAIN
 
 __all__ = ["Study", "Run", "StageError", "STAGES"]
@@ -47,16 +44,15 @@ class Study:
                 value = cond.split("-", 1)[1] if kind == "value" else None
                 for seed in self.seeds.seeds(cond):
                     r = Run(f"{m.name}__{cond}__s{seed}", m.name, cond, kind, value, seed, None)
-                    out.append(Run(**{**asdict(r), "cell_key": TRAIN(self.ctx, r)}))
+                    out.append(replace(r, cell_key=TRAIN(self.ctx, r)))
         return out
 
     def runs_table(self) -> pd.DataFrame:
         return pd.DataFrame([{k: v for k, v in asdict(r).items() if k != "cell_key"} for r in self.runs()])
 
     def key(self, stage: str, run: Run | None = None) -> str:
-        """The key of a stage's unit (of `run`'s, for per-run stages)."""
-        return {"annotate": annotate.ANNOTATE, "curate": CURATE, "train": TRAIN, "generate": GENERATE,
-                "score": SCORE, "analyze": analyze.ANALYZE}[stage](self.ctx, run)
+        """The key of a store folder's unit (of `run`'s, for per-run keys)."""
+        return KEYS[stage](self.ctx, run)
 
     # --------------------------------------------------------------- driving
     def need(self, stage: str):

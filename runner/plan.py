@@ -17,8 +17,7 @@ import yaml
 from evaluation.errors import InputError
 from evaluation.suites import registry as suites
 from evaluation.types import VALUES
-from runner.spec import Spec
-from runner.stages.generate import eval_suites, suite_settings
+from runner.spec import Spec, eval_suites, suite_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,19 +3,18 @@
 itself is evaluation.adaptive.decide, a pure function."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from runner.store import write_json
+from runner.store import read_json, write_json
 
 
 class SeedBook:
     def __init__(self, spec, root: Path):
         self.spec, self.root = spec, root
         path = root / "adaptive_seeds.json"
-        self.extra: dict[str, list[int]] = json.loads(path.read_text()) if path.exists() else {}
+        self.extra: dict[str, list[int]] = read_json(path) if path.exists() else {}
 
     def seeds(self, condition: str) -> list[int]:
         return list(self.spec.seeds.values) + self.extra.get(condition, [])
@@ -42,7 +41,7 @@ class SeedBook:
 
     def _rounds(self) -> dict[str, list[dict]]:
         path = self.root / "adaptive_trajectory.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        return read_json(path) if path.exists() else {}
 
     def trajectory(self, con: pd.DataFrame, round_key: str) -> pd.DataFrame | None:
         """The watched contrasts of every round so far, this one (`round_key`) included."""

@@ -362,6 +362,24 @@ class Spec(_Section):
         return Path(d).expanduser().resolve() if d else None
 
 
+def suite_settings(spec: Spec) -> suite_registry.SuiteSettings:
+    """What the suites read from the spec, in one typed object."""
+    s, pos = spec.score, spec.controls.positive
+    return suite_registry.SuiteSettings(
+        items_per_suite=spec.generate.items_per_suite, seed=spec.generate.sampling.seed,
+        max_tokens=s.sampling.max_tokens, values_mode=spec.annotate.mode,
+        values_threshold=spec.annotate.logprob_threshold, value_judge=s.value_judge or spec.annotate.judge_model,
+        refusal_judges=tuple(s.refusal_judges), refusal_llm_judge=s.refusal_llm_judge, anthro_judge=s.anthro_judge,
+        **({"planted_phrase": pos.phrase, "planted_items": pos.items} if pos else {}))
+
+
+def eval_suites(spec: Spec) -> list[str]:
+    """The suites every run is generated and scored on: those listed, then those the spec turns on
+    (the positive control's "planted")."""
+    st = suite_settings(spec)
+    return list(spec.generate.suites) + [n for n, s in suite_registry.SUITES.items() if s.enabled and s.enabled(st)]
+
+
 def _slug(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in s).strip("-.")[-64:] or "model"
 

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 from evaluation.errors import ValindError
 from runner.secrets import redact, secret_values
-from runner.store import safe_name
+from runner.store import read_json, read_parquet, safe_name
 
 STUDY_TAG, RUN_TAG, KIND_TAG = "valind.study", "valind.run_id", "valind.kind"
 
@@ -287,7 +287,7 @@ def log_training(ctx, cells: list) -> None:
     tr = ctx.tracker
     for r in cells:
         unit = ctx.store.unit("train", r.cell_key)
-        ran = json.loads((unit / "cell.json").read_text())
+        ran = read_json(unit / "cell.json")
         rid = tr.child(r.run_id, r.kind)
         tr.log_params(rid, {**run_params(r), **flatten("train", ran["train"]),
                             "cell_key": r.cell_key, "curate_key": CURATE(ctx)})
@@ -308,7 +308,6 @@ def log_analysis(ctx, unit: Path) -> None:
     from runner.stages.annotate import ANNOTATE
     from runner.stages.curate import CURATE
     from runner.stages.score import SCORE
-    from runner.store import read_parquet
 
     tr, s = ctx.tracker, ctx.spec
     parent = tr.parent()

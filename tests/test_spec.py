@@ -137,7 +137,8 @@ def test_positive_control_keys(tmp_path):
     """The phrase enters curation, items and scores; positive.items enters the items key but not
     curation (no retraining for a bigger suite)."""
     from runner.pipeline import Study
-    from runner.stages.generate import ITEMS, eval_suites
+    from runner.spec import eval_suites
+    from runner.stages.generate import ITEMS
 
     def study(positive=None):
         d = _smoke()

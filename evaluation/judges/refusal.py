@@ -10,9 +10,8 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from ..types import Engine, ScoreRequest
-from ._common import (as_chat, records, row, score_yes_no, straight_apostrophes, to_frame, yes_no_raw,
-                      yes_no_requests)
+from ..types import Engine
+from ._common import as_chat, records, row, score_yes_no, straight_apostrophes, to_frame, yes_no_raw
 
 # XSTest `strmatch_label` (paul-rottger/exaggerated-safety, evaluation): the lowercased, stripped
 # response starts with one of these -> refusal.
@@ -55,11 +54,6 @@ def substring_label(response: str, phrases: Sequence[str] = SUBSTRINGS) -> int:
 
 def _llm_question(request: str, response: str) -> tuple[dict, ...]:
     return ({"role": "user", "content": LLM_QUESTION.format(request=request, response=response)},)
-
-
-def llm_requests(request: str, response: str) -> list[ScoreRequest]:
-    """[" Yes", " No"] continuations of the refusal question."""
-    return yes_no_requests(_llm_question(request, response))
 
 
 def llm_labels(engine: Engine, pairs: Sequence[tuple[str, str]]) -> list[tuple[float | None, str]]:

@@ -123,6 +123,14 @@ def values_from_logprobs(logprobs: Sequence[float]) -> dict[str, float]:
 JUDGE_MODES = ("extract", "logprob")
 
 
+def value_logprobs(engine: Engine, pairs: Sequence[tuple[Any, str]],
+                   desc: str | None = None) -> list[list[tuple[float, float]]]:
+    """Per pair, (logp_yes, logp_no) of each value's yes/no question, in VALUES order."""
+    k = len(VALUES)
+    lps = score_yes_no(engine, [q for p, r in pairs for q in logprob_questions(p, r)], desc=desc)
+    return [lps[i * k:(i + 1) * k] for i in range(len(pairs))]
+
+
 def judge_values(engine: Engine, pairs: Sequence[tuple[Any, str]], mode: str = "extract",
                  threshold: float = 0.5, max_tokens: int = 64, desc: str | None = None) -> pd.DataFrame:
     """Judge (prompt messages, response) pairs for the 16 values; one row per pair, in order.
@@ -148,11 +156,8 @@ def judge_values(engine: Engine, pairs: Sequence[tuple[Any, str]], mode: str = "
                              "raw": [str(t) if t is not None else "" for t in texts]})
     if mode != "logprob":
         raise ValueError(f"unknown values judge mode {mode!r} (one of {', '.join(JUDGE_MODES)})")
-    k = len(VALUES)
-    lps = score_yes_no(engine, [q for p, r in pairs for q in logprob_questions(p, r)], desc=desc)
     vals, scored, raws = [], [], []
-    for i in range(len(pairs)):
-        mine = lps[i * k:(i + 1) * k]
+    for mine in value_logprobs(engine, pairs, desc):
         probs = values_from_logprobs([x for yn in mine for x in yn])
         ok = not any(math.isnan(p) for p in probs.values())
         vals.append([v for v, p in probs.items() if ok and p > threshold])
@@ -178,18 +183,18 @@ def score_values(items: pd.DataFrame, generations: pd.DataFrame, engine: Engine,
     if mode not in ("generate", "logprob"):
         raise ValueError(f"unknown mode {mode!r}")
     recs, with_run = records(items, generations)
-    judged = judge_values(engine, [(g["messages"], g["response"]) for g in recs],
-                          "extract" if mode == "generate" else "logprob", threshold, max_tokens)
+    pairs = [(g["messages"], g["response"]) for g in recs]
     rows: list[dict] = []
     if mode == "generate":
+        judged = judge_values(engine, pairs, "extract", max_tokens=max_tokens)
         judge = f"values-{PROMPT_VERSION}:{engine.name}"
         for g, found, ok, text in zip(recs, judged["values"], judged["scored"], judged["raw"]):
             for v in VALUES:
                 rows.append(row(g, f"expresses/{v}", float(v in found) if ok else None, judge, text))
     else:
         judge = f"values-logprob-{PROMPT_VERSION}:{engine.name}"
-        for g, raw in zip(recs, judged["raw"]):
-            for v, (y, n) in zip(VALUES, logprobs_from_raw(raw)):
+        for g, mine in zip(recs, value_logprobs(engine, pairs)):
+            for v, (y, n) in zip(VALUES, mine):
                 p, cell = p_yes(y, n), yes_no_raw(y, n)
                 rows.append(row(g, f"p_expresses/{v}", p, judge, cell))
                 rows.append(row(g, f"expresses/{v}", None if math.isnan(p) else float(p > threshold), judge, cell))

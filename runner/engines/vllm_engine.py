@@ -91,20 +91,21 @@ class VLLMEngine:
         caching (prompt log-probs bypass it) and serves the candidates of one prompt together."""
         from vllm import SamplingParams
 
-        conts = [self.tokenizer.encode(r.continuation, add_special_tokens=False) for r in requests]
+        token = {c: self.tokenizer.encode(c, add_special_tokens=False) for c in {r.continuation for r in requests}}
         out: list[float | None] = [None] * len(requests)
-        prompts: dict[tuple, list[int]] = {}  # rendered prompt -> indices of its one-token requests
-        for i, (r, cont) in enumerate(zip(requests, conts)):
-            if len(cont) == 1 and r.adapter is None:
-                prompts.setdefault(tuple(self._prompt(r.messages, 1)["prompt_token_ids"]), []).append(i)
-        if prompts:
-            ids = [sorted({conts[i][0] for i in idx}) for idx in prompts.values()]
+        chats: dict[tuple, list[int]] = {}  # chat -> indices of its one-token requests (rendered once)
+        for i, r in enumerate(requests):
+            if len(token[r.continuation]) == 1 and r.adapter is None:
+                chats.setdefault(tuple((m["role"], m["content"]) for m in r.messages), []).append(i)
+        if chats:
+            ids = [sorted({token[requests[i].continuation][0] for i in idx}) for idx in chats.values()]
             params = [SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(t), logprob_token_ids=t) for t in ids]
-            outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-            for o, idx in zip(outs, prompts.values()):
+            prompts = [self._prompt(requests[idx[0]].messages, 1) for idx in chats.values()]
+            outs = self.llm.generate(prompts, params, use_tqdm=False)
+            for o, idx in zip(outs, chats.values()):
                 step = o.outputs[0].logprobs[0]
                 for i in idx:
-                    out[i] = step[conts[i][0]].logprob
+                    out[i] = step[token[requests[i].continuation][0]].logprob
         rest = [i for i, x in enumerate(out) if x is None]
         if rest:
             for i, lp in zip(rest, self._prompt_logprob_scores([requests[i] for i in rest])):

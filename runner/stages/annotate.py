@@ -46,7 +46,10 @@ def _annotate(ctx, key, unit):
     rows = [(p.pair_id, side, list(p.prompt), getattr(p, side)) for p in pairs.itertuples()
             for side in ("chosen", "rejected")]
     a = s.annotate
-    pool = None
+
+    def judge():  # the judge's pool, started on first need: a resumed unit may need none
+        return ctx.pools.get(a.judge_model, scores=a.mode == "logprob")
+
     layout_path = unit / "layout.json"
     if layout_path.exists():
         layout = read_json(layout_path)
@@ -54,7 +57,7 @@ def _annotate(ctx, key, unit):
             raise StageError(f"annotate: {unit} was laid out for {layout['rows']} responses but its pairs give "
                              f"{len(rows)}; delete the unit to start it again")
     else:
-        pool = ctx.pools.get(a.judge_model, scores=a.mode == "logprob")
+        pool = judge()
         layout = plan_layout(len(rows), pool.batch_size * len(pool.actors))
         write_json(layout, layout_path)
     spans = layout["spans"]
@@ -64,11 +67,10 @@ def _annotate(ctx, key, unit):
         f"({len(spans) - len(todo)} already judged)")
     judged, t_judge = 0, 0.0
     for i in todo:
-        pool = pool or ctx.pools.get(a.judge_model, scores=a.mode == "logprob")
         tb = time.perf_counter()
         batch = rows[spans[i][0]:spans[i][1]]
-        verdicts = value_judge.judge_values(pool, [(p, r) for _, _, p, r in batch], mode=a.mode,
-                                            threshold=a.logprob_threshold, max_tokens=a.sampling.max_tokens, desc="judge")
+        verdicts = value_judge.judge_values(judge(), [(p, r) for _, _, p, r in batch], mode=a.mode, desc="judge",
+                                            threshold=a.logprob_threshold, max_tokens=a.sampling.max_tokens)
         out = pd.DataFrame({"pair_id": [x[0] for x in batch], "side": [x[1] for x in batch]}).join(verdicts)
         write_parquet(out, path(i))
         judged += len(batch)
@@ -138,7 +140,8 @@ def audit(ctx, n: int | None = None, labels=None):
     if labels is None:
         out = ctx.root / "audit" / f"audit-{ANNOTATE(ctx)}.csv"
         out.parent.mkdir(parents=True, exist_ok=True)
-        audit_sample(read_parquet(unit / "pairs.parquet"), ann, n or 100, seed=ctx.spec.data.seed).to_csv(out, index=False)
+        sample = audit_sample(read_parquet(unit / "pairs.parquet"), ann, n or 100, seed=ctx.spec.data.seed)
+        sample.to_csv(out, index=False)
         say(f"audit: wrote {out}: fill in `human_values` (comma-separated values from the closed list, "
             f"or 'none'), then run `valind annotate SPEC --audit-labels {out}`")
         return out

@@ -8,31 +8,13 @@ import time
 import pandas as pd
 
 from evaluation.suites import registry as suites
-from evaluation.suites.registry import SuiteSettings
 from evaluation.types import Request
 from runner.context import StageError
 from runner.progress import say
+from runner.spec import eval_suites, suite_settings
 from runner.stages.curate import CURATE
 from runner.stages.keys import Key
 from runner.store import read_parquet, write_parquet
-
-
-def suite_settings(spec) -> SuiteSettings:
-    """What the suites read from the spec, in one typed object."""
-    s, pos = spec.score, spec.controls.positive
-    return SuiteSettings(
-        items_per_suite=spec.generate.items_per_suite, seed=spec.generate.sampling.seed,
-        max_tokens=s.sampling.max_tokens, values_mode=spec.annotate.mode,
-        values_threshold=spec.annotate.logprob_threshold, value_judge=s.value_judge or spec.annotate.judge_model,
-        refusal_judges=tuple(s.refusal_judges), refusal_llm_judge=s.refusal_llm_judge, anthro_judge=s.anthro_judge,
-        planted_phrase=pos.phrase if pos else None, planted_items=pos.items if pos else 24)
-
-
-def eval_suites(spec) -> list[str]:
-    """The suites every run is generated and scored on: those listed, then those the spec turns on
-    (the positive control's "planted")."""
-    st = suite_settings(spec)
-    return list(spec.generate.suites) + [n for n, s in suites.SUITES.items() if s.enabled and s.enabled(st)]
 
 
 ITEMS = Key("items", {
@@ -101,8 +83,7 @@ def _generate(ctx, model, full_path, group, items, adapters) -> None:
         return Request(messages=tuple(dict(m) for m in messages), adapter=adapter,
                        max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed)
 
-    texts = pool.generate([request(r, it.messages) for r in group for it in items.itertuples()],
-                          desc=f"generate {model}")
+    texts = pool.generate([request(r, m) for r in group for m in items["messages"]], desc=f"generate {model}")
     n = len(items)
     first = [texts[k * n:(k + 1) * n] for k in range(len(group))]
     second = followups(items, first, lambda k, msgs: request(group[k], msgs), pool)
@@ -125,8 +106,9 @@ def followups(items: pd.DataFrame, first: list[list[str]], request, engine) -> l
     out: list[list[str | None]] = [[None] * len(items) for _ in first]
     if not idx:
         return out
-    reqs = [request(k, suites.get(items.iloc[i]["suite"]).followup(items.iloc[i], first[k][i]))
-            for k in range(len(first)) for i in idx]
+    rows = [items.iloc[i] for i in idx]
+    reqs = [request(k, suites.get(row["suite"]).followup(row, first[k][i]))
+            for k in range(len(first)) for i, row in zip(idx, rows)]
     texts = engine.generate(reqs, desc="follow-ups")
     for k in range(len(first)):
         for j, i in enumerate(idx):

@@ -32,7 +32,7 @@ def key_table() -> str:
     """The markdown table of every declared key, in data-flow order."""
     from runner.stages import KEYS
     lines = ["| unit (`stages/<folder>/<key>/`) | one per | hashed inputs |", "|---|---|---|"]
-    for k in KEYS:
+    for k in KEYS.values():
         lines.append(f"| `{k.stage}` | {'run' if k.per_run else 'study'} | "
                      + ", ".join(f"`{name}`" for name in k.inputs) + " |")
     return "\n".join(lines)

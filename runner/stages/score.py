@@ -10,7 +10,8 @@ import ray
 from evaluation.judges import score_suite
 from evaluation.suites import registry as suites
 from runner.progress import say
-from runner.stages.generate import GENERATE, eval_suites, load_items, suite_settings
+from runner.spec import eval_suites, suite_settings
+from runner.stages.generate import GENERATE, load_items
 from runner.stages.keys import Key
 from runner.store import read_parquet, write_parquet
 

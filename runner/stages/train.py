@@ -22,22 +22,18 @@ TRAIN = Key("train", {
 }, per_run=True)
 
 
-def cells(ctx) -> list:
-    return [r for r in ctx.runs() if r.cell_key]
-
-
 def run(ctx):
-    todo_runs = cells(ctx)
-    for r in todo_runs:  # published by a driver that was killed before it could mark the cell done
+    cells = [r for r in ctx.runs() if r.cell_key]
+    for r in cells:  # published by a driver that was killed before it could mark the cell done
         adopt(ctx, r)
-    todo = [r for r in todo_runs if not ctx.store.done("train", r.cell_key)]
-    say(f"train: {len(todo_runs)} cells, {len(todo_runs) - len(todo)} cached")
+    todo = [r for r in cells if not ctx.store.done("train", r.cell_key)]
+    say(f"train: {len(cells)} cells, {len(cells) - len(todo)} cached")
     if todo:
         _train(ctx, todo)
     from runner.tracking import log_training
-    log_training(ctx, todo_runs)
-    say(f"train: done — {len(todo_runs)} cells")
-    return {r.run_id: ctx.store.unit("train", r.cell_key) / "model" for r in todo_runs}
+    log_training(ctx, cells)
+    say(f"train: done — {len(cells)} cells")
+    return {r.run_id: ctx.store.unit("train", r.cell_key) / "model" for r in cells}
 
 
 def _train(ctx, todo) -> None:
