@@ -53,3 +53,15 @@ ITEM_COLUMNS = ("suite", "item_id", "messages")  # + suite-specific metadata col
 GENERATION_COLUMNS = ("run_id", "suite", "item_id", "response")
 SCORE_COLUMNS = ("run_id", "suite", "item_id", "metric", "value", "scored", "judge", "raw")
 RUN_COLUMNS = ("run_id", "model", "condition", "kind", "value", "seed")
+
+
+# The max_lora_rank values vLLM accepts (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(r: int) -> int:
+    """The smallest rank vLLM accepts that serves adapters of rank r."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= r:
+            return allowed
+    raise ValueError(f"LoRA rank {r} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]})")

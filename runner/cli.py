@@ -133,6 +133,13 @@ def cmd_judge(args) -> int:
     return 0
 
 
+def cmd_rehearse(args) -> int:
+    from runner.rehearse import rehearse
+    fig = rehearse(args.spec, args.output_dir, args.models, args.cluster_dir, args.stop_node)
+    m = fig["mlflow"]
+    return 0 if m["runs"] == m["expected"] and not m["duplicates"] else 1
+
+
 def cmd_plan(args) -> int:
     from runner.plan import plan_spec
     spec, _ = _load(args.spec)
@@ -170,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--audit", type=int, metavar="N", help="write N stratified annotations as CSV for labelling")
             s.add_argument("--audit-labels", metavar="CSV", help="score the labelled audit CSV against the judge")
             s.set_defaults(fn=cmd_annotate)
+    rh = sub.add_parser("rehearse", help="the spec's orchestration on the Ray cluster at RAY_ADDRESS with tiny "
+                                         "models: overhead, concurrency, pool hand-overs (docs/REHEARSAL.md)")
+    rh.add_argument("spec")
+    rh.add_argument("--output-dir", default="studies", help="where the rehearsal study is written (default: studies)")
+    rh.add_argument("--models", type=int, metavar="N", help="rehearse only the first N base models (default: all)")
+    rh.add_argument("--cluster-dir", help="the state dir of a `python -m runner.local_cluster` cluster")
+    rh.add_argument("--stop-node", metavar="STAGE[:SECONDS]",
+                    help="kill a worker node of --cluster-dir SECONDS (default 30) into STAGE, then start a new one")
+    rh.set_defaults(fn=cmd_rehearse)
     st = sub.add_parser("status", help="what is done, cached or failed")
     st.add_argument("spec")
     st.set_defaults(fn=cmd_status)

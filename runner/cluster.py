@@ -43,9 +43,11 @@ def init_ray(num_cpus: int | None = None):
     env = worker_env()
     os.environ.update(env)  # the driver's own imports see the same settings
     project_root = str(Path(__file__).resolve().parent.parent)
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS") and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         # Inside `ray job submit` the job's runtime env already applies; repeating keys conflicts.
         ray.init(log_to_driver=_verbose())
+    elif os.environ.get("RAY_ADDRESS"):  # a driver started on a node of a running cluster
+        ray.init(log_to_driver=_verbose(), runtime_env={"env_vars": env})
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=_verbose(),
                  logging_level="ERROR",

@@ -81,9 +81,10 @@ def prepare_smollm2(root: Path | None = None) -> Path:
     return _publish(tmp, final)
 
 
-def prepare_tiny(root: Path | None = None) -> Path:
+def prepare_tiny(root: Path | None = None, seed: int = 0, name: str = "tiny-llama") -> Path:
+    """The tiny random Llama; other seeds give distinct models of the same shape (valind rehearse)."""
     root = root or cache_dir() / "models"
-    final = root / "tiny-llama"
+    final = root / name
     if _complete(final):
         return final
     import torch
@@ -91,7 +92,7 @@ def prepare_tiny(root: Path | None = None) -> Path:
 
     src = prepare_smollm2(root)
     tok = AutoTokenizer.from_pretrained(src)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         # head_dim 64: vLLM's CPU attention kernels support no smaller head
@@ -100,7 +101,7 @@ def prepare_tiny(root: Path | None = None) -> Path:
         pad_token_id=tok.pad_token_id,
     )
     model = LlamaForCausalLM(cfg)
-    tmp = root / f".tiny-llama.tmp{os.getpid()}"
+    tmp = root / f".{name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)

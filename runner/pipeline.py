@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -33,6 +34,8 @@ class Study:
                                 need=self.need, seeds=self.seeds)
         self.store = self.ctx.store
         self._done: dict[str, Any] = {}  # stage results within this process
+        self.stage_seconds: dict[str, float] = {}
+        self.on_stage: Callable[[str], None] | None = None  # called as a stage starts (fault injection)
 
     # ------------------------------------------------------------------ runs
     def runs(self) -> list[Run]:
@@ -58,7 +61,11 @@ class Study:
     def need(self, stage: str):
         """A stage's result, produced once per process (each stage pulls the ones it reads)."""
         if stage not in self._done:
+            if self.on_stage:
+                self.on_stage(stage)
+            t0 = time.perf_counter()
             self._done[stage] = STAGES[stage].run(self.ctx)
+            self.stage_seconds[stage] = time.perf_counter() - t0
         return self._done[stage]
 
     def run(self, until: str = "analyze") -> Path | None:

@@ -2,7 +2,7 @@
 
 Under Ray Train V2 a TorchTrainer cannot be a Tune trainable, so each trial is a function that
 launches the cell's TorchTrainer (with TuneReportCallback forwarding worker reports to Tune).
-The trial itself holds no CPU: its trainer's worker group asks for the resources. Concurrency
+The trial itself holds no CPU and runs on the head node: its trainer's worker group asks for the resources. Concurrency
 comes from the cluster: as many trials as worker groups fit at once.
 """
 from __future__ import annotations
@@ -15,6 +15,8 @@ import ray
 
 from runner.spec import ClusterSpec, TrainSpec
 from runner.train.cell import Cell
+
+HEAD = "node:__internal_head__"  # a resource only the head node has
 
 
 def max_concurrent(train: TrainSpec, cluster: ClusterSpec | None = None, resources: dict | None = None) -> int:
@@ -76,7 +78,10 @@ def run_grid(cells: list[Cell], train: TrainSpec, storage: Path, name: str,
 
     concurrency = max_concurrent(train, cluster)
     say(f"  {len(cells)} cell(s) as Ray Tune trials, up to {concurrency} at once")
-    trainable = tune.with_resources(_trial, {"CPU": 0, "memory": 200 * 1024 ** 2})
+    # Trials run on the head, and with them Ray Train's controllers (attached to the trial's node):
+    # a lost worker node then costs its workers, which Ray Train restarts from the last checkpoint,
+    # never the trial that drives them.
+    trainable = tune.with_resources(_trial, {"CPU": 0, "memory": 200 * 1024 ** 2, HEAD: 0.001})
     with progress(total=len(cells), desc="train cells") as bar:
         tuner = tune.Tuner(
             trainable,

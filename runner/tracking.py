@@ -122,6 +122,7 @@ class Tracker:
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a "View run" line per run
         self.uri, self.study, self.root = uri, study, root
         self.client = MlflowClient(tracking_uri=uri)
         # what was logged is remembered per (tracking server, experiment): a new URI gets everything again

@@ -51,13 +51,17 @@ def test_task_dir_renders_absolute_data_paths(data_dir, tmp_path):
         write_task_dir(tmp_path / "nowhere", tmp_path / "t2")
 
 
-def test_unknown_task_and_backend(tiny_model, data_dir):
+def test_unknown_task_and_backend(tiny_model, data_dir, tmp_path):
     with pytest.raises(BenchmarkError, match="unknown benchmark tasks"):
         run_benchmarks(tiny_model, None, ["arc_easy"], data_dir, limit=1)
     with pytest.raises(BenchmarkError, match="unknown backend"):
         model_args(tiny_model, None, "tgi")
     assert model_args("m", "/a", "hf")["peft"] == "/a"
-    assert model_args("m", "/a", "vllm")["lora_local_path"] == "/a"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 100}')
+    args = model_args("m", str(adapter), "vllm")
+    assert args["lora_local_path"] == str(adapter) and args["max_lora_rank"] == 128  # vLLM's next rank up
 
 
 def test_offline_tasks_run_on_tiny_model(base_run):

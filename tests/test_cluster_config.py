@@ -41,7 +41,8 @@ def test_tune_concurrency_is_sized_from_the_declared_cluster():
 
 def test_vllm_settings_on_gpu_and_cpu():
     from runner.engines.base import EngineConfig
-    from runner.engines.vllm_engine import engine_kwargs, vllm_lora_rank
+    from evaluation.types import vllm_lora_rank
+    from runner.engines.vllm_engine import engine_kwargs
 
     assert [vllm_lora_rank(r) for r in (1, 4, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
     with pytest.raises(ValueError, match="above vLLM's largest"):

@@ -10,17 +10,16 @@ raylet, dashboard, monitors, agents: Ray passes them the session dir) plus all t
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
+
+from runner.local_cluster import end_pids, free_port, pids_matching, ray_env
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -28,66 +27,23 @@ CURRENT = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _head_processes(temp_dir: str) -> list[psutil.Process]:
-    """Every process of the head started with `temp_dir`, and their descendants."""
-    roots = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
-                roots.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    procs = {p.pid: p for p in roots}
-    for p in roots:
-        try:
-            procs.update({c.pid: c for c in p.children(recursive=True)})
-        except psutil.NoSuchProcess:
-            pass
-    procs.pop(os.getpid(), None)
-    return list(procs.values())
-
-
-def _stop_head(temp_dir: str) -> None:
-    procs = _head_processes(temp_dir)
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-
-
 @pytest.fixture
 def head(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="valind-ray-", dir="/tmp")  # short: Ray's socket paths are length-limited
     saved = CURRENT.read_text() if CURRENT.exists() else None
-    gcs, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
-        env.pop(k, None)
+    gcs, dash = free_port(), free_port()
+    env = ray_env()
     cmd = [str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(gcs),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats",
            "--temp-dir", temp_dir, "--object-store-memory", str(1024 ** 3),
-           "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port())]
+           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port())]
     try:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
         yield {"address": f"http://127.0.0.1:{dash}", "env": env, "temp_dir": temp_dir}
     finally:
-        _stop_head(temp_dir)
-        assert not _head_processes(temp_dir), "the head's processes outlived teardown"
+        end_pids(pids_matching(temp_dir), grace_s=15)
+        assert not pids_matching(temp_dir), "the head's processes outlived teardown"
         if saved is not None:
             CURRENT.write_text(saved)
         elif CURRENT.exists():

@@ -32,6 +32,9 @@ def _cell(tmp: Path, tiny_model: str, data_dir: Path, name: str, fail_at_step=No
     res = train_cell(cell, tokenizer=AutoTokenizer.from_pretrained(tiny_model), fail_at_step=fail_at_step)
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     meta = json.loads((out / "cell.json").read_text())
+    timing = meta.pop("timing")
+    assert timing["end"] > timing["start"] and 0 < timing["steps_s"] < timing["end"] - timing["start"]
+    res["starts"] = timing["starts"]
     assert meta == {"cell_id": name, "seed": 3, "n_pairs": 8, "ref_cache_hit": res["ref_cache_hit"],
                     "train": train.model_dump(mode="json"), "bf16": train.bf16}
     return out, history, res
@@ -57,7 +60,7 @@ def test_dead_worker_recovers_to_the_same_adapter(tmp_path, tiny_model, data_dir
     assert hist[-1]["loss"] < hist[0]["loss"]
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "lr", "tokens_per_s"):
         assert key in hist[-1]
-    assert not res["ref_cache_hit"]
+    assert not res["ref_cache_hit"] and res["starts"] == [0]
     # Intermediate checkpoints hold the adapter and its optimizer state, not the frozen base (29 MB)
     ckpt_mb = [h["checkpoint_mb"] for h in hist if "checkpoint_mb" in h]
     assert len(ckpt_mb) == 3 and max(ckpt_mb) < 0.1 * sum(
@@ -65,6 +68,7 @@ def test_dead_worker_recovers_to_the_same_adapter(tmp_path, tiny_model, data_dir
 
     killed, hist_k, res_k = _cell(tmp_path, tiny_model, data_dir, "killed", fail_at_step=2)
     assert res_k["ref_cache_hit"]  # same model and subset: the reference log-probs came from disk
+    assert res_k["starts"] == [0, 1]  # the worker group restarted once, from the step-1 checkpoint
     assert [h["step"] for h in hist_k] == [1, 2, 3, 4]
     a = load_file(clean / "model" / "adapter_model.safetensors")
     b = load_file(killed / "model" / "adapter_model.safetensors")

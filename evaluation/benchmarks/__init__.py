@@ -18,7 +18,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from evaluation.errors import ValindError
-from evaluation.types import SCORE_COLUMNS
+from evaluation.types import SCORE_COLUMNS, vllm_lora_rank
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 OFFLINE_TASKS = ("valind_truthfulqa_mc", "valind_openbookqa", "valind_gsm8k")
@@ -64,9 +64,11 @@ def model_args(model_path: str, adapter: str | None, backend: str, device: str =
     if backend == "hf":
         return {"pretrained": model_path, "dtype": dtype, **({"peft": adapter} if adapter else {})}
     if backend == "vllm":
-        # lm-eval enables LoRA in vLLM whenever lora_local_path is given.
-        args = {"pretrained": model_path, "dtype": dtype,
-                **({"lora_local_path": adapter, "max_lora_rank": 64} if adapter else {})}
+        # lm-eval enables LoRA in vLLM whenever lora_local_path is given; the rank is the adapter's.
+        args = {"pretrained": model_path, "dtype": dtype}
+        if adapter:
+            r = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
+            args.update(lora_local_path=adapter, max_lora_rank=vllm_lora_rank(r))
         if device == "cpu":  # as runner.engines.vllm_engine: no graph capture, bounded KV cache
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             args.update(enforce_eager=True, max_model_len=2048)

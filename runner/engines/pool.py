@@ -48,10 +48,12 @@ class EnginePool:
                  in_flight: int = 2, max_restarts: int = 3):
         self.cfg, self.batch_size, self.cpus, self.gpus = cfg, batch_size, cpus_per_actor, gpus_per_actor
         self.in_flight, self.restarts, self.max_restarts = in_flight, 0, max_restarts
+        self.startup_timeout_s, t0 = startup_timeout_s, time.monotonic()
         self._opts = opts = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor}
         self._replaced: dict = {}  # dead actor -> its replacement
         self.actors = [EngineActor.options(**opts).remote(cfg) for _ in range(actors)]
-        ready, _ = ray.wait([a.info.remote() for a in self.actors], num_returns=actors, timeout=startup_timeout_s)
+        infos = [a.info.remote() for a in self.actors]
+        ready, _ = ray.wait(infos, num_returns=actors, timeout=startup_timeout_s)
         if len(ready) < actors:
             # Actors that cannot be placed wait forever; say what they asked for and what is free.
             free = ray.available_resources()
@@ -63,8 +65,13 @@ class EnginePool:
                 f"{startup_timeout_s:g}s; each asks for {cpus_per_actor:g} CPU and {gpus_per_actor:g} GPU, the "
                 f"cluster has {free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free. Close other pools, "
                 "or lower engine.actors / engine.gpus_per_actor (engine.startup_timeout_s sets the wait)")
-        info = ray.get(ready[0])
+        for ref, actor in zip(infos, list(self.actors)):
+            try:
+                info = ray.get(ref)
+            except ray.exceptions.RayActorError as e:  # died while starting (its node was lost, say)
+                info = ray.get(self._replace(actor, e).info.remote())
         self.name, self.version = info["name"], info["version"]
+        self.startup_s = time.monotonic() - t0
 
     def _fan_out(self, method: str, items: Sequence, desc: str, on_batch: Callable | None = None) -> list:
         batches = [list(items[i:i + self.batch_size]) for i in range(0, len(items), self.batch_size)]
@@ -101,7 +108,13 @@ class EnginePool:
             say(f"  engine pool for {self.cfg.model}: an actor died ({type(error).__name__}); restarting it "
                 f"and resubmitting its batches (restart {self.restarts} of at most {self.max_restarts})")
             new = EngineActor.options(**self._opts).remote(self.cfg)
-            ray.get(new.info.remote())
+            try:
+                ray.get(new.info.remote(), timeout=self.startup_timeout_s)
+            except ray.exceptions.GetTimeoutError as e:
+                ray.kill(new)
+                raise EngineError(f"engine pool for {self.cfg.model}: the actor replacing a dead one did not start "
+                                  f"within {self.startup_timeout_s:g}s (ray status: is there room for "
+                                  f"{self.cpus:g} CPU and {self.gpus:g} GPU?)") from e
             self.actors = [new if a == dead else a for a in self.actors]
             self._replaced[dead] = new
         return self._replaced[dead]

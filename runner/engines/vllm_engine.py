@@ -5,20 +5,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from evaluation.types import Request, ScoreRequest
+from evaluation.types import Request, ScoreRequest, vllm_lora_rank
 from runner.engines.base import EngineConfig, render_prompt_ids, truncate_left
-
-
-# The max_lora_rank values vLLM accepts (vllm.config.lora.MaxLoRARanks).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def vllm_lora_rank(r: int) -> int:
-    """The smallest rank vLLM accepts that serves adapters of rank r."""
-    for allowed in VLLM_LORA_RANKS:
-        if allowed >= r:
-            return allowed
-    raise ValueError(f"LoRA rank {r} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]})")
 
 
 def engine_kwargs(cfg: EngineConfig, gpu: bool) -> dict:

@@ -9,6 +9,7 @@ import functools
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -117,8 +118,9 @@ def train_cell(cell: Cell, tokenizer, fail_at_step: int | None = None, callbacks
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from runner.train.loop import dist_backend, train_loop
+    from runner.train.loop import dist_backend, starts_file, train_loop
 
+    started = time.time()
     train = cell.train
     examples = encode_pairs(tokenizer, pd.read_parquet(cell.pairs), train.max_length, cell.chat_template)
     if len(examples) < train.batch_size:
@@ -146,8 +148,13 @@ def train_cell(cell: Cell, tokenizer, fail_at_step: int | None = None, callbacks
     with result.checkpoint.as_directory() as d, atomic_dir(out_dir) as tmp:
         shutil.copytree(Path(d, "model"), tmp / "model")
         shutil.copy(Path(d, "metrics.jsonl"), tmp / "metrics.jsonl")
+        history = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines()]
+        # wall vs steps: the cell's start-up and orchestration overhead (valind rehearse reports it)
+        # starts: the step each worker-group start began from ([0, 3]: restarted, resumed at step 3)
+        timing = {"start": started, "end": time.time(), "steps_s": sum(h.get("step_s", 0) for h in history),
+                  "starts": [int(x) for x in starts_file(cell).read_text().split()]}
         (tmp / "cell.json").write_text(json.dumps({
             "cell_id": cell.cell_id, "seed": cell.seed, "n_pairs": len(examples), "ref_cache_hit": ref_hit,
-            "train": train.model_dump(mode="json"), "bf16": train.bf16}, indent=2))
+            "train": train.model_dump(mode="json"), "bf16": train.bf16, "timing": timing}, indent=2))
     shutil.rmtree(work_dir / cell.cell_id, ignore_errors=True)  # Ray's intermediate checkpoints
     return {"out_dir": out_dir, "ref_cache_hit": ref_hit}

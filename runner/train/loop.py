@@ -70,6 +70,13 @@ def build_model(cell: Cell):
     return model
 
 
+def starts_file(cell) -> Path:
+    """Where each start of the cell's worker group is recorded (in Ray Train's run dir, on shared storage)."""
+    d = Path(cell.work_dir) / cell.cell_id
+    d.mkdir(parents=True, exist_ok=True)
+    return d / "valind-starts.txt"
+
+
 def train_loop(cfg: dict) -> None:
     """The worker: cfg is {"cell": Cell, "examples": ObjectRef of list[Example], "pad_id", "fail_at_step"}."""
     import deepspeed
@@ -111,6 +118,9 @@ def train_loop(cfg: dict) -> None:
             if Path(d, "metrics.jsonl").exists():
                 history = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines()]
 
+    if rank == 0:  # one line per worker-group start, with the step it starts from (0: no checkpoint yet)
+        with open(starts_file(cell), "a") as f:
+            f.write(f"{start}\n")
     loss_fn = make_loss(train)
     pad = cfg["pad_id"]
     fail_at = cfg.get("fail_at_step")  # fault-injection hook for tests
@@ -126,7 +136,8 @@ def train_loop(cfg: dict) -> None:
         metrics = {"step": step + 1, "loss": sums[0].item() / n, "rewards/chosen": sums[1].item() / n,
                    "rewards/rejected": sums[2].item() / n, "rewards/accuracy": sums[3].item() / n,
                    "rewards/margin": sums[4].item() / n, "lr": optimizer.param_groups[0]["lr"],
-                   "tokens_per_s": sums[5].item() / dt, "epoch": step * train.batch_size / max(1, len(examples))}
+                   "tokens_per_s": sums[5].item() / dt, "epoch": step * train.batch_size / max(1, len(examples)),
+                   "step_s": dt}
         history.append(metrics)
         last = step + 1 == len(steps)
         if fail_at is not None and step + 1 == fail_at and rank == world - 1 and not ckpt:

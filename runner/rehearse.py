@@ -1,0 +1,233 @@
+"""valind rehearse: a spec's orchestration on a small real cluster, before its GPUs are paid for.
+
+The spec keeps its stage order, pools, engine counts and concurrency rules; what costs GPUs is
+shrunk. Every model becomes a tiny random Llama (one per base model, so each base model is its
+own unit of work and every pool hand-over happens), every judge the tiny judge, data and item
+counts a few dozen, and the grid every base model × 2 values + 1 random control × 1 seed. GPUs
+are mapped onto the cluster's CPUs: a pool or training cell that held a share of the spec's
+cluster GPUs holds the same share of the local CPUs (at least one). Figures: the orchestration
+overhead per training cell (its wall time minus its optimizer steps), the concurrency reached
+against the ideal, the engine-pool start-ups, and what the full grid's orchestration would cost.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from evaluation.benchmarks import HUB_TASKS
+from runner.progress import say
+from runner.spec import EngineSpec, Spec, parse_spec
+
+# The values the tiny random judge emits most (jobs/smoke.yaml): others may curate too few pairs.
+TINY_JUDGE_VALUES = ("humor", "fairness")
+TINY_JUDGE = "tiny-llama"
+
+
+def _spec_gpus(spec: Spec) -> float:
+    """GPUs of the spec's cluster (the largest pool or grid when it declares none); 0 on a CPU spec."""
+    if spec.cluster:
+        return spec.cluster.nodes * spec.cluster.gpus_per_node
+    pools = [e.actors * e.gpus_per_actor for e in (spec.engine, spec.annotate.engine, spec.generate.engine) if e]
+    return max(pools + [spec.train.workers * spec.train.gpus_per_worker])
+
+
+def _share(gpus: float, total: float, cpus: int, cap: int) -> int:
+    """The local CPUs for something that holds `gpus` of `total` (all of them on a CPU spec)."""
+    want = round(gpus / total * cpus) if total and gpus else cpus
+    return max(1, min(cap, want))
+
+
+def _engine(e: EngineSpec, total: float, cpus: int) -> dict:
+    return {"backend": e.backend, "dtype": "float32", "max_model_len": 512,
+            "actors": _share(e.actors * e.gpus_per_actor, total, cpus, e.actors),
+            "batch_size": 8,  # small batches: the few items still spread over every actor
+            "startup_timeout_s": min(e.startup_timeout_s, 600)}
+
+
+def rehearsal_spec(spec: Spec, cpus: int, output_dir: str, models: int | None = None) -> tuple[dict, list[str]]:
+    """The rehearsal's spec (as YAML data) and one line per mapping that is not plain shrinking."""
+    from runner.models import prepare_tiny
+
+    total = _spec_gpus(spec)
+    t = spec.train
+    workers = _share(t.workers * t.gpus_per_worker, total, cpus, t.workers)
+    chosen = [v for v in TINY_JUDGE_VALUES if v in spec.values.induced]
+    chosen += [v for v in spec.values.induced if v not in chosen][: 2 - len(chosen)]
+    base = spec.models[:models] if models else spec.models
+    d = spec.model_dump(mode="json", exclude_none=True)
+    d["study"] = {"name": f"{spec.study.name}-rehearsal", "output_dir": output_dir,
+                  "description": f"rehearsal of {spec.study.name}: tiny models, shrunk data, GPUs mapped onto CPUs"}
+    d["models"] = [{"name": m.name, "path": str(prepare_tiny(seed=i + 1, name=f"tiny-llama-{i + 1}"))}
+                   for i, m in enumerate(base)]
+    d["values"] = {"induced": chosen, "positive": [v for v in spec.values.positive if v in chosen] or chosen}
+    d["controls"] = {"count": 1, "length_bins": spec.controls.length_bins}
+    d["seeds"] = {"values": spec.seeds.values[:1]}
+    d["data"] = {"sources": [{"name": "hh_rlhf", "subset": "harmless-base", "split": "test", "max_pairs": 48}],
+                 "held_out_fraction": spec.data.held_out_fraction, "rule": "chosen",
+                 "subset_size": 4, "min_subset_size": 4}
+    d["annotate"] = {"judge_model": TINY_JUDGE, "mode": spec.annotate.mode, "sampling": {"max_tokens": 24}}
+    d["generate"].update(items_per_suite=4, sampling={"max_tokens": 16})
+    for section, e in (("annotate", spec.annotate.engine), ("generate", spec.generate.engine)):
+        if e:
+            d[section]["engine"] = _engine(e, total, cpus)
+    d["engine"] = _engine(spec.engine, total, cpus)
+    d["train"] = {**d["train"], "workers": workers, "gpus_per_worker": 0.0, "cpus_per_worker": 1.0,
+                  "micro_batch_size": 1, "batch_size": 2 * workers, "max_length": 128, "epochs": min(t.epochs, 2),
+                  "lr": 1e-3, "checkpoint_every": 1, "bf16": "auto"}
+    sc = d["score"]
+    for judge in ("value_judge", "refusal_llm_judge", "anthro_judge"):
+        if sc.get(judge):
+            sc[judge] = TINY_JUDGE
+    sc["benchmarks"] = [b for b in spec.score.benchmarks if f"valind_{b}" not in HUB_TASKS and b != "gsm8k"]
+    sc["benchmark_limit"], sc["sampling"] = 2, {"max_tokens": 24}
+    d["tracking"] = {"experiment": f"{spec.tracking.experiment or spec.study.name}-rehearsal"}  # the server's store
+    d.pop("cluster", None)
+    ran = {"annotate": d["annotate"].get("engine", d["engine"]), "generate": d["generate"].get("engine", d["engine"])}
+    notes = [f"grid: {len(base)} base model(s) × values {chosen} + 1 control × seed {spec.seeds.values[0]} "
+             f"(full: {len(spec.models)} × {len(spec.conditions())} conditions × {len(spec.seeds.values)} seeds)",
+             f"GPUs: {total:g} in the spec → {cpus} local CPUs",
+             f"train: {t.workers} worker(s) × {t.gpus_per_worker:g} GPU per cell → {workers} worker(s) × 1 CPU",
+             *(f"{k} engine: {e.actors} actor(s) × {e.gpus_per_actor:g} GPU → {ran[k]['actors']} actor(s) × 1 CPU"
+               for k, e in (("annotate", spec.annotate.engine or spec.engine),
+                            ("generate", spec.generate.engine or spec.engine))),
+             f"benchmarks: {sc['benchmarks'] or 'none'} (hub-only and generative ones dropped), 2 items each"]
+    return d, notes
+
+
+# ------------------------------------------------------------------ fault injection
+def stop_node_during(study, cluster_dir: str, stage: str, after_s: float) -> None:
+    """Kill a worker node `after_s` into `stage` and start a fresh one (an autoscaler's replacement)."""
+    from runner.local_cluster import LocalCluster
+
+    def at_stage(name: str) -> None:
+        if name != stage:
+            return
+
+        def stop() -> None:
+            time.sleep(after_s)
+            node = LocalCluster(cluster_dir).stop_node(0, replace=True, delay_s=5)
+            say(f"rehearse: stopped worker node {Path(node['temp_dir']).name} {after_s:g}s into {stage} "
+                "and started a replacement")
+            study.faults.append({"stage": stage, "after_s": after_s, "node": node["temp_dir"]})
+
+        threading.Thread(target=stop, daemon=True).start()
+
+    study.faults = []
+    study.on_stage = at_stage
+
+
+# ------------------------------------------------------------------ figures
+def cell_timings(study) -> list[dict]:
+    out = []
+    for r in study.runs():
+        if not r.cell_key:
+            continue
+        f = study.store.unit("train", r.cell_key) / "cell.json"
+        timing = json.loads(f.read_text()).get("timing") if f.exists() else None
+        if timing:
+            wall = timing["end"] - timing["start"]
+            out.append({"run": r.run_id, **timing, "wall_s": wall, "overhead_s": wall - timing["steps_s"]})
+    return out
+
+
+def concurrency(cells: list[dict]) -> float:
+    """Cells in flight on average over the span from the first start to the last end."""
+    span = max(c["end"] for c in cells) - min(c["start"] for c in cells)
+    return sum(c["wall_s"] for c in cells) / span if span > 0 else 1.0
+
+
+def figures(study, full: Spec, started: float) -> tuple[list[str], dict]:
+    from runner.sweep import max_concurrent
+
+    cells = [c for c in cell_timings(study) if c["start"] >= started]  # trained by this run, not cached
+    lines, fig = [], {"stage_s": study.stage_seconds, "pools": study.ctx.pools.opened}
+    lines.append("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in study.stage_seconds.items()))
+    if cells:
+        over = [c["overhead_s"] for c in cells]
+        ideal = min(len(cells), max_concurrent(study.spec.train))
+        reached = concurrency(cells)
+        full_cells = len(full.models) * len(full.conditions()) * len(full.seeds.values)
+        full_conc = max_concurrent(full.train, full.cluster, resources={})
+        hours = full_cells * statistics.mean(over) / full_conc / 3600
+        gpu_h = full_cells * statistics.mean(over) * full.train.workers * full.train.gpus_per_worker / 3600
+        fig.update(cells=cells, overhead_mean_s=statistics.mean(over), overhead_median_s=statistics.median(over),
+                   concurrency=reached, ideal=ideal, full_cells=full_cells, full_concurrency=full_conc,
+                   full_overhead_h=hours, full_overhead_gpu_h=gpu_h,
+                   restarted={c["run"]: c["starts"] for c in cells if len(c["starts"]) > 1})
+        lines += [f"training cells: {len(cells)}; orchestration overhead per cell (wall − optimizer steps): "
+                  f"mean {statistics.mean(over):.1f}s, median {statistics.median(over):.1f}s, "
+                  f"max {max(over):.1f}s",
+                  f"concurrency: {reached:.2f} cells in flight on average, ideal {ideal} "
+                  f"({reached / ideal:.0%})",
+                  f"full grid: {full_cells} cells, {full_conc} at once → {hours:.1f} h of wall time and "
+                  f"{gpu_h:.0f} GPU-hours in per-cell orchestration at this overhead (measured on this "
+                  "machine's CPUs: start-up on GPU nodes differs)"]
+        for c in cells:
+            if len(c["starts"]) > 1:
+                lines.append(f"  {c['run']}: worker group started {len(c['starts'])} times, from step(s) "
+                             f"{c['starts']} (a step > 0 resumed from a checkpoint)")
+    pools = study.ctx.pools.opened
+    if pools:
+        lines.append(f"engine pools: {len(pools)} started (hand-overs between stages and base models), "
+                     f"start-up mean {statistics.mean(p['startup_s'] for p in pools):.1f}s, "
+                     f"{sum(p['actors'] for p in pools)} actor starts")
+    return lines, fig
+
+
+def mlflow_counts(study) -> tuple[str, dict]:
+    """Runs of the study's experiment by name: each cell and run must appear once."""
+    tr = study.ctx.tracker
+    runs = tr.client.search_runs([tr.experiment_id], max_results=10000)
+    names = [r.info.run_name for r in runs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    kinds: dict[str, int] = {}
+    for r in runs:
+        k = r.data.tags.get("valind.kind", "?")
+        kinds[k] = kinds.get(k, 0) + 1
+    want = len(study.runs()) + 1  # + the study's parent run
+    line = (f"MLflow ({tr.uri}): {len(runs)} runs, expected {want} "
+            f"({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}); "
+            f"{'duplicates: ' + ', '.join(dup) if dup else 'no duplicates'}")
+    return line, {"runs": len(runs), "expected": want, "kinds": kinds, "duplicates": dup}
+
+
+def rehearse(spec_path: str, output_dir: str, models: int | None = None, cluster_dir: str | None = None,
+             stop_node: str | None = None) -> dict:
+    """Run the rehearsal on the Ray cluster at RAY_ADDRESS (a local one when unset); returns the figures,
+    also written to <study>/rehearsal.json."""
+    import ray
+
+    from runner.cluster import init_ray
+    from runner.pipeline import Study
+    from runner.spec import load_spec
+
+    full = load_spec(spec_path)
+    init_ray()
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    data, notes = rehearsal_spec(full, cpus, output_dir, models)
+    text = f"# valind rehearse {spec_path}\n" + yaml.safe_dump(data, sort_keys=False)
+    spec = parse_spec(data, f"rehearsal of {spec_path}")
+    say(f"rehearse {spec_path} on {len([n for n in ray.nodes() if n['Alive']])} node(s), {cpus} CPU(s):")
+    for line in notes:
+        say(f"  {line}")
+    study = Study(spec, text)
+    if stop_node:
+        if not cluster_dir:
+            raise ValueError("--stop-node needs --cluster-dir (the local cluster whose node to stop)")
+        stage, _, after = stop_node.partition(":")
+        stop_node_during(study, cluster_dir, stage, float(after or 30))
+    started = time.time()
+    study.run()
+    lines, fig = figures(study, full, started)
+    mline, counts = mlflow_counts(study)
+    fig.update(notes=notes, mlflow=counts, faults=getattr(study, "faults", []), wall_s=time.time() - started)
+    say("rehearsal figures:")
+    for line in [*lines, mline]:
+        say(f"  {line}")
+    (study.root / "rehearsal.json").write_text(json.dumps(fig, indent=2, default=str))
+    return fig

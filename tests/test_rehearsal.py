@@ -1,0 +1,76 @@
+"""jobs/paper.yaml rehearsed on a real multi-node Ray cluster on this machine (head + 2 worker nodes,
+each its own `ray start`) with an MLflow tracking server over HTTP, a worker node killed mid-training.
+One base model here (CI's time); docs/REHEARSAL.md records the rehearsal of all eight.
+
+The cluster is runner.local_cluster's: teardown ends only the processes it started (by their temp
+dirs), never `ray stop`."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runner.local_cluster import LocalCluster, pids_matching
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = LocalCluster(tmp_path / "cluster")
+    dirs = []
+    try:
+        c.up(workers=2, cpus=2)
+        dirs = [c.state["head"]["temp_dir"], c.state["mlflow"]["dir"]] + [n["temp_dir"] for n in c.state["workers"]]
+        yield c
+    finally:
+        dirs += [n["temp_dir"] for n in c.state.get("workers", [])]  # replacements started by the test
+        c.down()
+        assert not [d for d in dirs if pids_matching(d)], "cluster processes outlived teardown"
+
+
+def _env(c: LocalCluster, data_dir, tracking: bool) -> dict:
+    env = {**os.environ, **c.env, "HF_HUB_OFFLINE": "1", "VALIND_DATA_DIR": str(data_dir)}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(BIN.parent / "torch_extensions"))
+    if not tracking:
+        env.pop("MLFLOW_TRACKING_URI")
+    return env
+
+
+def test_paper_rehearsal_survives_a_lost_node(cluster, tmp_path, data_dir):
+    # the local sqlite store is refused on a multi-node cluster, before any compute
+    spec = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
+    spec["study"]["output_dir"] = str(tmp_path / "refused")
+    (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(spec))
+    r = subprocess.run([str(BIN / "valind"), "run", str(tmp_path / "smoke.yaml")], cwd=tmp_path,
+                       env=_env(cluster, data_dir, tracking=False), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "mlflow server" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+    assert not (tmp_path / "refused" / "smoke" / "annotate").exists()
+
+    out = tmp_path / "studies"
+    r = subprocess.run([str(BIN / "valind"), "rehearse", str(ROOT / "jobs" / "paper.yaml"), "--models", "1",
+                        "--output-dir", str(out), "--cluster-dir", str(cluster.dir), "--stop-node", "train:30"],
+                       cwd=tmp_path, env=_env(cluster, data_dir, tracking=True), capture_output=True, text=True,
+                       timeout=1800)
+    log = r.stdout[-6000:] + r.stderr[-4000:]
+    assert r.returncode == 0, log
+    fig = json.loads((out / "paper-rehearsal" / "rehearsal.json").read_text())
+    print("\n".join(line for line in r.stdout.splitlines() if line.startswith("  ")))
+    assert len(fig["faults"]) == 1 and fig["faults"][0]["stage"] == "train", log  # the node was stopped
+    assert len(cluster.state["workers"]) == 2  # ... and replaced
+    # every cell trained once and every run tracked once, on the HTTP server
+    assert len(fig["cells"]) == 3 and all(c["starts"] for c in fig["cells"])
+    assert fig["mlflow"]["runs"] == fig["mlflow"]["expected"] == 1 + 3 + 1 and not fig["mlflow"]["duplicates"]
+    assert fig["mlflow"]["kinds"] == {"study": 1, "base": 1, "value": 2, "control": 1}
+    # three pools: the judge for annotation, the model's LoRA engines, the judge again for scoring
+    assert [p["lora"] for p in fig["pools"]] == [False, True, False]
+    assert 0 < fig["concurrency"] <= fig["ideal"] + 1e-9 and fig["overhead_mean_s"] > 0
+    assert (out / "paper-rehearsal" / "report.html").exists()
+    # artifacts went through the server (mlflow-artifacts), into its artifact store, not the study dir
+    stored = Path(cluster.state["mlflow"]["dir"]) / "artifacts"
+    assert any(p.name == "adapter_config.json" for p in stored.rglob("*")), "no model artifact on the server"
