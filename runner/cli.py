@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     rh.add_argument("--models", type=int, metavar="N", help="rehearse only the first N base models (default: all)")
     rh.add_argument("--cluster-dir", help="the state dir of a `python -m runner.local_cluster` cluster")
     rh.add_argument("--stop-node", metavar="STAGE[:SECONDS]",
-                    help="kill a worker node of --cluster-dir SECONDS (default 30) into STAGE, then start a new one")
+                    help="SECONDS (default 30) into STAGE, kill the worker node of --cluster-dir that holds one of "
+                         "the stage's actors, then start a new node")
     rh.set_defaults(fn=cmd_rehearse)
     st = sub.add_parser("status", help="what is done, cached or failed")
     st.add_argument("spec")

@@ -124,7 +124,8 @@ class LocalCluster:
                 "dashboard_port": free_port()}
         import random
         self.state = {"head": head, "workers": [], "cpus": cpus, "memory_gb": memory_gb, "started": 0,
-                      "worker_ports": random.randrange(20000, 50000, 1000)}  # each node gets 1000 of its own
+                      # each node gets 1000 worker ports of its own, below the ephemeral range free_port() draws from
+                      "worker_ports": random.randrange(10000, 24000, 1000)}
         self._save()
         current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
         saved = current.read_text() if current.exists() else None

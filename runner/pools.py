@@ -10,6 +10,7 @@ class Pools:
         self.ctx = ctx
         self._open: dict[tuple[str, str | None, bool], object] = {}  # (model path, full-model path, lora)
         self.opened: list[dict] = []  # every pool started, in order (valind rehearse reports the hand-overs)
+        self._record: dict[tuple, dict] = {}  # an open pool's entry in `opened`
 
     def config(self, model: str, enable_lora: bool = False, path: str | None = None):
         from runner.engines import EngineConfig
@@ -41,9 +42,12 @@ class Pools:
                           batch_size=e.batch_size, startup_timeout_s=e.startup_timeout_s)
         self._open[(mp, path, enable_lora)] = pool
         self.opened.append({"model": path or model, "lora": enable_lora, "actors": e.actors,
-                            "startup_s": pool.startup_s})
+                            "startup_s": pool.startup_s, "restarts": 0})
+        self._record[(mp, path, enable_lora)] = self.opened[-1]
         return pool
 
     def close(self) -> None:
         while self._open:
-            self._open.popitem()[1].close()
+            key, pool = self._open.popitem()
+            self._record.pop(key)["restarts"] = pool.restarts
+            pool.close()

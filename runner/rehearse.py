@@ -100,22 +100,48 @@ def rehearsal_spec(spec: Spec, cpus: int, output_dir: str, models: int | None = 
 
 
 # ------------------------------------------------------------------ fault injection
+# The actors whose loss a stage must survive: a stopped node is one that holds one of them.
+STAGE_ACTORS = {"train": "RayTrainWorker", "annotate": "EngineActor", "generate": "EngineActor",
+                "score": "EngineActor"}
+
+
+def _node_holding(class_name: str) -> str | None:
+    """The node id of a live actor of `class_name` (None when there is none yet)."""
+    from ray.util.state import list_actors
+
+    alive = list_actors(filters=[("state", "=", "ALIVE"), ("class_name", "=", class_name)], limit=100)
+    return alive[0].node_id if alive else None
+
+
 def stop_node_during(study, cluster_dir: str, stage: str, after_s: float) -> None:
-    """Kill a worker node `after_s` into `stage` and start a fresh one (an autoscaler's replacement)."""
+    """`after_s` into `stage`, kill the worker node that holds one of the stage's actors (a training
+    worker, an engine), then start a fresh node (an autoscaler's replacement)."""
+    import ray
+
     from runner.local_cluster import LocalCluster
 
+    if stage not in STAGE_ACTORS:
+        raise ValueError(f"--stop-node: {stage!r} has no actors to lose; one of {', '.join(STAGE_ACTORS)}")
+
+    def stop() -> None:
+        time.sleep(after_s)
+        # in training, once a worker group is in its loop (its first line in valind-starts.txt)
+        while stage == "train" and not any((study.root / "ray_train").rglob("valind-starts.txt")):
+            time.sleep(0.2)
+        while (node_id := _node_holding(STAGE_ACTORS[stage])) is None:
+            time.sleep(0.2)
+        port = next(n["NodeManagerPort"] for n in ray.nodes() if n["NodeID"] == node_id)
+        c = LocalCluster(cluster_dir)
+        node = c.stop_node(next(i for i, w in enumerate(c.state["workers"]) if w["manager_port"] == port),
+                           replace=True, delay_s=5)
+        say(f"rehearse: stopped worker node {Path(node['temp_dir']).name} (it held a {STAGE_ACTORS[stage]}) "
+            f"{after_s:g}s into {stage}, and started a replacement")
+        study.faults.append({"stage": stage, "after_s": after_s, "node": node["temp_dir"],
+                             "held": STAGE_ACTORS[stage]})
+
     def at_stage(name: str) -> None:
-        if name != stage:
-            return
-
-        def stop() -> None:
-            time.sleep(after_s)
-            node = LocalCluster(cluster_dir).stop_node(0, replace=True, delay_s=5)
-            say(f"rehearse: stopped worker node {Path(node['temp_dir']).name} {after_s:g}s into {stage} "
-                "and started a replacement")
-            study.faults.append({"stage": stage, "after_s": after_s, "node": node["temp_dir"]})
-
-        threading.Thread(target=stop, daemon=True).start()
+        if name == stage:
+            threading.Thread(target=stop, daemon=True).start()
 
     study.faults = []
     study.on_stage = at_stage
@@ -169,13 +195,14 @@ def figures(study, full: Spec, started: float) -> tuple[list[str], dict]:
                   "machine's CPUs: start-up on GPU nodes differs)"]
         for c in cells:
             if len(c["starts"]) > 1:
-                lines.append(f"  {c['run']}: worker group started {len(c['starts'])} times, from step(s) "
-                             f"{c['starts']} (a step > 0 resumed from a checkpoint)")
+                lines.append(f"  {c['run']}: worker group started {len(c['starts'])} times, at step(s) "
+                             f"{c['starts']} (0: from the start; k > 0: from the step-k checkpoint)")
     pools = study.ctx.pools.opened
     if pools:
         lines.append(f"engine pools: {len(pools)} started (hand-overs between stages and base models), "
                      f"start-up mean {statistics.mean(p['startup_s'] for p in pools):.1f}s, "
-                     f"{sum(p['actors'] for p in pools)} actor starts")
+                     f"{sum(p['actors'] for p in pools)} actor starts, "
+                     f"{sum(p['restarts'] for p in pools)} restarted after dying")
     return lines, fig
 
 

@@ -54,14 +54,16 @@ def test_paper_rehearsal_survives_a_lost_node(cluster, tmp_path, data_dir):
 
     out = tmp_path / "studies"
     r = subprocess.run([str(BIN / "valind"), "rehearse", str(ROOT / "jobs" / "paper.yaml"), "--models", "1",
-                        "--output-dir", str(out), "--cluster-dir", str(cluster.dir), "--stop-node", "train:30"],
+                        "--output-dir", str(out), "--cluster-dir", str(cluster.dir), "--stop-node", "train:20"],
                        cwd=tmp_path, env=_env(cluster, data_dir, tracking=True), capture_output=True, text=True,
                        timeout=1800)
     log = r.stdout[-6000:] + r.stderr[-4000:]
     assert r.returncode == 0, log
     fig = json.loads((out / "paper-rehearsal" / "rehearsal.json").read_text())
     print("\n".join(line for line in r.stdout.splitlines() if line.startswith("  ")))
-    assert len(fig["faults"]) == 1 and fig["faults"][0]["stage"] == "train", log  # the node was stopped
+    # the node that was stopped held a training worker; its cell still finished
+    assert [(f["stage"], f["held"]) for f in fig["faults"]] == [("train", "RayTrainWorker")], log
+    print("worker-group starts per cell:", {c["run"]: c["starts"] for c in fig["cells"]})
     assert len(cluster.state["workers"]) == 2  # ... and replaced
     # every cell trained once and every run tracked once, on the HTTP server
     assert len(fig["cells"]) == 3 and all(c["starts"] for c in fig["cells"])

@@ -88,10 +88,18 @@ def train_loop(cfg: dict) -> None:
 
     cell: Cell = cfg["cell"]
     train = cell.train
-    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
-    deepspeed.init_distributed(dist_backend=dist_backend(train))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    ckpt = ray.train.get_checkpoint()
+    if rank == 0:  # first thing, one line per worker-group start: the step it resumes from (0: none)
+        resume = 0
+        if ckpt:
+            with ckpt.as_directory() as d:
+                resume = json.loads(Path(d, "state.json").read_text())["step"]
+        with open(starts_file(cell), "a") as f:
+            f.write(f"{resume}\n")
+    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+    deepspeed.init_distributed(dist_backend=dist_backend(train))
     seed = cell.seed
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
 
@@ -107,7 +115,6 @@ def train_loop(cfg: dict) -> None:
 
     steps = _schedule(len(examples), train.batch_size, train.epochs, seed)
     start = 0
-    ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(os.path.join(d, "ds"), tag="state", load_module_strict=False)  # frozen: from the model
@@ -118,9 +125,6 @@ def train_loop(cfg: dict) -> None:
             if Path(d, "metrics.jsonl").exists():
                 history = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines()]
 
-    if rank == 0:  # one line per worker-group start, with the step it starts from (0: no checkpoint yet)
-        with open(starts_file(cell), "a") as f:
-            f.write(f"{start}\n")
     loss_fn = make_loss(train)
     pad = cfg["pad_id"]
     fail_at = cfg.get("fail_at_step")  # fault-injection hook for tests
