@@ -284,3 +284,14 @@ def test_unknown_source_name_lists_the_registry():
                     "data": {"sources": [{"name": "foo"}]}})
     assert e.value.problems == [("data.sources[0].name", "unknown source 'foo'; known: hh_rlhf, local, "
                                  "pku_saferlhf, tulu3_preference, ultrafeedback")]
+
+
+def test_unreachable_hub_fails_in_seconds_naming_the_settings(monkeypatch):
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing answers
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match=r"VALIND_DATA_DIR is not set.*hub is unreachable.*HF_HUB_OFFLINE=1"):
+        load_pairs(SourceSpec(name="hh_rlhf", subset="harmless-base", split="test"), None, 4000)
+    assert time.perf_counter() - t0 < 10  # not datasets' five retries

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
+import socket
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
+from urllib.parse import urlparse
 
 import pandas as pd
 
@@ -174,17 +177,37 @@ def _resolve(source: SourceSpec, data_dir: Path | None
     if entry.hub_id is None:
         raise DataError(f"{name} ({split}): not found locally (tried {', '.join(tried) or 'none (no data dir)'})")
     hub_kwargs = {k: v.format(**fmt) for k, v in entry.hub_kwargs.items()}
+    where = f"{name} ({split}): not found locally (tried {', '.join(tried) or 'none: VALIND_DATA_DIR is not set'})"
     try:
         rows = _hub_rows(entry.hub_id, split, **hub_kwargs)
+    except HubUnreachable as e:
+        raise DataError(f"{where}, and the Hugging Face hub is unreachable ({e}). Set VALIND_DATA_DIR to a data "
+                        "directory that holds it, or HF_HUB_OFFLINE=1 to read the local datasets cache only") from None
     except Exception as e:  # datasets raises many types (offline, missing split, network)
-        where = ", ".join(tried) if tried else "none (no data dir)"
-        raise DataError(f"{name} ({split}): not found locally (tried {where}) and the hub dataset "
-                        f"{entry.hub_id!r} failed to load: {type(e).__name__}: {e}") from None
+        raise DataError(f"{where}, and the hub dataset {entry.hub_id!r} failed to load: {type(e).__name__}: {e}. "
+                        "Set VALIND_DATA_DIR to a data directory that holds it") from None
     return label, prefix, enumerate(rows), convert
+
+
+class HubUnreachable(OSError):
+    pass
+
+
+def check_hub(timeout_s: float = 3.0) -> None:
+    """Fail in seconds where the hub cannot be reached: `datasets` would retry five times first."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return  # offline mode: datasets reads its cache and says so itself
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise HubUnreachable(f"{url.hostname}:{port}: {e}") from None
 
 
 def _hub_rows(hub_id: str, split: str, **kwargs: Any) -> Iterable[dict]:
     """Rows of a hub dataset split (tests monkeypatch this)."""
+    check_hub()
     import datasets  # heavy; only needed when the data dir lacks the file
     return datasets.load_dataset(hub_id, split=split, **kwargs)
 
