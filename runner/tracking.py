@@ -117,6 +117,10 @@ def _retry(fn: Callable, *args, attempts: int = 4, **kw):
             time.sleep(0.5 * 2 ** i)
 
 
+# The MLflow UI opens a "model training" experiment on its runs table (a GenAI one on traces).
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str, study: str, root: Path, artifact_location: str | None = None):
         import mlflow
@@ -135,9 +139,12 @@ class Tracker:
                     artifacts = artifact_location or default
                     if artifacts and artifacts.startswith("/"):
                         artifacts = Path(artifacts).as_uri()
-                    exp_id = self.client.create_experiment(experiment, artifact_location=artifacts)
+                    exp_id = self.client.create_experiment(experiment, artifact_location=artifacts,
+                                                           tags={EXPERIMENT_KIND: MODEL_TRAINING})
                 else:
                     exp_id = exp.experiment_id
+                    if EXPERIMENT_KIND not in exp.tags:  # made by an older valind: land on the runs too
+                        self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_TRAINING)
         except Exception as e:
             raise TrackingError(redact(f"MLflow at {uri} is not usable: {type(e).__name__}: {e}")) from None
         self.experiment_id = exp_id

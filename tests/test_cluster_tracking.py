@@ -76,3 +76,17 @@ def test_artifact_location_is_set_when_the_experiment_is_created(tmp_path):
     assert t.client.get_experiment(t.experiment_id).artifact_location == (tmp_path / "arts").as_uri()
     d = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "e2", "s", tmp_path)
     assert d.client.get_experiment(d.experiment_id).artifact_location == (tmp_path / "mlartifacts").as_uri()
+
+
+def test_experiment_opens_on_the_runs_table(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from runner.tracking import EXPERIMENT_KIND, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    old = client.create_experiment("made-before")  # by a valind that set no kind
+    for name in ("fresh", "made-before"):
+        tr = Tracker(uri, name, "s", tmp_path)
+        assert client.get_experiment(tr.experiment_id).tags[EXPERIMENT_KIND] == "custom_model_development"
+    assert tr.experiment_id == old

@@ -73,6 +73,13 @@ def test_paper_rehearsal_survives_a_lost_node(cluster, tmp_path, data_dir):
     assert [p["lora"] for p in fig["pools"]] == [False, True, False]
     assert 0 < fig["concurrency"] <= fig["ideal"] + 1e-9 and fig["overhead_mean_s"] > 0
     assert (out / "paper-rehearsal" / "report.html").exists()
+    # what the UI reads, through the server's REST API: a model-training experiment lands on its runs
+    import urllib.parse
+    import urllib.request
+    q = urllib.parse.urlencode({"experiment_name": "valind-paper-rehearsal"})
+    with urllib.request.urlopen(f"{cluster.env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/get-by-name?{q}") as resp:
+        tags = {t["key"]: t["value"] for t in json.load(resp)["experiment"]["tags"]}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
     # artifacts went through the server (mlflow-artifacts), into its artifact store, not the study dir
     stored = Path(cluster.state["mlflow"]["dir"]) / "artifacts"
     assert any(p.name == "adapter_config.json" for p in stored.rglob("*")), "no model artifact on the server"
