@@ -16,12 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -122,7 +125,6 @@ class LocalCluster:
         # Short temp dirs: Ray's socket paths are length-limited.
         head = {"temp_dir": tempfile.mkdtemp(prefix="valind-head-", dir="/tmp"), "gcs_port": free_port(),
                 "dashboard_port": free_port()}
-        import random
         self.state = {"head": head, "workers": [], "cpus": cpus, "memory_gb": memory_gb, "started": 0,
                       # each node gets 1000 worker ports of its own, below the ephemeral range free_port() draws from
                       "worker_ports": random.randrange(10000, 24000, 1000)}
@@ -178,8 +180,6 @@ class LocalCluster:
             start_new_session=True)
         self.state["mlflow"] = {"port": port, "pid": proc.pid, "dir": str(d)}
         self._save()
-        import urllib.request
-
         deadline = time.time() + 120
         while time.time() < deadline:
             if proc.poll() is not None:
@@ -215,7 +215,6 @@ class LocalCluster:
             end_pids(self.node_pids(node))
         if "head" in s:
             end_pids(pids_matching(s["head"]["temp_dir"]))
-        import shutil
         for t in [s.get("head", {}).get("temp_dir")] + [n["temp_dir"] for n in s.get("workers", [])]:
             if t:
                 shutil.rmtree(t, ignore_errors=True)

@@ -7,9 +7,9 @@ resumes from the last finished unit (annotation batch, training cell, run).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import pandas as pd

@@ -2,8 +2,8 @@
 
 Under Ray Train V2 a TorchTrainer cannot be a Tune trainable, so each trial is a function that
 launches the cell's TorchTrainer (with TuneReportCallback forwarding worker reports to Tune).
-The trial itself holds no CPU and runs on the head node: its trainer's worker group asks for the resources. Concurrency
-comes from the cluster: as many trials as worker groups fit at once.
+The trial itself holds no CPU and runs on the head node: its trainer's worker group asks for the
+resources. Concurrency comes from the cluster: as many trials as worker groups fit at once.
 """
 from __future__ import annotations
 
