@@ -100,11 +100,16 @@ class LocalCluster:
 
     def __init__(self, d: str | Path):
         self.dir = Path(d).resolve()
-        self.state = json.loads((self.dir / STATE).read_text()) if (self.dir / STATE).exists() else {}
 
-    def _save(self) -> None:
+    @property
+    def state(self) -> dict:
+        """As recorded on disk: another process (a rehearsal's fault injection) may have changed it."""
+        f = self.dir / STATE
+        return json.loads(f.read_text()) if f.exists() else {}
+
+    def _save(self, state: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / STATE).write_text(json.dumps(self.state, indent=2))
+        (self.dir / STATE).write_text(json.dumps(state, indent=2))
 
     @property
     def env(self) -> dict[str, str]:
@@ -125,10 +130,9 @@ class LocalCluster:
         # Short temp dirs: Ray's socket paths are length-limited.
         head = {"temp_dir": tempfile.mkdtemp(prefix="valind-head-", dir="/tmp"), "gcs_port": free_port(),
                 "dashboard_port": free_port()}
-        self.state = {"head": head, "workers": [], "cpus": cpus, "memory_gb": memory_gb, "started": 0,
-                      # each node gets 1000 worker ports of its own, below the ephemeral range free_port() draws from
-                      "worker_ports": random.randrange(10000, 24000, 1000)}
-        self._save()
+        self._save({"head": head, "workers": [], "cpus": cpus, "memory_gb": memory_gb, "started": 0,
+                    # each node gets 1000 worker ports of its own, below the ephemeral range free_port() draws from
+                    "worker_ports": random.randrange(10000, 24000, 1000)})
         current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
         saved = current.read_text() if current.exists() else None
         try:
@@ -156,6 +160,8 @@ class LocalCluster:
         node = {"temp_dir": tempfile.mkdtemp(prefix="valind-node-", dir="/tmp"), "manager_port": free_port()}
         lo = s["worker_ports"] + 1000 * s["started"]
         s["started"] += 1
+        s["workers"].append(node)
+        self._save(s)  # before it starts: `down` finds a node that failed half-way too
         _ray_start(["--address", f"127.0.0.1:{s['head']['gcs_port']}", "--num-cpus", str(s["cpus"]),
                     "--memory", str(int(s["memory_gb"] * 1024 ** 3)), "--temp-dir", node["temp_dir"],
                     "--node-manager-port", str(node["manager_port"]), "--object-manager-port", str(free_port()),
@@ -163,8 +169,6 @@ class LocalCluster:
                     "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port",
                     str(free_port()), "--runtime-env-agent-port", str(free_port()), "--metrics-export-port",
                     str(free_port()), "--object-store-memory", str(512 * 1024 ** 2)], "worker")
-        s["workers"].append(node)
-        self._save()
         return node
 
     def _start_mlflow(self) -> None:
@@ -178,8 +182,7 @@ class LocalCluster:
              "--port", str(port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, env={**ray_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             start_new_session=True)
-        self.state["mlflow"] = {"port": port, "pid": proc.pid, "dir": str(d)}
-        self._save()
+        self._save({**self.state, "mlflow": {"port": port, "pid": proc.pid, "dir": str(d)}})
         deadline = time.time() + 120
         while time.time() < deadline:
             if proc.poll() is not None:
@@ -193,33 +196,32 @@ class LocalCluster:
         raise RuntimeError(f"mlflow server did not answer on 127.0.0.1:{port} within 120 s")
 
     # ------------------------------------------------------------------- stop
-    def node_pids(self, node: dict) -> list[int]:
-        return pids_matching(node["temp_dir"])
-
     def stop_node(self, index: int = -1, replace: bool = False, delay_s: float = 0) -> dict:
         """Kill one worker node at once (SIGKILL: a machine lost, not a clean shutdown); with
         `replace`, start a fresh node after `delay_s`, as an autoscaler would."""
-        node = self.state["workers"].pop(index)
-        self._save()
-        end_pids(self.node_pids(node), grace_s=5, sig=signal.SIGKILL)
+        s = self.state
+        node = s["workers"].pop(index)
+        s.setdefault("stopped", []).append(node)  # `down` still sweeps its temp dir
+        self._save(s)
+        end_pids(pids_matching(node["temp_dir"]), grace_s=5, sig=signal.SIGKILL)
         if replace:
             time.sleep(delay_s)
             self.add_node()
         return node
 
+    def temp_dirs(self) -> list[str]:
+        """Every node's temp dir: the head's, the workers', and those of stopped nodes."""
+        s = self.state
+        return [n["temp_dir"] for n in [s["head"], *s["workers"], *s.get("stopped", [])]] if s else []
+
     def down(self) -> None:
         s = self.state
         if "mlflow" in s:
             end_pids(pids_matching(s["mlflow"]["dir"]))
-        for node in s.get("workers", []):
-            end_pids(self.node_pids(node))
-        if "head" in s:
-            end_pids(pids_matching(s["head"]["temp_dir"]))
-        for t in [s.get("head", {}).get("temp_dir")] + [n["temp_dir"] for n in s.get("workers", [])]:
-            if t:
-                shutil.rmtree(t, ignore_errors=True)
+        for t in reversed(self.temp_dirs()):  # workers before the head
+            end_pids(pids_matching(t))
+            shutil.rmtree(t, ignore_errors=True)
         (self.dir / STATE).unlink(missing_ok=True)
-        self.state = {}
 
     def wait_for_nodes(self, n: int, timeout_s: float = 120) -> None:
         import ray

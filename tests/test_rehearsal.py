@@ -23,13 +23,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def cluster(tmp_path):
     c = LocalCluster(tmp_path / "cluster")
-    dirs = []
+    dirs = [str(c.dir)]  # the MLflow server's
     try:
         c.up(workers=2, cpus=2)
-        dirs = [c.state["head"]["temp_dir"], c.state["mlflow"]["dir"]] + [n["temp_dir"] for n in c.state["workers"]]
         yield c
     finally:
-        dirs += [n["temp_dir"] for n in c.state.get("workers", [])]  # replacements started by the test
+        dirs += c.temp_dirs()  # read back from disk: the replacement node the rehearsal started too
         c.down()
         assert not [d for d in dirs if pids_matching(d)], "cluster processes outlived teardown"
 
@@ -64,7 +63,7 @@ def test_paper_rehearsal_survives_a_lost_node(cluster, tmp_path, data_dir):
     # the node that was stopped held a training worker; its cell still finished
     assert [(f["stage"], f["held"]) for f in fig["faults"]] == [("train", "RayTrainWorker")], log
     print("worker-group starts per cell:", {c["run"]: c["starts"] for c in fig["cells"]})
-    assert len(cluster.state["workers"]) == 2  # ... and replaced
+    assert len(cluster.state["workers"]) == 2 and len(cluster.state["stopped"]) == 1  # ... and replaced
     # every cell trained once and every run tracked once, on the HTTP server
     assert len(fig["cells"]) == 3 and all(c["starts"] for c in fig["cells"])
     assert fig["mlflow"]["runs"] == fig["mlflow"]["expected"] == 1 + 3 + 1 and not fig["mlflow"]["duplicates"]
