@@ -118,12 +118,8 @@ class LocalCluster:
         return {"RAY_ADDRESS": f"127.0.0.1:{s['head']['gcs_port']}", "RAY_AUTH_MODE": "disabled",
                 "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{s['mlflow']['port']}"}
 
-    @property
-    def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.state['head']['dashboard_port']}"
-
     # ------------------------------------------------------------------ start
-    def up(self, workers: int = 2, cpus: int = 2, memory_gb: float = 6, mlflow: bool = True) -> "LocalCluster":
+    def up(self, workers: int = 2, cpus: int = 2, memory_gb: float = 6) -> "LocalCluster":
         if self.state:
             raise RuntimeError(f"{self.dir / STATE} exists: `down` that cluster first")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -142,8 +138,7 @@ class LocalCluster:
                         str(free_port()), "--object-store-memory", str(512 * 1024 ** 2)], "head")
             for _ in range(workers):
                 self.add_node()
-            if mlflow:
-                self._start_mlflow()
+            self._start_mlflow()
         except BaseException:
             self.down()
             raise
@@ -222,15 +217,6 @@ class LocalCluster:
             end_pids(pids_matching(t))
             shutil.rmtree(t, ignore_errors=True)
         (self.dir / STATE).unlink(missing_ok=True)
-
-    def wait_for_nodes(self, n: int, timeout_s: float = 120) -> None:
-        import ray
-
-        deadline = time.time() + timeout_s
-        while len([x for x in ray.nodes() if x["Alive"]]) < n:
-            if time.time() > deadline:
-                raise RuntimeError(f"fewer than {n} live nodes after {timeout_s:g}s")
-            time.sleep(1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,7 @@ class Pools:
     def __init__(self, ctx):
         self.ctx = ctx
         self._open: dict[tuple[str, str | None, bool], object] = {}  # (model path, full-model path, lora)
-        self.opened: list[dict] = []  # every pool started, in order (valind rehearse reports the hand-overs)
-        self._record: dict[tuple, dict] = {}  # an open pool's entry in `opened`
+        self.opened: list = []  # every pool started, in order (valind rehearse reports the hand-overs)
 
     def config(self, model: str, enable_lora: bool = False, path: str | None = None):
         from runner.engines import EngineConfig
@@ -41,13 +40,9 @@ class Pools:
         pool = EnginePool(self.config(model, enable_lora, path), actors=e.actors, gpus_per_actor=e.gpus_per_actor,
                           batch_size=e.batch_size, startup_timeout_s=e.startup_timeout_s)
         self._open[(mp, path, enable_lora)] = pool
-        self.opened.append({"model": path or model, "lora": enable_lora, "actors": e.actors,
-                            "startup_s": pool.startup_s, "restarts": 0})
-        self._record[(mp, path, enable_lora)] = self.opened[-1]
+        self.opened.append(pool)
         return pool
 
     def close(self) -> None:
         while self._open:
-            key, pool = self._open.popitem()
-            self._record.pop(key)["restarts"] = pool.restarts
-            pool.close()
+            self._open.popitem()[1].close()

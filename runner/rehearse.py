@@ -11,17 +11,20 @@ against the ideal, the engine-pool start-ups, and what the full grid's orchestra
 """
 from __future__ import annotations
 
-import json
 import statistics
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import yaml
 
 from evaluation.benchmarks import HUB_TASKS
+from evaluation.errors import InputError
 from runner.progress import say
 from runner.spec import EngineSpec, Spec, parse_spec
+from runner.store import read_json, write_json
+from runner.tracking import KIND_TAG
 
 # The values the tiny random judge emits most (jobs/smoke.yaml): others may curate too few pairs.
 TINY_JUDGE_VALUES = ("humor", "fairness")
@@ -113,15 +116,13 @@ def _node_holding(class_name: str) -> str | None:
     return alive[0].node_id if alive else None
 
 
-def stop_node_during(study, cluster_dir: str, stage: str, after_s: float) -> None:
+def stop_node_during(study, cluster_dir: str, stage: str, after_s: float) -> list[dict]:
     """`after_s` into `stage`, kill the worker node that holds one of the stage's actors (a training
-    worker, an engine), then start a fresh node (an autoscaler's replacement)."""
+    worker, an engine), then start a fresh node (an autoscaler's replacement). Returns the list the
+    stop is recorded in."""
     import ray
 
     from runner.local_cluster import LocalCluster
-
-    if stage not in STAGE_ACTORS:
-        raise ValueError(f"--stop-node: {stage!r} has no actors to lose; one of {', '.join(STAGE_ACTORS)}")
 
     def stop() -> None:
         time.sleep(after_s)
@@ -136,15 +137,16 @@ def stop_node_during(study, cluster_dir: str, stage: str, after_s: float) -> Non
                            replace=True, delay_s=5)
         say(f"rehearse: stopped worker node {Path(node['temp_dir']).name} (it held a {STAGE_ACTORS[stage]}) "
             f"{after_s:g}s into {stage}, and started a replacement")
-        study.faults.append({"stage": stage, "after_s": after_s, "node": node["temp_dir"],
+        faults.append({"stage": stage, "after_s": after_s, "node": node["temp_dir"],
                              "held": STAGE_ACTORS[stage]})
 
     def at_stage(name: str) -> None:
         if name == stage:
             threading.Thread(target=stop, daemon=True).start()
 
-    study.faults = []
+    faults: list[dict] = []
     study.on_stage = at_stage
+    return faults
 
 
 # ------------------------------------------------------------------ figures
@@ -154,7 +156,7 @@ def cell_timings(study) -> list[dict]:
         if not r.cell_key:
             continue
         f = study.store.unit("train", r.cell_key) / "cell.json"
-        timing = json.loads(f.read_text()).get("timing") if f.exists() else None
+        timing = read_json(f).get("timing") if f.exists() else None
         if timing:
             wall = timing["end"] - timing["start"]
             out.append({"run": r.run_id, **timing, "wall_s": wall, "overhead_s": wall - timing["steps_s"]})
@@ -171,22 +173,25 @@ def figures(study, full: Spec, started: float) -> tuple[list[str], dict]:
     from runner.sweep import max_concurrent
 
     cells = [c for c in cell_timings(study) if c["start"] >= started]  # trained by this run, not cached
-    lines, fig = [], {"stage_s": study.stage_seconds, "pools": study.ctx.pools.opened}
+    pools = [{"model": p.cfg.model, "lora": p.cfg.enable_lora, "actors": p.size, "startup_s": p.startup_s,
+              "restarts": p.restarts} for p in study.ctx.pools.opened]
+    lines, fig = [], {"stage_s": study.stage_seconds, "pools": pools}
     lines.append("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in study.stage_seconds.items()))
     if cells:
         over = [c["overhead_s"] for c in cells]
+        mean = statistics.mean(over)
         ideal = min(len(cells), max_concurrent(study.spec.train))
         reached = concurrency(cells)
         full_cells = len(full.models) * len(full.conditions()) * len(full.seeds.values)
         full_conc = max_concurrent(full.train, full.cluster, resources={})
-        hours = full_cells * statistics.mean(over) / full_conc / 3600
-        gpu_h = full_cells * statistics.mean(over) * full.train.workers * full.train.gpus_per_worker / 3600
-        fig.update(cells=cells, overhead_mean_s=statistics.mean(over), overhead_median_s=statistics.median(over),
+        hours = full_cells * mean / full_conc / 3600
+        gpu_h = full_cells * mean * full.train.workers * full.train.gpus_per_worker / 3600
+        fig.update(cells=cells, overhead_mean_s=mean, overhead_median_s=statistics.median(over),
                    concurrency=reached, ideal=ideal, full_cells=full_cells, full_concurrency=full_conc,
                    full_overhead_h=hours, full_overhead_gpu_h=gpu_h,
                    restarted={c["run"]: c["starts"] for c in cells if len(c["starts"]) > 1})
         lines += [f"training cells: {len(cells)}; orchestration overhead per cell (wall − optimizer steps): "
-                  f"mean {statistics.mean(over):.1f}s, median {statistics.median(over):.1f}s, "
+                  f"mean {mean:.1f}s, median {statistics.median(over):.1f}s, "
                   f"max {max(over):.1f}s",
                   f"concurrency: {reached:.2f} cells in flight on average, ideal {ideal} "
                   f"({reached / ideal:.0%})",
@@ -197,7 +202,6 @@ def figures(study, full: Spec, started: float) -> tuple[list[str], dict]:
             if len(c["starts"]) > 1:
                 lines.append(f"  {c['run']}: worker group started {len(c['starts'])} times, at step(s) "
                              f"{c['starts']} (0: from the start; k > 0: from the step-k checkpoint)")
-    pools = study.ctx.pools.opened
     if pools:
         lines.append(f"engine pools: {len(pools)} started (hand-overs between stages and base models), "
                      f"start-up mean {statistics.mean(p['startup_s'] for p in pools):.1f}s, "
@@ -210,12 +214,8 @@ def mlflow_counts(study) -> tuple[str, dict]:
     """Runs of the study's experiment by name: each cell and run must appear once."""
     tr = study.ctx.tracker
     runs = tr.client.search_runs([tr.experiment_id], max_results=10000)
-    names = [r.info.run_name for r in runs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    kinds: dict[str, int] = {}
-    for r in runs:
-        k = r.data.tags.get("valind.kind", "?")
-        kinds[k] = kinds.get(k, 0) + 1
+    dup = sorted(n for n, k in Counter(r.info.run_name for r in runs).items() if k > 1)
+    kinds = dict(Counter(r.data.tags.get(KIND_TAG, "?") for r in runs))
     want = len(study.runs()) + 1  # + the study's parent run
     line = (f"MLflow ({tr.uri}): {len(runs)} runs, expected {want} "
             f"({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}); "
@@ -233,6 +233,10 @@ def rehearse(spec_path: str, output_dir: str, models: int | None = None, cluster
     from runner.pipeline import Study
     from runner.spec import load_spec
 
+    stage, _, after = (stop_node or "").partition(":")
+    if stop_node and (not cluster_dir or stage not in STAGE_ACTORS):
+        raise InputError(f"--stop-node {stop_node}: needs --cluster-dir (the local cluster whose node to stop) "
+                         f"and a stage with actors to lose: {', '.join(STAGE_ACTORS)}")
     full = load_spec(spec_path)
     init_ray()
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -243,18 +247,14 @@ def rehearse(spec_path: str, output_dir: str, models: int | None = None, cluster
     for line in notes:
         say(f"  {line}")
     study = Study(spec, text)
-    if stop_node:
-        if not cluster_dir:
-            raise ValueError("--stop-node needs --cluster-dir (the local cluster whose node to stop)")
-        stage, _, after = stop_node.partition(":")
-        stop_node_during(study, cluster_dir, stage, float(after or 30))
+    faults = stop_node_during(study, cluster_dir, stage, float(after or 30)) if stop_node else []
     started = time.time()
     study.run()
     lines, fig = figures(study, full, started)
     mline, counts = mlflow_counts(study)
-    fig.update(notes=notes, mlflow=counts, faults=getattr(study, "faults", []), wall_s=time.time() - started)
+    fig.update(notes=notes, mlflow=counts, faults=faults, wall_s=time.time() - started)
     say("rehearsal figures:")
     for line in [*lines, mline]:
         say(f"  {line}")
-    (study.root / "rehearsal.json").write_text(json.dumps(fig, indent=2, default=str))
+    write_json(fig, study.root / "rehearsal.json")
     return fig

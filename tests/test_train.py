@@ -76,3 +76,23 @@ def test_dead_worker_recovers_to_the_same_adapter(tmp_path, tiny_model, data_dir
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-5, worst
     assert any(torch.count_nonzero(a[k]) for k in a if "lora_B" in k)  # the adapter actually trained
+
+
+def test_comm_op_load_survives_a_lock_left_by_a_killed_worker(tmp_path):
+    """torch's JIT lock file, left by a worker killed mid-load, must not hang the next cell (it did)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    built = Path(os.environ["TORCH_EXTENSIONS_DIR"], "deepspeed_shm_comm")  # `make setup` builds it
+    ext = tmp_path / "ext"
+    shutil.copytree(built, ext / built.name)
+    (ext / built.name / "lock").touch()  # what a SIGKILL during the load leaves behind
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext), "DS_ACCELERATOR": "cpu"}
+    load = ("from runner.train.loop import load_comm_op; load_comm_op(); "
+            "from deepspeed.comm.torch import build_shm_op; print(build_shm_op().__file__)")
+    out = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith(str(ext / built.name / "deepspeed_shm_comm.so"))
+    assert not (ext / built.name / "lock").exists()

@@ -47,6 +47,7 @@ class EnginePool:
                  cpus_per_actor: float = 1.0, batch_size: int = 64, startup_timeout_s: float = 1800,
                  in_flight: int = 2, max_restarts: int | None = None):
         self.cfg, self.batch_size, self.cpus, self.gpus = cfg, batch_size, cpus_per_actor, gpus_per_actor
+        self.size = actors
         # A lost node takes all its actors at once (8 on an 8-GPU node): by default each actor may be
         # replaced once, and any pool at least 3 times.
         self.in_flight, self.restarts, self.max_restarts = in_flight, 0, max_restarts or max(3, actors)

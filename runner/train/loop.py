@@ -35,6 +35,30 @@ def dist_backend(train: TrainSpec) -> str:
     return "nccl" if train.gpus_per_worker > 0 else "gloo"
 
 
+def load_comm_op() -> None:
+    """Load DeepSpeed's shared-memory comm op, clearing a build lock left by a killed process.
+
+    torch's JIT loader takes a lock *file* on every load, even with nothing to build, and waits
+    forever on one whose holder died: a node lost while its workers started left every later
+    training cell hanging. An flock dies with its holder, so whoever holds it knows that any lock
+    file is stale. DeepSpeed then reuses the loaded op instead of loading it again.
+    """
+    import fcntl
+
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return  # DeepSpeed will not use it either (CUDA: NCCL)
+    build_dir = Path(_get_build_directory(builder.NAME, verbose=False))
+    with open(build_dir.parent / f".{builder.NAME}.valind-lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        builder.load(verbose=False)
+
+
 def ds_config(train: TrainSpec, world: int) -> dict:
     if not isinstance(train.bf16, bool):
         raise ValueError(f"train.bf16 must be resolved to True/False before training, got {train.bf16!r}")
@@ -91,14 +115,17 @@ def train_loop(cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     ckpt = ray.train.get_checkpoint()
-    if rank == 0:  # first thing, one line per worker-group start: the step it resumes from (0: none)
-        resume = 0
-        if ckpt:
-            with ckpt.as_directory() as d:
-                resume = json.loads(Path(d, "state.json").read_text())["step"]
+    start, history = 0, []  # the step to resume from and the metrics before it
+    if ckpt:
+        with ckpt.as_directory() as d:
+            start = json.loads(Path(d, "state.json").read_text())["step"]
+            if Path(d, "metrics.jsonl").exists():
+                history = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines()]
+    if rank == 0:  # first thing, one line per worker-group start
         with open(starts_file(cell), "a") as f:
-            f.write(f"{resume}\n")
+            f.write(f"{start}\n")
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+    load_comm_op()
     deepspeed.init_distributed(dist_backend=dist_backend(train))
     seed = cell.seed
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
@@ -114,16 +141,9 @@ def train_loop(cfg: dict) -> None:
     micro, grad_acc = conf["train_micro_batch_size_per_gpu"], conf["gradient_accumulation_steps"]
 
     steps = _schedule(len(examples), train.batch_size, train.epochs, seed)
-    start = 0
     if ckpt:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(os.path.join(d, "ds"), tag="state", load_module_strict=False)  # frozen: from the model
-            start = json.loads(Path(d, "state.json").read_text())["step"]
-    history: list[dict] = []
-    if ckpt:
-        with ckpt.as_directory() as d:
-            if Path(d, "metrics.jsonl").exists():
-                history = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines()]
 
     loss_fn = make_loss(train)
     pad = cfg["pad_id"]
