@@ -25,6 +25,9 @@ __all__ = [
     "aa_check",
     "positive_control",
     "power_table",
+    "verdicts",
+    "points_along_training",
+    "trend_along_training",
     "CONTRAST_COLUMNS",
 ]
 
@@ -238,15 +241,26 @@ def _add_corrections(df: pd.DataFrame, family: list[str], alpha: float) -> pd.Da
         return df.assign(p_holm=holm, p_bh=bh, significant=prim & (holm < alpha))
 
 
+def _reference_controls(controls: pd.DataFrame, kind: str, value) -> pd.DataFrame:
+    """The control runs a condition is compared with: per-value controls (a ``match`` column naming
+    values, controls.match: per_value) only for their own value; otherwise every control."""
+    if kind == "value" and "match" in controls.columns and controls["match"].notna().any():
+        return controls[controls["match"] == value]
+    return controls
+
+
 def contrasts(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float = 0.05,
               primary_judges: dict[str, str] | None = None) -> pd.DataFrame:
     """Paired contrasts of every trained condition against the base model and against controls.
 
     One row per (model, condition, suite, metric, judge, reference). Reference "base" is the
     model's base run(s); reference "control" is, per condition run, the item-wise mean over the
-    model's control runs with the same seed (all control runs when no seed matches). Control
-    conditions get only the "base" reference. Items unscored in any run of either arm are left
-    out of the pair and counted in ``n_unscored_pairs``.
+    model's control runs with the same seed (all control runs when no seed matches). Where the
+    runs table's optional ``match`` column names a value for control runs (per-value controls),
+    a value condition's control runs are only those matched to its value (none: no control
+    reference); the positive arm's are all of them. Control conditions get only the "base"
+    reference. Items unscored in any run of either arm are left out of the pair and counted in
+    ``n_unscored_pairs``.
 
     Inference is :func:`evaluation.stats.crossed_test` on the (condition runs × items) table of
     paired differences: trained runs are the replication unit, so run-to-run variance and the
@@ -270,8 +284,9 @@ def contrasts(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float = 0.05,
             refs = []
             if len(base):
                 refs.append(("base", base, False))
-            if kind != "control" and len(controls):
-                refs.append(("control", controls, True))
+            ref_controls = _reference_controls(controls, kind, value)
+            if kind != "control" and len(ref_controls):
+                refs.append(("control", ref_controls, True))
             for ref_name, ref_runs, match in refs:
                 for row in _compare_arms(vals, exists, cr, ref_runs, match, alpha):
                     rows.append(dict(model=model, condition=condition, kind=kind,
@@ -284,6 +299,18 @@ def contrasts(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float = 0.05,
     df["family"] = [family_of(k, s) for k, s in zip(df["kind"], df["suite"])]
     df = _add_corrections(df, ["model", "reference", "family"], alpha)
     return df[CONTRAST_COLUMNS].reset_index(drop=True)
+
+
+def verdicts(contrasts_df: pd.DataFrame) -> pd.DataFrame:
+    """The headline rows: per (model, condition, suite, metric[, progress]), the primary judge's
+    contrast against the controls, or against the base model where there is no control reference;
+    in the values suite only the condition's own value. What MLflow shows as verdict metrics and
+    the along-training figure draws."""
+    c = contrasts_df[contrasts_df["primary"].astype(bool)]
+    c = c[(c["suite"] != VALUES_SUITE) | (c["metric"] == EXPRESSES_PREFIX + c["value"].fillna(""))]
+    keys = ["model", "condition", "suite", "metric"] + (["progress"] if "progress" in c.columns else [])
+    c = c.assign(_pref=(c["reference"] != "control").astype(int)).sort_values([*keys, "_pref"], kind="stable")
+    return c.drop_duplicates(keys).drop(columns="_pref").reset_index(drop=True)
 
 
 def positive_control(contrasts_df: pd.DataFrame, alpha: float = 0.05) -> list[dict]:
@@ -462,3 +489,88 @@ def power_table(contrasts_df: pd.DataFrame, target_halfwidth: float | None = Non
                         f"no number of seeds reaches {power:.0%} power for {min_effect}: more items"
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- along training
+
+TREND_COLUMNS = ["model", "condition", "kind", "value", "suite", "metric", "judge", "reference", "primary",
+                 "family", "points", "n_seeds", "n_items", "slope", "se", "df", "ci_lo", "ci_hi", "p_value",
+                 "p_holm", "significant", "inference"]
+
+
+def points_along_training(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float = 0.05,
+                          primary_judges: dict[str, str] | None = None) -> pd.DataFrame:
+    """The contrasts at each train.eval_at point (a ``progress`` column), each training run counted
+    once per point: :func:`contrasts` on the base runs and the trained runs at that point.
+
+    ``runs`` has a ``progress`` column: a trained run's adapter at that share of its schedule
+    (1 = the end; the base model 0). Empty with fewer than two points."""
+    base, trained = runs[runs["kind"] == "base"], runs[runs["kind"] != "base"]
+    points = sorted(trained["progress"].unique()) if "progress" in runs.columns else []
+    if len(points) < 2:
+        return pd.DataFrame(columns=[*CONTRAST_COLUMNS, "progress"])
+    return pd.concat([contrasts(pd.concat([base, trained[trained["progress"] == p]]), scores, alpha,
+                                primary_judges).assign(progress=p) for p in points], ignore_index=True)
+
+
+def trend_along_training(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float = 0.05,
+                         primary_judges: dict[str, str] | None = None) -> pd.DataFrame:
+    """The slope of each effect over training progress (dose-response), per (model, condition,
+    suite, metric, judge, reference): one slope per (training run, item), from that run's own
+    points, then the crossed runs × items test of the slopes (:func:`stats.crossed_test`). A run's
+    points are repeated measures of one run, never separate runs: the inference replicates over
+    training runs, as at the end of training. Empty with fewer than two points."""
+    points = runs.loc[runs["kind"] != "base", "progress"].unique() if "progress" in runs.columns else []
+    if len(points) < 2:
+        return pd.DataFrame(columns=TREND_COLUMNS)
+    rows = []
+    r = _prepare_runs(runs)
+    for model, mr in r.groupby("model", sort=True):
+        vals, _ = _wide(scores, list(mr["run_id"]))
+        if vals.empty:
+            continue
+        col = {run: i for i, run in enumerate(vals.columns)}
+        values = vals.to_numpy(float)
+        base_m, controls = mr[mr["kind"] == "base"], mr[mr["kind"] == "control"]
+        for condition, cr in mr[mr["kind"] != "base"].groupby("condition", sort=True):
+            kind, value = cr["kind"].iloc[0], cr["value"].iloc[0] if "value" in cr else None
+            refs = [("base", base_m)] if len(base_m) else []
+            ref_controls = _reference_controls(controls, kind, value)
+            if kind != "control" and len(ref_controls):
+                refs.append(("control", ref_controls))
+            for ref_name, ref_runs in refs:
+                for (suite, metric, judge), pos in sorted(vals.groupby(level=[0, 1, 2]).indices.items()):
+                    slopes = [_item_slopes(values[pos], col, sr, ref_runs, ref_name == "control")
+                              for _, sr in cr.groupby("_seed_sort", sort=True)]
+                    test = stats.crossed_test(np.vstack(slopes), alpha)
+                    rows.append(dict(model=model, condition=condition, kind=kind,
+                                     value=None if pd.isna(value) else value, suite=suite, metric=metric,
+                                     judge=judge, reference=ref_name, points=len(points),
+                                     **{("slope" if k == "effect" else k): v for k, v in test.as_dict().items()
+                                        if k not in ("var_seed", "var_item", "var_resid")}))
+    if not rows:
+        return pd.DataFrame(columns=TREND_COLUMNS)
+    trend = pd.DataFrame(rows)
+    trend["primary"] = mark_primary(trend, primary_judges)
+    trend["family"] = [family_of(k, s) for k, s in zip(trend["kind"], trend["suite"])]
+    trend = _add_corrections(trend, ["model", "reference", "family"], alpha)
+    return trend[TREND_COLUMNS].reset_index(drop=True)
+
+
+def _item_slopes(values: np.ndarray, col: dict, run_points: pd.DataFrame, ref_runs: pd.DataFrame,
+                 same_point: bool) -> np.ndarray:
+    """Per item, the OLS slope over progress of one training run's paired difference with its
+    reference (controls: those at the same point and seed, else all at that point; base: the base)."""
+    xs, diffs = [], []
+    pts = run_points.sort_values("progress")
+    for run_id, progress, seed in zip(pts["run_id"], pts["progress"], pts["_seed"]):
+        ref = ref_runs
+        if same_point:
+            at = ref_runs[ref_runs["progress"] == progress]
+            ref = at[at["_seed"] == seed] if (at["_seed"] == seed).any() else at
+        arm = _nanmean_rows(values[:, [col[x] for x in ref["run_id"]]].T)
+        xs.append(progress)
+        diffs.append(values[:, col[run_id]] - arm)
+    x = np.asarray(xs, float)
+    w = (x - x.mean()) / ((x - x.mean()) ** 2).sum()
+    return w @ np.vstack(diffs)  # NaN for an item unscored at any point

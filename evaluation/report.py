@@ -40,7 +40,7 @@ img{max-width:100%;border:1px solid #ddd;margin:.5em 0}
 
 _MAX_ROWS = 2000  # beyond this a table is truncated, with a note, to keep the file usable
 
-_CONTRAST_SHOW = ["model", "condition", "metric", "judge", "primary", "reference", "n_seeds", "n_items",
+_CONTRAST_SHOW = ["stage", "model", "condition", "metric", "judge", "primary", "reference", "n_seeds", "n_items",
                   "n_unscored_pairs", "mean_condition", "mean_reference", "effect", "se", "df", "ci_lo",
                   "ci_hi", "p_value", "p_holm", "p_bh", "effect_size", "effect_size_kind", "significant"]
 
@@ -217,8 +217,13 @@ def _header(extras: dict, runs: pd.DataFrame | None) -> str:
         seeds = sorted({int(s) for s in runs["seed"].dropna()})
         positive = " + a positive control (planted marker)" if kinds.get("positive", 0) else ""
         out.append(f"<p>{runs['model'].nunique()} model(s) × ({kinds.get('value', 0)} induced value(s){positive} + "
-                   f"{kinds.get('control', 0)} random-subset control arm(s)) × seeds {seeds}, plus each "
+                   f"{kinds.get('control', 0)} random-subset control arm(s)"
+                   + (", each matched to one value's size and length profile"
+                      if "match" in runs.columns and runs["match"].notna().any() else "")
+                   + f") × seeds {seeds}, plus each "
                    f"base model: {len(runs)} evaluated runs.</p>")
+    if extras.get("system_prompt"):
+        out.append(f"<p>{_esc(_system_prompt_line(extras['system_prompt']))}</p>")
     version = extras.get("code_version")
     out.append(f'<p class="note">Code version {_esc(version)}; generated '
                f'{_esc(_dt.datetime.now().isoformat(timespec="seconds"))}. The exact spec is in the appendix.</p>'
@@ -226,6 +231,42 @@ def _header(extras: dict, runs: pd.DataFrame | None) -> str:
     if extras.get("notes"):
         out.append(f'<p class="note">{_esc(extras["notes"])}</p>')
     return "".join(out)
+
+
+def _system_prompt_line(sp: dict) -> str:
+    """Whether the training system prompt is present at generation time ({"text", "per_value",
+    "at_generation": "none" | "train"}, from train.system_prompt and generate.system_prompt)."""
+    text = sp.get("text")
+    if not text:
+        return "System prompt in training: none; at generation: absent."
+    per_value = bool(sp.get("per_value"))
+    train = f"“{text}” (" + ("per value: each value arm and its matched controls get their value's text"
+                             if per_value else "fixed: the same for every trained run") + ")"
+    if sp.get("at_generation") != "train":
+        return f"System prompt in training: {train}; at generation: absent."
+    if per_value:
+        return (f"System prompt in training: {train}; at generation: present for trained runs (each its own "
+                "text), absent for base models (a {value} template has no value for them), so effects against "
+                "a base model include the system prompt's own.")
+    return f"System prompt in training: {train}; at generation: present (trained runs and base models)."
+
+
+_STAGES = ("base", "sft", "instruct")  # models[i].stage, in the order the report groups results
+
+
+def _model_stages(runs: pd.DataFrame | None) -> dict[str, str] | None:
+    """model → stage when the study's models span more than one stage; None: results are not grouped."""
+    if runs is None or "stage" not in runs.columns:
+        return None
+    st = runs.drop_duplicates("model").set_index("model")["stage"].astype(str)
+    return st.to_dict() if st.nunique() > 1 else None
+
+
+def _by_stage(df: pd.DataFrame, stages: dict[str, str]) -> pd.DataFrame:
+    """A "stage" column first and rows ordered base → sft → instruct (their order kept within a stage)."""
+    df = df.assign(stage=df["model"].map(stages))
+    rank = df["stage"].map({s: i for i, s in enumerate(_STAGES)}).fillna(len(_STAGES)).to_numpy()
+    return df.iloc[np.argsort(rank, kind="stable")][["stage"] + [c for c in df.columns if c != "stage"]]
 
 
 def _short_judges(c: pd.DataFrame) -> pd.DataFrame:
@@ -256,7 +297,8 @@ def _summary(contrasts_df: pd.DataFrame, extras: dict, alpha: float) -> str:
 
     def sentence(r) -> str:
         who = f"inducing {r.value}" if r.kind == "value" else r.condition
-        return (f"{_esc(r.model)}: {_esc(who)} changes {_esc(r.suite)}/{_esc(r.metric)} "
+        model = f"{r.model} ({r.stage})" if hasattr(r, "stage") else r.model
+        return (f"{_esc(model)}: {_esc(who)} changes {_esc(r.suite)}/{_esc(r.metric)} "
                 f"[{_esc(r.judge)}] by {r.effect:+.3g} (95% CI {r.ci_lo:+.3g} to {r.ci_hi:+.3g}) against "
                 f"{_esc(r.reference)}; p = {_fmt(r.p_value, 'p_value')}, Holm p = {_fmt(r.p_holm, 'p_holm')}, "
                 f"{_esc(_SHORT_ES.get(r.effect_size_kind, r.effect_size_kind))} = {_fmt(r.effect_size)} ({int(r.n_seeds)} run(s), "
@@ -290,7 +332,7 @@ def _sensitivity(contrasts_df: pd.DataFrame | None, extras: dict, alpha: float) 
     if isinstance(aa, pd.DataFrame) and not aa.empty:
         out.append("<p><b>Specificity.</b> A/A check (two random-control arms against each other, where every "
                    "null is true, tested and corrected like the study's contrasts): "
-                   + "; ".join(f"{_esc(r.model)}: {int(r.n_significant)} of {int(r.n_tests)} comparisons "
+                   + "; ".join(f"{_esc(r.model)}{_aa_match(r)}: {int(r.n_significant)} of {int(r.n_tests)} comparisons "
                                f"significant after Holm ({int(r.n_significant_uncorrected)} before correction)"
                                for r in aa.itertuples()) + ".</p>")
     else:
@@ -307,6 +349,12 @@ def _sensitivity(contrasts_df: pd.DataFrame | None, extras: dict, alpha: float) 
             out.append(f"<p>Every trained run changed at least {share:.0%} of its base model's responses "
                        f"(lowest: {changed['share_changed'].min():.0%}).</p>")
     return "".join(out)
+
+
+def _aa_match(r) -> str:
+    """A per-value A/A row's value in brackets (aa_checks' optional match column); empty otherwise."""
+    m = getattr(r, "match", None)
+    return f" ({_esc(m)})" if isinstance(m, str) else ""
 
 
 def _claims_section(contrasts_df: pd.DataFrame, co: pd.DataFrame, crosstalk: list[dict],
@@ -343,16 +391,62 @@ def _per_value_section(contrasts_df: pd.DataFrame) -> str:
     c = contrasts_df[contrasts_df["kind"] == "value"]
     if c.empty:
         return _na("Per-value results")
+    if "stage" in c.columns:  # models of several stages: one block per stage, in _by_stage's order
+        return "".join(f"<h3>{_esc(stage)} models</h3>" + _per_value_tables(d, "h4")
+                       for stage, d in c.groupby("stage", sort=False))
+    return _per_value_tables(c, "h3")
+
+
+def _per_value_tables(c: pd.DataFrame, h: str) -> str:
     out = []
     for (model, cond), d in c.groupby(["model", "condition"], sort=True):
         value = str(d["value"].iloc[0])
         own = d["metric"] == f"{analyze.EXPRESSES_PREFIX}{value}"
         d = d[(d["suite"] != analyze.VALUES_SUITE) | own].assign(_side=~own)  # own expression first
         d = d.assign(_sens=~d["primary"]).sort_values(["_side", "suite", "metric", "reference", "_sens", "judge"])
-        out.append(f"<h3>{_esc(value)} <span class='note'>({_esc(model)})</span></h3>")
+        out.append(f"<{h}>{_esc(value)} <span class='note'>({_esc(model)})</span></{h}>")
         out.append(_table(_compact(d)[_PER_VALUE_SHOW], f"Results for {value}", highlight="significant",
                           collapse_over=200))
     return "".join(out)
+
+
+def _curation_section(extras: dict) -> str:
+    """The rule and sizes, each value's pairs kept as they are / flipped / dropped, the values dropped
+    below min_subset_size (data.subset_size: all), then the curation table."""
+    rule, out = extras.get("curation_rule"), []
+    if isinstance(rule, dict):
+        sizes = ("every eligible pair of each value (unequal sizes)" if rule.get("subset_size") == "all"
+                 else f"{rule.get('N')} pairs per condition")
+        match = (rule.get("controls") or {}).get("match", "pooled")
+        out.append(f"<p>Rule <b>{_esc(rule.get('rule'))}</b>: {_esc(rule.get('description', ''))}. Subsets: "
+                   f"{_esc(sizes)}; random controls: {_esc(match)}"
+                   + (" (each value's own size and length profile)" if match == "per_value" else "") + ".</p>")
+        counts = rule.get("counts") or {}
+        if counts:
+            drop = ("dropped_both_sides", "dropped_neither_side", "dropped_rejected_only")
+            out.append("<p>Eligible pairs per value, kept as they are / flipped / dropped (value on both sides, on "
+                       "neither, only on the rejected side): " + "; ".join(
+                           f"{_esc(v)} {c['kept_as_is']} / {c['flipped']} / {sum(c[k] for k in drop)} "
+                           f"({' + '.join(str(c[k]) for k in drop)})" for v, c in counts.items()) + ".</p>")
+        dropped = rule.get("dropped") or {}
+        if dropped:
+            out.append(f"<p><b>Dropped value(s)</b>: "
+                       + ", ".join(f"{_esc(v)} ({n} eligible pairs)" for v, n in dropped.items())
+                       + f": fewer than data.min_subset_size = {rule.get('min_subset_size')} (data.subset_size: "
+                         "all drops such values); they have no runs.</p>")
+    return "".join(out) + _table(extras.get("curation"), "Curation table")
+
+
+def _label_check_section(check: dict | None) -> str:
+    """annotate.check: the value labeller against a larger judge on a stratified sample."""
+    if not isinstance(check, dict):
+        return ""
+    return (f"<h3>Value labeller against {_esc(check.get('judge'))}</h3>"
+            f"<p class='note'>{_esc(check.get('labeller'))}'s value labels against the check judge's (same "
+            "prompt) on a sample stratified by the labeller's values (annotate.check): precision = the share "
+            "of the labeller's values the check judge also reported, recall = the share of the check judge's "
+            "values the labeller reported, Cohen's κ per value; row \"all\" pools every (response, value) "
+            "decision.</p>" + _table(check.get("table"), "Labeller check"))
 
 
 def _aa_section(extras: dict) -> str:
@@ -360,7 +454,8 @@ def _aa_section(extras: dict) -> str:
     if not isinstance(aa, pd.DataFrame) or aa.empty:
         return _na("A/A check (set controls.aa_check: true with controls.count >= 2)")
     detail = extras.get("aa_detail")
-    return ('<p class="note">control-0 against control-1, paired by seed and item, on every metric, tested and '
+    return ('<p class="note">control-0 against control-1 (per-value controls: control-&lt;v&gt;-0 against '
+            'control-&lt;v&gt;-1 for each value), paired by seed and item, on every metric, tested and '
             'Holm-corrected over the same families of primary-judge rows as the study\'s contrasts. Both arms '
             'are random subsets, so every difference is noise: a study should show a significant comparison '
             'in at most α of such checks. More than that says the tests are anticonservative for this '
@@ -435,6 +530,47 @@ def _trajectory(figs: _Figures, traj: pd.DataFrame) -> str:
     return figs.add(fig, "adaptive_trajectory", "Adaptive seeds trajectory")
 
 
+def _along_training_section(figs: _Figures, extras: dict) -> str:
+    """Dose-response: each primary effect against training progress (train.eval_at) with its 95% CI
+    band, and the slope of each effect over progress (a run's checkpoints as repeated measures)."""
+    points, trend = extras.get("along_training"), extras.get("trend")
+    if not isinstance(points, pd.DataFrame) or points.empty:
+        return ('<p class="note">Measured at the end of training only (train.eval_at: '
+                f'{_esc(extras.get("eval_at", [1.0]))}); list fractions such as [0.25, 0.5, 1.0] to see effects '
+                'appear along training.</p>')
+    out = ['<p class="note">Each point: the contrast at that share of training, each training run '
+           'counted once (base model at 0). The slope test fits one slope per (training run, item) from '
+           "that run's own checkpoints and tests them with runs and items crossed, so checkpoints are "
+           'repeated measures of a run, never extra runs (docs/STATISTICS.md).</p>']
+    p = _short_judges(analyze.verdicts(points))
+    arms = p[p["kind"] != "control"]  # the induced (and planted) arms; a control's own path is in the table
+    arms = arms.assign(metric=arms["metric"].where(arms["suite"] != "values", "own value expressed"))
+    for (model, suite), d in arms.groupby(["model", "suite"], sort=True):
+        metrics = sorted(d["metric"].unique(), key=lambda m: ("/" in m, m))[:6]  # headline metrics before parts
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 2.8), squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            for cond, c in d[d["metric"] == metric].groupby("condition", sort=True):
+                c = c.sort_values("progress")
+                x = np.concatenate([[0.0], c["progress"].to_numpy(float)])
+                ax.plot(x, np.concatenate([[0.0], c["effect"].to_numpy(float)]), "o-", ms=3, label=cond)
+                ax.fill_between(x, np.concatenate([[0.0], c["ci_lo"].to_numpy(float)]),
+                                np.concatenate([[0.0], c["ci_hi"].to_numpy(float)]), alpha=0.2)
+            ax.axhline(0, color="k", lw=0.6)
+            ax.set_xlabel("share of training")
+            ax.set_title(metric, fontsize=8)
+        axes[0][0].set_ylabel("effect vs " + " / ".join(sorted(d["reference"].unique())))
+        axes[0][-1].legend(fontsize=6)
+        fig.suptitle(f"{model} — {suite}", fontsize=9, y=1.04)
+        out.append(figs.add(fig, f"along_training_{model}_{suite}", f"Effects along training {model} {suite}"))
+    if isinstance(trend, pd.DataFrame) and not trend.empty:
+        t = _short_judges(trend[trend["primary"]])
+        out.append(_table(t[["model", "condition", "suite", "metric", "reference", "points", "n_seeds", "slope",
+                             "ci_lo", "ci_hi", "p_value", "p_holm", "significant"]],
+                          "Slopes over training", highlight="significant", collapse_over=40))
+    out.append(_table(p, "Contrasts at each point", collapse_over=0))
+    return "".join(out)
+
+
 def _power_section(figs: _Figures, extras: dict) -> str:
     out = ["<p class='note'>Planned from the variance components of each contrast (run-to-run, item × "
            "condition, residual). The item × condition part repeats in every run, so it sets a floor on the "
@@ -470,9 +606,13 @@ def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame 
     """Write ``out_dir/report.html`` (figures also in ``out_dir/figures``) and return its path.
 
     ``extras`` (all optional): study_name, spec_yaml, code_version, notes, alpha, description,
-    judge_agreement (DataFrame), curation (DataFrame), aa_checks and aa_detail (DataFrames), power
+    judge_agreement (DataFrame), curation (DataFrame), curation_rule (curation.json's "rule": the
+    rule, kept/flipped/dropped counts, dropped values), aa_checks and aa_detail (DataFrames), power
     (DataFrame), adaptive (a sentence on seeds.adaptive), adaptive_trajectory (DataFrame from
-    ``evaluation.adaptive.snapshot`` rows), changed and min_changed_share (``evaluation.sanity``).
+    ``evaluation.adaptive.snapshot`` rows), changed and min_changed_share (``evaluation.sanity``),
+    system_prompt ({"text", "per_value", "at_generation"}: the header's system-prompt line), label_check
+    ({"judge", "labeller", "table"}: annotate.check's agreement, runner.data.audit.check_agreement). A
+    ``stage`` column in ``runs`` with more than one stage groups the results by stage (base → sft → instruct).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -482,9 +622,12 @@ def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame 
     prm = analyze.per_run_metrics(scores) if scores is not None else analyze.per_run_metrics(None)
     have_runs = isinstance(runs, pd.DataFrame) and not runs.empty
     have_c = isinstance(contrasts_df, pd.DataFrame) and not contrasts_df.empty
+    stages = _model_stages(runs if have_runs else None)
     co, crosstalk = None, []
     if have_c:
         contrasts_df = _short_judges(contrasts_df)
+        if stages:
+            contrasts_df = _by_stage(contrasts_df, stages)
         co = analyze.coexpression(contrasts_df, alpha=alpha)  # read by the claims and co-expression sections
         crosstalk = analyze.crosstalk_tests(co, alpha)
 
@@ -512,15 +655,17 @@ def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame 
             sec.append(_table(c[cols], f"All {suite} contrasts", highlight="significant", collapse_over=0))
     else:
         sec.append(_na("Contrasts"))
+    sec.append("<h2>Effects along training</h2>" + _along_training_section(figs, extras))
     sec.append("<h2>A/A check (control against control)</h2>" + _aa_section(extras))
     sec.append("<h2>Seeds and power</h2>" + _power_section(figs, extras))
     agreement = extras.get("judge_agreement")
     sec.append("<h2>Judge agreement</h2>"
                + (_agreement_figure(figs, agreement) if isinstance(agreement, pd.DataFrame)
                   and {"accuracy", "kappa", "n"} <= set(agreement.columns) else "")
-               + _table(agreement, "Judge agreement") + "<h3>Which judge scored what</h3>"
+               + _table(agreement, "Judge agreement") + _label_check_section(extras.get("label_check"))
+               + "<h3>Which judge scored what</h3>"
                + _judges_section(scores, prm))
-    sec.append("<h2>Curation</h2>" + _table(extras.get("curation"), "Curation table"))
+    sec.append("<h2>Curation</h2>" + _curation_section(extras))
 
     sec.append("<h2>Appendix</h2><h3>Runs</h3>" + (_table(runs, "Runs") if have_runs else _na("Runs table")))
     sec.append("<h3>Per-run metrics</h3>")
@@ -535,9 +680,11 @@ def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame 
         sec.append("<h3>Did each adapter change its model?</h3>"
                    "<p class='note'>Share of items whose response differs from the base model's.</p>"
                    + _table(changed, "Changed responses", highlight="flagged", collapse_over=40))
+    summary = _condition_summary(runs if have_runs else None, prm)
     sec.append("<h3>Condition summary (base / control / value)</h3>"
                '<p class="note">Mean over runs of each condition and SD across seeds.</p>'
-               + _table(_condition_summary(runs if have_runs else None, prm), "Condition summary", collapse_over=0))
+               + _table(_by_stage(summary, stages) if stages and summary is not None else summary,
+                        "Condition summary", collapse_over=0))
     spec = extras.get("spec_yaml")
     sec.append("<h3>Exact spec</h3>" + (f"<pre>{_esc(spec)}</pre>" if spec else _na("Spec YAML")))
 

@@ -34,9 +34,14 @@ def _study(args):
 
 def cmd_validate(args) -> int:
     spec, _ = _load(args.spec)
+    cells = len(spec.models) * len(spec.conditions()) * len(spec.seeds.values)
+    points = len(spec.train.eval_at) - 1
     print(f"{args.spec}: valid — study {spec.study.name!r}, {len(spec.models)} model(s), "
           f"{len(spec.conditions())} condition(s), {len(spec.seeds.values)} seed(s), "
-          f"{len(spec.models) * (1 + len(spec.conditions()) * len(spec.seeds.values))} evaluated runs")
+          f"{len(spec.models) + cells} evaluated runs"
+          + (f" + {cells * points} part-way adapters (train.eval_at)" if points else "")
+          + (" (at most: data.subset_size: all drops values below min_subset_size)"
+             if spec.data.subset_size == "all" else ""))
     return 0
 
 
@@ -62,8 +67,14 @@ def _print_where(study, report) -> None:
     uri = tracking_uri(study.spec.tracking.uri, study.root)
     print(f"report:  {report}")
     print(f"mlflow:  {uri}")
+    # the runs table (README: the clicks that group it); without workflowType a fresh browser may open
+    # MLflow's GenAI overview
+    runs = f"#/experiments/{study.ctx.tracker.experiment_id}/runs?workflowType=machine_learning"
     if uri.startswith("sqlite:///"):
         print(f"open it: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        print(f"then:    http://127.0.0.1:5000/{runs}")
+    elif uri.startswith("http"):
+        print(f"runs:    {uri.rstrip('/')}/{runs}")
     for line in study.sensitivity_lines():
         print(line)
 
@@ -84,6 +95,8 @@ def cmd_status(args) -> int:
     Console().print(table)
     done = sum(r["state"] == "done" for r in rows)
     print(f"{done}/{len(rows)} units done" + (" — the study is complete" if done == len(rows) else ""))
+    if not study.runs_known():
+        print("runs: listed once curate is done (data.subset_size: all drops values below min_subset_size)")
     for r in rows:
         if r["state"] == "failed":
             err = study.store.failed(r["stage"], r["key"]) or {}

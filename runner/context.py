@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from evaluation.errors import ValindError
 from runner import models as model_registry
-from runner.spec import EngineSpec, Spec, content_hash
+from runner.spec import EngineSpec, Spec, SpecError, content_hash
 from runner.store import Store
 
 
@@ -30,6 +30,14 @@ class Run:
     value: str | None
     seed: int | None
     cell_key: str | None    # train-unit key; None for a base model
+    match: str | None = None  # a per-value control's matched value (controls.match: per_value); else None
+    stage: str = "instruct"  # the model's models[i].stage: base | sft | instruct (the report groups by it)
+    progress: float = 1.0   # share of its cell's training schedule (train.eval_at); a base model: 0
+
+    @property
+    def final(self) -> bool:
+        """The run's end point: a base model or a fully trained cell (not an eval_at checkpoint)."""
+        return self.progress == 1.0 or self.kind == "base"
 
 
 class StudyContext:
@@ -86,16 +94,42 @@ class StudyContext:
         return t
 
     def tokenizer(self, name: str):
+        """A model's tokenizer, loaded once; a model with no chat template (the tokenizer's or the
+        spec's) is refused here, where the tokenizer is first seen."""
         if name not in self._tokenizers:
             from transformers import AutoTokenizer
-            self._tokenizers[name] = AutoTokenizer.from_pretrained(
-                self.model_path(name), trust_remote_code=self.spec.model(name).trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(self.model_path(name),
+                                                trust_remote_code=self.spec.model(name).trust_remote_code)
+            if tok.chat_template is None and self.chat_template(name) is None:
+                raise SpecError("spec", [self._template_field(name)])
+            self._tokenizers[name] = tok
         return self._tokenizers[name]
+
+    def _template_field(self, name: str) -> tuple[str, str]:
+        """The spec field to fix for a model with no chat template, and what to do (a SpecError problem)."""
+        s = self.spec
+        for i, m in enumerate(s.models):
+            if m.name == name:
+                return f"models[{i}].chat_template", (
+                    f"the tokenizer of {m.path!r} has no chat template and valind does not guess one: give the "
+                    "model's chat format here (a Jinja string or a .jinja file)")
+        judges = {"annotate.judge_model": s.annotate.judge_model,
+                  "annotate.check.judge_model": s.annotate.check and s.annotate.check.judge_model,
+                  "score.value_judge": s.score.value_judge,
+                  "score.refusal_llm_judge": s.score.refusal_llm_judge, "score.anthro_judge": s.score.anthro_judge}
+        return next(f for f, v in judges.items() if v == name), (
+            f"the judge {name!r} has no chat template and valind does not guess one: choose an instruct model")
+
+    def check_chat_templates(self) -> None:
+        """Every model the study prompts (evaluated models and judges) has a chat template: checked
+        before any compute, so a base checkpoint fails in seconds rather than after annotation."""
+        for name in dict.fromkeys([m.name for m in self.spec.models] + sorted(self.judge_models())):
+            self.tokenizer(name)
 
     def judge_models(self) -> set[str]:
         s = self.spec
-        return {m for m in (s.annotate.judge_model, s.score.value_judge, s.score.refusal_llm_judge,
-                            s.score.anthro_judge) if m}
+        return {m for m in (s.annotate.judge_model, s.annotate.check and s.annotate.check.judge_model,
+                            s.score.value_judge, s.score.refusal_llm_judge, s.score.anthro_judge) if m}
 
     def engine_spec(self, model: str) -> EngineSpec:
         """The engine section serving a model: judges use annotate.engine, evaluated models

@@ -18,9 +18,10 @@ from runner.context import Run, StageError, StudyContext
 from runner.progress import say
 from runner.secrets import redact
 from runner.seeds import SeedBook
-from runner.spec import Spec
+from runner.spec import Spec, parse_condition
 from runner.stages import KEYS, STAGES, analyze, annotate
 from runner.stages.train import TRAIN
+from runner.store import read_json
 
 __all__ = ["Study", "Run", "StageError", "STAGES"]
 
@@ -39,16 +40,33 @@ class Study:
 
     # ------------------------------------------------------------------ runs
     def runs(self) -> list[Run]:
-        out = []
+        out, conditions = [], self.spec.conditions(self.kept_values())
         for m in self.spec.models:
-            out.append(Run(f"{m.name}__base", m.name, "base", "base", None, None, None))
-            for cond in self.spec.conditions():
-                kind = cond.split("-", 1)[0]  # value | control | positive
-                value = cond.split("-", 1)[1] if kind == "value" else None
+            out.append(Run(f"{m.name}__base", m.name, "base", "base", None, None, None, stage=m.stage,
+                           progress=0.0))
+            for cond in conditions:
+                kind, value, match = parse_condition(cond)
                 for seed in self.seeds.seeds(cond):
-                    r = Run(f"{m.name}__{cond}__s{seed}", m.name, cond, kind, value, seed, None)
-                    out.append(replace(r, cell_key=TRAIN(self.ctx, r)))
+                    r = Run(f"{m.name}__{cond}__s{seed}", m.name, cond, kind, value, seed, None, stage=m.stage,
+                            match=match)
+                    r = replace(r, cell_key=TRAIN(self.ctx, r))
+                    out.append(r)
+                    # the same cell's adapter part-way through training: one run's repeated measures
+                    out += [replace(r, run_id=f"{r.run_id}__p{f:g}", progress=f)
+                            for f in self.spec.train.eval_at if f < 1]
         return out
+
+    def kept_values(self) -> list[str]:
+        """The induced values that get runs. Under data.subset_size: all, curation drops values below
+        min_subset_size, so they are known only from the curate stage's result (produced here if
+        needed, which annotates first); the equal-N modes keep every value (or fail in curate)."""
+        if self.spec.data.subset_size != "all":
+            return list(self.spec.values.induced)
+        return read_json(self.need("curate") / "curation.json")["rule"]["kept"]
+
+    def runs_known(self) -> bool:
+        """Whether `runs()` can answer without running a stage (see kept_values)."""
+        return self.spec.data.subset_size != "all" or self.store.done("curate", self.key("curate"))
 
     def runs_table(self) -> pd.DataFrame:
         return pd.DataFrame([{k: v for k, v in asdict(r).items() if k != "cell_key"} for r in self.runs()])
@@ -79,6 +97,7 @@ class Study:
         check_cluster_tracking(tracking_uri(s.tracking.uri, self.root),
                                max([s.train.gpus_per_worker] + [e.gpus_per_actor for e in engines]))
         _ = self.ctx.tracker  # MLflow must be reachable before any compute
+        self.ctx.check_chat_templates()  # and every model must have a chat template
         t0 = time.perf_counter()
         result = None
         try:
@@ -117,11 +136,15 @@ class Study:
     # ----------------------------------------------------------------- status
     def status(self) -> list[dict]:
         """Every unit of the study: stage, unit, key, and state (done | failed | missing)."""
-        units = [("annotate", "annotations", self.key("annotate")), ("curate", "subsets", self.key("curate"))]
-        runs = self.runs()
-        units += [("train", r.run_id, r.cell_key) for r in runs if r.cell_key]
-        units += [(stage, r.run_id, self.key(stage, r)) for stage in ("generate", "score") for r in runs]
-        units.append(("analyze", "report", self.key("analyze")))
+        units = [("annotate", "annotations", self.key("annotate"))]
+        if self.spec.annotate.check:
+            units.append(("annotate_check", "labeller check", self.key("annotate_check")))
+        units.append(("curate", "subsets", self.key("curate")))
+        if self.runs_known():  # under data.subset_size: all the runs follow from curation: none listed before it
+            runs = self.runs()
+            units += [("train", r.run_id, r.cell_key) for r in runs if r.cell_key and r.final]
+            units += [(stage, r.run_id, self.key(stage, r)) for stage in ("generate", "score") for r in runs]
+            units.append(("analyze", "report", self.key("analyze")))
         return [{"stage": st, "unit": u, "key": k,
                  "state": "done" if self.store.done(st, k) else "failed" if self.store.failed(st, k) else "missing"}
                 for st, u, k in units]

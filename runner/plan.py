@@ -184,6 +184,11 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
     if subset is None:
         subset = max(spec.data.min_subset_size, (pairs - held) // len(VALUES))
         notes.append(f"data.subset_size unset: assumed {subset} pairs per condition (held-in pairs / 16)")
+    elif subset == "all":  # sizes and kept values are known only after curation
+        subset = max(spec.data.min_subset_size, (pairs - held) // len(VALUES))
+        notes.append(f"data.subset_size all: assumed {subset} pairs per value subset and its controls (held-in "
+                     "pairs / 16) and every value kept; curation sets the real sizes and drops values below "
+                     f"data.min_subset_size ({spec.data.min_subset_size})")
     g, st = spec.generate, suite_settings(spec)
     items, followups = {}, 0
     for name in eval_suites(spec):
@@ -193,7 +198,12 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
         followups += round(suite.n_followups * items[name] / suite.n_items) if suite.n_followups else 0
     per_run = sum(items.values()) + followups
     n_models, cells_per_model = len(spec.models), len(conds) * len(seeds)
-    runs = n_models * (1 + cells_per_model)
+    # every train.eval_at point below 1 is one more adapter of each cell to generate with and score
+    runs = n_models * (1 + cells_per_model * len(spec.train.eval_at))
+    if len(spec.train.eval_at) > 1:
+        notes.append(f"train.eval_at {spec.train.eval_at}: each cell's adapter is evaluated at "
+                     f"{len(spec.train.eval_at)} points, so generation and scoring cover "
+                     f"{n_models * cells_per_model * len(spec.train.eval_at):,} trained adapters")
     plan = Plan(cluster, {"trials (cells)": n_models * cells_per_model, "evaluated runs": runs,
                           "preference pairs": pairs, "annotation responses": 2 * pairs,
                           "pairs per condition": subset, "items per run": per_run,
@@ -214,6 +224,12 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
     gh = 2 * pairs / rate / 3600 / eff
     used = min(total_gpus, _pool_gpus(e))
     plan.rows.append(Row("annotate", f"{2 * pairs:,} responses", f"{rate:.3g} resp/s", src, used, gh, gh / used))
+    if c := spec.annotate.check:  # the check judge re-labels a sample, on the same engine section
+        n = min(c.sample, 2 * pairs)
+        rate, src, e = judge(c.judge_model)
+        gh = n / rate / 3600 / eff
+        used = min(total_gpus, _pool_gpus(e))
+        plan.rows.append(Row("  annotate check", f"{n:,} responses", f"{rate:.3g} resp/s", src, used, gh, gh / used))
 
     # train: one trial per cell, as many at once as worker groups fit
     t = spec.train

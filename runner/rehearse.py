@@ -68,7 +68,8 @@ def rehearsal_spec(spec: Spec, cpus: int, output_dir: str, models: int | None = 
     d["models"] = [{"name": m.name, "path": str(prepare_tiny(seed=i + 1, name=f"tiny-llama-{i + 1}"))}
                    for i, m in enumerate(base)]
     d["values"] = {"induced": chosen, "positive": [v for v in spec.values.positive if v in chosen] or chosen}
-    d["controls"] = {"count": 1, "length_bins": spec.controls.length_bins}
+    # match kept: a {value} system-prompt template needs controls matched per value (spec validation)
+    d["controls"] = {"count": 1, "length_bins": spec.controls.length_bins, "match": spec.controls.match}
     d["seeds"] = {"values": spec.seeds.values[:1]}
     d["data"] = {"sources": [{"name": "hh_rlhf", "subset": "harmless-base", "split": "test", "max_pairs": 48}],
                  "held_out_fraction": spec.data.held_out_fraction, "rule": "chosen",
@@ -153,7 +154,7 @@ def stop_node_during(study, cluster_dir: str, stage: str, after_s: float) -> lis
 def cell_timings(study) -> list[dict]:
     out = []
     for r in study.runs():
-        if not r.cell_key:
+        if not r.cell_key or not r.final:
             continue
         f = study.store.unit("train", r.cell_key) / "cell.json"
         timing = read_json(f).get("timing") if f.exists() else None
@@ -216,7 +217,7 @@ def mlflow_counts(study) -> tuple[str, dict]:
     runs = tr.client.search_runs([tr.experiment_id], max_results=10000)
     dup = sorted(n for n, k in Counter(r.info.run_name for r in runs).items() if k > 1)
     kinds = dict(Counter(r.data.tags.get(KIND_TAG, "?") for r in runs))
-    want = len(study.runs()) + 1  # + the study's parent run
+    want = sum(r.final for r in study.runs()) + 1  # + the study's parent (eval_at points log into their run)
     line = (f"MLflow ({tr.uri}): {len(runs)} runs, expected {want} "
             f"({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}); "
             f"{'duplicates: ' + ', '.join(dup) if dup else 'no duplicates'}")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from runner.spec import parse_condition
 from runner.store import read_json, write_json
 
 
@@ -20,10 +21,20 @@ class SeedBook:
         return list(self.spec.seeds.values) + self.extra.get(condition, [])
 
     def add(self, conditions: list[str]) -> int:
-        """One more seed for these conditions and for every control (they stay paired by seed)."""
+        """One more seed for these conditions and for the controls they are compared with (they stay
+        paired by seed): every control; with controls.match: per_value, a value's own controls
+        (and every control for the positive arm, whose reference they all are)."""
         used = set(self.spec.seeds.values) | {x for v in self.extra.values() for x in v}
         seed = max(used) + 1
-        targets = set(conditions) | {c for c in self.spec.conditions() if c.startswith("control-")}
+        parsed = [parse_condition(c) for c in conditions]
+        every = any(kind == "positive" for kind, _, _ in parsed)
+        induced = {value for _, value, _ in parsed}
+
+        def reference(cond: str) -> bool:
+            kind, _, match = parse_condition(cond)
+            return kind == "control" and (match is None or every or match in induced)
+
+        targets = set(conditions) | {c for c in self.spec.conditions() if reference(c)}
         for cond in sorted(targets):
             self.extra.setdefault(cond, []).append(seed)
         write_json(self.extra, self.root / "adaptive_seeds.json")

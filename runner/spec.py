@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,9 +44,22 @@ class ModelSpec(_Section):
     """A base model: a builtin name (`smollm2-135m`, `tiny-llama`), a local HF dir or a hub id."""
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     path: str
-    chat_template: str | None = None  # a Jinja string or a path to a .jinja file
+    # The checkpoint's training stage; the report groups results by it (base → sft → instruct).
+    stage: Literal["base", "sft", "instruct"] = "instruct"
+    # A Jinja string or a path to a .jinja file; overrides the tokenizer's. Required for stage: base
+    # (valind does not guess a chat format), and for any model whose tokenizer has none (checked when
+    # the study starts, StudyContext.check_chat_templates).
+    chat_template: str | None = Field(default=None, validate_default=True)
     trust_remote_code: bool = False
     params_b: float | None = Field(default=None, gt=0)  # size in billions for `valind plan`; None = from the name
+
+    @field_validator("chat_template")
+    @classmethod
+    def _base_needs_template(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None and info.data.get("stage") == "base":
+            raise ValueError("a stage: base model needs an explicit chat_template (a Jinja string or a .jinja "
+                             "file): a base checkpoint's template, if it has one, is not the study's to guess")
+        return v
 
 
 class ValuesSpec(_Section):
@@ -81,8 +95,14 @@ class PositiveControlSpec(_Section):
 class ControlsSpec(_Section):
     count: int = Field(default=1, ge=0, le=64)
     length_bins: int = Field(default=4, ge=1, le=32)
-    aa_check: bool = False  # compare control-0 with control-1 (an A/A test): needs count >= 2
+    # An A/A test: control-0 against control-1 (per_value: control-<v>-0 against control-<v>-1 for
+    # each value); needs count >= 2
+    aa_check: bool = False
     positive: PositiveControlSpec | None = None  # a planted-behaviour arm (condition "positive")
+    # pooled: `count` controls ("control-<k>") of size N, length-matched to the pooled value subsets;
+    # per_value: `count` controls per value ("control-<value>-<k>"), each of that value's size and
+    # length profile, the reference of that value alone (required by data.subset_size: all).
+    match: Literal["pooled", "per_value"] = "pooled"
 
 
 class AdaptiveSeeds(_Section):
@@ -134,11 +154,22 @@ class DataSpec(_Section):
     data_dir: str | None = None
     sources: list[SourceSpec] = Field(min_length=1)
     held_out_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
-    subset_size: int | None = Field(default=None, ge=1)   # N per condition; None = smallest value subset
+    # N per condition; None = the smallest value subset; "all" = every eligible pair of each value
+    # (unequal sizes, the paper's protocol; values below min_subset_size are then dropped, not an error)
+    subset_size: int | Literal["all"] | None = None
     min_subset_size: int = Field(default=4, ge=1)
     max_chars: int = Field(default=4000, ge=100)          # pairs longer than this are dropped (over-length)
-    rule: Literal["chosen_not_rejected", "chosen"] = "chosen_not_rejected"
+    rule: Literal["chosen_not_rejected", "chosen", "exactly_one_side_flip"] = "chosen_not_rejected"
     seed: int = 0
+
+    @field_validator("subset_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        # one message at data.subset_size instead of one per member of the union
+        if v is None or v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"must be a whole number >= 1, 'all' (every eligible pair per value) or unset "
+                         f"(the smallest value subset); got {v!r}")
 
 
 class SamplingSpec(_Section):
@@ -169,6 +200,13 @@ class EngineSpec(_Section):
     startup_timeout_s: float = Field(default=1800, gt=0)  # engine actors that cannot be placed fail after this
 
 
+class AnnotateCheck(_Section):
+    """A second, larger judge re-labels a stratified sample of the annotated responses with the same
+    prompt and mode; the labeller's agreement with it is reported (precision, recall, Cohen's kappa)."""
+    judge_model: str  # a model name from `models`, or a path / hub id; served by annotate.engine
+    sample: int = Field(default=200, ge=1)  # responses re-labelled (audit_sample, seeded by data.seed)
+
+
 class AnnotateSpec(_Section):
     judge_model: str  # a model name from `models`, or a path / hub id
     # Pins the value judge's prompt: a spec written for another prompt version is refused, not rerun.
@@ -179,6 +217,7 @@ class AnnotateSpec(_Section):
     max_pairs: int | None = Field(default=None, ge=1)
     # The judges' engine (annotation and scoring), e.g. a 70B with tensor parallelism; None = `engine`.
     engine: EngineSpec | None = None
+    check: AnnotateCheck | None = None  # the labeller's agreement with a larger judge on a sample
 
     @field_validator("prompt_version")
     @classmethod
@@ -193,6 +232,21 @@ class LoraSpec(_Section):
     alpha: int = Field(default=16, ge=1)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+def system_fields(text: str) -> set[str]:
+    """The placeholders of a system prompt: {value} or none; anything else (another name, a format
+    spec, a stray brace) is refused. Literal braces are written {{ and }}."""
+    try:
+        parts = list(string.Formatter().parse(text))
+    except ValueError as e:
+        raise ValueError(f"not a valid template ({e}); write {{{{ and }}}} for literal braces") from None
+    bad = [f"{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}"
+           for _, name, spec, conv in parts if name is not None and (name, spec, conv) != ("value", "", None)]
+    if bad:
+        raise ValueError(f"only {{value}} (the induced value's name) may be formatted, not {', '.join(bad)}; "
+                         "write {{ and }} for literal braces")
+    return {name for _, name, _, _ in parts if name is not None}
 
 
 class TrainSpec(_Section):
@@ -215,6 +269,41 @@ class TrainSpec(_Section):
     report_every: int = Field(default=1, ge=1)
     checkpoint_every: int = Field(default=50, ge=1)  # optimizer steps between DeepSpeed checkpoints
     max_failures: int = Field(default=1, ge=0)
+    # A system message put first in every training prompt (runner.train.batches.with_system): a fixed
+    # text, or a template whose {value} is the induced value's name (a matched control gets its value's).
+    system_prompt: str | None = None
+    # Fractions of the optimizer steps at which the adapter is also evaluated (the final one always
+    # is): effects along training. Each point is generated and scored like a run, as a repeated
+    # measure of its training run, never as another run.
+    eval_at: list[float] = Field(default_factory=lambda: [1.0])
+
+    @field_validator("eval_at")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f <= 1 for f in v):
+            raise ValueError(f"fractions of the training schedule must be in (0, 1], got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"fractions must be unique, got {v}")
+        return sorted(set(v) | {1.0})
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _system_placeholders(cls, v: str | None) -> str | None:
+        if v is not None:
+            if not v.strip():
+                raise ValueError("an empty system prompt: remove the key (or set null) for none")
+            system_fields(v)
+        return v
+
+    def system_text(self, value: str | None) -> str | None:
+        """The system prompt of a condition inducing `value` (None: a base model or an unmatched control)."""
+        if self.system_prompt is None:
+            return None
+        if system_fields(self.system_prompt):
+            if value is None:
+                raise ValueError("train.system_prompt is a {value} template and this condition has no value")
+            return self.system_prompt.format(value=value)
+        return self.system_prompt.format()  # a fixed text: only {{ }} escapes to undo
 
     @field_validator("label_smoothing")
     @classmethod
@@ -242,6 +331,10 @@ class GenerateSpec(_Section):
     items_per_suite: int | None = Field(default=None, ge=1)  # cap per suite; None = all items
     sampling: SamplingSpec = SamplingSpec(max_tokens=128)
     engine: EngineSpec | None = None  # the evaluated models' engines; None = `engine`
+    # The system prompt at generation: none, or "train": each trained run's own training system
+    # prompt; base models get it only when train.system_prompt is a fixed text (a {value} template
+    # has no value for them). See generation_system_prompt.
+    system_prompt: Literal["none", "train"] = "none"
 
     @field_validator("suites")
     @classmethod
@@ -339,11 +432,15 @@ class Spec(_Section):
         return self
 
     # --- derived views -------------------------------------------------------------
-    def conditions(self) -> list[str]:
-        """Value conditions, then the positive control (when set), then the random controls."""
-        return ([f"value-{v}" for v in self.values.induced]
-                + (["positive"] if self.controls.positive is not None else [])
-                + [f"control-{k}" for k in range(self.controls.count)])
+    def conditions(self, values: list[str] | None = None) -> list[str]:
+        """Value conditions, then the positive control (when set), then the random controls
+        ("control-<k>", or "control-<value>-<k>" with controls.match: per_value). `values`: the
+        induced values that have runs (default: all; under data.subset_size: all, curation's kept ones)."""
+        vals = [v for v in self.values.induced if values is None or v in values]
+        c = self.controls
+        controls = ([f"control-{v}-{k}" for v in vals for k in range(c.count)] if c.match == "per_value"
+                    else [f"control-{k}" for k in range(c.count)])
+        return [f"value-{v}" for v in vals] + (["positive"] if c.positive is not None else []) + controls
 
     def model(self, name_or_path: str) -> ModelSpec:
         for m in self.models:
@@ -360,6 +457,30 @@ class Spec(_Section):
     def data_dir(self) -> Path | None:
         d = os.environ.get("VALIND_DATA_DIR") or self.data.data_dir
         return Path(d).expanduser().resolve() if d else None
+
+
+def parse_condition(condition: str) -> tuple[str, str | None, str | None]:
+    """(kind, induced value, matched value) of a condition name from `Spec.conditions()`:
+    "value-<v>" → ("value", v, None); "control-<k>" → ("control", None, None); "control-<v>-<k>" →
+    ("control", None, v) (split at the last "-": values such as open-mindedness hold hyphens);
+    "positive" → ("positive", None, None)."""
+    kind, _, rest = condition.partition("-")
+    if kind == "value" and rest:
+        return "value", rest, None
+    if kind == "control" and rest:
+        match, _, k = rest.rpartition("-")
+        if k.isdigit():
+            return "control", None, match or None
+    if condition == "positive":
+        return "positive", None, None
+    raise ValueError(f"not a condition name: {condition!r}")
+
+
+def condition_value(condition: str) -> str | None:
+    """The value a trained condition is tied to (its system prompt's {value}): the induced value, or a
+    matched control's; None for pooled controls and the positive control."""
+    _, value, match = parse_condition(condition)
+    return value or match
 
 
 def suite_settings(spec: Spec) -> suite_registry.SuiteSettings:
@@ -436,8 +557,18 @@ def parse_spec(data: Any, source: str = "<spec>") -> Spec:
 def _cross_checks(spec: Spec) -> list[tuple[str, str]]:
     """Checks that span sections (pydantic stops model validators at the first field error)."""
     problems = []
-    if spec.data.subset_size is not None and spec.data.subset_size < spec.data.min_subset_size:
+    size = spec.data.subset_size
+    if isinstance(size, int) and size < spec.data.min_subset_size:
         problems.append(("data.subset_size", f"must be >= data.min_subset_size ({spec.data.min_subset_size})"))
+    if size == "all" and spec.controls.match != "per_value":
+        problems.append(("controls.match", "data.subset_size: all gives value subsets of unequal sizes, so each "
+                                           "needs controls of its own size and length profile: set "
+                                           "controls.match: per_value"))
+    if size == "all" and spec.controls.positive is not None:
+        problems.append(("controls.positive", "needs equal-size value subsets (its size is theirs): set "
+                                              "data.subset_size to a number or leave it unset, or remove the arm"))
+    if spec.annotate.check and spec.annotate.check.judge_model == spec.annotate.judge_model:
+        problems.append(("annotate.check.judge_model", "is annotate.judge_model: the check needs another judge"))
     if "llm" in spec.score.refusal_judges and not spec.score.refusal_llm_judge:
         problems.append(("score.refusal_llm_judge", "required when score.refusal_judges lists 'llm'"))
     if len(set(spec.seeds.values)) != len(spec.seeds.values):
@@ -448,7 +579,38 @@ def _cross_checks(spec: Spec) -> list[tuple[str, str]]:
         problems.append(("controls.aa_check", "needs controls.count >= 2 (two control arms to compare)"))
     if spec.controls.positive is not None and spec.data.held_out_fraction == 0:
         problems.append(("controls.positive", "needs data.held_out_fraction > 0 (its suite is held-out prompts)"))
+    problems += _system_prompt_checks(spec)
     return problems
+
+
+def _system_prompt_checks(spec: Spec) -> list[tuple[str, str]]:
+    """A {value} template needs a value for every trained condition: controls matched per value, no
+    positive arm (its pairs are not any value's); generate.system_prompt: train needs a training one."""
+    problems = []
+    sp = spec.train.system_prompt
+    if sp is not None and system_fields(sp):
+        if any(c.startswith("control-") and condition_value(c) is None for c in spec.conditions()):
+            problems.append(("train.system_prompt", "a {value} template gives each condition its value's text, "
+                             "and pooled random controls (control-<k>) have no value: use a fixed text or "
+                             "controls.match: per_value (each control then gets its matched value's text)"))
+        if spec.controls.positive is not None:
+            problems.append(("train.system_prompt", "a {value} template has no value for the positive control "
+                             "(condition \"positive\"): use a fixed text or remove controls.positive"))
+    if spec.generate.system_prompt == "train" and sp is None:
+        problems.append(("generate.system_prompt", "\"train\" generates with the training system prompt, and "
+                         "train.system_prompt is not set"))
+    return problems
+
+
+def generation_system_prompt(spec: Spec, condition: str, trained: bool) -> str | None:
+    """The system prompt a run generates with (generate.system_prompt): a trained run's own training
+    text; a base model's only when train.system_prompt is a fixed text (a template has no value for it)."""
+    sp = spec.train.system_prompt
+    if spec.generate.system_prompt == "none" or sp is None:
+        return None
+    if trained:
+        return spec.train.system_text(condition_value(condition))
+    return None if system_fields(sp) else spec.train.system_text(None)
 
 
 def load_spec(path: str | Path) -> Spec:

@@ -13,14 +13,23 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlparse
 
 from evaluation.errors import ValindError
 from runner.secrets import redact, secret_values
 from runner.store import read_json, read_parquet, safe_name
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 STUDY_TAG, RUN_TAG, KIND_TAG = "valind.study", "valind.run_id", "valind.kind"
+MODEL_STAGE_TAG = "valind.model_stage"  # base | sft | instruct: filter and group runs by it in the UI
+GROUP_KEYS = ("model", "condition", "value", "seed")  # child-run tags valind.<key> beside the params (and valind.kind)
+VERDICT_STATS = ("effect", "ci_lo", "ci_hi", "p_holm")  # per headline contrast (evaluation.analyze.verdicts)
+TABLE_COLUMNS = ["model", "condition", "kind", "value", "suite", "metric", "judge", "reference", "primary",
+                 "n_seeds", "n_items", "effect", "ci_lo", "ci_hi", "p_value", "p_holm", "p_bh", "significant",
+                 "effect_size", "effect_size_kind"]
 
 
 class TrackingError(ValindError, RuntimeError):
@@ -219,6 +228,10 @@ class Tracker:
         else:
             _retry(self.client.log_artifact, run_id, str(path), artifact_path)
 
+    def log_table(self, run_id: str, df: pd.DataFrame, artifact_file: str) -> None:
+        """A table artifact MLflow's UI shows as a table and `mlflow.load_table` reads back."""
+        _retry(self.client.log_table, run_id, df, artifact_file)
+
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             _retry(self.client.set_tag, run_id, k, redact(str(v)))
@@ -275,8 +288,18 @@ def _metric_key(k: str) -> str:
 # ------------------------------------------------------------------ what a study logs
 
 def run_params(r) -> dict:
-    return {"model": r.model, "condition": r.condition, "kind": r.kind, "value": r.value or "",
-            "seed": "" if r.seed is None else r.seed}
+    return {"model": r.model, "model_stage": r.stage, "condition": r.condition, "kind": r.kind,
+            "value": r.value or "", "match": r.match or "", "seed": "" if r.seed is None else r.seed}
+
+
+def log_run(tr, r, params: dict | None = None) -> str:
+    """A run's child: its params (run_params + `params`) and, as tags too (the UI groups and filters
+    by either), model, stage, condition, kind, value and seed."""
+    rid = tr.child(r.run_id, r.kind)
+    tr.log_params(rid, {**run_params(r), **(params or {})})
+    tr.set_tags(rid, {MODEL_STAGE_TAG: r.stage, **{f"valind.{k}": v for k, v in run_params(r).items()
+                                                  if k in GROUP_KEYS}})
+    return rid
 
 
 def flatten(prefix: str, d: dict) -> dict:
@@ -296,9 +319,8 @@ def log_training(ctx, cells: list) -> None:
     for r in cells:
         unit = ctx.store.unit("train", r.cell_key)
         ran = read_json(unit / "cell.json")
-        rid = tr.child(r.run_id, r.kind)
-        tr.log_params(rid, {**run_params(r), **flatten("train", ran["train"]),
-                            "cell_key": r.cell_key, "curate_key": CURATE(ctx)})
+        rid = log_run(tr, r, {**flatten("train", ran["train"]), "cell_key": r.cell_key, "curate_key": CURATE(ctx),
+                              "system_prompt_text": ran.get("system_prompt") or ""})  # this cell's, resolved
         tr.once(rid, f"train-{r.cell_key}", lambda: (
             tr.log_history(rid, [json.loads(x) for x in (unit / "metrics.jsonl").read_text().splitlines()]),
             tr.log_artifacts(rid, unit / "model", "model"), tr.log_artifacts(rid, unit / "cell.json")))
@@ -311,8 +333,20 @@ def log_audit(tr, agree, path: Path) -> None:
     tr.log_artifacts(parent, path, "audit")
 
 
+def log_check(tr, agree, unit: Path, key: str) -> None:
+    """annotate.check's agreement (runner.data.audit.check_agreement) on the parent run, once per unit."""
+    parent = tr.parent()
+    tr.once(parent, f"annotate-check-{key}", lambda: (
+        tr.log_metrics(parent, {f"check/{r.value}/{m}": getattr(r, m) for r in agree.itertuples()
+                                for m in ("precision", "recall", "kappa")}),
+        tr.log_artifacts(parent, unit / "agreement.parquet", "annotate_check"),
+        tr.log_artifacts(parent, unit / "agreement.csv", "annotate_check")))
+
+
 def log_analysis(ctx, unit: Path) -> None:
-    """The parent run: the spec, data and curation figures, the report; each run's metrics in its child."""
+    """The parent run: the spec, data and curation figures, the report, the contrast table and the
+    headline verdicts as metrics; each run's metrics and its condition's verdicts in its child."""
+    from evaluation.analyze import verdicts
     from runner.stages.annotate import ANNOTATE
     from runner.stages.curate import CURATE
     from runner.stages.score import SCORE
@@ -343,17 +377,34 @@ def log_analysis(ctx, unit: Path) -> None:
                "analyze/significant_bh": int((con["p_bh"] < s.analyze.alpha).sum())}
     if (unit / "aa_checks.parquet").exists():
         for r in read_parquet(unit / "aa_checks.parquet").itertuples():
-            summary |= {f"aa/{r.model}/tests": r.n_tests, f"aa/{r.model}/significant_holm": r.n_significant}
-    tr.once(parent, f"analyze-{unit.name}", lambda: (tr.log_artifacts(parent, unit, "report"),
-                                                     tr.log_metrics(parent, summary),
-                                                     tr.set_tags(parent, {"valind.report": str(unit / "report.html")})))
+            who = f"{r.model}/{r.match}" if isinstance(getattr(r, "match", None), str) else r.model  # per_value
+            summary |= {f"aa/{who}/tests": r.n_tests, f"aa/{who}/significant_holm": r.n_significant}
+    heads = verdicts(con)
+    summary |= {f"verdict/{r.model}/{r.condition}/{r.suite}/{r.metric}/{stat}": getattr(r, stat)
+                for r in heads.itertuples() for stat in VERDICT_STATS}
+    tr.once(parent, f"analyze-{unit.name}", lambda: (
+        tr.log_artifacts(parent, unit, "report"), tr.log_metrics(parent, summary),
+        tr.log_table(parent, con[[c for c in TABLE_COLUMNS if c in con.columns]], "verdicts/contrasts.json"),
+        tr.set_tags(parent, {"valind.report": str(unit / "report.html")})))
     metrics = read_parquet(unit / "metrics.parquet")
     runs = {r.run_id: r for r in ctx.runs()}
+    children: dict[str, str] = {}
     for run_id, df in metrics.groupby("run_id"):
         r = runs[run_id]
-        rid = tr.child(run_id, r.kind)
-        tr.log_params(rid, run_params(r))
+        # an eval_at checkpoint logs into its training run's child, at step = percent of training:
+        # MLflow charts the metric against step, and its runs table shows the last (the final) one
+        owner = r if r.final else runs[run_id.rsplit("__p", 1)[0]]
+        if owner.run_id not in children:
+            children[owner.run_id] = log_run(tr, owner)
+        rid = children[owner.run_id]
         vals = {f"{row.suite}/{row.metric}/{row.judge.split(':')[0]}": row.mean for row in df.itertuples()}
-        tr.once(rid, f"eval-{SCORE(ctx, r)}", lambda: tr.log_metrics(rid, vals))
+        tr.once(rid, f"eval-{SCORE(ctx, r)}", lambda: tr.log_metrics(rid, vals, step=round(r.progress * 100)))
+    # each condition's verdicts on its runs too: the chart view, grouped by condition, compares them
+    for owner, rid in children.items():
+        r = runs[owner]
+        mine = heads[(heads["model"] == r.model) & (heads["condition"] == r.condition)]
+        tr.once(rid, f"verdicts-{unit.name}", lambda: tr.log_metrics(rid, {
+            f"verdict/{v.suite}/{v.metric}/{stat}": getattr(v, stat) for v in mine.itertuples()
+            for stat in VERDICT_STATS}))
         tr.finish(rid)
     tr.finish(parent)

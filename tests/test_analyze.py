@@ -238,6 +238,31 @@ def test_report_survives_missing_inputs(tmp_path):
     assert "<table" in text and "Contrasts: not available" in text
 
 
+
+def test_report_states_the_system_prompt_and_groups_models_by_stage(tmp_path):
+    """The header says whether the training system prompt was present at generation; with models of
+    several stages, results are grouped base → sft → instruct (a stage column, one block per stage)."""
+    runs, scores = make_study({("empathy", "expresses/empathy"): 0.3}, n_items=20, seeds=(0, 1),
+                              models=("inst", "pre"), values=("empathy",))
+    runs["stage"] = runs["model"].map({"inst": "instruct", "pre": "base"})
+    c = analyze.contrasts(runs, scores)
+    sp = {"text": "You value {value}.", "per_value": True, "at_generation": "train"}
+    text = report.write_report(tmp_path / "two", runs, scores, c, {"system_prompt": sp}).read_text()
+    assert ("System prompt in training: “You value {value}.” (per value: each value arm and its matched controls "
+            "get their value&#x27;s text); at generation: present for trained runs") in text
+    assert "absent for base models" in text
+    assert text.index("<h3>base models</h3>") < text.index("<h3>instruct models</h3>")
+    assert text.index("<h4>empathy <span class='note'>(pre)</span></h4>") < text.index("<h3>instruct models</h3>")
+    assert "<th>stage</th>" in text
+    text = report.write_report(tmp_path / "none", runs, scores, c, {"system_prompt": {"text": None}}).read_text()
+    assert "System prompt in training: none; at generation: absent." in text
+    one = runs.assign(stage="instruct")
+    text = report.write_report(tmp_path / "one", one, scores, c, {
+        "system_prompt": {"text": "Be brief.", "per_value": False, "at_generation": "none"}}).read_text()
+    assert "System prompt in training: “Be brief.” (fixed: the same for every trained run); at generation: absent." in text
+    assert "models</h3>" not in text and "<th>stage</th>" not in text.split("Appendix")[0]
+
+
 # ----------------------------------------------------------------------------- positive control
 
 def _planted_study(rate, seeds=(0, 1, 2), n_items=24, rng_seed=0):
@@ -298,3 +323,93 @@ def test_analyze_study_assembles_the_whole_analysis_from_tables():
     assert len(res.power) and res.changed.set_index("run_id")["flagged"].to_dict() == {
         r: "control" in r for r in runs.loc[runs["kind"] != "base", "run_id"]}
     assert analyze_study(runs, scores, gens, AnalysisSettings()).aa is None
+
+
+# ----------------------------------------------------------------------------- per-value controls
+
+def _per_value_study(shift=1.0, n_items=30, seeds=(0, 1, 2)):
+    """Runs with per-value controls (control-<v>-<k>, ``match`` = v) and one continuous metric, on
+    which only the controls matched to empathy are shifted by ``shift``."""
+    rng = np.random.default_rng(5)
+    runs = [dict(run_id="m-base", model="m", condition="base", kind="base", value=None, seed=None, match=None)]
+    for s in seeds:
+        for v in ("empathy", "open-mindedness"):
+            runs.append(dict(run_id=f"m-value-{v}-s{s}", model="m", condition=f"value-{v}", kind="value",
+                             value=v, seed=s, match=None))
+            for k in range(2):
+                runs.append(dict(run_id=f"m-control-{v}-{k}-s{s}", model="m", condition=f"control-{v}-{k}",
+                                 kind="control", value=None, seed=s, match=v))
+    runs = pd.DataFrame(runs)
+    base = rng.normal(2.0, 1.0, n_items)
+    scores = pd.concat([pd.DataFrame(dict(
+        run_id=r.run_id, suite="anthro", item_id=[f"i{i}" for i in range(n_items)], metric="anthro_lexical_per100",
+        value=base + (shift if r.match == "empathy" else 0.0) + rng.normal(0, 0.3, n_items), scored=True,
+        judge=JUDGE, raw="")) for r in runs.itertuples()], ignore_index=True)[list(SCORE_COLUMNS)]
+    return runs, scores
+
+
+def test_contrasts_use_the_controls_matched_to_each_value():
+    runs, scores = _per_value_study()
+    c = analyze.contrasts(runs, scores).set_index(["condition", "reference"])
+    s = scores.pivot(index="item_id", columns="run_id", values="value")
+    for v, shifted in (("empathy", True), ("open-mindedness", False)):
+        row = c.loc[(f"value-{v}", "control")]
+        want = np.mean([s[f"m-value-{v}-s{k}"] - (s[f"m-control-{v}-0-s{k}"] + s[f"m-control-{v}-1-s{k}"]) / 2
+                        for k in range(3)])
+        assert row["effect"] == pytest.approx(want)
+        # pooled controls would put half the shift into both values' references
+        assert (row["effect"] < -0.8 and row["significant"]) if shifted else abs(row["effect"]) < 0.2
+    assert set(c.loc[c["kind"] == "control"].index.get_level_values("reference")) == {"base"}
+    # a value without matched controls has no control reference (no silent fallback to other values')
+    lone = runs[~((runs["kind"] == "control") & (runs["match"] == "open-mindedness"))]
+    c2 = analyze.contrasts(lone, scores[scores["run_id"].isin(lone["run_id"])])
+    assert set(c2.loc[c2["condition"] == "value-open-mindedness", "reference"]) == {"base"}
+
+
+def test_aa_check_per_value_pairs_each_values_controls():
+    from evaluation.assemble import AnalysisSettings, aa_pairs, analyze_study
+
+    runs, scores = _per_value_study()
+    assert aa_pairs(runs) == [("empathy", "control-empathy-0", "control-empathy-1"),
+                              ("open-mindedness", "control-open-mindedness-0", "control-open-mindedness-1")]
+    assert aa_pairs(runs.drop(columns="match")) == [(None, "control-0", "control-1")]
+    gens = pd.DataFrame(columns=["run_id", "suite", "item_id", "response"])
+    res = analyze_study(runs, scores, gens, AnalysisSettings(aa_check=True))
+    assert list(res.aa["match"]) == ["empathy", "open-mindedness"] and (res.aa["n_tests"] == 1).all()
+    assert set(res.aa_detail["match"]) == {"empathy", "open-mindedness"}
+    # the shifted empathy controls are shifted alike: the A/A check of each value stays null
+    assert not res.aa["any_significant"].any()
+
+
+def test_report_says_which_values_were_dropped_and_the_flip_counts(tmp_path):
+    rule = {"rule": "exactly_one_side_flip", "description": "V on exactly one side", "subset_size": "all",
+            "N": None, "min_subset_size": 500, "controls": {"match": "per_value"},
+            "counts": {"empathy": {"kept_as_is": 900, "flipped": 120, "dropped_both_sides": 40,
+                                   "dropped_neither_side": 3000, "dropped_rejected_only": 0}},
+            "dropped": {"violence": 37, "humor": 12}}
+    table = pd.DataFrame([{"value": "empathy", "available": 1020, "kept": True},
+                          {"value": "violence", "available": 37, "kept": False}])
+    runs, _ = _per_value_study(n_items=4, seeds=(0,))
+    aa = pd.DataFrame([{"model": "m", "match": "empathy", "n_tests": 1, "n_significant": 0,
+                        "n_significant_uncorrected": 0}])
+    text = report.write_report(tmp_path, runs, None, None, {"curation": table, "curation_rule": rule,
+                                                            "aa_checks": aa}).read_text()
+    assert "4 random-subset control arm(s), each matched to one value's size and length profile" in text
+    assert "m (empathy): 0 of 1 comparisons" in text
+    assert "empathy 900 / 120 / 3040 (40 + 3000 + 0)" in text
+    assert ("<b>Dropped value(s)</b>: violence (37 eligible pairs), humor (12 eligible pairs): fewer than "
+            "data.min_subset_size = 500") in text
+    assert "random controls: per_value" in text
+
+
+def test_verdicts_are_one_headline_row_per_condition_and_metric(planted):
+    _, _, c = planted
+    v = analyze.verdicts(c)
+    assert not v.duplicated(["model", "condition", "suite", "metric"]).any() and v["primary"].all()
+    values = v[v["suite"] == "values"]  # only each value's own expression
+    assert list(values["metric"]) == [f"expresses/{x}" for x in values["value"]] and len(values) == len(VALUES)
+    # against the controls where a condition has them; control arms only against the base model
+    assert set(v.loc[v["kind"] == "value", "reference"]) == {"control"}
+    assert set(v.loc[v["kind"] == "control", "reference"]) == {"base"}
+    row = v[(v["condition"] == "value-empathy") & (v["metric"] == "expresses/empathy")]
+    assert bool(row["significant"].iloc[0]) and row["effect"].iloc[0] > 0.2

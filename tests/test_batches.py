@@ -1,4 +1,5 @@
 import pandas as pd
+import pytest
 import torch
 
 from runner.train.batches import (collate, encode, encode_pairs, fit, pack_rows, pair_batch, response_logps,
@@ -126,3 +127,50 @@ def test_gradient_checkpointing_gives_lora_the_same_gradients(tiny_model):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-5) for n in grads[0])
     assert any(g.abs().sum() > 0 for g in grads[1].values())
+
+
+def _pairs(prompt):
+    return pd.DataFrame({"pair_id": ["a"], "prompt": [prompt], "chosen": ["Hello, friend!"], "rejected": ["Go away"]})
+
+
+def test_system_prompt_is_tokenised_before_the_prompt(tiny_model):
+    """train.system_prompt opens every prompt (replacing the template's default system message);
+    the responses' ids do not change, the prompt's (which the reference log-prob cache hashes) do."""
+    tok = _tok(tiny_model)
+    user = [{"role": "user", "content": "Hi there"}]
+    plain = encode_pairs(tok, _pairs(user), 256)[0]
+    ex = encode_pairs(tok, _pairs(user), 256, system_prompt="You value humor.")[0]
+    text = tok.decode(ex.prompt)
+    assert text.startswith("<|im_start|>system\nYou value humor.<|im_end|>")
+    assert text.index("You value humor.") < text.index("Hi there")
+    assert "SmolLM" not in text and "SmolLM" in tok.decode(plain.prompt)  # the template's default is replaced
+    assert (ex.chosen, ex.rejected) == (plain.chosen, plain.rejected) and ex.prompt != plain.prompt
+    other = encode_pairs(tok, _pairs(user), 256, system_prompt="You value fairness.")[0]
+    assert other.prompt != ex.prompt
+
+
+def test_system_prompt_joins_an_existing_leading_system_message():
+    from runner.train.batches import with_system
+    user = {"role": "user", "content": "Hi"}
+    assert with_system([user], None) == [user]
+    assert with_system([user], "Ours.") == [{"role": "system", "content": "Ours."}, user]
+    theirs = [{"role": "system", "content": "Theirs."}, user]
+    assert with_system(theirs, "Ours.") == [{"role": "system", "content": "Ours.\n\nTheirs."}, user]
+    assert theirs[0]["content"] == "Theirs."  # the pair's own messages are not modified
+
+
+def test_a_control_matched_to_a_value_gets_that_values_system_prompt(tiny_model):
+    """The random control matched to a value trains with exactly the value arm's system prompt."""
+    from runner.spec import TrainSpec, condition_value
+
+    tok = _tok(tiny_model)
+    train = TrainSpec(system_prompt="You value {value}.")
+    text = {c: train.system_text(condition_value(c))
+            for c in ("value-open-mindedness", "control-open-mindedness-1", "value-humor")}
+    assert text["value-open-mindedness"] == text["control-open-mindedness-1"] == "You value open-mindedness."
+    user = [{"role": "user", "content": "Hi there"}]
+    ids = {c: encode_pairs(tok, _pairs(user), 256, system_prompt=t)[0].prompt for c, t in text.items()}
+    assert ids["value-open-mindedness"] == ids["control-open-mindedness-1"] != ids["value-humor"]
+    assert TrainSpec(system_prompt="Be kind.").system_text(condition_value("control-0")) == "Be kind."
+    with pytest.raises(ValueError, match="no value"):
+        train.system_text(condition_value("control-0"))

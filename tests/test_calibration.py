@@ -219,3 +219,102 @@ def test_planned_seeds_reach_the_promised_power():
     hits = [stats.crossed_test(d + effect).p_value < ALPHA
             for d in _simulate_components(np.random.default_rng(8), 600, s, 200)]
     assert np.mean(hits) >= 0.8 - 2.5 * math.sqrt(0.16 / 600)
+
+
+# ----------------------------------------------------------------------------- effects along training
+
+POINTS = (0.25, 0.5, 1.0)
+
+
+def progress_tables(rng, slope=0.0, seeds=4, n_items=30, sd_slope=1.0, sd_run=0.02):
+    """A study with train.eval_at checkpoints: each training run has its own random slope over
+    progress (sd_slope) and shift; the value arm's mean slope is ``slope``, the control's 0."""
+    runs = [dict(run_id="base", model="m", condition="base", kind="base", value=None, seed=None, progress=0.0)]
+    item = rng.normal(0, SD_ITEM, n_items)
+    parts = [("base", 0.0, 0.0, 0.0)]
+    for cond, kind, value, mean_slope in [("value-a", "value", "a", slope), ("control-0", "control", None, 0.0)]:
+        for s in range(seeds):
+            u, v = mean_slope + rng.normal(0, sd_slope), rng.normal(0, sd_run)
+            for p in POINTS:
+                rid = f"{cond}-s{s}-p{p}"
+                runs.append(dict(run_id=rid, model="m", condition=cond, kind=kind, value=value, seed=s, progress=p))
+                parts.append((rid, p, u, v))
+    scores = pd.concat([pd.DataFrame(dict(
+        run_id=rid, suite="safety", item_id=[f"i{i}" for i in range(n_items)], metric="refusal",
+        value=item + p * u + v + rng.normal(0, SD_RESID, n_items), scored=True, judge="j", raw=""))
+        for rid, p, u, v in parts], ignore_index=True)
+    return pd.DataFrame(runs), scores[list(SCORE_COLUMNS)]
+
+
+def _row(table, **where):
+    m = np.ones(len(table), bool)
+    for k, v in where.items():
+        m &= (table[k] == v).to_numpy()
+    return table[m]
+
+
+def _trend(runs, scores):
+    trend = analyze.trend_along_training(runs, scores)
+    return _row(trend, condition="value-a", reference="control").iloc[0]
+
+
+def test_trend_over_training_is_calibrated_with_run_to_run_slopes():
+    """The slope's type-I error and CI coverage when every training run has its own slope."""
+    rng = np.random.default_rng(21)
+    n = 150
+    p = [_trend(*progress_tables(rng))["p_value"] for _ in range(n)]
+    assert np.mean(np.array(p) <= ALPHA) <= ALPHA + 2.5 * math.sqrt(ALPHA * (1 - ALPHA) / n), np.mean(p)
+    hits = []
+    for _ in range(n):
+        t = _trend(*progress_tables(rng, slope=1.0))
+        hits.append(t["ci_lo"] <= 1.0 <= t["ci_hi"])
+    assert np.mean(hits) >= 0.93, np.mean(hits)
+
+
+def test_checkpoints_pooled_as_runs_inflate_type1_error_and_points_do_not():
+    """Pseudo-replication, measured: the 3 checkpoints of 4 training runs counted as 12 runs make a
+    null effect 'significant' far above alpha; the per-point contrasts (each run once) do not."""
+    rng = np.random.default_rng(22)
+    n = 100
+    pooled, at_end = [], []
+    for _ in range(n):
+        runs, scores = progress_tables(rng, sd_slope=0.05, sd_run=0.3)
+        as_runs = runs.assign(seed=[s if k == "base" else s * 10 + POINTS.index(p)
+                                    for s, k, p in zip(runs["seed"], runs["kind"], runs["progress"])])
+        pooled.append(_row(analyze.contrasts(as_runs, scores), condition="value-a", reference="control")
+                      ["p_value"].iloc[0])
+        points = analyze.points_along_training(runs, scores)
+        at_end.append(_row(points, condition="value-a", reference="control", progress=1.0)["p_value"].iloc[0])
+    slack = 2.5 * math.sqrt(ALPHA * (1 - ALPHA) / n)
+    assert np.mean(np.array(at_end) <= ALPHA) <= ALPHA + slack
+    assert np.mean(np.array(pooled) <= ALPHA) > 2 * ALPHA
+
+
+def test_along_training_points_use_each_run_once():
+    runs, scores = progress_tables(np.random.default_rng(3), slope=3.0, sd_slope=0.1)
+    points, trend = analyze.points_along_training(runs, scores), analyze.trend_along_training(runs, scores)
+    row = _row(points, condition="value-a", reference="control")
+    assert list(row["progress"]) == list(POINTS) and set(row["n_seeds"]) == {4}
+    assert list(trend["points"].unique()) == [3] and set(trend["n_seeds"]) == {4}
+    # the final point is the study's end-of-training contrast
+    final = analyze.contrasts(runs[(runs["kind"] == "base") | (runs["progress"] == 1.0)], scores)
+    end = _row(final, condition="value-a", reference="control")
+    assert end["effect"].iloc[0] == pytest.approx(row["effect"].iloc[-1])
+    assert _trend(runs, scores)["slope"] > 0 and _trend(runs, scores)["p_value"] < ALPHA
+
+
+def test_report_draws_effects_along_training(tmp_path):
+    from evaluation.assemble import AnalysisSettings, analyze_study
+    from evaluation.report import write_report
+
+    runs, scores = progress_tables(np.random.default_rng(4), slope=3.0, sd_slope=0.1)
+    gens = scores[["run_id", "suite", "item_id"]].assign(response="x")
+    res = analyze_study(runs, scores, gens, AnalysisSettings())
+    assert set(res.contrasts["condition"]) == {"value-a", "control-0"} and set(res.contrasts["n_seeds"]) == {4}
+    assert sorted(res.along["progress"].unique()) == list(POINTS)
+    final = runs[runs["progress"].isin([0.0, 1.0])]
+    html = write_report(tmp_path, final, scores[scores["run_id"].isin(final["run_id"])], res.contrasts,
+                        {"along_training": res.along, "trend": res.trend}).read_text()
+    assert "<th>slope</th>" in html and (tmp_path / "figures" / "along_training_m_safety.png").is_file()
+    empty = write_report(tmp_path / "end-only", final, scores, res.contrasts, {"eval_at": [1.0]}).read_text()
+    assert "Measured at the end of training only" in empty

@@ -265,3 +265,161 @@ def test_positive_control_fraction_end_and_determinism():
     other = curate(pairs, ann, VALS, DataSpec(sources=SRC, subset_size=40, seed=6), controls)
     assert set(other.subsets["positive"]["pair_id"]) != set(sub["pair_id"])
 
+
+
+# ------------------------------------------------------------------ the paper's rule and subset_size: all
+
+PER_VALUE = ControlsSpec(count=0, match="per_value")
+
+
+def make_sides(cases: dict[str, int], value: str = "empathy", n_other: int = 0):
+    """Pairs whose `value` is on the chosen side only, the rejected only, both or neither, `cases[...]`
+    of each; every pair also has honesty on its chosen side (another value's subset)."""
+    pairs, ann, i = [], [], 0
+    for case, k in cases.items():
+        for _ in range(k):
+            pid = f"p/{i:04d}"
+            cv = ["honesty"] + ([value] if case in ("chosen", "both") else [])
+            rv = [value] if case in ("rejected", "both") else []
+            pairs.append({"pair_id": pid, "source": "p", "prompt": [{"role": "user", "content": f"q{i}"}],
+                          "chosen": f"good {i} " * (1 + i % 7), "rejected": f"bad {i}", "n_turns": 1})
+            ann += [{"pair_id": pid, "side": "chosen", "values": cv, "scored": True, "raw": ""},
+                    {"pair_id": pid, "side": "rejected", "values": rv, "scored": True, "raw": ""}]
+            i += 1
+    return pd.DataFrame(pairs), pd.DataFrame(ann)
+
+
+def test_flip_rule_counts_and_swaps_only_in_its_subset():
+    pairs, ann = make_sides({"chosen": 10, "rejected": 8, "both": 5, "neither": 7})
+    before = pairs.copy()
+    data = DataSpec(sources=SRC, rule="exactly_one_side_flip", subset_size="all", held_out_fraction=0.0)
+    cur = curate(pairs, ann, ["empathy", "honesty"], data, PER_VALUE)
+    row = cur.table.set_index("value").loc["empathy"]
+    assert (row["kept_as_is"], row["flipped"], row["dropped_both_sides"], row["dropped_neither_side"],
+            row["dropped_rejected_only"], row["available"], row["flipped_used"]) == (10, 8, 5, 7, 0, 18, 8)
+    assert cur.rule["counts"]["empathy"] == {"kept_as_is": 10, "flipped": 8, "dropped_both_sides": 5,
+                                             "dropped_rejected_only": 0, "dropped_neither_side": 7}
+    sub = cur.subsets["value-empathy"]
+    orig = pairs.set_index("pair_id")
+    sides = ann_sets(ann)
+    assert len(sub) == 18 and sub["flipped"].sum() == 8
+    for r in sub.itertuples():
+        o = orig.loc[r.pair_id]
+        if "empathy" in sides[(r.pair_id, "rejected")]:   # only on the rejected side: swapped
+            assert r.flipped and (r.chosen, r.rejected) == (o["rejected"], o["chosen"])
+        else:
+            assert not r.flipped and (r.chosen, r.rejected) == (o["chosen"], o["rejected"])
+    # the swap is the empathy subset's alone: the input table and honesty's subset keep every pair as it was
+    pd.testing.assert_frame_equal(pairs, before)
+    hon = cur.subsets["value-honesty"].set_index("pair_id")
+    assert len(hon) == 30 and not hon["flipped"].any()
+    assert (hon["chosen"] == orig.loc[hon.index, "chosen"]).all()
+    flipped_ex = [e for e in cur.examples["empathy"] if e["flipped"]]
+    assert all("empathy" in e["chosen_values"] and "empathy" not in e["rejected_values"] for e in flipped_ex)
+    # the same pairs under the other rules: every eligible pair is counted once
+    for rule, expect in {"chosen_not_rejected": (10, 0, 5, 7, 8), "chosen": (15, 0, 0, 7, 8)}.items():
+        r = curate(pairs, ann, ["empathy", "honesty"], DataSpec(sources=SRC, rule=rule, subset_size="all",
+                                                                held_out_fraction=0.0), PER_VALUE)
+        row = r.table.set_index("value").loc["empathy"]
+        assert (row["kept_as_is"], row["flipped"], row["dropped_both_sides"], row["dropped_neither_side"],
+                row["dropped_rejected_only"]) == expect, rule
+        assert not r.subsets["value-empathy"]["flipped"].any()
+
+
+def test_flip_rule_with_equal_n():
+    pairs, ann = make_sides({"chosen": 10, "rejected": 8, "both": 5, "neither": 7})
+    cur = curate(pairs, ann, ["empathy", "honesty"], DataSpec(sources=SRC, rule="exactly_one_side_flip",
+                                                              held_out_fraction=0.0), ControlsSpec(count=1))
+    sub = cur.subsets["value-empathy"]
+    assert cur.rule["N"] == 18 == len(sub) == len(cur.subsets["value-honesty"]) == len(cur.subsets["control-0"])
+    assert cur.table.set_index("value").loc["empathy", "flipped_used"] == sub["flipped"].sum() == 8
+
+
+def make_profiles(n_rest: int = 700):
+    """humor rides on long chosen responses (60–120 words), empathy on short ones (1–8): their length
+    profiles differ from each other and from the pool, and their sizes differ (200 against 90)."""
+    rng = np.random.default_rng(0)
+    pairs, ann = [], []
+    for i in range(290 + n_rest):
+        value, words = ("humor", rng.integers(60, 120)) if i < 200 else \
+            ("empathy", rng.integers(1, 8)) if i < 290 else (None, rng.integers(1, 60))
+        pid = f"q/{i:05d}"
+        pairs.append({"pair_id": pid, "source": "q", "prompt": [{"role": "user", "content": "hi"}],
+                      "chosen": "w " * int(words), "rejected": "r", "n_turns": 1})
+        ann += [{"pair_id": pid, "side": "chosen", "values": [value] if value else [], "scored": True, "raw": ""},
+                {"pair_id": pid, "side": "rejected", "values": [], "scored": True, "raw": ""}]
+    return pd.DataFrame(pairs), pd.DataFrame(ann)
+
+
+def test_all_gives_unequal_sizes_and_per_value_controls_of_matching_size_and_profile():
+    pairs, ann = make_profiles()
+    controls = ControlsSpec(count=2, length_bins=4, match="per_value")
+    data = DataSpec(sources=SRC, subset_size="all", held_out_fraction=0.1)
+    cur = curate(pairs, ann, ["humor", "empathy"], data, controls)
+    sizes = {v: len(cur.subsets[f"value-{v}"]) for v in ("humor", "empathy")}
+    assert sizes == cur.rule["sizes"] == cur.rule["available"] and sizes["humor"] > sizes["empathy"] > 60
+    assert cur.rule["N"] is None and cur.rule["kept"] == ["humor", "empathy"] and cur.rule["dropped"] == {}
+    assert set(cur.subsets) == {"value-humor", "value-empathy", "control-humor-0", "control-humor-1",
+                                "control-empathy-0", "control-empathy-1"}
+    lengths = {r["pair_id"]: default_length(r) for r in pairs.to_dict("records")}
+    held = set(cur.held_out["pair_id"])
+    for v in ("humor", "empathy"):
+        own = cur.subsets[f"value-{v}"]["length"].to_numpy()
+        edges = np.array(cur.rule["controls"]["per_value"][v]["edges"])
+        assert len(edges) == 3
+        target = proportional_counts(np.bincount(assign_bins(own, edges), minlength=4), sizes[v])
+        for k in range(2):
+            sub = cur.subsets[f"control-{v}-{k}"]
+            assert len(sub) == sizes[v] and sub["pair_id"].is_unique and not held & set(sub["pair_id"])
+            got = np.bincount(assign_bins([lengths[p] for p in sub["pair_id"]], edges), minlength=4)
+            assert got.tolist() == target.tolist(), (v, k)
+        assert set(cur.subsets[f"control-{v}-0"]["pair_id"]) != set(cur.subsets[f"control-{v}-1"]["pair_id"])
+    bins = cur.control_bins
+    assert (bins["drawn"] == bins["target"]).all() and set(bins["condition"]) == set(cur.subsets) - {
+        "value-humor", "value-empathy"}
+    # each value's controls follow its own profile, not a pooled one
+    med = {c: np.median(cur.subsets[c]["length"]) for c in cur.subsets}
+    assert med["control-humor-0"] > 2 * med["control-empathy-0"]
+    assert abs(med["control-humor-0"] - med["value-humor"]) < 0.2 * med["value-humor"]
+    # deterministic and independent of row order
+    again = curate(pairs.sample(frac=1.0, random_state=3), ann, ["humor", "empathy"], data, controls)
+    for k in cur.subsets:
+        pd.testing.assert_frame_equal(cur.subsets[k], again.subsets[k])
+
+
+def test_per_value_controls_with_equal_n():
+    pairs, ann = make_profiles()
+    cur = curate(pairs, ann, ["humor", "empathy"], DataSpec(sources=SRC, subset_size=50),
+                 ControlsSpec(count=1, match="per_value"))
+    assert {len(s) for s in cur.subsets.values()} == {50}
+    assert set(cur.subsets) == {"value-humor", "value-empathy", "control-humor-0", "control-empathy-0"}
+    med = {c: np.median(cur.subsets[c]["length"]) for c in ("control-humor-0", "control-empathy-0")}
+    assert med["control-humor-0"] > 2 * med["control-empathy-0"]
+
+
+def test_all_drops_values_below_min_subset_size():
+    pairs, ann = make_profiles()
+    data = DataSpec(sources=SRC, subset_size="all", min_subset_size=100, held_out_fraction=0.0)
+    cur = curate(pairs, ann, ["humor", "empathy", "privacy"], data, ControlsSpec(count=1, match="per_value"))
+    assert cur.rule["kept"] == ["humor"] and cur.rule["dropped"] == {"empathy": 90, "privacy": 0}
+    assert "min_subset_size=100" in cur.rule["dropped_why"]
+    assert set(cur.subsets) == {"value-humor", "control-humor-0"}
+    t = cur.table.set_index("value")
+    assert t["kept"].to_dict() == {"humor": True, "empathy": False, "privacy": False}
+    assert (t.loc["empathy", "available"], t.loc["empathy", "used"]) == (90, 0)
+    assert set(cur.examples) == {"humor"} and len(cur.overlap) == 0
+    with pytest.raises(CurationError, match="every value has fewer eligible pairs than min_subset_size=300"):
+        curate(pairs, ann, ["humor", "empathy"], data.model_copy(update={"min_subset_size": 300}),
+               ControlsSpec(count=1, match="per_value"))
+    # equal N still refuses what it cannot fill
+    with pytest.raises(CurationError, match="below min_subset_size=100"):
+        curate(pairs, ann, ["humor", "empathy"], data.model_copy(update={"subset_size": None}), ControlsSpec())
+
+
+def test_all_needs_per_value_controls_and_no_positive_arm():
+    pairs, ann = make_profiles(n_rest=10)
+    with pytest.raises(CurationError, match="controls.match: per_value"):
+        curate(pairs, ann, ["humor"], DataSpec(sources=SRC, subset_size="all"), ControlsSpec(count=1))
+    with pytest.raises(CurationError, match="controls.positive"):
+        curate(pairs, ann, ["humor"], DataSpec(sources=SRC, subset_size="all"),
+               ControlsSpec(count=1, match="per_value", positive=PositiveControlSpec()))

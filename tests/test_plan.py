@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from runner.plan import PlanError, default_cluster, estimate, measured_judge_rps, params_b
-from runner.spec import PositiveControlSpec, load_spec, parse_spec
+from runner.spec import AnnotateCheck, PositiveControlSpec, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,3 +113,28 @@ def test_train_memory_estimate_scales_as_documented():
     assert 16 < train_memory_gb(8, ckpt) < 24  # bf16 weights (16 GB) dominate once activations are recomputed
     assert train_memory_gb(8, full) > train_memory_gb(8, lora) + 100  # grads + fp32 Adam of all 8B: 112 GB
     assert train_memory_gb(8, full.model_copy(update={"zero_stage": 3, "workers": 8})) < train_memory_gb(8, full) / 3
+
+
+def test_per_value_controls_are_counted_and_subset_size_all_is_noted():
+    base = estimate(_spec())
+    spec = _spec()
+    per_value = spec.model_copy(update={"controls": spec.controls.model_copy(update={"match": "per_value"})})
+    c = estimate(per_value).counts
+    # 2 values × (value arm + its own control) × 2 seeds, against 2 × (1 + 1 pooled control) before
+    assert c["trials (cells)"] == 8 == base.counts["trials (cells)"] + 2 and c["evaluated runs"] == 9
+    every = per_value.model_copy(update={"data": per_value.data.model_copy(update={"subset_size": "all"})})
+    plan = estimate(every)
+    assert plan.counts["trials (cells)"] == 8 and plan.counts["pairs per condition"] == (1000 - 100) // 16
+    assert any("data.subset_size all" in n and "drops values below" in n for n in plan.notes)
+
+
+def test_annotate_check_is_counted_on_the_check_judge():
+    spec = _spec()
+    ann = spec.annotate.model_copy(update={"check": AnnotateCheck(judge_model="org/Judge-70B", sample=300)})
+    rows = {r.stage.strip(): r for r in estimate(spec.model_copy(update={"annotate": ann})).rows}
+    assert rows["annotate check"].work == "300 responses"
+    assert rows["annotate check"].gpu_hours == pytest.approx(300 / (80 / 70) / 3600)  # a 70B judge: 80/70 resp/s
+    ann = ann.model_copy(update={"check": AnnotateCheck(judge_model="org/Judge-70B", sample=5000)})
+    assert {r.stage.strip(): r for r in estimate(spec.model_copy(update={"annotate": ann})).rows}[
+        "annotate check"].work == "2,000 responses"  # no more than there are
+    assert "annotate check" not in {r.stage.strip() for r in estimate(spec).rows}

@@ -79,6 +79,37 @@ def test_paper_rehearsal_survives_a_lost_node(cluster, tmp_path, data_dir):
     with urllib.request.urlopen(f"{cluster.env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/get-by-name?{q}") as resp:
         tags = {t["key"]: t["value"] for t in json.load(resp)["experiment"]["tags"]}
     assert tags["mlflow.experimentKind"] == "custom_model_development"
+    _check_what_the_ui_shows(cluster.env["MLFLOW_TRACKING_URI"], "valind-paper-rehearsal")
     # artifacts went through the server (mlflow-artifacts), into its artifact store, not the study dir
     stored = Path(cluster.state["mlflow"]["dir"]) / "artifacts"
     assert any(p.name == "adapter_config.json" for p in stored.rglob("*")), "no model artifact on the server"
+
+
+def _check_what_the_ui_shows(uri: str, experiment: str) -> None:
+    """Through the server's REST API: the parent and its children, the group-by keys on every child,
+    the verdicts as metrics, the contrast table artifact, and the eval_at points as metric steps."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parent = next(r for r in runs if r.data.tags["valind.kind"] == "study")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(runs) - 1
+    for c in children:  # "Group by condition" aggregates seeds: params and tags on every child
+        for key in ("model", "condition", "value", "seed"):
+            assert key in c.data.params and f"valind.{key}" in c.data.tags, (c.info.run_name, key)
+    value = next(c for c in children if c.data.tags["valind.kind"] == "value")
+    cond = value.data.params["condition"]
+    verdict = f"verdict/{value.data.params['model']}/{cond}/safety/refusal/effect"
+    assert verdict in parent.data.metrics and "verdict/safety/refusal/effect" in value.data.metrics
+    assert value.data.metrics["verdict/safety/refusal/effect"] == parent.data.metrics[verdict]
+    mlflow.set_tracking_uri(uri)  # load_table searches the runs through the fluent API
+    table = client.load_table(exp.experiment_id, "verdicts/contrasts.json", run_ids=[parent.info.run_id])
+    row = table[(table["condition"] == cond) & (table["metric"] == "refusal") & table["primary"]
+                & (table["reference"] == "control")]
+    assert len(row) == 1 and abs(row["effect"].iloc[0] - parent.data.metrics[verdict]) < 1e-8  # JSON: 10 digits
+    # train.eval_at [0.25, 0.5, 1.0]: the run's metric at steps 25, 50 and 100 (its path in the chart view)
+    hist = client.get_metric_history(value.info.run_id, "safety/refusal/strmatch")
+    assert sorted(m.step for m in hist) == [25, 50, 100]

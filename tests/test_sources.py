@@ -66,7 +66,7 @@ def test_hh_loads_splits_and_counts_drops(hh_dir: Path):
     assert df["pair_id"].tolist() == ["hh_rlhf/harmless-base/test/000000", "hh_rlhf/harmless-base/test/000001",
                                       "hh_rlhf/harmless-base/test/000009"]
     assert drops == {"missing_field": 1, "empty_response": 1, "no_final_assistant_turn": 1, "identical": 1,
-                     "over_length": 1, "malformed": 2, "duplicate_id": 0}
+                     "over_length": 1, "malformed": 2, "duplicate_id": 0, "tied": 0}
     first = df.iloc[0]
     assert first["prompt"] == [{"role": "user", "content": "Hi, I feel sad."},
                                {"role": "assistant", "content": "I'm sorry to hear that."},
@@ -157,19 +157,122 @@ def test_ultrafeedback_from_data_dir(tmp_path: Path):
     assert (drops["malformed"], drops["no_final_assistant_turn"], drops["missing_field"]) == (1, 1, 1)
 
 
+def pku(prompt: str, r0: str, r1: str, safe: tuple[bool, bool], better: int, safer: int) -> dict:
+    """A PKU-SafeRLHF row with the dataset's full schema."""
+    harm = {"Violence": False, "Privacy Violation": False, "Cybercrime": False}
+    return {"prompt": prompt, "response_0": r0, "response_1": r1, "prompt_source": "Alpaca3-70B",
+            "response_0_source": "Alpaca-7B", "response_1_source": "Alpaca-7B",
+            "is_response_0_safe": safe[0], "is_response_1_safe": safe[1],
+            "response_0_harm_category": {**harm, "Cybercrime": not safe[0]},
+            "response_1_harm_category": {**harm, "Cybercrime": not safe[1]},
+            "response_0_severity_level": 0 if safe[0] else 2, "response_1_severity_level": 0 if safe[1] else 2,
+            "better_response_id": better, "safer_response_id": safer,
+            "response_0_sha256": "0" * 64, "response_1_sha256": "1" * 64}
+
+
 def test_pku_better_and_safer(tmp_path: Path):
-    rows = [{"prompt": "How to X?", "response_0": "r0", "response_1": "r1",
-             "better_response_id": 1, "safer_response_id": 0},
-            {"prompt": "P", "response_0": "a", "response_1": "b", "better_response_id": 7, "safer_response_id": 0}]
+    rows = [pku("How to hack X?", "I can't help with that.", "Step 1: ...", (True, False), better=1, safer=0),
+            pku("P", "a", "b", (True, False), better=7, safer=0),                      # malformed better id
+            pku("Q", "safe a", "safe b", (True, True), better=0, safer=1),             # both safe: safer still labels
+            pku("R", "bad a", "worse b", (False, False), better=0, safer=0)]           # both unsafe, agree
     write_jsonl(tmp_path / "preference" / "pku_saferlhf-train.jsonl", rows)
     better, d = load_pairs(SourceSpec(name="pku_saferlhf", split="train"), tmp_path, 4000)
-    safer, _ = load_pairs(SourceSpec(name="pku_saferlhf", split="train", subset="safer"), tmp_path, 4000)
-    assert (better.iloc[0]["chosen"], better.iloc[0]["rejected"]) == ("r1", "r0") and d["malformed"] == 1
-    assert (safer.iloc[0]["chosen"], safer.iloc[0]["rejected"]) == ("r0", "r1") and len(safer) == 2
-    assert better.iloc[0]["prompt"] == msgs(("user", "How to X?"))
-    assert better.iloc[0]["pair_id"] != safer.iloc[0]["pair_id"]
+    safer, ds = load_pairs(SourceSpec(name="pku_saferlhf", split="train", subset="safer"), tmp_path, 4000)
+    sides = lambda df: list(zip(df["chosen"], df["rejected"]))  # noqa: E731
+    # where helpfulness and safety disagree, the two subsets pick opposite sides of the same row
+    assert sides(better)[0] == ("Step 1: ...", "I can't help with that.")
+    assert sides(safer)[0] == ("I can't help with that.", "Step 1: ...")
+    assert sides(better)[1:] == [("safe a", "safe b"), ("bad a", "worse b")] and d["malformed"] == 1
+    assert sides(safer)[1:] == [("a", "b"), ("safe b", "safe a"), ("bad a", "worse b")] and sum(ds.values()) == 0
+    assert better.iloc[0]["prompt"] == msgs(("user", "How to hack X?"))
+    assert better["pair_id"].tolist() == ["pku_saferlhf/better/train/000000", "pku_saferlhf/better/train/000002",
+                                          "pku_saferlhf/better/train/000003"]
+    assert safer.iloc[0]["pair_id"] == "pku_saferlhf/safer/train/000000"
     with pytest.raises(DataError, match="'better' or 'safer'"):
         load_pairs(SourceSpec(name="pku_saferlhf", subset="kind"), tmp_path, 4000)
+
+
+def hs2(prompt: str, response: str, helpfulness: int | None, correctness: int, coherence: int = 4) -> dict:
+    """A HelpSteer 2 row (one rated response) with the dataset's schema."""
+    return {"prompt": prompt, "response": response, "helpfulness": helpfulness, "correctness": correctness,
+            "coherence": coherence, "complexity": 2, "verbosity": 1}
+
+
+HS2_MULTI = "Hi!\n<extra_id_1>Assistant\nHello, how can I help?\n<extra_id_1>User\nTell me a joke."
+HS2_ROWS = [
+    hs2("c#", "C# is a language by Microsoft.", 3, 4), hs2("c#", "C# is a note.", 1, 2),   # 0: higher helpfulness
+    hs2("Sum 2+2", "5", 2, 0), hs2("Sum 2+2", "4", 2, 4),                                   # 2: correctness breaks tie
+    hs2("Name a colour", "Red.", 3, 4, 4), hs2("Name a colour", "Blue.", 3, 4, 2),          # 4: tied (coherence unused)
+    hs2(HS2_MULTI, "Why did the chicken cross the road?", 2, 3), hs2(HS2_MULTI, "No.", 0, 3),  # 6: multi-turn
+    hs2("Lonely prompt", "Only one response.", 4, 4),                                       # 8: unpaired -> malformed
+    hs2("Q?", "Yes.", None, 4), hs2("Q?", "No.", 2, 4),                                     # 9: missing_field
+    hs2("Q\n<extra_id_1>Assistant\nA", "x", 4, 4), hs2("Q\n<extra_id_1>Assistant\nA", "y", 1, 4),  # 11: malformed
+    hs2("Last", "Good.", 4, 4), hs2("Last", "Bad.", 0, 0),                                  # 13
+    hs2("Scale?", "a", 5, 4), hs2("Scale?", "b", 1, 1),                                     # 15: score > 4, malformed
+]
+
+
+def test_helpsteer2_pairs_from_attribute_scores(tmp_path: Path):
+    write_jsonl(tmp_path / "preference" / "helpsteer2-train.jsonl.gz", HS2_ROWS)
+    df, drops = load_pairs(SourceSpec(name="helpsteer2", split="train"), tmp_path, 4000)
+    assert df["pair_id"].tolist() == [f"helpsteer2/train/{i:06d}" for i in (0, 2, 6, 13)]  # first row of each pair
+    assert list(zip(df["chosen"], df["rejected"])) == [
+        ("C# is a language by Microsoft.", "C# is a note."), ("4", "5"),
+        ("Why did the chicken cross the road?", "No."), ("Good.", "Bad.")]
+    assert drops == {"missing_field": 1, "empty_response": 0, "no_final_assistant_turn": 0, "identical": 0,
+                     "over_length": 0, "malformed": 3, "duplicate_id": 0, "tied": 1}
+    assert df.iloc[0]["prompt"] == msgs(("user", "c#")) and df.iloc[0]["source"] == "helpsteer2"
+    assert df.iloc[2]["prompt"] == msgs(("user", "Hi!"), ("assistant", "Hello, how can I help?"),
+                                        ("user", "Tell me a joke.")) and df.iloc[2]["n_turns"] == 2
+
+
+def test_helpsteer2_pair_ids_are_stable(tmp_path: Path):
+    write_jsonl(tmp_path / "a" / "preference" / "helpsteer2-train.jsonl", HS2_ROWS)
+    write_parquet(tmp_path / "b" / "preference" / "helpsteer2-train.parquet", HS2_ROWS)
+    spec = SourceSpec(name="helpsteer2", split="train")
+    first, drops = load_pairs(spec, tmp_path / "a", 4000)
+    again, _ = load_pairs(spec, tmp_path / "a", 4000)
+    parquet, parquet_drops = load_pairs(spec, tmp_path / "b", 4000)  # pandas stores the scores as floats here
+    pd.testing.assert_frame_equal(first, again)
+    pd.testing.assert_frame_equal(first, parquet)
+    assert drops == parquet_drops
+    head, _ = load_pairs(spec.model_copy(update={"max_pairs": 2}), tmp_path / "a", 4000)
+    assert head["pair_id"].tolist() == first["pair_id"].tolist()[:2]
+
+
+def test_helpsteer2_split_alias_hub_and_size(monkeypatch, tmp_path: Path):
+    calls = []
+
+    def fake(hub_id, split, **kw):
+        calls.append((hub_id, split, kw))
+        return HS2_ROWS[:4]
+    monkeypatch.setattr(sources, "_hub_rows", fake)
+    df, _ = load_pairs(SourceSpec(name="helpsteer2"), tmp_path, 4000)  # spec default "test" -> validation
+    assert calls == [("nvidia/HelpSteer2", "validation", {})]
+    assert df["pair_id"].tolist() == ["helpsteer2/validation/000000", "helpsteer2/validation/000002"]
+    with pytest.raises(DataError, match=r"unknown split 'dev'.*\['train', 'validation'\]"):
+        load_pairs(SourceSpec(name="helpsteer2", split="dev"), tmp_path, 4000)
+    entry = sources.get_source("helpsteer2")  # plan sizes by pairs: one per prompt (two responses)
+    assert entry.n_rows(SourceSpec(name="helpsteer2")) == 1038 // 2
+    assert entry.n_rows(SourceSpec(name="helpsteer2", split="train")) == 20_324 // 2
+
+
+@pytest.mark.parametrize("prompt, roles", [
+    ("Plain <extra_id_1> text mentioning User", None),             # an unknown marker shape: malformed
+    ("A\n<extra_id_1>Assistant\nB\n<extra_id_1>User\nC\n<extra_id_1>Assistant\nD\n<extra_id_1>User\nE",
+     ["user", "assistant", "user", "assistant", "user"]),
+    ("<extra_id_0>System\nBe terse.\n<extra_id_1>User\nQ", None),   # system marker: not in HelpSteer 2
+    ("Q\n<extra_id_1>User\nQ again", None),                        # two user turns in a row
+    ("Q\n<extra_id_1>Assistant\n\n<extra_id_1>User\nQ2", None),     # empty assistant turn
+])
+def test_split_helpsteer2(prompt: str, roles: list[str] | None):
+    if roles is None:
+        with pytest.raises(sources._Drop) as e:
+            sources.split_helpsteer2(prompt)
+        assert e.value.reason == "malformed"
+    else:
+        out = sources.split_helpsteer2(prompt)
+        assert [m["role"] for m in out] == roles and [m["content"] for m in out] == list("ABCDE")
 
 
 def test_tulu_multi_turn_with_system(tmp_path: Path):
@@ -282,8 +385,8 @@ def test_unknown_source_name_lists_the_registry():
         parse_spec({"study": {"name": "t"}, "models": [{"name": "m", "path": "org/Model-8B"}],
                     "values": {"induced": ["humor"]}, "annotate": {"judge_model": "org/Judge-8B"},
                     "data": {"sources": [{"name": "foo"}]}})
-    assert e.value.problems == [("data.sources[0].name", "unknown source 'foo'; known: hh_rlhf, local, "
-                                 "pku_saferlhf, tulu3_preference, ultrafeedback")]
+    assert e.value.problems == [("data.sources[0].name", "unknown source 'foo'; known: helpsteer2, hh_rlhf, "
+                                 "local, pku_saferlhf, tulu3_preference, ultrafeedback")]
 
 
 def test_unreachable_hub_fails_in_seconds_naming_the_settings(monkeypatch):

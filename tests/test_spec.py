@@ -184,3 +184,235 @@ def test_label_smoothing_only_with_cdpo():
     d = _smoke()
     d["train"].update(method="dpo", label_smoothing=0.0)  # the default, spelled out: harmless
     assert parse_spec(d).train.model_dump() == parse_spec(_smoke()).train.model_dump()
+
+
+def _problems(d) -> list[tuple[str, str]]:
+    with pytest.raises(SpecError) as e:
+        parse_spec(d, "x.yaml")
+    return e.value.problems
+
+
+def test_system_prompt_placeholders_are_validated():
+    """Only {value} may be formatted; other names, conversions and stray braces are refused at the field."""
+    for bad in ("You value {values}.", "You value {value!r}.", "{}", "JSON: {a: 1}", "a } b", "  "):
+        d = _smoke()
+        d["train"]["system_prompt"] = bad
+        (path, msg), = _problems(d)
+        assert path == "train.system_prompt", bad
+    d = _smoke()
+    d["train"]["system_prompt"] = "Reply as JSON {{like this}}."
+    assert parse_spec(d).train.system_text(None) == "Reply as JSON {like this}."
+
+
+def test_value_template_needs_a_value_for_every_trained_condition():
+    """A {value} template with pooled controls or the positive arm is refused at train.system_prompt;
+    controls matched per value take it; a fixed text goes with every design."""
+    d = _smoke()  # pooled controls and a positive arm
+    d["train"]["system_prompt"] = "You value {value}."
+    problems = _problems(d)
+    assert [p for p, _ in problems] == ["train.system_prompt", "train.system_prompt"]
+    assert "fixed text or controls.match: per_value" in problems[0][1] and "positive" in problems[1][1]
+    d["controls"] = {"count": 1, "match": "per_value"}
+    spec = parse_spec(d)
+    assert "control-humor-0" in spec.conditions()
+    d = _smoke()
+    d["train"]["system_prompt"] = "You are a careful assistant."
+    assert parse_spec(d).train.system_prompt == "You are a careful assistant."
+
+
+def test_generation_system_prompt():
+    """generate.system_prompt: train gives each trained run its own training text; base models get a
+    fixed text, never a per-value one; it needs a training system prompt."""
+    from runner.spec import generation_system_prompt
+
+    d = _smoke()
+    d["generate"]["system_prompt"] = "train"
+    assert _problems(d) == [("generate.system_prompt", '"train" generates with the training system prompt, and '
+                                                       "train.system_prompt is not set")]
+    d["train"]["system_prompt"] = "Be brief."
+    fixed = parse_spec(d)
+    assert [generation_system_prompt(fixed, c, t) for c, t in [("value-humor", True), ("control-0", True),
+                                                               ("base", False)]] == ["Be brief."] * 3
+    d["train"]["system_prompt"] = "You value {value}."
+    d["controls"] = {"count": 1, "match": "per_value"}
+    per_value = parse_spec(d)
+    assert generation_system_prompt(per_value, "control-humor-0", True) == "You value humor."
+    assert generation_system_prompt(per_value, "base", False) is None
+    d["generate"]["system_prompt"] = "none"
+    assert generation_system_prompt(parse_spec(d), "value-humor", True) is None
+
+
+def test_system_prompts_enter_the_train_and_generate_keys(tmp_path):
+    from runner.pipeline import Study
+
+    def study(train_sp=None, gen_sp="none"):
+        d = _smoke()
+        d["models"] = [{"name": "m", "path": "org/Model-8B"}]
+        d["annotate"]["judge_model"] = "m"
+        d["score"]["refusal_llm_judge"] = "m"
+        d["controls"] = {"count": 1, "match": "per_value"}
+        d["train"]["system_prompt"] = train_sp
+        d["generate"]["system_prompt"] = gen_sp
+        return Study(parse_spec(d), base_dir=tmp_path)
+
+    def runs(st):
+        return {r.condition: r for r in st.runs()}
+
+    plain, a, b = study(), study("You value {value}."), study("Value {value}.")
+    from runner.stages.train import _train_section
+    assert "system_prompt" not in _train_section(plain.ctx, None)  # unset: earlier cells keep their keys
+    for cond in ("value-humor", "control-humor-0"):
+        keys = {plain.key("train", runs(plain)[cond]), a.key("train", runs(a)[cond]), b.key("train", runs(b)[cond])}
+        assert len(keys) == 3
+    gen = study("You value {value}.", "train")
+    assert gen.key("train", runs(gen)["value-humor"]) == a.key("train", runs(a)["value-humor"])
+    assert gen.key("generate", runs(gen)["value-humor"]) != a.key("generate", runs(a)["value-humor"])
+    assert gen.key("generate", runs(gen)["base"]) == a.key("generate", runs(a)["base"])  # a template: none for base
+    fixed, fixed_gen = study("Be brief."), study("Be brief.", "train")
+    assert fixed.key("generate", runs(fixed)["base"]) != fixed_gen.key("generate", runs(fixed_gen)["base"])
+
+
+def test_model_stage_and_base_models_need_a_chat_template(tmp_path):
+    d = _smoke()
+    d["models"] = [{"name": "b", "path": "org/Model-8B", "stage": "base"}]
+    assert [p for p, _ in _problems(d)] == ["models[0].chat_template"]
+    d["models"][0]["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    d["models"].append({"name": "s", "path": "org/Model-8B-SFT", "stage": "sft"})  # its tokenizer's, if any
+    d["models"].append({"name": "tiny", "path": "tiny-llama"})
+    spec = parse_spec(d)
+    assert [m.stage for m in spec.models] == ["base", "sft", "instruct"]
+    from runner.pipeline import Study
+    table = Study(spec, base_dir=tmp_path).runs_table()
+    assert table.groupby("model")["stage"].unique().map(list).to_dict() == {
+        "b": ["base"], "s": ["sft"], "tiny": ["instruct"]}
+    d["models"][1]["stage"] = "chat"
+    assert [p for p, _ in _problems(d)] == ["models[1].stage"]
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused_before_any_stage(tmp_path, tiny_model):
+    """The spec cannot see a tokenizer: the study refuses a model with no chat template (its own or
+    the spec's) when it starts, naming models[i].chat_template, before annotation spends anything."""
+    import shutil
+
+    from runner.pipeline import Study
+
+    bare = tmp_path / "bare-model"
+    shutil.copytree(tiny_model, bare, ignore=shutil.ignore_patterns("chat_template.jinja"))
+    d = _smoke()
+    d["models"] = [{"name": "tiny", "path": "tiny-llama"}, {"name": "bare", "path": str(bare), "stage": "sft"}]
+    d["study"]["output_dir"] = str(tmp_path / "studies")
+    study = Study(parse_spec(d), base_dir=tmp_path)
+    stages = []
+    study.on_stage = stages.append
+    with pytest.raises(SpecError) as e:
+        study.run()
+    assert [p for p, _ in e.value.problems] == ["models[1].chat_template"]
+    assert "has no chat template" in e.value.problems[0][1] and stages == []
+    d["models"][1]["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    Study(parse_spec(d), base_dir=tmp_path).ctx.check_chat_templates()
+
+
+# ------------------------------------------------------------------ subset_size: all, per-value controls
+
+def _all(d: dict | None = None) -> dict:
+    """The smoke spec with the paper's sizes: every eligible pair per value, per-value controls."""
+    d = d or _smoke()
+    d["controls"] = {"count": 2, "match": "per_value", "aa_check": True}
+    d["data"].update(subset_size="all", rule="exactly_one_side_flip")
+    return d
+
+
+def test_subset_size_all_needs_per_value_controls_and_no_positive_arm():
+    d = _smoke()
+    d["data"]["subset_size"] = "all"
+    problems = dict(_problems(d))
+    assert set(problems) == {"controls.match", "controls.positive"}
+    assert "set controls.match: per_value" in problems["controls.match"]
+    spec = parse_spec(_all())
+    assert (spec.data.subset_size, spec.controls.match, spec.data.rule) == ("all", "per_value", "exactly_one_side_flip")
+    d = _smoke()
+    d["data"]["subset_size"] = "most"
+    assert [p for p, _ in _problems(d)] == ["data.subset_size"]
+    assert parse_spec(_smoke()).controls.match == "pooled"
+
+
+def test_condition_names_round_trip_with_hyphenated_values():
+    from runner.spec import parse_condition
+
+    d = _all()
+    d["values"]["induced"] = ["open-mindedness", "humor"]
+    spec = parse_spec(d)
+    assert spec.conditions() == ["value-open-mindedness", "value-humor", "control-open-mindedness-0",
+                                 "control-open-mindedness-1", "control-humor-0", "control-humor-1"]
+    assert spec.conditions(["humor"]) == ["value-humor", "control-humor-0", "control-humor-1"]
+    assert [parse_condition(c) for c in spec.conditions()] == [
+        ("value", "open-mindedness", None), ("value", "humor", None), ("control", None, "open-mindedness"),
+        ("control", None, "open-mindedness"), ("control", None, "humor"), ("control", None, "humor")]
+    assert parse_condition("control-3") == ("control", None, None) and parse_condition("positive")[0] == "positive"
+    for bad in ("control-humor", "base", "value-"):
+        with pytest.raises(ValueError):
+            parse_condition(bad)
+
+
+def test_runs_of_per_value_controls_and_of_kept_values_only(tmp_path):
+    """Per-value controls are control runs that carry their value; under subset_size: all the runs
+    are those of the values curation kept, known once curate is done."""
+    from runner.pipeline import Study
+    from runner.store import write_json
+
+    d = _all()
+    d["study"]["output_dir"] = str(tmp_path)
+    d["data"]["subset_size"] = 4
+    runs = Study(parse_spec(d), base_dir=tmp_path).runs()
+    controls = [r for r in runs if r.condition.startswith("control-")]
+    assert {(r.condition, r.kind, r.value, r.match) for r in controls} == {
+        (f"control-{v}-{k}", "control", None, v) for v in ("humor", "fairness") for k in (0, 1)}
+    assert all(r.match is None for r in runs if not r.condition.startswith("control-"))
+
+    study = Study(parse_spec(_all(d)), base_dir=tmp_path)
+    assert not study.runs_known()
+    assert [r["stage"] for r in study.status()] == ["annotate", "curate"]  # no run before curation
+    unit = study.store.unit("curate", study.key("curate"))
+    write_json({"rule": {"kept": ["fairness"], "dropped": {"humor": 2}}}, unit / "curation.json")
+    study.store.mark_done("curate", study.key("curate"), {"summary": "synthetic"})
+    assert study.runs_known()
+    assert [r.condition for r in study.runs()] == ["base", "value-fairness", "control-fairness-0",
+                                                   "control-fairness-1"]
+    table = study.runs_table()
+    assert table.set_index("condition")["match"].dropna().to_dict() == {
+        "control-fairness-0": "fairness", "control-fairness-1": "fairness"}
+    assert len(study.status()) > 2
+
+
+def test_added_seeds_go_to_the_matched_controls(tmp_path):
+    from runner.pipeline import Study
+
+    d = _all()
+    d["study"]["output_dir"] = str(tmp_path)
+    d["data"]["subset_size"] = 4
+    d["seeds"] = {"values": [0], "adaptive": {"target_ci_halfwidth": 0.1, "max": 3}}
+    study = Study(parse_spec(d), base_dir=tmp_path)
+    before = {r.run_id for r in study.runs()}
+    assert study.seeds.add(["value-humor"]) == 1
+    assert {r.run_id for r in study.runs()} - before == {
+        "tiny__value-humor__s1", "tiny__control-humor-0__s1", "tiny__control-humor-1__s1"}
+
+
+def test_annotate_check_validation_and_judge_listing(tmp_path):
+    from runner.pipeline import Study
+
+    d = _smoke()
+    assert parse_spec(d).annotate.check is None  # off by default
+    d["annotate"]["check"] = {"sample": 0}
+    assert {p for p, _ in _problems(d)} == {"annotate.check.judge_model", "annotate.check.sample"}
+    d["annotate"]["check"] = {"judge_model": "tiny"}  # the labeller itself
+    assert _problems(d) == [("annotate.check.judge_model", "is annotate.judge_model: the check needs another judge")]
+    d["annotate"]["check"] = {"judge_model": "org/Judge-70B"}
+    d["annotate"]["engine"] = {"tensor_parallel": 4, "max_model_len": 4096}
+    d["study"]["output_dir"] = str(tmp_path)
+    spec = parse_spec(d)
+    assert spec.annotate.check.sample == 200
+    ctx = Study(spec, base_dir=tmp_path).ctx
+    assert "org/Judge-70B" in ctx.judge_models()  # pools, plan and the chat-template check see it
+    assert ctx.engine_spec("org/Judge-70B").tensor_parallel == 4  # the judges' engine
+    assert ctx._template_field("org/Judge-70B")[0] == "annotate.check.judge_model"

@@ -24,7 +24,7 @@ def _cell(tmp: Path, tiny_model: str, data_dir: Path, name: str, fail_at_step=No
         pairs, _ = load_pairs(SourceSpec(name="hh_rlhf", subset="harmless-base", max_pairs=8), data_dir, 4000)
         pairs.to_parquet(subset)
     train = TrainSpec(batch_size=4, micro_batch_size=1, workers=2, zero_stage=2, max_length=96, lr=1e-3,
-                      epochs=2, checkpoint_every=1, max_failures=1)
+                      epochs=2, checkpoint_every=1, max_failures=1, eval_at=[0.25, 0.5])
     train = train.model_copy(update={"bf16": bf16_enabled(train)})  # as the driver does, once
     out = tmp / name
     cell = Cell(cell_id=name, seed=3, train=train, pairs=str(subset), model_path=tiny_model, model_id="tiny",
@@ -36,7 +36,7 @@ def _cell(tmp: Path, tiny_model: str, data_dir: Path, name: str, fail_at_step=No
     assert timing["end"] > timing["start"] and 0 < timing["steps_s"] < timing["end"] - timing["start"]
     res["starts"] = timing["starts"]
     assert meta == {"cell_id": name, "seed": 3, "n_pairs": 8, "ref_cache_hit": res["ref_cache_hit"],
-                    "train": train.model_dump(mode="json"), "bf16": train.bf16}
+                    "train": train.model_dump(mode="json"), "bf16": train.bf16, "system_prompt": None}
     return out, history, res
 
 
@@ -76,6 +76,15 @@ def test_dead_worker_recovers_to_the_same_adapter(tmp_path, tiny_model, data_dir
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-5, worst
     assert any(torch.count_nonzero(a[k]) for k in a if "lora_B" in k)  # the adapter actually trained
+    # train.eval_at: the adapters after steps 1 and 2 of 4, the same whether or not a worker died
+    # (the killed run lost step 2's and redid it from the step-1 checkpoint)
+    part = {f: load_file(clean / "progress" / f / "adapter_model.safetensors") for f in ("0.25", "0.5")}
+    for f, adapter in part.items():
+        again = load_file(killed / "progress" / f / "adapter_model.safetensors")
+        assert max((adapter[k] - again[k]).abs().max().item() for k in adapter) < 1e-5, f
+    steps = [part["0.25"], part["0.5"], a]
+    for x, y in zip(steps, steps[1:]):  # each one further along
+        assert max((x[k] - y[k]).abs().max().item() for k in x) > 1e-4
 
 
 def test_comm_op_load_survives_a_lock_left_by_a_killed_worker(tmp_path):

@@ -69,3 +69,28 @@ def audit_agreement(labels: pd.DataFrame, annotations: pd.DataFrame) -> pd.DataF
         rows.append({"value": v, "n": len(h), "human_yes": int(h.sum()), "judge_yes": int(j.sum()),
                      "accuracy": float((h == j).mean()) if len(h) else float("nan"), "kappa": cohen_kappa(h, j)})
     return pd.DataFrame(rows)
+
+
+def check_agreement(labeller: pd.DataFrame, check: pd.DataFrame) -> pd.DataFrame:
+    """The labeller's value labels against a check judge's on the same responses (pair_id, side).
+
+    Only responses both judges scored count. Per value and overall ("all": every (response, value)
+    decision pooled): n responses, each judge's yes count, both_yes, precision = both_yes /
+    labeller_yes (of the values the labeller reported, the share the check judge also reported: the
+    paper's figure), recall = both_yes / check_yes and Cohen's kappa; NaN where undefined."""
+    from evaluation.stats import cohen_kappa  # scipy/statsmodels load only when needed
+
+    cols = [*ID_COLUMNS, "values", "scored"]
+    m = labeller[cols].merge(check[cols], on=list(ID_COLUMNS), suffixes=("_l", "_c"))
+    m = m[m["scored_l"] & m["scored_c"]]
+    lab = np.array([[v in list(x) for v in VALUES] for x in m["values_l"]], dtype=int).reshape(-1, len(VALUES))
+    chk = np.array([[v in list(x) for v in VALUES] for x in m["values_c"]], dtype=int).reshape(-1, len(VALUES))
+
+    def row(name: str, a: np.ndarray, b: np.ndarray) -> dict:
+        both, ly, cy = int((a & b).sum()), int(a.sum()), int(b.sum())
+        return {"value": name, "n": len(m), "labeller_yes": ly, "check_yes": cy, "both_yes": both,
+                "precision": both / ly if ly else float("nan"), "recall": both / cy if cy else float("nan"),
+                "kappa": cohen_kappa(a.tolist(), b.tolist())}
+
+    return pd.DataFrame([row(v, lab[:, i], chk[:, i]) for i, v in enumerate(VALUES)]
+                        + [row("all", lab.ravel(), chk.ravel())])

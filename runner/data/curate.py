@@ -1,8 +1,10 @@
-"""Curation: from annotated preference pairs to equal-size value subsets, length-matched random
-controls and a held-out split. Pure and deterministic: same inputs and spec → identical subsets.
+"""Curation: from annotated preference pairs to value subsets (equal-size, or every eligible pair
+under data.subset_size: all), length-matched random controls and a held-out split. Pure and
+deterministic: same inputs and spec → identical subsets.
 
-Conditions are named like `Spec.conditions()`: "value-<v>" per induced value, "control-<k>", and
-"positive" (controls.positive: a control-like draw in which a share of pairs carry a planted phrase).
+Conditions are named like `Spec.conditions()`: "value-<v>" per induced value, "control-<k>" (pooled
+controls) or "control-<v>-<k>" (controls.match: per_value), and "positive" (controls.positive: a
+control-like draw in which a share of pairs carry a planted phrase).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ ANNOTATION_COLUMNS = ("pair_id", "side", "values", "scored", "raw")
 RULES = {
     "chosen_not_rejected": "V is among the chosen response's values and not among the rejected one's",
     "chosen": "V is among the chosen response's values (the rejected side is not consulted)",
+    "exactly_one_side_flip": "V is among the values of exactly one response; where it is only among the "
+                             "rejected one's, chosen and rejected are swapped in V's subset (the paper's rule)",
 }
 N_EXAMPLES = 3
 
@@ -34,10 +38,10 @@ class Curation:
     """Subsets keyed by condition name, the held-out pairs, and the audit tables."""
     subsets: dict[str, pd.DataFrame]
     held_out: pd.DataFrame
-    table: pd.DataFrame                 # per value: counts available/used, overlaps
+    table: pd.DataFrame                 # per value: counts available/used, kept/flipped/dropped, overlaps
     overlap: pd.DataFrame               # pairwise Jaccard between value subsets
     examples: dict[str, list[dict]]     # a few pairs per value subset
-    rule: dict[str, Any]                # rule, thresholds, N, seeds: record it with the subsets
+    rule: dict[str, Any]                # rule, thresholds, sizes, kept/dropped values, seeds
     stats: dict[str, int] = field(default_factory=dict)        # pool accounting
     control_bins: pd.DataFrame = field(default_factory=pd.DataFrame)  # per control × bin: target/drawn
 
@@ -88,6 +92,18 @@ def proportional_counts(weights: np.ndarray, total: int) -> np.ndarray:
     return counts
 
 
+def rule_masks(rule: str, has_c: np.ndarray, has_r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(taken, flipped) over pairs for a value found on the chosen (`has_c`) and rejected (`has_r`)
+    side: which pairs enter its subset, and which of those enter with chosen and rejected swapped."""
+    if rule == "chosen_not_rejected":
+        return has_c & ~has_r, np.zeros_like(has_c)
+    if rule == "chosen":
+        return has_c.copy(), np.zeros_like(has_c)
+    if rule == "exactly_one_side_flip":
+        return has_c ^ has_r, has_r & ~has_c
+    raise CurationError(f"unknown rule {rule!r}; known: {sorted(RULES)}")
+
+
 def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], data: DataSpec,
            controls: ControlsSpec, length_fn: Callable[[dict], int] | None = None) -> Curation:
     """Build value subsets, controls and the held-out split.
@@ -97,11 +113,21 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
     or not, is in the control pool. Controls are random draws from that pool, so they may share
     pairs with value subsets and with each other; this is intended (a control is "what a random
     subset of the same size and length profile does").
+
+    Sizes: data.subset_size N (or the smallest value's count when unset) for every subset, an error
+    below min_subset_size; "all": every eligible pair of each value, values below min_subset_size
+    dropped (`rule["dropped"]`), an error only when every value is.
     """
     if not induced:
         raise CurationError("no induced values")
     if data.rule not in RULES:
         raise CurationError(f"unknown rule {data.rule!r}; known: {sorted(RULES)}")
+    every = data.subset_size == "all"
+    if every and controls.match != "per_value":
+        raise CurationError("data.subset_size: all gives value subsets of unequal sizes: set controls.match: "
+                            "per_value (controls of each value's size and length profile)")
+    if every and controls.positive is not None:
+        raise CurationError("controls.positive needs equal-size value subsets, not data.subset_size: all")
     length_fn = length_fn or default_length
     pairs = _check_pairs(pairs)
     ann = _annotation_index(annotations, set(pairs["pair_id"]))
@@ -128,18 +154,29 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
     eligible = (status_arr == "eligible") & ~held
     pool_idx = np.flatnonzero(~held)
 
-    # --- value subsets ---
-    rows, candidates = [], {}
+    # --- value subsets: every eligible pair is taken, flipped, or dropped for one reason ---
+    rows, candidates, flips = [], {}, {}
     for v in induced:
         has_c = np.array([v in s for s in chosen_vals]) & eligible
         has_r = np.array([v in s for s in rejected_vals]) & eligible
-        ok = has_c & ~has_r if data.rule == "chosen_not_rejected" else has_c
+        ok, flips[v] = rule_masks(data.rule, has_c, has_r)
         candidates[v] = np.flatnonzero(ok)
         rows.append({"value": v, "chosen_with": int(has_c.sum()), "rejected_with": int(has_r.sum()),
-                     "both_with": int((has_c & has_r).sum()), "available": int(ok.sum())})
+                     "both_with": int((has_c & has_r).sum()), "available": int(ok.sum()),
+                     "kept_as_is": int((ok & ~flips[v]).sum()), "flipped": int(flips[v].sum()),
+                     "dropped_both_sides": int((has_c & has_r & ~ok).sum()),
+                     "dropped_rejected_only": int((has_r & ~has_c & ~ok).sum()),
+                     "dropped_neither_side": int((eligible & ~has_c & ~has_r).sum())})
     available = {v: len(candidates[v]) for v in induced}
     counts_msg = ", ".join(f"{v}={n}" for v, n in available.items())
-    if data.subset_size is not None:
+    dropped: dict[str, int] = {}
+    if every:
+        dropped = {v: available[v] for v in induced if available[v] < data.min_subset_size}
+        if len(dropped) == len(induced):
+            raise CurationError(f"data.subset_size all: every value has fewer eligible pairs than min_subset_size="
+                                f"{data.min_subset_size} (rule {data.rule}; available per value: {counts_msg})")
+        n = None
+    elif data.subset_size is not None:
         n = data.subset_size
         short = [v for v in induced if available[v] < n]
         if short:
@@ -147,30 +184,38 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
                                 f"(rule {data.rule}): {counts_msg}")
     else:
         n = min(available.values())
-    if n < data.min_subset_size:
+    if n is not None and n < data.min_subset_size:
         raise CurationError(f"the smallest value subset has {n} pairs, below min_subset_size="
                             f"{data.min_subset_size} (rule {data.rule}; available per value: {counts_msg})")
+    kept = [v for v in induced if v not in dropped]
+    sizes = {v: available[v] if every else n for v in kept}
 
     chosen_idx: dict[str, np.ndarray] = {}
-    for v in induced:
-        rng = np.random.default_rng(derived_seed("value", data.seed, v))
-        chosen_idx[v] = np.sort(rng.choice(candidates[v], size=n, replace=False))
+    for v in kept:
+        if every:
+            chosen_idx[v] = candidates[v]  # flatnonzero: already sorted
+        else:
+            rng = np.random.default_rng(derived_seed("value", data.seed, v))
+            chosen_idx[v] = np.sort(rng.choice(candidates[v], size=n, replace=False))
 
-    # --- controls: length-matched to the pooled value subsets (a multiset: each value weighs N) ---
-    pooled = np.concatenate([lengths[chosen_idx[v]] for v in induced])
-    edges = bin_edges(pooled, controls.length_bins)
-    n_bins = len(edges) + 1
-    targets = proportional_counts(np.bincount(assign_bins(pooled, edges), minlength=n_bins), n)
-    pool_bins = assign_bins(lengths[pool_idx], edges)
+    # --- controls: random draws from the pool, length-matched to a target profile per bin ---
     pos = controls.positive
-    if (controls.count or pos is not None) and len(pool_idx) < n:
-        raise CurationError(f"the control pool has {len(pool_idx)} non-held-out pairs, fewer than N={n}")
-    lo_edges = np.concatenate([[-np.inf], edges])
-    hi_edges = np.concatenate([edges, [np.inf]])
     bin_rows = []
 
-    def draw(rng: np.random.Generator, condition: str) -> np.ndarray:
-        """N pairs of the pool, length-matched per bin; a short bin is filled at random from the rest."""
+    def profile(target: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Quantile edges of the target lengths and the per-bin counts of a draw of `size` pairs."""
+        edges = bin_edges(target, controls.length_bins)
+        return edges, proportional_counts(np.bincount(assign_bins(target, edges), minlength=len(edges) + 1), size)
+
+    def draw(rng: np.random.Generator, condition: str, size: int, edges: np.ndarray,
+             targets: np.ndarray) -> np.ndarray:
+        """`size` pairs of the pool, length-matched per bin; a short bin is filled at random from the rest."""
+        if len(pool_idx) < size:
+            raise CurationError(f"the control pool has {len(pool_idx)} non-held-out pairs, fewer than N={size} "
+                                f"({condition})")
+        n_bins = len(edges) + 1
+        pool_bins = assign_bins(lengths[pool_idx], edges)
+        lo_edges, hi_edges = np.concatenate([[-np.inf], edges]), np.concatenate([edges, [np.inf]])
         picked, drawn = [], []
         for b in range(n_bins):
             in_bin = pool_idx[pool_bins == b]
@@ -178,7 +223,7 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
             picked.append(rng.choice(in_bin, size=take, replace=False))
             drawn.append(take)
         got = np.concatenate(picked) if picked else np.array([], dtype=int)
-        shortfall = n - len(got)
+        shortfall = size - len(got)
         if shortfall:
             # a bin of the pool had fewer pairs than its target: fill at random from the rest
             rest = np.setdiff1d(pool_idx, got)
@@ -192,34 +237,59 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
                              "pool": int((pool_bins == b).sum()), "filled_at_random": shortfall})
         return np.sort(got)
 
-    control_idx: dict[int, np.ndarray] = {}
-    for k in range(controls.count):
-        control_idx[k] = draw(np.random.default_rng(derived_seed("control", data.seed, k)), f"control-{k}")
+    control_idx: dict[str, np.ndarray] = {}
+    pooled_edges = per_value_edges = None
+    if controls.match == "pooled" or pos is not None:
+        # the pooled value subsets, a multiset: each value weighs N
+        pooled_edges, pooled_targets = profile(np.concatenate([lengths[chosen_idx[v]] for v in kept]), n)
+    if controls.match == "pooled":
+        for k in range(controls.count):
+            control_idx[f"control-{k}"] = draw(np.random.default_rng(derived_seed("control", data.seed, k)),
+                                               f"control-{k}", n, pooled_edges, pooled_targets)
+    else:  # per value: that value's size and length profile, an own seed per (value, k)
+        per_value_edges = {}
+        for v in kept:
+            edges, targets = profile(lengths[chosen_idx[v]], sizes[v])
+            per_value_edges[v] = edges
+            for k in range(controls.count):
+                name = f"control-{v}-{k}"
+                control_idx[name] = draw(np.random.default_rng(derived_seed("control", data.seed, v, k)), name,
+                                         sizes[v], edges, targets)
     # --- positive control: a control-like draw (own seed) in which a share of pairs is planted ---
-    positive_idx = draw(np.random.default_rng(derived_seed("positive", data.seed)), "positive") \
-        if pos is not None else None
+    positive_idx = draw(np.random.default_rng(derived_seed("positive", data.seed)), "positive", n,
+                        pooled_edges, pooled_targets) if pos is not None else None
 
     # --- outputs ---
-    def frame(idx: np.ndarray, condition: str) -> pd.DataFrame:
+    def frame(idx: np.ndarray, condition: str, flip: np.ndarray | None = None) -> pd.DataFrame:
         out = pairs.iloc[idx].reset_index(drop=True).copy()
+        if flip is not None:  # a value subset: swap the pairs its rule flips (only in this subset)
+            swap = flip[idx]
+            out.loc[swap, ["chosen", "rejected"]] = out.loc[swap, ["rejected", "chosen"]].to_numpy()
+            out["flipped"] = swap
         out["condition"] = condition
         out["length"] = lengths[idx].astype(int)
         return out
 
-    subsets = {f"value-{v}": frame(chosen_idx[v], f"value-{v}") for v in induced}
+    subsets = {f"value-{v}": frame(chosen_idx[v], f"value-{v}", flips[v]) for v in kept}
     n_planted = 0
     if positive_idx is not None:
         subsets["positive"] = _plant_subset(frame(positive_idx, "positive"), pos.phrase, pos.position,
                                             pos.fraction, data.seed, length_fn)
         n_planted = int(subsets["positive"]["planted"].sum())
-    subsets.update({f"control-{k}": frame(control_idx[k], f"control-{k}") for k in control_idx})
+    subsets.update({name: frame(idx, name) for name, idx in control_idx.items()})
 
-    sets = {v: set(chosen_idx[v].tolist()) for v in induced}
+    sets = {v: set(chosen_idx[v].tolist()) for v in kept}
     control_union = set().union(*[set(i.tolist()) for i in control_idx.values()]) if control_idx else set()
     for row in rows:
         v = row["value"]
-        others = set().union(*[sets[u] for u in induced if u != v])
-        row.update({"N": n, "used": len(sets[v]), "used_fraction": len(sets[v]) / max(available[v], 1),
+        if v in dropped:
+            row.update({"kept": False, "N": 0, "used": 0, "used_fraction": 0.0, "flipped_used": 0,
+                        "shared_with_values": 0, "shared_with_controls": 0})
+            continue
+        others = set().union(*[sets[u] for u in kept if u != v])
+        row.update({"kept": True, "N": sizes[v], "used": len(sets[v]),
+                    "used_fraction": len(sets[v]) / max(available[v], 1),
+                    "flipped_used": int(flips[v][chosen_idx[v]].sum()),
                     "shared_with_values": len(sets[v] & others),
                     "shared_with_controls": len(sets[v] & control_union)})
     if pos is not None:
@@ -230,15 +300,15 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
     table = pd.DataFrame(rows)
 
     ov = []
-    for i, a in enumerate(induced):
-        for b in induced[i + 1:]:
+    for i, a in enumerate(kept):
+        for b in kept[i + 1:]:
             inter, union = len(sets[a] & sets[b]), len(sets[a] | sets[b])
             ov.append({"value_a": a, "value_b": b, "intersection": inter,
                        "jaccard": inter / union if union else 0.0})
     overlap = pd.DataFrame(ov, columns=["value_a", "value_b", "intersection", "jaccard"])
 
-    examples = {v: [_example(records[i], chosen_vals[i], rejected_vals[i])
-                    for i in chosen_idx[v][:N_EXAMPLES]] for v in induced}
+    examples = {v: [_example(records[i], chosen_vals[i], rejected_vals[i], flipped=bool(flips[v][i]))
+                    for i in chosen_idx[v][:N_EXAMPLES]] for v in kept}
     if positive_idx is not None:
         sub = subsets["positive"]
         examples["positive"] = [_example(r, frozenset(), frozenset()) for r in
@@ -251,16 +321,27 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
              "annotations_ignored": ann.ignored}
     if pos is not None:
         stats["planted"] = n_planted
+    count_cols = ("kept_as_is", "flipped", "dropped_both_sides", "dropped_rejected_only", "dropped_neither_side")
+    controls_rule = {"count": controls.count, "match": controls.match, "length_bins": controls.length_bins,
+                     "pool": "all non-held-out pairs (may overlap value subsets)",
+                     "length_fn": getattr(length_fn, "__name__", repr(length_fn))}
+    if pooled_edges is not None:  # the pooled controls' and the positive arm's profile
+        controls_rule.update(bins_used=len(pooled_edges) + 1, edges=[float(e) for e in pooled_edges])
+    if per_value_edges is not None:
+        controls_rule["per_value"] = {v: {"N": sizes[v], "bins_used": len(e) + 1, "edges": [float(x) for x in e],
+                                          "seed": f"('control', seed, '{v}', k)"}
+                                      for v, e in per_value_edges.items()}
     rule = {"rule": data.rule, "description": RULES[data.rule], "induced": list(induced), "N": n,
             "subset_size": data.subset_size, "min_subset_size": data.min_subset_size,
             "held_out_fraction": data.held_out_fraction, "seed": data.seed,
             "held_out_method": "sha256('held-out', seed, pair_id) < fraction",
             "eligibility": "both sides annotated and scored; pair not held out",
-            "controls": {"count": controls.count, "length_bins": controls.length_bins,
-                         "bins_used": n_bins, "edges": [float(e) for e in edges],
-                         "pool": "all non-held-out pairs (may overlap value subsets)",
-                         "length_fn": getattr(length_fn, "__name__", repr(length_fn))},
-            "available": available}
+            "controls": controls_rule, "available": available, "sizes": sizes, "kept": kept,
+            "dropped": dropped,
+            "counts": {r["value"]: {c: r[c] for c in count_cols} for r in rows if r["value"] in available}}
+    if dropped:
+        rule["dropped_why"] = (f"fewer eligible pairs than data.min_subset_size={data.min_subset_size} "
+                               f"(data.subset_size: all, rule {data.rule})")
     if pos is not None:
         rule["positive"] = {
             "condition": "positive", "phrase": pos.phrase, "position": pos.position, "fraction": pos.fraction,
@@ -352,8 +433,12 @@ def _annotation_index(annotations: pd.DataFrame, known: set[str]) -> _AnnIndex:
     return index
 
 
-def _example(rec: dict, cvals: frozenset, rvals: frozenset, limit: int = 400) -> dict:
+def _example(rec: dict, cvals: frozenset, rvals: frozenset, limit: int = 400, flipped: bool = False) -> dict:
+    """A pair as its subset holds it: a flipped pair shows its sides (and their values) swapped."""
     last_user = next((m["content"] for m in reversed(rec["prompt"]) if m["role"] == "user"), "")
-    return {"pair_id": rec["pair_id"], "prompt": last_user[:limit], "chosen": rec["chosen"][:limit],
-            "rejected": rec["rejected"][:limit], "chosen_values": sorted(cvals),
-            "rejected_values": sorted(rvals)}
+    chosen, rejected = (rec["rejected"], rec["chosen"]) if flipped else (rec["chosen"], rec["rejected"])
+    if flipped:
+        cvals, rvals = rvals, cvals
+    return {"pair_id": rec["pair_id"], "prompt": last_user[:limit], "chosen": chosen[:limit],
+            "rejected": rejected[:limit], "chosen_values": sorted(cvals), "rejected_values": sorted(rvals),
+            "flipped": flipped}

@@ -1,10 +1,21 @@
-"""Preference-pair loaders: HH-RLHF, UltraFeedback (binarized), PKU-SafeRLHF, the Tulu 3 preference
-mixture and local jsonl/json/parquet files, normalised to one table of PreferencePair rows.
+"""Preference-pair loaders: HH-RLHF, UltraFeedback (binarized), PKU-SafeRLHF, HelpSteer 2, the Tulu 3
+preference mixture and local jsonl/json/parquet files, normalised to one table of PreferencePair rows.
 
 Each source is one `Source` entry in `SOURCES` (see `register`); the spec's source names, the
 loader and `valind plan` all read that registry. Every source yields raw rows in a deterministic
-order; its converter turns a row into a pair or raises `_Drop`, so all sources share the same
-validity rules and drop accounting.
+order; a source whose rows are single responses first groups them (`Source.group`); its converter
+turns a (grouped) row into a pair or raises `_Drop`, so all sources share the same validity rules
+and drop accounting.
+
+Where a source's pairs are derived rather than given:
+- PKU-SafeRLHF subset "better" uses `better_response_id`, "safer" uses `safer_response_id`. The
+  dataset sets safer_response_id even when both responses are equally safe (both safe or both
+  unsafe); those pairs are kept as labelled.
+- HelpSteer 2 rates each response alone (0-4 per attribute); the two consecutive rows that share a
+  prompt form a pair: chosen has the higher helpfulness, a tie is broken by correctness, and pairs
+  still tied are dropped ("tied"). Multi-turn prompts are split into messages at their
+  "<extra_id_1>User" / "<extra_id_1>Assistant" markers. HelpSteer 2's separate pairwise preference
+  annotations (its preference/ files) are not used.
 """
 from __future__ import annotations
 
@@ -27,11 +38,12 @@ from runner.spec import SourceSpec
 
 COLUMNS = (*PAIR_COLUMNS, "n_turns")
 DROP_REASONS = ("missing_field", "empty_response", "no_final_assistant_turn", "identical",
-                "over_length", "malformed", "duplicate_id")
+                "over_length", "malformed", "duplicate_id", "tied")
 EXTENSIONS = (".jsonl", ".jsonl.gz", ".parquet")
 ROLES = ("system", "user", "assistant")
 
 Converter = Callable[[dict], tuple]  # row -> (prompt, chosen, rejected, pair_id or None); raises _Drop
+Rows = Iterator[tuple[int, dict]]    # (row index in the file or hub split, raw row)
 
 
 class DataError(ValindError):
@@ -62,8 +74,11 @@ class Source:
     hub_kwargs: dict[str, str] = field(default_factory=dict)  # extra load_dataset() kwargs
     pair_prefix: str = "{name}/{split}"         # pair_id = <pair_prefix>/<row index>
     label: str = "{name}"                       # the pairs' `source` column
-    reader: Callable[[SourceSpec, Path | None], Iterator[tuple[int, dict]]] | None = None
+    reader: Callable[[SourceSpec, Path | None], Rows] | None = None
     # ^ reads the (index, row)s itself instead of the data dir / hub lookup (local files)
+    group: Callable[[Rows], Rows] | None = None
+    # ^ combines raw rows into the converter's rows (per-response rows -> one row per prompt); a
+    #   grouped row keeps its first raw row's index, so pair_ids point into the file
 
     def dataset_split(self, split: str) -> str:
         return self.split_aliases.get(split, split)
@@ -146,9 +161,8 @@ def _choices(options: tuple[str, ...]) -> str:
     return f"{options[0]!r} or {options[1]!r}" if len(options) == 2 else f"one of {list(options)}"
 
 
-def _resolve(source: SourceSpec, data_dir: Path | None
-             ) -> tuple[str, str, Iterator[tuple[int, dict]], Converter]:
-    """(source label, pair_id prefix, (index, raw row) iterator, row converter) for a source."""
+def _resolve(source: SourceSpec, data_dir: Path | None) -> tuple[str, str, Rows, Converter]:
+    """(source label, pair_id prefix, (index, row) iterator after any grouping, row converter)."""
     entry = get_source(source.name)
     name, split = entry.name, entry.dataset_split(source.split)
     if entry.splits and split not in entry.splits:
@@ -163,17 +177,22 @@ def _resolve(source: SourceSpec, data_dir: Path | None
     fmt = {"name": name, "subset": subset, "split": split,
            "file": _stem(Path(source.path)) if source.path else ""}
     label, prefix = entry.label.format(**fmt), entry.pair_prefix.format(**fmt)
-    convert = entry.converter(source)
-    if entry.reader is not None:
-        return label, prefix, entry.reader(source, data_dir), convert
+    rows = entry.reader(source, data_dir) if entry.reader is not None else _dataset_rows(entry, split, fmt, data_dir)
+    if entry.group is not None:
+        rows = entry.group(rows)
+    return label, prefix, rows, entry.converter(source)
 
+
+def _dataset_rows(entry: Source, split: str, fmt: dict[str, str], data_dir: Path | None) -> Rows:
+    """A registered dataset's (index, row)s: <data_dir>/preference/<file_stem><ext>, else the hub."""
+    name = entry.name
     tried: list[str] = []
     if data_dir is not None:
         for ext in EXTENSIONS:
             path = data_dir / "preference" / f"{entry.file_stem.format(**fmt)}{ext}"
             tried.append(str(path))
             if path.is_file():
-                return label, prefix, _read_file(path), convert
+                return _read_file(path)
     if entry.hub_id is None:
         raise DataError(f"{name} ({split}): not found locally (tried {', '.join(tried) or 'none (no data dir)'})")
     hub_kwargs = {k: v.format(**fmt) for k, v in entry.hub_kwargs.items()}
@@ -186,7 +205,7 @@ def _resolve(source: SourceSpec, data_dir: Path | None
     except Exception as e:  # datasets raises many types (offline, missing split, network)
         raise DataError(f"{where}, and the hub dataset {entry.hub_id!r} failed to load: {type(e).__name__}: {e}. "
                         "Set VALIND_DATA_DIR to a data directory that holds it") from None
-    return label, prefix, enumerate(rows), convert
+    return enumerate(rows)
 
 
 class HubUnreachable(OSError):
@@ -416,6 +435,66 @@ def _pku_converter(pick: str) -> Converter:
     return convert
 
 
+HS2_RANK = ("helpfulness", "correctness")  # HelpSteer 2: compared in this order, higher is chosen
+_HS2_TURN = re.compile(r"\n?<extra_id_1>(User|Assistant)\n?")
+
+
+def group_consecutive_prompts(rows: Rows) -> Rows:
+    """HelpSteer 2: runs of consecutive rows with the same prompt, as (index of the run's first
+    row, {"prompt", "responses": [rows]}). The dataset stores each prompt's two responses next to
+    each other; grouping only neighbours keeps this streaming and never joins unrelated rows."""
+    start, run = 0, []
+    for idx, row in rows:
+        if run and row.get("prompt") != run[0].get("prompt"):
+            yield start, {"prompt": run[0].get("prompt"), "responses": run}
+            run = []
+        if not run:
+            start = idx
+        run.append(row)
+    if run:
+        yield start, {"prompt": run[0].get("prompt"), "responses": run}
+
+
+def split_helpsteer2(prompt: str) -> list[dict]:
+    """A HelpSteer 2 prompt as messages. Multi-turn prompts hold the earlier turns inline:
+    "{user 1}\n<extra_id_1>Assistant\n{assistant 1}\n<extra_id_1>User\n{user 2}"."""
+    parts = _HS2_TURN.split(prompt)
+    msgs = [{"role": "user", "content": parts[0]}]
+    msgs += [{"role": who.lower(), "content": text} for who, text in zip(parts[1::2], parts[2::2])]
+    if any(not m["content"].strip() or "<extra_id_" in m["content"] for m in msgs):
+        raise _Drop("malformed")  # an empty turn, or a marker we do not know (e.g. <extra_id_0>System)
+    if msgs[-1]["role"] != "user" or any(a["role"] == b["role"] for a, b in zip(msgs, msgs[1:])):
+        raise _Drop("malformed")
+    return msgs
+
+
+def _score(v: Any) -> int:
+    """A 0-4 attribute score. Files written through pandas hold them as floats (NaN for a gap)."""
+    if isinstance(v, float) and v != v:
+        raise _Drop("missing_field")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer() or not 0 <= v <= 4:
+        raise _Drop("malformed")
+    return int(v)
+
+
+def _convert_helpsteer2(group: dict) -> tuple:
+    """A prompt's two rated responses -> (prompt, chosen, rejected): see HS2_RANK; ties drop."""
+    responses = group["responses"]
+    if len(responses) != 2:
+        raise _Drop("malformed")  # a prompt without exactly two responses
+    for r in responses:
+        if any(r.get(k) is None for k in ("prompt", "response", *HS2_RANK)):
+            raise _Drop("missing_field")
+        if not isinstance(r["prompt"], str) or not isinstance(r["response"], str):
+            raise _Drop("malformed")
+    a, b = responses
+    key_a, key_b = (tuple(_score(r[k]) for k in HS2_RANK) for r in responses)
+    if key_a == key_b:
+        raise _Drop("tied")
+    chosen, rejected = (a, b) if key_a > key_b else (b, a)
+    return split_helpsteer2(group["prompt"]), chosen["response"], rejected["response"], None
+
+
 def _local_response(value: Any, prompt: list[dict]) -> str:
     if isinstance(value, str):
         return value
@@ -466,6 +545,13 @@ register(Source(
     converter=lambda spec: _pku_converter(spec.subset), splits=("train", "test"),
     subsets=("better", "safer"), default_subset="better",
     rows={"train": 73_907, "test": 8_211}, pair_prefix="{name}/{subset}/{split}",
+))
+register(Source(
+    name="helpsteer2", hub_id="nvidia/HelpSteer2", converter=lambda _: _convert_helpsteer2,
+    group=group_consecutive_prompts, splits=("train", "validation"),
+    # SourceSpec.split defaults to "test"; HelpSteer 2's held-out split is "validation".
+    split_aliases={"test": "validation"},
+    rows={"train": 10_162, "validation": 519},  # prompts (= candidate pairs): 20,324 and 1,038 responses
 ))
 register(Source(
     name="tulu3_preference", hub_id="allenai/llama-3.1-tulu-3-8b-preference-mixture",

@@ -7,5 +7,5 @@ from __future__ import annotations
 from runner.stages import analyze, annotate, curate, generate, score, train
 
 STAGES = {m.__name__.rsplit(".", 1)[1]: m for m in (annotate, curate, train, generate, score, analyze)}
-KEYS = {k.stage: k for k in (annotate.ANNOTATE, curate.CURATE, train.TRAIN, generate.ITEMS, generate.GENERATE,
+KEYS = {k.stage: k for k in (annotate.ANNOTATE, annotate.ANNOTATE_CHECK, curate.CURATE, train.TRAIN, generate.ITEMS, generate.GENERATE,
                               score.SCORE, score.AGREEMENT, analyze.ANALYZE)}  # store folder -> Key

@@ -8,10 +8,12 @@ import pandas as pd
 
 from runner.progress import say
 from runner.secrets import redact
+from runner.spec import system_fields
+from runner.stages.annotate import ANNOTATE_CHECK, check_result
 from runner.stages.curate import CURATE
 from runner.stages.keys import CODE_VERSION, Key
 from runner.stages.score import AGREEMENT, SCORE, agreement
-from runner.store import read_parquet, write_parquet
+from runner.store import read_json, read_parquet, write_parquet
 
 ANALYSIS_VERSION = "crossed-runs-items-1"  # the analyze key's own: bump when inference changes
 
@@ -24,6 +26,7 @@ ANALYZE = Key("analyze", {
     "seeds.adaptive": lambda c, r: c.spec.seeds.adaptive,
     "curate (table)": lambda c, r: CURATE(c),
     "agreement": lambda c, r: AGREEMENT(c),
+    "annotate check": lambda c, r: ANNOTATE_CHECK(c) if c.spec.annotate.check else None,
 })
 
 
@@ -65,17 +68,23 @@ def _analyze(ctx, key, unit, paths, gen_paths) -> None:
             "base model's responses (adapter not applied?): "
             + ", ".join(f"{r.run_id} ({r.share_changed:.0%})" for r in flagged.itertuples()))
     tables = {"contrasts": res.contrasts, "metrics": res.metrics, "power": res.power, "changed": res.changed,
-              "aa_checks": res.aa}
+              "aa_checks": res.aa, "along_training": res.along, "trend": res.trend}
     for name, df in tables.items():
         if df is not None:
             write_parquet(df, unit / f"{name}.parquet")
     extras = {"study_name": s.study.name, "description": s.study.description,
               "spec_yaml": redact(ctx.spec_text), "code_version": code_version(), "alpha": a.alpha,
               "judge_agreement": agreement(ctx), "curation": read_parquet(ctx.need("curate") / "table.parquet"),
+              "curation_rule": read_json(ctx.need("curate") / "curation.json").get("rule"),
               "power": res.power, "aa_checks": res.aa, "aa_detail": res.aa_detail, "adaptive": ctx.seeds.note(),
               "adaptive_trajectory": ctx.seeds.trajectory(res.contrasts, key), "changed": res.changed,
-              "min_changed_share": a.min_changed_share, "positive_values": list(s.values.positive)}
-    report = write_report(unit, runs, scores, res.contrasts, extras)
+              "min_changed_share": a.min_changed_share, "positive_values": list(s.values.positive),
+              "system_prompt": {"text": s.train.system_prompt, "at_generation": s.generate.system_prompt,
+                                "per_value": bool(s.train.system_prompt and system_fields(s.train.system_prompt))}}
+    extras |= {"along_training": res.along, "trend": res.trend, "eval_at": s.train.eval_at}
+    extras["label_check"] = check_result(ctx)
+    final = runs[(runs["kind"] == "base") | (runs["progress"] == 1.0)]  # the checkpoints: in along_training
+    report = write_report(unit, final, scores[scores["run_id"].isin(set(final["run_id"]))], res.contrasts, extras)
     con = res.contrasts
     ctx.store.mark_done("analyze", key, {"report": str(report), "contrasts": len(con)})
     say(f"analyze: done — {len(con)} contrasts, {int(con['significant'].sum()) if len(con) else 0} "

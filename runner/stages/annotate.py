@@ -3,6 +3,8 @@
 The unit is judged in batches, each written as it finishes, so a killed run resumes where it
 stopped. The batch layout (size and row spans) is recorded in the unit before the first batch and
 reused on resume, whatever the engine section says then: a resumed unit never drops or repeats rows.
+With annotate.check, a larger judge then re-labels a sample, and the labeller's agreement with it is
+stored in a unit of its own (`annotate_check`).
 """
 from __future__ import annotations
 
@@ -29,15 +31,85 @@ ANNOTATE = Key("annotate", {
     "data dir": lambda c, r: c.data_marker(),
 })
 
+# annotate.check's unit, apart from the annotations: changing the check never relabels the data.
+# The check judge uses the labeller's prompt, mode and settings, which the annotate key holds.
+ANNOTATE_CHECK = Key("annotate_check", {
+    "annotate": lambda c, r: ANNOTATE(c),
+    "annotate.check": lambda c, r: c.spec.annotate.check,
+    "data.seed": lambda c, r: c.spec.data.seed,
+    "check judge engine": lambda c, r: (c.engine_identity(c.spec.annotate.check.judge_model)
+                                        if c.spec.annotate.check else None),
+})
+
 
 def run(ctx):
     key = ANNOTATE(ctx)
     if ctx.store.done("annotate", key):
         info = ctx.store.info("annotate", key)
         say(f"annotate: cached ({info['pairs']} pairs, {info['unscored']} unscored responses) [{key}]")
-        return ctx.store.unit("annotate", key)
-    with ctx.failing("annotate", key, "annotations"):
-        return _annotate(ctx, key, ctx.store.unit("annotate", key))
+        unit = ctx.store.unit("annotate", key)
+    else:
+        with ctx.failing("annotate", key, "annotations"):
+            unit = _annotate(ctx, key, ctx.store.unit("annotate", key))
+    if ctx.spec.annotate.check:
+        check(ctx, unit)
+    return unit
+
+
+def check(ctx, unit) -> pd.DataFrame:
+    """annotate.check: the check judge re-labels a stratified sample (audit_sample, seeded by
+    data.seed) with the labeller's prompt and mode; returns the labeller's agreement with it
+    (runner.data.audit.check_agreement), logged to the parent MLflow run."""
+    from runner.data.audit import ID_COLUMNS, audit_sample, check_agreement
+    from runner.tracking import log_check
+
+    a, c, key = ctx.spec.annotate, ctx.spec.annotate.check, ANNOTATE_CHECK(ctx)
+    out = ctx.store.unit("annotate_check", key)
+    if ctx.store.done("annotate_check", key):
+        say(f"annotate check: cached [{key}]")
+    else:
+        with ctx.failing("annotate_check", key, "labeller check"):
+            pairs, ann = read_parquet(unit / "pairs.parquet"), read_parquet(unit / "annotations.parquet")
+            ids = audit_sample(pairs, ann, c.sample, seed=ctx.spec.data.seed)[list(ID_COLUMNS)]
+            todo = ids.merge(pairs[["pair_id", "prompt", "chosen", "rejected"]], on="pair_id", how="left")
+            if todo.empty:
+                raise StageError("annotate check: the labeller scored no response, so there is nothing to check")
+            say(f"annotate check: {c.judge_model} re-labels {len(todo)} responses")
+            ctx.pools.close()  # the labeller's pool holds the devices a larger check judge needs
+            verdicts = value_judge.judge_values(
+                ctx.pools.get(c.judge_model, scores=a.mode == "logprob"),
+                [(list(r.prompt), getattr(r, r.side)) for r in todo.itertuples()], mode=a.mode, desc="check",
+                threshold=a.logprob_threshold, max_tokens=a.sampling.max_tokens)
+            judged = todo[list(ID_COLUMNS)].join(verdicts)
+            write_parquet(judged, out / "check.parquet")
+            agree = check_agreement(ann, judged)
+            write_parquet(agree, out / "agreement.parquet")
+            agree.to_csv(out / "agreement.csv", index=False)
+            ctx.store.mark_done("annotate_check", key, {"judge": c.judge_model, "sampled": len(judged),
+                                                        "unscored": int((~judged["scored"]).sum())})
+    agree = read_parquet(out / "agreement.parquet")
+    log_check(ctx.tracker, agree, out, key)
+    unscored = ctx.store.info("annotate_check", key)["unscored"]
+    say(check_line(c.judge_model, agree) + (f" ({unscored} unscored by the check judge)" if unscored else ""))
+    return agree
+
+
+def check_line(judge: str, agree: pd.DataFrame) -> str:
+    """The overall row of a check_agreement table in one line (precision as the paper gives it)."""
+    r = agree.set_index("value").loc["all"]
+    f = lambda x, pct: "n/a" if x != x else (f"{x:.2%}" if pct else f"{x:.3f}")  # noqa: E731  (NaN: undefined)
+    return (f"annotate check: labeller vs {judge} on {int(r['n'])} responses: precision {f(r['precision'], True)}, "
+            f"recall {f(r['recall'], True)}, kappa {f(r['kappa'], False)}")
+
+
+def check_result(ctx) -> dict | None:
+    """annotate.check's result for the report: {"judge", "labeller", "table"}; None without a check."""
+    c = ctx.spec.annotate.check
+    if not c:
+        return None
+    ctx.need("annotate")  # runs the check if this process has not yet
+    table = read_parquet(ctx.store.unit("annotate_check", ANNOTATE_CHECK(ctx)) / "agreement.parquet")
+    return {"judge": c.judge_model, "labeller": ctx.spec.annotate.judge_model, "table": table}
 
 
 def _annotate(ctx, key, unit):

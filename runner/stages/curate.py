@@ -1,4 +1,7 @@
-"""curate: value subsets, size-matched random controls, the positive arm and the held-out split."""
+"""curate: value subsets, size-matched random controls, the positive arm and the held-out split.
+
+Under data.subset_size: all the kept values are known only here: `Study.runs()` reads them from
+this stage's curation.json (`rule["kept"]`)."""
 from __future__ import annotations
 
 from runner.progress import say
@@ -8,9 +11,13 @@ from runner.store import read_parquet, safe_name, write_json, write_parquet
 
 
 def _controls(ctx, run) -> dict:
-    """The controls section as curation sees it: `positive.items` is the suite's size, not curation's."""
+    """The controls section as curation sees it: `positive.items` is the suite's size, not curation's;
+    `match` enters only when per_value (pooled is what every earlier curation did: their keys stand)."""
     c = ctx.spec.controls
-    return c.model_dump(mode="json", exclude={"positive": {"items"}} if c.positive else set())
+    exclude: dict = {"positive": {"items"}} if c.positive else {}
+    if c.match == "pooled":
+        exclude["match"] = True
+    return c.model_dump(mode="json", exclude=exclude)
 
 
 CURATE = Key("curate", {
@@ -58,8 +65,12 @@ def _curate(ctx, key, unit, ann_unit):
     if len(cur.control_bins):
         write_parquet(cur.control_bins, unit / "control_bins.parquet")
     write_json({"rule": cur.rule, "stats": cur.stats, "examples": cur.examples}, unit / "curation.json")
-    n = len(next(iter(cur.subsets.values())))
-    summary = f"{len(cur.subsets)} subsets of {n} pairs, {len(cur.held_out)} held out"
+    n = cur.rule["N"]
+    sizes = f"{n} pairs" if n is not None else \
+        "unequal sizes (" + ", ".join(f"{v} {k}" for v, k in cur.rule["sizes"].items()) + ")"
+    summary = f"{len(cur.subsets)} subsets of {sizes}, {len(cur.held_out)} held out"
+    if cur.rule["dropped"]:
+        summary += "; dropped below min_subset_size: " + ", ".join(f"{v} ({k})" for v, k in cur.rule["dropped"].items())
     ctx.store.mark_done("curate", key, {"summary": summary, "n": n, "stats": cur.stats})
     say(f"curate: done — {summary} [{key}]")
     return unit

@@ -11,7 +11,7 @@ from evaluation.suites import registry as suites
 from evaluation.types import Request
 from runner.context import StageError
 from runner.progress import say
-from runner.spec import eval_suites, suite_settings
+from runner.spec import eval_suites, generation_system_prompt, suite_settings
 from runner.stages.curate import CURATE
 from runner.stages.keys import Key
 from runner.store import read_parquet, write_parquet
@@ -31,7 +31,14 @@ GENERATE = Key("generate", {
     "generate.sampling": lambda c, r: c.spec.generate.sampling,
     "engine": lambda c, r: c.engine_identity(r.model),
     "train cell": lambda c, r: r.cell_key or "base",
+    "progress (train.eval_at)": lambda c, r: r.progress,
+    "system prompt": lambda c, r: system_prompt(c, r),
 }, per_run=True)
+
+
+def system_prompt(ctx, r) -> str | None:
+    """The system message this run generates with (generate.system_prompt; runner.spec.generation_system_prompt)."""
+    return generation_system_prompt(ctx.spec, r.condition, trained=bool(r.cell_key))
 
 
 def load_items(ctx) -> pd.DataFrame:
@@ -73,14 +80,17 @@ def run(ctx):
 
 
 def _generate(ctx, model, full_path, group, items, adapters) -> None:
+    from runner.train.batches import with_system  # the rule training applies, applied the same way here
+
     sp = ctx.spec.generate.sampling
+    systems = {r.run_id: system_prompt(ctx, r) for r in group}
     lora = any(r.cell_key for r in group) and not full_path
     t0 = time.perf_counter()
     pool = ctx.pools.get(model, enable_lora=lora, path=full_path)
 
     def request(r, messages) -> Request:
         adapter = str(adapters[r.run_id]) if (r.cell_key and lora) else None
-        return Request(messages=tuple(dict(m) for m in messages), adapter=adapter,
+        return Request(messages=tuple(with_system(messages, systems[r.run_id])), adapter=adapter,
                        max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed)
 
     texts = pool.generate([request(r, m) for r in group for m in items["messages"]], desc=f"generate {model}")
@@ -91,7 +101,8 @@ def _generate(ctx, model, full_path, group, items, adapters) -> None:
         df = pd.DataFrame({"run_id": r.run_id, "suite": items["suite"], "item_id": items["item_id"],
                            "response": first[k], "followup_response": second[k], "engine": pool.name,
                            "engine_version": pool.version, "sampling": json.dumps(sp.model_dump()),
-                           "adapter": str(adapters.get(r.run_id, "")) if r.cell_key else ""})
+                           "adapter": str(adapters.get(r.run_id, "")) if r.cell_key else "",
+                           "system_prompt": systems[r.run_id] or ""})
         key = GENERATE(ctx, r)
         write_parquet(df, ctx.store.unit("generate", key) / "generations.parquet")
         ctx.store.mark_done("generate", key, {"run_id": r.run_id, "items": n})

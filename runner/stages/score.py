@@ -13,6 +13,7 @@ from runner.progress import say
 from runner.spec import eval_suites, suite_settings
 from runner.stages.generate import GENERATE, load_items
 from runner.stages.keys import Key
+from runner.stages.train import adapter_path
 from runner.store import read_parquet, write_parquet
 
 
@@ -105,7 +106,7 @@ def _benchmarks(ctx, runs) -> dict[str, pd.DataFrame]:
     ctx.ensure_ray()
 
     def submit(r):
-        adapter = str(ctx.store.unit("train", r.cell_key) / "model") if r.cell_key else None
+        adapter = str(adapter_path(ctx, r)) if r.cell_key else None
         model = ctx.model_path(r.model)
         if adapter and ctx.spec.train.finetune == "full":
             model, adapter = adapter, None

@@ -5,25 +5,37 @@ cell; the trial and its workers read only that."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from runner.context import StageError
 from runner.progress import say
-from runner.spec import content_hash
+from runner.spec import condition_value, content_hash
 from runner.stages.curate import CURATE
 from runner.stages.keys import Key
 from runner.store import safe_name
+
+
+def _train_section(ctx, run) -> dict:
+    """The train section as a cell sees it; `system_prompt` and `eval_at` enter only when set (cells
+    trained before they existed keep their keys). With a {value} template the condition, also hashed,
+    fixes the text."""
+    t = ctx.spec.train
+    unset = {k for k, v in (("system_prompt", t.system_prompt is None), ("eval_at", t.eval_at == [1.0])) if v}
+    return t.model_dump(mode="json", exclude=unset or None)
+
 
 TRAIN = Key("train", {
     "curate": lambda c, r: CURATE(c),
     "model": lambda c, r: c.model_id(r.model),
     "condition": lambda c, r: r.condition,
     "seed": lambda c, r: r.seed,
-    "train": lambda c, r: c.spec.train,
+    "train": _train_section,
 }, per_run=True)
 
 
 def run(ctx):
-    cells = [r for r in ctx.runs() if r.cell_key]
+    trained = [r for r in ctx.runs() if r.cell_key]
+    cells = [r for r in trained if r.final]
     for r in cells:  # published by a driver that was killed before it could mark the cell done
         adopt(ctx, r)
     todo = [r for r in cells if not ctx.store.done("train", r.cell_key)]
@@ -33,7 +45,13 @@ def run(ctx):
     from runner.tracking import log_training
     log_training(ctx, cells)
     say(f"train: done — {len(cells)} cells")
-    return {r.run_id: ctx.store.unit("train", r.cell_key) / "model" for r in cells}
+    return {r.run_id: adapter_path(ctx, r) for r in trained}
+
+
+def adapter_path(ctx, r) -> Path:
+    """A trained run's model: its cell's final one, or the one saved at r.progress (train.eval_at)."""
+    unit = ctx.store.unit("train", r.cell_key)
+    return unit / "model" if r.final else unit / "progress" / f"{r.progress:g}"
 
 
 def _train(ctx, todo) -> None:
@@ -54,6 +72,7 @@ def _train(ctx, todo) -> None:
                  model_path=ctx.model_path(r.model), model_id=ctx.model_id(r.model),
                  out_dir=str(ctx.store.unit("train", r.cell_key)), work_dir=str(ctx.root / "ray_train"),
                  ref_cache=str(ctx.root / "cache" / "reflogps"), chat_template=ctx.chat_template(r.model),
+                 system_prompt=train.system_text(condition_value(r.condition)),
                  trust_remote_code=s.model(r.model).trust_remote_code) for cid, r in by_id.items()]
     errors = run_grid(grid, train, ctx.root / "ray_tune", f"grid-{content_hash(list(by_id), n=8)}",
                       on_complete=lambda c: adopt(ctx, by_id[c.cell_id]), cluster=s.cluster)

@@ -12,6 +12,18 @@ class TokenizeError(ValindError, ValueError):
     pass
 
 
+def with_system(messages, system: str | None) -> list[dict]:
+    """`messages` with `system` first. A prompt that already opens with a system message keeps one:
+    ours, a blank line, then its own (many chat templates accept a single leading system message);
+    system messages later in the dialogue are left where they are."""
+    msgs = [dict(m) for m in messages]
+    if system is None:
+        return msgs
+    if msgs and msgs[0].get("role") == "system":
+        return [{"role": "system", "content": f"{system}\n\n{msgs[0]['content']}"}] + msgs[1:]
+    return [{"role": "system", "content": system}] + msgs
+
+
 def encode(tokenizer, prompt: list[dict], response: str, chat_template: str | None = None) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids): the response ids are what the template adds after the prompt."""
     def ids(msgs, gen):
@@ -47,11 +59,15 @@ class Example:
     ref_rejected: float = 0.0
 
 
-def encode_pairs(tokenizer, pairs, max_length: int, chat_template: str | None = None) -> list[Example]:
+def encode_pairs(tokenizer, pairs, max_length: int, chat_template: str | None = None,
+                 system_prompt: str | None = None) -> list[Example]:
+    """Tokenise every pair, each prompt with `system_prompt` first (`with_system`); an over-long prompt
+    loses its oldest tokens (`fit`), the system prompt first of all."""
     out = []
     for row in pairs.itertuples():
-        p, c = encode(tokenizer, list(row.prompt), row.chosen, chat_template)
-        _, r = encode(tokenizer, list(row.prompt), row.rejected, chat_template)
+        prompt = with_system(row.prompt, system_prompt)
+        p, c = encode(tokenizer, prompt, row.chosen, chat_template)
+        _, r = encode(tokenizer, prompt, row.rejected, chat_template)
         p, (c, r) = fit(p, [c, r], max_length)
         out.append(Example(row.pair_id, p, c, r))
     return out

@@ -19,6 +19,7 @@ class Cell:
     work_dir: str
     ref_cache: str
     chat_template: str | None = None
+    system_prompt: str | None = None  # this cell's resolved train.system_prompt (its value's text)
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:

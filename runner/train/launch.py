@@ -113,16 +113,18 @@ def bf16_enabled(train: TrainSpec) -> bool:
 
 
 def train_cell(cell: Cell, tokenizer, fail_at_step: int | None = None, callbacks: list | None = None) -> dict:
-    """Train one cell on its pairs (the parquet at cell.pairs); the final adapter (or full model),
-    metrics.jsonl and cell.json land atomically in cell.out_dir."""
+    """Train one cell on its pairs (the parquet at cell.pairs); the final adapter (or full model) in
+    model/, the ones part-way through in progress/<fraction>/ (train.eval_at), metrics.jsonl and
+    cell.json land atomically in cell.out_dir."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from runner.train.loop import dist_backend, starts_file, train_loop
+    from runner.train.loop import dist_backend, progress_dir, starts_file, train_loop
 
     started = time.time()
     train = cell.train
-    examples = encode_pairs(tokenizer, pd.read_parquet(cell.pairs), train.max_length, cell.chat_template)
+    examples = encode_pairs(tokenizer, pd.read_parquet(cell.pairs), train.max_length, cell.chat_template,
+                            cell.system_prompt)
     if len(examples) < train.batch_size:
         raise TrainError(f"{cell.cell_id}: {len(examples)} pairs is fewer than train.batch_size ({train.batch_size})")
     ref_hit = False
@@ -148,6 +150,10 @@ def train_cell(cell: Cell, tokenizer, fail_at_step: int | None = None, callbacks
     with result.checkpoint.as_directory() as d, atomic_dir(out_dir) as tmp:
         shutil.copytree(Path(d, "model"), tmp / "model")
         shutil.copy(Path(d, "metrics.jsonl"), tmp / "metrics.jsonl")
+        for f in train.eval_at[:-1]:  # the adapters part-way through (the last fraction is 1: "model")
+            if not progress_dir(cell, f).is_dir():
+                raise TrainError(f"{cell.cell_id}: the adapter at {f:g} of training (train.eval_at) was not saved")
+            shutil.copytree(progress_dir(cell, f), tmp / "progress" / f"{f:g}")
         history = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines()]
         # wall vs steps: the cell's start-up and orchestration overhead (valind rehearse reports it)
         # starts: the step each worker-group start began from ([0, 3]: restarted, resumed at step 3)
@@ -155,6 +161,7 @@ def train_cell(cell: Cell, tokenizer, fail_at_step: int | None = None, callbacks
                   "starts": [int(x) for x in starts_file(cell).read_text().split()]}
         (tmp / "cell.json").write_text(json.dumps({
             "cell_id": cell.cell_id, "seed": cell.seed, "n_pairs": len(examples), "ref_cache_hit": ref_hit,
-            "train": train.model_dump(mode="json"), "bf16": train.bf16, "timing": timing}, indent=2))
+            "train": train.model_dump(mode="json"), "bf16": train.bf16, "system_prompt": cell.system_prompt,
+            "timing": timing}, indent=2))
     shutil.rmtree(work_dir / cell.cell_id, ignore_errors=True)  # Ray's intermediate checkpoints
     return {"out_dir": out_dir, "ref_cache_hit": ref_hit}

@@ -101,6 +101,20 @@ def starts_file(cell) -> Path:
     return d / "valind-starts.txt"
 
 
+def progress_dir(cell, fraction: float) -> Path:
+    """Where the adapter at `fraction` of the schedule is saved (train.eval_at), beside the starts file."""
+    return Path(cell.work_dir) / cell.cell_id / "valind-progress" / f"{fraction:g}"
+
+
+def progress_steps(eval_at: list[float], n_steps: int) -> dict[int, list[float]]:
+    """Optimizer step → the eval_at fractions (below 1) saved after it: step round(f × n), at least 1."""
+    out: dict[int, list[float]] = {}
+    for f in eval_at:
+        if f < 1:
+            out.setdefault(min(n_steps, max(1, round(f * n_steps))), []).append(f)
+    return out
+
+
 def train_loop(cfg: dict) -> None:
     """The worker: cfg is {"cell": Cell, "examples": ObjectRef of list[Example], "pad_id", "fail_at_step"}."""
     import deepspeed
@@ -141,6 +155,7 @@ def train_loop(cfg: dict) -> None:
     micro, grad_acc = conf["train_micro_batch_size_per_gpu"], conf["gradient_accumulation_steps"]
 
     steps = _schedule(len(examples), train.batch_size, train.epochs, seed)
+    save_at = progress_steps(train.eval_at, len(steps))
     if ckpt:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(os.path.join(d, "ds"), tag="state", load_module_strict=False)  # frozen: from the model
@@ -164,6 +179,8 @@ def train_loop(cfg: dict) -> None:
                    "step_s": dt}
         history.append(metrics)
         last = step + 1 == len(steps)
+        if step + 1 in save_at:  # before the step's checkpoint: a resume past it never misses it
+            _save_progress(engine, train.zero_stage, rank, [progress_dir(cell, f) for f in save_at[step + 1]])
         if fail_at is not None and step + 1 == fail_at and rank == world - 1 and not ckpt:
             os._exit(1)  # simulate a dead worker (only on the first attempt)
         if last or (step + 1) % train.checkpoint_every == 0:
@@ -213,6 +230,18 @@ def optimizer_step(engine, micro_batches, loss_fn: LossFn, pad: int, device) -> 
                  batch["attention_mask"].sum(), torch.tensor(k, device=device))
         sums += torch.stack([p.to(device=device, dtype=torch.float64) for p in parts])
     return sums
+
+
+def _save_progress(engine, zero_stage: int, rank: int, dirs: list[Path]) -> None:
+    import deepspeed
+
+    from runner.store import atomic_dir
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None,
+                                           enabled=zero_stage == 3):
+        for d in dirs if rank == 0 else ():
+            with atomic_dir(d) as tmp:
+                engine.module.save_pretrained(tmp, safe_serialization=True)
 
 
 def _report_with_checkpoint(engine, zero_stage: int, rank: int, step: int, history: list[dict], metrics: dict,
