@@ -281,24 +281,35 @@ def contrasts(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float = 0.05,
         for condition, cr in trained.groupby("condition", sort=True):
             kind = cr["kind"].iloc[0]
             value = cr["value"].iloc[0] if "value" in cr else None
-            refs = []
-            if len(base):
-                refs.append(("base", base, False))
-            ref_controls = _reference_controls(controls, kind, value)
-            if kind != "control" and len(ref_controls):
-                refs.append(("control", ref_controls, True))
-            for ref_name, ref_runs, match in refs:
+            for ref_name, ref_runs in _references(base, controls, kind, value):
+                match = ref_name == "control"
                 for row in _compare_arms(vals, exists, cr, ref_runs, match, alpha):
                     rows.append(dict(model=model, condition=condition, kind=kind,
                                      value=None if pd.isna(value) else value,
                                      reference=ref_name, **row))
+    return _corrected(rows, CONTRAST_COLUMNS, primary_judges, alpha)
+
+
+def _references(base: pd.DataFrame, controls: pd.DataFrame, kind: str, value) -> list[tuple[str, pd.DataFrame]]:
+    """(reference name, its runs) a condition is compared with: the base model, and the controls
+    (a control arm only against the base)."""
+    refs = [("base", base)] if len(base) else []
+    ref_controls = _reference_controls(controls, kind, value)
+    if kind != "control" and len(ref_controls):
+        refs.append(("control", ref_controls))
+    return refs
+
+
+def _corrected(rows: list[dict], columns: list[str], primary_judges: dict[str, str] | None,
+               alpha: float) -> pd.DataFrame:
+    """Rows as a table with the primary judge marked and Holm/BH per (model, reference, family)."""
     if not rows:
-        return pd.DataFrame(columns=CONTRAST_COLUMNS)
+        return pd.DataFrame(columns=columns)
     df = pd.DataFrame(rows)
     df["primary"] = mark_primary(df, primary_judges)
     df["family"] = [family_of(k, s) for k, s in zip(df["kind"], df["suite"])]
     df = _add_corrections(df, ["model", "reference", "family"], alpha)
-    return df[CONTRAST_COLUMNS].reset_index(drop=True)
+    return df[columns].reset_index(drop=True)
 
 
 def verdicts(contrasts_df: pd.DataFrame) -> pd.DataFrame:
@@ -534,11 +545,7 @@ def trend_along_training(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float 
         base_m, controls = mr[mr["kind"] == "base"], mr[mr["kind"] == "control"]
         for condition, cr in mr[mr["kind"] != "base"].groupby("condition", sort=True):
             kind, value = cr["kind"].iloc[0], cr["value"].iloc[0] if "value" in cr else None
-            refs = [("base", base_m)] if len(base_m) else []
-            ref_controls = _reference_controls(controls, kind, value)
-            if kind != "control" and len(ref_controls):
-                refs.append(("control", ref_controls))
-            for ref_name, ref_runs in refs:
+            for ref_name, ref_runs in _references(base_m, controls, kind, value):
                 for (suite, metric, judge), pos in sorted(vals.groupby(level=[0, 1, 2]).indices.items()):
                     slopes = [_item_slopes(values[pos], col, sr, ref_runs, ref_name == "control")
                               for _, sr in cr.groupby("_seed_sort", sort=True)]
@@ -548,13 +555,7 @@ def trend_along_training(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float 
                                      judge=judge, reference=ref_name, points=len(points),
                                      **{("slope" if k == "effect" else k): v for k, v in test.as_dict().items()
                                         if k not in ("var_seed", "var_item", "var_resid")}))
-    if not rows:
-        return pd.DataFrame(columns=TREND_COLUMNS)
-    trend = pd.DataFrame(rows)
-    trend["primary"] = mark_primary(trend, primary_judges)
-    trend["family"] = [family_of(k, s) for k, s in zip(trend["kind"], trend["suite"])]
-    trend = _add_corrections(trend, ["model", "reference", "family"], alpha)
-    return trend[TREND_COLUMNS].reset_index(drop=True)
+    return _corrected(rows, TREND_COLUMNS, primary_judges, alpha)
 
 
 def _item_slopes(values: np.ndarray, col: dict, run_points: pd.DataFrame, ref_runs: pd.DataFrame,
