@@ -388,12 +388,13 @@ def log_analysis(ctx, unit: Path) -> None:
         tr.set_tags(parent, {"valind.report": str(unit / "report.html")})))
     metrics = read_parquet(unit / "metrics.parquet")
     runs = {r.run_id: r for r in ctx.runs()}
+    final = {(r.model, r.condition, r.seed): r for r in runs.values() if r.final}  # a checkpoint's training run
     children: dict[str, str] = {}
     for run_id, df in metrics.groupby("run_id"):
         r = runs[run_id]
         # an eval_at checkpoint logs into its training run's child, at step = percent of training:
         # MLflow charts the metric against step, and its runs table shows the last (the final) one
-        owner = r if r.final else runs[run_id.rsplit("__p", 1)[0]]
+        owner = r if r.final else final[(r.model, r.condition, r.seed)]
         if owner.run_id not in children:
             children[owner.run_id] = log_run(tr, owner)
         rid = children[owner.run_id]
