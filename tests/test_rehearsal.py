@@ -105,8 +105,14 @@ def _check_what_the_ui_shows(uri: str, experiment: str) -> None:
     verdict = f"verdict/{value.data.params['model']}/{cond}/safety/refusal/effect"
     assert verdict in parent.data.metrics and "verdict/safety/refusal/effect" in value.data.metrics
     assert value.data.metrics["verdict/safety/refusal/effect"] == parent.data.metrics[verdict]
-    mlflow.set_tracking_uri(uri)  # load_table searches the runs through the fluent API
-    table = client.load_table(exp.experiment_id, "verdicts/contrasts.json", run_ids=[parent.info.run_id])
+    # load_table searches the runs through the fluent API, whose URI (and MLFLOW_TRACKING_URI, which
+    # set_tracking_uri also sets) must not outlive this check: later tests would track to this server
+    previous = mlflow.get_tracking_uri() if "MLFLOW_TRACKING_URI" in os.environ else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        table = client.load_table(exp.experiment_id, "verdicts/contrasts.json", run_ids=[parent.info.run_id])
+    finally:
+        mlflow.set_tracking_uri(previous)
     row = table[(table["condition"] == cond) & (table["metric"] == "refusal") & table["primary"]
                 & (table["reference"] == "control")]
     assert len(row) == 1 and abs(row["effect"].iloc[0] - parent.data.metrics[verdict]) < 1e-8  # JSON: 10 digits
