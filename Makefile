@@ -44,6 +44,7 @@ test-fast: models
 bench: models
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/generate_throughput.py
+	$(BIN)/python bench/lora_generate.py
 
 clean-studies:
 	rm -rf studies

@@ -4,11 +4,14 @@
     (transformers batched `generate`, batch 16, in this process) on the same prompts, model
     (SmolLM2-135M-Instruct), dtype (fp32), greedy, same max new tokens. Output tokens are counted
     the same way for both: the tokenizer's length of each returned text.
+    Beside it, plain vLLM: `LLM.generate` on the same prompts in a clean process of its own
+    (no Ray, VLLM_CPU_NUM_OF_RESERVED_CPU=0), the ceiling the actor should reach.
 (b) Wall time to evaluate K random LoRA adapters on the prompts: ONE engine with enable_lora
     (all K×P requests in one call) vs K engines started one after another (start, generate,
     close each). Both include engine start-up and shutdown.
 
-Ray comes up through runner.cluster.init_ray(), so actors get VLLM_CPU_NUM_OF_RESERVED_CPU=0.
+Ray comes up through runner.cluster.init_ray(); the actor binds its threads to the cores it
+holds (runner.engines.cores).
 
     .venv/bin/python bench/generate_throughput.py [--prompts 64] [--max-tokens 64] [--adapters 4]
 """
@@ -27,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-THREADS = 2
+THREADS = len(os.sched_getaffinity(0))
 
 
 def first_turns(n: int, skip: int = 0) -> list[str]:
@@ -80,7 +83,7 @@ def engine_config(model_dir: str, max_tokens: int, lora: int = 0):
 
 def start_pool(cfg, batch: int):
     from runner.engines import EnginePool
-    # both cores: vLLM's worker does the compute; the driver only waits
+    # the actor as a study sizes it by default: every free CPU of the node (runner.pools.cpus_per_actor)
     return EnginePool(cfg, actors=1, cpus_per_actor=THREADS, batch_size=batch)
 
 
@@ -108,8 +111,40 @@ def part_a(model_dir: str, tok, texts: list[str], warm: list[str], max_tokens: i
     h_s = time.perf_counter() - t
     del hf
     same = sum(a == b for a, b in zip(v_out, h_out))
+    plain = plain_vllm(model_dir, tok, texts, warm, max_tokens)
     return {"vllm_s": v_s, "vllm_tok": count_tokens(tok, v_out), "start_s": start_s,
-            "hf_s": h_s, "hf_tok": count_tokens(tok, h_out), "identical": same}
+            "hf_s": h_s, "hf_tok": count_tokens(tok, h_out), "identical": same,
+            "plain_s": plain["s"], "plain_tok": plain["tok"],
+            "plain_identical": sum(a == b for a, b in zip(v_out, plain["texts"]))}
+
+
+PLAIN = """
+import json, sys, time
+from vllm import LLM, SamplingParams
+model, max_tokens, prompts, warm = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
+llm = LLM(model=model, dtype="float32", max_model_len=1024, enforce_eager=True, enable_prefix_caching=True, seed=0)
+p = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+llm.generate([{"prompt_token_ids": w} for w in warm], p, use_tqdm=False)
+t = time.perf_counter()
+outs = llm.generate([{"prompt_token_ids": x} for x in prompts], p, use_tqdm=False)
+print("RESULT-JSON", json.dumps({"s": time.perf_counter() - t, "texts": [o.outputs[0].text for o in outs]}))
+"""
+
+
+def plain_vllm(model_dir: str, tok, texts: list[str], warm: list[str], max_tokens: int) -> dict:
+    """Plain vLLM in a fresh process (no Ray), prompts rendered exactly as the engine renders them."""
+    import json
+    import subprocess
+
+    from runner.engines.base import render_prompt_ids
+    ids = [render_prompt_ids(tok, ({"role": "user", "content": t},)) for t in texts]
+    wids = [render_prompt_ids(tok, ({"role": "user", "content": t},)) for t in warm]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    r = subprocess.run([sys.executable, "-c", PLAIN, model_dir, str(max_tokens), json.dumps(ids), json.dumps(wids)],
+                       capture_output=True, text=True, env=env, check=True)
+    out = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT-JSON"))[len("RESULT-JSON "):])
+    return {"s": out["s"], "texts": out["texts"], "tok": count_tokens(tok, out["texts"])}
 
 
 def part_b(model_dir: str, tok, texts: list[str], max_tokens: int, adapters: list[str]) -> dict:
@@ -170,8 +205,13 @@ def main() -> None:
         print(f"(a) engine actor (vLLM): start {a['start_s']:.1f} s; {a['vllm_tok']} output tokens in "
               f"{a['vllm_s']:.2f} s = {rv:.1f} tok/s")
         print(f"(a) TransformersEngine batch 16: {a['hf_tok']} output tokens in {a['hf_s']:.2f} s = {rh:.1f} tok/s")
-        print(f"(a) identical outputs: {a['identical']}/{len(texts)}; ratio {rv / rh:.2f}x (target >= 3)", flush=True)
-        lines.append(f"RESULT generate_tokens_per_s engine={rv:.1f} hf_batch16={rh:.1f} ratio={rv / rh:.2f}")
+        rp = a["plain_tok"] / a["plain_s"]
+        print(f"(a) plain vLLM, own process: {a['plain_tok']} output tokens in {a['plain_s']:.2f} s = {rp:.1f} tok/s; "
+              f"identical to the actor's: {a['plain_identical']}/{len(texts)}")
+        print(f"(a) identical outputs: {a['identical']}/{len(texts)}; ratio {rv / rh:.2f}x (target >= 3); "
+              f"actor / plain vLLM {rv / rp:.2f} (target >= 0.9)", flush=True)
+        lines.append(f"RESULT generate_tokens_per_s engine={rv:.1f} hf_batch16={rh:.1f} ratio={rv / rh:.2f} "
+                     f"plain_vllm={rp:.1f} engine/plain={rv / rp:.2f}")
     if not args.skip_b:
         with tempfile.TemporaryDirectory(prefix="valind-lora-") as d:
             adapters = make_adapters(model_dir, args.adapters, Path(d))

@@ -20,7 +20,7 @@ from runner.secrets import redact
 from runner.seeds import SeedBook
 from runner.spec import Spec, parse_condition
 from runner.stages import KEYS, STAGES, analyze, annotate
-from runner.stages.train import TRAIN
+from runner.stages.train import TRAIN, cell_timings
 from runner.store import read_json
 
 __all__ = ["Study", "Run", "StageError", "STAGES"]
@@ -36,6 +36,7 @@ class Study:
         self.store = self.ctx.store
         self._done: dict[str, Any] = {}  # stage results within this process
         self.stage_seconds: dict[str, float] = {}
+        self.stage_startup: dict[str, tuple[float, float]] = {}  # stage -> (start-up s, busy s)
         self.on_stage: Callable[[str], None] | None = None  # called as a stage starts (fault injection)
 
     # ------------------------------------------------------------------ runs
@@ -81,10 +82,30 @@ class Study:
         if stage not in self._done:
             if self.on_stage:
                 self.on_stage(stage)
-            t0 = time.perf_counter()
+            t0, since, pools = time.perf_counter(), time.time(), len(self.ctx.pools.opened)
             self._done[stage] = STAGES[stage].run(self.ctx)
             self.stage_seconds[stage] = time.perf_counter() - t0
+            self.stage_startup[stage] = self._startup(stage, since, pools)
         return self._done[stage]
+
+    def _startup(self, stage: str, since: float, pools: int) -> tuple[float, float]:
+        """(start-up seconds, busy seconds) of a stage that just ran: its engine pools' starts against
+        its wall time; for training, the cells' time outside optimizer steps against their wall time
+        (cells overlap, so both are cell-seconds)."""
+        if stage == "train":
+            cells = [c for c in cell_timings(self.ctx) if c["start"] >= since]
+            return sum(c["overhead_s"] for c in cells), sum(c["wall_s"] for c in cells)
+        return sum(p.startup_s for p in self.ctx.pools.opened[pools:]), self.stage_seconds[stage]
+
+    def time_report(self) -> list[str]:
+        """Per stage: wall time, and the share of it spent starting things rather than computing."""
+        lines = []
+        for stage, wall in self.stage_seconds.items():
+            up, busy = self.stage_startup.get(stage, (0.0, wall))
+            share = f"; start-up {up:.0f}s = {up / busy:.0%} of {'cell time' if stage == 'train' else 'it'}" \
+                if up and busy else ""
+            lines.append(f"  {stage:<9} {wall:6.0f}s{share}")
+        return lines
 
     def run(self, until: str = "analyze") -> Path | None:
         """Run the study up to (and including) a stage."""
@@ -111,7 +132,10 @@ class Study:
                 result = self.need("analyze")
         finally:
             self.ctx.pools.close()
-        say(f"study {s.study.name}: finished in {time.perf_counter() - t0:.0f}s")
+        say(f"study {s.study.name}: finished in {time.perf_counter() - t0:.0f}s; per stage (start-up: engine "
+            "starts; in training, each cell's time outside its optimizer steps):")
+        for line in self.time_report():
+            say(line)
         if until == "analyze" and result:
             final = self.root / "report.html"
             final.write_text(Path(result).read_text())

@@ -22,11 +22,13 @@ class Pools:
                             chat_template=ctx.chat_template(model),
                             trust_remote_code=m.trust_remote_code)
 
-    def get(self, model: str, enable_lora: bool = False, path: str | None = None, scores: bool = False):
+    def get(self, model: str, enable_lora: bool = False, path: str | None = None, scores: bool = False,
+            share: int = 1):
         """An engine pool for a model (`path`: a fully fine-tuned copy of it).
 
         A LoRA pool also serves base-model generation, but not log-prob scoring (`scores`),
-        which vLLM cannot do with LoRA enabled: that gets a pool of its own.
+        which vLLM cannot do with LoRA enabled: that gets a pool of its own. `share`: how many
+        pools the caller opens to use together (they split the free CPUs).
         """
         from runner.engines import EnginePool
         mp = self.ctx.model_path(model)
@@ -36,13 +38,41 @@ class Pools:
             return self._open[(mp, path, True)]
         self.ctx.ensure_ray()
         e = self.ctx.engine_spec(model)
-        say(f"  starting {e.actors} engine actor(s) for {path or model}{' (LoRA)' if enable_lora else ''}")
+        cpus = e.cpus_per_actor or cpus_per_actor(e.actors, e.gpus_per_actor, share, self._held_cpus())
+        self._make_room(cpus * e.actors)
         pool = EnginePool(self.config(model, enable_lora, path), actors=e.actors, gpus_per_actor=e.gpus_per_actor,
-                          batch_size=e.batch_size, startup_timeout_s=e.startup_timeout_s)
+                          cpus_per_actor=cpus, batch_size=e.batch_size, startup_timeout_s=e.startup_timeout_s)
+        say(f"  engine pool for {path or model}{' (LoRA)' if enable_lora else ''}: {e.actors} actor(s) of "
+            f"{cpus} CPU{f' and {e.gpus_per_actor:g} GPU' if e.gpus_per_actor else ''}, started in {pool.startup_s:.0f}s"
+            + (f", threads on cores {pool.cores}" if any(pool.cores) else ""))
         self._open[(mp, path, enable_lora)] = pool
         self.opened.append(pool)
         return pool
 
+    def _held_cpus(self) -> float:
+        return sum(p.cpus * len(p.actors) for p in self._open.values())
+
+    def _make_room(self, cpus: float) -> None:
+        """Close open pools, oldest first, until `cpus` CPUs are free: a stage that starts a pool is done
+        with the pools before it, except those it opens together (which `share` sizes to fit)."""
+        import ray
+        while self._open and ray.available_resources().get("CPU", 0) < cpus - 1e-9:
+            model, pool = next(iter(self._open.items()))
+            say(f"  closing the engine pool for {model[1] or model[0]} to free its {pool.cpus:g} CPU(s) per actor")
+            self._open.pop(model).close()
+
     def close(self) -> None:
         while self._open:
             self._open.popitem()[1].close()
+
+
+def cpus_per_actor(actors: int, gpus_per_actor: float, share: int = 1, reclaimable: float = 0.0) -> int:
+    """Beside a GPU an actor needs one CPU. On CPUs the engines do the compute: the actors (of the
+    `share` pools opened together) split the free CPUs (and those of open pools that can be
+    closed for them), at most one node's worth each."""
+    import ray
+    if gpus_per_actor:
+        return 1
+    node = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+    free = ray.available_resources().get("CPU", 0) + reclaimable
+    return max(1, int(min(node, free / actors) // share))

@@ -23,7 +23,8 @@ from evaluation.benchmarks import HUB_TASKS
 from evaluation.errors import InputError
 from runner.progress import say
 from runner.spec import EngineSpec, Spec, parse_spec
-from runner.store import read_json, write_json
+from runner.stages.train import cell_timings
+from runner.store import write_json
 from runner.tracking import KIND_TAG
 
 # The values the tiny random judge emits most (jobs/smoke.yaml): others may curate too few pairs.
@@ -151,19 +152,6 @@ def stop_node_during(study, cluster_dir: str, stage: str, after_s: float) -> lis
 
 
 # ------------------------------------------------------------------ figures
-def cell_timings(study) -> list[dict]:
-    out = []
-    for r in study.runs():
-        if not r.cell_key or not r.final:
-            continue
-        f = study.store.unit("train", r.cell_key) / "cell.json"
-        timing = read_json(f).get("timing") if f.exists() else None
-        if timing:
-            wall = timing["end"] - timing["start"]
-            out.append({"run": r.run_id, **timing, "wall_s": wall, "overhead_s": wall - timing["steps_s"]})
-    return out
-
-
 def concurrency(cells: list[dict]) -> float:
     """Cells in flight on average over the span from the first start to the last end."""
     span = max(c["end"] for c in cells) - min(c["start"] for c in cells)
@@ -173,7 +161,7 @@ def concurrency(cells: list[dict]) -> float:
 def figures(study, full: Spec, started: float) -> tuple[list[str], dict]:
     from runner.sweep import max_concurrent
 
-    cells = [c for c in cell_timings(study) if c["start"] >= started]  # trained by this run, not cached
+    cells = [c for c in cell_timings(study.ctx) if c["start"] >= started]  # trained by this run, not cached
     pools = [{"model": p.cfg.model, "lora": p.cfg.enable_lora, "actors": p.size, "startup_s": p.startup_s,
               "restarts": p.restarts} for p in study.ctx.pools.opened]
     lines, fig = [], {"stage_s": study.stage_seconds, "pools": pools}

@@ -193,6 +193,9 @@ class EngineSpec(_Section):
     max_model_len: int = Field(default=1024, ge=64)
     actors: int = Field(default=1, ge=1)
     gpus_per_actor: float = Field(default=0.0, ge=0.0)
+    # Ray CPUs per actor; None: 1 beside a GPU, else the free CPUs of a node shared among the actors
+    # (and the pools a stage opens together). A CPU actor binds its threads to that many cores of its own.
+    cpus_per_actor: int | None = Field(default=None, ge=1)
     tensor_parallel: int = Field(default=1, ge=1)
     kv_cache_gb: float | None = Field(default=None, gt=0.0)  # None: 1 GB on CPU; on GPU the memory share below
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)  # vLLM's share of each GPU

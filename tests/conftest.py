@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# engine actors claim cores through lock files: the tests' own, apart from any study running here
+os.environ.setdefault("VALIND_CORE_LOCKS", tempfile.mkdtemp(prefix="valind-cores-tests-"))
 if SHARED_DATA.exists():
     os.environ.setdefault("VALIND_DATA_DIR", str(SHARED_DATA))
 

@@ -1,6 +1,7 @@
 """Engine pools on a cluster they fill: generation closes each base model's engines before the
 next model's start, and a pool that cannot be placed fails with what it asked for, never hangs."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def ray_2cpu():
 
 
 def test_generation_hands_the_cluster_from_one_base_model_to_the_next(tmp_path, tiny_model, ray_2cpu):
-    from runner.engines.pool import EngineError
+    from runner.engines.pool import EngineError, EnginePool
     from runner.pipeline import Study
     from runner.spec import parse_spec
     from runner.store import write_json
@@ -56,11 +57,16 @@ def test_generation_hands_the_cluster_from_one_base_model_to_the_next(tmp_path, 
     gens = study.need("generate")  # six pools in turn (2 bases, 4 full cells), each filling the cluster
     assert len(gens) == 6 and all(Path(p).exists() for p in gens.values())
     assert ray.available_resources().get("CPU") == 2  # closed pools give their CPUs back before returning
+    first_two = sorted(os.sched_getaffinity(0))[:2]
+    for pool in study.ctx.pools.opened:  # the two actors of each pool compute on cores of their own
+        assert sorted(c for cores in pool.cores for c in cores) == first_two, pool.cores
 
-    ctx = study.ctx  # without closing the first, the second pool cannot be placed: a clear error
-    ctx.pools.get("a", path=str(study.store.unit("train", cells[0].cell_key) / "model"))
+    ctx = study.ctx  # a pool opened while another holds the cluster closes that one first
+    first = ctx.pools.get("a", path=str(study.store.unit("train", cells[0].cell_key) / "model"))
+    ctx.pools.get("b", path=str(study.store.unit("train", cells[-1].cell_key) / "model"))
+    assert first.actors == [] and len(ctx.pools._open) == 1
     with pytest.raises(EngineError, match=r"2 of 2 actor\(s\) did not start within 30s; each asks for 1 CPU and 0 GPU, the cluster has 0 CPU"):
-        ctx.pools.get("b", path=str(study.store.unit("train", cells[-1].cell_key) / "model"))
+        EnginePool(ctx.pools.config("a"), actors=2, startup_timeout_s=30)  # one that cannot be placed: a clear error
     ctx.pools.close()
 
 
@@ -85,3 +91,4 @@ def test_a_dead_engine_actor_is_restarted_and_its_batch_resubmitted(tmp_path, ti
         pool.close()
     finally:
         ray.shutdown()
+

@@ -18,6 +18,9 @@ class EngineConfig:
     enable_lora: bool = False
     max_lora_rank: int = 8
     max_loras: int = 4
+    # auto: adapters merged into the weights one at a time on CPU, vLLM's LoRA kernels on GPU
+    # (not a spec setting: the engine chooses; benchmarks compare the two)
+    lora_mode: str = "auto"
     tensor_parallel: int = 1
     kv_cache_gb: float | None = None     # None: 1 GB on CPU; on GPU, gpu_memory_utilization decides
     gpu_memory_utilization: float = 0.9

@@ -10,16 +10,21 @@ import ray
 from evaluation.errors import ValindError
 from evaluation.types import Request, ScoreRequest
 from runner.engines.base import EngineConfig, make_engine
+from runner.engines.cores import bind_engine_threads
 from runner.progress import progress, say
 
 
 @ray.remote
 class EngineActor:
     def __init__(self, cfg: EngineConfig):
+        self.cores = None
+        if not ray.get_gpu_ids():  # on CPUs: threads on cores of its own (GPU actors are left as they are)
+            cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+            self.cores = bind_engine_threads(max(1, cpus), cfg.tensor_parallel)["cores"]
         self.engine = make_engine(cfg)
 
     def info(self) -> dict:
-        return {"name": self.engine.name, "version": self.engine.version}
+        return {"name": self.engine.name, "version": self.engine.version, "cores": self.cores}
 
     def close(self) -> None:
         if hasattr(self.engine, "close"):
@@ -68,11 +73,13 @@ class EnginePool:
                 f"{startup_timeout_s:g}s; each asks for {cpus_per_actor:g} CPU and {gpus_per_actor:g} GPU, the "
                 f"cluster has {free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free. Close other pools, "
                 "or lower engine.actors / engine.gpus_per_actor (engine.startup_timeout_s sets the wait)")
+        self.cores = []  # per actor: the CPU cores its threads are bound to (None on GPUs)
         for ref, actor in zip(infos, list(self.actors)):
             try:
                 info = ray.get(ref)
             except ray.exceptions.RayActorError as e:  # died while starting (its node was lost, say)
                 info = ray.get(self._replace(actor, e).info.remote())
+            self.cores.append(info["cores"])
         self.name, self.version = info["name"], info["version"]
         self.startup_s = time.monotonic() - t0
 

@@ -2,16 +2,25 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 from evaluation.types import Request, ScoreRequest, vllm_lora_rank
 from runner.engines.base import EngineConfig, render_prompt_ids, truncate_left
+from runner.engines.merge import Merger
+
+
+def merges_adapters(cfg: EngineConfig, gpu: bool) -> bool:
+    return cfg.enable_lora and (cfg.lora_mode == "merge" or (cfg.lora_mode == "auto" and not gpu))
 
 
 def engine_kwargs(cfg: EngineConfig, gpu: bool) -> dict:
     """vLLM's LLM(...) arguments. On GPU: CUDA graphs (no enforce_eager) and the memory share or
-    KV-cache size from the spec; vLLM's CPU build runs eagerly and sizes its cache from the env."""
+    KV-cache size from the spec; vLLM's CPU build runs eagerly and sizes its cache from the env.
+    On CPU adapters are merged into the weights (`VLLMEngine`), so the engine starts without LoRA."""
     kwargs = dict(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
                   enforce_eager=not gpu, tensor_parallel_size=cfg.tensor_parallel,
                   trust_remote_code=cfg.trust_remote_code, enable_prefix_caching=True)
@@ -19,12 +28,19 @@ def engine_kwargs(cfg: EngineConfig, gpu: bool) -> dict:
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         if cfg.kv_cache_gb is not None:
             kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gb * 2 ** 30)
-    if cfg.enable_lora:
+    if merges_adapters(cfg, gpu):
+        kwargs["worker_extension_cls"] = "runner.engines.merge.MergedWeights"
+    elif cfg.enable_lora:
         kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(cfg.max_lora_rank), max_loras=cfg.max_loras)
     return {**kwargs, **cfg.extra}
 
 
 class VLLMEngine:
+    """On GPUs, LoRA requests go through vLLM's LoRA kernels, batched across adapters. On CPUs,
+    where vLLM applies adapters per token in plain torch, the engine merges one adapter at a time
+    into the weights it touches and generates each adapter's requests at base-model speed
+    (bench/lora_generate.py measures the options)."""
+
     def __init__(self, cfg: EngineConfig):
         import torch
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gb or 1))))
@@ -34,15 +50,22 @@ class VLLMEngine:
         self.cfg = cfg
         self.name = f"{Path(cfg.model).name}@vllm-{vllm.__version__}"  # names the judge in score rows
         self.version = vllm.__version__
-        kwargs = engine_kwargs(cfg, gpu=torch.cuda.is_available())
-        self.llm = LLM(**kwargs)
+        gpu = torch.cuda.is_available()
+        self.llm = LLM(**engine_kwargs(cfg, gpu=gpu))
         self.tokenizer = self.llm.get_tokenizer()
         self._lora_ids: dict[str, int] = {}
+        self.merger = None
+        if merges_adapters(cfg, gpu):
+            self.merger = Merger(cfg.model, self.llm.collective_rpc("packed_modules")[0])
+            self._merge_dir = tempfile.mkdtemp(prefix="valind-merged-")
+        self.merged: str | None = None  # the adapter whose weights the engine holds now
 
     def close(self) -> None:
         """Stop the engine core (its worker processes hold the GPU memory) before the actor dies."""
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
+        if self.merger is not None:
+            shutil.rmtree(self._merge_dir, ignore_errors=True)
         _free_memory()
 
     def _lora(self, adapter: str | None):
@@ -58,7 +81,38 @@ class VLLMEngine:
         ids = render_prompt_ids(self.tokenizer, messages, self.cfg.chat_template)
         return {"prompt_token_ids": truncate_left(ids, self.cfg.max_model_len - max_tokens)}
 
+    def _merge(self, adapter: str | None) -> None:
+        """Load base + `adapter` into the engine; cached prefixes were computed with other weights."""
+        if adapter != self.merged:
+            from safetensors.torch import save_file
+            path = os.path.join(self._merge_dir, "merged.safetensors")
+            save_file({n: w.contiguous() for n, w in self.merger.weights(adapter)}, path)
+            self.llm.collective_rpc("load_merged", args=(path,))
+            self.llm.reset_prefix_cache()
+            self.merged = adapter
+
+    def _per_adapter(self, requests: Sequence, fn) -> list:
+        """fn over the requests, with adapters merged one at a time when the engine merges them."""
+        if self.merger is None:
+            return fn(requests)
+        out: list = [None] * len(requests)
+        groups: dict[str | None, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.adapter, []).append(i)
+        for adapter in sorted(groups, key=lambda a: a != self.merged):  # the loaded one first: one swap fewer
+            idx = groups[adapter]
+            self._merge(adapter)
+            for i, x in zip(idx, fn([replace(requests[i], adapter=None) for i in idx])):
+                out[i] = x
+        return out
+
     def generate(self, requests: Sequence[Request]) -> list[str]:
+        return self._per_adapter(requests, self._generate)
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[float]:
+        return self._per_adapter(requests, self._score)
+
+    def _generate(self, requests: Sequence[Request]) -> list[str]:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
@@ -73,7 +127,7 @@ class VLLMEngine:
         outs = self.llm.generate(prompts, params, lora_request=lora_arg, use_tqdm=False)
         return [o.outputs[0].text for o in outs]
 
-    def score(self, requests: Sequence[ScoreRequest]) -> list[float]:
+    def _score(self, requests: Sequence[ScoreRequest]) -> list[float]:
         """log P(continuation | chat). A one-token continuation (a judge's " Yes" / " No") is read from
         the next-token log-probs of one generation step per distinct prompt: that path keeps prefix
         caching (prompt log-probs bypass it) and serves the candidates of one prompt together."""
@@ -104,7 +158,7 @@ class VLLMEngine:
         """Summed prompt log-probs of multi-token continuations."""
         from vllm import SamplingParams
 
-        if self.cfg.enable_lora:
+        if self.merger is None and self.cfg.enable_lora:
             # vllm(-cpu) 0.32 crashes the engine (einsum shape error in the LoRA logits path)
             # when prompt logprobs are asked of a LoRA-enabled engine.
             raise ValueError("log-prob scoring needs an engine started without LoRA")

@@ -54,7 +54,9 @@ def run(ctx):
         if qa:
             say(f"  QA benchmarks ({', '.join(ctx.spec.score.benchmarks)}) done for {len(qa)} run(s)")
         st = suite_settings(ctx.spec)
-        engines = {n: ctx.pools.get(m, scores=logprob) for n, (m, logprob) in judge_engines(ctx).items()}
+        judges = judge_engines(ctx)
+        together = len({ctx.model_path(m) for m, _ in judges.values()})  # pools that split the free CPUs
+        engines = {n: ctx.pools.get(m, scores=logprob, share=together) for n, (m, logprob) in judges.items()}
         for i in range(0, len(todo), RUNS_PER_PASS):
             _score(ctx, todo[i:i + RUNS_PER_PASS], gens, items, qa, engines, st)
     agreement(ctx)

@@ -101,3 +101,16 @@ def adopt(ctx, r) -> None:
 def last_metrics(unit) -> dict:
     lines = (unit / "metrics.jsonl").read_text().splitlines()
     return json.loads(lines[-1]) if lines else {}
+
+
+def cell_timings(ctx) -> list[dict]:
+    """Each trained cell's wall time and the part of it outside its optimizer steps (worker group
+    and process group start, model load, DeepSpeed initialisation, checkpoint copies)."""
+    out = []
+    for r in ctx.runs():
+        f = ctx.store.unit("train", r.cell_key) / "cell.json" if r.cell_key and r.final else None
+        timing = json.loads(f.read_text()).get("timing") if f and f.exists() else None
+        if timing:
+            wall = timing["end"] - timing["start"]
+            out.append({"run": r.run_id, **timing, "wall_s": wall, "overhead_s": wall - timing["steps_s"]})
+    return out
