@@ -33,15 +33,19 @@ def max_concurrent(train: TrainSpec, cluster: ClusterSpec | None = None, resourc
 
 
 def _trial(config: dict) -> None:
-    """A Tune trial: train one cell (its output is published atomically to cell.out_dir)."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+    """A Tune trial: train one cell (its output is published atomically to cell.out_dir).
+
+    Ray Train's reports are not forwarded to Tune (no TuneReportCallback): nothing reads them there
+    (a cell's metrics are its metrics.jsonl), and the forwarding queue could deadlock the trial at
+    its end: the trial's main thread blocked on a full result queue that only it consumes (seen in
+    CI with Ray 2.60: `_get_result_from_queues` → `report` → `Queue.put`)."""
     from transformers import AutoTokenizer
 
     from runner.train.launch import train_cell
 
     cell: Cell = config["cell"]
     tokenizer = AutoTokenizer.from_pretrained(cell.model_path, trust_remote_code=cell.trust_remote_code)
-    train_cell(cell, tokenizer=tokenizer, callbacks=[TuneReportCallback()])
+    train_cell(cell, tokenizer=tokenizer)
 
 
 def run_grid(cells: list[Cell], train: TrainSpec, storage: Path, name: str,

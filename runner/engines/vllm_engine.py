@@ -88,8 +88,9 @@ class VLLMEngine:
             path = os.path.join(self._merge_dir, "merged.safetensors")
             save_file({n: w.contiguous() for n, w in self.merger.weights(adapter)}, path)
             self.llm.collective_rpc("load_merged", args=(path,))
-            self.llm.reset_prefix_cache()
             self.merged = adapter
+            if not self.llm.reset_prefix_cache():  # stale prefixes would silently mix two adapters' outputs
+                raise RuntimeError(f"vLLM did not reset its prefix cache after loading {adapter or 'the base model'}")
 
     def _per_adapter(self, requests: Sequence, fn) -> list:
         """fn over the requests, with adapters merged one at a time when the engine merges them."""

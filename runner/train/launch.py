@@ -112,7 +112,7 @@ def bf16_enabled(train: TrainSpec) -> bool:
     return bool(train.bf16)
 
 
-def train_cell(cell: Cell, tokenizer, fail_at_step: int | None = None, callbacks: list | None = None) -> dict:
+def train_cell(cell: Cell, tokenizer, fail_at_step: int | None = None) -> dict:
     """Train one cell on its pairs (the parquet at cell.pairs); the final adapter (or full model) in
     model/, the ones part-way through in progress/<fraction>/ (train.eval_at), metrics.jsonl and
     cell.json land atomically in cell.out_dir."""
@@ -141,7 +141,7 @@ def train_cell(cell: Cell, tokenizer, fail_at_step: int | None = None, callbacks
         train_loop, train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend=dist_backend(train)),
-        run_config=RunConfig(name=cell.cell_id, storage_path=str(work_dir), callbacks=callbacks or [],
+        run_config=RunConfig(name=cell.cell_id, storage_path=str(work_dir),
                              failure_config=FailureConfig(max_failures=train.max_failures)),
     )
     result = trainer.fit()
