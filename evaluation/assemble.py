@@ -43,6 +43,15 @@ def aa_pairs(runs: pd.DataFrame) -> list[tuple[str | None, str, str]]:
     return [(v, f"control-{v}-0", f"control-{v}-1") for v in c["match"].dropna().unique()]
 
 
+def final_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs the headline analysis and the report use: base models and fully trained runs, not
+    the adapters saved part-way through training (train.eval_at), which only the along-training
+    tables read."""
+    if "progress" not in runs.columns:
+        return runs
+    return runs[(runs["kind"] == "base") | (runs["progress"] == 1.0)]
+
+
 def analyze_study(runs: pd.DataFrame, scores: pd.DataFrame, generations: pd.DataFrame,
                   s: AnalysisSettings) -> Analysis:
     """runs: RUN_COLUMNS (+ progress: train.eval_at); scores: SCORE_COLUMNS; generations: run_id,
@@ -51,7 +60,7 @@ def analyze_study(runs: pd.DataFrame, scores: pd.DataFrame, generations: pd.Data
     if "progress" in runs.columns:
         along = points_along_training(runs, scores, s.alpha, s.primary_judges)
         trend = trend_along_training(runs, scores, s.alpha, s.primary_judges)
-        runs = runs[(runs["kind"] == "base") | (runs["progress"] == 1.0)]
+        runs = final_runs(runs)
     con = contrasts(runs, scores, alpha=s.alpha, primary_judges=s.primary_judges)
     aa = aa_detail = None
     if s.aa_check:

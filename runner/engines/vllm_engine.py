@@ -85,6 +85,7 @@ class VLLMEngine:
         """Load base + `adapter` into the engine; cached prefixes were computed with other weights."""
         if adapter != self.merged:
             from safetensors.torch import save_file
+            # through a file: collective_rpc's msgpack arguments arrive as plain lists, not tensors
             path = os.path.join(self._merge_dir, "merged.safetensors")
             save_file({n: w.contiguous() for n, w in self.merger.weights(adapter)}, path)
             self.llm.collective_rpc("load_merged", args=(path,))

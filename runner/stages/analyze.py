@@ -50,7 +50,7 @@ def run(ctx) -> Path:
 
 
 def _analyze(ctx, key, unit, paths, gen_paths) -> None:
-    from evaluation.assemble import AnalysisSettings, analyze_study
+    from evaluation.assemble import AnalysisSettings, analyze_study, final_runs
     from evaluation.report import write_report
 
     s, a = ctx.spec, ctx.spec.analyze
@@ -83,7 +83,7 @@ def _analyze(ctx, key, unit, paths, gen_paths) -> None:
                                 "per_value": bool(s.train.system_prompt and system_fields(s.train.system_prompt))}}
     extras |= {"along_training": res.along, "trend": res.trend, "eval_at": s.train.eval_at}
     extras["label_check"] = check_result(ctx)
-    final = runs[(runs["kind"] == "base") | (runs["progress"] == 1.0)]  # the checkpoints: in along_training
+    final = final_runs(runs)
     report = write_report(unit, final, scores[scores["run_id"].isin(set(final["run_id"]))], res.contrasts, extras)
     con = res.contrasts
     ctx.store.mark_done("analyze", key, {"report": str(report), "contrasts": len(con)})
