@@ -36,6 +36,9 @@ SFT_FACTOR = 2.0        # one sequence per example instead of two
 # Reference log-probs (forward only) cost ~0.25 of a full-fine-tuning DPO epoch (0.6 h of 3.0 h in
 # the Tulu 3 run); computed once per (model, condition): seeds share the cache.
 REF_FRACTION = 0.25
+# A training worker group's start (Ray workers, process group, base model load, engine set-up):
+# assumed for 8B-class models on GPUs; on the 2-core CPU a demo cell's start-up measured ~18 s.
+STARTUP_S = 60.0
 LOGLIK_PER_JUDGE = 4.0  # loglikelihood requests (benchmarks) are ~4× cheaper than a judge response
 
 # Per evaluated run: (loglikelihood requests, generations of <=256 tokens).
@@ -68,6 +71,29 @@ def train_memory_gb(p: float, t) -> float:
     tokens = 2 * t.micro_batch_size * t.max_length
     acts = tokens * hidden * (hidden / 128) * (ACT_BYTES_CHECKPOINTED if t.gradient_checkpointing else ACT_BYTES)
     return (states + acts + tokens * VOCAB * 4) / 1e9
+
+
+def group_memory_gb(p: float, t, k: int) -> float:
+    """Rough peak memory of a worker training k LoRA adapters together (runner.train.group): one
+    frozen base in the training precision; per adapter its fp32 weights, gradients and Adam state,
+    and the activations and logits of its micro-batch (the group's batch holds one per adapter)."""
+    n = p * 1e9
+    width = 2 if t.bf16 in (True, "auto") else 4
+    return (n * width + k * (train_memory_gb(p, t) * 1e9 - n * width - n * LORA_TRAINABLE * (width + 12)
+                             + n * LORA_TRAINABLE * 16)) / 1e9
+
+
+def adapters_per_group(p: float, t, budget_gb: float, cells: int) -> int:
+    """train.adapters_per_group resolved: the spec's number, or ("auto") as many adapters as fit
+    `budget_gb` per worker, at most `cells`; 1 (each cell alone) for full fine-tuning and ZeRO-3."""
+    if t.finetune != "lora" or t.zero_stage == 3:
+        return 1
+    if t.adapters_per_group != "auto":
+        return min(cells, t.adapters_per_group)
+    k = 1
+    while k < cells and group_memory_gb(p, t, k + 1) <= budget_gb:
+        k += 1
+    return k
 
 
 def params_b(name: str, path: str = "", declared: float | None = None) -> float:
@@ -254,6 +280,8 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
         if t.method != "sft":
             full = train_pps(p, t.max_length, "full", t.method)
             ref_gh += len(conds) * subset * REF_FRACTION / full / 3600 / eff
+    if (saving := group_saving(spec, gpu_gb, concurrent)) is not None:
+        notes.append(saving)
     rsrc = "spec plan:" if ov.train_pairs_per_s else "default by size"
     plan.rows.append(Row("train", f"{n_models * cells_per_model} cells × {subset * t.epochs:,} pairs",
                          f"{min(rates):.3g}–{max(rates):.3g} pairs/s", rsrc,
@@ -308,6 +336,30 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
         plan.rows.append(Row("benchmarks", f"{', '.join(s.benchmarks)} × {runs} runs", "by size", "default",
                              used, bm_gh, bm_gh / used))
     return plan
+
+
+def group_saving(spec: Spec, gpu_gb: float, slots: int) -> str | None:
+    """What training LoRA cells in groups (runner.train.group, the mLoRA idea) saves on the cluster:
+    worker-group start-ups and base-model copies; None when every cell trains alone."""
+    t = spec.train
+    cells_per_model = len(spec.conditions()) * len(spec.seeds.values)
+    share = max(1, slots // len(spec.models))
+    groups, ks = 0, []
+    for m in spec.models:
+        k = adapters_per_group(params_b(m.name, m.path, m.params_b), t, 0.9 * gpu_gb * max(t.gpus_per_worker, 1),
+                               cells_per_model)
+        groups += max(math.ceil(cells_per_model / k), min(cells_per_model, share))
+        ks.append(k)
+    cells = cells_per_model * len(spec.models)
+    if groups == cells:
+        return None
+    gpus = t.workers * max(1, math.ceil(t.gpus_per_worker))
+    saved = (cells - groups) * STARTUP_S * gpus / 3600
+    return (f"train.adapters_per_group {t.adapters_per_group}: {cells} cells train in {groups} worker groups "
+            f"({min(ks)}–{max(ks)} LoRA adapters over one frozen base each, from {gpu_gb:g} GB per GPU), so "
+            f"{cells - groups} fewer worker-group start-ups, model loads and base-model copies: about "
+            f"{saved:,.1f} GPU-hours of start-up saved at {STARTUP_S:g} s each (assumed); the optimizer steps "
+            "cost the same in this estimate")
 
 
 def _h(hours: float) -> str:

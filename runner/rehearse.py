@@ -153,9 +153,11 @@ def stop_node_during(study, cluster_dir: str, stage: str, after_s: float) -> lis
 
 # ------------------------------------------------------------------ figures
 def concurrency(cells: list[dict]) -> float:
-    """Cells in flight on average over the span from the first start to the last end."""
+    """Worker groups in flight on average over the span from the first start to the last end (the
+    cells of one group, runner.train.group, count once)."""
     span = max(c["end"] for c in cells) - min(c["start"] for c in cells)
-    return sum(c["wall_s"] for c in cells) / span if span > 0 else 1.0
+    units = {tuple(c["group"]) if c.get("group") else c["run"]: c["wall_s"] for c in cells}
+    return sum(units.values()) / span if span > 0 else 1.0
 
 
 def figures(study, full: Spec, started: float) -> tuple[list[str], dict]:
@@ -182,7 +184,7 @@ def figures(study, full: Spec, started: float) -> tuple[list[str], dict]:
         lines += [f"training cells: {len(cells)}; orchestration overhead per cell (wall − optimizer steps): "
                   f"mean {mean:.1f}s, median {statistics.median(over):.1f}s, "
                   f"max {max(over):.1f}s",
-                  f"concurrency: {reached:.2f} cells in flight on average, ideal {ideal} "
+                  f"concurrency: {reached:.2f} worker groups in flight on average, ideal {ideal} "
                   f"({reached / ideal:.0%})",
                   f"full grid: {full_cells} cells, {full_conc} at once → {hours:.1f} h of wall time and "
                   f"{gpu_h:.0f} GPU-hours in per-cell orchestration at this overhead (measured on this "

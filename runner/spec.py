@@ -279,6 +279,9 @@ class TrainSpec(_Section):
     # is): effects along training. Each point is generated and scored like a run, as a repeated
     # measure of its training run, never as another run.
     eval_at: list[float] = Field(default_factory=lambda: [1.0])
+    # LoRA cells of one base model trained together, one worker group over one frozen base
+    # (runner.train.group): "auto" sizes groups from memory; 1 trains every cell alone under DeepSpeed.
+    adapters_per_group: Literal["auto"] | int = "auto"
 
     @field_validator("eval_at")
     @classmethod
@@ -317,6 +320,18 @@ class TrainSpec(_Section):
         if v and method is not None and method != "cdpo":
             raise ValueError(f"label_smoothing only applies to method: cdpo (conservative DPO), not {method}; "
                              "set method: cdpo or remove it")
+        return v
+
+    @field_validator("adapters_per_group")
+    @classmethod
+    def _group(cls, v, info: ValidationInfo):
+        if v != "auto":
+            if v < 1:
+                raise ValueError(f"must be 'auto' or at least 1, got {v}")
+            if v > 1 and info.data.get("finetune") == "full":
+                raise ValueError("only LoRA cells train together (finetune: full trains each cell alone): set 1")
+            if v > 1 and info.data.get("zero_stage") == 3:
+                raise ValueError("a group holds the whole base model on every worker; ZeRO-3 shards it: set 1")
         return v
 
     @model_validator(mode="after")

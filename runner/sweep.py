@@ -1,7 +1,8 @@
-"""The training grid on Ray Tune: one trial per (model, condition, seed) cell.
+"""The training grid on Ray Tune: one trial per group of cells (a lone cell, or the LoRA cells of one
+base model trained together, runner.train.group).
 
 Under Ray Train V2 a TorchTrainer cannot be a Tune trainable, so each trial is a function that
-launches the cell's TorchTrainer (with TuneReportCallback forwarding worker reports to Tune).
+launches its TorchTrainer.
 The trial itself holds no CPU and runs on the head node: its trainer's worker group asks for the
 resources. Concurrency comes from the cluster: as many trials as worker groups fit at once.
 """
@@ -33,7 +34,8 @@ def max_concurrent(train: TrainSpec, cluster: ClusterSpec | None = None, resourc
 
 
 def _trial(config: dict) -> None:
-    """A Tune trial: train one cell (its output is published atomically to cell.out_dir).
+    """A Tune trial: train one cell alone, or a group together (each cell is published atomically to
+    its out_dir).
 
     Ray Train's reports are not forwarded to Tune (no TuneReportCallback): nothing reads them there
     (a cell's metrics are its metrics.jsonl), and the forwarding queue could deadlock the trial at
@@ -41,22 +43,26 @@ def _trial(config: dict) -> None:
     CI with Ray 2.60: `_get_result_from_queues` → `report` → `Queue.put`)."""
     from transformers import AutoTokenizer
 
-    from runner.train.launch import train_cell
+    from runner.train.launch import train_cell, train_group
 
-    cell: Cell = config["cell"]
-    tokenizer = AutoTokenizer.from_pretrained(cell.model_path, trust_remote_code=cell.trust_remote_code)
-    train_cell(cell, tokenizer=tokenizer)
+    cells: list[Cell] = config["cells"]
+    tokenizer = AutoTokenizer.from_pretrained(cells[0].model_path, trust_remote_code=cells[0].trust_remote_code)
+    if len(cells) == 1:
+        train_cell(cells[0], tokenizer=tokenizer)
+    else:
+        train_group(cells, tokenizer=tokenizer)
 
 
-def run_grid(cells: list[Cell], train: TrainSpec, storage: Path, name: str,
+def run_grid(groups: list[list[Cell]], train: TrainSpec, storage: Path, name: str,
              on_complete: Callable[[Cell], None] | None = None,
              cluster: ClusterSpec | None = None) -> dict[str, str | None]:
-    """Run the cells as Tune trials (Tune grid-searches over the Cell objects themselves); returns
-    cell_id → error text (None when it succeeded). `train` and `cluster` size the concurrency.
+    """Run each group of cells as a Tune trial (Tune grid-searches over the lists of Cells
+    themselves); returns cell_id → error text (None when it succeeded). `train` and `cluster` size
+    the concurrency.
 
-    `on_complete(cell)` runs in the driver as soon as a trial finishes, so a finished cell is
-    marked done even if the driver is killed before the whole grid is over."""
-    ids = [c.cell_id for c in cells]
+    `on_complete(cell)` runs in the driver as soon as a trial finishes, for each of its cells, so a
+    finished cell is marked done even if the driver is killed before the whole grid is over."""
+    ids = [c.cell_id for g in groups for c in g]
     if len(set(ids)) != len(ids):
         raise ValueError(f"cell ids must be unique: {sorted(i for i in set(ids) if ids.count(i) > 1)}")
     import os
@@ -72,24 +78,25 @@ def run_grid(cells: list[Cell], train: TrainSpec, storage: Path, name: str,
             self.bar = bar
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            if on_complete is not None:
-                on_complete(trial.config["cell"])
-            self.bar.update(1)
+            for cell in trial.config["cells"]:
+                if on_complete is not None:
+                    on_complete(cell)
+            self.bar.update(len(trial.config["cells"]))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            say(f"  trial {trial.config['cell'].cell_id} failed")
-            self.bar.update(1)
+            say(f"  trial {', '.join(c.cell_id for c in trial.config['cells'])} failed")
+            self.bar.update(len(trial.config["cells"]))
 
     concurrency = max_concurrent(train, cluster)
-    say(f"  {len(cells)} cell(s) as Ray Tune trials, up to {concurrency} at once")
+    say(f"  {len(groups)} Ray Tune trial(s) for {len(ids)} cell(s), up to {concurrency} at once")
     # Trials run on the head, and with them Ray Train's controllers (attached to the trial's node):
     # a lost worker node then costs its workers, which Ray Train restarts from the last checkpoint,
     # never the trial that drives them.
     trainable = tune.with_resources(_trial, {"CPU": 0, "memory": 200 * 1024 ** 2, HEAD: 0.001})
-    with progress(total=len(cells), desc="train cells") as bar:
+    with progress(total=len(ids), desc="train cells") as bar:
         tuner = tune.Tuner(
             trainable,
-            param_space={"cell": tune.grid_search(cells)},
+            param_space={"cells": tune.grid_search(groups)},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[Progress(bar)],
                                       failure_config=tune.FailureConfig(max_failures=0)),
@@ -97,8 +104,8 @@ def run_grid(cells: list[Cell], train: TrainSpec, storage: Path, name: str,
         grid = tuner.fit()
     out: dict[str, str | None] = {}
     for res in grid:
-        cid = res.config["cell"].cell_id
-        out[cid] = _last_line(res.error) if res.error else None
+        for cell in res.config["cells"]:
+            out[cell.cell_id] = _last_line(res.error) if res.error else None
     return out
 
 

@@ -138,3 +138,23 @@ def test_annotate_check_is_counted_on_the_check_judge():
     assert {r.stage.strip(): r for r in estimate(spec.model_copy(update={"annotate": ann})).rows}[
         "annotate check"].work == "2,000 responses"  # no more than there are
     assert "annotate check" not in {r.stage.strip() for r in estimate(spec).rows}
+
+
+def test_adapters_per_group_from_memory_and_the_paper_saving_line():
+    from runner.plan import adapters_per_group, group_memory_gb
+
+    t = load_spec(ROOT / "jobs" / "paper.yaml").train
+    # one base copy, then each adapter adds its micro-batch's activations and logits
+    step = group_memory_gb(8, t, 2) - group_memory_gb(8, t, 1)
+    assert group_memory_gb(8, t, 4) == pytest.approx(group_memory_gb(8, t, 1) + 3 * step)
+    k = adapters_per_group(8, t, 72, cells=57)
+    assert group_memory_gb(8, t, k) <= 72 < group_memory_gb(8, t, k + 1)
+    assert adapters_per_group(8, t, 1e6, cells=5) == 5  # never more than the cells
+    assert adapters_per_group(8, t.model_copy(update={"adapters_per_group": 1}), 1e6, cells=5) == 1
+    assert adapters_per_group(8, t.model_copy(update={"finetune": "full"}), 1e6, cells=5) == 1
+    notes = estimate(load_spec(ROOT / "jobs" / "paper.yaml")).notes
+    line = next(n for n in notes if n.startswith("train.adapters_per_group"))
+    assert "456 cells train in" in line and "GPU-hours of start-up saved" in line
+    d = yaml.safe_load((ROOT / "jobs" / "paper.yaml").read_text())
+    d["train"]["adapters_per_group"] = 1
+    assert not any(n.startswith("train.adapters_per_group") for n in estimate(parse_spec(d)).notes)

@@ -21,7 +21,8 @@ def _train_section(ctx, run) -> dict:
     fixes the text."""
     t = ctx.spec.train
     unset = {k for k, v in (("system_prompt", t.system_prompt is None), ("eval_at", t.eval_at == [1.0])) if v}
-    return t.model_dump(mode="json", exclude=unset or None)
+    # adapters_per_group says how cells are scheduled, not what they learn
+    return t.model_dump(mode="json", exclude=unset | {"adapters_per_group"})
 
 
 TRAIN = Key("train", {
@@ -74,7 +75,11 @@ def _train(ctx, todo) -> None:
                  ref_cache=str(ctx.root / "cache" / "reflogps"), chat_template=ctx.chat_template(r.model),
                  system_prompt=train.system_text(condition_value(r.condition)),
                  trust_remote_code=s.model(r.model).trust_remote_code) for cid, r in by_id.items()]
-    errors = run_grid(grid, train, ctx.root / "ray_tune", f"grid-{content_hash(list(by_id), n=8)}",
+    groups = group_cells(ctx, train, grid)
+    if any(len(g) > 1 for g in groups):
+        say(f"  {len(grid)} cells in {len(groups)} worker group(s): LoRA adapters of one base model train "
+            f"together (train.adapters_per_group: {s.train.adapters_per_group})")
+    errors = run_grid(groups, train, ctx.root / "ray_tune", f"grid-{content_hash(list(by_id), n=8)}",
                       on_complete=lambda c: adopt(ctx, by_id[c.cell_id]), cluster=s.cluster)
     failed = []
     for cid, r in by_id.items():
@@ -91,6 +96,37 @@ def _train(ctx, todo) -> None:
         raise StageError(f"train: {len(failed)} cell(s) failed: " + "; ".join(failed))
 
 
+def group_cells(ctx, train, cells: list) -> list[list]:
+    """The cells in training groups: per base model, groups of at most train.adapters_per_group ("auto":
+    as many as a worker's memory holds, runner.plan.adapters_per_group), but never fewer groups than
+    the cluster runs worker groups at once (a group's step costs about the sum of its adapters')."""
+    import math
+
+    import ray
+
+    from runner.plan import adapters_per_group, params_b
+    from runner.sweep import max_concurrent
+
+    slots = max_concurrent(train, ctx.spec.cluster)
+    if train.gpus_per_worker > 0:
+        gpu_gb = ctx.spec.cluster.gpu_memory_gb if ctx.spec.cluster else 80
+        budget = 0.9 * gpu_gb * train.gpus_per_worker
+    else:  # a worker's share of the cluster's memory, one worker per train.cpus_per_worker CPUs
+        res = ray.cluster_resources()
+        budget = 0.9 * res.get("memory", 0) / 1e9 * train.cpus_per_worker / max(1.0, res.get("CPU", 1))
+    by_model: dict[str, list] = {}
+    for c in cells:
+        by_model.setdefault(c.model_id, []).append(c)
+    share = max(1, slots // len(by_model))
+    groups = []
+    for model_id, cs in by_model.items():
+        m = next(m for m in ctx.spec.models if ctx.model_id(m.name) == model_id)
+        k = adapters_per_group(params_b(m.name, m.path, m.params_b), train, budget, len(cs))
+        n = max(math.ceil(len(cs) / k), min(len(cs), share))
+        groups += [cs[i::n] for i in range(n)]
+    return groups
+
+
 def adopt(ctx, r) -> None:
     """Mark a cell done as soon as train_cell has published it (an atomic rename of a finished dir)."""
     unit = ctx.store.unit("train", r.cell_key)
@@ -105,12 +141,14 @@ def last_metrics(unit) -> dict:
 
 def cell_timings(ctx) -> list[dict]:
     """Each trained cell's wall time and the part of it outside its optimizer steps (worker group
-    and process group start, model load, DeepSpeed initialisation, checkpoint copies)."""
+    and process group start, model load, DeepSpeed initialisation, checkpoint copies; in a group,
+    also the wait for the group's other adapters); `group`: the cells trained with it, if any."""
     out = []
     for r in ctx.runs():
         f = ctx.store.unit("train", r.cell_key) / "cell.json" if r.cell_key and r.final else None
-        timing = json.loads(f.read_text()).get("timing") if f and f.exists() else None
-        if timing:
+        meta = json.loads(f.read_text()) if f and f.exists() else {}
+        if timing := meta.get("timing"):
             wall = timing["end"] - timing["start"]
-            out.append({"run": r.run_id, **timing, "wall_s": wall, "overhead_s": wall - timing["steps_s"]})
+            out.append({"run": r.run_id, **timing, "wall_s": wall, "overhead_s": wall - timing["steps_s"],
+                        "group": meta.get("group")})
     return out

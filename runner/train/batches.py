@@ -161,7 +161,7 @@ def _packable(model) -> bool:
     return type(base).__module__.startswith("transformers.models.")
 
 
-def response_logps(model, batch: dict[str, torch.Tensor], pack: bool = True) -> torch.Tensor:
+def response_logps(model, batch: dict[str, torch.Tensor], pack: bool = True, on_layout=None) -> torch.Tensor:
     """Summed response log-probs per batch row, with no compute spent on padding or prompt logits.
 
     - Packing: rows are repacked so short sequences share a row (block-diagonal attention via
@@ -171,6 +171,9 @@ def response_logps(model, batch: dict[str, torch.Tensor], pack: bool = True) -> 
       hands it only the positions that predict a response token: [n_response_tokens, hidden] instead
       of [rows, width, hidden]. Whatever the model applies after the head (scaling, soft-capping)
       still runs, on the compact rows.
+
+    `on_layout(seq)`, if given, is called before the forward with the token → batch row map
+    ([rows, width], -1 for padding) of the layout the model sees (runner.train.adapters.Router).
     """
     b = batch["input_ids"].shape[0]
     packed = pack_rows(batch) if pack and _packable(model) else None
@@ -181,6 +184,8 @@ def response_logps(model, batch: dict[str, torch.Tensor], pack: bool = True) -> 
         ids, resp = batch["input_ids"], batch["response_mask"]
         seq = torch.arange(b, device=ids.device).unsqueeze(1).expand_as(ids)
         kwargs = {"attention_mask": batch["attention_mask"]}
+    if on_layout is not None:
+        on_layout(seq)
     pred = torch.zeros_like(resp)
     pred[:, :-1] = resp[:, 1:]  # position t predicts token t+1
     head = getattr(model, "module", model).get_output_embeddings()

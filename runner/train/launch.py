@@ -112,56 +112,119 @@ def bf16_enabled(train: TrainSpec) -> bool:
     return bool(train.bf16)
 
 
-def train_cell(cell: Cell, tokenizer, fail_at_step: int | None = None) -> dict:
-    """Train one cell on its pairs (the parquet at cell.pairs); the final adapter (or full model) in
-    model/, the ones part-way through in progress/<fraction>/ (train.eval_at), metrics.jsonl and
-    cell.json land atomically in cell.out_dir."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from runner.train.loop import dist_backend, progress_dir, starts_file, train_loop
-
-    started = time.time()
+def _examples(cell: Cell, tokenizer) -> tuple[list[Example], bool]:
+    """The cell's tokenised pairs with their reference log-probs (cached); (examples, cache hit)."""
     train = cell.train
     examples = encode_pairs(tokenizer, pd.read_parquet(cell.pairs), train.max_length, cell.chat_template,
                             cell.system_prompt)
     if len(examples) < train.batch_size:
         raise TrainError(f"{cell.cell_id}: {len(examples)} pairs is fewer than train.batch_size ({train.batch_size})")
-    ref_hit = False
-    if train.method != "sft":
-        examples, ref_hit = reference_logps(cell, examples)
+    if train.method == "sft":
+        return examples, False
+    return reference_logps(cell, examples)
+
+
+def _trainer(loop, cfg: dict, train: TrainSpec, name: str, work_dir: str):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from runner.train.loop import dist_backend
+
     use_gpu = train.gpus_per_worker > 0
-    cfg = {"cell": cell, "examples": ray.put(examples), "fail_at_step": fail_at_step,
-           "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0}
-    resources = {"CPU": train.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = train.gpus_per_worker
-    work_dir, out_dir = Path(cell.work_dir), Path(cell.out_dir)
-    trainer = TorchTrainer(
-        train_loop, train_loop_config=cfg,
+    resources = {"CPU": train.cpus_per_worker, **({"GPU": train.gpus_per_worker} if use_gpu else {})}
+    return TorchTrainer(
+        loop, train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend=dist_backend(train)),
-        run_config=RunConfig(name=cell.cell_id, storage_path=str(work_dir),
+        run_config=RunConfig(name=name, storage_path=work_dir,
                              failure_config=FailureConfig(max_failures=train.max_failures)),
     )
-    result = trainer.fit()
-    if result.error or result.checkpoint is None:
-        raise TrainError(f"{cell.cell_id}: training failed: {result.error}")
-    with result.checkpoint.as_directory() as d, atomic_dir(out_dir) as tmp:
-        shutil.copytree(Path(d, "model"), tmp / "model")
-        shutil.copy(Path(d, "metrics.jsonl"), tmp / "metrics.jsonl")
+
+
+def _publish(cell: Cell, model: Path, metrics: Path, n_pairs: int, ref_hit: bool, started: float,
+             **extra) -> None:
+    """Land a trained cell in cell.out_dir, atomically: model/, progress/<f>/ (train.eval_at),
+    metrics.jsonl and cell.json."""
+    from runner.train.loop import progress_dir, starts_file
+
+    train = cell.train
+    with atomic_dir(Path(cell.out_dir)) as tmp:
+        shutil.copytree(model, tmp / "model")
+        shutil.copy(metrics, tmp / "metrics.jsonl")
         for f in train.eval_at[:-1]:  # the adapters part-way through (the last fraction is 1: "model")
             if not progress_dir(cell, f).is_dir():
                 raise TrainError(f"{cell.cell_id}: the adapter at {f:g} of training (train.eval_at) was not saved")
             shutil.copytree(progress_dir(cell, f), tmp / "progress" / f"{f:g}")
-        history = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines()]
+        history = [json.loads(x) for x in metrics.read_text().splitlines()]
         # wall vs steps: the cell's start-up and orchestration overhead (valind rehearse reports it)
         # starts: the step each worker-group start began from ([0, 3]: restarted, resumed at step 3)
         timing = {"start": started, "end": time.time(), "steps_s": sum(h.get("step_s", 0) for h in history),
                   "starts": [int(x) for x in starts_file(cell).read_text().split()]}
         (tmp / "cell.json").write_text(json.dumps({
-            "cell_id": cell.cell_id, "seed": cell.seed, "n_pairs": len(examples), "ref_cache_hit": ref_hit,
+            "cell_id": cell.cell_id, "seed": cell.seed, "n_pairs": n_pairs, "ref_cache_hit": ref_hit,
             "train": train.model_dump(mode="json"), "bf16": train.bf16, "system_prompt": cell.system_prompt,
-            "timing": timing}, indent=2))
-    shutil.rmtree(work_dir / cell.cell_id, ignore_errors=True)  # Ray's intermediate checkpoints
-    return {"out_dir": out_dir, "ref_cache_hit": ref_hit}
+            **extra, "timing": timing}, indent=2))
+
+
+def train_cell(cell: Cell, tokenizer, fail_at_step: int | None = None) -> dict:
+    """Train one cell on its pairs (the parquet at cell.pairs) under DeepSpeed; the final adapter (or
+    full model) in model/, the ones part-way through in progress/<fraction>/ (train.eval_at),
+    metrics.jsonl and cell.json land atomically in cell.out_dir."""
+    from runner.train.loop import train_loop
+
+    started = time.time()
+    examples, ref_hit = _examples(cell, tokenizer)
+    cfg = {"cell": cell, "examples": ray.put(examples), "fail_at_step": fail_at_step,
+           "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0}
+    result = _trainer(train_loop, cfg, cell.train, cell.cell_id, cell.work_dir).fit()
+    if result.error or result.checkpoint is None:
+        raise TrainError(f"{cell.cell_id}: training failed: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        _publish(cell, Path(d, "model"), Path(d, "metrics.jsonl"), len(examples), ref_hit, started)
+    shutil.rmtree(Path(cell.work_dir) / cell.cell_id, ignore_errors=True)  # Ray's intermediate checkpoints
+    return {"out_dir": Path(cell.out_dir), "ref_cache_hit": ref_hit}
+
+
+def train_group(cells: list[Cell], tokenizer, fail_at_step: int | None = None) -> dict[str, dict]:
+    """Train the LoRA cells of one base model together (runner.train.group): one worker group, one
+    frozen base, an adapter per cell. Each cell lands in its out_dir as train_cell lands it; a cell
+    whose adapter finished in an earlier group that did not end lands without training again."""
+    from runner.train.group import final_dir, group_loop
+
+    started = time.time()
+    train = cells[0].train
+    if len({(c.model_path, c.train.model_dump_json()) for c in cells}) != 1 or train.finetune != "lora":
+        raise TrainError("a group trains LoRA cells of one base model and one train section")
+    # seeds of one condition share their subset: tokenised, referenced and put in the object store once
+    shared: dict[tuple, tuple] = {}
+    for c in cells:
+        if (c.pairs, c.system_prompt) not in shared:
+            examples, hit = _examples(c, tokenizer)
+            shared[c.pairs, c.system_prompt] = examples, hit, ray.put(examples)
+    prepared = {c.cell_id: shared[c.pairs, c.system_prompt] for c in cells}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    todo = [c for c in cells if not (final_dir(c) / "state.json").is_file()]
+    if todo:
+        name = f"group-{content_hash([c.cell_id for c in todo], n=8)}"
+        cfg = {"cells": todo, "examples": [prepared[c.cell_id][2] for c in todo], "pad_id": pad,
+               "fail_at_step": fail_at_step}
+        try:  # Ray Train V2 raises where V1 returned result.error
+            result = _trainer(group_loop, cfg, train, name, cells[0].work_dir).fit()
+            error = result.error
+        except Exception as e:  # noqa: BLE001 - any worker-group failure fails the group
+            error = e
+        shutil.rmtree(Path(cells[0].work_dir) / name, ignore_errors=True)
+        if error:
+            raise TrainError(f"group of {len(todo)} ({', '.join(c.cell_id for c in todo)}): training failed: "
+                             f"{error}") from (error if isinstance(error, BaseException) else None)
+    out = {}
+    for c in cells:
+        examples, ref_hit, _ = prepared[c.cell_id]
+        d = final_dir(c)
+        if not (d / "state.json").is_file():
+            raise TrainError(f"{c.cell_id}: the group ended without this adapter's final state")
+        _publish(c, d / "model", d / "metrics.jsonl", len(examples), ref_hit, started,
+                 group=[x.cell_id for x in cells])
+        shutil.rmtree(Path(c.work_dir) / c.cell_id, ignore_errors=True)
+        out[c.cell_id] = {"out_dir": Path(c.out_dir), "ref_cache_hit": ref_hit}
+    return out

@@ -76,6 +76,16 @@ def ds_config(train: TrainSpec, world: int) -> dict:
 
 
 def build_model(cell: Cell):
+    """The cell's model: the base with its LoRA adapter (seeded by the cell), or the whole base."""
+    model = load_base(cell)
+    if cell.train.finetune == "lora":
+        from runner.train.adapters import add_lora
+        model = add_lora(model, cell.train.lora, cell.seed)
+    return model
+
+
+def load_base(cell: Cell):
+    """The base model in the cell's training precision, with activation checkpointing if asked."""
     from transformers import AutoModelForCausalLM
 
     train = cell.train
@@ -86,11 +96,6 @@ def build_model(cell: Cell):
         # Non-reentrant checkpointing back-propagates into LoRA weights without inputs that require grad.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if train.finetune == "lora":
-        from peft import LoraConfig, get_peft_model
-        lora = train.lora
-        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
     return model
 
 

@@ -1,0 +1,135 @@
+"""Many LoRA adapters over one frozen base model, each token routed to its own adapter (the mLoRA idea).
+
+peft builds the adapters (one named adapter per cell, each initialised from its cell's seed exactly
+as a cell trained alone is); then every LoRA layer's forward is replaced by a routed one: the base
+output for every token plus, for the tokens of adapter k only, adapter k's low-rank update. An
+adapter sees only its own tokens, so the gradient of a sum of per-adapter losses is, for each
+adapter, the gradient of its own loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+from pathlib import Path
+
+import torch
+
+from runner.spec import LoraSpec
+
+
+def lora_config(lora: LoraSpec):
+    from peft import LoraConfig
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+
+
+def add_lora(model, lora: LoraSpec, seed: int, name: str = "default"):
+    """Add one LoRA adapter initialised from `seed` alone (whatever the global RNG went through before):
+    the same adapter whether its cell trains alone or beside others. Returns the PeftModel."""
+    from peft import PeftModel, get_peft_model
+
+    torch.manual_seed(seed)
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, lora_config(lora))
+        return model
+    return get_peft_model(model, lora_config(lora), adapter_name=name)
+
+
+class Router:
+    """Which tokens of the batch in flight belong to which adapter; read by every routed LoRA layer.
+
+    `route(owner)` (owner: batch row → adapter index) spans a micro-batch's forward and backward
+    (activation checkpointing runs the forward again inside backward); `layout(seq)` is called with
+    the token → batch row map once the rows are packed (runner.train.batches.response_logps)."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self._owner: torch.Tensor | None = None
+        self.index: list[tuple[str, torch.Tensor]] | None = None
+
+    @contextlib.contextmanager
+    def route(self, owner: torch.Tensor):
+        self._owner, self.index = owner, None
+        try:
+            yield
+        finally:
+            self._owner = self.index = None
+
+    def layout(self, seq: torch.Tensor) -> None:
+        if self._owner is None:
+            raise RuntimeError("Router.layout outside Router.route")
+        flat = seq.reshape(-1)
+        tok = torch.where(flat >= 0, self._owner.to(flat.device)[flat.clamp(min=0)], -1)
+        self.index = [(name, idx) for k, name in enumerate(self.names)
+                      if (idx := (tok == k).nonzero().squeeze(1)).numel()]
+
+
+def _routed_forward(layer, router: Router, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's LoRA Linear forward with each adapter applied to its own tokens only."""
+    result = layer.base_layer(x, *args, **kwargs)
+    if router.index is None:
+        raise RuntimeError("a routed LoRA layer ran outside Router.route/layout")
+    flat_x = x.reshape(-1, x.shape[-1])
+    parts, where = [], []
+    for name, idx in router.index:
+        a, b = layer.lora_A[name], layer.lora_B[name]
+        xs = layer._cast_input_dtype(flat_x.index_select(0, idx), a.weight.dtype)
+        parts.append(b(a(layer.lora_dropout[name](xs))) * layer.scaling[name])
+        where.append(idx)
+    if not parts:
+        return result
+    flat = result.reshape(-1, result.shape[-1])
+    # as peft: the update is added in the promoted dtype (fp32 adapters on a bf16 base), then cast back
+    dtype = torch.promote_types(flat.dtype, parts[0].dtype)
+    out = flat.to(dtype).index_add(0, torch.cat(where), torch.cat(parts).to(dtype))
+    return out.to(result.dtype).view_as(result)
+
+
+def build_adapters(model, lora: LoraSpec, seeds: list[int]):
+    """K trainable adapters named a0..aK-1 (seeded as `add_lora`) on `model`, routed by a Router.
+
+    Returns (peft model, router, params): params[k] are adapter k's parameters in a fixed order."""
+    from peft.tuners.lora import LoraLayer
+
+    names = [f"a{k}" for k in range(len(seeds))]
+    for name, seed in zip(names, seeds):
+        model = add_lora(model, lora, seed, name)
+    router = Router(names)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            if not isinstance(module, torch.nn.Module) or not hasattr(module, "base_layer") or module.lora_variant:
+                raise ValueError(f"cannot route {type(module).__name__}: only plain LoRA Linear layers")
+            module.forward = types.MethodType(lambda self, x, *a, **kw: _routed_forward(self, router, x, *a, **kw),
+                                              module)
+    params = [[p for n, p in model.named_parameters() if f".{name}." in n] for name in names]
+    for ps in params:
+        for p in ps:
+            p.requires_grad_(True)
+    return model, router, params
+
+
+def adapter_state(model, name: str) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s weights, keyed without its name (a checkpoint loads into any slot)."""
+    return {n.replace(f".{name}.", ".ADAPTER."): p.detach().cpu().clone()
+            for n, p in model.named_parameters() if f".{name}." in n}
+
+
+def load_adapter_state(model, name: str, state: dict[str, torch.Tensor]) -> None:
+    own = {n.replace(f".{name}.", ".ADAPTER."): p for n, p in model.named_parameters() if f".{name}." in n}
+    if set(own) != set(state):
+        raise ValueError(f"adapter checkpoint does not match the model: {sorted(set(own) ^ set(state))[:3]}")
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(state[n])
+
+
+def save_adapter(model, name: str, out: Path) -> None:
+    """Adapter `name` as a peft adapter directory (what a cell trained alone saves) in `out`."""
+    import shutil
+    import tempfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        model.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True)
+        for f in (Path(tmp) / name).iterdir():
+            shutil.move(str(f), out / f.name)

@@ -1,0 +1,229 @@
+"""The LoRA cells of one base model trained together: one worker group, one frozen base, K adapters.
+
+Each adapter keeps everything it has when trained alone: its data order (its seed's schedule), its
+AdamW state, its gradient clipping, its checkpoints, eval_at adapters and metrics. A group step is
+one optimizer step of every adapter not yet done; their micro-batches go through the model as one
+batch, each token routed to its own adapter (runner.train.adapters). Data parallel as a cell alone:
+each worker takes its slice of every step and gradients are averaged over the workers (plain
+torch.distributed: ZeRO has nothing worth sharding in a few LoRA adapters, and its clipping is over
+all trainable weights at once, where each adapter needs its own). Adapters checkpoint one by one
+under their cell's work dir, so a restarted group, or a later group holding some of the same cells,
+resumes each adapter where it stopped.
+
+Precision: with bf16 the base runs in bf16 and the adapters, their gradients and Adam state stay in
+fp32 (peft's mixed precision); a cell alone under DeepSpeed bf16 computes its adapter in bf16 too,
+so the two agree to bf16 rounding, and to 1e-5 in fp32 (tests/test_group.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from runner.train.batches import Example, collate, response_logps
+from runner.train.cell import Cell
+from runner.train.losses import LossFn
+from runner.train.loop import _schedule, progress_dir, progress_steps, starts_file
+
+MAX_GRAD_NORM = 1.0  # as a cell alone (runner.train.loop.ds_config)
+
+
+def checkpoint_dir(cell: Cell) -> Path:
+    """An adapter's latest checkpoint (weights, Adam state, step, metrics), beside its starts file."""
+    return Path(cell.work_dir) / cell.cell_id / "valind-adapter"
+
+
+def final_dir(cell: Cell) -> Path:
+    """An adapter done training: model/ and metrics.jsonl, for the driver to publish."""
+    return Path(cell.work_dir) / cell.cell_id / "valind-final"
+
+
+@dataclass
+class Slot:
+    """One adapter of the group, as one worker sees it."""
+    cell: Cell
+    name: str
+    examples: list[Example]
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    steps: list[list[int]]
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.steps)
+
+
+def group_step(model, router, micro_batches: list[dict[int, list[Example]]], loss_fn: LossFn, pad: int,
+               device, n_adapters: int) -> torch.Tensor:
+    """Forward and backward of one optimizer step of every adapter in `micro_batches` (per micro-batch:
+    adapter index → its examples). Returns per-adapter sums [K, 7] as runner.train.loop.optimizer_step."""
+    sums = torch.zeros(n_adapters, 7, dtype=torch.float64, device=device)
+    for exs in micro_batches:
+        seqs, owner, first = [], [], {}
+        for k, ex in exs.items():
+            first[k] = len(seqs)
+            seqs += [(e.prompt, e.chosen) for e in ex] + [(e.prompt, e.rejected) for e in ex]
+            owner += [k] * (2 * len(ex))
+        batch = {key: v.to(device) for key, v in collate(seqs, pad).items()}
+        with router.route(torch.tensor(owner, device=device)):
+            logps = response_logps(model, batch, on_layout=router.layout)
+            n_tok = batch["response_mask"][:, 1:].sum(-1).float()
+            total = 0.0
+            for k, ex in exs.items():
+                c, r, b = first[k], first[k] + len(ex), len(ex)
+                ref_c = torch.tensor([e.ref_chosen for e in ex], dtype=torch.float32, device=device)
+                ref_r = torch.tensor([e.ref_rejected for e in ex], dtype=torch.float32, device=device)
+                losses, r_c, r_r = loss_fn(logps[c:c + b], logps[r:r + b], ref_c, ref_r,
+                                           n_tok[c:c + b], n_tok[r:r + b])
+                total = total + losses.mean()
+                parts = (losses.detach().sum(), r_c.sum(), r_r.sum(), (r_c > r_r).sum(), (r_c - r_r).sum(),
+                         batch["attention_mask"][c:c + 2 * b].sum(), torch.tensor(b, device=device))
+                sums[k] += torch.stack([p.to(device=device, dtype=torch.float64) for p in parts])
+            # a cell alone back-propagates each micro-batch's mean loss / accumulation steps (DeepSpeed)
+            (total / len(micro_batches)).backward()
+    return sums
+
+
+def apply_step(slots: list[Slot], world: int) -> None:
+    """Average the active adapters' gradients over workers, clip each adapter alone, step its AdamW."""
+    import torch.distributed as dist
+
+    for s in slots:
+        for p in s.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+    if world > 1:
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+        grads = [p.grad for s in slots for p in s.params]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= world
+        for g, f in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(f)
+    for s in slots:
+        torch.nn.utils.clip_grad_norm_(s.params, MAX_GRAD_NORM)
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+
+
+def build_group(cells: list[Cell], examples: list[list[Example]], device):
+    """The frozen base with one routed adapter per cell; (model, router, slots)."""
+    from runner.train.adapters import build_adapters
+    from runner.train.loop import load_base
+
+    train = cells[0].train
+    model, router, params = build_adapters(load_base(cells[0]), train.lora, [c.seed for c in cells])
+    model.to(device)
+    slots = [Slot(c, name, ex, ps, torch.optim.AdamW(ps, lr=train.lr, weight_decay=0.0),
+                  _schedule(len(ex), train.batch_size, train.epochs, c.seed))
+             for c, name, ex, ps in zip(cells, router.names, examples, params)]
+    return model, router, slots
+
+
+def _resume(model, slot: Slot) -> bool:
+    """Load the slot's own checkpoint, if it has one (final_dir: it is done). True if it resumed."""
+    from safetensors.torch import load_file
+
+    from runner.train.adapters import load_adapter_state
+
+    for d in (final_dir(slot.cell), checkpoint_dir(slot.cell)):
+        if (d / "state.json").is_file():
+            slot.step = json.loads((d / "state.json").read_text())["step"]
+            slot.history = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+            if d == checkpoint_dir(slot.cell):
+                load_adapter_state(model, slot.name, load_file(d / "adapter.safetensors"))
+                slot.optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+            return True
+    return False
+
+
+def _save(model, slot: Slot, final: bool) -> None:
+    from safetensors.torch import save_file
+
+    from runner.store import atomic_dir
+    from runner.train.adapters import adapter_state, save_adapter
+
+    with atomic_dir(final_dir(slot.cell) if final else checkpoint_dir(slot.cell)) as tmp:
+        if final:
+            save_adapter(model, slot.name, tmp / "model")
+        else:
+            save_file(adapter_state(model, slot.name), tmp / "adapter.safetensors")
+            torch.save(slot.optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in slot.history))
+        (tmp / "state.json").write_text(json.dumps({"step": slot.step}))
+
+
+def group_loop(cfg: dict) -> None:
+    """The worker: cfg is {"cells": [Cell], "examples": [ObjectRef of list[Example]] (one per cell),
+    "pad_id", "fail_at_step"}."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from runner.store import atomic_dir
+    from runner.train.adapters import save_adapter
+
+    cells: list[Cell] = cfg["cells"]
+    train = cells[0].train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+    device = ray.train.torch.get_device() if train.gpus_per_worker > 0 else torch.device("cpu")
+    model, router, slots = build_group(cells, ray.get(cfg["examples"]), device)
+    resumed = [_resume(model, s) for s in slots]
+    if rank == 0:
+        for s in slots:
+            with open(starts_file(s.cell), "a") as f:
+                f.write(f"{s.step}\n")
+    save_at = {s.name: progress_steps(train.eval_at, len(s.steps)) for s in slots}
+    fail_at = cfg.get("fail_at_step")
+    for stepped in run_steps(model, router, slots, cfg["pad_id"], device, rank, world):
+        for s in stepped:
+            if rank == 0 and s.step in save_at[s.name]:
+                for f in save_at[s.name][s.step]:
+                    with atomic_dir(progress_dir(s.cell, f)) as tmp:
+                        save_adapter(model, s.name, tmp)
+            if fail_at is not None and s.step == fail_at and rank == world - 1 and not any(resumed):
+                os._exit(1)  # simulate a dead worker (only on the first attempt)
+            if rank == 0 and (s.done or s.step % train.checkpoint_every == 0):
+                _save(model, s, final=s.done)
+
+
+def run_steps(model, router, slots: list[Slot], pad: int, device, rank: int = 0, world: int = 1):
+    """Train the slots to the end; yields the slots that stepped after every group step."""
+    from runner.train.losses import make_loss
+
+    train = slots[0].cell.train
+    loss_fn, micro = make_loss(train), train.micro_batch_size
+    grad_acc = train.batch_size // (micro * world)
+    model.train()
+    while active := [k for k, s in enumerate(slots) if not s.done]:
+        t0 = time.perf_counter()
+        batches = [{} for _ in range(grad_acc)]
+        for k in active:  # as a cell alone: this rank's slice of the adapter's next step
+            s = slots[k]
+            mine = s.steps[s.step][rank * micro * grad_acc:(rank + 1) * micro * grad_acc]
+            for m in range(grad_acc):
+                batches[m][k] = [s.examples[i] for i in mine[m * micro:(m + 1) * micro]]
+        sums = group_step(model, router, batches, loss_fn, pad, device, len(slots))
+        apply_step([slots[k] for k in active], world)
+        if world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(sums)
+        dt = time.perf_counter() - t0
+        for k in active:
+            s, row = slots[k], sums[k].tolist()
+            n = row[6]
+            s.history.append({
+                "step": s.step + 1, "loss": row[0] / n, "rewards/chosen": row[1] / n, "rewards/rejected": row[2] / n,
+                "rewards/accuracy": row[3] / n, "rewards/margin": row[4] / n, "lr": train.lr,
+                "tokens_per_s": row[5] / dt, "epoch": s.step * train.batch_size / max(1, len(s.examples)),
+                "step_s": dt, "group_adapters": len(active)})
+            s.step += 1
+        yield [slots[k] for k in active]
