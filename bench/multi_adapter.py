@@ -57,7 +57,10 @@ def run_side(side: str, cells: int, pairs: int, work: str, out: str) -> None:
     from runner.models import prepare_smollm2
     from runner.spec import SourceSpec, load_spec
     from runner.sweep import run_grid
-    from runner.train.cell import Cell
+    import ray
+
+    from runner.plan import adapters_per_group, model_shape, worker_budget_gb
+    from runner.train.cell import Cell, Group
     from runner.train.launch import bf16_enabled
 
     init_ray(2)
@@ -74,7 +77,12 @@ def run_side(side: str, cells: int, pairs: int, work: str, out: str) -> None:
         grid.append(Cell(cell_id=f"c{k}", seed=k, train=train, pairs=str(w / f"s{k}.parquet"), model_path=model,
                          model_id="smollm2", out_dir=str(w / "out" / f"c{k}"), work_dir=str(w / "ray_train"),
                          ref_cache=str(w / "ref")))
-    groups = [[c] for c in grid] if side == "alone" else [grid]
+    if side == "alone":
+        groups, per = [Group((c,)) for c in grid], 1
+    else:  # as the train stage sizes it (runner.stages.train.group_cells)
+        _, per = adapters_per_group(0.135, train, worker_budget_gb(train, 80, ray.cluster_resources()), cells,
+                                    model_shape(0.135, model))
+        groups = [Group(tuple(grid), per)]
     stop, peak = threading.Event(), []
     sampler = threading.Thread(target=_peak_rss, args=(stop, peak))
     sampler.start()
@@ -87,7 +95,7 @@ def run_side(side: str, cells: int, pairs: int, work: str, out: str) -> None:
     steps = [sum(json.loads(x)["step_s"] for x in (w / "out" / c.cell_id / "metrics.jsonl").read_text().splitlines())
              for c in grid]
     Path(out).write_text(json.dumps({"wall_s": wall, "peak_gb": peak[0] / 1e9, "bf16": train.bf16,
-                                     "steps_s": steps}))
+                                     "steps_s": steps, "per_forward": per}))
 
 
 def spawn(side: str, args, work: Path) -> dict:
@@ -138,7 +146,7 @@ def main() -> None:
     prec = "bf16" if alone["bf16"] else "fp32"
     print(f"  alone (one after another): wall {alone['wall_s']:7.1f} s, optimizer steps "
           f"{sum(alone['steps_s']):6.1f} s, peak worker memory {alone['peak_gb']:.2f} GB")
-    print(f"  group (together):          wall {group['wall_s']:7.1f} s, optimizer steps "
+    print(f"  group (together, {group['per_forward']} adapters per forward): wall {group['wall_s']:7.1f} s, optimizer steps "
           f"{max(group['steps_s']):6.1f} s, peak worker memory {group['peak_gb']:.2f} GB")
     print(f"  adapters, group vs alone: max |difference| {diff:.2e} ({prec})")
     print(f"RATIO time group/alone = {group['wall_s'] / alone['wall_s']:.2f} (target <= 0.6); "

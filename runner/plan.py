@@ -56,44 +56,83 @@ class PlanError(InputError, ValueError):
 # (each layer's input, 2); both responses' logits in fp32 over a Llama-3-size vocabulary.
 ACT_BYTES, ACT_BYTES_CHECKPOINTED, VOCAB = 34, 2, 128_256
 LORA_TRAINABLE = 0.01  # share of parameters a LoRA adapter trains (rank 16 on attention: ~0.5%)
+# On CPUs (sdpa's math path, fp32 softmax) a micro-batch measured ~120 bytes per token, hidden unit
+# and layer (SmolLM2-135M, bf16, LoRA, 2026-12-01), and a training process holds ~1 GB besides.
+ACT_BYTES_CPU, PROCESS_GB_CPU = 120, 1.0
 
 
-def train_memory_gb(p: float, t) -> float:
+def model_shape(p: float, path: str | None = None) -> tuple[float, float, float]:
+    """(hidden size, layers, vocabulary): from the model's config.json when `path` holds one, else
+    from the parameter count at Llama's aspect ratio (depth = hidden/128) and Llama-3's vocabulary."""
+    import json
+    try:
+        c = json.loads((Path(path) / "config.json").read_text())
+        return float(c["hidden_size"]), float(c["num_hidden_layers"]), float(c["vocab_size"])
+    except (TypeError, OSError, ValueError, KeyError):
+        hidden = (p * 1e9 * 128 / 12) ** (1 / 3)
+        return hidden, hidden / 128, float(VOCAB)
+
+
+def micro_batch_gb(p: float, t, shape: tuple | None = None, cpu: bool = False) -> float:
+    """Activations and fp32 logits of one micro-batch of chosen+rejected pairs at max_length."""
+    hidden, layers, vocab = shape or model_shape(p)
+    tokens = 2 * t.micro_batch_size * t.max_length
+    full = ACT_BYTES_CPU if cpu else ACT_BYTES
+    # with recomputation: every layer's input, and one layer's activations at a time
+    per_layer = ACT_BYTES_CHECKPOINTED * layers + full if t.gradient_checkpointing else full * layers
+    return (tokens * hidden * per_layer + tokens * vocab * 4) / 1e9
+
+
+def train_memory_gb(p: float, t, shape: tuple | None = None) -> float:
     """Rough peak GPU memory of one training worker: weights, gradients and Adam state (sharded as
-    the ZeRO stage says), the activations and logits of one micro-batch of chosen+rejected pairs.
-    Hidden size and depth from the parameter count, at Llama's aspect ratio (depth = hidden/128)."""
+    the ZeRO stage says), the activations and logits of one micro-batch of chosen+rejected pairs."""
     n = p * 1e9
     width = 2 if t.bf16 in (True, "auto") else 4  # "auto" is bf16 on every GPU that trains 8B models
-    hidden = (n * 128 / 12) ** (1 / 3)
     sharded = lambda stage: t.workers if t.zero_stage >= stage else 1  # noqa: E731
     trainable = n if t.finetune == "full" else n * LORA_TRAINABLE
     states = n * width / sharded(3) + trainable * width / sharded(2) + trainable * 12 / sharded(1)
-    tokens = 2 * t.micro_batch_size * t.max_length
-    acts = tokens * hidden * (hidden / 128) * (ACT_BYTES_CHECKPOINTED if t.gradient_checkpointing else ACT_BYTES)
-    return (states + acts + tokens * VOCAB * 4) / 1e9
+    return states / 1e9 + micro_batch_gb(p, t, shape)
 
 
-def group_memory_gb(p: float, t, k: int) -> float:
-    """Rough peak memory of a worker training k LoRA adapters together (runner.train.group): one
-    frozen base in the training precision; per adapter its fp32 weights, gradients and Adam state,
-    and the activations and logits of its micro-batch (the group's batch holds one per adapter)."""
+def group_memory_gb(p: float, t, k: int, per_forward: int, shape: tuple | None = None) -> float:
+    """Rough peak memory of a worker training k LoRA adapters together (runner.train.group), their
+    micro-batches `per_forward` adapters at a time: one frozen base in the training precision, each
+    adapter's fp32 weights, gradients and Adam state, and per_forward micro-batches' activations."""
     n = p * 1e9
     width = 2 if t.bf16 in (True, "auto") else 4
-    return (n * width + k * (train_memory_gb(p, t) * 1e9 - n * width - n * LORA_TRAINABLE * (width + 12)
-                             + n * LORA_TRAINABLE * 16)) / 1e9
+    cpu = t.gpus_per_worker == 0
+    return ((PROCESS_GB_CPU if cpu else 0.0) + (n * width + k * n * LORA_TRAINABLE * 16) / 1e9
+            + per_forward * micro_batch_gb(p, t, shape, cpu))
 
 
-def adapters_per_group(p: float, t, budget_gb: float, cells: int) -> int:
-    """train.adapters_per_group resolved: the spec's number, or ("auto") as many adapters as fit
-    `budget_gb` per worker, at most `cells`; 1 (each cell alone) for full fine-tuning and ZeRO-3."""
+def adapters_per_group(p: float, t, budget_gb: float, cells: int,
+                       shape: tuple | None = None) -> tuple[int, int]:
+    """(adapters in a group, adapters per forward): the spec's train.adapters_per_group or ("auto")
+    every cell, and as many micro-batches in one forward as `budget_gb` per worker holds; (1, 1)
+    (each cell alone) for full fine-tuning and ZeRO-3."""
     if t.finetune != "lora" or t.zero_stage == 3:
-        return 1
-    if t.adapters_per_group != "auto":
-        return min(cells, t.adapters_per_group)
-    k = 1
-    while k < cells and group_memory_gb(p, t, k + 1) <= budget_gb:
-        k += 1
-    return k
+        return 1, 1
+    k = cells if t.adapters_per_group == "auto" else min(cells, t.adapters_per_group)
+    per = 1
+    while per < k and group_memory_gb(p, t, per + 1, per + 1, shape) <= budget_gb:
+        per += 1
+    while k > per and group_memory_gb(p, t, k, per, shape) > budget_gb:
+        k -= 1  # adapter states alone rarely bind
+    return k, per
+
+
+def worker_budget_gb(t, gpu_gb: float, resources: dict) -> float:
+    """Memory a training worker may plan on: 80% of its GPUs' memory, or on CPUs 80% of its share of
+    the cluster's memory (`resources`: ray.cluster_resources()), one worker per t.cpus_per_worker CPUs."""
+    if t.gpus_per_worker > 0:
+        return 0.8 * gpu_gb * t.gpus_per_worker
+    return 0.8 * resources.get("memory", 0) / 1e9 * t.cpus_per_worker / max(1.0, resources.get("CPU", 1))
+
+
+def n_groups(cells: int, k: int, share: int) -> int:
+    """Groups for one base model's cells: at most k adapters each, but no fewer than the `share` of
+    worker groups the cluster runs at once (a group step costs about the sum of its adapters')."""
+    return max(math.ceil(cells / k), min(cells, share))
 
 
 def params_b(name: str, path: str = "", declared: float | None = None) -> float:
@@ -344,19 +383,19 @@ def group_saving(spec: Spec, gpu_gb: float, slots: int) -> str | None:
     t = spec.train
     cells_per_model = len(spec.conditions()) * len(spec.seeds.values)
     share = max(1, slots // len(spec.models))
-    groups, ks = 0, []
+    sizes = []
     for m in spec.models:
-        k = adapters_per_group(params_b(m.name, m.path, m.params_b), t, 0.9 * gpu_gb * max(t.gpus_per_worker, 1),
-                               cells_per_model)
-        groups += max(math.ceil(cells_per_model / k), min(cells_per_model, share))
-        ks.append(k)
+        k, _ = adapters_per_group(params_b(m.name, m.path, m.params_b), t, 0.8 * gpu_gb, cells_per_model)
+        g = n_groups(cells_per_model, k, share)
+        sizes += [math.ceil(cells_per_model / g)] * g
+    groups = len(sizes)
     cells = cells_per_model * len(spec.models)
     if groups == cells:
         return None
     gpus = t.workers * max(1, math.ceil(t.gpus_per_worker))
     saved = (cells - groups) * STARTUP_S * gpus / 3600
     return (f"train.adapters_per_group {t.adapters_per_group}: {cells} cells train in {groups} worker groups "
-            f"({min(ks)}–{max(ks)} LoRA adapters over one frozen base each, from {gpu_gb:g} GB per GPU), so "
+            f"(up to {max(sizes)} LoRA adapters over one frozen base each, from {gpu_gb:g} GB per GPU), so "
             f"{cells - groups} fewer worker-group start-ups, model loads and base-model copies: about "
             f"{saved:,.1f} GPU-hours of start-up saved at {STARTUP_S:g} s each (assumed); the optimizer steps "
             "cost the same in this estimate")

@@ -15,7 +15,7 @@ from pathlib import Path
 import ray
 
 from runner.spec import ClusterSpec, TrainSpec
-from runner.train.cell import Cell
+from runner.train.cell import Cell, Group
 
 HEAD = "node:__internal_head__"  # a resource only the head node has
 
@@ -45,24 +45,24 @@ def _trial(config: dict) -> None:
 
     from runner.train.launch import train_cell, train_group
 
-    cells: list[Cell] = config["cells"]
-    tokenizer = AutoTokenizer.from_pretrained(cells[0].model_path, trust_remote_code=cells[0].trust_remote_code)
-    if len(cells) == 1:
-        train_cell(cells[0], tokenizer=tokenizer)
+    group: Group = config["group"]
+    first = group.cells[0]
+    tokenizer = AutoTokenizer.from_pretrained(first.model_path, trust_remote_code=first.trust_remote_code)
+    if len(group.cells) == 1:
+        train_cell(first, tokenizer=tokenizer)
     else:
-        train_group(cells, tokenizer=tokenizer)
+        train_group(list(group.cells), tokenizer=tokenizer, per_forward=group.per_forward)
 
 
-def run_grid(groups: list[list[Cell]], train: TrainSpec, storage: Path, name: str,
+def run_grid(groups: list[Group], train: TrainSpec, storage: Path, name: str,
              on_complete: Callable[[Cell], None] | None = None,
              cluster: ClusterSpec | None = None) -> dict[str, str | None]:
-    """Run each group of cells as a Tune trial (Tune grid-searches over the lists of Cells
-    themselves); returns cell_id → error text (None when it succeeded). `train` and `cluster` size
+    """Run each Group of cells as a Tune trial (Tune grid-searches over the Groups themselves); returns cell_id → error text (None when it succeeded). `train` and `cluster` size
     the concurrency.
 
     `on_complete(cell)` runs in the driver as soon as a trial finishes, for each of its cells, so a
     finished cell is marked done even if the driver is killed before the whole grid is over."""
-    ids = [c.cell_id for g in groups for c in g]
+    ids = [c.cell_id for g in groups for c in g.cells]
     if len(set(ids)) != len(ids):
         raise ValueError(f"cell ids must be unique: {sorted(i for i in set(ids) if ids.count(i) > 1)}")
     import os
@@ -78,14 +78,14 @@ def run_grid(groups: list[list[Cell]], train: TrainSpec, storage: Path, name: st
             self.bar = bar
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            for cell in trial.config["cells"]:
+            for cell in trial.config["group"].cells:
                 if on_complete is not None:
                     on_complete(cell)
-            self.bar.update(len(trial.config["cells"]))
+            self.bar.update(len(trial.config["group"].cells))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            say(f"  trial {', '.join(c.cell_id for c in trial.config['cells'])} failed")
-            self.bar.update(len(trial.config["cells"]))
+            say(f"  trial {', '.join(c.cell_id for c in trial.config['group'].cells)} failed")
+            self.bar.update(len(trial.config["group"].cells))
 
     concurrency = max_concurrent(train, cluster)
     say(f"  {len(groups)} Ray Tune trial(s) for {len(ids)} cell(s), up to {concurrency} at once")
@@ -96,7 +96,7 @@ def run_grid(groups: list[list[Cell]], train: TrainSpec, storage: Path, name: st
     with progress(total=len(ids), desc="train cells") as bar:
         tuner = tune.Tuner(
             trainable,
-            param_space={"cells": tune.grid_search(groups)},
+            param_space={"group": tune.grid_search(groups)},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[Progress(bar)],
                                       failure_config=tune.FailureConfig(max_failures=0)),
@@ -104,7 +104,7 @@ def run_grid(groups: list[list[Cell]], train: TrainSpec, storage: Path, name: st
         grid = tuner.fit()
     out: dict[str, str | None] = {}
     for res in grid:
-        for cell in res.config["cells"]:
+        for cell in res.config["group"].cells:
             out[cell.cell_id] = _last_line(res.error) if res.error else None
     return out
 

@@ -49,8 +49,8 @@ def _alone(cell, examples):
     return adapter_state(model, "default")
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_adapters_trained_together_equal_each_alone(tiny_model, data_dir, checkpointing):
+@pytest.mark.parametrize("checkpointing,per_forward", [(False, None), (True, 2)])
+def test_adapters_trained_together_equal_each_alone(tiny_model, data_dir, checkpointing, per_forward):
     from runner.train.adapters import adapter_state
     from runner.train.group import build_group, run_steps
 
@@ -63,7 +63,7 @@ def test_adapters_trained_together_equal_each_alone(tiny_model, data_dir, checkp
     cells = [Cell(cell_id=f"c{k}", seed=s, train=train, pairs="", model_path=tiny_model, model_id="tiny",
                   out_dir="", work_dir="", ref_cache="") for k, s in enumerate([5, 6, 7])]
     model, router, slots = build_group(cells, subsets, torch.device("cpu"))
-    steps = [len(s) for s in run_steps(model, router, slots, 0, torch.device("cpu"))]
+    steps = [len(s) for s in run_steps(model, router, slots, 0, torch.device("cpu"), per_forward=per_forward)]
     assert steps == [3, 3, 3, 2, 1], steps  # adapters in each group step (3, 5 and 4 steps)
     for cell, slot, ex in zip(cells, slots, subsets):
         together, alone = adapter_state(model, slot.name), _alone(cell, ex)
@@ -110,7 +110,7 @@ def test_a_group_on_ray_train_resumes_each_adapter_and_equals_deepspeed_alone(tm
     with pytest.raises(TrainError, match="training failed"):
         train_group([cell("a", "group", 3), cell("b", "group", 4)], tok, fail_at_step=2)
     assert not (tmp_path / "group" / "a").exists()  # nothing published
-    train_group([cell("b", "group", 4), cell("a", "group", 3), cell("c", "group", 5)], tok)
+    train_group([cell("b", "group", 4), cell("a", "group", 3), cell("c", "group", 5)], tok, per_forward=2)
     for k in "abc":
         alone = cell(k, "alone", seeds[k])
         train_cell(alone, tok)

@@ -1,4 +1,6 @@
 """`valind plan`: the counts and hours of a small hand-built spec, and the shipped paper spec."""
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,21 +142,31 @@ def test_annotate_check_is_counted_on_the_check_judge():
     assert "annotate check" not in {r.stage.strip() for r in estimate(spec).rows}
 
 
-def test_adapters_per_group_from_memory_and_the_paper_saving_line():
-    from runner.plan import adapters_per_group, group_memory_gb
+def test_adapters_per_group_from_memory_and_the_paper_saving_line(tiny_model):
+    from runner.plan import adapters_per_group, group_memory_gb, model_shape
 
     t = load_spec(ROOT / "jobs" / "paper.yaml").train
-    # one base copy, then each adapter adds its micro-batch's activations and logits
-    step = group_memory_gb(8, t, 2) - group_memory_gb(8, t, 1)
-    assert group_memory_gb(8, t, 4) == pytest.approx(group_memory_gb(8, t, 1) + 3 * step)
-    k = adapters_per_group(8, t, 72, cells=57)
-    assert group_memory_gb(8, t, k) <= 72 < group_memory_gb(8, t, k + 1)
-    assert adapters_per_group(8, t, 1e6, cells=5) == 5  # never more than the cells
-    assert adapters_per_group(8, t.model_copy(update={"adapters_per_group": 1}), 1e6, cells=5) == 1
-    assert adapters_per_group(8, t.model_copy(update={"finetune": "full"}), 1e6, cells=5) == 1
+    # one base copy; each adapter adds its state, each micro-batch in a forward its activations
+    fwd = group_memory_gb(8, t, 2, 2) - group_memory_gb(8, t, 2, 1)
+    state = group_memory_gb(8, t, 2, 1) - group_memory_gb(8, t, 1, 1)
+    assert fwd > state > 0
+    assert group_memory_gb(8, t, 5, 4) == pytest.approx(group_memory_gb(8, t, 1, 1) + 4 * state + 3 * fwd)
+    k, per = adapters_per_group(8, t, 72, cells=57)
+    assert 1 <= per <= k <= 57 and group_memory_gb(8, t, k, per) <= 72  # fits, and no larger choice does:
+    assert k == 57 or group_memory_gb(8, t, k + 1, per) > 72
+    assert per == k or group_memory_gb(8, t, per + 1, per + 1) > 72
+    assert adapters_per_group(8, t, 1e6, cells=5) == (5, 5)  # never more than the cells
+    assert adapters_per_group(8, t.model_copy(update={"adapters_per_group": 2}), 1e6, cells=5) == (2, 2)
+    assert adapters_per_group(8, t.model_copy(update={"adapters_per_group": 1}), 1e6, cells=5) == (1, 1)
+    assert adapters_per_group(8, t.model_copy(update={"finetune": "full"}), 1e6, cells=5) == (1, 1)
+    # a local model's own shape (config.json), else one from its size
+    cfg = json.loads((Path(tiny_model) / "config.json").read_text())
+    assert model_shape(0.0065, tiny_model) == (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"])
+    assert model_shape(8) == pytest.approx((4402, 34.4, 128_256), rel=1e-3)
     notes = estimate(load_spec(ROOT / "jobs" / "paper.yaml")).notes
     line = next(n for n in notes if n.startswith("train.adapters_per_group"))
-    assert "456 cells train in" in line and "GPU-hours of start-up saved" in line
+    groups = int(re.search(r"456 cells train in (\d+) worker groups", line).group(1))
+    assert 8 <= groups < 456 and "GPU-hours of start-up saved" in line, line
     d = yaml.safe_load((ROOT / "jobs" / "paper.yaml").read_text())
     d["train"]["adapters_per_group"] = 1
     assert not any(n.startswith("train.adapters_per_group") for n in estimate(parse_spec(d)).notes)

@@ -65,8 +65,8 @@ def _train(ctx, todo) -> None:
     ctx.ensure_ray()
     s = ctx.spec
     train = s.train.model_copy(update={"bf16": bf16_enabled(s.train)})  # "auto" resolved, once
-    say(f"  {train.method}, {train.finetune}, ZeRO-{train.zero_stage}, {'bf16' if train.bf16 else 'fp32'}, "
-        f"{train.workers} worker(s) per cell")
+    say(f"  {train.method}, {train.finetune}, {'bf16' if train.bf16 else 'fp32'}, {train.workers} worker(s) per "
+        f"worker group; a cell alone: DeepSpeed ZeRO-{train.zero_stage}")
     by_id = {safe_name(r.run_id): r for r in todo}
     grid = [Cell(cell_id=cid, seed=r.seed, train=train,
                  pairs=str(cur / "subsets" / f"{safe_name(r.condition)}.parquet"),
@@ -76,9 +76,10 @@ def _train(ctx, todo) -> None:
                  system_prompt=train.system_text(condition_value(r.condition)),
                  trust_remote_code=s.model(r.model).trust_remote_code) for cid, r in by_id.items()]
     groups = group_cells(ctx, train, grid)
-    if any(len(g) > 1 for g in groups):
-        say(f"  {len(grid)} cells in {len(groups)} worker group(s): LoRA adapters of one base model train "
-            f"together (train.adapters_per_group: {s.train.adapters_per_group})")
+    if any(len(g.cells) > 1 for g in groups):
+        say(f"  {len(grid)} cells in {len(groups)} worker group(s) of "
+            f"{', '.join(f'{len(g.cells)} ({g.per_forward} per forward)' for g in groups)}: LoRA adapters of "
+            f"one base model train together, data parallel (train.adapters_per_group: {s.train.adapters_per_group})")
     errors = run_grid(groups, train, ctx.root / "ray_tune", f"grid-{content_hash(list(by_id), n=8)}",
                       on_complete=lambda c: adopt(ctx, by_id[c.cell_id]), cluster=s.cluster)
     failed = []
@@ -96,24 +97,19 @@ def _train(ctx, todo) -> None:
         raise StageError(f"train: {len(failed)} cell(s) failed: " + "; ".join(failed))
 
 
-def group_cells(ctx, train, cells: list) -> list[list]:
-    """The cells in training groups: per base model, groups of at most train.adapters_per_group ("auto":
-    as many as a worker's memory holds, runner.plan.adapters_per_group), but never fewer groups than
-    the cluster runs worker groups at once (a group's step costs about the sum of its adapters')."""
-    import math
-
+def group_cells(ctx, train, cells: list) -> list:
+    """The cells as training Groups: per base model, at most train.adapters_per_group adapters ("auto":
+    all) in groups of no fewer than the cluster runs at once, with as many micro-batches per forward
+    as a worker's memory holds (runner.plan.adapters_per_group)."""
     import ray
 
-    from runner.plan import adapters_per_group, params_b
+    from runner.plan import adapters_per_group, model_shape, n_groups, params_b, worker_budget_gb
     from runner.sweep import max_concurrent
+    from runner.train.cell import Group
 
     slots = max_concurrent(train, ctx.spec.cluster)
-    if train.gpus_per_worker > 0:
-        gpu_gb = ctx.spec.cluster.gpu_memory_gb if ctx.spec.cluster else 80
-        budget = 0.9 * gpu_gb * train.gpus_per_worker
-    else:  # a worker's share of the cluster's memory, one worker per train.cpus_per_worker CPUs
-        res = ray.cluster_resources()
-        budget = 0.9 * res.get("memory", 0) / 1e9 * train.cpus_per_worker / max(1.0, res.get("CPU", 1))
+    budget = worker_budget_gb(train, ctx.spec.cluster.gpu_memory_gb if ctx.spec.cluster else 80,
+                              ray.cluster_resources())
     by_model: dict[str, list] = {}
     for c in cells:
         by_model.setdefault(c.model_id, []).append(c)
@@ -121,9 +117,10 @@ def group_cells(ctx, train, cells: list) -> list[list]:
     groups = []
     for model_id, cs in by_model.items():
         m = next(m for m in ctx.spec.models if ctx.model_id(m.name) == model_id)
-        k = adapters_per_group(params_b(m.name, m.path, m.params_b), train, budget, len(cs))
-        n = max(math.ceil(len(cs) / k), min(len(cs), share))
-        groups += [cs[i::n] for i in range(n)]
+        p = params_b(m.name, m.path, m.params_b)
+        k, per = adapters_per_group(p, train, budget, len(cs), model_shape(p, cs[0].model_path))
+        n = n_groups(len(cs), k, share)
+        groups += [Group(tuple(cs[i::n]), min(per, len(cs[i::n]))) for i in range(n)]
     return groups
 
 

@@ -28,3 +28,11 @@ class Cell:
         if not isinstance(self.train.bf16, bool):
             raise ValueError("resolve train.bf16 before building a Cell "
                              "(runner.train.launch.bf16_enabled, once, in the driver)")
+
+
+@dataclass(frozen=True)
+class Group:
+    """Cells trained by one worker group (one Tune trial): a lone cell, or LoRA cells of one base
+    model trained together (runner.train.group), `per_forward` adapters' micro-batches per forward."""
+    cells: tuple[Cell, ...]
+    per_forward: int = 1

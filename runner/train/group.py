@@ -59,12 +59,13 @@ class Slot:
         return self.step >= len(self.steps)
 
 
-def group_step(model, router, micro_batches: list[dict[int, list[Example]]], loss_fn: LossFn, pad: int,
-               device, n_adapters: int) -> torch.Tensor:
-    """Forward and backward of one optimizer step of every adapter in `micro_batches` (per micro-batch:
-    adapter index → its examples). Returns per-adapter sums [K, 7] as runner.train.loop.optimizer_step."""
+def group_step(model, router, forwards: list[dict[int, list[Example]]], loss_fn: LossFn, pad: int,
+               device, n_adapters: int, grad_acc: int) -> torch.Tensor:
+    """Forwards and backwards of one optimizer step of the adapters in `forwards` (per forward: adapter
+    index → its micro-batch; each adapter has grad_acc micro-batches in all). Returns per-adapter
+    sums [K, 7] as runner.train.loop.optimizer_step."""
     sums = torch.zeros(n_adapters, 7, dtype=torch.float64, device=device)
-    for exs in micro_batches:
+    for exs in forwards:
         seqs, owner, first = [], [], {}
         for k, ex in exs.items():
             first[k] = len(seqs)
@@ -86,7 +87,7 @@ def group_step(model, router, micro_batches: list[dict[int, list[Example]]], los
                          batch["attention_mask"][c:c + 2 * b].sum(), torch.tensor(b, device=device))
                 sums[k] += torch.stack([p.to(device=device, dtype=torch.float64) for p in parts])
             # a cell alone back-propagates each micro-batch's mean loss / accumulation steps (DeepSpeed)
-            (total / len(micro_batches)).backward()
+            (total / grad_acc).backward()
     return sums
 
 
@@ -161,7 +162,7 @@ def _save(model, slot: Slot, final: bool) -> None:
 
 def group_loop(cfg: dict) -> None:
     """The worker: cfg is {"cells": [Cell], "examples": [ObjectRef of list[Example]] (one per cell),
-    "pad_id", "fail_at_step"}."""
+    "pad_id", "per_forward", "fail_at_step"}."""
     import ray
     import ray.train
     import ray.train.torch
@@ -183,7 +184,7 @@ def group_loop(cfg: dict) -> None:
                 f.write(f"{s.step}\n")
     save_at = {s.name: progress_steps(train.eval_at, len(s.steps)) for s in slots}
     fail_at = cfg.get("fail_at_step")
-    for stepped in run_steps(model, router, slots, cfg["pad_id"], device, rank, world):
+    for stepped in run_steps(model, router, slots, cfg["pad_id"], device, rank, world, cfg["per_forward"]):
         for s in stepped:
             if rank == 0 and s.step in save_at[s.name]:
                 for f in save_at[s.name][s.step]:
@@ -195,8 +196,10 @@ def group_loop(cfg: dict) -> None:
                 _save(model, s, final=s.done)
 
 
-def run_steps(model, router, slots: list[Slot], pad: int, device, rank: int = 0, world: int = 1):
-    """Train the slots to the end; yields the slots that stepped after every group step."""
+def run_steps(model, router, slots: list[Slot], pad: int, device, rank: int = 0, world: int = 1,
+              per_forward: int | None = None):
+    """Train the slots to the end, `per_forward` adapters' micro-batches per forward (default: all);
+    yields the slots that stepped after every group step."""
     from runner.train.losses import make_loss
 
     train = slots[0].cell.train
@@ -205,13 +208,17 @@ def run_steps(model, router, slots: list[Slot], pad: int, device, rank: int = 0,
     model.train()
     while active := [k for k, s in enumerate(slots) if not s.done]:
         t0 = time.perf_counter()
-        batches = [{} for _ in range(grad_acc)]
-        for k in active:  # as a cell alone: this rank's slice of the adapter's next step
-            s = slots[k]
-            mine = s.steps[s.step][rank * micro * grad_acc:(rank + 1) * micro * grad_acc]
-            for m in range(grad_acc):
-                batches[m][k] = [s.examples[i] for i in mine[m * micro:(m + 1) * micro]]
-        sums = group_step(model, router, batches, loss_fn, pad, device, len(slots))
+        per = per_forward or len(active)
+        forwards = []
+        for m in range(grad_acc):
+            for j in range(0, len(active), per):
+                fwd = {}
+                for k in active[j:j + per]:  # as a cell alone: micro-batch m of this rank's slice of the step
+                    s = slots[k]
+                    mine = s.steps[s.step][rank * micro * grad_acc:(rank + 1) * micro * grad_acc]
+                    fwd[k] = [s.examples[i] for i in mine[m * micro:(m + 1) * micro]]
+                forwards.append(fwd)
+        sums = group_step(model, router, forwards, loss_fn, pad, device, len(slots), grad_acc)
         apply_step([slots[k] for k in active], world)
         if world > 1:
             import torch.distributed as dist

@@ -185,10 +185,12 @@ def train_cell(cell: Cell, tokenizer, fail_at_step: int | None = None) -> dict:
     return {"out_dir": Path(cell.out_dir), "ref_cache_hit": ref_hit}
 
 
-def train_group(cells: list[Cell], tokenizer, fail_at_step: int | None = None) -> dict[str, dict]:
+def train_group(cells: list[Cell], tokenizer, per_forward: int | None = None,
+                fail_at_step: int | None = None) -> dict[str, dict]:
     """Train the LoRA cells of one base model together (runner.train.group): one worker group, one
-    frozen base, an adapter per cell. Each cell lands in its out_dir as train_cell lands it; a cell
-    whose adapter finished in an earlier group that did not end lands without training again."""
+    frozen base, an adapter per cell, `per_forward` adapters' micro-batches per forward (default
+    all). Each cell lands in its out_dir as train_cell lands it; a cell whose adapter finished in an
+    earlier group that did not end lands without training again."""
     from runner.train.group import final_dir, group_loop
 
     started = time.time()
@@ -207,16 +209,14 @@ def train_group(cells: list[Cell], tokenizer, fail_at_step: int | None = None) -
     if todo:
         name = f"group-{content_hash([c.cell_id for c in todo], n=8)}"
         cfg = {"cells": todo, "examples": [prepared[c.cell_id][2] for c in todo], "pad_id": pad,
-               "fail_at_step": fail_at_step}
-        try:  # Ray Train V2 raises where V1 returned result.error
-            result = _trainer(group_loop, cfg, train, name, cells[0].work_dir).fit()
-            error = result.error
-        except Exception as e:  # noqa: BLE001 - any worker-group failure fails the group
-            error = e
-        shutil.rmtree(Path(cells[0].work_dir) / name, ignore_errors=True)
-        if error:
+               "per_forward": per_forward, "fail_at_step": fail_at_step}
+        try:
+            _trainer(group_loop, cfg, train, name, cells[0].work_dir).fit()
+        except Exception as e:  # Ray Train V2 raises a worker group's failure from fit()
             raise TrainError(f"group of {len(todo)} ({', '.join(c.cell_id for c in todo)}): training failed: "
-                             f"{error}") from (error if isinstance(error, BaseException) else None)
+                             f"{e}") from e
+        finally:
+            shutil.rmtree(Path(cells[0].work_dir) / name, ignore_errors=True)
     out = {}
     for c in cells:
         examples, ref_hit, _ = prepared[c.cell_id]
