@@ -108,13 +108,15 @@ def group_memory_gb(p: float, t, k: int, per_forward: int, shape: tuple | None =
 def adapters_per_group(p: float, t, budget_gb: float, cells: int,
                        shape: tuple | None = None) -> tuple[int, int]:
     """(adapters in a group, adapters per forward): the spec's train.adapters_per_group or ("auto")
-    every cell, and as many micro-batches in one forward as `budget_gb` per worker holds; (1, 1)
-    (each cell alone) for full fine-tuning and ZeRO-3."""
+    every cell, and on GPUs as many micro-batches in one forward as `budget_gb` per worker holds (on
+    CPUs one); (1, 1) (each cell alone) for full fine-tuning and ZeRO-3."""
     if t.finetune != "lora" or t.zero_stage == 3:
         return 1, 1
     k = cells if t.adapters_per_group == "auto" else min(cells, t.adapters_per_group)
     per = 1
-    while per < k and group_memory_gb(p, t, per + 1, per + 1, shape) <= budget_gb:
+    # On CPUs one adapter per forward: 3 per forward took the same optimizer-step time and 2.15× the
+    # memory (bench/multi_adapter.py, docs/BENCHMARKS.md); GPUs fill better with larger batches.
+    while t.gpus_per_worker > 0 and per < k and group_memory_gb(p, t, per + 1, per + 1, shape) <= budget_gb:
         per += 1
     while k > per and group_memory_gb(p, t, k, per, shape) > budget_gb:
         k -= 1  # adapter states alone rarely bind

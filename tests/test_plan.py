@@ -156,6 +156,7 @@ def test_adapters_per_group_from_memory_and_the_paper_saving_line(tiny_model):
     assert k == 57 or group_memory_gb(8, t, k + 1, per) > 72
     assert per == k or group_memory_gb(8, t, per + 1, per + 1) > 72
     assert adapters_per_group(8, t, 1e6, cells=5) == (5, 5)  # never more than the cells
+    assert adapters_per_group(8, t.model_copy(update={"gpus_per_worker": 0}), 1e6, cells=5) == (5, 1)  # CPU
     assert adapters_per_group(8, t.model_copy(update={"adapters_per_group": 2}), 1e6, cells=5) == (2, 2)
     assert adapters_per_group(8, t.model_copy(update={"adapters_per_group": 1}), 1e6, cells=5) == (1, 1)
     assert adapters_per_group(8, t.model_copy(update={"finetune": "full"}), 1e6, cells=5) == (1, 1)
