@@ -45,6 +45,7 @@ bench: models
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/generate_throughput.py
 	$(BIN)/python bench/lora_generate.py
+	$(BIN)/python bench/multi_adapter.py
 
 clean-studies:
 	rm -rf studies
