@@ -9,6 +9,7 @@ resources. Concurrency comes from the cluster: as many trials as worker groups f
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,18 +71,26 @@ def run_grid(groups: list[Group], train: TrainSpec, storage: Path, name: str,
     from ray import tune
 
     from runner.progress import progress, say
+    from runner.train.loop import steps_done
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no experiment banner: our own bar reports progress
 
     class Progress(tune.Callback):
         def __init__(self, bar):
-            self.bar = bar
+            self.bar, self.polled = bar, 0.0
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             for cell in trial.config["group"].cells:
                 if on_complete is not None:
                     on_complete(cell)
             self.bar.update(len(trial.config["group"].cells))
+
+        def on_step_end(self, iteration, trials, **info):
+            if time.monotonic() - self.polled >= 5:  # the cells' step notes, for long groups
+                self.polled = time.monotonic()
+                done, total = steps_done([c for g in groups for c in g.cells])
+                if total:
+                    self.bar.set_postfix_str(f"optimizer steps {done}/{total} of the started cells")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             say(f"  trial {', '.join(c.cell_id for c in trial.config['group'].cells)} failed")

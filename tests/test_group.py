@@ -128,3 +128,15 @@ def test_a_group_on_ray_train_resumes_each_adapter_and_equals_deepspeed_alone(tm
             print(f"{k} {sub}: starts {starts}, max |group - alone| {worst:.2e}")
             assert worst < 1e-5, (k, sub, worst)
         assert not (tmp_path / "group" / "ray" / k).exists()  # the work dir is cleaned once published
+
+
+def test_step_notes_feed_the_progress_bar(tmp_path):
+    from runner.train.loop import record_step, steps_done
+
+    cells = [Cell(cell_id=f"c{k}", seed=k, train=TrainSpec(bf16=False), pairs="", model_path="", model_id="",
+                  out_dir="", work_dir=str(tmp_path), ref_cache="") for k in range(3)]
+    for c in cells[:2]:
+        (tmp_path / c.cell_id).mkdir()
+    record_step(cells[0], 3, 10)
+    record_step(cells[1], 10, 10)
+    assert steps_done(cells) == (13, 20)  # c2 has not started

@@ -27,7 +27,8 @@ import torch
 from runner.train.batches import Example, collate, response_logps
 from runner.train.cell import Cell
 from runner.train.losses import LossFn
-from runner.train.loop import _schedule, progress_dir, progress_steps, starts_file
+from runner.train.loop import (_schedule, metric_sums, progress_dir, progress_steps, record_step, starts_file,
+                               step_metrics)
 
 MAX_GRAD_NORM = 1.0  # as a cell alone (runner.train.loop.ds_config)
 
@@ -83,9 +84,7 @@ def group_step(model, router, forwards: list[dict[int, list[Example]]], loss_fn:
                 losses, r_c, r_r = loss_fn(logps[c:c + b], logps[r:r + b], ref_c, ref_r,
                                            n_tok[c:c + b], n_tok[r:r + b])
                 total = total + losses.mean()
-                parts = (losses.detach().sum(), r_c.sum(), r_r.sum(), (r_c > r_r).sum(), (r_c - r_r).sum(),
-                         batch["attention_mask"][c:c + 2 * b].sum(), torch.tensor(b, device=device))
-                sums[k] += torch.stack([p.to(device=device, dtype=torch.float64) for p in parts])
+                sums[k] += metric_sums(losses, r_c, r_r, batch["attention_mask"][c:c + 2 * b].sum(), device)
             # a cell alone back-propagates each micro-batch's mean loss / accumulation steps (DeepSpeed)
             (total / grad_acc).backward()
     return sums
@@ -186,6 +185,8 @@ def group_loop(cfg: dict) -> None:
     fail_at = cfg.get("fail_at_step")
     for stepped in run_steps(model, router, slots, cfg["pad_id"], device, rank, world, cfg["per_forward"]):
         for s in stepped:
+            if rank == 0:
+                record_step(s.cell, s.step, len(s.steps))
             if rank == 0 and s.step in save_at[s.name]:
                 for f in save_at[s.name][s.step]:
                     with atomic_dir(progress_dir(s.cell, f)) as tmp:
@@ -225,12 +226,9 @@ def run_steps(model, router, slots: list[Slot], pad: int, device, rank: int = 0,
             dist.all_reduce(sums)
         dt = time.perf_counter() - t0
         for k in active:
-            s, row = slots[k], sums[k].tolist()
-            n = row[6]
-            s.history.append({
-                "step": s.step + 1, "loss": row[0] / n, "rewards/chosen": row[1] / n, "rewards/rejected": row[2] / n,
-                "rewards/accuracy": row[3] / n, "rewards/margin": row[4] / n, "lr": train.lr,
-                "tokens_per_s": row[5] / dt, "epoch": s.step * train.batch_size / max(1, len(s.examples)),
-                "step_s": dt, "group_adapters": len(active)})
+            s = slots[k]
+            s.history.append({**step_metrics(sums[k].tolist(), s.step + 1, train.lr, dt,
+                                             s.step * train.batch_size / max(1, len(s.examples))),
+                              "group_adapters": len(active)})
             s.step += 1
         yield [slots[k] for k in active]

@@ -106,6 +106,23 @@ def starts_file(cell) -> Path:
     return d / "valind-starts.txt"
 
 
+def record_step(cell, step: int, total: int) -> None:
+    """Rank 0's note of the cell's optimizer steps so far, for the driver's progress bar (`steps_done`)."""
+    (Path(cell.work_dir) / cell.cell_id / "valind-step").write_text(f"{step} {total}")
+
+
+def steps_done(cells) -> tuple[int, int]:
+    """(optimizer steps done, steps in all) over the cells that have started."""
+    done = total = 0
+    for cell in cells:
+        try:
+            a, b = map(int, (Path(cell.work_dir) / cell.cell_id / "valind-step").read_text().split())
+        except (OSError, ValueError):
+            continue
+        done, total = done + a, total + b
+    return done, total
+
+
 def progress_dir(cell, fraction: float) -> Path:
     """Where the adapter at `fraction` of the schedule is saved (train.eval_at), beside the starts file."""
     return Path(cell.work_dir) / cell.cell_id / "valind-progress" / f"{fraction:g}"
@@ -176,13 +193,11 @@ def train_loop(cfg: dict) -> None:
         sums = optimizer_step(engine, micro_batches, loss_fn, pad, device)
         dist.all_reduce(sums)
         dt = time.perf_counter() - t0
-        n = sums[6].item()
-        metrics = {"step": step + 1, "loss": sums[0].item() / n, "rewards/chosen": sums[1].item() / n,
-                   "rewards/rejected": sums[2].item() / n, "rewards/accuracy": sums[3].item() / n,
-                   "rewards/margin": sums[4].item() / n, "lr": optimizer.param_groups[0]["lr"],
-                   "tokens_per_s": sums[5].item() / dt, "epoch": step * train.batch_size / max(1, len(examples)),
-                   "step_s": dt}
+        metrics = step_metrics(sums.tolist(), step + 1, optimizer.param_groups[0]["lr"], dt,
+                               step * train.batch_size / max(1, len(examples)))
         history.append(metrics)
+        if rank == 0:
+            record_step(cell, step + 1, len(steps))
         last = step + 1 == len(steps)
         if step + 1 in save_at:  # before the step's checkpoint: a resume past it never misses it
             _save_progress(engine, train.zero_stage, rank, [progress_dir(cell, f) for f in save_at[step + 1]])
@@ -231,10 +246,24 @@ def optimizer_step(engine, micro_batches, loss_fn: LossFn, pad: int, device) -> 
                                    n_tok[:k], n_tok[k:])
         engine.backward(losses.mean())
         engine.step()
-        parts = (losses.detach().sum(), r_c.sum(), r_r.sum(), (r_c > r_r).sum(), (r_c - r_r).sum(),
-                 batch["attention_mask"].sum(), torch.tensor(k, device=device))
-        sums += torch.stack([p.to(device=device, dtype=torch.float64) for p in parts])
+        sums += metric_sums(losses, r_c, r_r, batch["attention_mask"].sum(), device)
     return sums
+
+
+def metric_sums(losses, r_c, r_r, tokens, device) -> torch.Tensor:
+    """A micro-batch's sums (float64): loss, reward chosen, reward rejected, accuracy, margin, real
+    tokens, pairs."""
+    parts = (losses.detach().sum(), r_c.sum(), r_r.sum(), (r_c > r_r).sum(), (r_c - r_r).sum(), tokens,
+             torch.tensor(len(losses), device=device))
+    return torch.stack([p.to(device=device, dtype=torch.float64) for p in parts])
+
+
+def step_metrics(sums: list[float], step: int, lr: float, dt: float, epoch: float) -> dict:
+    """A step's metrics line (metrics.jsonl) from its sums over every rank (`metric_sums`)."""
+    n = sums[6]
+    return {"step": step, "loss": sums[0] / n, "rewards/chosen": sums[1] / n, "rewards/rejected": sums[2] / n,
+            "rewards/accuracy": sums[3] / n, "rewards/margin": sums[4] / n, "lr": lr,
+            "tokens_per_s": sums[5] / dt, "epoch": epoch, "step_s": dt}
 
 
 def _save_progress(engine, zero_stage: int, rank: int, dirs: list[Path]) -> None:
