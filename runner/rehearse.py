@@ -156,7 +156,7 @@ def concurrency(cells: list[dict]) -> float:
     """Worker groups in flight on average over the span from the first start to the last end (the
     cells of one group, runner.train.group, count once)."""
     span = max(c["end"] for c in cells) - min(c["start"] for c in cells)
-    units = {tuple(c["group"]) if c.get("group") else c["run"]: c["wall_s"] for c in cells}
+    units = {tuple(c["group"]) if c.get("group") else i: c["wall_s"] for i, c in enumerate(cells)}
     return sum(units.values()) / span if span > 0 else 1.0
 
 

@@ -58,8 +58,8 @@ def _trial(config: dict) -> None:
 def run_grid(groups: list[Group], train: TrainSpec, storage: Path, name: str,
              on_complete: Callable[[Cell], None] | None = None,
              cluster: ClusterSpec | None = None) -> dict[str, str | None]:
-    """Run each Group of cells as a Tune trial (Tune grid-searches over the Groups themselves); returns cell_id → error text (None when it succeeded). `train` and `cluster` size
-    the concurrency.
+    """Run each Group of cells as a Tune trial (Tune grid-searches over the Groups themselves);
+    returns cell_id → error text (None when it succeeded). `train` and `cluster` size the concurrency.
 
     `on_complete(cell)` runs in the driver as soon as a trial finishes, for each of its cells, so a
     finished cell is marked done even if the driver is killed before the whole grid is over."""

@@ -75,11 +75,13 @@ def test_killed_driver_rerun_trains_no_cell_twice(smoke):
 
 
 def test_report_and_where_things_are(smoke):
-    _, root, first, _ = smoke
+    _, root, first, killed = smoke
     assert f"report:  {root / 'report.html'}" in first.stdout
     # per stage, the share of time spent starting engines and training cells rather than computing
+    # (training's only when the rerun trained a cell: a group publishes its cells together, so the
+    # killed run may have published them all)
     train = next(line for line in first.stdout.splitlines() if line.strip().startswith("train "))
-    assert "start-up" in train and "of cell time" in train, first.stdout[-2000:]
+    assert len(killed) == 5 or ("start-up" in train and "of cell time" in train), first.stdout[-2000:]
     assert any(line.strip().startswith("generate ") and "start-up" in line for line in first.stdout.splitlines())
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
     html = (root / "report.html").read_text()

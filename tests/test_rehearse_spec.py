@@ -44,3 +44,6 @@ def test_concurrency_of_cell_timings():
     cells = [{"start": 0, "end": 10, "wall_s": 10}, {"start": 0, "end": 10, "wall_s": 10},
              {"start": 10, "end": 20, "wall_s": 10}]
     assert concurrency(cells) == pytest.approx(1.5)
+    # the cells of one group (runner.train.group) are one worker group in flight
+    grouped = [{**c, "group": ["a", "b"]} for c in cells[:2]] + cells[2:]
+    assert concurrency(grouped) == pytest.approx(1.0)
