@@ -128,7 +128,8 @@ class LocalCluster:
                 "dashboard_port": free_port()}
         self._save({"head": head, "workers": [], "cpus": cpus, "memory_gb": memory_gb, "started": 0,
                     # each node gets 1000 worker ports of its own, below the ephemeral range free_port() draws from
-                    "worker_ports": random.randrange(10000, 24000, 1000)})
+                    # and above 10001 (Ray's default client-server port, which `ray start` refuses to overlap)
+                    "worker_ports": random.randrange(11000, 24000, 1000)})
         current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
         saved = current.read_text() if current.exists() else None
         try:
