@@ -7,6 +7,7 @@ the defaults below, which scale with model size from the anchors in shared/notes
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -64,7 +65,6 @@ ACT_BYTES_CPU, PROCESS_GB_CPU = 120, 1.0
 def model_shape(p: float, path: str | None = None) -> tuple[float, float, float]:
     """(hidden size, layers, vocabulary): from the model's config.json when `path` holds one, else
     from the parameter count at Llama's aspect ratio (depth = hidden/128) and Llama-3's vocabulary."""
-    import json
     try:
         c = json.loads((Path(path) / "config.json").read_text())
         return float(c["hidden_size"]), float(c["num_hidden_layers"]), float(c["vocab_size"])
@@ -123,18 +123,24 @@ def adapters_per_group(p: float, t, budget_gb: float, cells: int,
     return k, per
 
 
+MEMORY_SHARE = 0.8  # of a worker's memory that training plans on
+
+
 def worker_budget_gb(t, gpu_gb: float, resources: dict) -> float:
-    """Memory a training worker may plan on: 80% of its GPUs' memory, or on CPUs 80% of its share of
-    the cluster's memory (`resources`: ray.cluster_resources()), one worker per t.cpus_per_worker CPUs."""
+    """Memory a training worker may plan on: MEMORY_SHARE of its GPUs' memory, or on CPUs of its share
+    of the cluster's memory (`resources`: ray.cluster_resources()), one worker per t.cpus_per_worker CPUs."""
     if t.gpus_per_worker > 0:
-        return 0.8 * gpu_gb * t.gpus_per_worker
-    return 0.8 * resources.get("memory", 0) / 1e9 * t.cpus_per_worker / max(1.0, resources.get("CPU", 1))
+        return MEMORY_SHARE * gpu_gb * t.gpus_per_worker
+    return MEMORY_SHARE * resources.get("memory", 0) / 1e9 * t.cpus_per_worker / max(1.0, resources.get("CPU", 1))
 
 
-def n_groups(cells: int, k: int, share: int) -> int:
-    """Groups for one base model's cells: at most k adapters each, but no fewer than the `share` of
-    worker groups the cluster runs at once (a group step costs about the sum of its adapters')."""
-    return max(math.ceil(cells / k), min(cells, share))
+def group_layout(p: float, t, budget_gb: float, cells: int, share: int,
+                 shape: tuple | None = None) -> tuple[int, int]:
+    """(groups, adapters per forward) for one base model's cells: groups of at most
+    `adapters_per_group`, but no fewer than the `share` of worker groups the cluster runs at once
+    (a group step costs about the sum of its adapters')."""
+    k, per = adapters_per_group(p, t, budget_gb, cells, shape)
+    return max(math.ceil(cells / k), min(cells, share)), per
 
 
 def params_b(name: str, path: str = "", declared: float | None = None) -> float:
@@ -387,8 +393,7 @@ def group_saving(spec: Spec, gpu_gb: float, slots: int) -> str | None:
     share = max(1, slots // len(spec.models))
     sizes = []
     for m in spec.models:
-        k, _ = adapters_per_group(params_b(m.name, m.path, m.params_b), t, 0.8 * gpu_gb, cells_per_model)
-        g = n_groups(cells_per_model, k, share)
+        g, _ = group_layout(params_b(m.name, m.path, m.params_b), t, MEMORY_SHARE * gpu_gb, cells_per_model, share)
         sizes += [math.ceil(cells_per_model / g)] * g
     groups = len(sizes)
     cells = cells_per_model * len(spec.models)

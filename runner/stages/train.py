@@ -103,7 +103,7 @@ def group_cells(ctx, train, cells: list) -> list:
     as a worker's memory holds (runner.plan.adapters_per_group)."""
     import ray
 
-    from runner.plan import adapters_per_group, model_shape, n_groups, params_b, worker_budget_gb
+    from runner.plan import group_layout, model_shape, params_b, worker_budget_gb
     from runner.sweep import max_concurrent
     from runner.train.cell import Group
 
@@ -118,8 +118,7 @@ def group_cells(ctx, train, cells: list) -> list:
     for model_id, cs in by_model.items():
         m = next(m for m in ctx.spec.models if ctx.model_id(m.name) == model_id)
         p = params_b(m.name, m.path, m.params_b)
-        k, per = adapters_per_group(p, train, budget, len(cs), model_shape(p, cs[0].model_path))
-        n = n_groups(len(cs), k, share)
+        n, per = group_layout(p, train, budget, len(cs), share, model_shape(p, cs[0].model_path))
         groups += [Group(tuple(cs[i::n]), min(per, len(cs[i::n]))) for i in range(n)]
     return groups
 

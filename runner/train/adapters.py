@@ -9,7 +9,7 @@ adapter, the gradient of its own loss.
 from __future__ import annotations
 
 import contextlib
-import types
+import functools
 from pathlib import Path
 
 import torch
@@ -59,7 +59,7 @@ class Router:
         if self._owner is None:
             raise RuntimeError("Router.layout outside Router.route")
         flat = seq.reshape(-1)
-        tok = torch.where(flat >= 0, self._owner.to(flat.device)[flat.clamp(min=0)], -1)
+        tok = torch.where(flat >= 0, self._owner[flat.clamp(min=0)], -1)
         self.index = [(name, idx) for k, name in enumerate(self.names)
                       if (idx := (tok == k).nonzero().squeeze(1)).numel()]
 
@@ -89,7 +89,7 @@ def build_adapters(model, lora: LoraSpec, seeds: list[int]):
     """K trainable adapters named a0..aK-1 (seeded as `add_lora`) on `model`, routed by a Router.
 
     Returns (peft model, router, params): params[k] are adapter k's parameters in a fixed order."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer, Linear
 
     names = [f"a{k}" for k in range(len(seeds))]
     for name, seed in zip(names, seeds):
@@ -97,25 +97,28 @@ def build_adapters(model, lora: LoraSpec, seeds: list[int]):
     router = Router(names)
     for module in model.modules():
         if isinstance(module, LoraLayer):
-            if not isinstance(module, torch.nn.Module) or not hasattr(module, "base_layer") or module.lora_variant:
+            if not isinstance(module, Linear) or module.lora_variant:
                 raise ValueError(f"cannot route {type(module).__name__}: only plain LoRA Linear layers")
-            module.forward = types.MethodType(lambda self, x, *a, **kw: _routed_forward(self, router, x, *a, **kw),
-                                              module)
-    params = [[p for n, p in model.named_parameters() if f".{name}." in n] for name in names]
-    for ps in params:
-        for p in ps:
-            p.requires_grad_(True)
+            module.forward = functools.partial(_routed_forward, module, router)
+    params = [list(_params(model, name).values()) for name in names]
+    for p in (p for ps in params for p in ps):
+        p.requires_grad_(True)
     return model, router, params
 
 
+def _params(model, name: str) -> dict[str, torch.nn.Parameter]:
+    """Adapter `name`'s parameters in model order, keyed without its name (a checkpoint loads into
+    any slot)."""
+    return {n.replace(f".{name}.", ".ADAPTER."): p for n, p in model.named_parameters() if f".{name}." in n}
+
+
 def adapter_state(model, name: str) -> dict[str, torch.Tensor]:
-    """Adapter `name`'s weights, keyed without its name (a checkpoint loads into any slot)."""
-    return {n.replace(f".{name}.", ".ADAPTER."): p.detach().cpu().clone()
-            for n, p in model.named_parameters() if f".{name}." in n}
+    """Adapter `name`'s weights, keyed without its name."""
+    return {n: p.detach().cpu().clone() for n, p in _params(model, name).items()}
 
 
 def load_adapter_state(model, name: str, state: dict[str, torch.Tensor]) -> None:
-    own = {n.replace(f".{name}.", ".ADAPTER."): p for n, p in model.named_parameters() if f".{name}." in n}
+    own = _params(model, name)
     if set(own) != set(state):
         raise ValueError(f"adapter checkpoint does not match the model: {sorted(set(own) ^ set(state))[:3]}")
     with torch.no_grad():

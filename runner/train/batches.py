@@ -89,10 +89,17 @@ def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, t
 
 def pair_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """[chosen_1..chosen_B, rejected_1..rejected_B] in one padded batch."""
-    seqs = [(e.prompt, e.chosen) for e in examples] + [(e.prompt, e.rejected) for e in examples]
+    return pair_blocks([examples], pad_id)
+
+
+def pair_blocks(blocks: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Blocks of pairs in one padded batch (one block per adapter of a group): each block's chosen
+    rows, then its rejected rows; ref_chosen/ref_rejected hold every pair in block order."""
+    seqs = [s for ex in blocks for s in [(e.prompt, e.chosen) for e in ex] + [(e.prompt, e.rejected) for e in ex]]
     batch = collate(seqs, pad_id)
-    batch["ref_chosen"] = torch.tensor([e.ref_chosen for e in examples], dtype=torch.float32)
-    batch["ref_rejected"] = torch.tensor([e.ref_rejected for e in examples], dtype=torch.float32)
+    pairs = [e for ex in blocks for e in ex]
+    batch["ref_chosen"] = torch.tensor([e.ref_chosen for e in pairs], dtype=torch.float32)
+    batch["ref_rejected"] = torch.tensor([e.ref_rejected for e in pairs], dtype=torch.float32)
     return batch
 
 

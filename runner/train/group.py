@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from runner.train.batches import Example, collate, response_logps
+from runner.train.batches import Example, pair_blocks, response_logps
 from runner.train.cell import Cell
 from runner.train.losses import LossFn
-from runner.train.loop import (_schedule, metric_sums, progress_dir, progress_steps, record_step, starts_file,
+from runner.train.loop import (_schedule, metric_sums, progress_dir, progress_steps, record_start, record_step,
                                step_metrics)
 
 MAX_GRAD_NORM = 1.0  # as a cell alone (runner.train.loop.ds_config)
@@ -67,24 +67,19 @@ def group_step(model, router, forwards: list[dict[int, list[Example]]], loss_fn:
     sums [K, 7] as runner.train.loop.optimizer_step."""
     sums = torch.zeros(n_adapters, 7, dtype=torch.float64, device=device)
     for exs in forwards:
-        seqs, owner, first = [], [], {}
-        for k, ex in exs.items():
-            first[k] = len(seqs)
-            seqs += [(e.prompt, e.chosen) for e in ex] + [(e.prompt, e.rejected) for e in ex]
-            owner += [k] * (2 * len(ex))
-        batch = {key: v.to(device) for key, v in collate(seqs, pad).items()}
-        with router.route(torch.tensor(owner, device=device)):
+        batch = {key: v.to(device) for key, v in pair_blocks(list(exs.values()), pad).items()}
+        owner = torch.tensor([k for k, ex in exs.items() for _ in range(2 * len(ex))], device=device)
+        with router.route(owner):
             logps = response_logps(model, batch, on_layout=router.layout)
             n_tok = batch["response_mask"][:, 1:].sum(-1).float()
-            total = 0.0
+            total, c, i = 0.0, 0, 0  # adapter k's chosen rows start at c, its pairs at i
             for k, ex in exs.items():
-                c, r, b = first[k], first[k] + len(ex), len(ex)
-                ref_c = torch.tensor([e.ref_chosen for e in ex], dtype=torch.float32, device=device)
-                ref_r = torch.tensor([e.ref_rejected for e in ex], dtype=torch.float32, device=device)
-                losses, r_c, r_r = loss_fn(logps[c:c + b], logps[r:r + b], ref_c, ref_r,
-                                           n_tok[c:c + b], n_tok[r:r + b])
+                b, r = len(ex), c + len(ex)
+                losses, r_c, r_r = loss_fn(logps[c:r], logps[r:r + b], batch["ref_chosen"][i:i + b],
+                                           batch["ref_rejected"][i:i + b], n_tok[c:r], n_tok[r:r + b])
                 total = total + losses.mean()
-                sums[k] += metric_sums(losses, r_c, r_r, batch["attention_mask"][c:c + 2 * b].sum(), device)
+                sums[k] += metric_sums(losses, r_c, r_r, batch["attention_mask"][c:r + b].sum(), device)
+                c, i = r + b, i + b
             # a cell alone back-propagates each micro-batch's mean loss / accumulation steps (DeepSpeed)
             (total / grad_acc).backward()
     return sums
@@ -176,11 +171,9 @@ def group_loop(cfg: dict) -> None:
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     device = ray.train.torch.get_device() if train.gpus_per_worker > 0 else torch.device("cpu")
     model, router, slots = build_group(cells, ray.get(cfg["examples"]), device)
-    resumed = [_resume(model, s) for s in slots]
-    if rank == 0:
-        for s in slots:
-            with open(starts_file(s.cell), "a") as f:
-                f.write(f"{s.step}\n")
+    resumed = any([_resume(model, s) for s in slots])  # every slot loads its own checkpoint
+    for s in slots if rank == 0 else ():
+        record_start(s.cell, s.step)
     save_at = {s.name: progress_steps(train.eval_at, len(s.steps)) for s in slots}
     fail_at = cfg.get("fail_at_step")
     for stepped in run_steps(model, router, slots, cfg["pad_id"], device, rank, world, cfg["per_forward"]):
@@ -191,7 +184,7 @@ def group_loop(cfg: dict) -> None:
                 for f in save_at[s.name][s.step]:
                     with atomic_dir(progress_dir(s.cell, f)) as tmp:
                         save_adapter(model, s.name, tmp)
-            if fail_at is not None and s.step == fail_at and rank == world - 1 and not any(resumed):
+            if fail_at is not None and s.step == fail_at and rank == world - 1 and not resumed:
                 os._exit(1)  # simulate a dead worker (only on the first attempt)
             if rank == 0 and (s.done or s.step % train.checkpoint_every == 0):
                 _save(model, s, final=s.done)

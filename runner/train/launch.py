@@ -141,6 +141,19 @@ def _trainer(loop, cfg: dict, train: TrainSpec, name: str, work_dir: str):
     )
 
 
+def _fit(loop, cfg: dict, train: TrainSpec, name: str, work_dir: str, what: str):
+    """Run a TorchTrainer to its result; a failed worker group (raised by Ray Train V2's fit(), or a
+    result without a checkpoint where the loop reports one) is a TrainError naming `what`."""
+    try:
+        return _trainer(loop, cfg, train, name, work_dir).fit()
+    except Exception as e:
+        raise TrainError(f"{what}: training failed: {e}") from e
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def _publish(cell: Cell, model: Path, metrics: Path, n_pairs: int, ref_hit: bool, started: float,
              **extra) -> None:
     """Land a trained cell in cell.out_dir, atomically: model/, progress/<f>/ (train.eval_at),
@@ -174,11 +187,10 @@ def train_cell(cell: Cell, tokenizer, fail_at_step: int | None = None) -> dict:
 
     started = time.time()
     examples, ref_hit = _examples(cell, tokenizer)
-    cfg = {"cell": cell, "examples": ray.put(examples), "fail_at_step": fail_at_step,
-           "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0}
-    result = _trainer(train_loop, cfg, cell.train, cell.cell_id, cell.work_dir).fit()
-    if result.error or result.checkpoint is None:
-        raise TrainError(f"{cell.cell_id}: training failed: {result.error}")
+    cfg = {"cell": cell, "examples": ray.put(examples), "fail_at_step": fail_at_step, "pad_id": _pad_id(tokenizer)}
+    result = _fit(train_loop, cfg, cell.train, cell.cell_id, cell.work_dir, cell.cell_id)
+    if result.checkpoint is None:
+        raise TrainError(f"{cell.cell_id}: training ended without a checkpoint")
     with result.checkpoint.as_directory() as d:
         _publish(cell, Path(d, "model"), Path(d, "metrics.jsonl"), len(examples), ref_hit, started)
     shutil.rmtree(Path(cell.work_dir) / cell.cell_id, ignore_errors=True)  # Ray's intermediate checkpoints
@@ -204,17 +216,14 @@ def train_group(cells: list[Cell], tokenizer, per_forward: int | None = None,
             examples, hit = _examples(c, tokenizer)
             shared[c.pairs, c.system_prompt] = examples, hit, ray.put(examples)
     prepared = {c.cell_id: shared[c.pairs, c.system_prompt] for c in cells}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     todo = [c for c in cells if not (final_dir(c) / "state.json").is_file()]
     if todo:
         name = f"group-{content_hash([c.cell_id for c in todo], n=8)}"
-        cfg = {"cells": todo, "examples": [prepared[c.cell_id][2] for c in todo], "pad_id": pad,
+        cfg = {"cells": todo, "examples": [prepared[c.cell_id][2] for c in todo], "pad_id": _pad_id(tokenizer),
                "per_forward": per_forward, "fail_at_step": fail_at_step}
         try:
-            _trainer(group_loop, cfg, train, name, cells[0].work_dir).fit()
-        except Exception as e:  # Ray Train V2 raises a worker group's failure from fit()
-            raise TrainError(f"group of {len(todo)} ({', '.join(c.cell_id for c in todo)}): training failed: "
-                             f"{e}") from e
+            _fit(group_loop, cfg, train, name, cells[0].work_dir,
+                 f"group of {len(todo)} ({', '.join(c.cell_id for c in todo)})")
         finally:
             shutil.rmtree(Path(cells[0].work_dir) / name, ignore_errors=True)
     out = {}

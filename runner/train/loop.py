@@ -106,6 +106,12 @@ def starts_file(cell) -> Path:
     return d / "valind-starts.txt"
 
 
+def record_start(cell, step: int) -> None:
+    """Rank 0's line for each start of a worker group training the cell: the step it starts from."""
+    with open(starts_file(cell), "a") as f:
+        f.write(f"{step}\n")
+
+
 def record_step(cell, step: int, total: int) -> None:
     """Rank 0's note of the cell's optimizer steps so far, for the driver's progress bar (`steps_done`)."""
     (Path(cell.work_dir) / cell.cell_id / "valind-step").write_text(f"{step} {total}")
@@ -158,8 +164,7 @@ def train_loop(cfg: dict) -> None:
             if Path(d, "metrics.jsonl").exists():
                 history = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines()]
     if rank == 0:  # first thing, one line per worker-group start
-        with open(starts_file(cell), "a") as f:
-            f.write(f"{start}\n")
+        record_start(cell, start)
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     load_comm_op()
     deepspeed.init_distributed(dist_backend=dist_backend(train))
