@@ -43,14 +43,19 @@ class VLLMEngine:
 
     def __init__(self, cfg: EngineConfig):
         import torch
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gb or 1))))
+        gpu = torch.cuda.is_available()
+        if not gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gb or 1))))
+            # The engine core in this process: its own process (and its worker's) would import vLLM
+            # twice more, about 22 of a 28 s start here, and compete with it for the actor's cores.
+            # On GPUs the separate core overlaps scheduling with the forward passes: left as it is.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         import vllm
         from vllm import LLM
 
         self.cfg = cfg
         self.name = f"{Path(cfg.model).name}@vllm-{vllm.__version__}"  # names the judge in score rows
         self.version = vllm.__version__
-        gpu = torch.cuda.is_available()
         self.llm = LLM(**engine_kwargs(cfg, gpu=gpu))
         self.tokenizer = self.llm.get_tokenizer()
         self._lora_ids: dict[str, int] = {}

@@ -46,6 +46,7 @@ class Router:
         self.names = names
         self._owner: torch.Tensor | None = None
         self.index: list[tuple[str, torch.Tensor]] | None = None
+        self._cast: tuple | None = None  # (input, dtype, version, the input flattened and cast)
 
     @contextlib.contextmanager
     def route(self, owner: torch.Tensor):
@@ -53,7 +54,15 @@ class Router:
         try:
             yield
         finally:
-            self._owner = self.index = None
+            self._owner = self.index = self._cast = None
+
+    def cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x flattened to tokens and cast to the adapters' dtype, once for the layers that share it
+        (q, k and v read one input): each cast is saved for backward, three would be three copies."""
+        c = self._cast
+        if c is None or c[0] is not x or c[1] != dtype or c[2] != x._version:
+            c = self._cast = (x, dtype, x._version, x.reshape(-1, x.shape[-1]).to(dtype))
+        return c[3]
 
     def layout(self, seq: torch.Tensor) -> None:
         if self._owner is None:
@@ -69,18 +78,22 @@ def _routed_forward(layer, router: Router, x: torch.Tensor, *args, **kwargs) -> 
     result = layer.base_layer(x, *args, **kwargs)
     if router.index is None:
         raise RuntimeError("a routed LoRA layer ran outside Router.route/layout")
-    flat_x = x.reshape(-1, x.shape[-1])
-    parts, where = [], []
-    for name, idx in router.index:
-        a, b = layer.lora_A[name], layer.lora_B[name]
-        xs = layer._cast_input_dtype(flat_x.index_select(0, idx), a.weight.dtype)
-        parts.append(b(a(layer.lora_dropout[name](xs))) * layer.scaling[name])
-        where.append(idx)
-    if not parts:
+    if not router.index:
         return result
+    a0 = layer.lora_A[router.index[0][0]]
+    flat_x = router.cast(x, a0.weight.dtype if getattr(layer, "cast_input_dtype_enabled", True) else x.dtype)
     flat = result.reshape(-1, result.shape[-1])
     # as peft: the update is added in the promoted dtype (fp32 adapters on a bf16 base), then cast back
-    dtype = torch.promote_types(flat.dtype, parts[0].dtype)
+    dtype = torch.promote_types(flat.dtype, a0.weight.dtype)
+    if len(router.index) == 1:  # one adapter in this forward: every token (padding too, as peft does)
+        name = router.index[0][0]
+        update = layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](flat_x))) * layer.scaling[name]
+        return (flat.to(dtype) + update).to(result.dtype).view_as(result)
+    parts, where = [], []
+    for name, idx in router.index:
+        xs = flat_x.index_select(0, idx)
+        parts.append(layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](xs))) * layer.scaling[name])
+        where.append(idx)
     out = flat.to(dtype).index_add(0, torch.cat(where), torch.cat(parts).to(dtype))
     return out.to(result.dtype).view_as(result)
 

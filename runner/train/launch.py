@@ -33,6 +33,12 @@ def compute_reference_logps(model_path: str, examples: list[Example], micro: int
 
     In the policy's precision: with bf16 training, fp32 references would differ from the policy's
     own log-probs at step 0 by rounding summed over the response, and DPO would start off log 2."""
+    return _subsets_logps(model_path, [examples], micro, threads, trust_remote_code, bf16)[0]
+
+
+def _subsets_logps(model_path: str, subsets: list[list[Example]], micro: int, threads: int,
+                   trust_remote_code: bool, bf16: bool) -> list[list[tuple[float, float]]]:
+    """compute_reference_logps of several subsets with one model load."""
     from transformers import AutoModelForCausalLM
 
     from runner.train.batches import pair_batch, response_logps
@@ -44,41 +50,51 @@ def compute_reference_logps(model_path: str, examples: list[Example], micro: int
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     out = []
     with torch.no_grad():
-        for i in range(0, len(examples), micro):
-            chunk = examples[i:i + micro]
-            b = {k: v.to(device) for k, v in pair_batch(chunk, pad).items()}
-            lp = response_logps(model, b).cpu()
-            out += list(zip(lp[:len(chunk)].tolist(), lp[len(chunk):].tolist()))
+        for examples in subsets:
+            values = []
+            for i in range(0, len(examples), micro):
+                chunk = examples[i:i + micro]
+                b = {k: v.to(device) for k, v in pair_batch(chunk, pad).items()}
+                lp = response_logps(model, b).cpu()
+                values += list(zip(lp[:len(chunk)].tolist(), lp[len(chunk):].tolist()))
+            out.append(values)
     return out
 
 
-_reference_logps = ray.remote(compute_reference_logps)
+# max_calls=1: the worker exits after the task; an idle worker would keep the model's memory
+_reference_logps = ray.remote(max_calls=1)(_subsets_logps)
 
 
-def reference_logps(cell: Cell, examples: list[Example]) -> tuple[list[Example], bool]:
-    """Fill ref_chosen/ref_rejected from the cache, computing (and caching) them if missing.
+def reference_logps(cell: Cell, subsets: list[list[Example]]) -> list[bool]:
+    """Fill ref_chosen/ref_rejected of each subset's examples from the cache; the missing subsets are
+    computed together (one task, one model load) and cached. Returns, per subset, its cache hit.
 
     In the cell's precision (cell.train.bf16, resolved by the driver), which is part of the cache key."""
     train = cell.train
-    key = content_hash("reflogps-v1", cell.model_id, [(e.pair_id, e.prompt, e.chosen, e.rejected) for e in examples],
-                       *(["bf16"] if train.bf16 else []))
-    path = Path(cell.ref_cache) / f"{key}.json"
-    hit = path.exists()
-    if hit:
-        values = json.loads(path.read_text())
-    else:
+    paths = [Path(cell.ref_cache) / (content_hash("reflogps-v1", cell.model_id,
+                                                  [(e.pair_id, e.prompt, e.chosen, e.rejected) for e in examples],
+                                                  *(["bf16"] if train.bf16 else [])) + ".json")
+             for examples in subsets]
+    hits = [p.exists() for p in paths]
+    values = [json.loads(p.read_text()) if hit else None for p, hit in zip(paths, hits)]
+    missing = [k for k, hit in enumerate(hits) if not hit]
+    if missing:
         threads = int(train.cpus_per_worker * train.workers)
         # DEFAULT: inside a Tune trial the task must not be captured by the trial's placement group
         task = _reference_logps.options(num_cpus=train.cpus_per_worker * train.workers,
                                         num_gpus=min(1.0, train.gpus_per_worker), scheduling_strategy="DEFAULT")
-        values = ray.get(task.remote(cell.model_path, examples, 4, threads, cell.trust_remote_code, train.bf16))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(values))
-        tmp.replace(path)
-    for e, (c, r) in zip(examples, values):
-        e.ref_chosen, e.ref_rejected = c, r
-    return examples, hit
+        computed = ray.get(task.remote(cell.model_path, [subsets[k] for k in missing], 4, threads,
+                                       cell.trust_remote_code, train.bf16))
+        for k, v in zip(missing, computed):
+            values[k] = v
+            paths[k].parent.mkdir(parents=True, exist_ok=True)
+            tmp = paths[k].with_suffix(".tmp")
+            tmp.write_text(json.dumps(v))
+            tmp.replace(paths[k])
+    for examples, v in zip(subsets, values):
+        for e, (c, r) in zip(examples, v):
+            e.ref_chosen, e.ref_rejected = c, r
+    return hits
 
 
 def cpu_has_native_bf16() -> bool:
@@ -112,16 +128,19 @@ def bf16_enabled(train: TrainSpec) -> bool:
     return bool(train.bf16)
 
 
-def _examples(cell: Cell, tokenizer) -> tuple[list[Example], bool]:
-    """The cell's tokenised pairs with their reference log-probs (cached); (examples, cache hit)."""
+def _encoded(cell: Cell, tokenizer) -> list[Example]:
+    """The cell's tokenised pairs (without reference log-probs)."""
     train = cell.train
     examples = encode_pairs(tokenizer, pd.read_parquet(cell.pairs), train.max_length, cell.chat_template,
                             cell.system_prompt)
     if len(examples) < train.batch_size:
         raise TrainError(f"{cell.cell_id}: {len(examples)} pairs is fewer than train.batch_size ({train.batch_size})")
-    if train.method == "sft":
-        return examples, False
-    return reference_logps(cell, examples)
+    return examples
+
+
+def _with_references(cell: Cell, subsets: list[list[Example]]) -> list[bool]:
+    """Reference log-probs for DPO-style methods (reference_logps); per subset, its cache hit."""
+    return [False] * len(subsets) if cell.train.method == "sft" else reference_logps(cell, subsets)
 
 
 def _trainer(loop, cfg: dict, train: TrainSpec, name: str, work_dir: str):
@@ -143,11 +162,34 @@ def _trainer(loop, cfg: dict, train: TrainSpec, name: str, work_dir: str):
 
 def _fit(loop, cfg: dict, train: TrainSpec, name: str, work_dir: str, what: str):
     """Run a TorchTrainer to its result; a failed worker group (raised by Ray Train V2's fit(), or a
-    result without a checkpoint where the loop reports one) is a TrainError naming `what`."""
-    try:
-        return _trainer(loop, cfg, train, name, work_dir).fit()
-    except Exception as e:
-        raise TrainError(f"{what}: training failed: {e}") from e
+    result without a checkpoint where the loop reports one) is a TrainError naming `what`.
+
+    Ray Train retries a worker group that fails (FailureConfig.max_failures), but when a lost node's
+    actor is only *unavailable* as the controller polls it, the controller itself fails, and it
+    never retries that. Such a run starts again, up to train.max_failures times: a trainer of the
+    same name and storage resumes from its last checkpoint (a group's adapters from their own)."""
+    for attempt in range(train.max_failures + 1):
+        try:
+            return _trainer(loop, cfg, train, name, work_dir).fit()
+        except Exception as e:
+            if attempt < train.max_failures and _lost_actor(e):
+                print(f"{what}: the training controller lost an actor ({type(_lost_actor(e)).__name__}); "
+                      f"starting the run again from its last checkpoint ({attempt + 1} of at most "
+                      f"{train.max_failures})", flush=True)
+                continue
+            raise TrainError(f"{what}: training failed: {e}") from e
+
+
+def _lost_actor(e: BaseException | None) -> BaseException | None:
+    """The RayActorError (a dead or unreachable actor) behind a controller's failure, if one is."""
+    from ray.exceptions import RayActorError
+    from ray.train import ControllerError
+
+    while e is not None:
+        if isinstance(e, RayActorError):
+            return e
+        e = getattr(e, "controller_failure", None) if isinstance(e, ControllerError) else e.__cause__
+    return None
 
 
 def _pad_id(tokenizer) -> int:
@@ -186,7 +228,8 @@ def train_cell(cell: Cell, tokenizer, fail_at_step: int | None = None) -> dict:
     from runner.train.loop import train_loop
 
     started = time.time()
-    examples, ref_hit = _examples(cell, tokenizer)
+    examples = _encoded(cell, tokenizer)
+    ref_hit, = _with_references(cell, [examples])
     cfg = {"cell": cell, "examples": ray.put(examples), "fail_at_step": fail_at_step, "pad_id": _pad_id(tokenizer)}
     result = _fit(train_loop, cfg, cell.train, cell.cell_id, cell.work_dir, cell.cell_id)
     if result.checkpoint is None:
@@ -209,12 +252,14 @@ def train_group(cells: list[Cell], tokenizer, per_forward: int | None = None,
     train = cells[0].train
     if len({(c.model_path, c.train.model_dump_json()) for c in cells}) != 1 or train.finetune != "lora":
         raise TrainError("a group trains LoRA cells of one base model and one train section")
-    # seeds of one condition share their subset: tokenised, referenced and put in the object store once
-    shared: dict[tuple, tuple] = {}
+    # seeds of one condition share their subset: tokenised, referenced and put in the object store
+    # once; the references the cache lacks come from one task (one model load for the group)
+    subsets: dict[tuple, list[Example]] = {}
     for c in cells:
-        if (c.pairs, c.system_prompt) not in shared:
-            examples, hit = _examples(c, tokenizer)
-            shared[c.pairs, c.system_prompt] = examples, hit, ray.put(examples)
+        if (c.pairs, c.system_prompt) not in subsets:
+            subsets[c.pairs, c.system_prompt] = _encoded(c, tokenizer)
+    hits = _with_references(cells[0], list(subsets.values()))
+    shared = {k: (ex, hit, ray.put(ex)) for (k, ex), hit in zip(subsets.items(), hits)}
     prepared = {c.cell_id: shared[c.pairs, c.system_prompt] for c in cells}
     todo = [c for c in cells if not (final_dir(c) / "state.json").is_file()]
     if todo:
