@@ -105,8 +105,10 @@ def test_effect_sizes_known_values():
 
 @pytest.mark.parametrize("method", ["holm", "fdr_bh"])
 def test_correct_equals_multipletests(method):
-    p = np.random.default_rng(9).uniform(0, 0.2, 30)
-    np.testing.assert_allclose(stats.correct(p, method), multipletests(p, method=method)[1])
+    rng = np.random.default_rng(9)
+    tied = np.round(rng.uniform(0, 0.1, 40), 2)  # many ties
+    for p in [rng.uniform(0, 0.2, 30), rng.uniform(0, 1, 200), tied, np.array([0.3, 0.01])]:
+        np.testing.assert_allclose(stats.correct(p, method), multipletests(p, method=method)[1])
 
 
 def test_correct_nan_safe():

@@ -99,20 +99,9 @@ def load_base(cell: Cell):
     return model
 
 
-MMAP_THRESHOLD = 128 * 1024  # glibc's default before it starts raising it
-
-
 def worker_setup(train: TrainSpec) -> None:
-    """Per training worker: its threads, and a fixed glibc mmap threshold. glibc raises the
-    threshold to the largest block freed (up to 32 MB), after which activations come from the heap,
-    which micro-batches of varying lengths fragment: a 4-adapter demo group's peak in one process
-    fell from 2.6 to 1.8 GB with the threshold fixed."""
+    """Per training worker, before any compute: its threads."""
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: its allocator's own policy stands
-        pass
 
 
 def starts_file(cell) -> Path:
