@@ -3,7 +3,8 @@ failures, and losses past train.max_failures, are TrainErrors. The real node los
 tests/test_rehearsal.py; this pins the policy, whose trigger is a race a test cannot schedule."""
 import pytest
 from ray.exceptions import ActorUnavailableError
-from ray.train import ControllerError
+from ray.exceptions import ActorDiedError
+from ray.train import ControllerError, WorkerGroupError
 
 from runner.spec import TrainSpec
 from runner.train import launch
@@ -39,5 +40,12 @@ def test_losses_past_max_failures_and_other_errors_fail(monkeypatch):
     assert len(calls) == 2
     calls = _trainers(monkeypatch, [ControllerError(ValueError("a bug")), None])
     with pytest.raises(launch.TrainError, match="a bug"):
+        launch._fit(None, {}, TrainSpec(max_failures=2), "n", "/w", "cell")
+    assert len(calls) == 1
+    # a worker group that failed past FailureConfig.max_failures: Ray Train has retried it already
+    died = WorkerGroupError("worker died", {0: ActorDiedError()})
+    died.__cause__ = ActorDiedError()
+    calls = _trainers(monkeypatch, [died, None])
+    with pytest.raises(launch.TrainError, match="worker died"):
         launch._fit(None, {}, TrainSpec(max_failures=2), "n", "/w", "cell")
     assert len(calls) == 1

@@ -180,16 +180,16 @@ def _fit(loop, cfg: dict, train: TrainSpec, name: str, work_dir: str, what: str)
             raise TrainError(f"{what}: training failed: {e}") from e
 
 
-def _lost_actor(e: BaseException | None) -> BaseException | None:
-    """The RayActorError (a dead or unreachable actor) behind a controller's failure, if one is."""
+def _lost_actor(e: BaseException) -> BaseException | None:
+    """The RayActorError (a dead or unreachable actor) behind a *controller's* failure, if one is.
+    A worker group's failures are Ray Train's to retry (FailureConfig), not this one's."""
     from ray.exceptions import RayActorError
     from ray.train import ControllerError
 
-    while e is not None:
-        if isinstance(e, RayActorError):
-            return e
-        e = getattr(e, "controller_failure", None) if isinstance(e, ControllerError) else e.__cause__
-    return None
+    cause = e.controller_failure if isinstance(e, ControllerError) else None
+    while cause is not None and not isinstance(cause, RayActorError):
+        cause = cause.__cause__
+    return cause
 
 
 def _pad_id(tokenizer) -> int:
