@@ -28,7 +28,7 @@ from runner.train.batches import Example, pair_blocks, response_logps
 from runner.train.cell import Cell
 from runner.train.losses import LossFn
 from runner.train.loop import (_schedule, metric_sums, progress_dir, progress_steps, record_start, record_step,
-                               step_metrics, worker_setup)
+                               step_metrics)
 
 MAX_GRAD_NORM = 1.0  # as a cell alone (runner.train.loop.ds_config)
 
@@ -168,7 +168,7 @@ def group_loop(cfg: dict) -> None:
     train = cells[0].train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    worker_setup(train)
+    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     device = ray.train.torch.get_device() if train.gpus_per_worker > 0 else torch.device("cpu")
     model, router, slots = build_group(cells, ray.get(cfg["examples"]), device)
     resumed = any([_resume(model, s) for s in slots])  # every slot loads its own checkpoint

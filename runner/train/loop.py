@@ -99,11 +99,6 @@ def load_base(cell: Cell):
     return model
 
 
-def worker_setup(train: TrainSpec) -> None:
-    """Per training worker, before any compute: its threads."""
-    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
-
-
 def starts_file(cell) -> Path:
     """Where each start of the cell's worker group is recorded (in Ray Train's run dir, on shared storage)."""
     d = Path(cell.work_dir) / cell.cell_id
@@ -170,7 +165,7 @@ def train_loop(cfg: dict) -> None:
                 history = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines()]
     if rank == 0:  # first thing, one line per worker-group start
         record_start(cell, start)
-    worker_setup(train)
+    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     load_comm_op()
     deepspeed.init_distributed(dist_backend=dist_backend(train))
     seed = cell.seed
