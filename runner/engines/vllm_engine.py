@@ -45,7 +45,10 @@ class VLLMEngine:
         import torch
         gpu = torch.cuda.is_available()
         if not gpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gb or 1))))
+            # the spec's engine.kv_cache_gb over the 1 GB every Ray worker inherits (runner.cluster)
+            if cfg.kv_cache_gb is not None:
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(cfg.kv_cache_gb)))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             # The engine core in this process: its own process (and its worker's) would import vLLM
             # twice more, about 22 of a 28 s start here, and compete with it for the actor's cores.
             # On GPUs the separate core overlaps scheduling with the forward passes: left as it is.

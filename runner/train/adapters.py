@@ -86,16 +86,16 @@ def _routed_forward(layer, router: Router, x: torch.Tensor, *args, **kwargs) -> 
     # as peft: the update is added in the promoted dtype (fp32 adapters on a bf16 base), then cast back
     dtype = torch.promote_types(flat.dtype, a0.weight.dtype)
     if len(router.index) == 1:  # one adapter in this forward: every token (padding too, as peft does)
-        name = router.index[0][0]
-        update = layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](flat_x))) * layer.scaling[name]
-        return (flat.to(dtype) + update).to(result.dtype).view_as(result)
-    parts, where = [], []
-    for name, idx in router.index:
-        xs = flat_x.index_select(0, idx)
-        parts.append(layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](xs))) * layer.scaling[name])
-        where.append(idx)
-    out = flat.to(dtype).index_add(0, torch.cat(where), torch.cat(parts).to(dtype))
+        out = flat.to(dtype) + _update(layer, router.index[0][0], flat_x)
+    else:
+        parts = [_update(layer, name, flat_x.index_select(0, idx)) for name, idx in router.index]
+        out = flat.to(dtype).index_add(0, torch.cat([idx for _, idx in router.index]), torch.cat(parts).to(dtype))
     return out.to(result.dtype).view_as(result)
+
+
+def _update(layer, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Adapter `name`'s low-rank update of the (flattened, cast) input rows x."""
+    return layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](x))) * layer.scaling[name]
 
 
 def build_adapters(model, lora: LoraSpec, seeds: list[int]):

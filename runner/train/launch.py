@@ -17,6 +17,7 @@ import ray
 import torch
 
 from evaluation.errors import ValindError
+from runner.progress import say
 from runner.spec import TrainSpec, content_hash
 from runner.store import atomic_dir
 from runner.train.batches import Example, encode_pairs
@@ -69,8 +70,11 @@ def reference_logps(cell: Cell, subsets: list[list[Example]]) -> list[bool]:
     """Fill ref_chosen/ref_rejected of each subset's examples from the cache; the missing subsets are
     computed together (one task, one model load) and cached. Returns, per subset, its cache hit.
 
-    In the cell's precision (cell.train.bf16, resolved by the driver), which is part of the cache key."""
+    In the cell's precision (cell.train.bf16, resolved by the driver), which is part of the cache key.
+    SFT has no reference: nothing is filled and nothing counts as a hit."""
     train = cell.train
+    if train.method == "sft":
+        return [False] * len(subsets)
     paths = [Path(cell.ref_cache) / (content_hash("reflogps-v1", cell.model_id,
                                                   [(e.pair_id, e.prompt, e.chosen, e.rejected) for e in examples],
                                                   *(["bf16"] if train.bf16 else [])) + ".json")
@@ -138,11 +142,6 @@ def _encoded(cell: Cell, tokenizer) -> list[Example]:
     return examples
 
 
-def _with_references(cell: Cell, subsets: list[list[Example]]) -> list[bool]:
-    """Reference log-probs for DPO-style methods (reference_logps); per subset, its cache hit."""
-    return [False] * len(subsets) if cell.train.method == "sft" else reference_logps(cell, subsets)
-
-
 def _trainer(loop, cfg: dict, train: TrainSpec, name: str, work_dir: str):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -172,12 +171,11 @@ def _fit(loop, cfg: dict, train: TrainSpec, name: str, work_dir: str, what: str)
         try:
             return _trainer(loop, cfg, train, name, work_dir).fit()
         except Exception as e:
-            if attempt < train.max_failures and _lost_actor(e):
-                print(f"{what}: the training controller lost an actor ({type(_lost_actor(e)).__name__}); "
-                      f"starting the run again from its last checkpoint ({attempt + 1} of at most "
-                      f"{train.max_failures})", flush=True)
-                continue
-            raise TrainError(f"{what}: training failed: {e}") from e
+            lost = _lost_actor(e)
+            if lost is None or attempt == train.max_failures:
+                raise TrainError(f"{what}: training failed: {e}") from e
+            say(f"{what}: the training controller lost an actor ({type(lost).__name__}); starting the run "
+                f"again from its last checkpoint ({attempt + 1} of at most {train.max_failures})")
 
 
 def _lost_actor(e: BaseException) -> BaseException | None:
@@ -229,7 +227,7 @@ def train_cell(cell: Cell, tokenizer, fail_at_step: int | None = None) -> dict:
 
     started = time.time()
     examples = _encoded(cell, tokenizer)
-    ref_hit, = _with_references(cell, [examples])
+    ref_hit, = reference_logps(cell, [examples])
     cfg = {"cell": cell, "examples": ray.put(examples), "fail_at_step": fail_at_step, "pad_id": _pad_id(tokenizer)}
     result = _fit(train_loop, cfg, cell.train, cell.cell_id, cell.work_dir, cell.cell_id)
     if result.checkpoint is None:
@@ -258,7 +256,7 @@ def train_group(cells: list[Cell], tokenizer, per_forward: int | None = None,
     for c in cells:
         if (c.pairs, c.system_prompt) not in subsets:
             subsets[c.pairs, c.system_prompt] = _encoded(c, tokenizer)
-    hits = _with_references(cells[0], list(subsets.values()))
+    hits = reference_logps(cells[0], list(subsets.values()))
     shared = {k: (ex, hit, ray.put(ex)) for (k, ex), hit in zip(subsets.items(), hits)}
     prepared = {c.cell_id: shared[c.pairs, c.system_prompt] for c in cells}
     todo = [c for c in cells if not (final_dir(c) / "state.json").is_file()]
