@@ -430,7 +430,7 @@ def _curation_section(extras: dict) -> str:
                            f"({' + '.join(str(c[k]) for k in drop)})" for v, c in counts.items()) + ".</p>")
         dropped = rule.get("dropped") or {}
         if dropped:
-            out.append(f"<p><b>Dropped value(s)</b>: "
+            out.append("<p><b>Dropped value(s)</b>: "
                        + ", ".join(f"{_esc(v)} ({n} eligible pairs)" for v, n in dropped.items())
                        + f": fewer than data.min_subset_size = {rule.get('min_subset_size')} (data.subset_size: "
                          "all drops such values); they have no runs.</p>")

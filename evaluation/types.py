@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 # The closed value list of the paper's judge prompt (Arora et al. 2026, appendix), in its order.

@@ -2,7 +2,11 @@
 before training (which needs every core and GPU) and when the study ends."""
 from __future__ import annotations
 
+import time
+
 from runner.progress import say
+
+LEASE_RETURN_S = 2.0  # how long a pool start waits for CPUs that finished tasks are handing back
 
 
 class Pools:
@@ -22,20 +26,27 @@ class Pools:
                             chat_template=ctx.chat_template(model),
                             trust_remote_code=m.trust_remote_code)
 
+    def find(self, model: str, enable_lora: bool = False, path: str | None = None, scores: bool = False):
+        """The open pool that serves these requests, or None. A LoRA pool also serves base-model
+        generation, and log-prob scoring (`scores`) where its engine can (merged adapters on CPUs;
+        vLLM's LoRA path cannot score)."""
+        mp = self.ctx.model_path(model)
+        plain, lora = self._open.get((mp, path, False)), self._open.get((mp, path, True))
+        if plain is not None and not enable_lora:
+            return plain
+        if lora is not None and (not scores or lora.lora_scores):
+            return lora
+        return None
+
     def get(self, model: str, enable_lora: bool = False, path: str | None = None, scores: bool = False,
             share: int = 1):
-        """An engine pool for a model (`path`: a fully fine-tuned copy of it).
-
-        A LoRA pool also serves base-model generation, but not log-prob scoring (`scores`),
-        which vLLM cannot do with LoRA enabled: that gets a pool of its own. `share`: how many
-        pools the caller opens to use together (they split the free CPUs).
-        """
+        """An engine pool for a model (`path`: a fully fine-tuned copy of it): the open one that serves
+        these requests (`find`), else a new one. `share`: how many pools the caller opens to use
+        together (they split the free CPUs)."""
         from runner.engines import EnginePool
+        if (pool := self.find(model, enable_lora, path, scores)) is not None:
+            return pool
         mp = self.ctx.model_path(model)
-        if not enable_lora and (mp, path, False) in self._open:
-            return self._open[(mp, path, False)]
-        if (mp, path, True) in self._open and not scores:
-            return self._open[(mp, path, True)]
         self.ctx.ensure_ray()
         e = self.ctx.engine_spec(model)
         cpus = e.cpus_per_actor or cpus_per_actor(e.actors, e.gpus_per_actor, share, self._held_cpus())
@@ -61,9 +72,10 @@ class Pools:
             say(f"  closing the engine pool for {model[1] or model[0]} to free its {pool.cpus:g} CPU(s) per actor")
             self._open.pop(model).close()
 
-    def close(self) -> None:
-        while self._open:
-            self._open.popitem()[1].close()
+    def close(self, keep=()) -> None:
+        """Close the open pools, except those in `keep`."""
+        for k in [k for k, p in self._open.items() if p not in keep]:
+            self._open.pop(k).close()
 
 
 def cpus_per_actor(actors: int, gpus_per_actor: float, share: int = 1, reclaimable: float = 0.0) -> int:
@@ -74,5 +86,12 @@ def cpus_per_actor(actors: int, gpus_per_actor: float, share: int = 1, reclaimab
     if gpus_per_actor:
         return 1
     node = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+    want = min(node * actors, ray.cluster_resources().get("CPU", 0))
     free = ray.available_resources().get("CPU", 0) + reclaimable
+    # A task that just finished returns its CPUs a moment before the cluster's view shows them:
+    # read at once, a pool started right after one got half the node (measured in the demo).
+    deadline = time.monotonic() + LEASE_RETURN_S
+    while free < want and time.monotonic() < deadline:
+        time.sleep(0.05)
+        free = ray.available_resources().get("CPU", 0) + reclaimable
     return max(1, int(min(node, free / actors) // share))

@@ -1,5 +1,6 @@
-"""Engine pools on a cluster they fill: generation closes each base model's engines before the
-next model's start, and a pool that cannot be placed fails with what it asked for, never hangs."""
+"""Engine pools: which open pool serves a stage's requests; on a cluster they fill, generation closes
+each base model's engines before the next model's start, and a pool that cannot be placed fails
+with what it asked for, never hangs."""
 import json
 import os
 import shutil
@@ -9,7 +10,6 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -24,6 +24,7 @@ def ray_2cpu():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_generation_hands_the_cluster_from_one_base_model_to_the_next(tmp_path, tiny_model, ray_2cpu):
     from runner.engines.pool import EngineError, EnginePool
     from runner.pipeline import Study
@@ -56,6 +57,8 @@ def test_generation_hands_the_cluster_from_one_base_model_to_the_next(tmp_path, 
     import ray
     gens = study.need("generate")  # six pools in turn (2 bases, 4 full cells), each filling the cluster
     assert len(gens) == 6 and all(Path(p).exists() for p in gens.values())
+    assert len(study.ctx.pools._open) == 1  # the last one stays open, for the judges that can use it
+    study.ctx.pools.close()
     assert ray.available_resources().get("CPU") == 2  # closed pools give their CPUs back before returning
     first_two = sorted(os.sched_getaffinity(0))[:2]
     for pool in study.ctx.pools.opened:  # the two actors of each pool compute on cores of their own
@@ -70,6 +73,7 @@ def test_generation_hands_the_cluster_from_one_base_model_to_the_next(tmp_path, 
     ctx.pools.close()
 
 
+@pytest.mark.slow
 def test_a_dead_engine_actor_is_restarted_and_its_batch_resubmitted(tmp_path, tiny_model, monkeypatch):
     import ray
 
@@ -92,3 +96,35 @@ def test_a_dead_engine_actor_is_restarted_and_its_batch_resubmitted(tmp_path, ti
     finally:
         ray.shutdown()
 
+
+
+def test_an_open_pool_serves_what_it_can():
+    """A LoRA pool serves base-model generation, and scoring only where its engine scores with
+    adapters enabled (merged on CPUs); the judges reuse it then, else they get a pool of their own."""
+    from types import SimpleNamespace
+
+    from runner.pools import Pools
+
+    pools = Pools(SimpleNamespace(model_path=lambda m: f"/models/{m}"))
+    merged, vllm_lora, plain = (SimpleNamespace(lora_scores=x) for x in (True, False, True))
+    pools._open[("/models/a", None, True)] = merged
+    pools._open[("/models/b", None, True)] = vllm_lora
+    assert pools.find("a") is merged and pools.find("a", scores=True) is merged
+    assert pools.find("a", enable_lora=True) is merged and pools.find("a", path="/cells/x") is None
+    assert pools.find("b") is vllm_lora and pools.find("b", scores=True) is None
+    pools._open[("/models/b", None, False)] = plain
+    assert pools.find("b", scores=True) is plain and pools.find("b", enable_lora=True) is vllm_lora
+    assert pools.find("c") is None
+
+
+def test_batches_are_cut_where_a_serial_engine_changes_adapter():
+    from evaluation.types import Request
+    from runner.engines.pool import EnginePool
+
+    reqs = [Request(messages=({"role": "user", "content": f"{a}{i}"},), adapter=a)
+            for a, n in (("x", 5), (None, 2), ("y", 3)) for i in range(n)]
+    pool = object.__new__(EnginePool)
+    pool.batch_size, pool.serial_adapters = 4, True
+    assert [[r.adapter for r in b] for b in pool._batches(reqs)] == [["x"] * 4, ["x"], [None] * 2, ["y"] * 3]
+    pool.serial_adapters = False  # vLLM's LoRA path batches adapters together
+    assert [len(b) for b in pool._batches(reqs)] == [4, 4, 2]

@@ -8,10 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from runner.spec import SpecError, load_spec, parse_spec
+from runner.spec import SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
@@ -311,7 +308,7 @@ def _fake_trained(study, bad: set[str] = frozenset(), plant: str | None = None) 
 
 
 def test_generate_refuses_an_incomplete_adapter_before_any_engine(tmp_path, monkeypatch):
-    from runner.pipeline import StageError, Study
+    from runner.pipeline import StageError
     study = _study(tmp_path, monkeypatch, tracking={"uri": f"sqlite:///{tmp_path / 'm.db'}"})
     _fake_trained(study, bad={"tiny__value-fairness__s0"})
 
@@ -589,3 +586,51 @@ def test_printed_mlflow_ui_command_binds_localhost(tmp_path, capsys, monkeypatch
     readme = (ROOT / "README.md").read_text()
     commands = [line for line in readme.splitlines() if "mlflow ui --" in line]
     assert commands and all("--host 127.0.0.1" in line for line in commands)
+
+
+def test_a_qa_failure_keeps_the_judged_runs(tmp_path, monkeypatch):
+    """Judges run before QA; a QA failure marks the units failed, and the rerun judges nothing again."""
+    from runner.stages import score
+    from runner.stages.generate import GENERATE
+    from runner.store import write_parquet
+
+    study = _study(tmp_path, monkeypatch, tracking={"uri": f"sqlite:///{tmp_path / 'm.db'}"},
+                   score={"benchmarks": ["openbookqa"], "refusal_judges": ["strmatch"]})
+    _fake_trained(study)
+    for r in study.runs():
+        key = GENERATE(study.ctx, r)
+        write_parquet(pd.DataFrame({"run_id": [r.run_id], "suite": ["toy"], "item_id": ["i0"], "response": ["hi"]}),
+                      study.store.unit("generate", key) / "generations.parquet")
+        study.store.mark_done("generate", key, {"run_id": r.run_id, "items": 1})
+    judged = []
+
+    def judge(name, items, g, engine, st):
+        judged.extend(g["run_id"])
+        return pd.DataFrame({"run_id": g["run_id"], "suite": name, "item_id": g["item_id"], "metric": "m",
+                             "value": 1.0, "scored": True, "judge": "fake", "raw": ""})
+
+    monkeypatch.setattr(score, "load_items", lambda ctx: pd.DataFrame({"suite": ["toy"], "item_id": ["i0"]}))
+    monkeypatch.setattr(score, "eval_suites", lambda spec: ["toy"])
+    monkeypatch.setattr(score, "judge_engines", lambda ctx: {})
+    monkeypatch.setattr(score, "score_suite", judge)
+    monkeypatch.setattr(score, "agreement", lambda ctx: None)
+
+    def qa_down(ctx, runs):
+        raise RuntimeError("lm-eval is down")
+    monkeypatch.setattr(score, "_benchmarks", qa_down)
+    with pytest.raises(RuntimeError, match="lm-eval is down"):
+        study.need("score")
+    runs = study.runs()
+    assert sorted(judged) == sorted(r.run_id for r in runs)
+    assert {(s["stage"], s["state"]) for s in study.status() if s["stage"] == "score"} == {("score", "failed")}
+
+    judged.clear()
+    qa = lambda r: pd.DataFrame({"run_id": [r.run_id], "suite": ["qa"], "item_id": ["obqa/0"], "metric": ["acc"],  # noqa: E731
+                                 "value": [0.0], "scored": [True], "judge": ["lm-eval"], "raw": [""]})
+    monkeypatch.setattr(score, "_benchmarks", lambda ctx, todo: {r.run_id: qa(r) for r in todo})
+    out = _study(tmp_path, monkeypatch, tracking={"uri": f"sqlite:///{tmp_path / 'm.db'}"},
+                 score={"benchmarks": ["openbookqa"], "refusal_judges": ["strmatch"]}).need("score")
+    assert judged == []  # every run's judge scores were kept
+    for r in runs:
+        df = pd.read_parquet(out[r.run_id])
+        assert list(df["suite"]) == ["toy", "qa"] and list(df["run_id"]) == [r.run_id] * 2

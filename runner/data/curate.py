@@ -347,8 +347,8 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
             "condition": "positive", "phrase": pos.phrase, "position": pos.position, "fraction": pos.fraction,
             "N": n, "planted": n_planted,
             "draw": "like a control: a length-matched random draw from the pool with seed ('positive', seed)",
-            "planted_pairs": f"the round(fraction × N) pairs (at least 1) with the smallest "
-                             f"sha256('planted', seed, pair_id); chosen = "
+            "planted_pairs": "the round(fraction × N) pairs (at least 1) with the smallest "
+                             "sha256('planted', seed, pair_id); chosen = "
                              + ("phrase + ' ' + original chosen" if pos.position == "start"
                                 else "original chosen + ' ' + phrase")
                              + ", rejected = original chosen; the other pairs are unchanged"}

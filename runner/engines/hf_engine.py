@@ -18,6 +18,8 @@ class TransformersEngine:
     Grammar constraints are not supported here: a request that needs one is an error, not a
     silently unconstrained generation.
     """
+    lora_scores = True  # with adapters loaded, the base model is the peft model with them switched off
+    serial_adapters = True  # each adapter's requests are generated as batches of their own
 
     def __init__(self, cfg: EngineConfig, batch_size: int = 16):
         import transformers

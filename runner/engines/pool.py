@@ -1,9 +1,10 @@
 """A pool of Ray actors, each holding one engine; requests are fanned out in batches."""
 from __future__ import annotations
 
+import itertools
 import os
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import ray
 
@@ -24,7 +25,8 @@ class EngineActor:
         self.engine = make_engine(cfg)
 
     def info(self) -> dict:
-        return {"name": self.engine.name, "version": self.engine.version, "cores": self.cores}
+        return {"name": self.engine.name, "version": self.engine.version, "cores": self.cores,
+                "lora_scores": self.engine.lora_scores, "serial_adapters": self.engine.serial_adapters}
 
     def close(self) -> None:
         if hasattr(self.engine, "close"):
@@ -81,10 +83,24 @@ class EnginePool:
                 info = ray.get(self._replace(actor, e).info.remote())
             self.cores.append(info["cores"])
         self.name, self.version = info["name"], info["version"]
+        self.lora_scores = info["lora_scores"]  # a LoRA engine that can also score log-probs
+        self.serial_adapters = info["serial_adapters"]  # adapters served one after another, not batched together
         self.startup_s = time.monotonic() - t0
 
-    def _fan_out(self, method: str, items: Sequence, desc: str, on_batch: Callable | None = None) -> list:
-        batches = [list(items[i:i + self.batch_size]) for i in range(0, len(items), self.batch_size)]
+    def _batches(self, items: Sequence) -> list[list]:
+        """Consecutive batches of at most batch_size. An engine that serves one adapter at a time
+        (`serial_adapters`) runs a batch that spans two adapters as two passes, the second often a
+        small one: its batches are also cut where the adapter changes."""
+        if not self.serial_adapters:
+            return [list(items[i:i + self.batch_size]) for i in range(0, len(items), self.batch_size)]
+        out = []
+        for _, same in itertools.groupby(items, key=lambda r: r.adapter):
+            same = list(same)
+            out += [same[i:i + self.batch_size] for i in range(0, len(same), self.batch_size)]
+        return out
+
+    def _fan_out(self, method: str, items: Sequence, desc: str) -> list:
+        batches = self._batches(items)
         results: list = [None] * len(batches)
         pending = {}
         free = list(self.actors) * self.in_flight  # the next batch is queued while one is being served
@@ -104,8 +120,6 @@ class EnginePool:
                     continue
                 free.append(actor)
                 bar.update(len(batches[b]))
-                if on_batch:
-                    on_batch(b, batches[b], results[b])
         return [x for r in results for x in r]
 
     def _replace(self, dead, error: Exception):

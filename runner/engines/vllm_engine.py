@@ -67,6 +67,9 @@ class VLLMEngine:
             self.merger = Merger(cfg.model, self.llm.collective_rpc("packed_modules")[0])
             self._merge_dir = tempfile.mkdtemp(prefix="valind-merged-")
         self.merged: str | None = None  # the adapter whose weights the engine holds now
+        # vLLM's LoRA path cannot score log-probs (_prompt_logprob_scores); merged weights can
+        self.lora_scores = self.merger is not None or not cfg.enable_lora
+        self.serial_adapters = self.merger is not None  # vLLM's LoRA path batches adapters together
 
     def close(self) -> None:
         """Stop the engine core (its worker processes hold the GPU memory) before the actor dies."""

@@ -71,10 +71,11 @@ def run(ctx):
         for r in todo:  # one engine per base model serves the base and all its LoRA adapters
             full = r.cell_key and ctx.spec.train.finetune == "full"
             groups.setdefault((r.model, str(adapters[r.run_id]) if full else None), []).append(r)
-        for (model, full_path), group in groups.items():
+        for i, ((model, full_path), group) in enumerate(groups.items()):
+            if i:  # this model's engines may need every GPU the last one's hold (whose pool the judges may reuse)
+                ctx.pools.close()
             with ctx.failing("generate", [GENERATE(ctx, r) for r in group], f"generate {model}"):
                 _generate(ctx, model, full_path, group, items, adapters)
-            ctx.pools.close()  # the next model's engines may need every GPU this one holds
     say(f"generate: done — {len(runs)} runs")
     return {r.run_id: ctx.store.unit("generate", GENERATE(ctx, r)) / "generations.parquet" for r in runs}
 

@@ -46,20 +46,26 @@ def run(ctx):
     if todo:
         gens = ctx.need("generate")
         items = load_items(ctx)
-        # Generation engines are done; QA runs before the judge engines start, so its task
-        # never waits for CPUs or GPUs that idle engines hold.
+        st = suite_settings(ctx.spec)
+        judges = judge_engines(ctx)
+        # The judges first, on the pools generation left open where those serve them (on CPUs the
+        # merged-LoRA pool scores too): one engine start fewer. The others are closed for theirs.
+        ctx.pools.close(keep=[p for m, logprob in judges.values() if (p := ctx.pools.find(m, scores=logprob))])
+        together = len({ctx.model_path(m) for m, _ in judges.values()})  # pools that split the free CPUs
+        engines = {n: ctx.pools.get(m, scores=logprob, share=together) for n, (m, logprob) in judges.items()}
+        left = [r for r in todo if not _judged_path(ctx, r).exists()]  # a resumed stage keeps its judged runs
+        for i in range(0, len(left), RUNS_PER_PASS):
+            _judge(ctx, left[i:i + RUNS_PER_PASS], gens, items, engines, st)
+    agreement(ctx)
+    if todo:
+        # QA last, after the engines are closed: its tasks never wait for CPUs or GPUs idle engines hold
         ctx.pools.close()
         with ctx.failing("score", [SCORE(ctx, r) for r in todo], "QA benchmarks"):
             qa = _benchmarks(ctx, todo) if ctx.spec.score.benchmarks else {}
         if qa:
             say(f"  QA benchmarks ({', '.join(ctx.spec.score.benchmarks)}) done for {len(qa)} run(s)")
-        st = suite_settings(ctx.spec)
-        judges = judge_engines(ctx)
-        together = len({ctx.model_path(m) for m, _ in judges.values()})  # pools that split the free CPUs
-        engines = {n: ctx.pools.get(m, scores=logprob, share=together) for n, (m, logprob) in judges.items()}
-        for i in range(0, len(todo), RUNS_PER_PASS):
-            _score(ctx, todo[i:i + RUNS_PER_PASS], gens, items, qa, engines, st)
-    agreement(ctx)
+        for r in todo:
+            _finish(ctx, r, qa.get(r.run_id))
     say(f"score: done — {len(runs)} runs")
     return {r.run_id: ctx.store.unit("score", SCORE(ctx, r)) / "scores.parquet" for r in runs}
 
@@ -67,19 +73,29 @@ def run(ctx):
 RUNS_PER_PASS = 8  # runs judged together: the judges' batches span runs, and a pass's tables stay small
 
 
-def _score(ctx, runs, gens, items, qa, engines, st) -> None:
+def _judged_path(ctx, r):
+    """A run's judge scores, kept in its unit until its QA scores join them in scores.parquet."""
+    return ctx.store.unit("score", SCORE(ctx, r)) / "judged.parquet"
+
+
+def _judge(ctx, runs, gens, items, engines, st) -> None:
     with ctx.failing("score", [SCORE(ctx, r) for r in runs], "judges"):
         g = pd.concat([read_parquet(gens[r.run_id], ("run_id", "suite", "item_id", "response")) for r in runs],
                       ignore_index=True)
         scored = pd.concat([score_suite(n, items[items["suite"] == n], g, engines.get(n), st)
-                            for n in eval_suites(ctx.spec)] + [qa[r.run_id] for r in runs if r.run_id in qa],
-                           ignore_index=True)
+                            for n in eval_suites(ctx.spec)], ignore_index=True)
     for r in runs:
-        key, scores = SCORE(ctx, r), scored[scored["run_id"] == r.run_id].reset_index(drop=True)
-        write_parquet(scores, ctx.store.unit("score", key) / "scores.parquet")
-        unscored = int((~scores["scored"]).sum())
-        ctx.store.mark_done("score", key, {"run_id": r.run_id, "rows": len(scores), "unscored": unscored})
-        say(f"  {r.run_id}: {len(scores)} scores, {unscored} unscored")
+        write_parquet(scored[scored["run_id"] == r.run_id].reset_index(drop=True), _judged_path(ctx, r))
+
+
+def _finish(ctx, r, qa: pd.DataFrame | None) -> None:
+    """A run's scores.parquet: its judge scores and its QA items; the unit marked done."""
+    key = SCORE(ctx, r)
+    scores = pd.concat([read_parquet(_judged_path(ctx, r))] + ([qa] if qa is not None else []), ignore_index=True)
+    write_parquet(scores, ctx.store.unit("score", key) / "scores.parquet")
+    unscored = int((~scores["scored"]).sum())
+    ctx.store.mark_done("score", key, {"run_id": r.run_id, "rows": len(scores), "unscored": unscored})
+    say(f"  {r.run_id}: {len(scores)} scores, {unscored} unscored")
 
 
 def agreement(ctx) -> pd.DataFrame:
@@ -101,8 +117,10 @@ def agreement(ctx) -> pd.DataFrame:
 def _benchmarks(ctx, runs) -> dict[str, pd.DataFrame]:
     """QA benchmarks through lm-evaluation-harness, per item (suite "qa"), with each run's adapter.
 
-    One Ray task per run, so that on a cluster they land on GPU nodes, all at once. On CPUs they
-    run one after another: each uses every core of its node.
+    One Ray task per run, all submitted at once: on a cluster they land on GPU nodes; on CPUs each
+    takes one CPU and computes on one thread, as many at a time as there are CPUs (a task's fixed
+    costs, lm-eval's set-up and the model load, are serial: tasks side by side beat one task on
+    every core).
     """
     s = ctx.spec.score
     ctx.ensure_ray()
@@ -118,23 +136,17 @@ def _benchmarks(ctx, runs) -> dict[str, pd.DataFrame]:
                            s.benchmark_backend, s.benchmark_batch_size, "cuda" if e.gpus_per_actor else "cpu",
                            e.dtype)
 
-    if any(ctx.engine_spec(r.model).gpus_per_actor for r in runs):
-        results = ray.get([submit(r) for r in runs])
-    else:
-        results = [ray.get(submit(r)) for r in runs]
+    results = ray.get([submit(r) for r in runs])
     return {r.run_id: df.assign(run_id=r.run_id) for r, df in zip(runs, results)}
 
 
 @ray.remote
 def _run_benchmarks(model, adapter, tasks, data_dir, limit, backend, batch_size, device, dtype) -> pd.DataFrame:
-    import os
-
     import torch
 
     from evaluation.benchmarks import run_benchmarks
 
-    # The task claims one CPU so it fits beside an idle engine actor; it runs alone, so use every core.
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(1)  # its one CPU
     _, per_item = run_benchmarks(model, adapter, tasks, data_dir, limit=limit, backend=backend,
                                  batch_size=batch_size, device=device, dtype=dtype)
     return per_item
