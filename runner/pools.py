@@ -66,8 +66,7 @@ class Pools:
     def _make_room(self, cpus: float) -> None:
         """Close open pools, oldest first, until `cpus` CPUs are free: a stage that starts a pool is done
         with the pools before it, except those it opens together (which `share` sizes to fit)."""
-        import ray
-        while self._open and ray.available_resources().get("CPU", 0) < cpus - 1e-9:
+        while self._open and free_cpus(cpus) < cpus - 1e-9:
             model, pool = next(iter(self._open.items()))
             say(f"  closing the engine pool for {model[1] or model[0]} to free its {pool.cpus:g} CPU(s) per actor")
             self._open.pop(model).close()
@@ -87,11 +86,16 @@ def cpus_per_actor(actors: int, gpus_per_actor: float, share: int = 1, reclaimab
         return 1
     node = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
     want = min(node * actors, ray.cluster_resources().get("CPU", 0))
-    free = ray.available_resources().get("CPU", 0) + reclaimable
-    # A task that just finished returns its CPUs a moment before the cluster's view shows them:
-    # read at once, a pool started right after one got half the node (measured in the demo).
-    deadline = time.monotonic() + LEASE_RETURN_S
-    while free < want and time.monotonic() < deadline:
-        time.sleep(0.05)
-        free = ray.available_resources().get("CPU", 0) + reclaimable
+    free = free_cpus(want - reclaimable) + reclaimable
     return max(1, int(min(node, free / actors) // share))
+
+
+def free_cpus(at_least: float) -> float:
+    """The cluster's free CPUs, read again for up to LEASE_RETURN_S while fewer than `at_least`: a
+    task that just finished returns its CPUs a moment before the cluster's view shows them (read at
+    once, a pool started right after one got half the node, measured in the demo)."""
+    import ray
+    deadline = time.monotonic() + LEASE_RETURN_S
+    while (free := ray.available_resources().get("CPU", 0)) < at_least and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return free
