@@ -53,7 +53,7 @@ class Pools:
         self._make_room(cpus * e.actors)
         pool = EnginePool(self.config(model, enable_lora, path), actors=e.actors, gpus_per_actor=e.gpus_per_actor,
                           cpus_per_actor=cpus, batch_size=e.batch_size, startup_timeout_s=e.startup_timeout_s)
-        say(f"  engine pool for {path or model}{' (LoRA)' if enable_lora else ''}: {e.actors} actor(s) of "
+        say(f"  engine pool for {path or model}{' (LoRA)' if enable_lora else ''}: {pool.size} actor(s) of "
             f"{cpus} CPU{f' and {e.gpus_per_actor:g} GPU' if e.gpus_per_actor else ''}, started in {pool.startup_s:.0f}s"
             + (f", threads on cores {pool.cores}" if any(pool.cores) else ""))
         self._open[(mp, path, enable_lora)] = pool

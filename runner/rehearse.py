@@ -50,7 +50,7 @@ def _engine(e: EngineSpec, total: float, cpus: int) -> dict:
     return {"backend": e.backend, "dtype": "float32", "max_model_len": 512,
             "actors": _share(e.actors * e.gpus_per_actor, total, cpus, e.actors),
             "batch_size": 8,  # small batches: the few items still spread over every actor
-            "startup_timeout_s": min(e.startup_timeout_s, 600)}
+            "startup_timeout_s": min(e.startup_timeout_s, 300)}
 
 
 def rehearsal_spec(spec: Spec, cpus: int, output_dir: str, models: int | None = None) -> tuple[dict, list[str]]:

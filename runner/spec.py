@@ -200,7 +200,7 @@ class EngineSpec(_Section):
     kv_cache_gb: float | None = Field(default=None, gt=0.0)  # None: 1 GB on CPU; on GPU the memory share below
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)  # vLLM's share of each GPU
     batch_size: int = Field(default=64, ge=1)
-    startup_timeout_s: float = Field(default=1800, gt=0)  # engine actors that cannot be placed fail after this
+    startup_timeout_s: float = Field(default=1800, gt=0)  # a pool goes on without actors not started by then
 
 
 class AnnotateCheck(_Section):

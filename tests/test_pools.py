@@ -1,6 +1,6 @@
 """Engine pools: which open pool serves a stage's requests; on a cluster they fill, generation closes
-each base model's engines before the next model's start, and a pool that cannot be placed fails
-with what it asked for, never hangs."""
+each base model's engines before the next model's start, and a pool whose actors cannot all be
+placed goes on with those that started (fails when none did), saying what it asked for; it never hangs."""
 import json
 import os
 import shutil
@@ -25,7 +25,8 @@ def ray_2cpu():
 
 
 @pytest.mark.slow
-def test_generation_hands_the_cluster_from_one_base_model_to_the_next(tmp_path, tiny_model, ray_2cpu):
+def test_generation_hands_the_cluster_from_one_base_model_to_the_next(tmp_path, tiny_model, ray_2cpu, capsys):
+    from evaluation.types import Request
     from runner.engines.pool import EngineError, EnginePool
     from runner.pipeline import Study
     from runner.spec import parse_spec
@@ -71,6 +72,14 @@ def test_generation_hands_the_cluster_from_one_base_model_to_the_next(tmp_path, 
     with pytest.raises(EngineError, match=r"2 of 2 actor\(s\) did not start within 30s; each asks for 1 CPU and 0 GPU, the cluster has 0 CPU"):
         EnginePool(ctx.pools.config("a"), actors=2, startup_timeout_s=30)  # one that cannot be placed: a clear error
     ctx.pools.close()
+    # three actors on two CPUs: the pool goes on with the two that started, and says what held the third
+    pool = EnginePool(ctx.pools.config("a"), actors=3, startup_timeout_s=30, batch_size=1)
+    assert pool.size == len(pool.actors) == 2 and ray.available_resources().get("CPU", 0) == 0
+    reqs = [Request(messages=({"role": "user", "content": f"Count to {i}"},), max_tokens=2) for i in range(3)]
+    assert len(pool.generate(reqs)) == 3
+    pool.close()
+    out = capsys.readouterr().out
+    assert "1 of 3 actor(s) did not start within 30s" in out and "going on with 2" in out, out[-2000:]
 
 
 @pytest.mark.slow

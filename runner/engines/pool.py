@@ -43,6 +43,31 @@ class EngineActor:
         return self.engine.score(requests)
 
 
+def _holders() -> str:
+    """What holds the cluster's CPUs and GPUs: placement groups' reservations, and live actors by
+    class (listing actors needs Ray's dashboard; without it, say so)."""
+    from collections import Counter
+    held = Counter()
+    for g in ray.util.placement_group_table().values():
+        if g["state"] == "CREATED":
+            res = Counter()
+            for b in g["bundles"].values():
+                res.update(b)
+            held[f"placement group {g['name'] or g['placement_group_id'][:8]}: {_res(res)}"] += 1
+    try:
+        from ray.util.state import list_actors
+        for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000, raise_on_missing_output=False):
+            if a.required_resources and not a.placement_group_id:  # (those in a group are counted in it)
+                held[f"actor {a.class_name}: {_res(a.required_resources)}"] += 1
+    except Exception as e:  # noqa: BLE001 - a diagnostic inside an error message
+        held[f"(live actors not listed: {type(e).__name__})"] += 1
+    return "held by: " + ("; ".join(f"{n} × {k}" for k, n in held.items()) or "nothing listed")
+
+
+def _res(r) -> str:
+    return f"{r.get('CPU', 0):g} CPU {r.get('GPU', 0):g} GPU"
+
+
 class EngineError(ValindError):
     """An engine pool that could not start, or whose actors kept dying."""
 
@@ -54,7 +79,7 @@ class EnginePool:
                  cpus_per_actor: float = 1.0, batch_size: int = 64, startup_timeout_s: float = 1800,
                  in_flight: int = 2, max_restarts: int | None = None):
         self.cfg, self.batch_size, self.cpus, self.gpus = cfg, batch_size, cpus_per_actor, gpus_per_actor
-        self.size = actors
+        self.size = actors  # those that started
         # A lost node takes all its actors at once (8 on an 8-GPU node): by default each actor may be
         # replaced once, and any pool at least 3 times.
         self.in_flight, self.restarts, self.max_restarts = in_flight, 0, max_restarts or max(3, actors)
@@ -65,16 +90,22 @@ class EnginePool:
         infos = [a.info.remote() for a in self.actors]
         ready, _ = ray.wait(infos, num_returns=actors, timeout=startup_timeout_s)
         if len(ready) < actors:
-            # Actors that cannot be placed wait forever; say what they asked for and what is free.
+            # Actors that cannot be placed wait forever; say what they asked for and what holds the
+            # rest. The pool goes on with those that started (a lost GPU costs speed, not the study).
             free = ray.available_resources()
-            for a in self.actors:  # never placed: nothing to shut down or wait for
-                ray.kill(a)
-            self.actors = []
-            raise EngineError(
-                f"engine pool for {cfg.model}: {actors - len(ready)} of {actors} actor(s) did not start within "
-                f"{startup_timeout_s:g}s; each asks for {cpus_per_actor:g} CPU and {gpus_per_actor:g} GPU, the "
-                f"cluster has {free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free. Close other pools, "
-                "or lower engine.actors / engine.gpus_per_actor (engine.startup_timeout_s sets the wait)")
+            why = (f"{actors - len(ready)} of {actors} actor(s) did not start within {startup_timeout_s:g}s; each asks "
+                   f"for {cpus_per_actor:g} CPU and {gpus_per_actor:g} GPU, the cluster has {free.get('CPU', 0):g} "
+                   f"CPU and {free.get('GPU', 0):g} GPU free ({_holders()})")
+            started = [k for k, ref in enumerate(infos) if ref in ready]
+            for k, a in enumerate(self.actors):  # the others: never placed, or still starting
+                if k not in started:
+                    ray.kill(a)
+            if not started:
+                self.actors = []
+                raise EngineError(f"engine pool for {cfg.model}: {why}. Close other pools, or lower engine.actors / "
+                                  "engine.gpus_per_actor (engine.startup_timeout_s sets the wait)")
+            say(f"  engine pool for {cfg.model}: {why}; going on with {len(started)}")
+            infos, self.actors, self.size = [infos[k] for k in started], [self.actors[k] for k in started], len(started)
         self.cores = []  # per actor: the CPU cores its threads are bound to (None on GPUs)
         for ref, actor in zip(infos, list(self.actors)):
             try:
