@@ -140,3 +140,27 @@ def test_step_notes_feed_the_progress_bar(tmp_path):
     record_step(cells[0], 3, 10)
     record_step(cells[1], 10, 10)
     assert steps_done(cells) == (13, 20)  # c2 has not started
+
+
+def test_heap_cap_hands_back_a_fragmented_heap_only_when_it_has_grown():
+    import psutil
+    import torch
+
+    from runner.train.group import HeapCap
+
+    assert HeapCap(torch.device("cuda"))._trim is None  # GPUs: nothing to do
+    proc, trims = psutil.Process(), []
+    heap = HeapCap(torch.device("cpu"))
+    trim, heap._trim = heap._trim, lambda pad: trims.append(trim(pad))
+    trim(0)  # what earlier tests left free: handed back before the base is read
+    heap.ratio = 1 + 200e6 / proc.memory_info().rss  # the cap: 200 MB above the base
+    heap()  # the level after the first forward
+    small = [bytearray(b"x" * 100_000) for _ in range(1000)]  # 100 MB of malloc'd (not mmapped) blocks
+    del small[:-1]
+    heap()
+    assert trims == []  # below the cap: left as it is
+    chunks = [bytearray(b"x" * 100_000) for _ in range(4000)]  # 400 MB
+    del chunks[:-1]  # freed, but the last one keeps the heap's top: nothing returns to the OS by itself
+    grown = proc.memory_info().rss
+    heap()
+    assert len(trims) == 1 and proc.memory_info().rss < grown - 300e6
