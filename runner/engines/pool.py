@@ -50,9 +50,7 @@ def _holders() -> str:
     held = Counter()
     for g in ray.util.placement_group_table().values():
         if g["state"] == "CREATED":
-            res = Counter()
-            for b in g["bundles"].values():
-                res.update(b)
+            res = sum(map(Counter, g["bundles"].values()), Counter())
             held[f"placement group {g['name'] or g['placement_group_id'][:8]}: {_res(res)}"] += 1
     try:
         from ray.util.state import list_actors
@@ -79,7 +77,6 @@ class EnginePool:
                  cpus_per_actor: float = 1.0, batch_size: int = 64, startup_timeout_s: float = 1800,
                  in_flight: int = 2, max_restarts: int | None = None):
         self.cfg, self.batch_size, self.cpus, self.gpus = cfg, batch_size, cpus_per_actor, gpus_per_actor
-        self.size = actors  # those that started
         # A lost node takes all its actors at once (8 on an 8-GPU node): by default each actor may be
         # replaced once, and any pool at least 3 times.
         self.in_flight, self.restarts, self.max_restarts = in_flight, 0, max_restarts or max(3, actors)
@@ -105,7 +102,8 @@ class EnginePool:
                 raise EngineError(f"engine pool for {cfg.model}: {why}. Close other pools, or lower engine.actors / "
                                   "engine.gpus_per_actor (engine.startup_timeout_s sets the wait)")
             say(f"  engine pool for {cfg.model}: {why}; going on with {len(started)}")
-            infos, self.actors, self.size = [infos[k] for k in started], [self.actors[k] for k in started], len(started)
+            infos, self.actors = [infos[k] for k in started], [self.actors[k] for k in started]
+        self.size = len(self.actors)  # those that started (kept for reports after close)
         self.cores = []  # per actor: the CPU cores its threads are bound to (None on GPUs)
         for ref, actor in zip(infos, list(self.actors)):
             try:

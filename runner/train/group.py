@@ -91,7 +91,7 @@ class HeapCap:
 
 
 def group_step(model, router, forwards: list[dict[int, list[Example]]], loss_fn: LossFn, pad: int,
-               device, n_adapters: int, grad_acc: int, heap=lambda: None) -> torch.Tensor:
+               device, n_adapters: int, grad_acc: int, heap: HeapCap) -> torch.Tensor:
     """Forwards and backwards of one optimizer step of the adapters in `forwards` (per forward: adapter
     index → its micro-batch; each adapter has grad_acc micro-batches in all). Returns per-adapter
     sums [K, 7] as runner.train.loop.optimizer_step. `heap` is called after each backward (HeapCap)."""
