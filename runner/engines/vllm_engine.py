@@ -19,10 +19,11 @@ def merges_adapters(cfg: EngineConfig, gpu: bool) -> bool:
 
 def engine_kwargs(cfg: EngineConfig, gpu: bool) -> dict:
     """vLLM's LLM(...) arguments. On GPU: CUDA graphs (no enforce_eager) and the memory share or
-    KV-cache size from the spec; vLLM's CPU build runs eagerly and sizes its cache from the env.
+    KV-cache size from the spec; vLLM's CPU build runs eagerly unless `cpu_compile`, and sizes its
+    cache from the env.
     On CPU adapters are merged into the weights (`VLLMEngine`), so the engine starts without LoRA."""
     kwargs = dict(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
-                  enforce_eager=not gpu, tensor_parallel_size=cfg.tensor_parallel,
+                  enforce_eager=not (gpu or cfg.cpu_compile), tensor_parallel_size=cfg.tensor_parallel,
                   trust_remote_code=cfg.trust_remote_code, enable_prefix_caching=True)
     if gpu:
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
@@ -53,6 +54,11 @@ class VLLMEngine:
             # twice more, about 22 of a 28 s start here, and compete with it for the actor's cores.
             # On GPUs the separate core overlaps scheduling with the forward passes: left as it is.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            # vLLM 0.32 cannot load back the AOT artifact it saves under torch 2.13 ("'function' object
+            # has no attribute 'finalize_loading'") and recompiles at every start (85 s); inductor's own
+            # cache brings a warm start to about 37 s against 17 s eager.
+            if cfg.cpu_compile:
+                os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         import vllm
         from vllm import LLM
 

@@ -87,7 +87,7 @@ def _generate(ctx, model, full_path, group, items, adapters) -> None:
     systems = {r.run_id: system_prompt(ctx, r) for r in group}
     lora = any(r.cell_key for r in group) and not full_path
     t0 = time.perf_counter()
-    pool = ctx.pools.get(model, enable_lora=lora, path=full_path)
+    pool = ctx.pools.get(model, enable_lora=lora, path=full_path, tokens=len(group) * len(items) * sp.max_tokens)
 
     def request(r, messages) -> Request:
         adapter = str(adapters[r.run_id]) if (r.cell_key and lora) else None
