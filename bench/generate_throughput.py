@@ -11,7 +11,7 @@
     of its own (vLLM's default) and in the caller's (as the actor runs it on CPUs): the faster is
     the ceiling the actor should reach. Each side generates `--repeats` distinct prompt sets, one
     pass each, and its median tokens/s counts (this machine's timings swing by 15% from one pass to
-    the next). Compile caches are warmed by a first start of each side, not timed.
+    the next). Start-up, compilation included, is reported apart and not counted.
 (b) Wall time to evaluate K random LoRA adapters on the prompts: ONE engine with enable_lora
     (all K×P requests in one call) vs K engines started one after another (start, generate,
     close each). Both include engine start-up and shutdown.
@@ -99,6 +99,11 @@ def timed(fn, reqs) -> tuple[float, list[str]]:
     return time.perf_counter() - t, out
 
 
+def matches(a: list[str], b: list[str]) -> int:
+    """How many outputs are the same in both lists."""
+    return sum(x == y for x, y in zip(a, b))
+
+
 def rates(tok, runs: list[tuple[float, list[str]]]) -> list[float]:
     """Output tokens/s of each timed pass."""
     return [count_tokens(tok, out) / s for s, out in runs]
@@ -149,9 +154,8 @@ def part_a(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_toke
     first = actor[True][0][1]
     return {"start_s": start_s, "actor": rates(tok, actor[True]), "eager": rates(tok, actor[False]),
             "hf": rates(tok, hf_runs[hf_how]), "hf_how": hf_how, "plain": rates(tok, plain),
-            "identical": {h: sum(a == b for a, b in zip(first, runs[0][1])) for h, runs in hf_runs.items()},
-            "eager_identical": sum(a == b for a, b in zip(first, actor[False][0][1])),
-            "plain_identical": sum(a == b for a, b in zip(first, plain[0][1]))}
+            "identical": {h: matches(first, runs[0][1]) for h, runs in hf_runs.items()},
+            "eager_identical": matches(first, actor[False][0][1]), "plain_identical": matches(first, plain[0][1])}
 
 
 def spread(r: list[float]) -> str:
@@ -212,7 +216,7 @@ def part_b(model_dir: str, tok, texts: list[str], max_tokens: int, adapters: lis
         sep_out += pool.generate(requests(texts, max_tokens, a))
         pool.close()
         sep_s.append(time.perf_counter() - t)
-    same = sum(x == y for x, y in zip(one_out, sep_out))
+    same = matches(one_out, sep_out)
     return {"one_s": one_s, "one_start_s": up, "one_tok": count_tokens(tok, one_out), "sep_s": sep_s,
             "sep_tok": count_tokens(tok, sep_out), "identical": same, "n": len(reqs)}
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from generate_throughput import count_tokens, first_turns, make_adapters  # noqa: E402
+from generate_throughput import count_tokens, first_turns, make_adapters, matches  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0))
 
@@ -138,7 +138,7 @@ def main() -> None:
         }
     before = options[next(iter(options))][0]
     for name, (s, out) in options.items():
-        same = sum(a == b for a, b in zip(out, ref))
+        same = matches(out, ref)
         print(f"{name:<62} {s:7.1f} s  {count_tokens(tok, out) / s:6.1f} tok/s  x{before / s:4.2f} vs (1)  "
               f"identical to (4): {same}/{n}")
     best = min(options, key=lambda x: options[x][0])

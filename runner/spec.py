@@ -201,9 +201,9 @@ class EngineSpec(_Section):
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)  # vLLM's share of each GPU
     batch_size: int = Field(default=64, ge=1)
     startup_timeout_s: float = Field(default=1800, gt=0)  # a pool goes on without actors not started by then
-    # vLLM-CPU with torch.compile: about 1.4x the eager decode rate for 20 s more per start (90 s the
-    # first time on a machine). None: compiled for a stage that asks one pool for at least
-    # runner.pools.CPU_COMPILE_MIN_TOKENS output tokens (generation), else eager. GPUs always compile.
+    # vLLM-CPU with torch.compile: faster decoding, slower start (figures at runner.pools.
+    # CPU_COMPILE_MIN_TOKENS). None: compiled for a stage that asks one pool for at least that many
+    # output tokens (generation), else eager. GPUs always compile.
     cpu_compile: bool | None = None
 
 
