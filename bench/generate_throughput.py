@@ -4,7 +4,8 @@
     the generate stage runs it past runner.pools.CPU_COMPILE_MIN_TOKENS) and eager, vs our
     TransformersEngine (transformers batched `generate`, batch 16, in this process) at its best: its
     dynamic cache, or a static cache with the forward torch.compile'd, whichever is faster. Same
-    prompts, model (SmolLM2-135M-Instruct), dtype (fp32), greedy, same max new tokens. Output tokens
+    prompts, model (SmolLM2-135M-Instruct), dtype (`--dtype`, fp32 by default: in bf16 the two
+    sides' kernels round differently and greedy outputs part ways), greedy, same max new tokens. Output tokens
     are counted the same way for all: the tokenizer's length of each returned text.
     Beside it, plain vLLM, compiled like the actor: `LLM.generate` on the same prompts in a clean
     process of its own (no Ray, VLLM_CPU_NUM_OF_RESERVED_CPU=0), with its engine core in a process
@@ -19,7 +20,7 @@
 Ray comes up through runner.cluster.init_ray(); the actor binds its threads to the cores it
 holds (runner.engines.cores).
 
-    .venv/bin/python bench/generate_throughput.py [--prompts 64] [--max-tokens 64] [--adapters 4]
+    .venv/bin/python bench/generate_throughput.py [--prompts 64] [--max-tokens 64] [--dtype float32] [--adapters 4]
 """
 from __future__ import annotations
 
@@ -81,9 +82,12 @@ def make_adapters(model_dir: str, k: int, out: Path) -> list[str]:
     return paths
 
 
+DTYPE = "float32"  # --dtype
+
+
 def engine_config(model_dir: str, max_tokens: int, lora: int = 0, compiled: bool = False):
     from runner.engines import EngineConfig
-    return EngineConfig(model=model_dir, backend="vllm", dtype="float32", max_model_len=1024,
+    return EngineConfig(model=model_dir, backend="vllm", dtype=DTYPE, max_model_len=1024,
                         enable_lora=lora > 0, max_loras=max(1, lora), max_lora_rank=8, cpu_compile=compiled)
 
 
@@ -128,7 +132,7 @@ def part_a(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_toke
         pool.close()
 
     torch.set_num_threads(THREADS)
-    hf = TransformersEngine(EngineConfig(model=model_dir, backend="transformers", dtype="float32",
+    hf = TransformersEngine(EngineConfig(model=model_dir, backend="transformers", dtype=DTYPE,
                                          max_model_len=1024), batch_size=16)
     hf.generate(requests(warm[:4], 8))
     hf_runs = {"dynamic cache": [timed(hf.generate, requests(x, max_tokens)) for x in sets]}
@@ -165,8 +169,8 @@ def spread(r: list[float]) -> str:
 PLAIN = """
 import json, sys, time
 from vllm import LLM, SamplingParams
-model, max_tokens, sets, warm = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
-llm = LLM(model=model, dtype="float32", max_model_len=1024, enforce_eager=False, enable_prefix_caching=True, seed=0)
+model, max_tokens, sets, warm, dtype = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5]
+llm = LLM(model=model, dtype=dtype, max_model_len=1024, enforce_eager=False, enable_prefix_caching=True, seed=0)
 p = SamplingParams(temperature=0.0, max_tokens=max_tokens)
 llm.generate([{"prompt_token_ids": w} for w in warm], p, use_tqdm=False)
 runs = []
@@ -193,7 +197,7 @@ def plain_vllm(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_
     env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     env["VLLM_USE_AOT_COMPILE"] = "0"  # as the engine sets it (runner.engines.vllm_engine): a faster start only
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
-    r = subprocess.run([sys.executable, "-c", PLAIN, model_dir, str(max_tokens), json.dumps(ids), json.dumps(wids)],
+    r = subprocess.run([sys.executable, "-c", PLAIN, model_dir, str(max_tokens), json.dumps(ids), json.dumps(wids), DTYPE],
                        capture_output=True, text=True, env=env, check=True)
     return [tuple(x) for x in json.loads(next(x for x in r.stdout.splitlines()
                                               if x.startswith("RESULT-JSON"))[len("RESULT-JSON "):])]
@@ -222,14 +226,17 @@ def part_b(model_dir: str, tok, texts: list[str], max_tokens: int, adapters: lis
 
 
 def main() -> None:
+    global DTYPE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="(a): prompt sets each side generates, one pass each")
     ap.add_argument("--adapters", type=int, default=4)
+    ap.add_argument("--dtype", default=DTYPE, choices=["float32", "bfloat16"])
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--skip-b", action="store_true")
     args = ap.parse_args()
+    DTYPE = args.dtype
 
     from transformers import AutoTokenizer
 
@@ -247,7 +254,7 @@ def main() -> None:
     print("            BASELINE (a) = our TransformersEngine, transformers batched generate, batch 16, left pad, "
           "dynamic or static+compiled cache")
     print("            BASELINE (b) = K separately started LoRA engines, one after another")
-    print(f"SmolLM2-135M-Instruct fp32, {len(texts)} HH harmless-base first human turns (chat template), greedy, "
+    print(f"SmolLM2-135M-Instruct {DTYPE}, {len(texts)} HH harmless-base first human turns (chat template), greedy, "
           f"max {args.max_tokens} new tokens, {THREADS} cores, VLLM_CPU_NUM_OF_RESERVED_CPU="
           f"{os.environ.get('VLLM_CPU_NUM_OF_RESERVED_CPU')}; output tokens = len(tokenize(output text))")
     print(f"load average at start (other processes on this machine skew timings): {os.getloadavg()[0]:.2f}")
