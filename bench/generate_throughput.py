@@ -82,12 +82,9 @@ def make_adapters(model_dir: str, k: int, out: Path) -> list[str]:
     return paths
 
 
-DTYPE = "float32"  # --dtype
-
-
-def engine_config(model_dir: str, max_tokens: int, lora: int = 0, compiled: bool = False):
+def engine_config(model_dir: str, dtype: str, lora: int = 0, compiled: bool = False):
     from runner.engines import EngineConfig
-    return EngineConfig(model=model_dir, backend="vllm", dtype=DTYPE, max_model_len=1024,
+    return EngineConfig(model=model_dir, backend="vllm", dtype=dtype, max_model_len=1024,
                         enable_lora=lora > 0, max_loras=max(1, lora), max_lora_rank=8, cpu_compile=compiled)
 
 
@@ -113,7 +110,7 @@ def rates(tok, runs: list[tuple[float, list[str]]]) -> list[float]:
     return [count_tokens(tok, out) / s for s, out in runs]
 
 
-def part_a(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_tokens: int) -> dict:
+def part_a(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_tokens: int, dtype: str) -> dict:
     """Each side generates every prompt set once (distinct prompts: no prefix-cache hits across
     passes); per side, tokens/s of each pass. Outputs are compared on the first set."""
     import torch
@@ -125,14 +122,14 @@ def part_a(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_toke
     actor, start_s = {}, {}
     for compiled in (True, False):
         t = time.perf_counter()
-        pool = start_pool(engine_config(model_dir, max_tokens, compiled=compiled), batch=len(sets[0]))
+        pool = start_pool(engine_config(model_dir, dtype, compiled=compiled), batch=len(sets[0]))
         start_s[compiled] = time.perf_counter() - t
         pool.generate(requests(warm, max_tokens))  # first call is slower; different prompts, so no prefix-cache hits
         actor[compiled] = [timed(pool.generate, requests(x, max_tokens)) for x in sets]
         pool.close()
 
     torch.set_num_threads(THREADS)
-    hf = TransformersEngine(EngineConfig(model=model_dir, backend="transformers", dtype=DTYPE,
+    hf = TransformersEngine(EngineConfig(model=model_dir, backend="transformers", dtype=dtype,
                                          max_model_len=1024), batch_size=16)
     hf.generate(requests(warm[:4], 8))
     hf_runs = {"dynamic cache": [timed(hf.generate, requests(x, max_tokens)) for x in sets]}
@@ -150,7 +147,7 @@ def part_a(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_toke
     # plain vLLM at its best, compiled as the actor is: its default (the engine core in a process of
     # its own) and the core in the caller's process (what the actor does on CPUs), each in a fresh
     # process; the faster counts
-    plains = {mp: plain_vllm(model_dir, tok, sets, warm, max_tokens, mp) for mp in (True, False)}
+    plains = {mp: plain_vllm(model_dir, tok, sets, warm, max_tokens, dtype, mp) for mp in (True, False)}
     for mp, runs in plains.items():
         print(f"(a) plain vLLM compiled, engine core {'in its own process' if mp else 'in the caller'}: "
               f"{spread(rates(tok, runs))}", flush=True)
@@ -182,7 +179,7 @@ print("RESULT-JSON", json.dumps(runs))
 """
 
 
-def plain_vllm(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_tokens: int,
+def plain_vllm(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_tokens: int, dtype: str,
                multiprocessing: bool = True) -> list[tuple[float, list[str]]]:
     """Plain vLLM, compiled, in a fresh process (no Ray), prompts rendered exactly as the engine renders them;
     `multiprocessing`: vLLM's engine core in a process of its own (its default) or in this one.
@@ -197,17 +194,17 @@ def plain_vllm(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_
     env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     env["VLLM_USE_AOT_COMPILE"] = "0"  # as the engine sets it (runner.engines.vllm_engine): a faster start only
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
-    r = subprocess.run([sys.executable, "-c", PLAIN, model_dir, str(max_tokens), json.dumps(ids), json.dumps(wids), DTYPE],
+    r = subprocess.run([sys.executable, "-c", PLAIN, model_dir, str(max_tokens), json.dumps(ids), json.dumps(wids), dtype],
                        capture_output=True, text=True, env=env, check=True)
     return [tuple(x) for x in json.loads(next(x for x in r.stdout.splitlines()
                                               if x.startswith("RESULT-JSON"))[len("RESULT-JSON "):])]
 
 
-def part_b(model_dir: str, tok, texts: list[str], max_tokens: int, adapters: list[str]) -> dict:
+def part_b(model_dir: str, tok, texts: list[str], max_tokens: int, adapters: list[str], dtype: str) -> dict:
     k = len(adapters)
     reqs = [r for a in adapters for r in requests(texts, max_tokens, a)]
     t = time.perf_counter()
-    pool = start_pool(engine_config(model_dir, max_tokens, lora=k), batch=len(reqs))
+    pool = start_pool(engine_config(model_dir, dtype, lora=k), batch=len(reqs))
     up = time.perf_counter() - t
     one_out = pool.generate(reqs)
     pool.close()
@@ -216,7 +213,7 @@ def part_b(model_dir: str, tok, texts: list[str], max_tokens: int, adapters: lis
     sep_s, sep_out = [], []
     for a in adapters:
         t = time.perf_counter()
-        pool = start_pool(engine_config(model_dir, max_tokens, lora=1), batch=len(texts))
+        pool = start_pool(engine_config(model_dir, dtype, lora=1), batch=len(texts))
         sep_out += pool.generate(requests(texts, max_tokens, a))
         pool.close()
         sep_s.append(time.perf_counter() - t)
@@ -226,17 +223,15 @@ def part_b(model_dir: str, tok, texts: list[str], max_tokens: int, adapters: lis
 
 
 def main() -> None:
-    global DTYPE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="(a): prompt sets each side generates, one pass each")
     ap.add_argument("--adapters", type=int, default=4)
-    ap.add_argument("--dtype", default=DTYPE, choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--skip-b", action="store_true")
     args = ap.parse_args()
-    DTYPE = args.dtype
 
     from transformers import AutoTokenizer
 
@@ -254,7 +249,7 @@ def main() -> None:
     print("            BASELINE (a) = our TransformersEngine, transformers batched generate, batch 16, left pad, "
           "dynamic or static+compiled cache")
     print("            BASELINE (b) = K separately started LoRA engines, one after another")
-    print(f"SmolLM2-135M-Instruct {DTYPE}, {len(texts)} HH harmless-base first human turns (chat template), greedy, "
+    print(f"SmolLM2-135M-Instruct {args.dtype}, {len(texts)} HH harmless-base first human turns (chat template), greedy, "
           f"max {args.max_tokens} new tokens, {THREADS} cores, VLLM_CPU_NUM_OF_RESERVED_CPU="
           f"{os.environ.get('VLLM_CPU_NUM_OF_RESERVED_CPU')}; output tokens = len(tokenize(output text))")
     print(f"load average at start (other processes on this machine skew timings): {os.getloadavg()[0]:.2f}")
@@ -262,7 +257,7 @@ def main() -> None:
 
     lines = []
     if not args.skip_a:
-        a = part_a(model_dir, tok, sets, warm, args.max_tokens)
+        a = part_a(model_dir, tok, sets, warm, args.max_tokens, args.dtype)
         rv, re_, rh, rp = (statistics.median(a[k]) for k in ("actor", "eager", "hf", "plain"))
         print(f"(a) engine actor (vLLM), torch.compile: start {a['start_s'][True]:.1f} s; {spread(a['actor'])}")
         print(f"(a) engine actor (vLLM), eager: start {a['start_s'][False]:.1f} s; {spread(a['eager'])}; "
@@ -278,7 +273,7 @@ def main() -> None:
     if not args.skip_b:
         with tempfile.TemporaryDirectory(prefix="valind-lora-") as d:
             adapters = make_adapters(model_dir, args.adapters, Path(d))
-            b = part_b(model_dir, tok, texts, args.max_tokens, adapters)
+            b = part_b(model_dir, tok, texts, args.max_tokens, adapters, args.dtype)
         sep = sum(b["sep_s"])
         print(f"(b) ONE engine, {args.adapters} adapters, {b['n']} requests in one call: {b['one_s']:.1f} s "
               f"(start {b['one_start_s']:.1f} s), {b['one_tok']} output tokens")
