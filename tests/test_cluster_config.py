@@ -53,6 +53,7 @@ def test_vllm_settings_on_gpu_and_cpu():
     assert "kv_cache_memory_bytes" not in gpu  # no explicit KV size: the memory share decides
     assert engine_kwargs(EngineConfig(model="m", kv_cache_gb=20), gpu=True)["kv_cache_memory_bytes"] == 20 * 2 ** 30
     assert cpu["enforce_eager"] is True and "gpu_memory_utilization" not in cpu
+    assert cpu["block_size"] == 32 and "block_size" not in gpu  # vLLM's GPU default stays
     assert "enable_lora" not in cpu  # on CPU the engine merges adapters into its weights instead
 
 

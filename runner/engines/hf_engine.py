@@ -13,7 +13,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class TransformersEngine:
-    """Batched greedy/sampled generation with left padding; adapters loaded by peft on demand.
+    """Batched greedy/sampled generation, prompts batched by length with left padding; adapters
+    loaded by peft on demand.
 
     Grammar constraints are not supported here: a request that needs one is an error, not a
     silently unconstrained generation.
@@ -70,10 +71,12 @@ class TransformersEngine:
         pad = self.tokenizer.pad_token_id
         for (adapter, max_tokens, temperature, top_p, seed), idx in groups.items():
             model = self._use(adapter)
+            ids_of = {i: truncate_left(render_prompt_ids(self.tokenizer, requests[i].messages, self.cfg.chat_template),
+                                       self.cfg.max_model_len - max_tokens) for i in idx}
+            idx = sorted(idx, key=lambda i: len(ids_of[i]))  # batches of like lengths: less padding to compute
             for b in range(0, len(idx), self.batch_size):
                 chunk = idx[b:b + self.batch_size]
-                seqs = [truncate_left(render_prompt_ids(self.tokenizer, requests[i].messages, self.cfg.chat_template),
-                                      self.cfg.max_model_len - max_tokens) for i in chunk]
+                seqs = [ids_of[i] for i in chunk]
                 width = max(map(len, seqs))
                 ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
                 mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])

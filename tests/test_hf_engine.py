@@ -1,0 +1,20 @@
+"""The transformers engine batches prompts by length and answers in request order."""
+
+
+def test_batches_by_length_answer_in_request_order():
+    from evaluation.types import Request
+    from runner.engines.base import EngineConfig
+    from runner.engines.hf_engine import TransformersEngine
+    from runner.models import prepare_smollm2
+
+    words = "the cat sat on a mat and then it ran far away from home".split()
+    # lengths out of order, so sorting them moves requests between batches
+    lengths = [9, 1, 14, 3, 12, 2, 7, 5]
+    reqs = [Request(messages=({"role": "user", "content": " ".join(words[:n])},), max_tokens=8) for n in lengths]
+    engine = TransformersEngine(EngineConfig(model=str(prepare_smollm2()), backend="transformers", dtype="float32",
+                                             max_model_len=256), batch_size=3)
+    batched = engine.generate(reqs)
+    engine.batch_size = 1
+    alone = engine.generate(reqs)
+    assert batched == alone
+    assert len(set(alone)) >= 6  # most prompts get answers of their own: a shuffled order would show
