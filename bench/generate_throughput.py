@@ -122,36 +122,44 @@ def part_a(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_toke
     from runner.engines.base import EngineConfig
     from runner.engines.hf_engine import TransformersEngine
 
+    def passes(generate) -> list[tuple[float, list[str]]]:
+        return [timed(generate, requests(x, max_tokens)) for x in sets]
+
+    def fastest(runs_by: dict):
+        """The key whose passes have the highest median tokens/s."""
+        return max(runs_by, key=lambda k: statistics.median(rates(tok, runs_by[k])))
+
     actor, start_s = {}, {}
     for compiled in (True, False):
         t = time.perf_counter()
         pool = start_pool(engine_config(model_dir, dtype, compiled=compiled), batch=len(sets[0]))
         start_s[compiled] = time.perf_counter() - t
         pool.generate(requests(warm, max_tokens))  # first call is slower; different prompts, so no prefix-cache hits
-        actor[compiled] = [timed(pool.generate, requests(x, max_tokens)) for x in sets]
+        actor[compiled] = passes(pool.generate)
         pool.close()
 
     torch.set_num_threads(THREADS)
     hf = TransformersEngine(EngineConfig(model=model_dir, backend="transformers", dtype=dtype,
                                          max_model_len=1024), batch_size=hf_batches[0])
     hf.generate(requests(warm[:4], 8))
-    hf_runs = {}
+    dynamic = {}
     for b in hf_batches:
         hf.batch_size = b
-        hf_runs[f"batch {b}, dynamic cache"] = [timed(hf.generate, requests(x, max_tokens)) for x in sets]
+        dynamic[b] = passes(hf.generate)
+    hf_runs = {f"batch {b}, dynamic cache": runs for b, runs in dynamic.items()}
     # transformers' compiled decoding (a static cache and torch.compile, which it does by itself on
     # GPUs) at the batch size the dynamic cache ran fastest with
-    hf.batch_size = best = max(hf_batches, key=lambda b: statistics.median(rates(tok, hf_runs[f"batch {b}, dynamic cache"])))
+    hf.batch_size = fastest(dynamic)
     cc = CompileConfig(mode="default")
     cc._compile_all_devices = True
     hf.base.generation_config.cache_implementation, hf.base.generation_config.compile_config = "static", cc
     hf.generate(requests(warm, max_tokens))  # compiles for the shapes of a full batch
     hf.generate(requests(sets[-1], max_tokens))  # and again once torch.compile marks the lengths dynamic
-    hf_runs[f"batch {best}, static cache, torch.compile"] = [timed(hf.generate, requests(x, max_tokens)) for x in sets]
+    hf_runs[f"batch {hf.batch_size}, static cache, torch.compile"] = passes(hf.generate)
     del hf
     for how, runs in hf_runs.items():
         print(f"(a) TransformersEngine {how}: {spread(rates(tok, runs))}", flush=True)
-    hf_how = max(hf_runs, key=lambda h: statistics.median(rates(tok, hf_runs[h])))
+    hf_how = fastest(hf_runs)
     # plain vLLM at its best, compiled as the actor is: its default (the engine core in a process of
     # its own) and the core in the caller's process (what the actor does on CPUs), each in a fresh
     # process; the faster counts
@@ -159,7 +167,7 @@ def part_a(model_dir: str, tok, sets: list[list[str]], warm: list[str], max_toke
     for mp, runs in plains.items():
         print(f"(a) plain vLLM compiled, engine core {'in its own process' if mp else 'in the caller'}: "
               f"{spread(rates(tok, runs))}", flush=True)
-    plain = max(plains.values(), key=lambda runs: statistics.median(rates(tok, runs)))
+    plain = plains[fastest(plains)]
     first = actor[True][0][1]
     return {"start_s": start_s, "actor": rates(tok, actor[True]), "eager": rates(tok, actor[False]),
             "hf": rates(tok, hf_runs[hf_how]), "hf_how": hf_how, "plain": rates(tok, plain),

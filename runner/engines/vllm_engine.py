@@ -31,12 +31,12 @@ def engine_kwargs(cfg: EngineConfig, gpu: bool) -> dict:
     kwargs = dict(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
                   enforce_eager=not (gpu or cfg.cpu_compile), tensor_parallel_size=cfg.tensor_parallel,
                   trust_remote_code=cfg.trust_remote_code, enable_prefix_caching=True)
-    if not gpu:
-        kwargs["block_size"] = CPU_BLOCK_SIZE
     if gpu:
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         if cfg.kv_cache_gb is not None:
             kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gb * 2 ** 30)
+    else:
+        kwargs["block_size"] = CPU_BLOCK_SIZE
     if merges_adapters(cfg, gpu):
         kwargs["worker_extension_cls"] = "runner.engines.merge.MergedWeights"
     elif cfg.enable_lora:
