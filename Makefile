@@ -36,7 +36,8 @@ demo: models
 	$(BIN)/valind run jobs/demo.yaml
 
 test: models
-	$(BIN)/python -m pytest -q
+	# the slowest tests' times in every CI log: CI has 45 minutes
+	$(BIN)/python -m pytest -q --durations=20
 
 test-fast: models
 	$(BIN)/python -m pytest -q -m "not slow"
