@@ -35,8 +35,8 @@ models: setup
 demo: models
 	$(BIN)/valind run jobs/demo.yaml
 
+# --durations: the slowest tests' times in every CI log (CI has 45 minutes)
 test: models
-	# the slowest tests' times in every CI log: CI has 45 minutes
 	$(BIN)/python -m pytest -q --durations=20
 
 test-fast: models
@@ -45,6 +45,7 @@ test-fast: models
 bench: models
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/generate_throughput.py
+	$(BIN)/python bench/gemm_libraries.py
 	$(BIN)/python bench/lora_generate.py
 	$(BIN)/python bench/multi_adapter.py
 
