@@ -16,9 +16,16 @@ import time
 import torch
 import torch.nn.functional as F
 
-# SmolLM2-135M as vLLM runs it: fused q/k/v (576 + 2 × 192), o_proj, fused gate/up (2 × 1536), down, lm_head
-SHAPES = {"qkv_proj": (576, 960), "o_proj": (576, 576), "gate_up_proj": (576, 3072), "down_proj": (1536, 576),
-          "lm_head": (576, 49152)}
+
+def shapes(model_dir: str) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear layer as vLLM runs the model: q/k/v fused, gate/up fused."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    h, head = c.hidden_size, c.hidden_size // c.num_attention_heads
+    return {"qkv_proj": (h, h + 2 * c.num_key_value_heads * head), "o_proj": (h, h),
+            "gate_up_proj": (h, 2 * c.intermediate_size), "down_proj": (c.intermediate_size, h),
+            "lm_head": (h, c.vocab_size)}
 
 
 def seconds(fn, min_time: float = 0.5) -> float:
@@ -38,12 +45,15 @@ def main() -> None:
     args = ap.parse_args()
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
+    from runner.models import prepare_smollm2
+
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     torch.manual_seed(0)
     print(f"fp32, {torch.get_num_threads()} threads; OURS = vLLM-CPU oneDNN linear, BASELINE = torch F.linear "
           f"({'MKL' if torch.backends.mkl.is_available() else 'no MKL'})")
+    layers = shapes(str(prepare_smollm2()))
     for m in map(int, args.rows.split(",")):
-        for name, (k, n) in SHAPES.items():
+        for name, (k, n) in layers.items():
             x, layer = torch.randn(m, k), torch.nn.Linear(k, n, bias=False)
             dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
             w = layer.weight.data
