@@ -9,6 +9,8 @@ exit codes:
 from __future__ import annotations
 
 import argparse
+import errno
+import json
 import os
 import sys
 from pathlib import Path
@@ -45,9 +47,13 @@ def cmd_validate(args) -> int:
     return 0
 
 
+AMEND = ("make this spec the study's own although it changes what the study computes (units whose inputs "
+         "changed are recomputed, the others kept); without it such a spec is refused")
+
+
 def cmd_stage(args) -> int:
     study = _study(args)
-    out = study.run(until=args.stage)
+    out = study.run(until=args.stage, amend=args.amend)
     if args.stage == "analyze":
         _print_where(study, out)
     return 0
@@ -85,25 +91,25 @@ def cmd_status(args) -> int:
 
     study = _study(args)
     rows = study.status()
+    states = ("done", "failed", "invalid", "missing")
     table = Table(title=f"study {study.spec.study.name} — {study.root}")
-    for col in ("stage", "done", "failed", "missing"):
+    for col in ("stage", *states):
         table.add_column(col)
     for stage in dict.fromkeys(r["stage"] for r in rows):
         rs = [r for r in rows if r["stage"] == stage]
-        count = {s: sum(r["state"] == s for r in rs) for s in ("done", "failed", "missing")}
-        table.add_row(stage, str(count["done"]), str(count["failed"]), str(count["missing"]))
+        table.add_row(stage, *(str(sum(r["state"] == s for r in rs)) for s in states))
     Console().print(table)
     done = sum(r["state"] == "done" for r in rows)
     print(f"{done}/{len(rows)} units done" + (" — the study is complete" if done == len(rows) else ""))
     if not study.runs_known():
         print("runs: listed once curate is done (data.subset_size: all drops values below min_subset_size)")
     for r in rows:
-        if r["state"] == "failed":
-            err = study.store.failed(r["stage"], r["key"]) or {}
-            print(f"failed: {r['stage']} {r['unit']}: {err.get('error')}")
-    ann = study.store.unit("annotate", study.key("annotate")) / "drops.json"
-    if ann.exists():
-        print(f"dropped pairs by reason: {ann.read_text().strip()}")
+        if r["state"] in ("failed", "invalid"):
+            print(f"{r['state']}: {r['stage']} {r['unit']}: {r['why']}"
+                  + (" (the next run recomputes it)" if r["state"] == "invalid" else ""))
+    drops = study.store.info("annotate", study.key("annotate")).get("drops")
+    if drops:
+        print(f"dropped pairs by reason: {json.dumps(drops)}")
     return 0
 
 
@@ -176,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(fn=cmd_validate)
     r = sub.add_parser("run", help="run the whole study (cached stages are skipped)")
     r.add_argument("spec")
+    r.add_argument("--amend", action="store_true", help=AMEND)
     r.set_defaults(fn=cmd_stage, stage="analyze")
     for stage, help_ in [("annotate", "judge the preference pairs for values"),
                          ("curate", "build value subsets, random controls and the held-out split"),
@@ -185,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                          ("report", "statistics and the HTML report")]:
         s = sub.add_parser(stage, help=f"{help_} (runs earlier stages as needed)")
         s.add_argument("spec")
+        s.add_argument("--amend", action="store_true", help=AMEND)
         s.set_defaults(fn=cmd_stage, stage="analyze" if stage == "report" else stage)
         if stage == "annotate":
             s.add_argument("--audit", type=int, metavar="N", help="write N stratified annotations as CSV for labelling")
@@ -234,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except ValindError as e:
         return _fail(e)
+    except OSError as e:  # a full disk where no store write caught it: a message, never a traceback
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        return _fail(ValindError(f"no space left on the device ({e.filename or e}): free some space and rerun; "
+                                 "finished units are kept"))
 
 
 def _fail(e: ValindError) -> int:

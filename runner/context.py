@@ -55,6 +55,7 @@ class StudyContext:
         self._model_ids: dict[str, str] = {}
         self._tokenizers: dict[str, Any] = {}
         self._data_marker: str | None = None
+        self.revisions: dict[str, str] = {}  # hub models' commits (model name -> sha), see model_revision
         self._tracker = None
 
     # ---------------------------------------------------------------- keys
@@ -70,21 +71,50 @@ class StudyContext:
         self._keys.clear()
 
     def data_marker(self) -> str:
-        """The data directory as an input: its files' names, sizes and times."""
+        """The data directory as an input: its files' names and contents."""
         if self._data_marker is None:
+            from runner.fingerprint import dir_fingerprint
             d = self.data_dir
-            self._data_marker = "" if not d or not d.exists() else content_hash(sorted(
-                (str(p.relative_to(d)), p.stat().st_size, int(p.stat().st_mtime)) for p in d.rglob("*") if p.is_file()))
+            self._data_marker = dir_fingerprint(d, full=True) if d and d.is_dir() else ""
         return self._data_marker
+
+    def local_sources(self) -> dict[str, str]:
+        """The content of each local preference file (data.sources[i].path) as an input."""
+        from runner.data.sources import local_path
+        from runner.fingerprint import file_fingerprint
+        out = {}
+        for i, src in enumerate(self.spec.data.sources):
+            if src.path:
+                p = local_path(src, self.data_dir)
+                out[f"{i}:{src.path}"] = file_fingerprint(p, full=True) if p.is_file() else "missing"
+        return out
 
     # -------------------------------------------------------------- models
     def model_path(self, name_or_path: str) -> str:
-        return model_registry.resolve(self.spec.model(name_or_path).path)
+        """A local directory of the model: a builtin's, a local one, or a hub model's snapshot at its
+        commit (downloaded by the driver on first need, so every worker loads the same files)."""
+        m = self.spec.model(name_or_path)
+        if model_registry.is_hub_id(m.path):
+            return model_registry.hub_snapshot(m.path, self.model_revision(name_or_path))
+        return model_registry.resolve(m.path)
+
+    def model_revision(self, name_or_path: str) -> str | None:
+        """A hub model's commit (models[i].revision resolved once, or as recorded by the study's first
+        run: `revisions`); None for builtins and local directories."""
+        m = self.spec.model(name_or_path)
+        if not model_registry.is_hub_id(m.path):
+            return None
+        if m.name not in self.revisions:
+            self.revisions[m.name] = model_registry.hub_commit(m.path, m.revision)
+        return self.revisions[m.name]
 
     def model_id(self, name_or_path: str) -> str:
+        """A model as a key input: its weights' content (or hub commit), chat template and remote code."""
         if name_or_path not in self._model_ids:
             m = self.spec.model(name_or_path)
-            self._model_ids[name_or_path] = content_hash(model_registry.identity(m.path), m.chat_template)
+            self._model_ids[name_or_path] = content_hash(
+                model_registry.identity(m.path, self.model_revision(name_or_path)), self.chat_template(name_or_path),
+                m.trust_remote_code)
         return self._model_ids[name_or_path]
 
     def chat_template(self, name: str) -> str | None:
@@ -98,8 +128,11 @@ class StudyContext:
         spec's) is refused here, where the tokenizer is first seen."""
         if name not in self._tokenizers:
             from transformers import AutoTokenizer
-            tok = AutoTokenizer.from_pretrained(self.model_path(name),
-                                                trust_remote_code=self.spec.model(name).trust_remote_code)
+            m = self.spec.model(name)
+            hub = model_registry.is_hub_id(m.path)  # its tokenizer files only, not the weights
+            tok = AutoTokenizer.from_pretrained(m.path if hub else self.model_path(name),
+                                                revision=self.model_revision(name) if hub else None,
+                                                trust_remote_code=m.trust_remote_code)
             if tok.chat_template is None and self.chat_template(name) is None:
                 raise SpecError("spec", [self._template_field(name)])
             self._tokenizers[name] = tok

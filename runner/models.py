@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -109,6 +110,11 @@ def prepare_tiny(root: Path | None = None, seed: int = 0, name: str = "tiny-llam
     return _publish(tmp, final)
 
 
+def is_hub_id(path: str) -> bool:
+    """Not a builtin and not a local directory: a Hugging Face hub id."""
+    return path not in BUILTINS and not Path(path).expanduser().exists() and not path.startswith((".", "/", "~"))
+
+
 def resolve(path: str) -> str:
     """A builtin name → its prepared local dir; a local dir → itself; anything else is a hub id."""
     if path == "smollm2-135m":
@@ -125,13 +131,60 @@ def resolve(path: str) -> str:
     return path  # a hub id: loads where a hub is reachable
 
 
-def identity(path: str) -> str:
-    """What a model's outputs depend on, for cache keys: builtin name, hub id or a local dir's config."""
-    if path in BUILTINS or not Path(path).expanduser().exists():
-        return path
-    p = Path(path).expanduser()
-    return json.dumps({"config": (p / "config.json").read_text() if (p / "config.json").exists() else "",
-                       "dir": str(p.resolve())}, sort_keys=True)
+def identity(path: str, revision: str | None = None) -> str:
+    """What a model's outputs depend on, for cache keys: a local directory's (a prepared builtin's)
+    content fingerprint (runner.fingerprint), or a hub id with the commit it is loaded at."""
+    if is_hub_id(path):
+        if not revision:
+            raise ModelError(f"{path}: a hub model is keyed by its commit; resolve it first (hub_commit)")
+        return f"hub:{path}@{revision}"
+    from runner.fingerprint import dir_fingerprint
+    return f"dir:{dir_fingerprint(Path(resolve(path)))}"
+
+
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def hub_commit(repo_id: str, revision: str | None = None) -> str:
+    """The commit a hub model's revision (branch, tag or commit; default "main") points to: asked of
+    the hub, or, offline, read from the local Hugging Face cache."""
+    if revision and COMMIT.fullmatch(revision):
+        return revision
+    from huggingface_hub import constants
+    err = "HF_HUB_OFFLINE is set"
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            from huggingface_hub import HfApi
+            return HfApi().model_info(repo_id, revision=revision or "main").sha
+        except Exception as e:  # unreachable, gated, unknown: the cache may still know it
+            err = f"{type(e).__name__}: {e}"
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / (revision or "main")
+    if ref.is_file():
+        return ref.read_text().strip()
+    raise ModelError(f"{repo_id}: cannot resolve revision {revision or 'main'!r} to a commit ({err}; not in the "
+                     f"local cache {constants.HF_HUB_CACHE}): give models[i].revision as a 40-hex commit, or a "
+                     "local directory")
+
+
+WEIGHTS = ("*.safetensors", "*.bin")
+FILES = ("*.json", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken")  # config, tokenizer, remote code
+
+
+def hub_snapshot(repo_id: str, commit: str) -> str:
+    """A hub model's files at `commit`, in the Hugging Face cache (downloaded if missing): its config,
+    tokenizer and weights (safetensors where it has them, else .bin; never both, nor `original/`)."""
+    from huggingface_hub import constants, snapshot_download
+
+    def fetch(patterns):
+        return snapshot_download(repo_id, revision=commit, allow_patterns=[*FILES, *patterns],
+                                 ignore_patterns=["original/*"], local_files_only=constants.HF_HUB_OFFLINE)
+    try:
+        path = Path(fetch(WEIGHTS[:1]))
+        if not any(path.glob("*.safetensors")):
+            path = Path(fetch(WEIGHTS[1:]))
+    except Exception as e:
+        raise ModelError(f"{repo_id}@{commit}: cannot get the model's files ({type(e).__name__}: {e})") from None
+    return str(path)
 
 
 def prepare_all() -> dict[str, Path]:

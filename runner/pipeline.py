@@ -6,6 +6,8 @@ resumes from the last finished unit (annotation batch, training cell, run).
 """
 from __future__ import annotations
 
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -19,9 +21,10 @@ from runner.progress import say
 from runner.secrets import redact
 from runner.seeds import SeedBook
 from runner.spec import Spec, parse_condition
-from runner.stages import KEYS, STAGES, analyze, annotate
+from runner.stages import FOLDER_STAGE, KEYS, STAGES, analyze, annotate
 from runner.stages.train import TRAIN, cell_timings
-from runner.store import read_json
+from runner.store import MISSING, StoreError, read_json, sweep
+from runner.study_dir import StudyLock, claim, record_revisions, recorded_revisions
 
 __all__ = ["Study", "Run", "StageError", "STAGES"]
 
@@ -34,6 +37,7 @@ class Study:
         self.ctx = StudyContext(spec, spec_text, self.root, runs=self.runs, runs_table=self.runs_table,
                                 need=self.need, seeds=self.seeds)
         self.store = self.ctx.store
+        self.ctx.revisions.update(recorded_revisions(self.root, spec))  # hub commits of its first run
         self._done: dict[str, Any] = {}  # stage results within this process
         self.stage_seconds: dict[str, float] = {}
         self.stage_startup: dict[str, tuple[float, float]] = {}  # stage -> (start-up s, busy s)
@@ -82,11 +86,64 @@ class Study:
         if stage not in self._done:
             if self.on_stage:
                 self.on_stage(stage)
+            if self.store.heal:
+                self._check_space(stage)
             t0, since, pools = time.perf_counter(), time.time(), len(self.ctx.pools.opened)
-            self._done[stage] = STAGES[stage].run(self.ctx)
+            self._done[stage] = self._healing(stage)
             self.stage_seconds[stage] = time.perf_counter() - t0
             self.stage_startup[stage] = self._startup(stage, since, pools)
         return self._done[stage]
+
+    def _healing(self, stage: str):
+        """Run a stage. A unit of an earlier stage whose file it cannot read is cleared and recomputed
+        (each once), and the stage runs again: the broken upstream unit is redone, not this one failed."""
+        healed: set[tuple[str, str]] = set()
+        while True:
+            try:
+                return STAGES[stage].run(self.ctx)
+            except StoreError as e:
+                unit = self._unit_of(e.path)
+                if (not self.store.heal or unit is None or unit in healed
+                        or FOLDER_STAGE.get(unit[0], stage) == stage):
+                    raise
+                healed.add(unit)
+                self.store.invalidate(*unit, e.path, f"{stage} could not read it ({e})")
+                order = list(STAGES)
+                for st in order[order.index(FOLDER_STAGE[unit[0]]):order.index(stage)]:
+                    self._done.pop(st, None)
+
+    def _unit_of(self, path: Path | None) -> tuple[str, str] | None:
+        """(store folder, key) of a file inside a unit, else None."""
+        try:
+            folder, key, *_ = Path(path).relative_to(self.root / "stages").parts
+            return folder, key
+        except (TypeError, ValueError):
+            return None
+
+    def _check_space(self, stage: str) -> None:
+        """Refuse to start a stage whose outputs (runner.plan.disk_bytes, for its units not yet done)
+        do not fit the free space of the study directory's filesystem, naming the shortfall."""
+        from runner.plan import PlanError, disk_bytes
+        try:
+            need = disk_bytes(self.spec)[stage] * self._pending(stage)
+        except PlanError:  # a source of unknown size: nothing to check against
+            return
+        free = shutil.disk_usage(self.root).free
+        if need > free:
+            raise StoreError(f"{self.root}: {stage} is expected to write about {need / 1e9:,.2f} GB (valind plan's "
+                             f"disk estimate) and {free / 1e9:,.2f} GB is free: short by {(need - free) / 1e9:,.2f} GB. "
+                             "Free space, or set study.output_dir on a larger filesystem; finished units are kept")
+
+    def _pending(self, stage: str) -> float:
+        """The share of a stage's units not done yet."""
+        if stage in ("train", "generate", "score"):
+            if not self.runs_known():
+                return 1.0
+            runs = self.runs()
+            keys = ([r.cell_key for r in runs if r.cell_key and r.final] if stage == "train"
+                    else [self.key(stage, r) for r in runs])
+            return sum(not self.store.done(stage, k) for k in keys) / max(1, len(keys))
+        return 0.0 if self.store.done(stage, self.key(stage)) else 1.0
 
     def _startup(self, stage: str, since: float, pools: int) -> tuple[float, float]:
         """(start-up seconds, busy seconds) of a stage that just ran: its engine pools' starts against
@@ -107,18 +164,33 @@ class Study:
             lines.append(f"  {stage:<9} {wall:6.0f}s{share}")
         return lines
 
-    def run(self, until: str = "analyze") -> Path | None:
-        """Run the study up to (and including) a stage."""
+    def run(self, until: str = "analyze", amend: bool = False) -> Path | None:
+        """Run the study up to (and including) a stage, as the study directory's one driver."""
+        with StudyLock(self.root, " ".join(sys.argv) or "valind"):
+            return self._run(until, amend)
+
+    def _start(self, amend: bool) -> None:
+        """Before any compute: the directory's spec, its leftovers, tracking, models."""
         from runner.tracking import check_cluster_tracking, tracking_uri
 
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.store.heal = True  # this driver holds the lock: it may clear units that fail verification
+        gone = sweep(self.root)
+        if gone:
+            say(f"removed {len(gone)} temporary file(s) left by stopped runs")
+        claim(self.root, self.spec, amend)
+        self.ctx.revisions.update(recorded_revisions(self.root, self.spec))
         (self.root / "spec.yaml").write_text(redact(self.spec_text))
         s = self.spec
         engines = [e for e in (s.engine, s.annotate.engine, s.generate.engine) if e]
         check_cluster_tracking(tracking_uri(s.tracking.uri, self.root),
                                max([s.train.gpus_per_worker] + [e.gpus_per_actor for e in engines]))
         _ = self.ctx.tracker  # MLflow must be reachable before any compute
-        self.ctx.check_chat_templates()  # and every model must have a chat template
+        self.ctx.check_chat_templates()  # and every model must have a chat template (hub commits resolved)
+        record_revisions(self.root, self.spec, self.ctx.revisions)
+
+    def _run(self, until: str, amend: bool) -> Path | None:
+        self._start(amend)
+        s = self.spec
         t0 = time.perf_counter()
         result = None
         try:
@@ -151,7 +223,9 @@ class Study:
         return add
 
     def audit(self, n: int | None = None, labels: Path | None = None) -> Path:
-        return annotate.audit(self.ctx, n, labels)
+        with StudyLock(self.root, " ".join(sys.argv) or "valind annotate --audit"):
+            self._start(amend=False)
+            return annotate.audit(self.ctx, n, labels)
 
     def sensitivity_lines(self) -> list[str]:
         """The positive control's verdict per model (`valind run`'s last words)."""
@@ -159,7 +233,7 @@ class Study:
 
     # ----------------------------------------------------------------- status
     def status(self) -> list[dict]:
-        """Every unit of the study: stage, unit, key, and state (done | failed | missing)."""
+        """Every unit of the study: stage, unit, key, state (done | failed | invalid | missing) and why."""
         units = [("annotate", "annotations", self.key("annotate"))]
         if self.spec.annotate.check:
             units.append(("annotate_check", "labeller check", self.key("annotate_check")))
@@ -169,6 +243,13 @@ class Study:
             units += [("train", r.run_id, r.cell_key) for r in runs if r.cell_key and r.final]
             units += [(stage, r.run_id, self.key(stage, r)) for stage in ("generate", "score") for r in runs]
             units.append(("analyze", "report", self.key("analyze")))
-        return [{"stage": st, "unit": u, "key": k,
-                 "state": "done" if self.store.done(st, k) else "failed" if self.store.failed(st, k) else "missing"}
-                for st, u, k in units]
+        return [{"stage": st, "unit": u, "key": k, **self._state(st, k)} for st, u, k in units]
+
+    def _state(self, stage: str, key: str) -> dict:
+        """A unit's state: done, failed (its error), invalid (why: it is recomputed by the next run), missing."""
+        why = self.store.problem(stage, key)
+        if why is None:
+            return {"state": "done"}
+        if (err := self.store.failed(stage, key)) is not None:
+            return {"state": "failed", "why": err.get("error")}
+        return {"state": "missing"} if why == MISSING else {"state": "invalid", "why": why}

@@ -385,6 +385,40 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
     return plan
 
 
+# Bytes a study writes per stage, for the free-space check before each stage (`Study.run`) and
+# `valind plan`: upper bounds from the counts, at one byte per character of text.
+VERDICT_BYTES, SCORE_ROW_BYTES, ANALYSIS_BYTES = 600, 1_500, 50e6
+
+
+def disk_bytes(spec: Spec) -> dict[str, float]:
+    """Estimated bytes each stage writes under the study directory (training: the published adapters
+    or models, every train.eval_at point, and the checkpoints of the cells training at once)."""
+    pairs, t, g = source_pairs(spec), spec.train, spec.generate
+    conds, seeds = len(spec.conditions()), len(spec.seeds.values)
+    subset = spec.data.subset_size if isinstance(spec.data.subset_size, int) else pairs
+    cells = conds * seeds
+    model_bytes = 0.0
+    for m in spec.models:
+        n = params_b(m.name, m.path, m.params_b) * 1e9
+        kept = n * LORA_TRAINABLE * 4 if t.finetune == "lora" else n * (2 if t.bf16 in (True, "auto") else 4)
+        state = kept * 4 if t.finetune == "lora" else n * 16  # weights, Adam moments, fp32 master copy
+        at_once = min(cells, spec.cluster.nodes * spec.cluster.gpus_per_node if spec.cluster else 1)
+        model_bytes += cells * kept * len(t.eval_at) + at_once * state
+    st = suite_settings(spec)
+    per_run = 0
+    for name in eval_suites(spec):
+        suite = suites.get(name)
+        n_items = suite.n_items + (int(pairs * spec.data.held_out_fraction) if suite.held_out else 0)
+        per_run += min(n_items, suite.limit(st) or n_items)
+    runs = len(spec.models) * (1 + cells * len(t.eval_at))
+    return {"annotate": pairs * (spec.data.max_chars + 2 * VERDICT_BYTES),
+            "curate": (conds + 1) * subset * spec.data.max_chars,
+            "train": model_bytes,
+            "generate": runs * per_run * g.sampling.max_tokens * 4 * 2,  # ~4 bytes a token, follow-ups
+            "score": runs * per_run * SCORE_ROW_BYTES,
+            "analyze": ANALYSIS_BYTES}
+
+
 def group_saving(spec: Spec, gpu_gb: float, slots: int) -> str | None:
     """What training LoRA cells in groups (runner.train.group, the mLoRA idea) saves on the cluster:
     worker-group start-ups and base-model copies; None when every cell trains alone."""
@@ -436,4 +470,7 @@ def render(plan: Plan, title: str) -> None:
 def plan_spec(spec: Spec, title: str) -> Plan:
     plan = estimate(spec, measured_rps=measured_judge_rps(spec))
     render(plan, title)
+    disk = disk_bytes(spec)
+    print(f"disk: about {sum(disk.values()) / 1e9:,.1f} GB under the study directory ("
+          + ", ".join(f"{k} {v / 1e9:,.2g}" for k, v in disk.items()) + " GB); each stage checks its share is free")
     return plan

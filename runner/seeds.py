@@ -1,21 +1,25 @@
-"""seeds.adaptive's state in the study directory: the seeds added per condition
-(adaptive_seeds.json) and every round's watched contrasts (adaptive_trajectory.json). The decision
-itself is evaluation.adaptive.decide, a pure function."""
+"""seeds.adaptive's state in the study directory: the seeds added per condition (seeds.json) and
+every round's watched contrasts (trajectory.json), under a key of the spec that wrote them
+(stages/adaptive/<key>/), so a spec without seeds.adaptive, or another spec, never reads them. The
+decision itself is evaluation.adaptive.decide, a pure function."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 
 from runner.spec import parse_condition
-from runner.store import read_json, write_json
+from runner.stages.keys import ADAPTIVE
+from runner.store import read_state, write_json
 
 
 class SeedBook:
     def __init__(self, spec, root: Path):
-        self.spec, self.root = spec, root
-        path = root / "adaptive_seeds.json"
-        self.extra: dict[str, list[int]] = read_json(path) if path.exists() else {}
+        self.spec = spec
+        self.dir = Path(root) / "stages" / "adaptive" / ADAPTIVE.compute(SimpleNamespace(spec=spec))
+        extra = read_state(self.dir / "seeds.json", {}) if spec.seeds.adaptive else {}
+        self.extra: dict[str, list[int]] = extra if isinstance(extra, dict) else {}
 
     def seeds(self, condition: str) -> list[int]:
         return list(self.spec.seeds.values) + self.extra.get(condition, [])
@@ -37,7 +41,7 @@ class SeedBook:
         targets = set(conditions) | {c for c in self.spec.conditions() if reference(c)}
         for cond in sorted(targets):
             self.extra.setdefault(cond, []).append(seed)
-        write_json(self.extra, self.root / "adaptive_seeds.json")
+        write_json(self.extra, self.dir / "seeds.json")
         return seed
 
     def decide(self, con: pd.DataFrame):
@@ -51,8 +55,8 @@ class SeedBook:
         return decision, snapshot(con, decision, ad.metrics, ad.conditions)
 
     def _rounds(self) -> dict[str, list[dict]]:
-        path = self.root / "adaptive_trajectory.json"
-        return read_json(path) if path.exists() else {}
+        rounds = read_state(self.dir / "trajectory.json", {})
+        return rounds if isinstance(rounds, dict) else {}
 
     def trajectory(self, con: pd.DataFrame, round_key: str) -> pd.DataFrame | None:
         """The watched contrasts of every round so far, this one (`round_key`) included."""
@@ -66,7 +70,7 @@ class SeedBook:
         decision, rows = self.decide(con)
         rounds = self._rounds()
         rounds[round_key] = rows
-        write_json(rounds, self.root / "adaptive_trajectory.json")
+        write_json(rounds, self.dir / "trajectory.json")
         return decision.add, {c: why for c, why in decision.reasons.items() if c not in decision.add}
 
     def note(self) -> str | None:

@@ -52,6 +52,17 @@ class ModelSpec(_Section):
     chat_template: str | None = Field(default=None, validate_default=True)
     trust_remote_code: bool = False
     params_b: float | None = Field(default=None, gt=0)  # size in billions for `valind plan`; None = from the name
+    # A hub model's branch, tag or commit: resolved to its commit when the study first runs and that
+    # commit used throughout (the study's study.json keeps it, MLflow records it); None: "main" then.
+    revision: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @field_validator("revision")
+    @classmethod
+    def _hub_only(cls, v: str | None, info: ValidationInfo) -> str | None:
+        path = info.data.get("path") or ""
+        if v is not None and (path in ("smollm2-135m", "tiny-llama") or path.startswith((".", "/", "~"))):
+            raise ValueError(f"a revision pins a hub model's commit; {path!r} is a builtin or a local directory")
+        return v
 
     @field_validator("chat_template")
     @classmethod

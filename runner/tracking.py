@@ -18,12 +18,13 @@ from urllib.parse import urlparse
 
 from evaluation.errors import ValindError
 from runner.secrets import redact, secret_values
+from runner.spec import content_hash
 from runner.store import read_json, read_parquet, safe_name
 
 if TYPE_CHECKING:
     import pandas as pd
 
-STUDY_TAG, RUN_TAG, KIND_TAG = "valind.study", "valind.run_id", "valind.kind"
+STUDY_TAG, RUN_TAG, KIND_TAG, CELL_TAG = "valind.study", "valind.run_id", "valind.kind", "valind.cell_key"
 MODEL_STAGE_TAG = "valind.model_stage"  # base | sft | instruct: filter and group runs by it in the UI
 GROUP_KEYS = ("model", "condition", "value", "seed")  # child-run tags valind.<key> beside the params (and valind.kind)
 VERDICT_STATS = ("effect", "ci_lo", "ci_hi", "p_holm")  # per headline contrast (evaluation.analyze.verdicts)
@@ -160,27 +161,31 @@ class Tracker:
         self.mlflow = mlflow
         self._runs: dict[str, str] = {}
 
-    def _find(self, run_key: str, kind: str, parent: str | None) -> str:
-        if run_key in self._runs:
-            return self._runs[run_key]
-        flt = f"tags.`{STUDY_TAG}` = '{self.study}' and tags.`{RUN_TAG}` = '{run_key}'"
+    def _find(self, run_key: str, kind: str, parent: str | None, cell: str = "") -> str:
+        """The run of (run_key, cell), found by its tags, else created: never a second one."""
+        if (run_key, cell) in self._runs:
+            return self._runs[run_key, cell]
+        flt = (f"tags.`{STUDY_TAG}` = '{self.study}' and tags.`{RUN_TAG}` = '{run_key}'"
+               + (f" and tags.`{CELL_TAG}` = '{cell}'" if cell else ""))
         found = _retry(self.client.search_runs, [self.experiment_id], flt, max_results=1)
         if found:
             run_id = found[0].info.run_id
         else:
-            tags = {STUDY_TAG: self.study, RUN_TAG: run_key, KIND_TAG: kind}
+            tags = {STUDY_TAG: self.study, RUN_TAG: run_key, KIND_TAG: kind, **({CELL_TAG: cell} if cell else {})}
             if parent:
                 tags["mlflow.parentRunId"] = parent
             run = _retry(self.client.create_run, self.experiment_id, tags=tags, run_name=run_key)
             run_id = run.info.run_id
-        self._runs[run_key] = run_id
+        self._runs[run_key, cell] = run_id
         return run_id
 
     def parent(self) -> str:
         return self._find(f"study:{self.study}", "study", None)
 
-    def child(self, run_key: str, kind: str) -> str:
-        return self._find(run_key, kind, self.parent())
+    def child(self, run_key: str, kind: str, cell: str) -> str:
+        """An evaluated model's run: one per (run id, trained cell); a cell trained anew under changed
+        settings (valind run --amend) is another model, with its own run and params."""
+        return self._find(run_key, kind, self.parent(), cell)
 
     # --- idempotent logging -----------------------------------------------------------
     def _mark(self, run_id: str, what: str) -> Path:
@@ -232,9 +237,11 @@ class Tracker:
         """A table artifact MLflow's UI shows as a table and `mlflow.load_table` reads back."""
         _retry(self.client.log_table, run_id, df, artifact_file)
 
-    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            _retry(self.client.set_tag, run_id, k, redact(str(v)))
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+        new = [RunTag(k[:250], redact(str(v))[:8000]) for k, v in tags.items()]
+        for i in range(0, len(new), 100):
+            _retry(self.client.log_batch, run_id, tags=new[i:i + 100])
 
     def finish(self, run_id: str) -> None:
         _retry(self.client.set_terminated, run_id, "FINISHED")
@@ -295,7 +302,7 @@ def run_params(r) -> dict:
 def log_run(tr, r, params: dict | None = None) -> str:
     """A run's child: its params (run_params + `params`) and, as tags too (the UI groups and filters
     by either), model, stage, condition, kind, value and seed."""
-    rid = tr.child(r.run_id, r.kind)
+    rid = tr.child(r.run_id, r.kind, r.cell_key or "base")
     tr.log_params(rid, {**run_params(r), **(params or {})})
     tr.set_tags(rid, {MODEL_STAGE_TAG: r.stage, **{f"valind.{k}": v for k, v in run_params(r).items()
                                                   if k in GROUP_KEYS}})
@@ -318,8 +325,9 @@ def log_training(ctx, cells: list) -> None:
     tr = ctx.tracker
     for r in cells:
         unit = ctx.store.unit("train", r.cell_key)
-        ran = read_json(unit / "cell.json")
+        ran = read_json(unit / "cell.json")  # verified with its unit: readable
         rid = log_run(tr, r, {**flatten("train", ran["train"]), "cell_key": r.cell_key, "curate_key": CURATE(ctx),
+                              "model_revision": ctx.model_revision(r.model) or "",
                               "system_prompt_text": ran.get("system_prompt") or ""})  # this cell's, resolved
         tr.once(rid, f"train-{r.cell_key}", lambda: (
             tr.log_history(rid, [json.loads(x) for x in (unit / "metrics.jsonl").read_text().splitlines()]),
@@ -343,6 +351,24 @@ def log_check(tr, agree, unit: Path, key: str) -> None:
         tr.log_artifacts(parent, unit / "agreement.csv", "annotate_check")))
 
 
+def log_study(ctx, parent: str) -> None:
+    """The study's current spec on its parent run, as tags: MLflow params cannot change, and a study
+    directory's spec may grow (more seeds, values, models) or be amended (valind run --amend)."""
+    from runner.stages.annotate import ANNOTATE
+    from runner.stages.curate import CURATE
+    from runner.stages.keys import result_view
+
+    tr, s = ctx.tracker, ctx.spec
+    spec_hash = content_hash(result_view(s))
+    revisions = {f"revision.{m.name}": ctx.model_revision(m.name) for m in s.models if ctx.model_revision(m.name)}
+    tr.once(parent, f"spec-{spec_hash}", lambda: tr.set_tags(parent, {
+        "valind.spec_hash": spec_hash, "study": s.study.name, "models": ",".join(m.name for m in s.models),
+        "induced": ",".join(s.values.induced), "controls": s.controls.count,
+        "seeds": ",".join(map(str, s.seeds.values)), "annotate_key": ANNOTATE(ctx), "curate_key": CURATE(ctx),
+        **revisions, **flatten("spec", s.model_dump(mode="json", include={"annotate", "generate", "score", "engine",
+                                                                          "analyze", "train", "data"}))}))
+
+
 def log_analysis(ctx, unit: Path) -> None:
     """The parent run: the spec, data and curation figures, the report, the contrast table and the
     headline verdicts as metrics; each run's metrics and its condition's verdicts in its child."""
@@ -353,12 +379,7 @@ def log_analysis(ctx, unit: Path) -> None:
 
     tr, s = ctx.tracker, ctx.spec
     parent = tr.parent()
-    tr.log_params(parent, {"study": s.study.name, "models": ",".join(m.name for m in s.models),
-                           "induced": ",".join(s.values.induced), "controls": s.controls.count,
-                           "seeds": ",".join(map(str, s.seeds.values)), "annotate_key": ANNOTATE(ctx),
-                           "curate_key": CURATE(ctx),
-                           **flatten("spec", s.model_dump(mode="json", include={"annotate", "generate", "score",
-                                                                                 "engine", "analyze"}))})
+    log_study(ctx, parent)
     ann = ctx.store.info("annotate", ANNOTATE(ctx))
     tr.once(parent, f"data-{ANNOTATE(ctx)}", lambda: tr.log_metrics(parent, {
         "data/pairs": ann["pairs"], "data/unscored_responses": ann["unscored"],

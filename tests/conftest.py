@@ -27,3 +27,14 @@ def data_dir() -> Path:
 def tiny_model() -> str:
     from runner.models import prepare_tiny
     return str(prepare_tiny())
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """Hub ids in specs of key tests resolve to a made-up commit per (id, revision), as the hub would
+    answer (runner.models.hub_commit itself is tested against a local cache in tests/test_keys.py)."""
+    import hashlib
+
+    import runner.models
+    monkeypatch.setattr(runner.models, "hub_commit",
+                        lambda repo, revision=None: hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest())

@@ -149,7 +149,7 @@ def _check_study(tmp_path, sample=10):
     return study
 
 
-def test_the_check_runs_after_annotation_under_its_own_key(tmp_path, capsys, monkeypatch):
+def test_the_check_runs_after_annotation_under_its_own_key(tmp_path, capsys, monkeypatch, offline_hub):
     import mlflow
 
     from runner.stages import annotate

@@ -67,7 +67,7 @@ def test_overrides_and_measured_rates():
     assert spec_override_wins.rows[0].source == "spec plan:"
 
 
-def test_measured_rate_is_read_from_the_study_dir(tmp_path):
+def test_measured_rate_is_read_from_the_study_dir(tmp_path, offline_hub):
     from runner.pipeline import Study
     spec = _spec()
     assert measured_judge_rps(spec, base_dir=tmp_path) is None

@@ -301,8 +301,8 @@ def _fake_trained(study, bad: set[str] = frozenset(), plant: str | None = None) 
             (unit / "model" / "adapter_model.safetensors").write_bytes(b"\0" * 16)
         (unit / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.7 - s / 10}) + "\n"
                                                     for s in (1, 2)))
-        write_json({"cell_id": r.run_id, "note": plant or "", "train": study.spec.train.model_dump(mode="json"),
-                    "bf16": False}, unit / "cell.json")
+        write_json({"cell_id": r.run_id, "key": r.cell_key, "note": plant or "",
+                    "train": study.spec.train.model_dump(mode="json"), "bf16": False}, unit / "cell.json")
         study.store.mark_done("train", r.cell_key, {"run_id": r.run_id})
     return cells
 
@@ -333,11 +333,17 @@ def test_unit_without_done_marker_is_recomputed(tmp_path, monkeypatch):
     assert not store.done("generate", "k")
     # a training cell's dir without its atomically-published cell.json is not adopted either
     study = _study(tmp_path, monkeypatch)
+    study.store.mark_done("annotate", study.key("annotate"))
+    study.store.mark_done("curate", study.key("curate"))
     r = next(r for r in study.runs() if r.cell_key)
     (study.store.unit("train", r.cell_key) / "model").mkdir(parents=True)
     adopt(study.ctx, r)
     assert not study.store.done("train", r.cell_key)
-    (study.store.unit("train", r.cell_key) / "cell.json").write_text("{}")
+    # nor one whose cell.json was written for another key (other settings' leftovers)
+    (study.store.unit("train", r.cell_key) / "cell.json").write_text('{"key": "another"}')
+    adopt(study.ctx, r)
+    assert not study.store.done("train", r.cell_key)
+    (study.store.unit("train", r.cell_key) / "cell.json").write_text(json.dumps({"key": r.cell_key}))
     adopt(study.ctx, r)
     assert study.store.done("train", r.cell_key)
 
@@ -591,12 +597,15 @@ def test_printed_mlflow_ui_command_binds_localhost(tmp_path, capsys, monkeypatch
 def test_a_qa_failure_keeps_the_judged_runs(tmp_path, monkeypatch):
     """Judges run before QA; a QA failure marks the units failed, and the rerun judges nothing again."""
     from runner.stages import score
-    from runner.stages.generate import GENERATE
+    from runner.stages.generate import GENERATE, ITEMS
     from runner.store import write_parquet
 
     study = _study(tmp_path, monkeypatch, tracking={"uri": f"sqlite:///{tmp_path / 'm.db'}"},
                    score={"benchmarks": ["openbookqa"], "refusal_judges": ["strmatch"]})
     _fake_trained(study)
+    items = ITEMS(study.ctx)
+    write_parquet(pd.DataFrame({"suite": ["toy"], "item_id": ["i0"]}), study.store.unit("items", items) / "items.parquet")
+    study.store.mark_done("items", items)
     for r in study.runs():
         key = GENERATE(study.ctx, r)
         write_parquet(pd.DataFrame({"run_id": [r.run_id], "suite": ["toy"], "item_id": ["i0"], "response": ["hi"]}),

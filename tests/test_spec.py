@@ -133,7 +133,7 @@ def test_positive_control_validation_names_paths():
     assert "held_out_fraction" in e.value.problems[0][1]
 
 
-def test_positive_control_keys(tmp_path):
+def test_positive_control_keys(tmp_path, offline_hub):
     """The phrase enters curation, items and scores; positive.items enters the items key but not
     curation (no retraining for a bigger suite)."""
     from runner.pipeline import Study
@@ -242,7 +242,7 @@ def test_generation_system_prompt():
     assert generation_system_prompt(parse_spec(d), "value-humor", True) is None
 
 
-def test_system_prompts_enter_the_train_and_generate_keys(tmp_path):
+def test_system_prompts_enter_the_train_and_generate_keys(tmp_path, offline_hub):
     from runner.pipeline import Study
 
     def study(train_sp=None, gen_sp="none"):
@@ -272,7 +272,7 @@ def test_system_prompts_enter_the_train_and_generate_keys(tmp_path):
     assert fixed.key("generate", runs(fixed)["base"]) != fixed_gen.key("generate", runs(fixed_gen)["base"])
 
 
-def test_model_stage_and_base_models_need_a_chat_template(tmp_path):
+def test_model_stage_and_base_models_need_a_chat_template(tmp_path, offline_hub):
     d = _smoke()
     d["models"] = [{"name": "b", "path": "org/Model-8B", "stage": "base"}]
     assert [p for p, _ in _problems(d)] == ["models[0].chat_template"]

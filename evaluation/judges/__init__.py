@@ -12,6 +12,13 @@ from .sycophancy import score_sycophancy
 from .values import score_values
 
 
+def version(*judges) -> str:
+    """A suite's judges as a version string (their modules' VERSION and the shared plumbing's), for
+    the suite's `version`: bumping a judge then redoes exactly the scores of the suites that call it."""
+    from . import _common
+    return "+".join(f"{m.__name__.rsplit('.', 1)[1]}-{m.VERSION}" for m in (*judges, _common))
+
+
 def score_suite(suite: str, items: pd.DataFrame, generations: pd.DataFrame, engine: Engine | None = None,
                 settings=None) -> pd.DataFrame:
     """Run the judges of registered suite `suite` over `generations` (run_id, suite, item_id,

@@ -11,6 +11,9 @@ import pandas as pd
 
 from ..types import SCORE_COLUMNS, Engine, Message, ScoreRequest
 
+# Bump when the shared plumbing changes what any judge scores (the yes/no judge, joins, rows).
+VERSION = "1"
+
 NAN = float("nan")
 _THINK_RE = re.compile(r"<thinking>.*?(</thinking>|$)", re.S | re.I)
 

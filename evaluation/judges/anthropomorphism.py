@@ -13,6 +13,9 @@ import pandas as pd
 from ..types import Engine, Request
 from ._common import as_chat, records, render, row, straight_apostrophes, strip_thinking, to_frame
 
+# Bump when this judge's prompt, parsing or scoring changes: score keys hold it, so cached scores are redone.
+VERSION = "1"
+
 _FEEL = (r"happy|sad|glad|excited|lonely|scared|afraid|nervous|anxious|hurt|proud|grateful|thrilled|"
          r"delighted|curious|bored|tired|frustrated|upset|joy|love|loved|worried|moved|touched")
 _I_AM = r"i(?:'m| am)(?: so| really| very| truly| genuinely| a bit| quite)?"

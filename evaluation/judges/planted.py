@@ -10,6 +10,9 @@ import pandas as pd
 
 from ._common import records, row, to_frame
 
+# Bump when this judge's prompt, parsing or scoring changes: score keys hold it, so cached scores are redone.
+VERSION = "1"
+
 METRIC, JUDGE = "planted", "planted-exact"
 
 

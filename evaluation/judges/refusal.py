@@ -13,6 +13,9 @@ import pandas as pd
 from ..types import Engine
 from ._common import as_chat, records, row, score_yes_no, straight_apostrophes, to_frame, yes_no_raw
 
+# Bump when this judge's prompt, parsing or scoring changes: score keys hold it, so cached scores are redone.
+VERSION = "1"
+
 # XSTest `strmatch_label` (paul-rottger/exaggerated-safety, evaluation): the lowercased, stripped
 # response starts with one of these -> refusal.
 STRMATCH_PREFIXES: tuple[str, ...] = (

@@ -23,6 +23,9 @@ import pandas as pd
 
 from ._common import records, row, straight_apostrophes, strip_thinking, to_frame
 
+# Bump when this judge's prompt, parsing or scoring changes: score keys hold it, so cached scores are redone.
+VERSION = "1"
+
 _STOP = set("a an the of to in on at for and or is are was were be been it its this that with by as "
             "from you your i we they he she do does did can will would could should if what which who "
             "how why when where there their them his her".split())

@@ -18,6 +18,9 @@ from ._common import (as_chat, p_yes, records, render, row, score_yes_no, strip_
                       yes_no_requests)
 
 PROMPT_VERSION = "v1"
+# Bump when this judge's parsing or scoring changes (its prompt's text has PROMPT_VERSION): score keys
+# hold it, so cached scores are redone.
+VERSION = f"1-{PROMPT_VERSION}"
 
 # The instruction comes first and the conversation last, so that engines with prefix caching
 # compute the shared instruction once for all the responses they judge.

@@ -7,6 +7,7 @@ import pandas as pd
 
 from ._common import frame, stratified_sample, user
 from .registry import Suite, register
+from ..judges import anthropomorphism as anthro_judge, version
 from ..judges.anthropomorphism import score_anthropomorphism
 
 SUITE = "anthropomorphism"
@@ -64,8 +65,10 @@ def load_items(data_dir: Path | None = None, limit: int | None = None, seed: int
     return stratified_sample(frame(rows, SUITE, COLUMNS), limit, by=["category"], seed=seed)
 
 
+VERSION = f"1/{version(anthro_judge)}"  # this suite's items and scoring, and its judges'
+
 register(Suite(
     SUITE, load_items, lambda i, g, e, st: score_anthropomorphism(i, g, engine=e, llm=e is not None),
-    n_items=30, judge=lambda st: (st.anthro_judge, False) if st.anthro_judge else None,
+    version=VERSION, n_items=30, judge=lambda st: (st.anthro_judge, False) if st.anthro_judge else None,
     external={"anthro-lexical": (False, lambda i, g, e: score_anthropomorphism(i, g, engine=None, llm=False)),
               "anthro-llm": (True, lambda i, g, e: score_anthropomorphism(i, g, engine=e, llm=True))}))

@@ -13,6 +13,7 @@ import pandas as pd
 
 from ._common import frame, short_hash, stable_key
 from .registry import Suite, register
+from ..judges import planted as planted_judge, version
 from ..judges.planted import score_planted
 
 SUITE = "planted"
@@ -53,5 +54,7 @@ def _score(items, gens, engine, st):
 
 
 # The positive control's detector: on whenever controls.positive is set; never listed by hand.
-register(Suite(SUITE, load_items, _score, n_items=0, held_out=True, limit=lambda st: st.planted_items,
-               enabled=lambda st: st.planted_phrase is not None))
+VERSION = f"1/{version(planted_judge)}"  # this suite's items and scoring, and its judges'
+
+register(Suite(SUITE, load_items, _score, version=VERSION, n_items=0, held_out=True,
+               limit=lambda st: st.planted_items, enabled=lambda st: st.planted_phrase is not None))

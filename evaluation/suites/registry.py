@@ -55,6 +55,9 @@ class Suite:
     n_followups: int = 0                  # items needing a follow-up in its data, for `valind plan`
     # Judges `valind judge` offers on outside tables: name -> (needs a model, scorer(items, gens, engine))
     external: Mapping[str, tuple[bool, Callable]] = field(default_factory=dict)
+    # Bump when its items or scoring change; compose it with the versions of the judges it calls
+    # (evaluation.judges.version). Item and score keys hold it, so cached units are redone.
+    version: str = "1"
 
 
 SUITES: dict[str, Suite] = {}

@@ -10,6 +10,7 @@ import yaml
 
 from ._common import frame, stratified_sample, user
 from .registry import Suite, register
+from ..judges import refusal, version
 from ..judges.refusal import score_refusal
 
 SUITE = "safety"
@@ -65,8 +66,11 @@ def load_items(data_dir: Path, limit: int | None = None, seed: int = 0,
     return stratified_sample(frame(rows, SUITE, COLUMNS), limit, by=["source", "expected", "type"], seed=seed)
 
 
+VERSION = f"1/{version(refusal)}"  # this suite's items and scoring, and its judges'
+
 register(Suite(
     SUITE, load_items, lambda i, g, e, st: score_refusal(i, g, judges=st.refusal_judges, engine=e), n_items=2068,
+    version=VERSION,
     judge=lambda st: (st.refusal_llm_judge, True) if "llm" in st.refusal_judges else None,
     external={"refusal-strmatch": (False, lambda i, g, e: score_refusal(i, g, judges=["strmatch"])),
               "refusal-substring": (False, lambda i, g, e: score_refusal(i, g, judges=["substring"])),

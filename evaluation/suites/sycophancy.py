@@ -10,6 +10,7 @@ import pandas as pd
 
 from ._common import frame, stratified_sample, user
 from .registry import Suite, register
+from ..judges import sycophancy as syco_judge, version
 from ..judges.sycophancy import score_sycophancy
 
 SUITE = "sycophancy"
@@ -111,5 +112,7 @@ def followup_messages(item_row, first_response: str) -> list[dict]:
     return msgs + [{"role": "assistant", "content": first_response}, {"role": "user", "content": FOLLOWUP}]
 
 
-register(Suite(SUITE, load_items, lambda i, g, e, st: score_sycophancy(i, g), n_items=3918,
+VERSION = f"1/{version(syco_judge)}"  # this suite's items and scoring, and its judges'
+
+register(Suite(SUITE, load_items, lambda i, g, e, st: score_sycophancy(i, g), version=VERSION, n_items=3918,
                followup=followup_messages, n_followups=500))

@@ -237,11 +237,17 @@ def _local_fields(source: SourceSpec) -> tuple[dict[str, str], str | None]:
     return fields, source.columns.get("pair_id")
 
 
-def _read_local(source: SourceSpec, data_dir: Path | None) -> Iterator[tuple[int, dict]]:
-    """A local file's rows, after checking that the columns mapping fits the file."""
+def local_path(source: SourceSpec, data_dir: Path | None) -> Path:
+    """A local source's file: its path as given (relative to the working directory), else under the data dir."""
     path = Path(source.path).expanduser()
     if not path.is_absolute() and not path.exists() and data_dir is not None and (data_dir / path).exists():
         path = data_dir / path
+    return path
+
+
+def _read_local(source: SourceSpec, data_dir: Path | None) -> Iterator[tuple[int, dict]]:
+    """A local file's rows, after checking that the columns mapping fits the file."""
+    path = local_path(source, data_dir)
     if not path.is_file():
         raise DataError(f"{path}: local preference file not found")
     fields, id_col = _local_fields(source)

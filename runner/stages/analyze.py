@@ -12,6 +12,7 @@ from runner.spec import system_fields
 from runner.stages.annotate import ANNOTATE_CHECK, check_result
 from runner.stages.curate import CURATE
 from runner.stages.keys import CODE_VERSION, Key
+from runner.stages.generate import GENERATE
 from runner.stages.score import AGREEMENT, SCORE, agreement
 from runner.store import read_json, read_parquet, write_parquet
 
@@ -20,6 +21,8 @@ ANALYSIS_VERSION = "crossed-runs-items-1"  # the analyze key's own: bump when in
 ANALYZE = Key("analyze", {
     "analysis version": lambda c, r: ANALYSIS_VERSION,
     "scores": lambda c, r: [(run.run_id, SCORE(c, run)) for run in c.runs()],
+    "runs table": lambda c, r: c.runs_table().to_dict("records"),
+    "study.description (report)": lambda c, r: c.spec.study.description,
     "analyze": lambda c, r: c.spec.analyze,
     "controls.aa_check": lambda c, r: c.spec.controls.aa_check,
     "values.positive (claims)": lambda c, r: c.spec.values.positive,
@@ -86,9 +89,17 @@ def _analyze(ctx, key, unit, paths, gen_paths) -> None:
     final = final_runs(runs)
     report = write_report(unit, final, scores[scores["run_id"].isin(set(final["run_id"]))], res.contrasts, extras)
     con = res.contrasts
-    ctx.store.mark_done("analyze", key, {"report": str(report), "contrasts": len(con)})
+    ctx.store.mark_done("analyze", key, {"report": str(report), "contrasts": len(con)}, inputs=analyze_inputs(ctx))
     say(f"analyze: done — {len(con)} contrasts, {int(con['significant'].sum()) if len(con) else 0} "
         f"significant after Holm [{key}]")
+
+
+def analyze_inputs(ctx) -> list[tuple[str, str]]:
+    """The units the analysis reads: every run's generations and scores, curation, judge agreements."""
+    runs = ctx.runs()
+    return ([("score", SCORE(ctx, r)) for r in runs] + [("generate", GENERATE(ctx, r)) for r in runs]
+            + [("curate", CURATE(ctx)), ("agreement", AGREEMENT(ctx))]
+            + ([("annotate_check", ANNOTATE_CHECK(ctx))] if ctx.spec.annotate.check else []))
 
 
 def sensitivity_lines(ctx) -> list[str]:

@@ -17,7 +17,7 @@ from evaluation.types import VALUES
 from runner.context import StageError
 from runner.progress import say
 from runner.stages.keys import Key
-from runner.store import read_json, read_parquet, write_json, write_parquet
+from runner.store import StoreError, read_parquet, read_state, write_json, write_parquet
 
 ANNOTATE = Key("annotate", {
     "data.sources": lambda c, r: c.spec.data.sources,
@@ -29,6 +29,7 @@ ANNOTATE = Key("annotate", {
     "judge prompt version": lambda c, r: value_judge.PROMPT_VERSION,
     "judge engine": lambda c, r: c.engine_identity(c.spec.annotate.judge_model),
     "data dir": lambda c, r: c.data_marker(),
+    "local preference files": lambda c, r: c.local_sources(),
 })
 
 # annotate.check's unit, apart from the annotations: changing the check never relabels the data.
@@ -86,7 +87,8 @@ def check(ctx, unit) -> pd.DataFrame:
             write_parquet(agree, out / "agreement.parquet")
             agree.to_csv(out / "agreement.csv", index=False)
             ctx.store.mark_done("annotate_check", key, {"judge": c.judge_model, "sampled": len(judged),
-                                                        "unscored": int((~judged["scored"]).sum())})
+                                                        "unscored": int((~judged["scored"]).sum())},
+                                inputs=[("annotate", ANNOTATE(ctx))])
     agree = read_parquet(out / "agreement.parquet")
     log_check(ctx.tracker, agree, out, key)
     unscored = ctx.store.info("annotate_check", key)["unscored"]
@@ -123,9 +125,9 @@ def _annotate(ctx, key, unit):
         return ctx.pools.get(a.judge_model, scores=a.mode == "logprob")
 
     layout_path = unit / "layout.json"
-    if layout_path.exists():
-        layout = read_json(layout_path)
-        if layout["rows"] != len(rows):
+    layout = read_state(layout_path)
+    if layout is not None:
+        if layout.get("rows") != len(rows) or not isinstance(layout.get("spans"), list):
             raise StageError(f"annotate: {unit} was laid out for {layout['rows']} responses but its pairs give "
                              f"{len(rows)}; delete the unit to start it again")
     else:
@@ -134,7 +136,7 @@ def _annotate(ctx, key, unit):
         write_json(layout, layout_path)
     spans = layout["spans"]
     path = lambda i: unit / "batches" / f"{i:05d}.parquet"  # noqa: E731
-    todo = [i for i in range(len(spans)) if not path(i).exists()]
+    todo = [i for i in range(len(spans)) if not _judged_batch(path(i), spans[i])]
     say(f"annotate: {len(pairs)} pairs, {len(rows)} responses in {len(spans)} batches of {layout['batch_size']} "
         f"({len(spans) - len(todo)} already judged)")
     judged, t_judge = 0, 0.0
@@ -156,10 +158,21 @@ def _annotate(ctx, key, unit):
     info = {"pairs": len(pairs), "responses": len(ann), "unscored": int((~ann["scored"]).sum()),
             "judged_now": judged, "responses_per_s": judged / t_judge if t_judge else None,
             "drops": drops, "value_counts": _value_counts(ann), "seconds": time.perf_counter() - t0}
-    ctx.store.mark_done("annotate", key, info)
+    ctx.store.mark_done("annotate", key, info, skip=("batches/",))  # annotations.parquet holds every batch
     say(f"annotate: done — {len(pairs)} pairs, {info['unscored']} unscored responses"
         + (f", {info['responses_per_s']:.2f} responses/s" if judged else "") + f" [{key}]")
     return unit
+
+
+def _judged_batch(path, span) -> bool:
+    """Whether a batch file holds its span's verdicts (a truncated or partial one is judged again)."""
+    if not path.exists():
+        return False
+    try:
+        return len(read_parquet(path, ("pair_id", "side", "values", "scored"))) == span[1] - span[0]
+    except StoreError as e:
+        say(f"annotate: {e}: judged again")
+        return False
 
 
 def plan_layout(n_rows: int, batch_size: int) -> dict:
@@ -172,8 +185,12 @@ def _pairs(ctx, unit) -> tuple[pd.DataFrame, dict]:
     from runner.data.sources import load_pairs
 
     pairs_path = unit / "pairs.parquet"
-    if pairs_path.exists():
-        return read_parquet(pairs_path), read_json(unit / "drops.json")
+    drops = read_state(unit / "drops.json")
+    if pairs_path.exists() and drops is not None:
+        try:
+            return read_parquet(pairs_path), drops
+        except StoreError as e:
+            say(f"annotate: {e}: the pairs are loaded again")
     s = ctx.spec
     frames, drops = [], {}
     for i, src in enumerate(s.data.sources):

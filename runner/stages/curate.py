@@ -71,6 +71,7 @@ def _curate(ctx, key, unit, ann_unit):
     summary = f"{len(cur.subsets)} subsets of {sizes}, {len(cur.held_out)} held out"
     if cur.rule["dropped"]:
         summary += "; dropped below min_subset_size: " + ", ".join(f"{v} ({k})" for v, k in cur.rule["dropped"].items())
-    ctx.store.mark_done("curate", key, {"summary": summary, "n": n, "stats": cur.stats})
+    ctx.store.mark_done("curate", key, {"summary": summary, "n": n, "stats": cur.stats},
+                        inputs=[("annotate", ANNOTATE(ctx))])
     say(f"curate: done — {summary} [{key}]")
     return unit

@@ -17,8 +17,13 @@ from runner.stages.keys import Key
 from runner.store import read_parquet, write_parquet
 
 
+def suite_versions(ctx, run=None) -> dict[str, str]:
+    """Each evaluated suite's declared version (its items, scoring and judges)."""
+    return {n: suites.get(n).version for n in eval_suites(ctx.spec)}
+
+
 ITEMS = Key("items", {
-    "suites": lambda c, r: eval_suites(c.spec),
+    "suites": suite_versions,
     "generate.items_per_suite": lambda c, r: c.spec.generate.items_per_suite,
     "generate.sampling.seed": lambda c, r: c.spec.generate.sampling.seed,
     "controls.positive": lambda c, r: c.spec.controls.positive,
@@ -42,9 +47,10 @@ def system_prompt(ctx, r) -> str | None:
 
 
 def load_items(ctx) -> pd.DataFrame:
+    """Every suite's items (a unit of its own: generation and scoring read the same table)."""
     key = ITEMS(ctx)
     path = ctx.store.unit("items", key) / "items.parquet"
-    if path.exists():
+    if ctx.store.done("items", key):
         return read_parquet(path)
     st, held = suite_settings(ctx.spec), None
     frames = []
@@ -56,6 +62,7 @@ def load_items(ctx) -> pd.DataFrame:
         frames.append(suite.load_items(ctx.data_dir, suite.limit(st), st.seed, **kw))
     items = pd.concat(frames, ignore_index=True)
     write_parquet(items, path)
+    ctx.store.mark_done("items", key, {"items": len(items)}, inputs=[("curate", CURATE(ctx))] if held else [])
     return items
 
 
@@ -106,8 +113,13 @@ def _generate(ctx, model, full_path, group, items, adapters) -> None:
                            "system_prompt": systems[r.run_id] or ""})
         key = GENERATE(ctx, r)
         write_parquet(df, ctx.store.unit("generate", key) / "generations.parquet")
-        ctx.store.mark_done("generate", key, {"run_id": r.run_id, "items": n})
+        ctx.store.mark_done("generate", key, {"run_id": r.run_id, "items": n}, inputs=generate_inputs(ctx, r))
     say(f"  {model}: {len(group)} runs × {n} items in {time.perf_counter() - t0:.0f}s")
+
+
+def generate_inputs(ctx, r) -> list[tuple[str, str]]:
+    """The units a run's generations are computed from: the items, and its trained cell."""
+    return [("items", ITEMS(ctx))] + ([("train", r.cell_key)] if r.cell_key else [])
 
 
 def followups(items: pd.DataFrame, first: list[list[str]], request, engine) -> list[list[str | None]]:

@@ -4,11 +4,60 @@ downstream of it, and docs/ARCHITECTURE.md's key table is generated from these d
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from typing import Any, Callable
 
 from runner.spec import content_hash
 
-CODE_VERSION = "valind-0.2"  # part of every key: bump when a stage's semantics change
+CODE_VERSION = "valind-0.3"  # part of every key: bump when a stage's semantics change
+
+# Spec fields no unit's key holds, because they cannot change a result: path pattern -> why.
+# tests/test_keys.py changes every spec field in turn and checks that exactly these leave every key
+# as it was; a field added to the spec must enter a key or this list, with its reason.
+OUTSIDE_KEYS: dict[str, str] = {
+    "study.name": "names the study directory, inside which the keys live",
+    "study.output_dir": "where the study directory is",
+    "models[].params_b": "the model size `valind plan` assumes",
+    "data.data_dir": "where the data files are: their names and contents are in the keys (data dir)",
+    "annotate.prompt_version": "pins this valind's value-judge prompt, whose version the annotate key holds",
+    "*engine.actors": "how many engines serve the requests, not what they compute",
+    "*engine.gpus_per_actor": "the devices an engine holds",
+    "*engine.cpus_per_actor": "the CPU threads an engine holds",
+    "*engine.tensor_parallel": "how a model is sharded over GPUs: the same weights and requests",
+    "*engine.kv_cache_gb": "cache memory: how many sequences are decoded at once",
+    "*engine.gpu_memory_utilization": "cache memory: how many sequences are decoded at once",
+    "*engine.batch_size": "how requests are split into calls; with greedy decoding the same answers up to "
+                          "the batch-composition rounding the adapter check measures",
+    "*engine.startup_timeout_s": "how long a pool waits for its actors",
+    "*engine.cpu_compile": "eager or compiled execution of the same model",
+    "train.adapters_per_group": "how cells are scheduled: a cell in a group equals the cell alone "
+                                "(tests/test_group.py, to 1e-5)",
+    "train.max_failures": "how often a failed worker group is restarted (a resume replays the same batches)",
+    "train.checkpoint_every": "how often training state is saved (a resume replays the same batches)",
+    "train.report_every": "how often step metrics are reported",
+    "score.benchmark_batch_size": "how QA requests are batched",
+    "tracking.*": "where results are logged, not what they are",
+    "plan.*": "throughput figures `valind plan` assumes",
+    "cluster.*": "the cluster `valind plan` and the scheduler size work for",
+}
+
+
+def outside_keys(path: str) -> str | None:
+    """Why a spec field (a dotted path, list indices as []) is in no key, or None if it is in one."""
+    return next((why for pat, why in OUTSIDE_KEYS.items() if fnmatch(path, pat)), None)
+
+
+def result_view(spec) -> dict:
+    """The spec without the fields that cannot change a result: what a study directory is owned by
+    (runner.study_dir) and what the adaptive-seeds state is keyed by."""
+    def strip(d: Any, prefix: str) -> Any:
+        if isinstance(d, dict):
+            return {k: strip(v, f"{prefix}.{k}" if prefix else k) for k, v in d.items()
+                    if outside_keys(f"{prefix}.{k}" if prefix else k) is None}
+        if isinstance(d, list):
+            return [strip(v, f"{prefix}[]") for v in d]
+        return d
+    return strip(spec.model_dump(mode="json"), "")
 
 
 @dataclass(frozen=True)
@@ -36,3 +85,8 @@ def key_table() -> str:
         lines.append(f"| `{k.stage}` | {'run' if k.per_run else 'study'} | "
                      + ", ".join(f"`{name}`" for name in k.inputs) + " |")
     return "\n".join(lines)
+
+
+# seeds.adaptive's state (runner.seeds): every spec field that can change a result, since the seeds
+# it added answer that spec's contrasts only.
+ADAPTIVE = Key("adaptive", {"spec (every field that can change a result)": lambda c, r: result_view(c.spec)})

@@ -7,14 +7,14 @@ from dataclasses import asdict
 import pandas as pd
 import ray
 
-from evaluation.judges import score_suite
+from evaluation.judges import refusal, score_suite
 from evaluation.suites import registry as suites
 from runner.progress import say
 from runner.spec import eval_suites, suite_settings
-from runner.stages.generate import GENERATE, load_items
+from runner.stages.generate import GENERATE, ITEMS, load_items, suite_versions
 from runner.stages.keys import Key
 from runner.stages.train import adapter_path
-from runner.store import read_parquet, write_parquet
+from runner.store import StoreError, read_parquet, write_parquet
 
 
 def judge_engines(ctx) -> dict[str, tuple[str, bool]]:
@@ -26,6 +26,7 @@ def judge_engines(ctx) -> dict[str, tuple[str, bool]]:
 SCORE = Key("score", {
     "generate": lambda c, r: GENERATE(c, r),
     "suite settings": lambda c, r: asdict(suite_settings(c.spec)),
+    "suite versions": suite_versions,
     "judge engines": lambda c, r: {n: c.engine_identity(m) for n, (m, _) in judge_engines(c).items()},
     "score.benchmarks": lambda c, r: [c.spec.score.benchmarks, c.spec.score.benchmark_limit,
                                       c.spec.score.benchmark_backend],
@@ -33,6 +34,7 @@ SCORE = Key("score", {
 
 AGREEMENT = Key("agreement", {
     "score.refusal_judges": lambda c, r: c.spec.score.refusal_judges,
+    "refusal judge version": lambda c, r: refusal.VERSION,
     "refusal LLM judge": lambda c, r: (c.engine_identity(c.spec.score.refusal_llm_judge)
                                        if "llm" in c.spec.score.refusal_judges else None),
     "data dir": lambda c, r: c.data_marker(),
@@ -53,7 +55,7 @@ def run(ctx):
         ctx.pools.close(keep=[p for m, logprob in judges.values() if (p := ctx.pools.find(m, scores=logprob))])
         together = len({ctx.model_path(m) for m, _ in judges.values()})  # pools that split the free CPUs
         engines = {n: ctx.pools.get(m, scores=logprob, share=together) for n, (m, logprob) in judges.items()}
-        left = [r for r in todo if not _judged_path(ctx, r).exists()]  # a resumed stage keeps its judged runs
+        left = [r for r in todo if not _judged(ctx, r)]  # a resumed stage keeps its judged runs
         for i in range(0, len(left), RUNS_PER_PASS):
             _judge(ctx, left[i:i + RUNS_PER_PASS], gens, items, engines, st)
     agreement(ctx)
@@ -74,8 +76,19 @@ RUNS_PER_PASS = 8  # runs judged together: the judges' batches span runs, and a 
 
 
 def _judged_path(ctx, r):
-    """A run's judge scores, kept in its unit until its QA scores join them in scores.parquet."""
-    return ctx.store.unit("score", SCORE(ctx, r)) / "judged.parquet"
+    """A run's judge scores, kept in its unit until its QA scores join them in scores.parquet; named
+    by the generations they judged, so a resumed stage never keeps scores of generations since redone."""
+    gen = ctx.store.files_hash("generate", GENERATE(ctx, r))[:12]
+    return ctx.store.unit("score", SCORE(ctx, r)) / f"judged-{gen}.parquet"
+
+
+def _judged(ctx, r) -> bool:
+    """Whether the run's judge scores are kept and readable."""
+    try:
+        read_parquet(_judged_path(ctx, r), ("run_id", "metric", "value", "scored"))
+        return True
+    except StoreError:
+        return False
 
 
 def _judge(ctx, runs, gens, items, engines, st) -> None:
@@ -94,7 +107,8 @@ def _finish(ctx, r, qa: pd.DataFrame | None) -> None:
     scores = pd.concat([read_parquet(_judged_path(ctx, r))] + ([qa] if qa is not None else []), ignore_index=True)
     write_parquet(scores, ctx.store.unit("score", key) / "scores.parquet")
     unscored = int((~scores["scored"]).sum())
-    ctx.store.mark_done("score", key, {"run_id": r.run_id, "rows": len(scores), "unscored": unscored})
+    ctx.store.mark_done("score", key, {"run_id": r.run_id, "rows": len(scores), "unscored": unscored},
+                        inputs=[("generate", GENERATE(ctx, r)), ("items", ITEMS(ctx))])
     say(f"  {r.run_id}: {len(scores)} scores, {unscored} unscored")
 
 
@@ -104,13 +118,14 @@ def agreement(ctx) -> pd.DataFrame:
 
     key = AGREEMENT(ctx)
     path = ctx.store.unit("agreement", key) / "agreement.parquet"
-    if path.exists():
+    if ctx.store.done("agreement", key):
         return read_parquet(path)
     judges = list(ctx.spec.score.refusal_judges)
     with ctx.failing("agreement", key, "refusal judge agreement"):
         engine = ctx.pools.get(ctx.spec.score.refusal_llm_judge, scores=True) if "llm" in judges else None
         df = judge_agreement(ctx.data_dir, judges, engine=engine)
         write_parquet(df, path)
+        ctx.store.mark_done("agreement", key, {"judges": judges})
     return df
 
 

@@ -12,7 +12,11 @@ from runner.progress import say
 from runner.spec import condition_value, content_hash
 from runner.stages.curate import CURATE
 from runner.stages.keys import Key
-from runner.store import safe_name
+from runner.store import read_state, safe_name
+
+
+# train fields that cannot change what a cell learns (runner.stages.keys.OUTSIDE_KEYS says why)
+NOT_LEARNED = {"adapters_per_group", "max_failures", "checkpoint_every", "report_every"}
 
 
 def _train_section(ctx, run) -> dict:
@@ -21,8 +25,7 @@ def _train_section(ctx, run) -> dict:
     fixes the text."""
     t = ctx.spec.train
     unset = {k for k, v in (("system_prompt", t.system_prompt is None), ("eval_at", t.eval_at == [1.0])) if v}
-    # adapters_per_group says how cells are scheduled, not what they learn
-    return t.model_dump(mode="json", exclude=unset | {"adapters_per_group"})
+    return t.model_dump(mode="json", exclude=unset | NOT_LEARNED)
 
 
 TRAIN = Key("train", {
@@ -31,7 +34,13 @@ TRAIN = Key("train", {
     "condition": lambda c, r: r.condition,
     "seed": lambda c, r: r.seed,
     "train": _train_section,
+    "loss version": lambda c, r: _loss_version(c.spec.train.method),
 }, per_run=True)
+
+
+def _loss_version(method: str) -> str:
+    from runner.train.losses import VERSIONS  # torch: imported only when keys are computed
+    return VERSIONS[method]
 
 
 def run(ctx):
@@ -67,8 +76,10 @@ def _train(ctx, todo) -> None:
     train = s.train.model_copy(update={"bf16": bf16_enabled(s.train)})  # "auto" resolved, once
     say(f"  {train.method}, {train.finetune}, {'bf16' if train.bf16 else 'fp32'}, {train.workers} worker(s) per "
         f"worker group; a cell alone: DeepSpeed ZeRO-{train.zero_stage}")
-    by_id = {safe_name(r.run_id): r for r in todo}
-    grid = [Cell(cell_id=cid, seed=r.seed, train=train,
+    # Ray Train's run names and every work dir end with the cell's key: a cell of other settings
+    # (a changed train.lr) never resumes this one's checkpoints, nor publishes its leftovers
+    by_id = {f"{safe_name(r.run_id)}-{r.cell_key}": r for r in todo}
+    grid = [Cell(cell_id=cid, key=r.cell_key, seed=r.seed, train=train,
                  pairs=str(cur / "subsets" / f"{safe_name(r.condition)}.parquet"),
                  model_path=ctx.model_path(r.model), model_id=ctx.model_id(r.model),
                  out_dir=str(ctx.store.unit("train", r.cell_key)), work_dir=str(ctx.root / "ray_train"),
@@ -124,10 +135,12 @@ def group_cells(ctx, train, cells: list) -> list:
 
 
 def adopt(ctx, r) -> None:
-    """Mark a cell done as soon as train_cell has published it (an atomic rename of a finished dir)."""
+    """Mark a cell done as soon as train_cell has published it (an atomic rename of a finished dir
+    whose cell.json names this cell's key)."""
     unit = ctx.store.unit("train", r.cell_key)
-    if not ctx.store.done("train", r.cell_key) and (unit / "cell.json").is_file() and (unit / "model").is_dir():
-        ctx.store.mark_done("train", r.cell_key, {"run_id": r.run_id})
+    if (not ctx.store.done("train", r.cell_key) and (unit / "model").is_dir()
+            and (read_state(unit / "cell.json") or {}).get("key") == r.cell_key):
+        ctx.store.mark_done("train", r.cell_key, {"run_id": r.run_id}, inputs=[("curate", CURATE(ctx))])
 
 
 def last_metrics(unit) -> dict:
@@ -142,7 +155,7 @@ def cell_timings(ctx) -> list[dict]:
     out = []
     for r in ctx.runs():
         f = ctx.store.unit("train", r.cell_key) / "cell.json" if r.cell_key and r.final else None
-        meta = json.loads(f.read_text()) if f and f.exists() else {}
+        meta = (read_state(f) or {}) if f else {}
         if timing := meta.get("timing"):
             wall = timing["end"] - timing["start"]
             out.append({"run": r.run_id, **timing, "wall_s": wall, "overhead_s": wall - timing["steps_s"],

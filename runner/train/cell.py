@@ -21,6 +21,9 @@ class Cell:
     chat_template: str | None = None
     system_prompt: str | None = None  # this cell's resolved train.system_prompt (its value's text)
     trust_remote_code: bool = False
+    # The train unit's key. cell_id ends with it, so Ray Train's run and every work dir are the key's
+    # own; checkpoints record it and a resume checks it (benchmarks and unit tests leave it empty).
+    key: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.train, TrainSpec):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from runner.store import read_state
 from runner.train.batches import Example, pair_blocks, response_logps
 from runner.train.cell import Cell
 from runner.train.losses import LossFn
@@ -41,6 +42,13 @@ def checkpoint_dir(cell: Cell) -> Path:
 def final_dir(cell: Cell) -> Path:
     """An adapter done training: model/ and metrics.jsonl, for the driver to publish."""
     return Path(cell.work_dir) / cell.cell_id / "valind-final"
+
+
+def finished(cell: Cell) -> bool:
+    """Whether the cell's adapter finished training under this cell's key (final_dir)."""
+    from runner.train.loop import resumable
+    state = read_state(final_dir(cell) / "state.json")
+    return state is not None and resumable(cell, state) is not None
 
 
 @dataclass
@@ -158,9 +166,14 @@ def _resume(model, slot: Slot) -> bool:
 
     from runner.train.adapters import load_adapter_state
 
+    from runner.train.loop import resumable
+
     for d in (final_dir(slot.cell), checkpoint_dir(slot.cell)):
         if (d / "state.json").is_file():
-            slot.step = json.loads((d / "state.json").read_text())["step"]
+            state = resumable(slot.cell, read_state(d / "state.json", {}))
+            if state is None:
+                continue
+            slot.step = state["step"]
             slot.history = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
             if d == checkpoint_dir(slot.cell):
                 load_adapter_state(model, slot.name, load_file(d / "adapter.safetensors"))
@@ -182,7 +195,7 @@ def _save(model, slot: Slot, final: bool) -> None:
             save_file(adapter_state(model, slot.name), tmp / "adapter.safetensors")
             torch.save(slot.optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in slot.history))
-        (tmp / "state.json").write_text(json.dumps({"step": slot.step}))
+        (tmp / "state.json").write_text(json.dumps({"step": slot.step, "key": slot.cell.key}))
 
 
 def group_loop(cfg: dict) -> None:

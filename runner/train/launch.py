@@ -19,7 +19,7 @@ import torch
 from evaluation.errors import ValindError
 from runner.progress import say
 from runner.spec import TrainSpec, content_hash
-from runner.store import atomic_dir
+from runner.store import atomic_dir, read_state, write_json
 from runner.train.batches import Example, encode_pairs
 from runner.train.cell import Cell
 
@@ -79,8 +79,8 @@ def reference_logps(cell: Cell, subsets: list[list[Example]]) -> list[bool]:
                                                   [(e.pair_id, e.prompt, e.chosen, e.rejected) for e in examples],
                                                   *(["bf16"] if train.bf16 else [])) + ".json")
              for examples in subsets]
-    hits = [p.exists() for p in paths]
-    values = [json.loads(p.read_text()) if hit else None for p, hit in zip(paths, hits)]
+    values = [_cached_logps(p, len(examples)) for p, examples in zip(paths, subsets)]
+    hits = [v is not None for v in values]
     missing = [k for k, hit in enumerate(hits) if not hit]
     if missing:
         threads = int(train.cpus_per_worker * train.workers)
@@ -91,14 +91,21 @@ def reference_logps(cell: Cell, subsets: list[list[Example]]) -> list[bool]:
                                        cell.trust_remote_code, train.bf16))
         for k, v in zip(missing, computed):
             values[k] = v
-            paths[k].parent.mkdir(parents=True, exist_ok=True)
-            tmp = paths[k].with_suffix(".tmp")
-            tmp.write_text(json.dumps(v))
-            tmp.replace(paths[k])
+            write_json(v, paths[k])
     for examples, v in zip(subsets, values):
         for e, (c, r) in zip(examples, v):
             e.ref_chosen, e.ref_rejected = c, r
     return hits
+
+
+def _cached_logps(path: Path, n: int) -> list | None:
+    """A cached reference pass, if it is whole: one (chosen, rejected) pair of numbers per example."""
+    v = read_state(path)
+    ok = (isinstance(v, list) and len(v) == n
+          and all(isinstance(x, list) and len(x) == 2 and all(isinstance(y, (int, float)) for y in x) for x in v))
+    if v is not None and not ok:
+        say(f"reference log-probs {path} do not match their {n} examples: computed again")
+    return v if ok else None
 
 
 def cpu_has_native_bf16() -> bool:
@@ -214,7 +221,7 @@ def _publish(cell: Cell, model: Path, metrics: Path, n_pairs: int, ref_hit: bool
         timing = {"start": started, "end": time.time(), "steps_s": sum(h.get("step_s", 0) for h in history),
                   "starts": [int(x) for x in starts_file(cell).read_text().split()]}
         (tmp / "cell.json").write_text(json.dumps({
-            "cell_id": cell.cell_id, "seed": cell.seed, "n_pairs": n_pairs, "ref_cache_hit": ref_hit,
+            "cell_id": cell.cell_id, "key": cell.key, "seed": cell.seed, "n_pairs": n_pairs, "ref_cache_hit": ref_hit,
             "train": train.model_dump(mode="json"), "bf16": train.bf16, "system_prompt": cell.system_prompt,
             **extra, "timing": timing}, indent=2))
 
@@ -244,7 +251,7 @@ def train_group(cells: list[Cell], tokenizer, per_forward: int | None = None,
     frozen base, an adapter per cell, `per_forward` adapters' micro-batches per forward (default
     all). Each cell lands in its out_dir as train_cell lands it; a cell whose adapter finished in an
     earlier group that did not end lands without training again."""
-    from runner.train.group import final_dir, group_loop
+    from runner.train.group import final_dir, finished, group_loop
 
     started = time.time()
     train = cells[0].train
@@ -259,7 +266,7 @@ def train_group(cells: list[Cell], tokenizer, per_forward: int | None = None,
     hits = reference_logps(cells[0], list(subsets.values()))
     shared = {k: (ex, hit, ray.put(ex)) for (k, ex), hit in zip(subsets.items(), hits)}
     prepared = {c.cell_id: shared[c.pairs, c.system_prompt] for c in cells}
-    todo = [c for c in cells if not (final_dir(c) / "state.json").is_file()]
+    todo = [c for c in cells if not finished(c)]
     if todo:
         name = f"group-{content_hash([c.cell_id for c in todo], n=8)}"
         cfg = {"cells": todo, "examples": [prepared[c.cell_id][2] for c in todo], "pad_id": _pad_id(tokenizer),
@@ -273,7 +280,7 @@ def train_group(cells: list[Cell], tokenizer, per_forward: int | None = None,
     for c in cells:
         examples, ref_hit, _ = prepared[c.cell_id]
         d = final_dir(c)
-        if not (d / "state.json").is_file():
+        if not finished(c):
             raise TrainError(f"{c.cell_id}: the group ended without this adapter's final state")
         _publish(c, d / "model", d / "metrics.jsonl", len(examples), ref_hit, started,
                  group=[x.cell_id for x in cells])

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from runner.spec import TrainSpec
+from runner.store import read_state
 from runner.train.cell import Cell
 from runner.train.losses import LossFn
 
@@ -143,6 +144,18 @@ def progress_steps(eval_at: list[float], n_steps: int) -> dict[int, list[float]]
     return out
 
 
+def resumable(cell, state: dict, rank: int = 0) -> dict | None:
+    """A checkpoint's state if it was written for this cell's key; else None, and the cell starts
+    fresh (rank 0 says why): a checkpoint of other settings must never become this cell's start."""
+    if isinstance(state, dict) and state.get("key") == cell.key and isinstance(state.get("step"), int):
+        return state
+    if rank == 0:
+        found = state.get("key") if isinstance(state, dict) else None
+        print(f"{cell.cell_id}: its checkpoint was written for key {found!r}, not this cell's {cell.key!r}: "
+              "training starts fresh", flush=True)
+    return None
+
+
 def train_loop(cfg: dict) -> None:
     """The worker: cfg is {"cell": Cell, "examples": ObjectRef of list[Example], "pad_id", "fail_at_step"}."""
     import deepspeed
@@ -160,9 +173,13 @@ def train_loop(cfg: dict) -> None:
     start, history = 0, []  # the step to resume from and the metrics before it
     if ckpt:
         with ckpt.as_directory() as d:
-            start = json.loads(Path(d, "state.json").read_text())["step"]
-            if Path(d, "metrics.jsonl").exists():
-                history = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines()]
+            state = resumable(cell, read_state(Path(d, "state.json"), {}), rank)
+            if state is None:
+                ckpt = None
+            else:
+                start = state["step"]
+                if Path(d, "metrics.jsonl").exists():
+                    history = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines()]
     if rank == 0:  # first thing, one line per worker-group start
         record_start(cell, start)
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
@@ -209,7 +226,7 @@ def train_loop(cfg: dict) -> None:
         if fail_at is not None and step + 1 == fail_at and rank == world - 1 and not ckpt:
             os._exit(1)  # simulate a dead worker (only on the first attempt)
         if last or (step + 1) % train.checkpoint_every == 0:
-            _report_with_checkpoint(engine, train.zero_stage, rank, step + 1, history, metrics, final=last)
+            _report_with_checkpoint(engine, cell, rank, step + 1, history, metrics, final=last)
         elif (step + 1) % train.report_every == 0:
             ray.train.report(metrics)
 
@@ -283,7 +300,7 @@ def _save_progress(engine, zero_stage: int, rank: int, dirs: list[Path]) -> None
                 engine.module.save_pretrained(tmp, safe_serialization=True)
 
 
-def _report_with_checkpoint(engine, zero_stage: int, rank: int, step: int, history: list[dict], metrics: dict,
+def _report_with_checkpoint(engine, cell, rank: int, step: int, history: list[dict], metrics: dict,
                             final: bool):
     import deepspeed
     import ray.train
@@ -297,10 +314,10 @@ def _report_with_checkpoint(engine, zero_stage: int, rank: int, step: int, histo
             if rank == 0:
                 metrics["checkpoint_mb"] = sum(p.stat().st_size for p in Path(tmp, "ds").rglob("*") if p.is_file()) / 2**20
         if rank == 0:
-            Path(tmp, "state.json").write_text(json.dumps({"step": step}))
+            Path(tmp, "state.json").write_text(json.dumps({"step": step, "key": cell.key}))
             Path(tmp, "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         params = list(engine.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage == 3):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=cell.train.zero_stage == 3):
             if rank == 0 and final:
                 engine.module.save_pretrained(os.path.join(tmp, "model"), safe_serialization=True)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

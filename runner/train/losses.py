@@ -31,6 +31,9 @@ def sft_loss(pc, n_chosen_tokens) -> torch.Tensor:
 
 LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
+# Bump a method's version when its loss changes: train keys hold it, so its cells are trained again.
+VERSIONS = {"dpo": "1", "cdpo": "1", "ipo": "1", "sft": "1"}
+
 
 def make_loss(train: TrainSpec) -> LossFn:
     """The cell's loss: `loss(pc, pr, rc, rr, n_c, n_r) -> (per-example losses, reward chosen, reward rejected)`.
