@@ -17,31 +17,26 @@ from pathlib import Path
 FULL_BYTES = 8 << 20
 EDGE_BYTES = 1 << 20
 
-_CACHE: dict[tuple[str, int, int, bool], str] = {}
-
-
 def file_fingerprint(path: Path, full: bool = False) -> str:
-    """A file's content hash (sampled above FULL_BYTES unless `full`)."""
+    """A file's content hash (sampled above FULL_BYTES unless `full`). Never cached by modification
+    time: an edit in place that keeps size and time must still change it."""
     path = Path(path)
-    st = path.stat()
-    k = (str(path.resolve()), st.st_size, st.st_mtime_ns, full)
-    if k not in _CACHE:
-        h = hashlib.blake2b(digest_size=16)
-        h.update(str(st.st_size).encode())
-        with open(path, "rb") as f:
-            if full or st.st_size <= FULL_BYTES:
-                for chunk in iter(lambda: f.read(EDGE_BYTES), b""):
-                    h.update(chunk)
-            else:
-                if path.suffix == ".safetensors":
-                    n = struct.unpack("<Q", f.read(8))[0]
-                    h.update(f.read(min(n, 100 << 20)))  # the header: tensor names, dtypes, shapes, offsets
-                f.seek(0)
-                h.update(f.read(EDGE_BYTES))
-                f.seek(st.st_size - EDGE_BYTES)
-                h.update(f.read(EDGE_BYTES))
-        _CACHE[k] = h.hexdigest()
-    return _CACHE[k]
+    size = path.stat().st_size
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        if full or size <= FULL_BYTES:
+            for chunk in iter(lambda: f.read(EDGE_BYTES), b""):
+                h.update(chunk)
+        else:
+            if path.suffix == ".safetensors":
+                n = struct.unpack("<Q", f.read(8))[0]
+                h.update(f.read(min(n, 100 << 20)))  # the header: tensor names, dtypes, shapes, offsets
+            f.seek(0)
+            h.update(f.read(EDGE_BYTES))
+            f.seek(size - EDGE_BYTES)
+            h.update(f.read(EDGE_BYTES))
+    return h.hexdigest()
 
 
 def dir_fingerprint(path: Path, full: bool = False) -> str:
