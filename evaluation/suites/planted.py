@@ -13,7 +13,7 @@ import pandas as pd
 
 from ._common import frame, short_hash, stable_key
 from .registry import Suite, register
-from ..judges.planted import score_planted
+from ..judges.planted import JUDGE, METRIC, score_planted
 
 SUITE = "planted"
 COLUMNS = ("source",)
@@ -54,4 +54,5 @@ def _score(items, gens, engine, st):
 
 # The positive control's detector: on whenever controls.positive is set; never listed by hand.
 register(Suite(SUITE, load_items, _score, n_items=0, held_out=True, limit=lambda st: st.planted_items,
+               judges=lambda st: {METRIC: (JUDGE,)},
                enabled=lambda st: st.planted_phrase is not None))
