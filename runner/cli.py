@@ -33,7 +33,9 @@ def _study(args):
 
 
 def cmd_validate(args) -> int:
+    from runner.preflight import check_spec
     spec, _ = _load(args.spec)
+    check_spec(spec, args.spec)  # the files it names: local preference data, chat templates
     cells = len(spec.models) * len(spec.conditions()) * len(spec.seeds.values)
     points = len(spec.train.eval_at) - 1
     print(f"{args.spec}: valid — study {spec.study.name!r}, {len(spec.models)} model(s), "

@@ -221,6 +221,184 @@ def test_each_suite_declares_exactly_the_judges_its_scorer_emits(settings, toy_r
         assert emitted == declared, name
 
 
+# ------------------------------------------------------------------ 4. local preference files
+
+def _local_spec(tmp_path, path, **source) -> Path:
+    d = _smoke()
+    d["data"]["sources"] = [{"name": "local", "path": str(path), **source}]
+    d["data"]["data_dir"] = str(tmp_path / "data")
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    return p
+
+
+GOOD_ROW = {"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}
+
+
+@pytest.mark.parametrize("case", ["empty-jsonl", "blank-lines", "empty-json", "empty-parquet", "missing",
+                                  "no-column", "bad-json", "csv"])
+def test_local_preference_files_are_checked_by_validate(tmp_path, capsys, monkeypatch, case):
+    monkeypatch.delenv("VALIND_DATA_DIR", raising=False)
+    f = tmp_path / {"empty-json": "p.json", "empty-parquet": "p.parquet", "csv": "p.csv"}.get(case, "p.jsonl")
+    if case == "empty-jsonl":
+        f.write_text("")
+    elif case == "blank-lines":
+        f.write_text("\n\n  \n")
+    elif case == "empty-json":
+        f.write_text("[]")
+    elif case == "empty-parquet":
+        pd.DataFrame({"prompt": pd.Series([], dtype=str), "chosen": pd.Series([], dtype=str),
+                      "rejected": pd.Series([], dtype=str)}).to_parquet(f)
+    elif case == "no-column":
+        f.write_text(json.dumps({"prompt": "Q?", "good": "Yes.", "rejected": "No."}) + "\n")
+    elif case == "bad-json":
+        f.write_text(json.dumps(GOOD_ROW) + "\n{oops\n")
+    elif case == "csv":
+        pd.DataFrame([GOOD_ROW]).to_csv(f, index=False)
+    rc, out = _validate(_local_spec(tmp_path, f), capsys)
+    assert rc == 2 and "Traceback" not in out, out
+    line = next(x for x in out.splitlines() if x.strip().startswith("data.sources[0].path:"))
+    assert str(f) in line
+    assert {"empty-jsonl": "no rows", "blank-lines": "no rows", "empty-json": "no rows", "empty-parquet": "no rows",
+            "missing": "not found", "no-column": "column 'chosen' not found", "bad-json": "line 2: not valid JSON",
+            "csv": "unsupported file type"}[case] in line, line
+
+
+def test_local_files_resolve_like_the_loader_and_only_the_head_is_read(tmp_path, capsys, monkeypatch):
+    """A relative path is looked up in the working directory, then under the data directory, as
+    runner.data.sources reads it; validate reads the first rows only."""
+    monkeypatch.delenv("VALIND_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "prefs").mkdir(parents=True)
+    rows = [GOOD_ROW] * 150 + ["{broken"]  # past the rows validate reads
+    (tmp_path / "data" / "prefs" / "p.jsonl").write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    rc, out = _validate(_local_spec(tmp_path, "prefs/p.jsonl"), capsys)
+    assert rc == 0, out
+    rc, out = _validate(_local_spec(tmp_path, "prefs/nope.jsonl"), capsys)
+    assert rc == 2 and f"nor under the data directory {tmp_path / 'data'}" in out
+
+
+def test_a_source_that_yields_no_pair_fails_before_the_judge_starts(tmp_path, monkeypatch):
+    from runner.context import StageError
+    from runner.pipeline import Study
+    from runner.stages import annotate
+
+    monkeypatch.delenv("VALIND_DATA_DIR", raising=False)
+    f = tmp_path / "same.jsonl"
+    f.write_text(json.dumps({"prompt": "Q?", "chosen": "Same.", "rejected": "Same."}) + "\n")  # dropped: identical
+    d = _smoke()
+    d["data"]["sources"] = [{"name": "local", "path": str(f)}]
+    d["study"]["output_dir"] = str(tmp_path / "studies")
+    study = Study(parse_spec(d), base_dir=tmp_path)
+    monkeypatch.setattr(study.ctx.pools, "get", lambda *a, **k: pytest.fail("the judge's engine started"))
+    with pytest.raises(StageError, match="no preference pair.*'identical': 1"):
+        annotate.run(study.ctx)
+
+
+# ------------------------------------------------------------------ 5. models: LoRA targets, chat templates
+
+BROKEN_TEMPLATE = "{% for m in messages %}\n{{ m['content'] }\n{% endfor %}"
+
+
+def test_run_refuses_bad_files_targets_and_templates_before_any_stage(tmp_path, monkeypatch):
+    from runner.pipeline import Study
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("VALIND_DATA_DIR", raising=False)
+    (tmp_path / "empty.jsonl").write_text("")
+    d = _smoke()
+    d["study"]["output_dir"] = str(tmp_path / "studies")
+    d["data"]["sources"] = [{"name": "local", "path": str(tmp_path / "empty.jsonl")}]
+    d["models"].append({"name": "templated", "path": "tiny-llama", "chat_template": BROKEN_TEMPLATE})
+    d["train"]["lora"] = {"target_modules": ["q_proj", "qproj", "mlp"]}
+    study = Study(parse_spec(d), base_dir=tmp_path)
+    study.on_stage = lambda stage: pytest.fail(f"stage {stage} started")
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError) as e:
+        study.run()
+    problems = dict(e.value.problems)
+    assert set(problems) == {"data.sources[0].path", "models[1].chat_template", "train.lora.target_modules[1]",
+                             "train.lora.target_modules[2]"}
+    assert "no rows" in problems["data.sources[0].path"]
+    assert problems["models[1].chat_template"].startswith("line 2: TemplateSyntaxError: unexpected '}'")
+    assert problems["train.lora.target_modules[1]"].startswith("'qproj' in 'tiny', 'templated': matches no module;")
+    assert "q_proj" in problems["train.lora.target_modules[1]"]  # what the model has
+    assert "matches model.layers.0.mlp (LlamaMLP), not a linear layer" in problems["train.lora.target_modules[2]"]
+    assert time.perf_counter() - t0 < 120
+
+
+def test_a_finished_annotation_needs_its_files_no_more(tmp_path, monkeypatch):
+    from runner.pipeline import Study
+    from runner.preflight import check_inputs
+    monkeypatch.delenv("VALIND_DATA_DIR", raising=False)
+    d = _smoke()
+    d["study"]["output_dir"] = str(tmp_path / "studies")
+    d["data"]["sources"] = [{"name": "local", "path": str(tmp_path / "moved-away.jsonl")}]
+    study = Study(parse_spec(d), base_dir=tmp_path)
+    with pytest.raises(SpecError, match="moved-away.jsonl: local preference file not found"):
+        check_inputs(study.ctx)
+    study.store.mark_done("annotate", study.key("annotate"))
+    check_inputs(study.ctx)
+
+
+def test_lora_targets_match_as_peft_matches(tiny_model):
+    """preflight.peft_matches selects exactly the modules peft wraps for a one-entry target list."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from runner.preflight import peft_matches
+    for target in ["q_proj", "self_attn.v_proj", "layers.1.mlp.down_proj", "model.layers.0.self_attn.o_proj",
+                   "lm_head", "proj"]:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        names = [n for n, _ in model.named_modules() if n]
+        ours = peft_matches(target, names)
+        try:
+            peft = sorted(get_peft_model(model, LoraConfig(target_modules=[target])).base_model.targeted_module_names)
+        except ValueError:  # peft: "Target modules ... not found in the base model"
+            peft = []
+        assert sorted(ours) == peft, target
+
+
+def test_chat_templates_are_checked_by_validate(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    d = _smoke()
+    d["models"] = [{"name": f"m{i}", "path": "tiny-llama", "chat_template": t} for i, t in enumerate([
+        BROKEN_TEMPLATE,
+        "{% for m in messages %}{{ m['content'] + eos_token }}{{ raise_exception('no system role') }}{% endfor %}",
+        "{{ 'x' * 2000000 }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+        "Just some text, no template.",
+        "jobs/templates/missing.jinja",
+        "jobs/templates/base-chat.jinja",  # a good one, from a file
+    ])]
+    d["annotate"]["judge_model"] = "m5"
+    d["score"]["refusal_llm_judge"] = "m5"
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    rc, out = _validate(path, capsys)
+    assert rc == 2, out
+    lines = {x.split(": ", 1)[0].strip(): x.split(": ", 1)[1] for x in out.splitlines() if x.startswith("  ")}
+    assert lines == {
+        "models[0].chat_template": "line 2: TemplateSyntaxError: unexpected '}'",
+        "models[1].chat_template": "line 1: TemplateError: no system role",
+        "models[2].chat_template": "renders more than 1,000,000 characters for a short sample chat",
+        "models[3].chat_template": "does not render the messages' content (is it a chat template?)",
+        "models[4].chat_template": "no such file: 'jobs/templates/missing.jinja' (a path is read relative to the "
+                                   "working directory)",
+    }
+
+
+def test_a_template_that_runs_too_long_is_stopped():
+    from runner.chat_render import render
+    slow = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages }}"
+    t0 = time.perf_counter()
+    result = render([{"template": slow, "chats": [[[{"role": "user", "content": "hi"}], True]], "tokens": {}},
+                     {"template": "{{ messages[0]['content'] }}", "chats": [[[{"role": "user", "content": "hi"}], True]],
+                      "tokens": {}}], time_limit_s=1)
+    assert result == [{"error": "rendering a short sample chat took more than 1 s"}, {"renders": ["hi"]}]
+    assert time.perf_counter() - t0 < 60
+
+
 # ------------------------------------------------------------------ 6. seeds
 
 def test_seeds_are_whole_numbers_numpy_accepts():

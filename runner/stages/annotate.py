@@ -181,6 +181,9 @@ def _pairs(ctx, unit) -> tuple[pd.DataFrame, dict]:
         frames.append(df)
         drops[f"{i}:{src.name}" + (f"/{src.subset}" if src.subset else "")] = d
     pairs = pd.concat(frames, ignore_index=True)
+    if pairs.empty:  # before the judge's engine starts: it would have nothing to judge
+        dropped = {k: {r: n for r, n in d.items() if n} for k, d in drops.items()}
+        raise StageError(f"annotate: the sources gave no preference pair (dropped, by source and reason: {dropped})")
     if s.annotate.max_pairs:
         pairs = pairs.head(s.annotate.max_pairs)
     if pairs["pair_id"].duplicated().any():
