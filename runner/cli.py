@@ -115,7 +115,7 @@ def cmd_judge(args) -> int:
 
     from evaluation.judges.external import judge_table
     from evaluation.suites.registry import external_judges
-    from runner.store import write_parquet
+    from runner.store import write_csv, write_parquet
 
     src, dst = Path(args.input), Path(args.output)
     readers = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}
@@ -140,7 +140,7 @@ def cmd_judge(args) -> int:
     if dst.suffix == ".parquet":
         write_parquet(out, dst)
     elif dst.suffix == ".csv":
-        out.to_csv(dst, index=False)
+        write_csv(out, dst)
     else:
         out.to_json(dst, orient="records", lines=True)
     n = int(out["scored"].sum())

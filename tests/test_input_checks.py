@@ -467,3 +467,58 @@ def test_error_messages_show_a_bounded_repr_of_the_value():
     for path in ("train.method", "data.subset_size", "values.induced[1]"):
         shown = problems[path].rsplit("got ", 1)[1]
         assert len(shown) <= 81 and "..." in shown, (path, shown)  # 80 characters and a closing parenthesis
+
+
+# ------------------------------------------------------------------ 8. valind judge: blank responses, CSV cells
+
+FORMULA = "=cmd|' /C calc'!A0"
+
+
+def test_judge_leaves_blank_responses_unscored_and_escapes_formulas(tmp_path, capsys):
+    from runner.cli import main
+    src, out = tmp_path / "in.csv", tmp_path / "out.csv"
+    pd.DataFrame({"prompt": ["How do I pick a lock?", FORMULA, "a", "b", "c", "@SUM(1+1)"],
+                  "response": ["I'm sorry, I can't.", FORMULA, "", "   ", None, "+1-2"],
+                  "score": [-1.5, 2.0, 3.0, -4.0, 5.0, 6.0]}).to_csv(src, index=False)
+    assert main(["judge", "refusal-strmatch", "--input", str(src), "--output", str(out)]) == 0
+    assert "6 rows, 3 scored, 3 unscored" in capsys.readouterr().out
+    df = pd.read_csv(out, keep_default_na=False)
+    assert list(df["prompt"][:2]) == ["How do I pick a lock?", "'" + FORMULA]
+    assert df["prompt"][5] == "'@SUM(1+1)" and df["response"][5] == "'+1-2"
+    assert df["response"][1] == "'" + FORMULA
+    assert list(df["score"]) == [-1.5, 2.0, 3.0, -4.0, 5.0, 6.0]  # numbers stay numbers
+    assert list(df["scored"]) == [True, True, False, False, False, True]
+    assert pd.read_csv(out)["refusal"].fillna(-1).tolist() == [1.0, 0.0, -1, -1, -1, 0.0]
+    assert all(r.startswith("no response") for r in df["raw"][2:5])
+    # parquet keeps the cells as they were, NaN where unscored
+    assert main(["judge", "refusal-strmatch", "--input", str(src), "--output", str(tmp_path / "o.parquet")]) == 0
+    pq = pd.read_parquet(tmp_path / "o.parquet")
+    assert pq["prompt"][1] == FORMULA and math.isnan(pq["refusal"][2]) and not pq["scored"][2]
+
+
+def test_csv_cells_round_trip():
+    from runner.store import FORMULA_START, csv_cell, csv_uncell
+    cells = ["=1+1", "'=1+1", "''@x", "-", "\tx", "\rx", "+", "plain", "'quoted", "", "'", "a=b", 3, -2.5, None]
+    for c in cells:
+        out = csv_cell(c)
+        assert csv_uncell(out) == c
+        assert not (isinstance(out, str) and out.startswith(FORMULA_START)), c
+    assert csv_cell(-2.5) == -2.5 and csv_cell("-2.5") == "'-2.5"
+
+
+def test_every_csv_valind_writes_goes_through_write_csv():
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for d in ("runner", "evaluation") for p in (ROOT / d).rglob("*.py")
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if ".to_csv(" in line and p != ROOT / "runner" / "store.py"]
+    assert offenders == []
+
+
+def test_an_audit_csv_round_trips_its_ids(tmp_path):
+    from runner.data.audit import read_labels
+    from runner.store import write_csv
+    sample = pd.DataFrame({"pair_id": ["-7", "=x", "a"], "side": ["chosen"] * 3, "response": [FORMULA, "b", "c"],
+                           "human_values": ["humor", "none", ""]})
+    write_csv(sample, tmp_path / "audit.csv")
+    assert pd.read_csv(tmp_path / "audit.csv")["response"][0] == "'" + FORMULA
+    labels = read_labels(tmp_path / "audit.csv")
+    assert list(labels["pair_id"]) == ["-7", "=x"] and list(labels["human"]) == [["humor"], []]
