@@ -35,7 +35,9 @@ def _study(args):
 
 
 def cmd_validate(args) -> int:
+    from runner.preflight import check_spec
     spec, _ = _load(args.spec)
+    check_spec(spec, args.spec)  # the files it names: local preference data, chat templates
     cells = len(spec.models) * len(spec.conditions()) * len(spec.seeds.values)
     points = len(spec.train.eval_at) - 1
     print(f"{args.spec}: valid — study {spec.study.name!r}, {len(spec.models)} model(s), "
@@ -119,7 +121,7 @@ def cmd_judge(args) -> int:
 
     from evaluation.judges.external import judge_table
     from evaluation.suites.registry import external_judges
-    from runner.store import write_parquet
+    from runner.store import write_csv, write_parquet
 
     src, dst = Path(args.input), Path(args.output)
     readers = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}
@@ -144,7 +146,7 @@ def cmd_judge(args) -> int:
     if dst.suffix == ".parquet":
         write_parquet(out, dst)
     elif dst.suffix == ".csv":
-        out.to_csv(dst, index=False)
+        write_csv(out, dst)
     else:
         out.to_json(dst, orient="records", lines=True)
     n = int(out["scored"].sum())

@@ -80,13 +80,15 @@ class StudyContext:
 
     def local_sources(self) -> dict[str, str]:
         """The content of each local preference file (data.sources[i].path) as an input."""
-        from runner.data.sources import local_path
+        from runner.data.sources import DataError, local_path
         from runner.fingerprint import file_fingerprint
         out = {}
         for i, src in enumerate(self.spec.data.sources):
             if src.path:
-                p = local_path(src, self.data_dir)
-                out[f"{i}:{src.path}"] = file_fingerprint(p, full=True) if p.is_file() else "missing"
+                try:
+                    out[f"{i}:{src.path}"] = file_fingerprint(local_path(src, self.data_dir), full=True)
+                except DataError:  # moved away: the key differs; validate and run refuse it (runner.preflight)
+                    out[f"{i}:{src.path}"] = "missing"
         return out
 
     # -------------------------------------------------------------- models
@@ -118,10 +120,7 @@ class StudyContext:
         return self._model_ids[name_or_path]
 
     def chat_template(self, name: str) -> str | None:
-        t = self.spec.model(name).chat_template
-        if t and Path(t).expanduser().is_file():
-            return Path(t).expanduser().read_text()
-        return t
+        return self.spec.model(name).template_text()
 
     def tokenizer(self, name: str):
         """A model's tokenizer, loaded once; a model with no chat template (the tokenizer's or the
@@ -160,19 +159,11 @@ class StudyContext:
             self.tokenizer(name)
 
     def judge_models(self) -> set[str]:
-        s = self.spec
-        return {m for m in (s.annotate.judge_model, s.annotate.check and s.annotate.check.judge_model,
-                            s.score.value_judge, s.score.refusal_llm_judge, s.score.anthro_judge) if m}
+        return self.spec.judge_models()
 
     def engine_spec(self, model: str) -> EngineSpec:
-        """The engine section serving a model: judges use annotate.engine, evaluated models
-        generate.engine, either falling back to `engine`."""
-        s = self.spec
-        if s.annotate.engine and model in self.judge_models():
-            return s.annotate.engine
-        if s.generate.engine and model in {m.name for m in s.models}:
-            return s.generate.engine
-        return s.engine
+        """The engine section serving a model (Spec.engine_for)."""
+        return self.spec.engine_for(model)[1]
 
     def engine_identity(self, model: str) -> dict:
         """What of a model's engine changes its outputs (a key input): the model and its numerics."""

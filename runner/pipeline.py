@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from runner.context import Run, StageError, StudyContext
+from runner.preflight import check_inputs
 from runner.progress import say
 from runner.secrets import redact
 from runner.seeds import SeedBook
@@ -186,6 +187,7 @@ class Study:
                                max([s.train.gpus_per_worker] + [e.gpus_per_actor for e in engines]))
         _ = self.ctx.tracker  # MLflow must be reachable before any compute
         self.ctx.check_chat_templates()  # and every model must have a chat template (hub commits resolved)
+        check_inputs(self.ctx)  # the files and models the spec names (runner.preflight)
         record_revisions(self.root, self.spec, self.ctx.revisions)
 
     def _run(self, until: str, amend: bool) -> Path | None:

@@ -7,17 +7,30 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
-from evaluation.errors import InputError
+from evaluation.errors import InputError, short_repr
 from evaluation.judges.values import PROMPT_VERSION
 from evaluation.suites import registry as suite_registry
 from evaluation.types import VALUES  # the closed value list, defined once; re-exported here
 
 Value = Literal[VALUES]  # Literal[tuple] flattens: Literal["deception", "accuracy", ...]
+SEED_MAX = 2**32 - 1  # numpy's limit: every training worker calls np.random.seed(seed)
+
+
+def _seed(v: Any) -> Any:
+    # Strictly a whole number: YAML's `true` is not seed 1, and a negative or too large seed would
+    # fail only inside a training worker.
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= SEED_MAX:
+        raise ValueError(f"a seed is a whole number from 0 to 2**32 - 1 ({SEED_MAX}); got {short_repr(v)}")
+    return v
+
+
+Seed = Annotated[int, BeforeValidator(_seed)]
 
 
 class _Section(BaseModel):
@@ -63,6 +76,13 @@ class ModelSpec(_Section):
         if v is not None and (path in ("smollm2-135m", "tiny-llama") or path.startswith((".", "/", "~"))):
             raise ValueError(f"a revision pins a hub model's commit; {path!r} is a builtin or a local directory")
         return v
+
+    def template_text(self) -> str | None:
+        """The chat template's Jinja source: the file's text when chat_template names a file."""
+        t = self.chat_template
+        if t and Path(t).expanduser().is_file():
+            return Path(t).expanduser().read_text()
+        return t
 
     @field_validator("chat_template")
     @classmethod
@@ -134,7 +154,7 @@ class AdaptiveSeeds(_Section):
 
 
 class SeedsSpec(_Section):
-    values: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    values: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     adaptive: AdaptiveSeeds | None = None
 
 
@@ -151,7 +171,7 @@ class SourceSpec(_Section):
     def _known_source(cls, v: str) -> str:
         from runner.data.sources import SOURCES  # lazy: sources.py imports this module
         if v not in SOURCES:
-            raise ValueError(f"unknown source {v!r}; known: {', '.join(sorted(SOURCES))}")
+            raise ValueError(f"unknown source {short_repr(v)}; known: {', '.join(sorted(SOURCES))}")
         return v
 
     @model_validator(mode="after")
@@ -171,7 +191,7 @@ class DataSpec(_Section):
     min_subset_size: int = Field(default=4, ge=1)
     max_chars: int = Field(default=4000, ge=100)          # pairs longer than this are dropped (over-length)
     rule: Literal["chosen_not_rejected", "chosen", "exactly_one_side_flip"] = "chosen_not_rejected"
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("subset_size", mode="before")
     @classmethod
@@ -180,14 +200,14 @@ class DataSpec(_Section):
         if v is None or v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
             return v
         raise ValueError(f"must be a whole number >= 1, 'all' (every eligible pair per value) or unset "
-                         f"(the smallest value subset); got {v!r}")
+                         f"(the smallest value subset); got {short_repr(v)}")
 
 
 class SamplingSpec(_Section):
     temperature: float = Field(default=0.0, ge=0.0, le=5.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(default=64, ge=1, le=32768)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class JudgeSampling(_Section):
@@ -241,7 +261,7 @@ class AnnotateSpec(_Section):
     @classmethod
     def _prompt_version(cls, v: str) -> str:
         if v != PROMPT_VERSION:
-            raise ValueError(f"this valind's value judge prompt is {PROMPT_VERSION!r}, not {v!r}")
+            raise ValueError(f"this valind's value judge prompt is {PROMPT_VERSION!r}, not {short_repr(v)}")
         return v
 
 
@@ -249,7 +269,9 @@ class LoraSpec(_Section):
     r: int = Field(default=8, ge=1, le=512)  # vLLM serves adapters up to rank 512
     alpha: int = Field(default=16, ge=1)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # peft's rule: a name matches a module whose dotted name is it or ends with "." + it (runner.preflight
+    # checks each against the model before training)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
 
 
 def system_fields(text: str) -> set[str]:
@@ -302,9 +324,9 @@ class TrainSpec(_Section):
     @classmethod
     def _fractions(cls, v: list[float]) -> list[float]:
         if any(not 0 < f <= 1 for f in v):
-            raise ValueError(f"fractions of the training schedule must be in (0, 1], got {v}")
+            raise ValueError(f"fractions of the training schedule must be in (0, 1], got {short_repr(v)}")
         if len(set(v)) != len(v):
-            raise ValueError(f"fractions must be unique, got {v}")
+            raise ValueError(f"fractions must be unique, got {short_repr(v)}")
         return sorted(set(v) | {1.0})
 
     @field_validator("system_prompt")
@@ -374,7 +396,7 @@ class GenerateSpec(_Section):
     def _registered(cls, v: list[str]) -> list[str]:
         bad = [s for s in v if s not in suite_registry.listable()]
         if bad:
-            raise ValueError(f"unknown suite(s) {bad}; known: {', '.join(suite_registry.listable())}"
+            raise ValueError(f"unknown suite(s) {short_repr(bad)}; known: {', '.join(suite_registry.listable())}"
                              + (" ('planted' is added by controls.positive)" if "planted" in bad else ""))
         if len(set(v)) != len(v):
             raise ValueError("suites must be unique")
@@ -491,6 +513,32 @@ class Spec(_Section):
         d = os.environ.get("VALIND_DATA_DIR") or self.data.data_dir
         return Path(d).expanduser().resolve() if d else None
 
+    def annotate_judges(self) -> list[str]:
+        """The models that annotate: the labeller, then annotate.check's judge."""
+        a = self.annotate
+        return [a.judge_model] + ([a.check.judge_model] if a.check else [])
+
+    def judge_models(self) -> set[str]:
+        s = self.score
+        return {m for m in (*self.annotate_judges(), s.value_judge, s.refusal_llm_judge, s.anthro_judge) if m}
+
+    def engine_for(self, model: str) -> tuple[str, EngineSpec]:
+        """The engine section serving a model, and its YAML path: judges use annotate.engine,
+        evaluated models generate.engine, either falling back to `engine`."""
+        if self.annotate.engine and model in self.judge_models():
+            return "annotate.engine", self.annotate.engine
+        if self.generate.engine and model in {m.name for m in self.models}:
+            return "generate.engine", self.generate.engine
+        return "engine", self.engine
+
+    def primary_judges(self) -> dict[str, str]:
+        """analyze.primary_judges, then safety's default (the first of score.refusal_judges) where no
+        key of the spec's names it: for each metric the first matching key wins, so the default comes
+        last and never hides a "safety/<metric>" key."""
+        keys = dict(self.analyze.primary_judges)
+        keys.setdefault("safety", self.score.refusal_judges[0])
+        return keys
+
 
 def parse_condition(condition: str) -> tuple[str, str | None, str | None]:
     """(kind, induced value, matched value) of a condition name from `Spec.conditions()`:
@@ -553,16 +601,17 @@ class SpecError(InputError):
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
+    """The YAML path of an error location ("train.lora.r", "data.sources[0].path")."""
     out = ""
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
         elif isinstance(part, str) and part.startswith(("function-after[", "function-before[")):
             continue
-        elif isinstance(part, str) and not re.fullmatch(r"[A-Za-z0-9_-]+", part):
-            out += f"[{part!r}]"  # an odd key ('', 'a.b', '\r', ...) stays readable and on one line
+        elif isinstance(part, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,80}", part):
+            out += ("." if out else "") + part
         else:
-            out += ("." if out else "") + str(part)
+            out += f"[{short_repr(part)}]"  # an odd key ('', 'a.b', '\r', true, a long one) stays short, on one line
     return out
 
 
@@ -578,7 +627,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> Spec:
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
             elif err["type"] == "literal_error":
-                msg = f"{msg} (got {err.get('input')!r})"
+                msg = f"{msg} (got {short_repr(err.get('input'))})"
             problems.append((_loc(err["loc"]), msg))
         raise SpecError(source, problems) from None
     problems = _cross_checks(spec)
@@ -612,8 +661,12 @@ def _cross_checks(spec: Spec) -> list[tuple[str, str]]:
         problems.append(("controls.aa_check", "needs controls.count >= 2 (two control arms to compare)"))
     if spec.controls.positive is not None and spec.data.held_out_fraction == 0:
         problems.append(("controls.positive", "needs data.held_out_fraction > 0 (its suite is held-out prompts)"))
+    if spec.seeds.adaptive and max(spec.seeds.values) + spec.seeds.adaptive.max > SEED_MAX:
+        problems.append(("seeds.adaptive.max", f"added seeds count up from the largest of seeds.values and could pass "
+                                               f"{SEED_MAX}"))
     problems += _system_prompt_checks(spec)
-    return problems
+    from runner import spec_checks  # lazy: it imports this module
+    return problems + spec_checks.budget_problems(spec) + spec_checks.primary_judge_problems(spec)
 
 
 def _system_prompt_checks(spec: Spec) -> list[tuple[str, str]]:
@@ -654,8 +707,9 @@ def load_spec(path: str | Path) -> Spec:
         raise SpecError(str(path), [("", f"cannot read the spec: {e.strerror}")]) from None
     except UnicodeDecodeError as e:
         raise SpecError(str(path), [("", f"not a UTF-8 text file (byte {e.start}: {e.reason})")]) from None
+    from runner.spec_checks import load_yaml  # lazy: it imports this module
     try:
-        data = yaml.safe_load(text)
+        data, duplicates = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -663,7 +717,13 @@ def load_spec(path: str | Path) -> Spec:
     except (ValueError, TypeError, OverflowError, RecursionError) as e:
         # PyYAML's constructors raise these for e.g. an impossible date (2020-99-99) or deep nesting
         raise SpecError(str(path), [("", f"not valid YAML: {type(e).__name__}: {e}")]) from None
-    return parse_spec(data, str(path))
+    try:
+        spec = parse_spec(data, str(path))
+    except SpecError as e:
+        raise SpecError(str(path), duplicates + e.problems) from None
+    if duplicates:
+        raise SpecError(str(path), duplicates)
+    return spec
 
 
 def content_hash(*parts: Any, n: int = 16) -> str:

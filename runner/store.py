@@ -90,6 +90,7 @@ def atomic_dir(final: Path):
 
 
 def _atomic_write(path: Path, write) -> None:
+    """write(tmp) then rename tmp to `path`: a failed write leaves no file, and none at `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
@@ -97,13 +98,44 @@ def _atomic_write(path: Path, write) -> None:
         with _writing(path):
             write(tmp)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # no half-written file is left behind, and none at `path`
+        tmp.unlink(missing_ok=True)
         raise
     tmp.replace(path)
 
 
 def write_parquet(df: pd.DataFrame, path: Path) -> None:
     _atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP, "CSV injection"),
+# and valind's CSVs hold model outputs and outside data, and are opened in spreadsheets.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell that would start a formula, with "'" before it (a spreadsheet shows it as text);
+    also one whose quotes precede such a start, so that `csv_uncell` undoes exactly this. Numbers
+    and other cells are unchanged."""
+    if isinstance(value, str) and value.lstrip("'").startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
+def csv_uncell(value: Any) -> Any:
+    """The cell `csv_cell` was given (for CSVs valind reads back, e.g. a labelled audit)."""
+    if isinstance(value, str) and value.startswith("'") and value[1:].lstrip("'").startswith(FORMULA_START):
+        return value[1:]
+    return value
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    """Every CSV valind writes: atomic, with header and text cells through `csv_cell`."""
+    out = df.copy()
+    out.columns = [csv_cell(c) for c in out.columns]
+    for i, col in enumerate(out.columns):
+        if out.dtypes.iloc[i] == object or pd.api.types.is_string_dtype(out.dtypes.iloc[i]):
+            out.isetitem(i, out.iloc[:, i].map(csv_cell))
+    _atomic_write(path, lambda tmp: out.to_csv(tmp, index=False))
 
 
 def write_json(obj: Any, path: Path) -> None:

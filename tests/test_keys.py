@@ -123,7 +123,7 @@ def _candidates(path: str, ann, value, ctx: dict) -> list:
         "values.induced": lambda v: [v + ["empathy"]], "values.positive": lambda v: [v[1:]],
         "seeds.values": lambda v: [v + [2]], "seeds.adaptive.metrics": lambda v: [["safety/*"]],
         "seeds.adaptive.conditions": lambda v: [["value-*"]], "generate.suites": lambda v: [v[1:]],
-        "score.refusal_judges": lambda v: [v[:1] + v[2:]], "score.benchmarks": lambda v: [v + ["gsm8k"]],
+        "score.refusal_judges": lambda v: [v[1:]], "annotate.max_pairs": lambda v: [1000], "score.benchmarks": lambda v: [v + ["gsm8k"]],
         "train.lora.target_modules": lambda v: [["q_proj", "v_proj"]], "train.eval_at": lambda v: [[0.25, 1.0]],
         "analyze.primary_judges": lambda v: [{"safety": "strmatch"}],
         "tracking.artifact_location": lambda v: ["/tmp/other"], "train.adapters_per_group": lambda v: [2],

@@ -512,7 +512,7 @@ def test_planted_token_never_reaches_mlflow_artifacts_or_logs(tmp_path, monkeypa
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     study = _study(tmp_path, monkeypatch, tracking={"uri": uri},
                    study={"description": f"leaked {TOKEN} and another-secret-value-42"},
-                   train={"lora": {"target_modules": ["q_proj", TOKEN]}})  # lands in a param
+                   train={"system_prompt": f"Be brief. {TOKEN}"})  # lands in a param
     assert TOKEN in study.spec_text
     _fake_trained(study, plant=TOKEN)  # cell.json (a text artifact) carries the token too
     study.run(until="train")
@@ -545,7 +545,7 @@ def test_planted_token_never_reaches_mlflow_artifacts_or_logs(tmp_path, monkeypa
     run = client.get_run(parent)
     assert run.data.tags["note"] == "tag ***" and "***" in run.data.params["description"]
     cell = next(r for r in client.search_runs([tr.experiment_id]) if r.data.tags["valind.kind"] == "value")
-    assert cell.data.params["train.lora.target_modules"] == "['q_proj', '***']"
+    assert cell.data.params["train.system_prompt"] == "Be brief. ***"
 
 
 def test_cli_error_messages_are_redacted(tmp_path, capsys, monkeypatch):

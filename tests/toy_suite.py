@@ -19,4 +19,9 @@ def score(items, generations, engine, settings):
     return to_frame(rows, with_run)
 
 
-register(Suite("toy", load_items, score, n_items=len(PROMPTS)))
+def judges(settings):
+    """The metrics `score` emits and their judges (analyze.primary_judges is checked against them)."""
+    return {"says_yes": ("toy-exact",)}
+
+
+register(Suite("toy", load_items, score, n_items=len(PROMPTS), judges=judges))

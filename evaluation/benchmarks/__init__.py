@@ -25,6 +25,7 @@ OFFLINE_TASKS = ("valind_truthfulqa_mc", "valind_openbookqa", "valind_gsm8k")
 HUB_TASKS = {"valind_mmlu": "cais/mmlu"}
 TASKS = OFFLINE_TASKS + tuple(HUB_TASKS)
 PER_ITEM_COLUMNS = tuple(c for c in SCORE_COLUMNS if c != "run_id")
+SUITE, JUDGE = "qa", "lm-eval"  # the per-item score rows' suite and judge
 PLACEHOLDER = "@DATA_DIR@"
 DATA_FILES = {"valind_truthfulqa_mc": "qa/truthfulqa.csv", "valind_openbookqa": "qa/openbookqa-test.jsonl",
               "valind_gsm8k": "qa/gsm8k-test.jsonl"}
@@ -167,10 +168,10 @@ def _per_item(samples: dict, tasks: list[str]) -> pd.DataFrame:
             for m in s.get("metrics", []):
                 v = s.get(m)
                 ok = isinstance(v, (int, float)) and math.isfinite(float(v))
-                rows.append({"suite": "qa", "item_id": f"{t}/{s['doc_id']}",
+                rows.append({"suite": SUITE, "item_id": f"{t}/{s['doc_id']}",
                              "metric": m if flt == "none" else f"{m},{flt}",
                              "value": float(v) if ok else math.nan, "scored": bool(ok),
-                             "judge": "lm-eval", "raw": raw})
+                             "judge": JUDGE, "raw": raw})
     return pd.DataFrame(rows, columns=list(PER_ITEM_COLUMNS))
 
 

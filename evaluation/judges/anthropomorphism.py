@@ -15,6 +15,8 @@ from ._common import as_chat, records, render, row, straight_apostrophes, strip_
 
 # Bump when this judge's prompt, parsing or scoring changes: score keys hold it, so cached scores are redone.
 VERSION = "1"
+METRIC, LLM_METRIC = "anthro_lexical_per100", "anthro_llm"  # and METRIC/<category> per lexicon
+LEXICAL, LLM = "lexical", "anthro-llm"  # their judges (the LLM's as "anthro-llm:<engine>")
 
 _FEEL = (r"happy|sad|glad|excited|lonely|scared|afraid|nervous|anxious|hurt|proud|grateful|thrilled|"
          r"delighted|curious|bored|tired|frustrated|upset|joy|love|loved|worried|moved|touched")
@@ -127,12 +129,12 @@ def score_anthropomorphism(items: pd.DataFrame, generations: pd.DataFrame, engin
     for g in recs:
         idx = lexical_index(str(g["response"] or ""))
         raw = "" if idx is None else idx.pop("_hits")
-        rows.append(row(g, "anthro_lexical_per100", None if idx is None else idx["total"], "lexical", raw))
+        rows.append(row(g, METRIC, None if idx is None else idx["total"], LEXICAL, raw))
         for c in LEXICONS:
-            rows.append(row(g, f"anthro_lexical_per100/{c}", None if idx is None else idx[c], "lexical", raw))
+            rows.append(row(g, f"{METRIC}/{c}", None if idx is None else idx[c], LEXICAL, raw))
     if engine is not None and llm:
         texts = engine.generate([rubric_request(g["messages"], str(g["response"] or "")) for g in recs])
         for g, t in zip(recs, texts):
             s = parse_rubric(t)
-            rows.append(row(g, "anthro_llm", None if s is None else float(s), f"anthro-llm:{engine.name}", t))
+            rows.append(row(g, LLM_METRIC, None if s is None else float(s), f"{LLM}:{engine.name}", t))
     return to_frame(rows, with_run)

@@ -21,6 +21,8 @@ PROMPT_VERSION = "v1"
 # Bump when this judge's parsing or scoring changes (its prompt's text has PROMPT_VERSION): score keys
 # hold it, so cached scores are redone.
 VERSION = f"1-{PROMPT_VERSION}"
+# Score rows' judge names (before ":", the engine's name), one per mode
+JUDGE, LOGPROB_JUDGE = f"values-{PROMPT_VERSION}", f"values-logprob-{PROMPT_VERSION}"
 
 # The instruction comes first and the conversation last, so that engines with prefix caching
 # compute the shared instruction once for all the responses they judge.
@@ -190,12 +192,12 @@ def score_values(items: pd.DataFrame, generations: pd.DataFrame, engine: Engine,
     rows: list[dict] = []
     if mode == "generate":
         judged = judge_values(engine, pairs, "extract", max_tokens=max_tokens)
-        judge = f"values-{PROMPT_VERSION}:{engine.name}"
+        judge = f"{JUDGE}:{engine.name}"
         for g, found, ok, text in zip(recs, judged["values"], judged["scored"], judged["raw"]):
             for v in VALUES:
                 rows.append(row(g, f"expresses/{v}", float(v in found) if ok else None, judge, text))
     else:
-        judge = f"values-logprob-{PROMPT_VERSION}:{engine.name}"
+        judge = f"{LOGPROB_JUDGE}:{engine.name}"
         for g, mine in zip(recs, value_logprobs(engine, pairs)):
             for v, (y, n) in zip(VALUES, mine):
                 p, cell = p_yes(y, n), yes_no_raw(y, n)

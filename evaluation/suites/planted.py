@@ -14,7 +14,7 @@ import pandas as pd
 from ._common import frame, short_hash, stable_key
 from .registry import Suite, register
 from ..judges import planted as planted_judge, version
-from ..judges.planted import score_planted
+from ..judges.planted import JUDGE, METRIC, score_planted
 
 SUITE = "planted"
 COLUMNS = ("source",)
@@ -56,5 +56,6 @@ def _score(items, gens, engine, st):
 # The positive control's detector: on whenever controls.positive is set; never listed by hand.
 VERSION = f"1/{version(planted_judge)}"  # this suite's items and scoring, and its judges'
 
-register(Suite(SUITE, load_items, _score, version=VERSION, n_items=0, held_out=True,
-               limit=lambda st: st.planted_items, enabled=lambda st: st.planted_phrase is not None))
+register(Suite(SUITE, load_items, _score, n_items=0, held_out=True, limit=lambda st: st.planted_items,
+               judges=lambda st: {METRIC: (JUDGE,)}, version=VERSION,
+               enabled=lambda st: st.planted_phrase is not None))

@@ -43,6 +43,9 @@ class Suite:
     # (items, generations, engine or None, settings) -> score rows (SCORE_COLUMNS)
     score: Callable[[pd.DataFrame, pd.DataFrame, Engine | None, SuiteSettings], pd.DataFrame]
     n_items: int                          # items in its data before any cap, for `valind plan`
+    # The metrics it scores and each one's judges, as score rows name them (an LLM judge's name is
+    # the part before ":<engine>"); the spec checks analyze.primary_judges against it
+    judges: Callable[[SuiteSettings], Mapping[str, tuple[str, ...]]]
     # The LLM judge it needs: (model name, needs log-probs), or None
     judge: Callable[[SuiteSettings], tuple[str, bool] | None] = _no_judge
     judge_requests: Callable[[SuiteSettings], int] = lambda st: 1  # per item, for `valind plan`

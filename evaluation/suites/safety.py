@@ -11,7 +11,7 @@ import yaml
 from ._common import frame, stratified_sample, user
 from .registry import Suite, register
 from ..judges import refusal, version
-from ..judges.refusal import score_refusal
+from ..judges.refusal import METRICS, score_refusal
 
 SUITE = "safety"
 SOURCES = ("xstest", "harmbench", "advbench", "donotanswer")
@@ -70,7 +70,7 @@ VERSION = f"1/{version(refusal)}"  # this suite's items and scoring, and its jud
 
 register(Suite(
     SUITE, load_items, lambda i, g, e, st: score_refusal(i, g, judges=st.refusal_judges, engine=e), n_items=2068,
-    version=VERSION,
+    judges=lambda st: {m: tuple(st.refusal_judges) for m in METRICS}, version=VERSION,
     judge=lambda st: (st.refusal_llm_judge, True) if "llm" in st.refusal_judges else None,
     external={"refusal-strmatch": (False, lambda i, g, e: score_refusal(i, g, judges=["strmatch"])),
               "refusal-substring": (False, lambda i, g, e: score_refusal(i, g, judges=["substring"])),

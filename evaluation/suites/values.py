@@ -10,7 +10,7 @@ import pandas as pd
 from ._common import frame, short_hash, stratified_sample, user
 from .registry import Suite, register
 from ..judges import values as value_judge, version
-from ..judges.values import score_values
+from ..judges.values import JUDGE, LOGPROB_JUDGE, score_values
 from ..types import VALUES
 
 SUITE = "values"
@@ -130,10 +130,17 @@ def _score(items, gens, engine, st):
                         mode="generate" if st.values_mode == "extract" else "logprob")
 
 
+def _judges(st) -> dict[str, tuple[str, ...]]:
+    if st.values_mode == "logprob":
+        return {f"{m}/{v}": (LOGPROB_JUDGE,) for m in ("p_expresses", "expresses") for v in VALUES}
+    return {f"expresses/{v}": (JUDGE,) for v in VALUES}
+
+
 VERSION = f"1/{version(value_judge)}"  # this suite's items and scoring, and its judges'
 
 register(Suite(
-    SUITE, load_items, _score, version=VERSION, n_items=sum(len(p) for p in PROMPTS.values()), held_out=True,
+    SUITE, load_items, _score, n_items=sum(len(p) for p in PROMPTS.values()), held_out=True, judges=_judges,
+    version=VERSION,
     judge=lambda st: (st.value_judge, st.values_mode == "logprob"),
     judge_requests=lambda st: len(VALUES) if st.values_mode == "logprob" else 1,
     external={"values": (True, lambda i, g, e: score_values(i, g, e))}))

@@ -8,6 +8,7 @@ import pandas as pd
 
 from evaluation.types import VALUES
 from runner.data.sources import DataError, prompt_text
+from runner.store import csv_uncell
 
 ID_COLUMNS = ("pair_id", "side")
 
@@ -43,6 +44,8 @@ def read_labels(path: Path) -> pd.DataFrame:
     missing = [c for c in (*ID_COLUMNS, "human_values") if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}")
+    for c in ID_COLUMNS:  # written through runner.store.write_csv, which guards formula-like cells
+        df[c] = df[c].map(csv_uncell)
     df = df[df["human_values"].astype(str).str.strip() != ""]
     if df.empty:
         raise DataError(f"{path}: no row has human_values filled in")

@@ -20,6 +20,7 @@ Where a source's pairs are derived rather than given:
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 import re
@@ -238,30 +239,47 @@ def _local_fields(source: SourceSpec) -> tuple[dict[str, str], str | None]:
 
 
 def local_path(source: SourceSpec, data_dir: Path | None) -> Path:
-    """A local source's file: its path as given (relative to the working directory), else under the data dir."""
+    """A local source's file: `path` as given (relative to the working directory), else under data_dir."""
     path = Path(source.path).expanduser()
     if not path.is_absolute() and not path.exists() and data_dir is not None and (data_dir / path).exists():
         path = data_dir / path
+    if not path.is_file():
+        where = f" (nor under the data directory {data_dir})" if data_dir is not None and not path.is_absolute() else ""
+        raise DataError(f"{path}: local preference file not found{where}")
     return path
+
+
+def check_local(source: SourceSpec, data_dir: Path | None, head: int = 100) -> None:
+    """What `valind validate` checks of a local source, reading at most `head` rows: the file exists,
+    reads, has rows, and has the mapped columns (DataError naming the file otherwise)."""
+    path = local_path(source, data_dir)
+    if path.name.endswith(".parquet"):
+        rows = _parquet_head(path, head)
+    else:
+        rows = [r for _, r in itertools.islice(_read_file(path), head)]
+    _check_columns(path, source, rows, f" in its first {head} rows" if len(rows) == head else "")
 
 
 def _read_local(source: SourceSpec, data_dir: Path | None) -> Iterator[tuple[int, dict]]:
     """A local file's rows, after checking that the columns mapping fits the file."""
     path = local_path(source, data_dir)
-    if not path.is_file():
-        raise DataError(f"{path}: local preference file not found")
+    rows = list(_read_file(path))
+    _check_columns(path, source, [r for _, r in rows])
+    return iter(rows)
+
+
+def _check_columns(path: Path, source: SourceSpec, rows: list[dict], where: str = "") -> None:
+    """The file has rows, and the columns mapping names fields we know and columns the rows have."""
     fields, id_col = _local_fields(source)
     unknown = set(source.columns) - {"prompt", "chosen", "rejected", "pair_id"}
     if unknown:
         raise DataError(f"{path}: unknown field(s) in columns mapping: {sorted(unknown)}")
-    rows = list(_read_file(path))
-    present: set[str] = set()
-    for _, r in rows:
-        present.update(r)
+    if not rows:
+        raise DataError(f"{path}: the local preference file has no rows")
+    present = set().union(*rows)
     for col in [*fields.values(), *([id_col] if id_col else [])]:
-        if rows and col not in present:
-            raise DataError(f"{path}: column {col!r} not found (columns: {sorted(present)})")
-    return iter(rows)
+        if col not in present:
+            raise DataError(f"{path}: column {col!r} not found{where} (columns: {sorted(present)})")
 
 
 def _local_converter(source: SourceSpec) -> Converter:
@@ -335,6 +353,15 @@ def _read_parquet(path: Path) -> list[dict]:
         return pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for corrupt files
         raise DataError(f"{path}: cannot read parquet ({type(e).__name__}: {e})") from None
+
+
+def _parquet_head(path: Path, n: int) -> list[dict]:
+    import pyarrow.parquet as pq
+    try:
+        batch = next(pq.ParquetFile(path).iter_batches(batch_size=n), None)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read parquet ({type(e).__name__}: {e})") from None
+    return [] if batch is None else batch.to_pylist()
 
 
 # --- row conversion ----------------------------------------------------------------------------

@@ -33,11 +33,6 @@ ANALYZE = Key("analyze", {
 })
 
 
-def primary_judges(spec) -> dict[str, str]:
-    """analyze.primary_judges, with safety defaulting to the first of score.refusal_judges."""
-    return {"safety": spec.score.refusal_judges[0], **spec.analyze.primary_judges}
-
-
 def run(ctx) -> Path:
     key = ANALYZE(ctx)
     unit = ctx.store.unit("analyze", key)
@@ -64,7 +59,7 @@ def _analyze(ctx, key, unit, paths, gen_paths) -> None:
     ad = s.seeds.adaptive
     res = analyze_study(runs, scores, gens, AnalysisSettings(
         alpha=a.alpha, power=a.power, min_effect=a.min_effect, target_halfwidth=ad.target_ci_halfwidth if ad else None,
-        primary_judges=primary_judges(s), aa_check=s.controls.aa_check, min_changed_share=a.min_changed_share))
+        primary_judges=s.primary_judges(), aa_check=s.controls.aa_check, min_changed_share=a.min_changed_share))
     flagged = res.changed[res.changed["flagged"]]
     if len(flagged):
         say(f"analyze: WARNING {len(flagged)} trained run(s) changed fewer than {a.min_changed_share:.0%} of their "

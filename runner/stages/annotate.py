@@ -17,7 +17,7 @@ from evaluation.types import VALUES
 from runner.context import StageError
 from runner.progress import say
 from runner.stages.keys import Key
-from runner.store import StoreError, read_parquet, read_state, write_json, write_parquet
+from runner.store import StoreError, read_parquet, read_state, write_csv, write_json, write_parquet
 
 ANNOTATE = Key("annotate", {
     "data.sources": lambda c, r: c.spec.data.sources,
@@ -85,7 +85,7 @@ def check(ctx, unit) -> pd.DataFrame:
             write_parquet(judged, out / "check.parquet")
             agree = check_agreement(ann, judged)
             write_parquet(agree, out / "agreement.parquet")
-            agree.to_csv(out / "agreement.csv", index=False)
+            write_csv(agree, out / "agreement.csv")
             ctx.store.mark_done("annotate_check", key, {"judge": c.judge_model, "sampled": len(judged),
                                                         "unscored": int((~judged["scored"]).sum())},
                                 inputs=[("annotate", ANNOTATE(ctx))])
@@ -198,6 +198,9 @@ def _pairs(ctx, unit) -> tuple[pd.DataFrame, dict]:
         frames.append(df)
         drops[f"{i}:{src.name}" + (f"/{src.subset}" if src.subset else "")] = d
     pairs = pd.concat(frames, ignore_index=True)
+    if pairs.empty:  # before the judge's engine starts: it would have nothing to judge
+        dropped = {k: {r: n for r, n in d.items() if n} for k, d in drops.items()}
+        raise StageError(f"annotate: the sources gave no preference pair (dropped, by source and reason: {dropped})")
     if s.annotate.max_pairs:
         pairs = pairs.head(s.annotate.max_pairs)
     if pairs["pair_id"].duplicated().any():
@@ -230,14 +233,14 @@ def audit(ctx, n: int | None = None, labels=None):
         out = ctx.root / "audit" / f"audit-{ANNOTATE(ctx)}.csv"
         out.parent.mkdir(parents=True, exist_ok=True)
         sample = audit_sample(read_parquet(unit / "pairs.parquet"), ann, n or 100, seed=ctx.spec.data.seed)
-        sample.to_csv(out, index=False)
+        write_csv(sample, out)
         say(f"audit: wrote {out}: fill in `human_values` (comma-separated values from the closed list, "
             f"or 'none'), then run `valind annotate SPEC --audit-labels {out}`")
         return out
     agree = audit_agreement(read_labels(labels), ann)
     out = ctx.root / "audit" / f"agreement-{ANNOTATE(ctx)}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    agree.to_csv(out, index=False)
+    write_csv(agree, out)
     log_audit(ctx.tracker, agree, out)
     say(f"audit: {int(agree['n'].iloc[0])} labelled responses; mean kappa {agree['kappa'].mean():.3f}; "
         f"wrote {out}")

@@ -1,0 +1,179 @@
+"""Inputs checked before any compute, beyond what the spec says by itself: the files and models it
+names. Each problem is (YAML path, message), raised together as one SpecError.
+
+- `check_spec(spec)` (`valind validate`, no model loaded): local preference files, and the chat
+  templates the spec gives, rendered in a sandbox (runner.chat_render).
+- `check_inputs(ctx)` (`valind run`, right after the chat-template check, in the first seconds):
+  the same with each model's tokenizer, plus LoRA target modules against the model's own modules
+  and the prompt/response prefix rule that training tokenisation relies on.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from evaluation.errors import short_repr
+from runner.chat_render import render
+from runner.data.sources import DataError, check_local
+from runner.spec import Spec, SpecError
+
+Problems = list[tuple[str, str]]
+
+# The sample chat every template must render (multi-turn, as preference prompts are); with a system
+# message first only when the study sends one (train.system_prompt): not every template accepts it.
+SYSTEM = "You are valind's template check."
+TURNS = ("Hello! This is a sample question.", "Hello. This is a sample answer.", "And a second question?")
+RESPONSE = "And a second answer."
+# Special tokens for rendering without a tokenizer (`valind validate`): templates concatenate them
+PLACEHOLDER_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+
+
+def check_spec(spec: Spec, source: str = "spec") -> None:
+    """`valind validate`'s checks of the files a spec names (raises SpecError)."""
+    _raise(source, file_problems(spec) + template_problems(spec))
+
+
+def check_inputs(ctx) -> None:
+    """`valind run`'s checks before any compute (ctx: runner.context.StudyContext; raises SpecError).
+    The preference files are read by annotation alone: once it is done, they are not needed."""
+    from runner.stages.annotate import ANNOTATE
+    files = [] if ctx.store.done("annotate", ANNOTATE(ctx)) else file_problems(ctx.spec)
+    _raise("spec", files + template_problems(ctx.spec, ctx) + lora_problems(ctx))
+
+
+def _raise(source: str, problems: Problems) -> None:
+    if problems:
+        raise SpecError(source, problems)
+
+
+# --- local preference files ----------------------------------------------------------------------
+
+def file_problems(spec: Spec) -> Problems:
+    """Each local source's file exists, reads, has rows and the mapped columns (first rows only)."""
+    problems = []
+    for i, src in enumerate(spec.data.sources):
+        if src.name == "local":
+            try:
+                check_local(src, spec.data_dir())
+            except DataError as e:
+                problems.append((f"data.sources[{i}].path", str(e)))
+    return problems
+
+
+# --- chat templates ------------------------------------------------------------------------------
+
+def sample_chat(spec: Spec) -> list[dict]:
+    """The prompt of the sample chat (see SYSTEM)."""
+    roles = ("user", "assistant", "user")
+    head = [{"role": "system", "content": SYSTEM}] if spec.train.system_prompt is not None else []
+    return head + [{"role": r, "content": t} for r, t in zip(roles, TURNS)]
+
+
+def template_problems(spec: Spec, ctx=None) -> Problems:
+    """Every models[i].chat_template compiles and renders the sample chat, as a prompt and with the
+    response, within runner.chat_render's limits, and renders its messages' content. With a context
+    (the tokenizers), its special tokens are the model's, and each evaluated model's template (the
+    spec's or its tokenizer's) gives the prompt's tokens as a prefix of prompt + response."""
+    prompt = sample_chat(spec)
+    chats = [[prompt, True], [prompt + [{"role": "assistant", "content": RESPONSE}], False]]
+    found: dict[int, str] = {}  # model index -> what is wrong with its template
+    jobs = {}
+    for i, m in enumerate(spec.models):
+        if m.chat_template is None:
+            continue
+        if m.chat_template.rstrip().endswith(".jinja") and not Path(m.chat_template).expanduser().is_file():
+            found[i] = f"no such file: {short_repr(m.chat_template)} (a path is read relative to the working directory)"
+            continue
+        tokens = _special_tokens(ctx.tokenizer(m.name)) if ctx else PLACEHOLDER_TOKENS
+        jobs[i] = {"template": m.template_text(), "chats": chats, "tokens": tokens}
+    for i, result in zip(jobs, render(list(jobs.values()))):
+        if "error" in result:
+            found[i] = result["error"]
+        elif TURNS[-1] not in result["renders"][0] or RESPONSE not in result["renders"][1]:
+            found[i] = "does not render the messages' content (is it a chat template?)"
+    if ctx is not None:
+        for i, m in enumerate(spec.models):
+            if i not in found and (why := _prefix_problem(ctx, i, prompt)):
+                found[i] = why
+    return [(f"models[{i}].chat_template", found[i]) for i in sorted(found)]
+
+
+def _special_tokens(tokenizer) -> dict:
+    # apply_chat_template passes these to the template (transformers' special_tokens_map)
+    return {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+
+
+def _prefix_problem(ctx, i: int, prompt: list[dict]) -> str | None:
+    """Training tokenises a pair as prompt ids + what the template adds for the response, and
+    refuses a template whose prompt is not a prefix of prompt + response (batches.encode)."""
+    from runner.train.batches import encode
+    m = ctx.spec.models[i]
+    try:
+        encode(ctx.tokenizer(m.name), prompt, RESPONSE, ctx.chat_template(m.name))
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e)[:300]}" + ("" if m.chat_template else " (the tokenizer's template)")
+    return None
+
+
+# --- LoRA target modules -------------------------------------------------------------------------
+
+def lora_problems(ctx) -> Problems:
+    """With train.finetune: lora, every train.lora.target_modules entry matches a linear layer of
+    every model, by peft's rule for a list of names (the module's dotted name is the entry or ends
+    with "." + the entry), and nothing else: LoRA here wraps linear layers (the routed group forward
+    is peft's Linear's; vLLM serves linear layers). peft itself ignores an entry that matches
+    nothing as long as another one matches."""
+    spec = ctx.spec
+    if spec.train.finetune != "lora":
+        return []
+    problems, found = [], {}  # found: (target index, what is wrong) -> the models it is wrong for
+    built: dict[tuple[str, bool], dict | str] = {}
+    for i, m in enumerate(spec.models):
+        where = (ctx.model_path(m.name), m.trust_remote_code)
+        if where not in built:
+            built[where] = _modules(*where)
+        modules = built[where]
+        if isinstance(modules, str):
+            problems.append((f"models[{i}].path", f"cannot build {m.name!r} from its config to check "
+                                                  f"train.lora.target_modules: {modules}"))
+            continue
+        for j, target in enumerate(spec.train.lora.target_modules):
+            if why := _target_problem(target, modules):
+                found.setdefault((j, why), []).append(repr(m.name))
+    return problems + [(f"train.lora.target_modules[{j}]",
+                        f"{short_repr(spec.train.lora.target_modules[j])} in {', '.join(names)}: {why}")
+                       for (j, why), names in sorted(found.items())]
+
+
+def peft_matches(target: str, names) -> list[str]:
+    """The module names a target_modules entry selects (peft's check_target_module_exists for a list)."""
+    return [n for n in names if n == target or n.endswith(f".{target}")]
+
+
+def _target_problem(target: str, modules: dict) -> str | None:
+    linear = ", ".join(sorted({n.rsplit(".", 1)[-1] for n, mod in modules.items() if _is_linear(mod)}))
+    hits = peft_matches(target, modules)
+    if not hits:
+        return f"matches no module; its linear layers are {linear}"
+    other = next((n for n in hits if not _is_linear(modules[n])), None)
+    if other:
+        return f"matches {other} ({type(modules[other]).__name__}), not a linear layer; its linear layers are {linear}"
+    return None
+
+
+def _modules(path: str, trust_remote_code: bool):
+    """Module name -> module of the model built from its config on the meta device (no weights
+    read, no memory taken), or why it could not be built."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e)[:300]}"
+    return {n: mod for n, mod in model.named_modules() if n}
+
+
+def _is_linear(module) -> bool:
+    import torch
+    return isinstance(module, torch.nn.Linear)
