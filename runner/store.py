@@ -304,7 +304,7 @@ class Store:
             up_stage, up_key = ref.split("/", 1)
             up = self.problem(up_stage, up_key)
             if up is not None:
-                return f"its input {ref} is {up}"
+                return f"its input {ref} is {'missing' if up == MISSING else 'invalid'}"
             if self.files_hash(up_stage, up_key) != h:
                 return f"its input {ref} was recomputed since"
         return None

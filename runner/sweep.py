@@ -9,6 +9,7 @@ resources. Concurrency comes from the cluster: as many trials as worker groups f
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,10 +50,12 @@ def _trial(config: dict) -> None:
     group: Group = config["group"]
     first = group.cells[0]
     tokenizer = AutoTokenizer.from_pretrained(first.model_path, trust_remote_code=first.trust_remote_code)
+    # fault injection (tests/test_train_state.py): a worker dies after this optimizer step, first attempt only
+    fail = int(os.environ["VALIND_FAIL_AT_STEP"]) if os.environ.get("VALIND_FAIL_AT_STEP") else None
     if len(group.cells) == 1:
-        train_cell(first, tokenizer=tokenizer)
+        train_cell(first, tokenizer=tokenizer, fail_at_step=fail)
     else:
-        train_group(list(group.cells), tokenizer=tokenizer, per_forward=group.per_forward)
+        train_group(list(group.cells), tokenizer=tokenizer, per_forward=group.per_forward, fail_at_step=fail)
 
 
 def run_grid(groups: list[Group], train: TrainSpec, storage: Path, name: str,
@@ -66,8 +69,6 @@ def run_grid(groups: list[Group], train: TrainSpec, storage: Path, name: str,
     ids = [c.cell_id for g in groups for c in g.cells]
     if len(set(ids)) != len(ids):
         raise ValueError(f"cell ids must be unique: {sorted(i for i in set(ids) if ids.count(i) > 1)}")
-    import os
-
     from ray import tune
 
     from runner.progress import progress, say

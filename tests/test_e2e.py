@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -46,6 +47,10 @@ def smoke(tmp_path_factory, data_dir):
         proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(path)], cwd=ROOT, env=env,
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not (out / "smoke" / "study.json").exists():
+            time.sleep(0.2)
+        second = valind("run", str(path), timeout=120)  # started while the first runs: refused at once
         deadline, done = time.time() + 900, []
         while time.time() < deadline and proc.poll() is None and not done:
             done = list(train_dir.glob("*/_DONE.json"))
@@ -62,11 +67,17 @@ def smoke(tmp_path_factory, data_dir):
     assert not session_pids(proc.pid)
     first = valind("run", str(path))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
-    return path, out / "smoke", first, killed
+    return path, out / "smoke", first, killed, second
+
+
+def test_a_second_run_of_the_study_exits_at_once_naming_the_first(smoke):
+    *_, second = smoke
+    assert second.returncode == 1 and second.seconds < 60, second.stderr[-2000:]
+    assert "is in use by another valind: pid" in second.stderr and f"run {second.args[-1]}" in second.stderr
 
 
 def test_killed_driver_rerun_trains_no_cell_twice(smoke):
-    _, root, first, killed = smoke
+    _, root, first, killed, _ = smoke
     assert f"train: 5 cells, {len(killed)} cached" in first.stdout
     for key, (done_mtime, cell_mtime) in killed.items():
         unit = root / "stages" / "train" / key
@@ -75,7 +86,7 @@ def test_killed_driver_rerun_trains_no_cell_twice(smoke):
 
 
 def test_report_and_where_things_are(smoke):
-    _, root, first, killed = smoke
+    _, root, first, killed, _ = smoke
     assert f"report:  {root / 'report.html'}" in first.stdout
     # per stage, the share of time spent starting engines and training cells rather than computing
     # (training's only when the rerun trained a cell: a group publishes its cells together, so the
@@ -105,7 +116,7 @@ def test_report_and_where_things_are(smoke):
 
 def test_mlflow_has_parent_and_one_child_per_cell(smoke):
     import mlflow
-    _, root, _, _ = smoke
+    _, root, _, _, _ = smoke
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["smoke"])
     parents = runs[runs["tags.valind.kind"] == "study"]
@@ -131,7 +142,7 @@ def test_mlflow_has_parent_and_one_child_per_cell(smoke):
 
 def test_rerun_is_cached_and_creates_no_runs(smoke):
     import mlflow
-    path, root, _, _ = smoke
+    path, root, _, _, _ = smoke
     again = valind("run", str(path))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "annotate: cached" in again.stdout and "curate: cached" in again.stdout
@@ -146,12 +157,14 @@ def test_rerun_is_cached_and_creates_no_runs(smoke):
 
 
 def test_changing_a_score_setting_reruns_only_score_and_analyze(smoke):
-    path, _, _, _ = smoke
+    path, _, _, _, _ = smoke
     spec = yaml.safe_load(path.read_text())
     spec["score"]["sampling"]["max_tokens"] = 20
     changed = path.with_name("smoke-score.yaml")
     changed.write_text(yaml.safe_dump(spec, sort_keys=False))
-    r = valind("run", str(changed))
+    refused = valind("run", str(changed))  # the study directory belongs to the spec that made it
+    assert refused.returncode == 2 and "score.sampling.max_tokens (24 -> 20)" in refused.stderr, refused.stderr
+    r = valind("run", str(changed), "--amend")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "annotate: cached" in r.stdout and "train: 5 cells, 5 cached" in r.stdout
     assert "generate: 6 runs, 6 cached" in r.stdout
@@ -164,7 +177,7 @@ def test_adaptive_seeds_add_a_seed_until_the_max(smoke, tmp_path):
     trains and evaluates them, and stops at max: 2, saying so. A rerun computes nothing."""
     import mlflow
     import pandas as pd
-    path, root, _, _ = smoke
+    path, root, _, _, _ = smoke
     studies = tmp_path / "studies"
     shutil.copytree(root, studies / "smoke", ignore=shutil.ignore_patterns("ray_tune", "ray_train"))
     spec = yaml.safe_load(path.read_text())
@@ -180,9 +193,10 @@ def test_adaptive_seeds_add_a_seed_until_the_max(smoke, tmp_path):
     assert "adaptive seeds: value-humor: stop (at the maximum of 2 seeds" in r.stdout
     assert "train: 10 cells, 5 cached" in r.stdout and "generate: 11 runs, 6 cached" in r.stdout
     study = studies / "smoke"
-    assert json.loads((study / "adaptive_seeds.json").read_text()) == {
+    state = next((study / "stages" / "adaptive").iterdir())  # under the key of the spec that added the seeds
+    assert json.loads((state / "seeds.json").read_text()) == {
         "control-0": [1], "control-1": [1], "positive": [1], "value-fairness": [1], "value-humor": [1]}
-    rounds = json.loads((study / "adaptive_trajectory.json").read_text())
+    rounds = json.loads((state / "trajectory.json").read_text())
     assert sorted(max(r["n_seeds"] for r in rows) for rows in rounds.values()) == [1, 2]
     analyze_units = [u for u in (study / "stages" / "analyze").iterdir() if (u / "_DONE.json").exists()]
     newest = max(analyze_units, key=lambda u: (u / "_DONE.json").stat().st_mtime_ns)
@@ -199,3 +213,30 @@ def test_adaptive_seeds_add_a_seed_until_the_max(smoke, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "train: 10 cells, 10 cached" in again.stdout and "analyze: cached" in again.stdout
     assert "adaptive seeds: adding" not in again.stdout
+
+
+def test_a_truncated_generations_file_is_recomputed_with_its_scores_alone(smoke, tmp_path):
+    """A finished study with one run's generations.parquet cut short: the rerun names that unit,
+    generates and scores that run again (and the analysis that read it), and nothing else."""
+    path, root, _, _, _ = smoke
+    studies = tmp_path / "studies"
+    shutil.copytree(root, studies / "smoke", ignore=shutil.ignore_patterns("ray_tune", "ray_train"))
+    spec = yaml.safe_load(path.read_text())
+    spec["study"]["output_dir"] = str(studies)
+    copy = tmp_path / "smoke.yaml"
+    copy.write_text(yaml.safe_dump(spec, sort_keys=False))
+    gens = sorted((studies / "smoke" / "stages" / "generate").glob("*/generations.parquet"))
+    victim = next(g for g in gens if "value-humor" in json.loads((g.parent / "_DONE.json").read_text())["run_id"])
+    original = victim.read_bytes()
+    victim.write_bytes(original[:-100])
+    r = valind("run", str(copy))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"store: generate unit {victim.parent.name}: generations.parquet is" in r.stdout
+    assert "train: 5 cells, 5 cached" in r.stdout and "annotate: cached" in r.stdout
+    assert "generate: 6 runs, 5 cached" in r.stdout
+    assert pd.read_parquet(victim)["run_id"].eq("tiny__value-humor__s0").all()
+    if victim.read_bytes() == original:  # generated alone, the same bytes: its scores still hold
+        assert "score: 6 runs, 6 cached" in r.stdout and "analyze: cached" in r.stdout
+    else:  # new generations: their scores and the analysis that read them, nothing else
+        assert "score: 6 runs, 5 cached" in r.stdout and "tiny__value-humor__s0:" in r.stdout
+        assert "analyze: done" in r.stdout
