@@ -54,8 +54,8 @@ class StudyLock:
             self._fd = None
 
 
-# Changes that only add work: (dotted field, what it must satisfy against the recorded value)
 def _adds(old, new, path: str) -> bool:
+    """Whether changing field `path` from `old` to `new` (None: absent) only adds work."""
     if path in ("seeds.values", "values.induced"):
         return isinstance(old, list) and isinstance(new, list) and set(old) <= set(new)
     if path == "controls.count":
@@ -63,7 +63,7 @@ def _adds(old, new, path: str) -> bool:
     if path == "models":  # new models, every recorded one as it was
         news = {m["name"]: m for m in new}
         return all(news.get(m["name"]) == m for m in old)
-    return path.startswith("seeds.adaptive")  # more (or fewer) adaptive seeds: its state is keyed by the spec
+    return path == "seeds.adaptive" or path.startswith("seeds.adaptive.")  # its state is keyed by the spec
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -90,7 +90,7 @@ def changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     for p in sorted(set(a) | set(b)):
         if a.get(p) != b.get(p):
             line = f"{p} ({_short(a.get(p))} -> {_short(b.get(p))})"
-            (adds if p in a and p in b and _adds(a[p], b[p], p) else other).append(line)
+            (adds if _adds(a.get(p), b.get(p), p) else other).append(line)
     return adds, other
 
 

@@ -156,11 +156,14 @@ def test_rerun_is_cached_and_creates_no_runs(smoke):
     assert status.returncode == 0 and "the study is complete" in status.stdout
 
 
-def test_changing_a_score_setting_reruns_only_score_and_analyze(smoke):
-    path, _, _, _, _ = smoke
+def test_changing_a_score_setting_reruns_only_score_and_analyze(smoke, tmp_path):
+    path, root, _, _, _ = smoke
+    studies = tmp_path / "studies"  # a copy: the shared study keeps its spec for the other tests
+    shutil.copytree(root, studies / "smoke", ignore=shutil.ignore_patterns("ray_tune", "ray_train"))
     spec = yaml.safe_load(path.read_text())
+    spec["study"]["output_dir"] = str(studies)
     spec["score"]["sampling"]["max_tokens"] = 20
-    changed = path.with_name("smoke-score.yaml")
+    changed = tmp_path / "smoke-score.yaml"
     changed.write_text(yaml.safe_dump(spec, sort_keys=False))
     refused = valind("run", str(changed))  # the study directory belongs to the spec that made it
     assert refused.returncode == 2 and "score.sampling.max_tokens (24 -> 20)" in refused.stderr, refused.stderr
