@@ -366,7 +366,8 @@ class Store:
                 raise StoreError(f"{stage} unit {key}: its input {s}/{k} is not done")
             ins[f"{s}/{k}"] = self.files_hash(s, k)
         write_json({"finished": time.time(), **(info or {}), "files": unit_files(d, skip), "inputs": ins}, d / DONE)
-        self._checked.clear()
+        # units found complete stay so (stages never redo a complete unit); the others are checked again
+        self._checked = {k: v for k, v in self._checked.items() if v is None}
 
     def mark_failed(self, stage: str, key: str, err: BaseException | str) -> None:
         text = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
