@@ -27,3 +27,16 @@ def data_dir() -> Path:
 def tiny_model() -> str:
     from runner.models import prepare_tiny
     return str(prepare_tiny())
+
+
+@pytest.fixture
+def ray_2cpu():
+    """A local Ray cluster of 2 CPUs for the test, shut down after it."""
+    import ray
+
+    from runner.cluster import init_ray
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
