@@ -1,5 +1,5 @@
 """A study's whole analysis from its tables: contrasts, per-run metrics, power, the A/A check and
-the adapter sanity check. Pure (no Ray, no store), so it is tested on plain tables."""
+the adapter check. Pure (no Ray, no store), so it is tested on plain tables."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +8,7 @@ import pandas as pd
 
 from evaluation.analyze import (aa_check, contrasts, per_run_metrics, points_along_training, power_table,
                                  trend_along_training)
-from evaluation.sanity import changed_share
+from evaluation.sanity import adapter_check
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,6 @@ class AnalysisSettings:
     target_halfwidth: float | None = None        # seeds.adaptive's target, for the power table
     primary_judges: dict[str, str] | None = None
     aa_check: bool = False                        # control-0 against control-1 per model (per value, if matched)
-    min_changed_share: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,7 @@ class Analysis:
     contrasts: pd.DataFrame
     metrics: pd.DataFrame
     power: pd.DataFrame
-    changed: pd.DataFrame
+    adapters: pd.DataFrame                   # evaluation.sanity.adapter_check: did each adapter change its model
     aa: pd.DataFrame | None = None           # per model: tests and how many came out significant
     aa_detail: pd.DataFrame | None = None    # every A/A comparison
     along: pd.DataFrame | None = None        # effects at each train.eval_at point (runs as units there)
@@ -53,9 +52,10 @@ def final_runs(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def analyze_study(runs: pd.DataFrame, scores: pd.DataFrame, generations: pd.DataFrame,
-                  s: AnalysisSettings) -> Analysis:
+                  s: AnalysisSettings, probe: pd.DataFrame | None = None) -> Analysis:
     """runs: RUN_COLUMNS (+ progress: train.eval_at); scores: SCORE_COLUMNS; generations: run_id,
-    suite, item_id, response. Everything but the along-training tables uses the final runs only."""
+    suite, item_id, response; probe: the adapter probe's log-probs (evaluation.sanity.PROBE_COLUMNS;
+    None: every trained run unchecked). Everything but the along-training tables uses the final runs only."""
     along = trend = None
     if "progress" in runs.columns:
         along = points_along_training(runs, scores, s.alpha, s.primary_judges)
@@ -77,6 +77,6 @@ def analyze_study(runs: pd.DataFrame, scores: pd.DataFrame, generations: pd.Data
             aa, aa_detail = aa.drop(columns="match"), aa_detail.drop(columns="match")
     return Analysis(contrasts=con, metrics=per_run_metrics(scores),
                     power=power_table(con, s.target_halfwidth, s.min_effect, s.alpha, s.power),
-                    changed=changed_share(generations, runs, s.min_changed_share), aa=aa, aa_detail=aa_detail,
+                    adapters=adapter_check(probe, generations, runs), aa=aa, aa_detail=aa_detail,
                     along=along if along is not None and len(along) else None,
                     trend=trend if trend is not None and len(trend) else None)

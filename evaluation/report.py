@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from evaluation import analyze  # noqa: E402
+from evaluation.sanity import adapter_verdicts  # noqa: E402
 
 __all__ = ["write_report"]
 
@@ -319,7 +320,7 @@ def _summary(contrasts_df: pd.DataFrame, extras: dict, alpha: float) -> str:
 
 def _sensitivity(contrasts_df: pd.DataFrame | None, extras: dict, alpha: float) -> str:
     """What the study can see (the positive control) beside what it wrongly sees (the A/A check),
-    and whether every trained run changed its model's outputs at all."""
+    and whether every trained run's adapter changed its model at all (evaluation.sanity)."""
     out = []
     pcs = analyze.positive_control(contrasts_df, alpha) if contrasts_df is not None else []
     if pcs:
@@ -337,17 +338,9 @@ def _sensitivity(contrasts_df: pd.DataFrame | None, extras: dict, alpha: float) 
                                for r in aa.itertuples()) + ".</p>")
     else:
         out.append("<p class='na'><b>Specificity</b>: no A/A check (controls.aa_check).</p>")
-    changed = extras.get("changed")
-    if isinstance(changed, pd.DataFrame) and not changed.empty:
-        flagged = changed[changed["flagged"].astype(bool)]
-        share = extras.get("min_changed_share")
-        if len(flagged):
-            out.append(f"<p class='bad'><b>{len(flagged)} trained run(s) changed fewer than {share:.0%} of the "
-                       f"base model's responses</b> (adapter not applied?): "
-                       + ", ".join(_esc(r) for r in flagged["run_id"]) + ". See the appendix.</p>")
-        else:
-            out.append(f"<p>Every trained run changed at least {share:.0%} of its base model's responses "
-                       f"(lowest: {changed['share_changed'].min():.0%}).</p>")
+    for v in adapter_verdicts(extras.get("adapters")):
+        cls = {"flagged": "bad", "passed": "ok", "unchecked": "na"}[v["status"]]
+        out.append(f"<p class='{cls}'><b>Adapters.</b> {_esc(v['line'])}. See the appendix.</p>")
     return "".join(out)
 
 
@@ -609,7 +602,7 @@ def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame 
     judge_agreement (DataFrame), curation (DataFrame), curation_rule (curation.json's "rule": the
     rule, kept/flipped/dropped counts, dropped values), aa_checks and aa_detail (DataFrames), power
     (DataFrame), adaptive (a sentence on seeds.adaptive), adaptive_trajectory (DataFrame from
-    ``evaluation.adaptive.snapshot`` rows), changed and min_changed_share (``evaluation.sanity``),
+    ``evaluation.adaptive.snapshot`` rows), adapters (``evaluation.sanity.adapter_check``),
     system_prompt ({"text", "per_value", "at_generation"}: the header's system-prompt line), label_check
     ({"judge", "labeller", "table"}: annotate.check's agreement, runner.data.audit.check_agreement). A
     ``stage`` column in ``runs`` with more than one stage groups the results by stage (base → sft → instruct).
@@ -675,11 +668,17 @@ def write_report(out_dir: Path, runs: pd.DataFrame | None, scores: pd.DataFrame 
         t = prm.merge(runs[["run_id", "model", "condition", "seed"]], on="run_id", how="left") \
             if have_runs else prm
         sec.append(_table(t, "Per-run metrics", collapse_over=0))
-    changed = extras.get("changed")
-    if isinstance(changed, pd.DataFrame) and not changed.empty:
+    adapters = extras.get("adapters")
+    if isinstance(adapters, pd.DataFrame) and not adapters.empty:
         sec.append("<h3>Did each adapter change its model?</h3>"
-                   "<p class='note'>Share of items whose response differs from the base model's.</p>"
-                   + _table(changed, "Changed responses", highlight="flagged", collapse_over=40))
+                   "<p class='note'>The adapter probe: logprob_diff is the mean absolute difference, per token, "
+                   "between the run's and the base model's log-probs of the base model's own responses to "
+                   "n_texts items, computed in the same batches; zero_diff is a zero adapter's (every LoRA B = 0) "
+                   "in those batches, alone_diff the zero adapter's with each text in a batch of its own (the "
+                   "engine's rounding). A run at or below its threshold (evaluation.sanity.threshold) is flagged; "
+                   "one without probe log-probs is unchecked. share_changed (greedy responses that differ from "
+                   "the base run's as strings) only describes: an unchanged model's differ too.</p>"
+                   + _table(adapters, "Adapter check", highlight="flagged", collapse_over=40))
     summary = _condition_summary(runs if have_runs else None, prm)
     sec.append("<h3>Condition summary (base / control / value)</h3>"
                '<p class="note">Mean over runs of each condition and SD across seeds.</p>'

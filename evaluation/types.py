@@ -46,6 +46,8 @@ class Engine(Protocol):
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[float]: ...
 
+    def token_logprobs(self, requests: Sequence[ScoreRequest]) -> list[list[float]]: ...
+
 
 # Column names of the tables that flow between stages (pandas DataFrames / parquet files).
 PAIR_COLUMNS = ("pair_id", "source", "prompt", "chosen", "rejected")

@@ -83,7 +83,8 @@ def _print_where(study, report) -> None:
         print(f"then:    http://127.0.0.1:5000/{runs}")
     elif uri.startswith("http"):
         print(f"runs:    {uri.rstrip('/')}/{runs}")
-    for line in study.sensitivity_lines():
+    # last: did the adapters change their models, then could the study see an effect at all
+    for line in study.adapter_lines() + study.sensitivity_lines():
         print(line)
 
 

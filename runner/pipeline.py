@@ -233,6 +233,10 @@ class Study:
         """The positive control's verdict per model (`valind run`'s last words)."""
         return analyze.sensitivity_lines(self.ctx)
 
+    def adapter_lines(self) -> list[str]:
+        """The adapter check's verdict per model (printed just before the positive control's)."""
+        return analyze.adapter_verdict_lines(self.ctx)
+
     # ----------------------------------------------------------------- status
     def status(self) -> list[dict]:
         """Every unit of the study: stage, unit, key, state (done | failed | invalid | missing) and why."""

@@ -19,8 +19,10 @@ class Pools:
         self._open: dict[tuple[str, str | None, bool], object] = {}  # (model path, full-model path, lora)
         self.opened: list = []  # every pool started, in order (valind rehearse reports the hand-overs)
 
-    def config(self, model: str, enable_lora: bool = False, path: str | None = None, tokens: int = 0):
-        """`tokens`: the output tokens the caller will ask of the pool (for `engine.cpu_compile`)."""
+    def config(self, model: str, enable_lora: bool = False, path: str | None = None, tokens: int = 0,
+               scores: bool = False):
+        """`tokens`: the output tokens the caller will ask of the pool (for `engine.cpu_compile`);
+        `scores` with `enable_lora`: an engine that scores with adapters, so one that merges them."""
         from runner.engines import EngineConfig
         ctx = self.ctx
         e, m = ctx.engine_spec(model), ctx.spec.model(model)
@@ -30,7 +32,8 @@ class Pools:
                             max_lora_rank=ctx.spec.train.lora.r, max_loras=4, tensor_parallel=e.tensor_parallel,
                             kv_cache_gb=e.kv_cache_gb, gpu_memory_utilization=e.gpu_memory_utilization,
                             chat_template=ctx.chat_template(model),
-                            trust_remote_code=m.trust_remote_code, cpu_compile=compiled)
+                            trust_remote_code=m.trust_remote_code, cpu_compile=compiled,
+                            lora_mode="merge" if enable_lora and scores else "auto")
 
     def find(self, model: str, enable_lora: bool = False, path: str | None = None, scores: bool = False):
         """The open pool that serves these requests, or None. A LoRA pool also serves base-model
@@ -53,11 +56,13 @@ class Pools:
         if (pool := self.find(model, enable_lora, path, scores)) is not None:
             return pool
         mp = self.ctx.model_path(model)
+        if (old := self._open.pop((mp, path, enable_lora), None)) is not None:
+            old.close()  # a LoRA pool that cannot score (vLLM's LoRA path): one that merges takes its place
         self.ctx.ensure_ray()
         e = self.ctx.engine_spec(model)
         cpus = e.cpus_per_actor or cpus_per_actor(e.actors, e.gpus_per_actor, share, self._held_cpus())
         self._make_room(cpus * e.actors)
-        cfg = self.config(model, enable_lora, path, tokens)
+        cfg = self.config(model, enable_lora, path, tokens, scores)
         compiled = cfg.cpu_compile and cfg.resolved_backend() == "vllm"
         pool = EnginePool(cfg, actors=e.actors, gpus_per_actor=e.gpus_per_actor,
                           cpus_per_actor=cpus, batch_size=e.batch_size, startup_timeout_s=e.startup_timeout_s)

@@ -429,9 +429,11 @@ class AnalyzeSpec(_Section):
 
     _removed = _refuse(("bootstrap", "permutations", "seed"), "removed in valind 0.2, inference is analytic "
                                                              "(crossed runs × items t-test, docs/STATISTICS.md)")
-    # A trained run whose responses differ from its base model's on fewer than this share of the
-    # items is flagged (was the adapter applied?).
-    min_changed_share: float = Field(default=0.05, ge=0.0, le=1.0)
+    _replaced = _refuse(("min_changed_share",), "replaced by the adapter probe (evaluation/sanity.py): a trained "
+                        "run is flagged when its per-token log-probs differ from its base model's by no more than a "
+                        "threshold derived from a zero adapter's; an unchanged model's greedy responses differ from "
+                        "the base run's on 38-55% of the items on a CPU, so no share of changed responses could "
+                        "flag anything")
 
 
 class TrackingSpec(_Section):

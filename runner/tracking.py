@@ -421,6 +421,9 @@ def log_analysis(ctx, unit: Path) -> None:
         rid = children[owner.run_id]
         vals = {f"{row.suite}/{row.metric}/{row.judge.split(':')[0]}": row.mean for row in df.itertuples()}
         tr.once(rid, f"eval-{SCORE(ctx, r)}", lambda: tr.log_metrics(rid, vals, step=round(r.progress * 100)))
+    # the adapter probe's measure (evaluation.sanity) on each trained run
+    path = unit / "adapters.parquet"
+    adapters = {a.run_id: a for a in read_parquet(path).itertuples()} if path.exists() else {}
     # each condition's verdicts on its runs too: the chart view, grouped by condition, compares them
     for owner, rid in children.items():
         r = runs[owner]
@@ -428,5 +431,9 @@ def log_analysis(ctx, unit: Path) -> None:
         tr.once(rid, f"verdicts-{unit.name}", lambda: tr.log_metrics(rid, {
             f"verdict/{v.suite}/{v.metric}/{stat}": getattr(v, stat) for v in mine.itertuples()
             for stat in VERDICT_STATS}))
+        if (a := adapters.get(owner)) is not None and a.status != "unchecked":
+            tr.once(rid, f"adapter-{unit.name}", lambda: tr.log_metrics(rid, {
+                "adapter/logprob_diff": a.logprob_diff, "adapter/threshold": a.threshold,
+                "adapter/flagged": float(a.flagged)}))
         tr.finish(rid)
     tr.finish(parent)

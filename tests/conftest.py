@@ -38,3 +38,16 @@ def offline_hub(monkeypatch):
     import runner.models
     monkeypatch.setattr(runner.models, "hub_commit",
                         lambda repo, revision=None: hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest())
+
+
+@pytest.fixture
+def ray_2cpu():
+    """A local Ray cluster of 2 CPUs for the test, shut down after it."""
+    import ray
+
+    from runner.cluster import init_ray
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()

@@ -228,6 +228,27 @@ def test_report_writes_html_with_tables_and_figures(tmp_path, structured):
     assert all(p.stat().st_size > 1000 for p in pngs)
 
 
+def test_report_says_flagged_and_unchecked_adapters_in_its_first_lines(tmp_path):
+    """The adapter check (evaluation.sanity) is stated beside sensitivity and specificity, before
+    the findings; its table is in the appendix."""
+    runs, scores = make_study({("empathy", "expresses/empathy"): 0.3}, n_items=10, seeds=(0,), values=("empathy",))
+    trained = runs.loc[runs["kind"] != "base", "run_id"].tolist()
+    adapters = pd.DataFrame([{"run_id": r, "model": "m1", "condition": "c", "kind": "value", "seed": 0, "n_texts": 32,
+                              "n_tokens": 900, "logprob_diff": 0.03, "zero_diff": 0.0, "alone_diff": 0.027,
+                              "threshold": 0.081, "status": "flagged", "flagged": True, "n_items": 56,
+                              "n_changed": 24, "share_changed": 0.43} for r in trained])
+    adapters.loc[0, ["status", "flagged", "n_tokens", "logprob_diff", "threshold"]] = ["unchecked", False, 0, None, None]
+    c = analyze.contrasts(runs, scores)
+    text = report.write_report(tmp_path, runs, scores, c, {"adapters": adapters}).read_text()
+    first = text[:text.index('<h2 id="summary">')]
+    n = len(trained) - 1
+    assert (f"<p class='bad'><b>Adapters.</b> m1: {n} of {len(trained)} trained runs flagged: adapter not applied or "
+            "not trained (per-token log-prob difference from the base 0.03, at or below the threshold 0.081)") in first
+    assert f"<p class='na'><b>Adapters.</b> m1: 1 of {len(trained)} trained runs unchecked" in first
+    appendix = text.split('<h2 id="appendix">')[1]
+    assert "Did each adapter change its model?" in appendix and "<th>logprob_diff</th>" in appendix
+
+
 def test_report_survives_missing_inputs(tmp_path):
     path = report.write_report(tmp_path / "empty", None, None, None, None)
     text = path.read_text()
@@ -316,13 +337,20 @@ def test_analyze_study_assembles_the_whole_analysis_from_tables():
     gens = pd.DataFrame([{"run_id": r, "suite": "values", "item_id": f"i{i}",
                           "response": "same" if r == base or "control" in r else f"new {i}"}
                          for r in runs["run_id"] for i in range(10)])
-    res = analyze_study(runs, scores, gens, AnalysisSettings(min_effect=0.2, aa_check=True))
+    trained = runs.loc[runs["kind"] != "base", "run_id"]
+    # the adapter probe: the controls' log-probs are the base model's (adapter not applied), the others moved
+    probe = pd.DataFrame([{"run_id": r, "suite": "values", "item_id": f"i{i}", "token": 0, "base": -1.0 - i / 10,
+                           "zero": -1.0 - i / 10, "zero_alone": -1.0 - i / 10, "dtype": "float32",
+                           "logprob": -1.0 - i / 10 + (0.0 if "control" in r else 0.5)}
+                          for r in trained for i in range(10)])
+    res = analyze_study(runs, scores, gens, AnalysisSettings(min_effect=0.2, aa_check=True), probe=probe)
     assert res.contrasts.equals(analyze.contrasts(runs, scores))
     assert set(res.metrics["run_id"]) == set(runs["run_id"])
     assert list(res.aa["model"]) == ["m1"] and res.aa_detail["model"].eq("m1").all()
-    assert len(res.power) and res.changed.set_index("run_id")["flagged"].to_dict() == {
-        r: "control" in r for r in runs.loc[runs["kind"] != "base", "run_id"]}
-    assert analyze_study(runs, scores, gens, AnalysisSettings()).aa is None
+    assert len(res.power) and res.adapters.set_index("run_id")["flagged"].to_dict() == {
+        r: "control" in r for r in trained}
+    no_probe = analyze_study(runs, scores, gens, AnalysisSettings())
+    assert no_probe.aa is None and set(no_probe.adapters["status"]) == {"unchecked"}
 
 
 # ----------------------------------------------------------------------------- per-value controls

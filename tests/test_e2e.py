@@ -106,8 +106,11 @@ def test_report_and_where_things_are(smoke):
     # controls.positive: one seed measures no run-to-run variance, so nothing is detected, and the
     # run's last line says what that means
     assert "positive control NOT detected" in html
-    last = first.stdout.strip().splitlines()[-1]
+    *_, adapters, last = first.stdout.strip().splitlines()
     assert last.startswith("tiny: positive control NOT detected") and "cannot see effects of this size" in last
+    # just before it, the adapter probe's verdict: every adapter changed its model (evaluation.sanity)
+    assert adapters.startswith("tiny: every checked trained run's adapter changes its model"), adapters
+    assert "<b>Adapters.</b> tiny: every checked trained run" in html
     killed_log = (root.parent / "killed.log").read_text()
     assert "annotate: done" in killed_log and "curate: done" in killed_log  # before the kill
     for stage in ("train: done", "generate: done", "score: done", "analyze: done"):

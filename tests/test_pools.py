@@ -12,18 +12,6 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def ray_2cpu():
-    import ray
-
-    from runner.cluster import init_ray
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_generation_hands_the_cluster_from_one_base_model_to_the_next(tmp_path, tiny_model, ray_2cpu, capsys):
     from evaluation.types import Request
@@ -109,7 +97,8 @@ def test_a_dead_engine_actor_is_restarted_and_its_batch_resubmitted(tmp_path, ti
 
 def test_an_open_pool_serves_what_it_can():
     """A LoRA pool serves base-model generation, and scoring only where its engine scores with
-    adapters enabled (merged on CPUs); the judges reuse it then, else they get a pool of their own."""
+    adapters enabled (merged on CPUs); the judges reuse it then, else they get a pool of their own.
+    Scoring with adapters asks for an engine that merges them (the adapter probe on GPUs)."""
     from types import SimpleNamespace
 
     from runner.pools import Pools
@@ -139,6 +128,25 @@ def test_batches_are_cut_where_a_serial_engine_changes_adapter():
     assert [len(b) for b in pool._batches(reqs)] == [4, 4, 2]
 
 
+def test_fixed_chunks_make_the_batches_whatever_the_pool():
+    """token_logprobs' `chunk`: each adapter's requests in batches of that many, whatever the pool's
+    batch size or engine, so the adapter probe computes every side in the same batches."""
+    from evaluation.types import ScoreRequest
+    from runner.engines.pool import EnginePool
+
+    reqs = [ScoreRequest(messages=({"role": "user", "content": f"q{i}"},), continuation="x", adapter=a)
+            for a in (None, "zero", "x") for i in range(10)]
+    layouts = []
+    for batch_size, serial in ((4, True), (64, False), (3, False)):
+        pool = object.__new__(EnginePool)
+        pool.batch_size, pool.serial_adapters = batch_size, serial
+        layouts.append([[(r.adapter, r.messages) for r in b] for b in pool._batches(reqs, chunk=8)])
+    assert layouts[0] == layouts[1] == layouts[2]
+    assert [len(b) for b in layouts[0]] == [8, 2] * 3
+    # each adapter's texts in the same batches
+    assert [[m for _, m in b] for b in layouts[0][:2]] == [[m for _, m in b] for b in layouts[0][2:4]]
+
+
 def test_a_cpu_engine_is_compiled_for_long_generation_unless_the_spec_says(tmp_path):
     from runner.pipeline import Study
     from runner.pools import CPU_COMPILE_MIN_TOKENS
@@ -156,3 +164,21 @@ def test_a_cpu_engine_is_compiled_for_long_generation_unless_the_spec_says(tmp_p
         pools = Study(parse_spec(d), "", base_dir=tmp_path).ctx.pools
         assert pools.config(m).cpu_compile is setting
         assert pools.config(m, tokens=10 * CPU_COMPILE_MIN_TOKENS).cpu_compile is setting
+
+
+def test_scoring_with_adapters_asks_for_an_engine_that_merges_them(tmp_path):
+    """vLLM's LoRA path (GPUs) gives no prompt log-probs; the adapter probe's pool merges adapters
+    into the weights there too."""
+    from runner.engines.vllm_engine import engine_kwargs
+    from runner.pipeline import Study
+    from runner.spec import parse_spec
+
+    d = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
+    d["study"]["output_dir"] = str(tmp_path)
+    pools = Study(parse_spec(d), "", base_dir=tmp_path).ctx.pools
+    generating, probing = pools.config("tiny", enable_lora=True), pools.config("tiny", enable_lora=True, scores=True)
+    assert (generating.lora_mode, probing.lora_mode) == ("auto", "merge")
+    assert pools.config("tiny", scores=True).lora_mode == "auto"  # no adapters: nothing to merge
+    on_gpu = engine_kwargs(generating, gpu=True), engine_kwargs(probing, gpu=True)
+    assert on_gpu[0]["enable_lora"] and "worker_extension_cls" not in on_gpu[0]
+    assert on_gpu[1]["worker_extension_cls"] == "runner.engines.merge.MergedWeights" and "enable_lora" not in on_gpu[1]

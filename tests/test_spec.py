@@ -104,21 +104,29 @@ def test_positive_control_defaults_and_conditions():
     p = spec.controls.positive
     assert (p.phrase, p.position, p.fraction, p.items) == ("Ahoy there!", "start", 1.0, 24)
     assert spec.conditions() == ["value-humor", "value-fairness", "positive", "control-0", "control-1"]
-    assert spec.analyze.min_changed_share == 0.05
     d["controls"] = {"count": 0, "positive": {"phrase": "Arr matey", "position": "end", "fraction": 0.5, "items": 4}}
     assert parse_spec(d).conditions() == ["value-humor", "value-fairness", "positive"]
+
+
+def test_min_changed_share_is_refused_naming_what_replaced_it():
+    d = _smoke()
+    d["analyze"]["min_changed_share"] = 0.05
+    with pytest.raises(SpecError) as e:
+        parse_spec(d)
+    ((path, msg),) = e.value.problems
+    assert path == "analyze" and msg.startswith("min_changed_share: replaced by the adapter probe")
+    assert "delete the key" in msg
 
 
 def test_positive_control_validation_names_paths():
     d = _smoke()
     d["controls"] = {"count": 1, "positive": {"phrase": "ab", "position": "middle", "fraction": 0.0, "items": 3,
                                               "colour": "red"}}
-    d["analyze"]["min_changed_share"] = 1.5
     with pytest.raises(SpecError) as e:
         parse_spec(d, "x.yaml")
     paths = {p for p, _ in e.value.problems}
     assert paths == {"controls.positive.phrase", "controls.positive.position", "controls.positive.fraction",
-                     "controls.positive.items", "controls.positive.colour", "analyze.min_changed_share"}
+                     "controls.positive.items", "controls.positive.colour"}
     d = _smoke()
     d["controls"] = {"positive": {"phrase": "   a  ", "fraction": 1.5}}
     with pytest.raises(SpecError) as e:

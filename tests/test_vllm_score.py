@@ -18,4 +18,11 @@ def test_next_token_scores_equal_prompt_logprob_scores(tiny_model):
     got, want = engine.score(reqs), engine._prompt_logprob_scores(reqs)
     assert got == pytest.approx(want, abs=1e-4)
     assert len({round(x, 4) for x in got[:10]}) > 2  # the candidates' log-probs differ
+    # per token (the adapter probe): one log-prob per continuation token, summing to the score
+    per_token = engine.token_logprobs(reqs)
+    n = len(engine.tokenizer.encode(" Yes it is", add_special_tokens=False))
+    assert [len(x) for x in per_token] == [1] * 10 + [n]
+    assert [sum(x) for x in per_token] == pytest.approx(want, abs=1e-5) and len(per_token[-1]) > 1
+    with pytest.raises(ValueError, match="without LoRA support but got an adapter"):  # never the base model silently
+        engine.token_logprobs([ScoreRequest(messages=qs[0], continuation=" Yes it is", adapter="/some/adapter")])
     engine.close()

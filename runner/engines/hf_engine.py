@@ -88,17 +88,22 @@ class TransformersEngine:
                     out[i] = self.tokenizer.decode(row, skip_special_tokens=True)
         return out  # type: ignore[return-value]
 
-    @torch.no_grad()
     def score(self, requests: Sequence[ScoreRequest]) -> list[float]:
+        return [sum(lps) for lps in self.token_logprobs(requests)]
+
+    @torch.no_grad()
+    def token_logprobs(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        """Per continuation token, its log-prob; one request per forward, so no batch layout enters."""
         result = []
         for r in requests:
             model = self._use(r.adapter)
             ids = render_prompt_ids(self.tokenizer, r.messages, self.cfg.chat_template)
             cont = self.tokenizer.encode(r.continuation, add_special_tokens=False)
+            ids = truncate_left(ids, self.cfg.max_model_len - len(cont) - 1)
             full = torch.tensor([ids + cont])
             logp = torch.log_softmax(model(input_ids=full).logits[0, :-1].float(), -1)
             tgt = full[0, 1:]
-            result.append(float(logp[len(ids) - 1:, :].gather(1, tgt[len(ids) - 1:, None]).sum()))
+            result.append(logp[len(ids) - 1:, :].gather(1, tgt[len(ids) - 1:, None])[:, 0].tolist())
         return result
 
 

@@ -42,6 +42,9 @@ class EngineActor:
     def score(self, requests: Sequence[ScoreRequest]) -> list[float]:
         return self.engine.score(requests)
 
+    def token_logprobs(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        return self.engine.token_logprobs(requests)
+
 
 def _holders() -> str:
     """What holds the cluster's CPUs and GPUs: placement groups' reservations, and live actors by
@@ -116,20 +119,22 @@ class EnginePool:
         self.serial_adapters = info["serial_adapters"]  # adapters served one after another, not batched together
         self.startup_s = time.monotonic() - t0
 
-    def _batches(self, items: Sequence) -> list[list]:
+    def _batches(self, items: Sequence, chunk: int | None = None) -> list[list]:
         """Consecutive batches of at most batch_size. An engine that serves one adapter at a time
         (`serial_adapters`) runs a batch that spans two adapters as two passes, the second often a
-        small one: its batches are also cut where the adapter changes."""
-        if not self.serial_adapters:
-            return [list(items[i:i + self.batch_size]) for i in range(0, len(items), self.batch_size)]
+        small one: its batches are also cut where the adapter changes. `chunk`: batches of that many
+        requests of one adapter instead, whatever the pool's batch size and engine."""
+        size = chunk or self.batch_size
+        if not (self.serial_adapters or chunk):
+            return [list(items[i:i + size]) for i in range(0, len(items), size)]
         out = []
         for _, same in itertools.groupby(items, key=lambda r: r.adapter):
             same = list(same)
-            out += [same[i:i + self.batch_size] for i in range(0, len(same), self.batch_size)]
+            out += [same[i:i + size] for i in range(0, len(same), size)]
         return out
 
-    def _fan_out(self, method: str, items: Sequence, desc: str) -> list:
-        batches = self._batches(items)
+    def _fan_out(self, method: str, items: Sequence, desc: str, chunk: int | None = None) -> list:
+        batches = self._batches(items, chunk)
         results: list = [None] * len(batches)
         pending = {}
         free = list(self.actors) * self.in_flight  # the next batch is queued while one is being served
@@ -177,6 +182,13 @@ class EnginePool:
 
     def score(self, requests: Sequence[ScoreRequest], desc: str = "score") -> list[float]:
         return self._fan_out("score", requests, desc)
+
+    def token_logprobs(self, requests: Sequence[ScoreRequest], chunk: int,
+                       desc: str = "log-probs") -> list[list[float]]:
+        """Per-token log-probs of each continuation, each engine call one `chunk` of one adapter's
+        requests: the batch a text is computed in depends on the requests alone, never on the
+        pool's batch size or actor count (vLLM's numerics depend on the batch)."""
+        return self._fan_out("token_logprobs", requests, desc, chunk)
 
     def close(self, timeout_s: float = 120) -> None:
         """Shut the engines down (vLLM's engine-core processes hold GPU memory that killing the

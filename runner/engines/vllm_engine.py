@@ -139,6 +139,11 @@ class VLLMEngine:
     def score(self, requests: Sequence[ScoreRequest]) -> list[float]:
         return self._per_adapter(requests, self._score)
 
+    def token_logprobs(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        """Per continuation token, its log-prob, all requests of one adapter in one engine call: the
+        batch is the requests given, so a caller that fixes them fixes the numerics."""
+        return self._per_adapter(requests, self._prompt_logprobs)
+
     def _generate(self, requests: Sequence[Request]) -> list[str]:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
@@ -183,12 +188,18 @@ class VLLMEngine:
 
     def _prompt_logprob_scores(self, requests: Sequence[ScoreRequest]) -> list[float]:
         """Summed prompt log-probs of multi-token continuations."""
+        return [sum(lps) for lps in self._prompt_logprobs(requests)]
+
+    def _prompt_logprobs(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        """Each continuation token's prompt log-prob (prompt log-probs skip the prefix cache)."""
         from vllm import SamplingParams
 
         if self.merger is None and self.cfg.enable_lora:
             # vllm(-cpu) 0.32 crashes the engine (einsum shape error in the LoRA logits path)
             # when prompt logprobs are asked of a LoRA-enabled engine.
             raise ValueError("log-prob scoring needs an engine started without LoRA")
+        if any(r.adapter for r in requests):  # (a merging engine has merged them: _per_adapter)
+            raise ValueError("this engine was started without LoRA support but got an adapter request")
         prompts, spans = [], []
         for r in requests:
             ids = render_prompt_ids(self.tokenizer, r.messages, self.cfg.chat_template)
@@ -198,7 +209,7 @@ class VLLMEngine:
             spans.append((len(ids), len(cont)))
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
         outs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [sum(o.prompt_logprobs[pos][o.prompt_token_ids[pos]].logprob for pos in range(start, start + n))
+        return [[o.prompt_logprobs[pos][o.prompt_token_ids[pos]].logprob for pos in range(start, start + n)]
                 for o, (start, n) in zip(outs, spans)]
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from evaluation import sanity
+from evaluation.sanity import adapter_lines
 from runner.progress import say
 from runner.secrets import redact
 from runner.spec import system_fields
@@ -24,6 +26,7 @@ ANALYZE = Key("analyze", {
     "runs table": lambda c, r: c.runs_table().to_dict("records"),
     "study.description (report)": lambda c, r: c.spec.study.description,
     "analyze": lambda c, r: c.spec.analyze,
+    "adapter check (evaluation.sanity)": lambda c, r: [sanity.NOISE_FACTOR, sanity.DTYPE_FLOOR],
     "controls.aa_check": lambda c, r: c.spec.controls.aa_check,
     "values.positive (claims)": lambda c, r: c.spec.values.positive,
     "seeds.adaptive": lambda c, r: c.spec.seeds.adaptive,
@@ -56,16 +59,15 @@ def _analyze(ctx, key, unit, paths, gen_paths) -> None:
     scores = pd.concat([read_parquet(p) for p in paths.values()], ignore_index=True)
     gens = pd.concat([read_parquet(p, ("run_id", "suite", "item_id", "response")) for p in gen_paths.values()],
                      ignore_index=True)
+    probes = [read_parquet(q) for p in gen_paths.values() if (q := p.with_name("probe.parquet")).exists()]
     ad = s.seeds.adaptive
     res = analyze_study(runs, scores, gens, AnalysisSettings(
         alpha=a.alpha, power=a.power, min_effect=a.min_effect, target_halfwidth=ad.target_ci_halfwidth if ad else None,
-        primary_judges=s.primary_judges(), aa_check=s.controls.aa_check, min_changed_share=a.min_changed_share))
-    flagged = res.changed[res.changed["flagged"]]
-    if len(flagged):
-        say(f"analyze: WARNING {len(flagged)} trained run(s) changed fewer than {a.min_changed_share:.0%} of their "
-            "base model's responses (adapter not applied?): "
-            + ", ".join(f"{r.run_id} ({r.share_changed:.0%})" for r in flagged.itertuples()))
-    tables = {"contrasts": res.contrasts, "metrics": res.metrics, "power": res.power, "changed": res.changed,
+        primary_judges=s.primary_judges(), aa_check=s.controls.aa_check),
+        probe=pd.concat(probes, ignore_index=True) if probes else None)
+    for line in adapter_lines(res.adapters):
+        say(f"analyze: adapter check: {line}")
+    tables = {"contrasts": res.contrasts, "metrics": res.metrics, "power": res.power, "adapters": res.adapters,
               "aa_checks": res.aa, "along_training": res.along, "trend": res.trend}
     for name, df in tables.items():
         if df is not None:
@@ -75,8 +77,8 @@ def _analyze(ctx, key, unit, paths, gen_paths) -> None:
               "judge_agreement": agreement(ctx), "curation": read_parquet(ctx.need("curate") / "table.parquet"),
               "curation_rule": read_json(ctx.need("curate") / "curation.json").get("rule"),
               "power": res.power, "aa_checks": res.aa, "aa_detail": res.aa_detail, "adaptive": ctx.seeds.note(),
-              "adaptive_trajectory": ctx.seeds.trajectory(res.contrasts, key), "changed": res.changed,
-              "min_changed_share": a.min_changed_share, "positive_values": list(s.values.positive),
+              "adaptive_trajectory": ctx.seeds.trajectory(res.contrasts, key), "adapters": res.adapters,
+              "positive_values": list(s.values.positive),
               "system_prompt": {"text": s.train.system_prompt, "at_generation": s.generate.system_prompt,
                                 "per_value": bool(s.train.system_prompt and system_fields(s.train.system_prompt))}}
     extras |= {"along_training": res.along, "trend": res.trend, "eval_at": s.train.eval_at}
@@ -107,6 +109,15 @@ def sensitivity_lines(ctx) -> list[str]:
     pcs = positive_control(read_parquet(ctx.store.unit("analyze", key) / "contrasts.parquet"), ctx.spec.analyze.alpha)
     return [p["line"] for p in pcs] or ["no positive control (controls.positive): this study's sensitivity is "
                                         "unmeasured"]
+
+
+def adapter_verdict_lines(ctx) -> list[str]:
+    """The adapter check's verdict per model from the finished analysis (evaluation.sanity.adapter_lines)."""
+    key = ANALYZE(ctx)
+    path = ctx.store.unit("analyze", key) / "adapters.parquet"
+    if not ctx.store.done("analyze", key) or not path.exists():
+        return []
+    return adapter_lines(read_parquet(path))
 
 
 def code_version() -> str:

@@ -35,6 +35,27 @@ def add_lora(model, lora: LoraSpec, seed: int, name: str = "default"):
     return get_peft_model(model, lora_config(lora), adapter_name=name)
 
 
+def save_zero_adapter(model_dir, lora: LoraSpec, out, trust_remote_code: bool = False) -> None:
+    """Save to `out` the LoRA adapter `lora` describes on the model in `model_dir`, as peft initialises
+    it (A random, every B = 0), so it changes nothing: the adapter probe's null. Built on an empty
+    (meta) model, so no base weights are loaded; only the adapter's own tensors are allocated."""
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, lora_config(lora))  # its LoRA tensors land on the base's meta device
+    for layer in peft_model.modules():
+        if isinstance(layer, LoraLayer):
+            for name in ("lora_A", "lora_B"):
+                getattr(layer, name).to_empty(device="cpu")
+            layer.reset_lora_parameters("default", init_lora_weights=True)
+    peft_model.save_pretrained(str(out))
+
+
 class Router:
     """Which tokens of the batch in flight belong to which adapter; read by every routed LoRA layer.
 
