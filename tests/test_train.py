@@ -35,7 +35,7 @@ def _cell(tmp: Path, tiny_model: str, data_dir: Path, name: str, fail_at_step=No
     timing = meta.pop("timing")
     assert timing["end"] > timing["start"] and 0 < timing["steps_s"] < timing["end"] - timing["start"]
     res["starts"] = timing["starts"]
-    assert meta == {"cell_id": name, "seed": 3, "n_pairs": 8, "ref_cache_hit": res["ref_cache_hit"],
+    assert meta == {"cell_id": name, "key": "", "seed": 3, "n_pairs": 8, "ref_cache_hit": res["ref_cache_hit"],
                     "train": train.model_dump(mode="json"), "bf16": train.bf16, "system_prompt": None}
     return out, history, res
 

@@ -33,6 +33,7 @@ ITEMS = Key("items", {
 })
 
 GENERATE = Key("generate", {
+    "run": lambda c, r: r.run_id,  # its rows are the run's own (two models of the same weights: two units)
     "items": lambda c, r: ITEMS(c),
     "generate.sampling": lambda c, r: c.spec.generate.sampling,
     "engine": lambda c, r: c.engine_identity(r.model),

@@ -31,6 +31,8 @@ def _train_section(ctx, run) -> dict:
 TRAIN = Key("train", {
     "curate": lambda c, r: CURATE(c),
     "model": lambda c, r: c.model_id(r.model),
+    # two spec models with the same weights are still two models: each trains its own cells
+    "model name": lambda c, r: r.model,
     "condition": lambda c, r: r.condition,
     "seed": lambda c, r: r.seed,
     "train": _train_section,
