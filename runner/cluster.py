@@ -5,7 +5,9 @@ import os
 import sys
 from pathlib import Path
 
-# Environment every Ray worker needs; secrets are never forwarded explicitly.
+# Environment every Ray worker needs; secrets are never forwarded explicitly. DS_ACCELERATOR is not
+# among them: each process decides its own (`local_accelerator`), or a CPU head would send `cpu` to GPU
+# workers.
 def worker_env() -> dict[str, str]:
     env = {
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"),
@@ -14,17 +16,21 @@ def worker_env() -> dict[str, str]:
         "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
         "PYTHONWARNINGS": "ignore::DeprecationWarning",
     }
-    for key in ("HF_HUB_OFFLINE", "DS_ACCELERATOR"):
-        if os.environ.get(key):
-            env[key] = os.environ[key]
+    if os.environ.get("HF_HUB_OFFLINE"):
+        env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
     # Workers run in other directories: a relative path would point somewhere else there (for
     # TORCH_EXTENSIONS_DIR that means rebuilding DeepSpeed's ops, ~25 s, in every training cell).
     for key in ("VALIND_CACHE_DIR", "VALIND_DATA_DIR", "TORCH_EXTENSIONS_DIR"):
         if os.environ.get(key):
             env[key] = os.path.abspath(os.environ[key])
-    if not _has_gpu():
-        env["DS_ACCELERATOR"] = "cpu"
     return env
+
+
+def local_accelerator() -> None:
+    """DeepSpeed's accelerator for this process, decided where it runs: `cpu` without CUDA (DeepSpeed
+    would otherwise probe for one and warn), left alone with it or when set."""
+    if "DS_ACCELERATOR" not in os.environ and not _has_gpu():
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def _has_gpu() -> bool:
@@ -35,6 +41,17 @@ def _has_gpu() -> bool:
         return False
 
 
+def job_env_vars() -> dict[str, str]:
+    """The env_vars of the runtime env `ray job submit` gave this driver ({} outside a job)."""
+    import json
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+    from ray.job_config import JobConfig
+
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    return dict((JobConfig.from_json(json.loads(raw)).runtime_env or {}).get("env_vars") or {}) if raw else {}
+
+
 def init_ray(num_cpus: int | None = None):
     import ray
 
@@ -42,12 +59,13 @@ def init_ray(num_cpus: int | None = None):
         return ray
     env = worker_env()
     os.environ.update(env)  # the driver's own imports see the same settings
+    local_accelerator()
     project_root = str(Path(__file__).resolve().parent.parent)
-    if os.environ.get("RAY_ADDRESS") and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
-        # Inside `ray job submit` the job's runtime env already applies; repeating keys conflicts.
-        ray.init(log_to_driver=_verbose())
-    elif os.environ.get("RAY_ADDRESS"):  # a driver started on a node of a running cluster
-        ray.init(log_to_driver=_verbose(), runtime_env={"env_vars": env})
+    if os.environ.get("RAY_ADDRESS"):
+        # A driver on a cluster node, or inside `ray job submit`: the job's runtime env reaches every
+        # worker and valind's is merged into it (Ray refuses a key both set: the job's wins).
+        job = job_env_vars()
+        ray.init(log_to_driver=_verbose(), runtime_env={"env_vars": {k: v for k, v in env.items() if k not in job}})
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=_verbose(),
                  logging_level="ERROR",

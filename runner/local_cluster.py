@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -46,9 +47,16 @@ def ray_env() -> dict[str, str]:
     return env
 
 
-def _ray_start(args: list[str], what: str) -> None:
-    r = subprocess.run([str(BIN / "ray"), "start", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
-                        *args], env=ray_env(), capture_output=True, text=True, timeout=300)
+def _ray_start(args: list[str], what: str, command: dict | None = None) -> None:
+    """`ray start` with this machine's node arguments; with `command` (runner.verbatim), cluster.yaml's
+    own start command for the role, run in its clean environment, with the arguments appended."""
+    args = ["--disable-usage-stats", "--node-ip-address", "127.0.0.1", *args]
+    if command:
+        r = subprocess.run(["bash", "-c", f"{command['cmd']} {shlex.join(args)}"], env=command["env"],
+                           capture_output=True, text=True, timeout=300)
+    else:
+        r = subprocess.run([str(BIN / "ray"), "start", *args], env=ray_env(), capture_output=True, text=True,
+                           timeout=300)
     if r.returncode:
         raise RuntimeError(f"ray start ({what}) failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
 
@@ -119,7 +127,10 @@ class LocalCluster:
                 "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{s['mlflow']['port']}"}
 
     # ------------------------------------------------------------------ start
-    def up(self, workers: int = 2, cpus: int = 2, memory_gb: float = 6) -> "LocalCluster":
+    def up(self, workers: int = 2, cpus: int = 2, memory_gb: float = 6,
+           commands: dict | None = None) -> "LocalCluster":
+        """`commands` (runner.verbatim): {"head": shell command, "worker": shell command, "env": their
+        environment}, cluster.yaml's own start commands, `@GCS_PORT@` standing for the head's port."""
         if self.state:
             raise RuntimeError(f"{self.dir / STATE} exists: `down` that cluster first")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -129,14 +140,15 @@ class LocalCluster:
         self._save({"head": head, "workers": [], "cpus": cpus, "memory_gb": memory_gb, "started": 0,
                     # each node gets 1000 worker ports of its own, below the ephemeral range free_port() draws from
                     # and above 10001 (Ray's default client-server port, which `ray start` refuses to overlap)
-                    "worker_ports": random.randrange(11000, 24000, 1000)})
+                    "worker_ports": random.randrange(11000, 24000, 1000), "commands": commands})
         current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
         saved = current.read_text() if current.exists() else None
         try:
             _ray_start(["--head", "--num-cpus", "0", "--port", str(head["gcs_port"]), "--temp-dir", head["temp_dir"],
                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(head["dashboard_port"]),
                         "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port",
-                        str(free_port()), "--object-store-memory", str(512 * 1024 ** 2)], "head")
+                        str(free_port()), "--object-store-memory", str(512 * 1024 ** 2)], "head",
+                       self._command("head"))
             for _ in range(workers):
                 self.add_node()
             self._start_mlflow()
@@ -164,8 +176,14 @@ class LocalCluster:
                     "--min-worker-port", str(lo), "--max-worker-port", str(lo + 999),
                     "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port",
                     str(free_port()), "--runtime-env-agent-port", str(free_port()), "--metrics-export-port",
-                    str(free_port()), "--object-store-memory", str(512 * 1024 ** 2)], "worker")
+                    str(free_port()), "--object-store-memory", str(512 * 1024 ** 2)], "worker",
+                   self._command("worker"))
         return node
+
+    def _command(self, role: str) -> dict | None:
+        s = self.state
+        c = s.get("commands")
+        return c and {"cmd": c[role].replace("@GCS_PORT@", str(s["head"]["gcs_port"])), "env": c["env"]}
 
     def _start_mlflow(self) -> None:
         d = self.dir / "mlflow"

@@ -46,6 +46,8 @@ def load_comm_op() -> None:
     """
     import fcntl
 
+    from runner.cluster import local_accelerator
+    local_accelerator()
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
@@ -158,6 +160,8 @@ def resumable(cell, state: dict, rank: int = 0) -> dict | None:
 
 def train_loop(cfg: dict) -> None:
     """The worker: cfg is {"cell": Cell, "examples": ObjectRef of list[Example], "pad_id", "fail_at_step"}."""
+    from runner.cluster import local_accelerator
+    local_accelerator()  # before DeepSpeed's first import in this worker
     import deepspeed
     import ray
     import ray.train

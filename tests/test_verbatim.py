@@ -1,0 +1,82 @@
+"""The README's cluster path, verbatim (runner.verbatim): nodes from cluster.yaml's own setup and start
+commands, the data staged by the README's line, the study submitted with the README's `ray job submit`
+line from a clean environment (no venv on PATH, no VALIND_*). A worker node holding an engine is
+killed mid-generation and its replacement starts only 120 s later; then the job is stopped mid-QA and
+resubmitted, and the rerun recomputes only what was not saved.
+
+Teardown ends only the processes this test started (by their temp dirs), never `ray stop`."""
+import re
+import time
+
+import pytest
+
+from runner.local_cluster import pids_matching
+from runner.verbatim import Machine, readme_lines
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def machine(tmp_path):
+    m = Machine(tmp_path / "machine")
+    try:
+        m.up()
+        yield m
+    finally:
+        dirs = [str(m.cluster.dir), *m.cluster.temp_dirs()]
+        m.cluster.down()
+        assert not [d for d in dirs if pids_matching(d)], "cluster processes outlived teardown"
+
+
+def test_the_readme_path_verbatim(machine, data_dir):
+    m = machine
+    # the nodes run the venv that cluster.yaml's setup built on the stand-in shared filesystem
+    venv = m.shared / "valind" / "venv"
+    assert (venv / "bin" / "valind").exists()
+    assert all(str(venv / "bin") in c for c in (m.cluster.state["commands"]["head"],
+                                                 m.cluster.state["commands"]["worker"]))
+    m.stage_data(data_dir)
+    spec = m.write_spec(models=1)
+    assert spec["data"]["data_dir"].startswith(str(m.shared))
+    log = m.root / "job.log"
+
+    # run 1: a node with an engine actor lost 20 s into generation, replaced 120 s later; the job
+    # is stopped once QA has saved its first run
+    node_hook, faults, _ = m.stop_node_during("generate", 20, replace_after=120)
+    job_hook, stopped = m.stop_job_on(r"QA .*saved")
+
+    def both(text):
+        node_hook(text)
+        job_hook(text)
+
+    started = time.time()
+    rc = m.submit(log, both)
+    first = log.read_text()
+    assert stopped["stopped"], first[-5000:]
+    assert rc != 0  # the job was stopped
+    assert len(faults) == 1 and faults[0]["stage"] == "generate", first[-5000:]
+    assert "generate: done" in first, first[-5000:]  # generation finished on the survivors ...
+    assert re.search(r"replacement .* joined|died", first), first[-5000:]
+    print(f"run 1: {time.time() - started:.0f}s; stopped at {stopped['stopped']!r}")
+
+    # run 2: the same line again; only the missing units are computed
+    log2 = m.root / "job2.log"
+    rc = m.submit(log2)
+    second = log2.read_text()
+    assert rc == 0, second[-5000:]
+    for line in second.splitlines():
+        if re.match(r"(annotate|train|generate|score|analyze|  QA)", line):
+            print("run 2:", line)
+    assert re.search(r"generate: \d+ runs, (\d+) cached", second)
+    n, cached = map(int, re.search(r"generate: (\d+) runs, (\d+) cached", second).groups())
+    assert n == cached, second[-5000:]  # generation was complete before the stop
+    assert "Job 'raysubmit" in second and "succeeded" in second
+    assert (m.shared / "valind" / "studies" / "paper-rehearsal" / "report.html").exists()
+
+
+def test_readme_lines_are_the_ones_rehearsed():
+    lines = readme_lines()
+    assert lines[0] == "ray up cluster.yaml"
+    assert any(x.startswith("ray rsync-up cluster.yaml") for x in lines)
+    submit = next(x for x in lines if x.startswith("ray job submit"))
+    assert submit.endswith("-- valind run jobs/paper.yaml")
