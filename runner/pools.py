@@ -65,7 +65,8 @@ class Pools:
         cfg = self.config(model, enable_lora, path, tokens, scores)
         compiled = cfg.cpu_compile and cfg.resolved_backend() == "vllm"
         pool = EnginePool(cfg, actors=e.actors, gpus_per_actor=e.gpus_per_actor,
-                          cpus_per_actor=cpus, batch_size=e.batch_size, startup_timeout_s=e.startup_timeout_s)
+                          cpus_per_actor=cpus, batch_size=e.batch_size, startup_timeout_s=e.startup_timeout_s,
+                          call_timeout_s=e.call_timeout_s)
         say(f"  engine pool for {path or model}{' (LoRA)' if enable_lora else ''}: {pool.size} actor(s) of "
             f"{cpus} CPU{f' and {e.gpus_per_actor:g} GPU' if e.gpus_per_actor else ' (torch.compile)' if compiled else ''}, started in {pool.startup_s:.0f}s"
             + (f", threads on cores {pool.cores}" if any(pool.cores) else ""))
