@@ -83,8 +83,18 @@ class Pools:
 
     def _make_room(self, need: dict[str, float]) -> None:
         """Close open pools, oldest first, until `need` (CPUs and GPUs) is free: a stage that starts a
-        pool is done with the pools before it, except those it opens together (which `share` sizes to fit)."""
-        while self._open and not _fits(need, free_resources(need)):
+        pool is done with the pools before it, except those it opens together (which `share` sizes to
+        fit). GPUs an autoscaler can still add (the spec's cluster: beside those the open pools hold)
+        close nothing: judges opened together on a cluster still growing keep each other."""
+        from runner.capacity import capacity
+        most = capacity(self.ctx.spec.cluster)["GPU"]
+        while self._open:
+            free = free_resources(need)
+            held = sum(p.gpus * len(p.actors) for p in self._open.values())
+            gpus = need.get("GPU", 0)
+            if free.get("CPU", 0) >= need.get("CPU", 0) - 1e-9 and (free.get("GPU", 0) >= gpus - 1e-9
+                                                                    or most - held >= gpus - 1e-9):
+                return
             model, pool = next(iter(self._open.items()))
             say(f"  closing the engine pool for {model[1] or model[0]} to free its {pool.cpus:g} CPU(s)"
                 f"{f' and {pool.gpus:g} GPU(s)' if pool.gpus else ''} per actor")

@@ -25,7 +25,7 @@ def ray_4cpu_2gpu():
     ray.shutdown()
 
 
-def _study(tmp_path, tiny_model, **engine):
+def _study(tmp_path, tiny_model, cluster=None, **engine):
     from runner.pipeline import Study
     from runner.spec import parse_spec
     d = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
@@ -35,6 +35,8 @@ def _study(tmp_path, tiny_model, **engine):
     d["models"] = [{"name": "a", "path": "tiny-llama"}, {"name": "b", "path": str(tmp_path / "tiny-b")}]
     d["annotate"]["judge_model"] = "a"
     d["engine"] = {"backend": "transformers", "max_model_len": 256, "startup_timeout_s": 30, **engine}
+    if cluster:
+        d["cluster"] = cluster
     return Study(parse_spec(d), "", base_dir=tmp_path)
 
 
@@ -51,6 +53,11 @@ def test_an_open_gpu_pool_is_closed_for_the_next_one(tmp_path, tiny_model, ray_4
         assert first.actors == [] and second.size == 2 and list(pools._open.values()) == [second]
         out = capsys.readouterr().out
         assert "to free its 1 CPU(s) and 1 GPU(s) per actor" in out, out
+        # with an autoscaler that can add 2 GPUs beside the open pool's (a declared 1 × 4), none is closed
+        growing = _study(tmp_path, tiny_model, cluster={"nodes": 1, "gpus_per_node": 4}).ctx.pools
+        growing._open = pools._open
+        growing._make_room({"CPU": 2, "GPU": 2})
+        assert len(second.actors) == 2 and list(pools._open.values()) == [second]
     finally:
         pools.close()
 
