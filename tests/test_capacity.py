@@ -64,8 +64,6 @@ def test_an_open_gpu_pool_is_closed_for_the_next_one(tmp_path, tiny_model, ray_4
 
 @pytest.mark.slow
 def test_a_pool_larger_than_the_cluster_is_capped_not_waited_for(tmp_path, tiny_model, ray_4cpu_2gpu, capsys):
-    from runner.capacity import CapacityError, fit_actors
-    from runner.spec import ClusterSpec
     study = _study(tmp_path, tiny_model, actors=5, gpus_per_actor=1)
     pools = study.ctx.pools
     try:
@@ -76,6 +74,8 @@ def test_a_pool_larger_than_the_cluster_is_capped_not_waited_for(tmp_path, tiny_
     finally:
         pools.close()
     # an autoscaler's maximum counts: a declared 1 × 3 cluster holds 3 (the third waits for its node)
+    from runner.capacity import CapacityError, fit_actors
+    from runner.spec import ClusterSpec
     declared = ClusterSpec(nodes=1, gpus_per_node=3)
     assert fit_actors("a", 5, 1, 1, declared) == 3
     with pytest.raises(CapacityError, match=r"engine pool for a: an actor asks for 4 GPU, and no node of the "
