@@ -43,6 +43,7 @@ class Run:
 class StudyContext:
     def __init__(self, spec: Spec, spec_text: str, root: Path, *, runs: Callable[[], list[Run]],
                  runs_table: Callable[[], Any], need: Callable[[str], Any], seeds):
+        from runner.capacity import Demand
         from runner.pools import Pools
 
         self.spec, self.spec_text, self.root = spec, spec_text, root
@@ -51,6 +52,7 @@ class StudyContext:
         self.runs, self.runs_table, self.need = runs, runs_table, need
         self.seeds = seeds  # runner.seeds.SeedBook
         self.pools = Pools(self)
+        self.demand = Demand()  # what the running stages ask the autoscaler for
         self._keys: dict[tuple[str, str | None], str] = {}
         self._model_ids: dict[str, str] = {}
         self._tokenizers: dict[str, Any] = {}
@@ -183,7 +185,9 @@ class StudyContext:
 
     def ensure_ray(self):
         from runner.cluster import init_ray
-        return init_ray()
+        ray = init_ray()
+        self.demand.ask()  # the running stages' request, now that there is a cluster to ask
+        return ray
 
     # --------------------------------------------------------------- units
     @contextmanager

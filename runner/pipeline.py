@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from runner.capacity import stage_bundles
 from runner.context import Run, StageError, StudyContext
 from runner.preflight import check_inputs
 from runner.progress import say
@@ -90,7 +91,8 @@ class Study:
             if self.store.heal:
                 self._check_space(stage)
             t0, since, pools = time.perf_counter(), time.time(), len(self.ctx.pools.opened)
-            self._done[stage] = self._healing(stage)
+            with self.ctx.demand.stage(lambda: stage_bundles(self.ctx, stage)):  # asked of an autoscaler
+                self._done[stage] = self._healing(stage)
             self.stage_seconds[stage] = time.perf_counter() - t0
             self.stage_startup[stage] = self._startup(stage, since, pools)
         return self._done[stage]

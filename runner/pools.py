@@ -58,14 +58,19 @@ class Pools:
         mp = self.ctx.model_path(model)
         if (old := self._open.pop((mp, path, enable_lora), None)) is not None:
             old.close()  # a LoRA pool that cannot score (vLLM's LoRA path): one that merges takes its place
+        from runner.capacity import fit_actors
         self.ctx.ensure_ray()
         e = self.ctx.engine_spec(model)
-        cpus = e.cpus_per_actor or cpus_per_actor(e.actors, e.gpus_per_actor, share, self._held_cpus())
-        self._make_room(cpus * e.actors)
+        # no more actors than the cluster (or its autoscaler) can ever hold: the others would wait
+        # engine.startup_timeout_s for nothing
+        actors = fit_actors(path or model, e.actors, e.cpus_per_actor or 1, e.gpus_per_actor, self.ctx.spec.cluster)
+        cpus = e.cpus_per_actor or cpus_per_actor(actors, e.gpus_per_actor, share, self._held_cpus())
+        self._make_room({"CPU": cpus * actors, "GPU": e.gpus_per_actor * actors})
         cfg = self.config(model, enable_lora, path, tokens, scores)
         compiled = cfg.cpu_compile and cfg.resolved_backend() == "vllm"
-        pool = EnginePool(cfg, actors=e.actors, gpus_per_actor=e.gpus_per_actor,
-                          cpus_per_actor=cpus, batch_size=e.batch_size, startup_timeout_s=e.startup_timeout_s)
+        pool = EnginePool(cfg, actors=actors, gpus_per_actor=e.gpus_per_actor,
+                          cpus_per_actor=cpus, batch_size=e.batch_size, startup_timeout_s=e.startup_timeout_s,
+                          call_timeout_s=e.call_timeout_s)
         say(f"  engine pool for {path or model}{' (LoRA)' if enable_lora else ''}: {pool.size} actor(s) of "
             f"{cpus} CPU{f' and {e.gpus_per_actor:g} GPU' if e.gpus_per_actor else ' (torch.compile)' if compiled else ''}, started in {pool.startup_s:.0f}s"
             + (f", threads on cores {pool.cores}" if any(pool.cores) else ""))
@@ -76,12 +81,23 @@ class Pools:
     def _held_cpus(self) -> float:
         return sum(p.cpus * len(p.actors) for p in self._open.values())
 
-    def _make_room(self, cpus: float) -> None:
-        """Close open pools, oldest first, until `cpus` CPUs are free: a stage that starts a pool is done
-        with the pools before it, except those it opens together (which `share` sizes to fit)."""
-        while self._open and free_cpus(cpus) < cpus - 1e-9:
+    def _make_room(self, need: dict[str, float]) -> None:
+        """Close open pools, oldest first, until `need` (CPUs and GPUs) is free: a stage that starts a
+        pool is done with the pools before it, except those it opens together (which `share` sizes to
+        fit). GPUs an autoscaler can still add (the spec's cluster: beside those the open pools hold)
+        close nothing: judges opened together on a cluster still growing keep each other."""
+        from runner.capacity import capacity
+        most = capacity(self.ctx.spec.cluster)["GPU"]
+        while self._open:
+            free = free_resources(need)
+            held = sum(p.gpus * len(p.actors) for p in self._open.values())
+            gpus = need.get("GPU", 0)
+            if free.get("CPU", 0) >= need.get("CPU", 0) - 1e-9 and (free.get("GPU", 0) >= gpus - 1e-9
+                                                                    or most - held >= gpus - 1e-9):
+                return
             model, pool = next(iter(self._open.items()))
-            say(f"  closing the engine pool for {model[1] or model[0]} to free its {pool.cpus:g} CPU(s) per actor")
+            say(f"  closing the engine pool for {model[1] or model[0]} to free its {pool.cpus:g} CPU(s)"
+                f"{f' and {pool.gpus:g} GPU(s)' if pool.gpus else ''} per actor")
             self._open.pop(model).close()
 
     def close(self, keep=()) -> None:
@@ -104,11 +120,19 @@ def cpus_per_actor(actors: int, gpus_per_actor: float, share: int = 1, reclaimab
 
 
 def free_cpus(at_least: float) -> float:
-    """The cluster's free CPUs, read again for up to LEASE_RETURN_S while fewer than `at_least`: a
+    return free_resources({"CPU": at_least}).get("CPU", 0)
+
+
+def free_resources(need: dict[str, float]) -> dict[str, float]:
+    """The cluster's free resources, read again for up to LEASE_RETURN_S while `need` does not fit: a
     task that just finished returns its CPUs a moment before the cluster's view shows them (read at
     once, a pool started right after one got half the node, measured in the demo)."""
     import ray
     deadline = time.monotonic() + LEASE_RETURN_S
-    while (free := ray.available_resources().get("CPU", 0)) < at_least and time.monotonic() < deadline:
+    while not _fits(need, free := ray.available_resources()) and time.monotonic() < deadline:
         time.sleep(0.05)
     return free
+
+
+def _fits(need: dict[str, float], free: dict[str, float]) -> bool:
+    return all(free.get(k, 0) >= v - 1e-9 for k, v in need.items() if v)

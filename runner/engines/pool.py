@@ -1,4 +1,5 @@
-"""A pool of Ray actors, each holding one engine; requests are fanned out in batches."""
+"""A pool of Ray actors, each holding one engine; requests are fanned out in batches, and an actor
+lost mid-stage hands its batches to the others while its replacement starts in the background."""
 from __future__ import annotations
 
 import itertools
@@ -12,12 +13,14 @@ from evaluation.errors import ValindError
 from evaluation.types import Request, ScoreRequest
 from runner.engines.base import EngineConfig, make_engine
 from runner.engines.cores import bind_engine_threads
+from runner.engines.faults import fault
 from runner.progress import progress, say
 
 
 @ray.remote
 class EngineActor:
     def __init__(self, cfg: EngineConfig):
+        fault("start")
         self.cores = None
         if not ray.get_gpu_ids():  # on CPUs: threads on cores of its own (GPU actors are left as they are)
             cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
@@ -37,12 +40,15 @@ class EngineActor:
         if marker and not os.path.exists(marker):
             open(marker, "w").close()
             os._exit(1)
+        fault("generate")
         return self.engine.generate(requests)
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[float]:
+        fault("score")
         return self.engine.score(requests)
 
     def token_logprobs(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        fault("token_logprobs")
         return self.engine.token_logprobs(requests)
 
 
@@ -69,23 +75,45 @@ def _res(r) -> str:
     return f"{r.get('CPU', 0):g} CPU {r.get('GPU', 0):g} GPU"
 
 
+def _lost(e: Exception) -> str | None:
+    """Why an actor whose call raised `e` is lost (None: it is not; the error is the request's)."""
+    if isinstance(e, ray.exceptions.RayActorError):
+        return f"it died ({_first_line(e)})"
+    if any(c.__name__ == "EngineDeadError" for c in type(e).__mro__ + type(getattr(e, "cause", None)).__mro__):
+        return "its vLLM engine died (EngineDeadError); the actor was killed"
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
 class EngineError(ValindError):
     """An engine pool that could not start, or whose actors kept dying."""
 
 
 class EnginePool:
-    """`Engine` over N actors. One engine per base model serves every LoRA adapter of it."""
+    """`Engine` over N actors. One engine per base model serves every LoRA adapter of it.
+
+    An actor is lost when it dies (its node gone), its vLLM engine dies (EngineDeadError) or a call
+    runs past `call_timeout_s` (it is killed): its batches go to the other actors at once, and a
+    replacement is started in the background that joins the fan-out when placed. At most
+    `max_restarts` replacements (a crash-looping engine is not restarted forever); the pool fails
+    only when no actor is left and no replacement starts within `startup_timeout_s`."""
 
     def __init__(self, cfg: EngineConfig, actors: int = 1, gpus_per_actor: float = 0.0,
                  cpus_per_actor: float = 1.0, batch_size: int = 64, startup_timeout_s: float = 1800,
-                 in_flight: int = 2, max_restarts: int | None = None):
+                 in_flight: int = 2, max_restarts: int | None = None, call_timeout_s: float = 1800):
         self.cfg, self.batch_size, self.cpus, self.gpus = cfg, batch_size, cpus_per_actor, gpus_per_actor
         # A lost node takes all its actors at once (8 on an 8-GPU node): by default each actor may be
         # replaced once, and any pool at least 3 times.
         self.in_flight, self.restarts, self.max_restarts = in_flight, 0, max_restarts or max(3, actors)
-        self.startup_timeout_s, t0 = startup_timeout_s, time.monotonic()
+        self.startup_timeout_s, self.call_timeout_s, t0 = startup_timeout_s, call_timeout_s, time.monotonic()
         self._opts = opts = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor}
-        self._replaced: dict = {}  # dead actor -> its replacement
+        self._starting: dict = {}  # info ref of a replacement being started -> (actor, requested at)
+        self._since: dict = {}  # actor -> when the call it is serving began (for call_timeout_s)
+        self.losses: list[str] = []  # why each lost actor was lost, in order
         self.actors = [EngineActor.options(**opts).remote(cfg) for _ in range(actors)]
         infos = [a.info.remote() for a in self.actors]
         ready, _ = ray.wait(infos, num_returns=actors, timeout=startup_timeout_s)
@@ -108,12 +136,15 @@ class EnginePool:
             infos, self.actors = [infos[k] for k in started], [self.actors[k] for k in started]
         self.size = len(self.actors)  # those that started (kept for reports after close)
         self.cores = []  # per actor: the CPU cores its threads are bound to (None on GPUs)
+        self._info = None
         for ref, actor in zip(infos, list(self.actors)):
             try:
-                info = ray.get(ref)
+                self._info = ray.get(ref)
+                self.cores.append(self._info["cores"])
             except ray.exceptions.RayActorError as e:  # died while starting (its node was lost, say)
-                info = ray.get(self._replace(actor, e).info.remote())
-            self.cores.append(info["cores"])
+                self._lose(actor, f"it died while starting ({_first_line(e)})", {}, [])
+        self._wait_for_replacement()
+        info = self._info
         self.name, self.version = info["name"], info["version"]
         self.lora_scores = info["lora_scores"]  # a LoRA engine that can also score log-probs
         self.serial_adapters = info["serial_adapters"]  # adapters served one after another, not batched together
@@ -136,46 +167,126 @@ class EnginePool:
     def _fan_out(self, method: str, items: Sequence, desc: str, chunk: int | None = None) -> list:
         batches = self._batches(items, chunk)
         results: list = [None] * len(batches)
-        pending = {}
-        free = list(self.actors) * self.in_flight  # the next batch is queued while one is being served
-        todo = list(range(len(batches)))
+        pending: dict = {}  # call ref -> (batch, actor)
+        todo = list(range(len(batches)))  # batches to submit, the next first
+        self._join_ready(timeout=0)
         with progress(total=len(items), desc=desc) as bar:
             while todo or pending:
-                while free and todo:
-                    b, actor = todo.pop(0), free.pop()
-                    pending[getattr(actor, method).remote(batches[b])] = (b, actor)
-                done, _ = ray.wait(list(pending), num_returns=1)
+                now = time.monotonic()
+                for actor in [a for a, t in self._since.items() if now - t >= self.call_timeout_s]:
+                    self._lose(actor, f"a call ran past engine.call_timeout_s ({self.call_timeout_s:g}s); "
+                                      "the actor was killed", pending, todo)
+                self._submit(method, batches, todo, pending)
+                if not pending:  # no actor left: only a replacement can go on
+                    self._wait_for_replacement()
+                    continue
+                done, _ = ray.wait(list(pending) + list(self._starting), num_returns=1, timeout=self._next_deadline())
+                if not done:  # a call ran past call_timeout_s: taken out at the top
+                    continue
+                if done[0] in self._starting:
+                    self._join(done[0])
+                    continue
                 b, actor = pending.pop(done[0])
                 try:
                     results[b] = ray.get(done[0])
-                except ray.exceptions.RayActorError as e:  # resubmit the batch to a fresh actor
+                except Exception as e:
+                    if (why := _lost(e)) is None:
+                        raise  # the engine refused the request: not the actor's fault
                     todo.insert(0, b)
-                    free.append(self._replace(actor, e))
+                    self._lose(actor, why, pending, todo)
                     continue
-                free.append(actor)
+                if any(a == actor for _, a in pending.values()):
+                    self._since[actor] = time.monotonic()  # its next call, queued behind this one, begins
+                else:
+                    self._since.pop(actor, None)
                 bar.update(len(batches[b]))
         return [x for r in results for x in r]
 
-    def _replace(self, dead, error: Exception):
-        """The actor that took over from `dead` (started now, the first time it is asked for)."""
-        if dead not in self._replaced:
-            self.restarts += 1
-            if self.restarts > self.max_restarts:
-                raise EngineError(f"engine pool for {self.cfg.model}: actors died {self.restarts} times "
-                                  f"(limit {self.max_restarts}); last: {error}") from error
-            say(f"  engine pool for {self.cfg.model}: an actor died ({type(error).__name__}); restarting it "
-                f"and resubmitting its batches (restart {self.restarts} of at most {self.max_restarts})")
-            new = EngineActor.options(**self._opts).remote(self.cfg)
-            try:
-                ray.get(new.info.remote(), timeout=self.startup_timeout_s)
-            except ray.exceptions.GetTimeoutError as e:
-                ray.kill(new)
-                raise EngineError(f"engine pool for {self.cfg.model}: the actor replacing a dead one did not start "
-                                  f"within {self.startup_timeout_s:g}s (ray status: is there room for "
-                                  f"{self.cpus:g} CPU and {self.gpus:g} GPU?)") from e
-            self.actors = [new if a == dead else a for a in self.actors]
-            self._replaced[dead] = new
-        return self._replaced[dead]
+    def _submit(self, method: str, batches: list, todo: list, pending: dict) -> None:
+        """Give each actor batches until it has `in_flight` (the next is queued while one is served)."""
+        load = {a: 0 for a in self.actors}
+        for _, a in pending.values():
+            load[a] = load.get(a, 0) + 1
+        for _ in range(self.in_flight):
+            for actor in self.actors:
+                if todo and load[actor] < self.in_flight:
+                    b = todo.pop(0)
+                    pending[getattr(actor, method).remote(batches[b])] = (b, actor)
+                    self._since.setdefault(actor, time.monotonic())
+                    load[actor] += 1
+
+    def _next_deadline(self) -> float | None:
+        """Seconds until the oldest running call passes call_timeout_s (None: no call running)."""
+        if not self._since:
+            return None
+        return max(0.0, min(self._since.values()) + self.call_timeout_s - time.monotonic())
+
+    def _lose(self, actor, why: str, pending: dict, todo: list) -> None:
+        """Take a lost actor out (killed, in case it hangs or its engine died under a live actor):
+        its batches in flight go back to the front of `todo`, and a replacement is requested."""
+        if not any(a == actor for a in self.actors):
+            return  # already lost (another of its calls reported first)
+        self.actors = [a for a in self.actors if a != actor]
+        self._since.pop(actor, None)
+        ray.kill(actor, no_restart=True)
+        back = [ref for ref, (_, a) in pending.items() if a == actor]
+        todo[:0] = sorted(pending.pop(ref)[0] for ref in back)
+        self.losses.append(why)
+        say(f"  engine pool for {self.cfg.model}: an actor was lost: {why}; its batches go to the "
+            f"{len(self.actors)} other actor(s) now")
+        self._request_replacement()
+
+    def _request_replacement(self) -> None:
+        """Start a replacement in the background, within the restart budget."""
+        if self.restarts >= self.max_restarts:
+            say(f"  engine pool for {self.cfg.model}: no replacement: {self.restarts} of at most "
+                f"{self.max_restarts} restarts used; going on with {len(self.actors)} actor(s)")
+            return
+        self.restarts += 1
+        new = EngineActor.options(**self._opts).remote(self.cfg)
+        self._starting[new.info.remote()] = (new, time.monotonic())
+        say(f"  engine pool for {self.cfg.model}: a replacement actor was requested (restart {self.restarts} of "
+            f"at most {self.max_restarts}); it joins when placed")
+
+    def _join(self, ref) -> None:
+        """A replacement answered: it joins the actors, or, dead while starting, counts as lost."""
+        new, asked = self._starting.pop(ref)
+        try:
+            self._info = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            ray.kill(new, no_restart=True)
+            why = f"the replacement actor died while starting ({_first_line(e)})"
+            self.losses.append(why)
+            say(f"  engine pool for {self.cfg.model}: {why}")
+            self._request_replacement()
+            return
+        self.actors.append(new)
+        self.cores.append(self._info["cores"])
+        say(f"  engine pool for {self.cfg.model}: replacement actor joined after {time.monotonic() - asked:.0f} s")
+
+    def _join_ready(self, timeout: float) -> None:
+        if self._starting:
+            done, _ = ray.wait(list(self._starting), num_returns=len(self._starting), timeout=timeout)
+            for ref in done:
+                self._join(ref)
+
+    def _wait_for_replacement(self) -> None:
+        """With no actor left, wait up to startup_timeout_s for a replacement; else fail, saying why."""
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not self.actors:
+            lost = f"{len(self.losses)} actor(s) lost (last: {self.losses[-1] if self.losses else '-'})"
+            if not self._starting:
+                raise EngineError(f"engine pool for {self.cfg.model}: no actor left, {lost}, and no replacement "
+                                  f"can be started ({self.restarts} of at most {self.max_restarts} restarts used)")
+            done, _ = ray.wait(list(self._starting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                for actor, _ in self._starting.values():
+                    ray.kill(actor, no_restart=True)
+                self._starting.clear()
+                raise EngineError(f"engine pool for {self.cfg.model}: no actor left, {lost}, and no replacement "
+                                  f"started within engine.startup_timeout_s ({self.startup_timeout_s:g}s; ray "
+                                  f"status: is there room for {self.cpus:g} CPU and {self.gpus:g} GPU?)")
+            self._join(done[0])
 
     def generate(self, requests: Sequence[Request], desc: str = "generate") -> list[str]:
         return self._fan_out("generate", requests, desc)
@@ -193,6 +304,9 @@ class EnginePool:
     def close(self, timeout_s: float = 120) -> None:
         """Shut the engines down (vLLM's engine-core processes hold GPU memory that killing the
         actor can leave behind), kill the actors, and wait until their CPUs and GPUs are free again."""
+        for actor, _ in self._starting.values():  # replacements not placed (or not started) yet
+            ray.kill(actor, no_restart=True)
+        self._starting.clear()
         if not self.actors:
             return
         try:

@@ -29,6 +29,7 @@ OUTSIDE_KEYS: dict[str, str] = {
     "*engine.batch_size": "how requests are split into calls; with greedy decoding the same answers up to "
                           "the batch-composition rounding the adapter check measures",
     "*engine.startup_timeout_s": "how long a pool waits for its actors",
+    "*engine.call_timeout_s": "how long an engine call may run before its actor is taken for hung",
     "*engine.cpu_compile": "eager or compiled execution of the same model",
     "train.adapters_per_group": "how cells are scheduled: a cell in a group equals the cell alone "
                                 "(tests/test_group.py, to 1e-5)",
