@@ -192,9 +192,9 @@ def probe(ctx, model, trained, items, adapters, pool) -> dict[str, pd.DataFrame]
     """Per run of `trained` (trained LoRA runs of `model`), its adapter probe (evaluation.sanity.PROBE_COLUMNS):
     the per-token log-probs of the base model's saved responses to a seed-determined sample of the
     items, under the run, the base model and a zero adapter, all computed now in chunks of
-    PROBE_CHUNK texts (the same batches whichever runs are probed together, and whichever process
-    generated the base run), and the zero adapter again with each text alone (the engine's
-    rounding). {} where there is nothing to probe. `pool`: the open one, or None."""
+    PROBE_CHUNK texts (whichever process generated the base run), and the zero adapter again with
+    each text alone (the engine's rounding). {} where there is nothing to probe. `pool`: the open
+    one, or None."""
     from runner.train.batches import with_system
 
     base = next(r for r in ctx.runs() if r.model == model and r.kind == "base")

@@ -69,7 +69,10 @@ def run_qa(ctx, runs) -> dict[str, str]:
     todo = [r for r in runs if not ctx.store.done("qa", QA(ctx, r))]
     say(f"  QA benchmarks ({', '.join(ctx.spec.score.benchmarks)}): {len(runs)} runs, "
         f"{len(runs) - len(todo)} cached")
-    return _compute(ctx, todo) if todo else {}
+    if not todo:
+        return {}
+    with ctx.failing("qa", [QA(ctx, r) for r in todo], "QA benchmarks"):  # an error of the loop itself
+        return _compute(ctx, todo)
 
 
 def _compute(ctx, todo) -> dict[str, str]:

@@ -60,7 +60,8 @@ def run(ctx):
     if todo:
         # QA last, after the engines are closed: its tasks never wait for CPUs or GPUs idle engines hold
         ctx.pools.close()
-        failed = run_qa(ctx, todo) if ctx.spec.score.benchmarks else {}
+        with ctx.failing("score", [SCORE(ctx, r) for r in todo], "QA benchmarks"):
+            failed = run_qa(ctx, todo) if ctx.spec.score.benchmarks else {}
         for r in todo:  # every run whose QA is saved is finished, whatever became of the others'
             if r.run_id in failed:
                 ctx.store.mark_failed("score", SCORE(ctx, r), f"QA benchmarks: {failed[r.run_id]}")
