@@ -32,6 +32,15 @@ def valind(*args, cwd=ROOT, timeout=900, env=None):
     return r
 
 
+def _start(path: Path, log: Path, env=None) -> subprocess.Popen:
+    """`valind run` in a session of its own (so it can be killed with all it starts), output to `log`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(path)], cwd=ROOT, env=env,
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("studies")
@@ -41,11 +50,7 @@ def smoke(tmp_path_factory, data_dir):
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     train_dir = out / "smoke" / "stages" / "train"
     log = out / "killed.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(path)], cwd=ROOT, env=env,
-                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = _start(path, log)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and not (out / "smoke" / "study.json").exists():
@@ -257,11 +262,7 @@ def _units(root: Path, folder: str) -> dict[str, int]:
 def _run_until(path: Path, log: Path, done, env=None) -> bool:
     """`valind run` killed with everything it started (SIGKILL to its session) once `done()` holds;
     False if the driver ended first."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(path)], cwd=ROOT, env=env,
-                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = _start(path, log, env)
     try:
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None and not done():

@@ -15,7 +15,7 @@ from runner.progress import say
 from runner.spec import eval_suites, generation_system_prompt, suite_settings
 from runner.stages.curate import CURATE
 from runner.stages.keys import Key
-from runner.store import StoreError, read_parquet, write_parquet
+from runner.store import read_parquet, readable, write_parquet
 
 
 def suite_versions(ctx, run=None) -> dict[str, str]:
@@ -158,11 +158,7 @@ def _answered_path(ctx, r):
 
 
 def _answered(ctx, r) -> bool:
-    try:
-        read_parquet(_answered_path(ctx, r), ("run_id", "suite", "item_id", "response"))
-        return True
-    except StoreError:
-        return False
+    return readable(_answered_path(ctx, r), ("run_id", "suite", "item_id", "response"))
 
 
 def _save(ctx, model, runs, items, adapters, pool, lora) -> None:

@@ -13,7 +13,7 @@ from runner.spec import eval_suites, suite_settings
 from runner.stages.generate import GENERATE, ITEMS, load_items, suite_versions
 from runner.stages.keys import Key
 from runner.stages.qa import QA, qa_path, raise_failed, run_qa
-from runner.store import StoreError, read_parquet, write_parquet
+from runner.store import read_parquet, readable, write_parquet
 
 
 def judge_engines(ctx) -> dict[str, tuple[str, bool]]:
@@ -84,11 +84,7 @@ def _judged_path(ctx, r):
 
 def _judged(ctx, r) -> bool:
     """Whether the run's judge scores are kept and readable."""
-    try:
-        read_parquet(_judged_path(ctx, r), ("run_id", "metric", "value", "scored"))
-        return True
-    except StoreError:
-        return False
+    return readable(_judged_path(ctx, r), ("run_id", "metric", "value", "scored"))
 
 
 def _judge(ctx, runs, gens, items, engines, st) -> None:
