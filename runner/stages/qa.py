@@ -76,6 +76,9 @@ def run_qa(ctx, runs) -> dict[str, str]:
 
 
 def _compute(ctx, todo) -> dict[str, str]:
+    """One Ray task per run: on a cluster on a GPU; on CPUs each takes one CPU and computes on one
+    thread, as many at a time as there are CPUs (a task's fixed costs, lm-eval's set-up and the model
+    load, are serial: tasks side by side beat one task on every core)."""
     s = ctx.spec.score
     ctx.ensure_ray()
     faults = _faults()
