@@ -298,9 +298,15 @@ def test_driver_killed_mid_generation_and_mid_qa_reruns_only_the_missing_units(s
     gen = _units(study, "generate")
     assert killed and 1 <= len(gen) < runs, (tmp_path / "gen.log").read_text()[-3000:]
 
+    # runs answered by then but not yet saved (their adapter probe was running) are kept, not generated again
+    answered = len(list((study / "stages" / "generate").glob("*/answered-*.parquet")))
+    fresh = runs - len(gen) - answered
+
     killed = _run_until(copy, tmp_path / "qa.log", lambda: _units(study, "qa"))
     log = (tmp_path / "qa.log").read_text()
     assert f"generate: {runs} runs, {len(gen)} cached" in log, log[-3000:]
+    assert f"tiny: {fresh} of {fresh} runs answered" in log and f"tiny: {fresh + 1} of" not in log
+    assert not answered or f"tiny: {answered} run(s) answered before, kept" in log
     assert all(_units(study, "generate")[k] == t for k, t in gen.items())  # saved once, never redone
     qa = _units(study, "qa")
     assert killed and 1 <= len(qa) < runs, log[-3000:]
@@ -323,7 +329,9 @@ def test_driver_killed_mid_generation_and_mid_qa_reruns_only_the_missing_units(s
 
     last = valind("run", str(copy))
     assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
-    assert f"QA benchmarks (openbookqa): {runs} runs, {runs - 1} cached" in last.stdout
     assert f"score: {runs} runs, {runs - 1} cached" in last.stdout and "analyze: done" in last.stdout
-    print(f"\nunits recomputed by the reruns: generate {runs - len(gen)} of {runs} after the kill mid-generation, "
-          f"QA {runs - len(qa)} of {runs} after the kill mid-QA (1 of them failed on purpose, then 1 of {runs})")
+    assert "QA benchmarks (openbookqa): 1 runs, 0 cached" in last.stdout  # the runs not scored yet: one
+    assert all(_units(study, "qa")[k] == t for k, t in qa.items())
+    print(f"\nafter the kill mid-generation: {len(gen)} of {runs} runs saved, {answered} answered; the rerun "
+          f"generated {fresh} of {runs}. After the kill mid-QA: {len(qa)} of {runs} saved; the rerun computed "
+          f"{runs - len(qa)} of {runs} ({crash} retried once, {broken} failed on purpose), the next 1 of {runs}")
