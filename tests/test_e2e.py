@@ -268,10 +268,9 @@ def _run_until(path: Path, log: Path, done, env=None) -> bool:
         while time.time() < deadline and proc.poll() is None and not done():
             time.sleep(0.05)
         ended = proc.poll() is not None
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
     finally:
-        kill_session(proc.pid)
+        kill_session(proc.pid)  # SIGKILL to the driver's session, until none of it is left
+    proc.wait(timeout=30)
     assert not session_pids(proc.pid)
     return not ended
 
