@@ -249,7 +249,8 @@ class Study:
         if self.runs_known():  # under data.subset_size: all the runs follow from curation: none listed before it
             runs = self.runs()
             units += [("train", r.run_id, r.cell_key) for r in runs if r.cell_key and r.final]
-            units += [(stage, r.run_id, self.key(stage, r)) for stage in ("generate", "score") for r in runs]
+            per_run = ("generate", "qa", "score") if self.spec.score.benchmarks else ("generate", "score")
+            units += [(stage, r.run_id, self.key(stage, r)) for stage in per_run for r in runs]
             units.append(("analyze", "report", self.key("analyze")))
         return [{"stage": st, "unit": u, "key": k, **self._state(st, k)} for st, u, k in units]
 

@@ -393,6 +393,9 @@ class GenerateSpec(_Section):
     # prompt; base models get it only when train.system_prompt is a fixed text (a {value} template
     # has no value for them). See generation_system_prompt.
     system_prompt: Literal["none", "train"] = "none"
+    # Runs of a base model generated together through its pool: each run is saved as its chunk is
+    # answered (a stopped driver loses at most a chunk); larger chunks fill the engines' batches better
+    runs_per_chunk: int = Field(default=8, ge=1)
 
     @field_validator("suites")
     @classmethod

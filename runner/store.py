@@ -184,6 +184,15 @@ def read_parquet(path: Path, columns: tuple[str, ...] = ()) -> pd.DataFrame:
     return df
 
 
+def readable(path: Path, columns: tuple[str, ...] = ()) -> bool:
+    """Whether a parquet file a stage resumes from is there and readable, with `columns`."""
+    try:
+        read_parquet(path, columns)
+        return True
+    except StoreError:
+        return False
+
+
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 

@@ -39,7 +39,8 @@ def test_the_probe_flags_adapters_that_change_nothing_and_passes_trained_ones(tm
     from evaluation.types import Request
     from runner.pipeline import Study
     from runner.spec import parse_spec
-    from runner.stages.generate import probe, zero_adapter
+    from runner.stages.generate import GENERATE, probe, zero_adapter
+    from runner.store import write_parquet
 
     d = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
     d["study"]["output_dir"] = str(tmp_path)
@@ -67,12 +68,14 @@ def test_the_probe_flags_adapters_that_change_nothing_and_passes_trained_ones(tm
                           "messages": [[{"role": "user", "content": f"Tell me something about {t}."}] for t in topics]})
     pool = ctx.pools.get("m", enable_lora=True)
     assert pool.lora_scores  # merged adapters: the CPU pool that generates also probes
-    group = [base, *cells]
-    first = [pool.generate([Request(messages=tuple(m), max_tokens=24) for m in items["messages"]])] + [[]] * 4
-    tables = probe(ctx, "m", group, items, adapters, pool, first)
+    responses = pool.generate([Request(messages=tuple(m), max_tokens=24) for m in items["messages"]])
+    # the base run's saved generations, which the probe reads
+    write_parquet(items[["suite", "item_id"]].assign(response=responses),
+                  ctx.store.unit("generate", GENERATE(ctx, base)) / "generations.parquet")
+    tables = probe(ctx, "m", cells, items, adapters, pool)
     assert set(tables) == {r.run_id for r in cells}
     pool.batch_size = 3  # the pool's batches do not enter: the probe's texts go in fixed chunks
-    again = probe(ctx, "m", group, items, adapters, pool, first)
+    again = probe(ctx, "m", cells, items, adapters, pool)
     ctx.pools.close()
     for rid, t in tables.items():
         pd.testing.assert_frame_equal(t, again[rid])

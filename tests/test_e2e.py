@@ -22,14 +22,23 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def valind(*args, cwd=ROOT, timeout=900):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def valind(*args, cwd=ROOT, timeout=900, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "runner.cli", *args], capture_output=True, text=True, cwd=cwd,
                        env=env, timeout=timeout)
     r.seconds = time.perf_counter() - t0
     return r
+
+
+def _start(path: Path, log: Path, env=None) -> subprocess.Popen:
+    """`valind run` in a session of its own (so it can be killed with all it starts), output to `log`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(path)], cwd=ROOT, env=env,
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +50,7 @@ def smoke(tmp_path_factory, data_dir):
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     train_dir = out / "smoke" / "stages" / "train"
     log = out / "killed.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(path)], cwd=ROOT, env=env,
-                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = _start(path, log)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and not (out / "smoke" / "study.json").exists():
@@ -246,3 +251,86 @@ def test_a_truncated_generations_file_is_recomputed_with_its_scores_alone(smoke,
     else:  # new generations: their scores and the analysis that read them, nothing else
         assert "score: 6 runs, 5 cached" in r.stdout and "tiny__value-humor__s0:" in r.stdout
         assert "analyze: done" in r.stdout
+
+
+def _units(root: Path, folder: str) -> dict[str, int]:
+    """A store folder's finished units: run id -> mtime of its _DONE.json."""
+    return {json.loads(d.read_text())["run_id"]: d.stat().st_mtime_ns
+            for d in (root / "stages" / folder).glob("*/_DONE.json")}
+
+
+def _run_until(path: Path, log: Path, done, env=None) -> bool:
+    """`valind run` killed with everything it started (SIGKILL to its session) once `done()` holds;
+    False if the driver ended first."""
+    proc = _start(path, log, env)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and not done():
+            time.sleep(0.05)
+        ended = proc.poll() is not None
+    finally:
+        kill_session(proc.pid)  # SIGKILL to the driver's session, until none of it is left
+    proc.wait(timeout=30)
+    assert not session_pids(proc.pid)
+    return not ended
+
+
+def test_driver_killed_mid_generation_and_mid_qa_reruns_only_the_missing_units(smoke, tmp_path):
+    """The finished smoke study with its generations, scores and QA removed: the driver is killed as
+    the first run's generations are saved, the rerun generates only the others and is killed as the
+    first run's QA is saved; the next rerun computes only the missing QA, retrying a crashed worker's
+    task and failing a deterministically broken run's unit alone; the last computes that one only."""
+    path, root, _, _, _ = smoke
+    studies = tmp_path / "studies"
+    shutil.copytree(root, studies / "smoke", ignore=shutil.ignore_patterns("ray_tune", "ray_train"))
+    study = studies / "smoke"
+    for folder in ("generate", "qa", "score", "analyze"):
+        shutil.rmtree(study / "stages" / folder, ignore_errors=True)
+    spec = yaml.safe_load(path.read_text())
+    spec["study"]["output_dir"] = str(studies)
+    spec["generate"]["runs_per_chunk"] = 2  # how runs share the pool: in no key, so the study is the same
+    copy = tmp_path / "smoke.yaml"
+    copy.write_text(yaml.safe_dump(spec, sort_keys=False))
+    runs = 6
+
+    killed = _run_until(copy, tmp_path / "gen.log", lambda: _units(study, "generate"))
+    gen = _units(study, "generate")
+    assert killed and 1 <= len(gen) < runs, (tmp_path / "gen.log").read_text()[-3000:]
+
+    # runs answered by then but not yet saved (their adapter probe was running) are kept, not generated again
+    answered = len(list((study / "stages" / "generate").glob("*/answered-*.parquet")))
+    fresh = runs - len(gen) - answered
+
+    killed = _run_until(copy, tmp_path / "qa.log", lambda: _units(study, "qa"))
+    log = (tmp_path / "qa.log").read_text()
+    assert f"generate: {runs} runs, {len(gen)} cached" in log, log[-3000:]
+    assert f"tiny: {fresh} of {fresh} runs answered" in log and f"tiny: {fresh + 1} of" not in log
+    assert not answered or f"tiny: {answered} run(s) answered before, kept" in log
+    assert all(_units(study, "generate")[k] == t for k, t in gen.items())  # saved once, never redone
+    qa = _units(study, "qa")
+    assert killed and 1 <= len(qa) < runs, log[-3000:]
+    assert not _units(study, "score")
+
+    every = set(_units(study, "generate"))
+    missing = sorted(every - set(qa))
+    crash, broken = missing[0], missing[-1]
+    r = valind("run", str(copy), env={"VALIND_QA_FAULT": f"{crash}=crash,{broken}=error"})
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"generate: {runs} runs, {runs} cached" in r.stdout
+    assert f"QA benchmarks (openbookqa): {runs} runs, {len(qa)} cached" in r.stdout
+    assert f"QA {crash}: WorkerCrashedError" in r.stdout and "(transient): try 2 of 3" in r.stdout
+    assert f"QA {broken}: failed (not retried): BenchmarkError: unknown benchmark tasks" in r.stdout
+    assert f"QA benchmarks failed for 1 run(s): {broken}" in r.stderr
+    assert all(_units(study, "qa")[k] == t for k, t in qa.items())
+    assert sorted(_units(study, "qa")) == sorted(_units(study, "score")) == sorted(every - {broken})
+    failed = [json.loads(f.read_text())["error"] for f in (study / "stages" / "qa").glob("*/_FAILED.json")]
+    assert len(failed) == 1 and broken in failed[0] and "not retried" in failed[0]
+
+    last = valind("run", str(copy))
+    assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
+    assert f"score: {runs} runs, {runs - 1} cached" in last.stdout and "analyze: done" in last.stdout
+    assert "QA benchmarks (openbookqa): 1 runs, 0 cached" in last.stdout  # the runs not scored yet: one
+    assert all(_units(study, "qa")[k] == t for k, t in qa.items())
+    print(f"\nafter the kill mid-generation: {len(gen)} of {runs} runs saved, {answered} answered; the rerun "
+          f"generated {fresh} of {runs}. After the kill mid-QA: {len(qa)} of {runs} saved; the rerun computed "
+          f"{runs - len(qa)} of {runs} ({crash} retried once, {broken} failed on purpose), the next 1 of {runs}")

@@ -598,6 +598,7 @@ def test_a_qa_failure_keeps_the_judged_runs(tmp_path, monkeypatch):
     """Judges run before QA; a QA failure marks the units failed, and the rerun judges nothing again."""
     from runner.stages import score
     from runner.stages.generate import GENERATE, ITEMS
+    from runner.stages.qa import QA, qa_path
     from runner.store import write_parquet
 
     study = _study(tmp_path, monkeypatch, tracking={"uri": f"sqlite:///{tmp_path / 'm.db'}"},
@@ -626,7 +627,7 @@ def test_a_qa_failure_keeps_the_judged_runs(tmp_path, monkeypatch):
 
     def qa_down(ctx, runs):
         raise RuntimeError("lm-eval is down")
-    monkeypatch.setattr(score, "_benchmarks", qa_down)
+    monkeypatch.setattr(score, "run_qa", qa_down)
     with pytest.raises(RuntimeError, match="lm-eval is down"):
         study.need("score")
     runs = study.runs()
@@ -636,7 +637,13 @@ def test_a_qa_failure_keeps_the_judged_runs(tmp_path, monkeypatch):
     judged.clear()
     qa = lambda r: pd.DataFrame({"run_id": [r.run_id], "suite": ["qa"], "item_id": ["obqa/0"], "metric": ["acc"],  # noqa: E731
                                  "value": [0.0], "scored": [True], "judge": ["lm-eval"], "raw": [""]})
-    monkeypatch.setattr(score, "_benchmarks", lambda ctx, todo: {r.run_id: qa(r) for r in todo})
+
+    def qa_saved(ctx, todo):  # each run's QA unit, as runner.stages.qa saves it
+        for r in todo:
+            write_parquet(qa(r), qa_path(ctx, r))
+            ctx.store.mark_done("qa", QA(ctx, r), {"run_id": r.run_id})
+        return {}
+    monkeypatch.setattr(score, "run_qa", qa_saved)
     out = _study(tmp_path, monkeypatch, tracking={"uri": f"sqlite:///{tmp_path / 'm.db'}"},
                  score={"benchmarks": ["openbookqa"], "refusal_judges": ["strmatch"]}).need("score")
     assert judged == []  # every run's judge scores were kept

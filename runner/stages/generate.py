@@ -15,7 +15,7 @@ from runner.progress import say
 from runner.spec import eval_suites, generation_system_prompt, suite_settings
 from runner.stages.curate import CURATE
 from runner.stages.keys import Key
-from runner.store import read_parquet, write_parquet
+from runner.store import read_parquet, readable, write_parquet
 
 
 def suite_versions(ctx, run=None) -> dict[str, str]:
@@ -105,57 +105,100 @@ def run(ctx):
 
 
 def _generate(ctx, model, full_path, group, items, adapters) -> None:
+    """A base model's runs through one pool, runs_per_chunk runs at a time: each run's unit is saved
+    once its chunk is answered (and, for a trained LoRA run, probed), so a killed driver loses only
+    the runs in progress. Where the pool cannot score with adapters (vLLM's LoRA path on GPUs), the
+    trained runs' answers are kept in their units and all of them are probed after the last chunk,
+    on the merging pool that replaces this one."""
     from runner.train.batches import with_system  # the rule training applies, applied the same way here
 
     sp = ctx.spec.generate.sampling
     systems = {r.run_id: system_prompt(ctx, r) for r in group}
     lora = any(r.cell_key for r in group) and not full_path
     t0 = time.perf_counter()
-    pool = ctx.pools.get(model, enable_lora=lora, path=full_path, tokens=len(group) * len(items) * sp.max_tokens)
+    group = sorted(group, key=lambda r: r.kind != "base")  # the base run first: the probe reads its responses
+    waiting = [r for r in group if _answered(ctx, r)]  # answered by a driver stopped before saving them
+    fresh = [r for r in group if r not in waiting]
+    if waiting:
+        say(f"  {model}: {len(waiting)} run(s) answered before, kept")
+    n, step = len(items), ctx.spec.generate.runs_per_chunk
+    pool = ctx.pools.get(model, enable_lora=lora, path=full_path, tokens=len(fresh) * n * sp.max_tokens) if fresh else None
 
     def request(r, messages) -> Request:
         adapter = str(adapters[r.run_id]) if (r.cell_key and lora) else None
         return Request(messages=tuple(with_system(messages, systems[r.run_id])), adapter=adapter,
                        max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed)
 
-    texts = pool.generate([request(r, m) for r in group for m in items["messages"]], desc=f"generate {model}")
-    n = len(items)
-    first = [texts[k * n:(k + 1) * n] for k in range(len(group))]
-    second = followups(items, first, lambda k, msgs: request(group[k], msgs), pool)
-    probes = probe(ctx, model, group, items, adapters, pool, first) if lora else {}
-    for k, r in enumerate(group):
-        df = pd.DataFrame({"run_id": r.run_id, "suite": items["suite"], "item_id": items["item_id"],
-                           "response": first[k], "followup_response": second[k], "engine": pool.name,
-                           "engine_version": pool.version, "sampling": json.dumps(sp.model_dump()),
-                           "adapter": str(adapters.get(r.run_id, "")) if r.cell_key else "",
-                           "system_prompt": systems[r.run_id] or ""})
-        key = GENERATE(ctx, r)
-        write_parquet(df, ctx.store.unit("generate", key) / "generations.parquet")
-        if r.run_id in probes:
-            write_parquet(probes[r.run_id], ctx.store.unit("generate", key) / "probe.parquet")
-        ctx.store.mark_done("generate", key, {"run_id": r.run_id, "items": n}, inputs=generate_inputs(ctx, r))
+    for j in range(0, len(fresh), step):
+        chunk = fresh[j:j + step]
+        texts = pool.generate([request(r, m) for r in chunk for m in items["messages"]], desc=f"generate {model}")
+        first = [texts[k * n:(k + 1) * n] for k in range(len(chunk))]
+        second = followups(items, first, lambda k, msgs: request(chunk[k], msgs), pool)
+        for k, r in enumerate(chunk):
+            df = pd.DataFrame({"run_id": r.run_id, "suite": items["suite"], "item_id": items["item_id"],
+                               "response": first[k], "followup_response": second[k], "engine": pool.name,
+                               "engine_version": pool.version, "sampling": json.dumps(sp.model_dump()),
+                               "adapter": str(adapters.get(r.run_id, "")) if r.cell_key else "",
+                               "system_prompt": systems[r.run_id] or ""})
+            write_parquet(df, _answered_path(ctx, r))
+        waiting += chunk
+        now = [r for r in waiting if pool.lora_scores or not (lora and r.cell_key)]
+        _save(ctx, model, now, items, adapters, pool, lora)
+        waiting = [r for r in waiting if r not in now]
+        say(f"  {model}: {min(j + step, len(fresh))} of {len(fresh)} runs answered")
+    _save(ctx, model, waiting, items, adapters, pool, lora)
     say(f"  {model}: {len(group)} runs × {n} items in {time.perf_counter() - t0:.0f}s")
 
 
-def probe(ctx, model, group, items, adapters, pool, first) -> dict[str, pd.DataFrame]:
-    """Per trained run of `group`, its adapter probe (evaluation.sanity.PROBE_COLUMNS): the per-token
-    log-probs of the base model's responses to a seed-determined sample of the items, under the run,
-    the base model and a zero adapter, all computed now in chunks of PROBE_CHUNK texts (so a base run
-    generated by an earlier process is probed in the same batches as the new runs), and the zero
-    adapter again with each text alone (the engine's rounding). {} where there is nothing to probe."""
+def _answered_path(ctx, r):
+    """A run's answers before its unit is saved, named by the adapter they came from (its train
+    unit's files), so a cell trained again since is never saved with the old adapter's answers."""
+    made_from = ctx.store.files_hash("train", r.cell_key)[:12] if r.cell_key else "base"
+    return ctx.store.unit("generate", GENERATE(ctx, r)) / f"answered-{made_from}.parquet"
+
+
+def _answered(ctx, r) -> bool:
+    return readable(_answered_path(ctx, r), ("run_id", "suite", "item_id", "response"))
+
+
+def _save(ctx, model, runs, items, adapters, pool, lora) -> None:
+    """Mark answered runs' units done: the untrained first (the probe reads the base run's), then the
+    trained LoRA runs with their adapter probe."""
+    plain = [r for r in runs if not (lora and r.cell_key)]
+    trained = [r for r in runs if r not in plain]
+    for r in plain:
+        _mark(ctx, r, None, len(items))
+    probes = probe(ctx, model, trained, items, adapters, pool) if trained else {}
+    for r in trained:
+        _mark(ctx, r, probes.get(r.run_id), len(items))
+
+
+def _mark(ctx, r, probed: pd.DataFrame | None, n: int) -> None:
+    key = GENERATE(ctx, r)
+    unit = ctx.store.unit("generate", key)
+    _answered_path(ctx, r).replace(unit / "generations.parquet")
+    for stale in unit.glob("answered-*.parquet"):  # a retrained cell's leftovers
+        stale.unlink()
+    if probed is not None:
+        write_parquet(probed, unit / "probe.parquet")
+    ctx.store.mark_done("generate", key, {"run_id": r.run_id, "items": n}, inputs=generate_inputs(ctx, r))
+
+
+def probe(ctx, model, trained, items, adapters, pool) -> dict[str, pd.DataFrame]:
+    """Per run of `trained` (trained LoRA runs of `model`), its adapter probe (evaluation.sanity.PROBE_COLUMNS):
+    the per-token log-probs of the base model's saved responses to a seed-determined sample of the
+    items, under the run, the base model and a zero adapter, all computed now in chunks of
+    PROBE_CHUNK texts (whichever process generated the base run), and the zero adapter again with
+    each text alone (the engine's rounding). {} where there is nothing to probe. `pool`: the open
+    one, or None."""
     from runner.train.batches import with_system
 
-    trained = [r for r in group if r.cell_key]
-    if not trained:
-        return {}
     base = next(r for r in ctx.runs() if r.model == model and r.kind == "base")
-    k = next((k for k, r in enumerate(group) if r.run_id == base.run_id), None)
-    responses = (items[["suite", "item_id"]].assign(response=first[k]) if k is not None
-                 else read_parquet(ctx.store.unit("generate", GENERATE(ctx, base)) / "generations.parquet"))
+    responses = read_parquet(ctx.store.unit("generate", GENERATE(ctx, base)) / "generations.parquet")
     texts = probe_texts(items, responses, PROBE_ITEMS, ctx.spec.generate.sampling.seed)
     if texts.empty:  # no base response to probe with: the runs stay unchecked
         return {}
-    if not pool.lora_scores:
+    if pool is None or not pool.lora_scores:
         # vLLM's LoRA path (GPUs) gives no prompt log-probs: the probe runs on an engine that merges
         # adapters into the weights instead, which replaces this one (both may not fit)
         pool = ctx.pools.get(model, enable_lora=True, scores=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import pandas as pd
-import ray
 
 from evaluation.judges import refusal, score_suite
 from evaluation.suites import registry as suites
@@ -13,8 +12,8 @@ from runner.progress import say
 from runner.spec import eval_suites, suite_settings
 from runner.stages.generate import GENERATE, ITEMS, load_items, suite_versions
 from runner.stages.keys import Key
-from runner.stages.train import adapter_path
-from runner.store import StoreError, read_parquet, write_parquet
+from runner.stages.qa import QA, qa_path, raise_failed, run_qa
+from runner.store import read_parquet, readable, write_parquet
 
 
 def judge_engines(ctx) -> dict[str, tuple[str, bool]]:
@@ -28,8 +27,7 @@ SCORE = Key("score", {
     "suite settings": lambda c, r: asdict(suite_settings(c.spec)),
     "suite versions": suite_versions,
     "judge engines": lambda c, r: {n: c.engine_identity(m) for n, (m, _) in judge_engines(c).items()},
-    "score.benchmarks": lambda c, r: [c.spec.score.benchmarks, c.spec.score.benchmark_limit,
-                                      c.spec.score.benchmark_backend],
+    "qa": lambda c, r: QA(c, r) if c.spec.score.benchmarks else None,
 }, per_run=True)
 
 AGREEMENT = Key("agreement", {
@@ -63,11 +61,13 @@ def run(ctx):
         # QA last, after the engines are closed: its tasks never wait for CPUs or GPUs idle engines hold
         ctx.pools.close()
         with ctx.failing("score", [SCORE(ctx, r) for r in todo], "QA benchmarks"):
-            qa = _benchmarks(ctx, todo) if ctx.spec.score.benchmarks else {}
-        if qa:
-            say(f"  QA benchmarks ({', '.join(ctx.spec.score.benchmarks)}) done for {len(qa)} run(s)")
-        for r in todo:
-            _finish(ctx, r, qa.get(r.run_id))
+            failed = run_qa(ctx, todo) if ctx.spec.score.benchmarks else {}
+        for r in todo:  # every run whose QA is saved is finished, whatever became of the others'
+            if r.run_id in failed:
+                ctx.store.mark_failed("score", SCORE(ctx, r), f"QA benchmarks: {failed[r.run_id]}")
+            else:
+                _finish(ctx, r)
+        raise_failed(failed)
     say(f"score: done — {len(runs)} runs")
     return {r.run_id: ctx.store.unit("score", SCORE(ctx, r)) / "scores.parquet" for r in runs}
 
@@ -84,11 +84,7 @@ def _judged_path(ctx, r):
 
 def _judged(ctx, r) -> bool:
     """Whether the run's judge scores are kept and readable."""
-    try:
-        read_parquet(_judged_path(ctx, r), ("run_id", "metric", "value", "scored"))
-        return True
-    except StoreError:
-        return False
+    return readable(_judged_path(ctx, r), ("run_id", "metric", "value", "scored"))
 
 
 def _judge(ctx, runs, gens, items, engines, st) -> None:
@@ -101,14 +97,16 @@ def _judge(ctx, runs, gens, items, engines, st) -> None:
         write_parquet(scored[scored["run_id"] == r.run_id].reset_index(drop=True), _judged_path(ctx, r))
 
 
-def _finish(ctx, r, qa: pd.DataFrame | None) -> None:
-    """A run's scores.parquet: its judge scores and its QA items; the unit marked done."""
+def _finish(ctx, r) -> None:
+    """A run's scores.parquet: its judge scores and its QA items (its `qa` unit); the unit marked done."""
     key = SCORE(ctx, r)
-    scores = pd.concat([read_parquet(_judged_path(ctx, r))] + ([qa] if qa is not None else []), ignore_index=True)
+    qa = [("qa", QA(ctx, r))] if ctx.spec.score.benchmarks else []
+    scores = pd.concat([read_parquet(_judged_path(ctx, r))] + [read_parquet(qa_path(ctx, r)) for _ in qa],
+                       ignore_index=True)
     write_parquet(scores, ctx.store.unit("score", key) / "scores.parquet")
     unscored = int((~scores["scored"]).sum())
     ctx.store.mark_done("score", key, {"run_id": r.run_id, "rows": len(scores), "unscored": unscored},
-                        inputs=[("generate", GENERATE(ctx, r)), ("items", ITEMS(ctx))])
+                        inputs=[("generate", GENERATE(ctx, r)), ("items", ITEMS(ctx))] + qa)
     say(f"  {r.run_id}: {len(scores)} scores, {unscored} unscored")
 
 
@@ -127,41 +125,3 @@ def agreement(ctx) -> pd.DataFrame:
         write_parquet(df, path)
         ctx.store.mark_done("agreement", key, {"judges": judges})
     return df
-
-
-def _benchmarks(ctx, runs) -> dict[str, pd.DataFrame]:
-    """QA benchmarks through lm-evaluation-harness, per item (suite "qa"), with each run's adapter.
-
-    One Ray task per run, all submitted at once: on a cluster they land on GPU nodes; on CPUs each
-    takes one CPU and computes on one thread, as many at a time as there are CPUs (a task's fixed
-    costs, lm-eval's set-up and the model load, are serial: tasks side by side beat one task on
-    every core).
-    """
-    s = ctx.spec.score
-    ctx.ensure_ray()
-
-    def submit(r):
-        adapter = str(adapter_path(ctx, r)) if r.cell_key else None
-        model = ctx.model_path(r.model)
-        if adapter and ctx.spec.train.finetune == "full":
-            model, adapter = adapter, None
-        e = ctx.engine_spec(r.model)  # QA runs in the precision generation runs in
-        task = _run_benchmarks.options(num_cpus=1, num_gpus=min(1.0, e.gpus_per_actor))
-        return task.remote(model, adapter, [f"valind_{b}" for b in s.benchmarks], ctx.data_dir, s.benchmark_limit,
-                           s.benchmark_backend, s.benchmark_batch_size, "cuda" if e.gpus_per_actor else "cpu",
-                           e.dtype)
-
-    results = ray.get([submit(r) for r in runs])
-    return {r.run_id: df.assign(run_id=r.run_id) for r, df in zip(runs, results)}
-
-
-@ray.remote
-def _run_benchmarks(model, adapter, tasks, data_dir, limit, backend, batch_size, device, dtype) -> pd.DataFrame:
-    import torch
-
-    from evaluation.benchmarks import run_benchmarks
-
-    torch.set_num_threads(1)  # its one CPU
-    _, per_item = run_benchmarks(model, adapter, tasks, data_dir, limit=limit, backend=backend,
-                                 batch_size=batch_size, device=device, dtype=dtype)
-    return per_item
