@@ -90,6 +90,8 @@ def rehearsal_spec(spec: Spec, cpus: int, output_dir: str, models: int | None = 
             sc[judge] = TINY_JUDGE
     sc["benchmarks"] = [b for b in spec.score.benchmarks if f"valind_{b}" not in HUB_TASKS and b != "gsm8k"]
     sc["benchmark_limit"], sc["sampling"] = 2, {"max_tokens": 24}
+    # lm-eval's hf backend: its vllm one starts a vLLM engine per run's task, minutes on shared CPUs
+    sc["benchmark_backend"] = "hf"
     d["tracking"] = {"experiment": f"{spec.tracking.experiment or spec.study.name}-rehearsal"}  # the server's store
     d.pop("cluster", None)
     ran = {"annotate": d["annotate"].get("engine", d["engine"]), "generate": d["generate"].get("engine", d["engine"])}
@@ -100,7 +102,8 @@ def rehearsal_spec(spec: Spec, cpus: int, output_dir: str, models: int | None = 
              *(f"{k} engine: {e.actors} actor(s) × {e.gpus_per_actor:g} GPU → {ran[k]['actors']} actor(s) × 1 CPU"
                for k, e in (("annotate", spec.annotate.engine or spec.engine),
                             ("generate", spec.generate.engine or spec.engine))),
-             f"benchmarks: {sc['benchmarks'] or 'none'} (hub-only and generative ones dropped), 2 items each"]
+             f"benchmarks: {sc['benchmarks'] or 'none'} (hub-only and generative ones dropped), 2 items each, "
+             f"on lm-eval's hf backend ({spec.score.benchmark_backend} in the spec)"]
     return d, notes
 
 
