@@ -135,10 +135,12 @@ sys.exit(rc)
 # Every Jobs API answer about the cluster's jobs, as JSON (run with the client's own environment).
 JOBS_API = """import dataclasses, json, sys
 from ray.job_submission import JobSubmissionClient
+def plain(x):  # JobDetails (pydantic) or JobInfo (dataclass): every field
+    return x.model_dump() if hasattr(x, "model_dump") else x.dict() if hasattr(x, "dict") else dataclasses.asdict(x)
 c = JobSubmissionClient(sys.argv[1])
-out = {"list_jobs": [dataclasses.asdict(j) for j in c.list_jobs()]}
+out = {"list_jobs": [plain(j) for j in c.list_jobs()]}
 for job in sys.argv[2:]:
-    out[job] = {"info": dataclasses.asdict(c.get_job_info(job)), "logs": c.get_job_logs(job)}
+    out[job] = {"info": plain(c.get_job_info(job)), "logs": c.get_job_logs(job)}
 print(json.dumps(out, default=str))
 """
 
