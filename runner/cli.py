@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from evaluation.errors import InputError, ValindError
@@ -92,6 +93,7 @@ def cmd_status(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from runner.secrets import redact
     study = _study(args)
     rows = study.status()
     states = ("done", "failed", "invalid", "missing")
@@ -106,10 +108,10 @@ def cmd_status(args) -> int:
     print(f"{done}/{len(rows)} units done" + (" — the study is complete" if done == len(rows) else ""))
     if not study.runs_known():
         print("runs: listed once curate is done (data.subset_size: all drops values below min_subset_size)")
-    for r in rows:
+    for r in rows:  # masked again: a _FAILED.json written before redaction covered it keeps its text
         if r["state"] in ("failed", "invalid"):
-            print(f"{r['state']}: {r['stage']} {r['unit']}: {r['why']}"
-                  + (" (the next run recomputes it)" if r["state"] == "invalid" else ""))
+            print(redact(f"{r['state']}: {r['stage']} {r['unit']}: {r['why']}"
+                         + (" (the next run recomputes it)" if r["state"] == "invalid" else "")))
     drops = study.store.info("annotate", study.key("annotate")).get("drops")
     if drops:
         print(f"dropped pairs by reason: {json.dumps(drops)}")
@@ -239,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     args = build_parser().parse_args(argv)
     try:
+        _secrets()
         return args.fn(args)
     except KeyboardInterrupt:
         print("interrupted: finished units are kept; rerun the same command to resume", file=sys.stderr)
@@ -247,9 +250,28 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(e)
     except OSError as e:  # a full disk where no store write caught it: a message, never a traceback
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
+            return _traceback()
         return _fail(ValindError(f"no space left on the device ({e.filename or e}): free some space and rerun; "
                                  "finished units are kept"))
+    except Exception:
+        return _traceback()
+
+
+def _traceback() -> int:
+    """An unexpected error: its traceback, with secrets (a URI's password, a token) masked; exit 1."""
+    from runner.secrets import redact
+    print(redact(traceback.format_exc()), end="", file=sys.stderr)
+    return 1
+
+
+def _secrets() -> None:
+    """Secrets from $VALIND_SECRETS_DIR into this process's environment; a Ray job whose runtime env
+    carries one is refused (runner.secrets)."""
+    from runner.secrets import SECRETS_DIR, check_job_runtime_env, load_secrets
+    check_job_runtime_env()
+    names = load_secrets()
+    if names:
+        print(f"valind: secrets from ${SECRETS_DIR}: {', '.join(names)}", file=sys.stderr)
 
 
 def _fail(e: ValindError) -> int:

@@ -379,10 +379,12 @@ class Store:
         self._checked = {k: v for k, v in self._checked.items() if v is None}
 
     def mark_failed(self, stage: str, key: str, err: BaseException | str) -> None:
+        """Record a unit's error and traceback in its _FAILED.json, secrets masked (runner.secrets)."""
+        from runner.secrets import redact
         text = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
         try:
-            write_json({"time": time.time(), "error": text, "traceback": traceback.format_exc()[-4000:]},
-                       self.unit(stage, key) / FAILED)
+            write_json({"time": time.time(), "error": redact(text),
+                        "traceback": redact(traceback.format_exc()[-4000:])}, self.unit(stage, key) / FAILED)
         except (OSError, StoreError) as e:  # a full disk must not hide the error being recorded
             _say_once(f"store: could not record that {stage} unit {key} failed ({e})")
         self._checked.pop((stage, key), None)

@@ -165,8 +165,8 @@ def _resume(model, slot: Slot) -> bool:
     from safetensors.torch import load_file
 
     from runner.train.adapters import load_adapter_state
-
     from runner.train.loop import resumable
+    from runner.train.safe_load import load_tensors
 
     for d in (final_dir(slot.cell), checkpoint_dir(slot.cell)):
         if (d / "state.json").is_file():
@@ -177,7 +177,7 @@ def _resume(model, slot: Slot) -> bool:
             slot.history = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
             if d == checkpoint_dir(slot.cell):
                 load_adapter_state(model, slot.name, load_file(d / "adapter.safetensors"))
-                slot.optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+                slot.optimizer.load_state_dict(load_tensors(d / "optimizer.pt"))
             return True
     return False
 

@@ -205,6 +205,8 @@ def train_loop(cfg: dict) -> None:
     steps = _schedule(len(examples), train.batch_size, train.epochs, seed)
     save_at = progress_steps(train.eval_at, len(steps))
     if ckpt:
+        from runner.train.safe_load import safe_deepspeed_loads
+        safe_deepspeed_loads(engine)  # weights_only=True: a planted pickle in shared storage is refused, not run
         with ckpt.as_directory() as d:
             engine.load_checkpoint(os.path.join(d, "ds"), tag="state", load_module_strict=False)  # frozen: from the model
 
