@@ -1,0 +1,99 @@
+"""`valind preflight` (issue 31, item 1): one table of everything a study reads and needs, in under
+60 s; a spec with six planted problems names all six and exits non-zero, the smoke spec passes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+MISSING = Path("sycophancy") / "opinion_sycophancy_150.json"  # a file the sycophancy suite reads
+GATED = "meta-llama/Llama-3.1-8B-Instruct"
+
+pytestmark = pytest.mark.slow  # `import vllm, deepspeed` in a child process: ~15 s on 2 cores
+
+
+def _data_dir(tmp: Path, data_dir: Path) -> Path:
+    """A data dir of symlinks to the shared data, without MISSING."""
+    out = tmp / "data"
+    for src in data_dir.rglob("*"):
+        rel = src.relative_to(data_dir)
+        if src.is_file() and rel != MISSING:
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).symlink_to(src)
+    return out
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the socket is
+
+
+def _base_model(tmp: Path, tiny_model: str) -> Path:
+    """The tiny model with its tokenizer's chat template removed."""
+    d = tmp / "tiny-base"
+    shutil.copytree(tiny_model, d)
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    conf = json.loads((d / "tokenizer_config.json").read_text())
+    conf.pop("chat_template", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(conf))
+    return d
+
+
+def _preflight(spec: dict, tmp: Path, data_dir: Path) -> tuple[int, str, float]:
+    path = tmp / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(HF_HUB_OFFLINE="1", HF_TOKEN_PATH=str(tmp / "no-token"), VALIND_DATA_DIR=str(data_dir),
+               PYTHONPATH=str(ROOT), COLUMNS="200")
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "runner.cli", "preflight", str(path)], cwd=tmp, env=env,
+                       capture_output=True, text=True, timeout=300)
+    took = time.perf_counter() - t0
+    print(r.stdout, r.stderr, f"preflight took {took:.1f} s", sep="\n")
+    return r.returncode, r.stdout + r.stderr, took
+
+
+def test_six_planted_problems_are_all_named(tmp_path, data_dir, tiny_model):
+    spec = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
+    (tmp_path / "a-file").write_text("not a directory")
+    spec["study"]["output_dir"] = str(tmp_path / "a-file" / "studies")          # 5. unwritable storage
+    spec["tracking"] = {"uri": f"http://127.0.0.1:{_closed_port()}"}             # 2. unreachable server
+    spec["generate"]["engine"] = {"actors": 1000, "cpus_per_actor": 1}           # 3. a pool larger than the cluster
+    spec["models"] += [{"name": "base", "path": str(_base_model(tmp_path, tiny_model)), "stage": "base",
+                        "chat_template": str(tmp_path / "templates" / "base-chat.jinja")},  # 4. no template
+                       {"name": "llama", "path": GATED}]                         # 6. gated, no token
+    rc, out, took = _preflight(spec, tmp_path, _data_dir(tmp_path, data_dir))    # 1. a suite file missing
+    problems = [line for line in out.splitlines() if line.startswith("problem: ")]
+    expected = {
+        "missing suite file": ("suite sycophancy", str(MISSING)),
+        "unreachable tracking server": ("tracking server (tracking.uri)", "unreachable"),
+        "pool larger than the cluster": ("fits the cluster (generate.engine.actors)", "needs 1000 × (1 CPU)"),
+        "base model without a template": ("model base (models[1])", "stage: base, and its chat template file"),
+        "unwritable storage path": ("shared storage", "cannot write"),
+        "gated model without a token": ("Hugging Face token (models[2])", f"{GATED} is gated and no token is set"),
+    }
+    for what, (head, detail) in expected.items():
+        assert any(head in p and detail in p for p in problems), f"{what} not named:\n" + "\n".join(problems)
+    assert rc == 2
+    assert took < 60, f"preflight took {took:.1f} s"
+
+
+def test_the_smoke_spec_passes(tmp_path, data_dir):
+    spec = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
+    rc, out, took = _preflight(spec, tmp_path, data_dir)
+    assert rc == 0, out
+    assert "preflight: 0 problem(s)" in out and took < 60
+    for check in ("node software", "shared storage", "fits the cluster", "model tiny", "tracking server",
+                  "preference data hh_rlhf", "suite safety", "suite sycophancy", "benchmark openbookqa"):
+        assert check in out
