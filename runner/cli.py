@@ -65,7 +65,10 @@ def _preflight_on_cluster(args) -> None:
     from runner.preflight import on_cluster, run_preflight
     if getattr(args, "no_preflight", False) or not on_cluster():
         return
+    from runner.tracking import check_cluster_tracking, tracking_uri
     spec, _ = _load(args.spec)
+    # first the refusal that needs no connection: a local tracking file behind a remote head
+    check_cluster_tracking(tracking_uri(spec.tracking.uri, spec.output_dir(Path.cwd())))
     if run_preflight(spec, args.spec):
         raise InputError("preflight found the problems above: fix them and rerun (--no-preflight skips the check)")
 

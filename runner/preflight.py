@@ -219,14 +219,16 @@ def preflight(spec: Spec) -> list[Row]:
     # transformers' lazy module is not thread-safe on first import ("cannot import name AutoConfig")
     from transformers import AutoConfig, AutoTokenizer  # noqa: F401
     connected = on_cluster()
-    nodes = 1
-    if connected:
+    nodes, down = 1, ray_unreachable(os.environ["RAY_ADDRESS"]) if connected else None
+    if connected and not down:
         from runner.cluster import init_ray
         nodes = sum(1 for n in init_ray().nodes() if n.get("Alive"))
     storage = Path(spec.study.output_dir).expanduser().resolve()
     root = spec.output_dir(Path.cwd())
 
     def cluster() -> list[Row]:
+        if down:
+            return [Row("Ray cluster", "RAY_ADDRESS", False, down, "start the cluster, or correct RAY_ADDRESS")]
         rows, live = pc.node_rows(spec, storage, connected)
         return rows + pc.fit_rows(spec, live, connected)
 
@@ -240,6 +242,20 @@ def preflight(spec: Spec) -> list[Row]:
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def ray_unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why the Ray head at `address` ("host:port", "ray://host:port") cannot be reached in a few
+    seconds, or None ("auto" and the like are left to Ray): ray.init would retry for much longer."""
+    import socket
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        return f"{address}: unreachable ({e.strerror or e})"
+    return None
 
 
 def _guarded(call) -> list[Row]:

@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parent.parent
 MISSING = Path("sycophancy") / "opinion_sycophancy_150.json"  # a file the sycophancy suite reads
 GATED = "meta-llama/Llama-3.1-8B-Instruct"
 
-pytestmark = pytest.mark.slow  # `import vllm, deepspeed` in a child process: ~15 s on 2 cores
 
 
 def _data_dir(tmp: Path, data_dir: Path) -> Path:
@@ -64,6 +63,7 @@ def _preflight(spec: dict, tmp: Path, data_dir: Path) -> tuple[int, str, float]:
     return r.returncode, r.stdout + r.stderr, took
 
 
+@pytest.mark.slow  # `import vllm, deepspeed` in a child process: ~10-15 s on 2 cores
 def test_six_planted_problems_are_all_named(tmp_path, data_dir, tiny_model):
     spec = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
     (tmp_path / "a-file").write_text("not a directory")
@@ -89,6 +89,7 @@ def test_six_planted_problems_are_all_named(tmp_path, data_dir, tiny_model):
     assert took < 60, f"preflight took {took:.1f} s"
 
 
+@pytest.mark.slow
 def test_the_smoke_spec_passes(tmp_path, data_dir):
     spec = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
     rc, out, took = _preflight(spec, tmp_path, data_dir)
@@ -97,3 +98,37 @@ def test_the_smoke_spec_passes(tmp_path, data_dir):
     for check in ("node software", "shared storage", "fits the cluster", "model tiny", "tracking server",
                   "preference data hh_rlhf", "suite safety", "suite sycophancy", "benchmark openbookqa"):
         assert check in out
+
+
+def test_a_gated_model_is_told_by_name_and_its_token_never_printed(monkeypatch, tmp_path):
+    from runner.preflight_inputs import is_gated, token_rows
+    from runner.spec import parse_spec
+    spec = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
+    spec["models"].append({"name": "llama", "path": GATED})
+    spec = parse_spec(spec)
+    assert is_gated(GATED) and not is_gated("allenai/Llama-3.1-Tulu-3-8B") and not is_gated("tiny-llama")
+    for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    [row] = token_rows(spec)
+    assert not row.ok and row.where == "models[1]"
+    secret = "hf_preflight_secret_0123456789"
+    (tmp_path / "token").write_text(secret + "\n")
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "token"))
+    [row] = token_rows(spec)
+    assert row.ok and f"token file {tmp_path / 'token'}" in row.detail and secret not in repr(row)
+    monkeypatch.setenv("HF_TOKEN", secret)
+    [row] = token_rows(spec)
+    assert row.ok and "(HF_TOKEN)" in row.detail and secret not in repr(row)
+
+
+def test_an_unreachable_ray_head_is_a_problem_in_seconds():
+    from runner.preflight import ray_unreachable
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert ray_unreachable(f"127.0.0.1:{port}") is None and ray_unreachable(f"ray://127.0.0.1:{port}") is None
+    t0 = time.perf_counter()
+    assert "unreachable" in ray_unreachable(f"ray://127.0.0.1:{_closed_port()}")
+    assert time.perf_counter() - t0 < 6 and ray_unreachable("auto") is None
