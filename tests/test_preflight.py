@@ -132,3 +132,66 @@ def test_an_unreachable_ray_head_is_a_problem_in_seconds():
     t0 = time.perf_counter()
     assert "unreachable" in ray_unreachable(f"ray://127.0.0.1:{_closed_port()}")
     assert time.perf_counter() - t0 < 6 and ray_unreachable("auto") is None
+
+
+def _smoke_spec(**changes):
+    from runner.spec import parse_spec
+    d = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
+    for k, v in changes.items():
+        d[k] = {**d.get(k, {}), **v}
+    return parse_spec(d)
+
+
+def test_a_node_that_differs_from_the_driver_is_a_problem():
+    """Other code, a failed `import vllm, deepspeed`, fewer GPUs than Ray offers, DS_ACCELERATOR=cpu on GPUs."""
+    from runner.preflight_cluster import _node_row, code_identity
+    driver = code_identity()
+    good = {**driver, "gpus": 8, "vllm": "x", "deepspeed": "y"}
+    spec = _smoke_spec()
+    assert _node_row("n", good, {"GPU": 8}, driver, spec).ok
+    cases = {"code": ({**good, "code": "0" * 12}, {"GPU": 8}),
+             "import vllm, deepspeed": ({**good, "import_error": "ModuleNotFoundError: No module named 'vllm'"}, {}),
+             "Ray offers 8 GPU(s) and torch sees 0": ({**good, "gpus": 0}, {"GPU": 8}),
+             "DS_ACCELERATOR=cpu": ({**good, "ds_accelerator": "cpu"}, {"GPU": 8}),
+             "the probe task failed": ({"task_error": "RuntimeError: no module named runner"}, {})}
+    for words, (probe, res) in cases.items():
+        row = _node_row("n", probe, res, driver, spec)
+        assert not row.ok and words in row.detail, (words, row)
+
+
+def test_storage_one_node_cannot_see_is_not_shared(tmp_path):
+    from runner.preflight_cluster import _storage_row, read_probes
+    a, b = tmp_path / "node-a", tmp_path / "node-b"  # two nodes' local disks at the "same" path
+    for d in (a, b):
+        d.mkdir()
+    (a / "p1").write_text("p1")
+    (b / "p2").write_text("p2")
+    assert read_probes(str(a), ["p1", "p2"]) == ["p2"] and read_probes(str(a), ["p1"]) == []
+    row = _storage_row("node a", {"wrote": True}, ["p2"], tmp_path)
+    assert not row.ok and "not shared storage" in row.detail
+    assert _storage_row("node a", {"wrote": True}, [], tmp_path).ok
+
+
+def test_a_pool_the_autoscaler_can_reach_passes_on_a_cluster_and_not_on_this_machine():
+    from runner import capacity
+    from runner.preflight_cluster import fit_rows
+    spec = _smoke_spec(cluster={"nodes": 2, "gpus_per_node": 8}, generate={"engine": {"actors": 12, "gpus_per_actor": 1}})
+    head = capacity.of_nodes([{"CPU": 16}], "live")  # an autoscaling cluster starts as a lone CPU head
+    rows = {r.where: r for r in fit_rows(spec, head, connected=True)}
+    assert rows["generate.engine.actors"].ok and "once the autoscaler adds nodes" in rows["generate.engine.actors"].detail
+    rows = {r.where: r for r in fit_rows(spec, head, connected=False)}
+    assert not rows["generate.engine.gpus_per_actor"].ok  # no autoscaler grows this machine
+
+
+def test_a_hub_dataset_offline_and_not_cached_is_a_problem(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from runner.preflight_inputs import _benchmark
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    row = _benchmark("mmlu", None)
+    assert not row.ok and "cais/mmlu is not in the local cache" in row.detail
+    (tmp_path / "datasets" / "cais___mmlu").mkdir(parents=True)
+    assert _benchmark("mmlu", None).ok
