@@ -241,7 +241,10 @@ def preflight(spec: Spec) -> list[Row]:
             return [r for rows in ex.map(_guarded, calls) for r in rows]
     finally:
         for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def ray_unreachable(address: str, timeout_s: float = 5.0) -> str | None:
