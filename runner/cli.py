@@ -185,7 +185,7 @@ def cmd_rehearse(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from runner.capacity import check
+    from runner.cluster_fit import check
     from runner.plan import plan_spec
     spec, _ = _load(args.spec)
     check(spec, args.spec)  # a cell or pool that never fits the declared cluster: SpecError (exit 2)

@@ -37,10 +37,10 @@ PLACEHOLDER_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<un
 
 def check_spec(spec: Spec, source: str = "spec") -> None:
     """`valind validate`'s checks of the files a spec names, and that every training cell and engine
-    pool fits the declared cluster (runner.capacity; raises SpecError)."""
-    from runner import capacity
-    cap = capacity.declared(spec)
-    fit = capacity.problems(spec, cap) if cap.nodes else []
+    pool fits the declared cluster (runner.cluster_fit; raises SpecError)."""
+    from runner import cluster_fit
+    cap = cluster_fit.declared(spec)
+    fit = cluster_fit.problems(spec, cap) if cap.nodes else []
     _raise(source, file_problems(spec) + template_problems(spec) + fit)
 
 

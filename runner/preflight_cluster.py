@@ -15,7 +15,7 @@ import uuid
 from importlib import metadata
 from pathlib import Path
 
-from runner import capacity
+from runner import cluster_fit
 from runner.preflight import Row
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +74,7 @@ def read_probes(probe_dir: str, names: list[str]) -> list[str]:
     return [n for n in names if not (d / n).is_file() or (d / n).read_text() != n]
 
 
-def node_rows(spec, storage: Path, connected: bool) -> tuple[list[Row], capacity.Capacity]:
+def node_rows(spec, storage: Path, connected: bool) -> tuple[list[Row], cluster_fit.Capacity]:
     """Rows for every node (or this machine) and the live capacity they give."""
     driver = code_identity()
     token = uuid.uuid4().hex[:8]
@@ -94,14 +94,14 @@ def node_rows(spec, storage: Path, connected: bool) -> tuple[list[Row], capacity
         unread = _gather(ray, [on(n, read_probes, probe_dir, written) for n in alive])
         labels = [f"node {n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n in alive]
         resources = [n.get("Resources", {}) for n in alive]
-        cap = capacity.of_nodes(resources, f"the live cluster, {len(alive)} node(s)")
+        cap = cluster_fit.of_nodes(resources, f"the live cluster, {len(alive)} node(s)")
     else:
         names = [f"{token}-local"]
         probes = [node_probe(probe_dir, names[0])]
         unread = [read_probes(probe_dir, [n for n, p in zip(names, probes) if p.get("wrote")])]
         labels = ["this machine (no RAY_ADDRESS)"]
         resources = [{"CPU": os.cpu_count() or 1, "GPU": probes[0].get("gpus", 0)}]
-        cap = capacity.of_nodes(resources, "this machine")
+        cap = cluster_fit.of_nodes(resources, "this machine")
     shutil.rmtree(probe_dir, ignore_errors=True)
     try:
         (storage / PROBE_DIR).rmdir()  # when no other preflight is using it
@@ -157,17 +157,17 @@ def _storage_row(label: str, p: dict, unread: list[str], storage: Path) -> Row:
     return Row(check, label, True, f"{storage}: written and read")
 
 
-def fit_rows(spec, live: capacity.Capacity, connected: bool) -> list[Row]:
+def fit_rows(spec, live: cluster_fit.Capacity, connected: bool) -> list[Row]:
     """Each training cell and engine pool fits the live cluster, or (on a cluster) the declared one
     that the autoscaler can grow to; without a cluster, this machine."""
-    declared = capacity.declared(spec) if connected else None
+    declared = cluster_fit.declared(spec) if connected else None
     rows = []
-    for d in capacity.demands(spec):
+    for d in cluster_fit.demands(spec):
         unit = f"{d.count} × ({d.cpus:g} CPU" + (f", {d.gpus:g} GPU)" if d.gpus else ")")
-        here = capacity.fits(live, d.cpus, d.gpus)
+        here = cluster_fit.fits(live, d.cpus, d.gpus)
         if here >= d.count:
             rows.append(Row("fits the cluster", d.count_field, True, f"{d.what}: {unit} on {live.describe()}"))
-        elif declared is not None and declared.nodes and capacity.fits(declared, d.cpus, d.gpus) >= d.count:
+        elif declared is not None and declared.nodes and cluster_fit.fits(declared, d.cpus, d.gpus) >= d.count:
             rows.append(Row("fits the cluster", d.count_field, True, f"{d.what}: {unit} once the autoscaler adds "
                             f"nodes: {declared.describe()} (now {live.describe()})"))
         else:

@@ -173,10 +173,10 @@ def test_storage_one_node_cannot_see_is_not_shared(tmp_path):
 
 
 def test_a_pool_the_autoscaler_can_reach_passes_on_a_cluster_and_not_on_this_machine():
-    from runner import capacity
+    from runner import cluster_fit
     from runner.preflight_cluster import fit_rows
     spec = _smoke_spec(cluster={"nodes": 2, "gpus_per_node": 8}, generate={"engine": {"actors": 12, "gpus_per_actor": 1}})
-    head = capacity.of_nodes([{"CPU": 16}], "live")  # an autoscaling cluster starts as a lone CPU head
+    head = cluster_fit.of_nodes([{"CPU": 16}], "live")  # an autoscaling cluster starts as a lone CPU head
     rows = {r.where: r for r in fit_rows(spec, head, connected=True)}
     assert rows["generate.engine.actors"].ok and "once the autoscaler adds nodes" in rows["generate.engine.actors"].detail
     rows = {r.where: r for r in fit_rows(spec, head, connected=False)}

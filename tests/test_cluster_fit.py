@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner import capacity
+from runner import cluster_fit
 from runner.spec import SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,37 +51,37 @@ def test_sixty_four_engine_actors_of_one_gpu_on_eight_gpus_are_refused(command, 
 
 def test_a_unit_larger_than_any_node_names_its_size_field():
     spec = _spec(annotate={"engine": {"actors": 1, "gpus_per_actor": 16}})
-    found = dict(capacity.problems(spec, capacity.declared(spec)))
+    found = dict(cluster_fit.problems(spec, cluster_fit.declared(spec)))
     assert "no node of the cluster has that" in found["annotate.engine.gpus_per_actor"]
 
 
 def test_what_fits_passes_and_the_boundary_is_exact():
     """8 GPU actors on 1 × 8 GPUs fit, 9 do not; 2 × 8 nodes hold 16 one-GPU workers but not 3 of 6 GPUs."""
-    assert capacity.problems(_spec(generate={"engine": {"actors": 8, "gpus_per_actor": 1}}),
-                             capacity.declared(_spec())) == []
+    assert cluster_fit.problems(_spec(generate={"engine": {"actors": 8, "gpus_per_actor": 1}}),
+                             cluster_fit.declared(_spec())) == []
     nine = _spec(generate={"engine": {"actors": 9, "gpus_per_actor": 1}})
-    assert [f for f, _ in capacity.problems(nine, capacity.declared(nine))] == ["generate.engine.actors"]
-    two = capacity.Capacity((capacity.Node(None, 8), capacity.Node(None, 8)), "test")
-    assert capacity.fits(two, 1, 1) == 16 and capacity.fits(two, 1, 6) == 2  # a 6-GPU unit fits once per node
+    assert [f for f, _ in cluster_fit.problems(nine, cluster_fit.declared(nine))] == ["generate.engine.actors"]
+    two = cluster_fit.Capacity((cluster_fit.Node(None, 8), cluster_fit.Node(None, 8)), "test")
+    assert cluster_fit.fits(two, 1, 1) == 16 and cluster_fit.fits(two, 1, 6) == 2  # a 6-GPU unit fits once per node
 
 
 def test_cpu_demands_count_only_where_cpus_are_declared():
     """The spec's cluster: gives GPUs; CPUs per node only with cpus_per_node (then a 2-CPU node holds 2 actors)."""
     spec = _spec(engine={"actors": 4, "cpus_per_actor": 1})
-    assert capacity.problems(spec, capacity.declared(spec)) == []
+    assert cluster_fit.problems(spec, cluster_fit.declared(spec)) == []
     small = parse_spec({**spec.model_dump(mode="json", exclude_none=True),
                         "cluster": {"nodes": 1, "gpus_per_node": 8, "cpus_per_node": 2}})
-    assert [f for f, _ in capacity.problems(small, capacity.declared(small))] == ["engine.actors"]
+    assert [f for f, _ in cluster_fit.problems(small, cluster_fit.declared(small))] == ["engine.actors"]
 
 
 def test_cluster_yaml_is_the_autoscalers_maximum_when_the_spec_declares_none():
     """No cluster: section: cluster.yaml's node types at max_workers (4 × 8 H100 and the CPU head)."""
     d = yaml.safe_load(yaml.safe_dump(SMOKE))
-    cap = capacity.declared(parse_spec(d))
+    cap = cluster_fit.declared(parse_spec(d))
     assert cap.gpus == 32 and len(cap.nodes) == 5
     d["generate"] = {**d["generate"], "engine": {"actors": 33, "gpus_per_actor": 1}}
     with pytest.raises(SpecError) as e:
-        capacity.check(parse_spec(d))
+        cluster_fit.check(parse_spec(d))
     assert e.value.problems[0][0] == "generate.engine.actors"
 
 
@@ -89,4 +89,4 @@ def test_every_shipped_spec_fits_its_declared_cluster():
     from runner.spec import load_spec
     for path in sorted((ROOT / "jobs").glob("*.yaml")):
         spec = load_spec(path)
-        assert capacity.problems(spec, capacity.declared(spec)) == [], path
+        assert cluster_fit.problems(spec, cluster_fit.declared(spec)) == [], path
