@@ -186,11 +186,16 @@ def token_source() -> str | None:
         if os.environ.get(var, "").strip():
             return var
     from huggingface_hub import constants
-    path = Path(os.environ.get("HF_TOKEN_PATH") or constants.HF_TOKEN_PATH).expanduser()
-    try:
-        return f"token file {path}" if path.read_text().strip() else None
-    except OSError:
-        return None
+    files = [Path(os.environ.get("HF_TOKEN_PATH") or constants.HF_TOKEN_PATH).expanduser()]
+    if os.environ.get("VALIND_SECRETS_DIR"):  # one file per secret on the shared filesystem (README)
+        files += [Path(os.environ["VALIND_SECRETS_DIR"]).expanduser() / v for v in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")]
+    for path in files:
+        try:
+            if path.read_text().strip():
+                return f"token file {path}"
+        except OSError:
+            pass
+    return None
 
 
 def token_rows(spec: Spec) -> list[Row]:

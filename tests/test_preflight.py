@@ -52,7 +52,7 @@ def _preflight(spec: dict, tmp: Path, data_dir: Path) -> tuple[int, str, float]:
     path = tmp / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+           if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "VALIND_SECRETS_DIR", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(HF_HUB_OFFLINE="1", HF_TOKEN_PATH=str(tmp / "no-token"), VALIND_DATA_DIR=str(data_dir),
                PYTHONPATH=str(ROOT), COLUMNS="200")
     t0 = time.perf_counter()
@@ -107,7 +107,7 @@ def test_a_gated_model_is_told_by_name_and_its_token_never_printed(monkeypatch, 
     spec["models"].append({"name": "llama", "path": GATED})
     spec = parse_spec(spec)
     assert is_gated(GATED) and not is_gated("allenai/Llama-3.1-Tulu-3-8B") and not is_gated("tiny-llama")
-    for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+    for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "VALIND_SECRETS_DIR"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token"))
     [row] = token_rows(spec)
@@ -117,6 +117,12 @@ def test_a_gated_model_is_told_by_name_and_its_token_never_printed(monkeypatch, 
     monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "token"))
     [row] = token_rows(spec)
     assert row.ok and f"token file {tmp_path / 'token'}" in row.detail and secret not in repr(row)
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "HF_TOKEN").write_text(secret)
+    monkeypatch.setenv("VALIND_SECRETS_DIR", str(tmp_path / "secrets"))  # the README's secrets directory
+    [row] = token_rows(spec)
+    assert row.ok and f"token file {tmp_path / 'secrets' / 'HF_TOKEN'}" in row.detail and secret not in repr(row)
     monkeypatch.setenv("HF_TOKEN", secret)
     [row] = token_rows(spec)
     assert row.ok and "(HF_TOKEN)" in row.detail and secret not in repr(row)
