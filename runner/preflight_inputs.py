@@ -108,9 +108,10 @@ def model_fields(spec: Spec) -> dict[str, list[str]]:
     """Every model the study loads (evaluated models and judges) -> the spec fields that name it."""
     s, a = spec.score, spec.annotate
     out: dict[str, list[str]] = {m.name: [f"models[{i}]"] for i, m in enumerate(spec.models)}
-    for field, name in (("annotate.judge_model", a.judge_model), ("annotate.check.judge_model", a.check and a.check.judge_model),
-                        ("score.value_judge", s.value_judge), ("score.refusal_llm_judge", s.refusal_llm_judge),
-                        ("score.anthro_judge", s.anthro_judge)):
+    judges = (("annotate.judge_model", a.judge_model), ("annotate.check.judge_model", a.check and a.check.judge_model),
+              ("score.value_judge", s.value_judge), ("score.refusal_llm_judge", s.refusal_llm_judge),
+              ("score.anthro_judge", s.anthro_judge))
+    for field, name in judges:
         if name:
             out.setdefault(name, []).append(field)
     return out
@@ -188,7 +189,8 @@ def token_source() -> str | None:
     from huggingface_hub import constants
     files = [Path(os.environ.get("HF_TOKEN_PATH") or constants.HF_TOKEN_PATH).expanduser()]
     if os.environ.get("VALIND_SECRETS_DIR"):  # one file per secret on the shared filesystem (README)
-        files += [Path(os.environ["VALIND_SECRETS_DIR"]).expanduser() / v for v in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")]
+        d = Path(os.environ["VALIND_SECRETS_DIR"]).expanduser()
+        files += [d / "HF_TOKEN", d / "HUGGING_FACE_HUB_TOKEN"]
     for path in files:
         try:
             if path.read_text().strip():

@@ -166,7 +166,8 @@ def _resolve(source: SourceSpec, data_dir: Path | None) -> tuple[str, str, Rows,
     """(source label, pair_id prefix, (index, row) iterator after any grouping, row converter)."""
     entry, source, fmt = _formats(source)
     label, prefix = entry.label.format(**fmt), entry.pair_prefix.format(**fmt)
-    rows = entry.reader(source, data_dir) if entry.reader is not None else _dataset_rows(entry, fmt["split"], fmt, data_dir)
+    split = fmt["split"]
+    rows = entry.reader(source, data_dir) if entry.reader is not None else _dataset_rows(entry, split, fmt, data_dir)
     if entry.group is not None:
         rows = entry.group(rows)
     return label, prefix, rows, entry.converter(source)
