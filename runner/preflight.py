@@ -202,10 +202,6 @@ class Row:
     fix: str = ""
 
 
-# MLflow's client retries a refused connection for minutes by default: a probe asks once, briefly
-PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-
-
 def on_cluster() -> bool:
     """Whether this driver joins a Ray cluster (RAY_ADDRESS, as under `ray job submit`)."""
     return bool(os.environ.get("RAY_ADDRESS"))
@@ -234,17 +230,9 @@ def preflight(spec: Spec) -> list[Row]:
 
     calls = [cluster, lambda: pi.model_rows(spec), lambda: pi.token_rows(spec),
              lambda: pi.tracking_rows(spec, root, nodes), *pi.data_checks(spec)]
-    saved = {k: os.environ.get(k) for k in PROBE_ENV}
-    os.environ.update(PROBE_ENV)
-    try:
-        with ThreadPoolExecutor(min(16, len(calls))) as ex:
-            return [r for rows in ex.map(_guarded, calls) for r in rows]
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    from runner.tracking import _fail_fast  # the tracking probe asks once, briefly (MLflow retries for minutes)
+    with _fail_fast(10), ThreadPoolExecutor(min(16, len(calls))) as ex:
+        return [r for rows in ex.map(_guarded, calls) for r in rows]
 
 
 def ray_unreachable(address: str, timeout_s: float = 5.0) -> str | None:
