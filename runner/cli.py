@@ -38,7 +38,7 @@ def _study(args):
 def cmd_validate(args) -> int:
     from runner.preflight import check_spec
     spec, _ = _load(args.spec)
-    check_spec(spec, args.spec)  # the files it names: local preference data, chat templates
+    check_spec(spec, args.spec)  # the files it names (preference data, chat templates), the cluster fit
     cells = len(spec.models) * len(spec.conditions()) * len(spec.seeds.values)
     points = len(spec.train.eval_at) - 1
     print(f"{args.spec}: valid — study {spec.study.name!r}, {len(spec.models)} model(s), "
@@ -50,11 +50,32 @@ def cmd_validate(args) -> int:
     return 0
 
 
+NO_PREFLIGHT = "on a cluster (RAY_ADDRESS set), skip `valind preflight`, which otherwise runs before any compute"
 AMEND = ("make this spec the study's own although it changes what the study computes (units whose inputs "
          "changed are recomputed, the others kept); without it such a spec is refused")
 
 
+def cmd_preflight(args) -> int:
+    from runner.preflight import run_preflight
+    spec, _ = _load(args.spec)
+    return run_preflight(spec, args.spec)
+
+
+def _preflight_on_cluster(args) -> None:
+    """On a cluster, `valind preflight` before any compute: a problem stops the run (exit 2)."""
+    from runner.preflight import on_cluster, run_preflight
+    if getattr(args, "no_preflight", False) or not on_cluster():
+        return
+    from runner.tracking import check_cluster_tracking, tracking_uri
+    spec, _ = _load(args.spec)
+    # first the refusal that needs no connection: a local tracking file behind a remote head
+    check_cluster_tracking(tracking_uri(spec.tracking.uri, spec.output_dir(Path.cwd())))
+    if run_preflight(spec, args.spec):
+        raise InputError("preflight found the problems above: fix them and rerun (--no-preflight skips the check)")
+
+
 def cmd_stage(args) -> int:
+    _preflight_on_cluster(args)
     study = _study(args)
     out = study.run(until=args.stage, amend=args.amend)
     if args.stage == "analyze":
@@ -63,6 +84,7 @@ def cmd_stage(args) -> int:
 
 
 def cmd_annotate(args) -> int:
+    _preflight_on_cluster(args)
     study = _study(args)
     if args.audit is None and args.audit_labels is None:
         study.run(until="annotate")
@@ -165,8 +187,10 @@ def cmd_rehearse(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from runner.cluster_fit import check
     from runner.plan import plan_spec
     spec, _ = _load(args.spec)
+    check(spec, args.spec)  # a cell or pool that never fits the declared cluster: SpecError (exit 2)
     plan_spec(spec, spec.study.name)  # PlanError (an InputError: exit 2) reaches main()
     return 0
 
@@ -188,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the whole study (cached stages are skipped)")
     r.add_argument("spec")
     r.add_argument("--amend", action="store_true", help=AMEND)
+    r.add_argument("--no-preflight", action="store_true", help=NO_PREFLIGHT)
     r.set_defaults(fn=cmd_stage, stage="analyze")
     for stage, help_ in [("annotate", "judge the preference pairs for values"),
                          ("curate", "build value subsets, random controls and the held-out split"),
@@ -198,11 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(stage, help=f"{help_} (runs earlier stages as needed)")
         s.add_argument("spec")
         s.add_argument("--amend", action="store_true", help=AMEND)
+        s.add_argument("--no-preflight", action="store_true", help=NO_PREFLIGHT)
         s.set_defaults(fn=cmd_stage, stage="analyze" if stage == "report" else stage)
         if stage == "annotate":
             s.add_argument("--audit", type=int, metavar="N", help="write N stratified annotations as CSV for labelling")
             s.add_argument("--audit-labels", metavar="CSV", help="score the labelled audit CSV against the judge")
             s.set_defaults(fn=cmd_annotate)
+    pf = sub.add_parser("preflight", help="open everything the study reads and check everything it needs "
+                                          "(data, models, tracking, nodes, storage, fit): one table, exit 2 on a problem")
+    pf.add_argument("spec")
+    pf.set_defaults(fn=cmd_preflight)
     rh = sub.add_parser("rehearse", help="the spec's orchestration on the Ray cluster at RAY_ADDRESS with tiny "
                                          "models: overhead, concurrency, pool hand-overs (docs/REHEARSAL.md)")
     rh.add_argument("spec")

@@ -6,9 +6,17 @@ names. Each problem is (YAML path, message), raised together as one SpecError.
 - `check_inputs(ctx)` (`valind run`, right after the chat-template check, in the first seconds):
   the same with each model's tokenizer, plus LoRA target modules against the model's own modules
   and the prompt/response prefix rule that training tokenisation relies on.
+- `preflight(spec)` (`valind preflight`, and `valind run` on a cluster before any compute): opens
+  everything the study reads and checks everything it needs, in parallel, as one table of Rows
+  (runner.preflight_inputs: data, models, token, tracking; runner.preflight_cluster: nodes, shared
+  storage, fit).
 """
 from __future__ import annotations
 
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from evaluation.errors import short_repr
@@ -28,8 +36,12 @@ PLACEHOLDER_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<un
 
 
 def check_spec(spec: Spec, source: str = "spec") -> None:
-    """`valind validate`'s checks of the files a spec names (raises SpecError)."""
-    _raise(source, file_problems(spec) + template_problems(spec))
+    """`valind validate`'s checks of the files a spec names, and that every training cell and engine
+    pool fits the declared cluster (runner.cluster_fit; raises SpecError)."""
+    from runner import cluster_fit
+    cap = cluster_fit.declared(spec)
+    fit = cluster_fit.problems(spec, cap) if cap.nodes else []
+    _raise(source, file_problems(spec) + template_problems(spec) + fit)
 
 
 def check_inputs(ctx) -> None:
@@ -190,3 +202,97 @@ def _modules(path: str, trust_remote_code: bool):
 def _is_linear(module) -> bool:
     import torch
     return isinstance(module, torch.nn.Linear)
+
+
+# --- valind preflight ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Row:
+    check: str
+    where: str    # the spec field, file or node it concerns
+    ok: bool
+    detail: str   # what was found, or the problem
+    fix: str = ""
+
+
+def on_cluster() -> bool:
+    """Whether this driver joins a Ray cluster (RAY_ADDRESS, as under `ray job submit`)."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def preflight(spec: Spec) -> list[Row]:
+    """Every check, in parallel threads (the node checks as Ray tasks, one per node); a check that
+    itself fails becomes a problem row."""
+    from runner import preflight_cluster as pc
+    from runner import preflight_inputs as pi
+    # transformers' lazy module is not thread-safe on first import ("cannot import name AutoConfig")
+    from transformers import AutoConfig, AutoTokenizer  # noqa: F401
+    connected = on_cluster()
+    nodes, down = 1, ray_unreachable(os.environ["RAY_ADDRESS"]) if connected else None
+    if connected and not down:
+        from runner.cluster import init_ray
+        nodes = sum(1 for n in init_ray().nodes() if n.get("Alive"))
+    storage = Path(spec.study.output_dir).expanduser().resolve()
+    root = spec.output_dir(Path.cwd())
+
+    def cluster() -> list[Row]:
+        if down:
+            return [Row("Ray cluster", "RAY_ADDRESS", False, down, "start the cluster, or correct RAY_ADDRESS")]
+        rows, live = pc.node_rows(spec, storage, connected)
+        return rows + pc.fit_rows(spec, live, connected)
+
+    calls = [cluster, lambda: pi.model_rows(spec), lambda: pi.token_rows(spec),
+             lambda: pi.tracking_rows(spec, root, nodes), *pi.data_checks(spec)]
+    from runner.tracking import _fail_fast  # the tracking probe asks once, briefly (MLflow retries for minutes)
+    with _fail_fast(10), ThreadPoolExecutor(min(16, len(calls))) as ex:
+        return [r for rows in ex.map(_guarded, calls) for r in rows]
+
+
+def ray_unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why the Ray head at `address` ("host:port", "ray://host:port") cannot be reached in a few
+    seconds, or None ("auto" and the like are left to Ray): ray.init would retry for much longer."""
+    import socket
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        return f"{address}: unreachable ({e.strerror or e})"
+    return None
+
+
+def _guarded(call) -> list[Row]:
+    try:
+        return call()
+    except Exception as e:  # a check's own failure is reported, never a traceback that hides the rest
+        return [Row("preflight", "-", False, f"a check failed: {type(e).__name__}: {str(e)[:300]}",
+                    "report it as a valind bug")]
+
+
+def render_rows(rows: list[Row], title: str) -> None:
+    """One table (check | where | ok/problem | detail and how to fix); secrets redacted."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from runner.secrets import redact
+    table = Table(title=title, show_lines=False)
+    for col in ("check", "where", "", "detail", "how to fix"):
+        table.add_column(col, overflow="fold")
+    for r in sorted(rows, key=lambda r: r.ok):  # problems first
+        table.add_row(r.check, r.where, "ok" if r.ok else "[bold red]problem[/]", redact(r.detail), redact(r.fix))
+    Console(width=160).print(table)
+
+
+def run_preflight(spec: Spec, source: str) -> int:
+    """`valind preflight`: the table, then one line per problem; 0 when there is none, else 2."""
+    t0 = time.perf_counter()
+    rows = preflight(spec)
+    took = time.perf_counter() - t0
+    render_rows(rows, f"preflight {source} — {len(rows)} checks in {took:.1f} s")
+    bad = [r for r in rows if not r.ok]
+    from runner.secrets import redact
+    for r in bad:
+        print(redact(f"problem: {r.check} ({r.where}): {r.detail}"))
+    print(f"preflight: {len(bad)} problem(s) in {len(rows)} checks, {took:.1f} s")
+    return 2 if bad else 0

@@ -468,6 +468,8 @@ class ClusterSpec(_Section):
     nodes: int = Field(default=1, ge=1)
     gpus_per_node: int = Field(default=8, ge=1)
     gpu_memory_gb: float = Field(default=80, gt=0)  # per GPU: `valind plan` refuses training that cannot fit
+    # Logical CPUs per node (Ray's CPU resource); None: CPU demands are not checked against the cluster
+    cpus_per_node: int | None = Field(default=None, ge=1)
 
 
 class Spec(_Section):

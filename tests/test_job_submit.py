@@ -93,6 +93,7 @@ def test_smoke_study_as_a_ray_job(head, tmp_path, data_dir, monkeypatch):
     root = out / "smoke"
     assert (root / "report.html").exists() and "<table" in (root / "report.html").read_text()
     assert "analyze: done" in r.stdout, logs
+    assert "preflight: 0 problem(s)" in r.stdout, logs  # `valind run` on a cluster checks first (issue 31)
     assert f"report:  {root / 'report.html'}" in r.stdout  # the driver ran the venv's valind on this spec
 
     import mlflow

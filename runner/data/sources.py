@@ -164,6 +164,31 @@ def _choices(options: tuple[str, ...]) -> str:
 
 def _resolve(source: SourceSpec, data_dir: Path | None) -> tuple[str, str, Rows, Converter]:
     """(source label, pair_id prefix, (index, row) iterator after any grouping, row converter)."""
+    entry, source, fmt = _formats(source)
+    label, prefix = entry.label.format(**fmt), entry.pair_prefix.format(**fmt)
+    split = fmt["split"]
+    rows = entry.reader(source, data_dir) if entry.reader is not None else _dataset_rows(entry, split, fmt, data_dir)
+    if entry.group is not None:
+        rows = entry.group(rows)
+    return label, prefix, rows, entry.converter(source)
+
+
+def locate(source: SourceSpec, data_dir: Path | None) -> tuple[Path | None, str | None]:
+    """Where a registered (not local) source's rows come from: (its file in the data dir, or None;
+    the hub dataset to fall back on, or None). Raises DataError for a bad split or subset."""
+    entry, _, fmt = _formats(source)
+    files = [p for p in _candidates(entry, fmt, data_dir) if p.is_file()]
+    return (files[0] if files else None), entry.hub_id
+
+
+def _candidates(entry: Source, fmt: dict[str, str], data_dir: Path | None) -> list[Path]:
+    if data_dir is None:
+        return []
+    return [data_dir / "preference" / f"{entry.file_stem.format(**fmt)}{ext}" for ext in EXTENSIONS]
+
+
+def _formats(source: SourceSpec) -> tuple[Source, SourceSpec, dict[str, str]]:
+    """A source's registry entry, the spec with its default subset, and the names its format strings take."""
     entry = get_source(source.name)
     name, split = entry.name, entry.dataset_split(source.split)
     if entry.splits and split not in entry.splits:
@@ -175,25 +200,18 @@ def _resolve(source: SourceSpec, data_dir: Path | None) -> tuple[str, str, Rows,
     if entry.subsets and subset not in entry.subsets:
         raise DataError(f"{name}: subset must be {_choices(entry.subsets)}, got {subset!r}")
     source = source.model_copy(update={"subset": subset})
-    fmt = {"name": name, "subset": subset, "split": split,
-           "file": _stem(Path(source.path)) if source.path else ""}
-    label, prefix = entry.label.format(**fmt), entry.pair_prefix.format(**fmt)
-    rows = entry.reader(source, data_dir) if entry.reader is not None else _dataset_rows(entry, split, fmt, data_dir)
-    if entry.group is not None:
-        rows = entry.group(rows)
-    return label, prefix, rows, entry.converter(source)
+    return entry, source, {"name": name, "subset": subset, "split": split,
+                           "file": _stem(Path(source.path)) if source.path else ""}
 
 
 def _dataset_rows(entry: Source, split: str, fmt: dict[str, str], data_dir: Path | None) -> Rows:
     """A registered dataset's (index, row)s: <data_dir>/preference/<file_stem><ext>, else the hub."""
     name = entry.name
     tried: list[str] = []
-    if data_dir is not None:
-        for ext in EXTENSIONS:
-            path = data_dir / "preference" / f"{entry.file_stem.format(**fmt)}{ext}"
-            tried.append(str(path))
-            if path.is_file():
-                return _read_file(path)
+    for path in _candidates(entry, fmt, data_dir):
+        tried.append(str(path))
+        if path.is_file():
+            return _read_file(path)
     if entry.hub_id is None:
         raise DataError(f"{name} ({split}): not found locally (tried {', '.join(tried) or 'none (no data dir)'})")
     hub_kwargs = {k: v.format(**fmt) for k, v in entry.hub_kwargs.items()}
