@@ -1,19 +1,19 @@
 """The README's cluster path, rehearsed verbatim on this machine.
 
-`ray up cluster.yaml` is played by hand from cluster.yaml's own commands: its `file_mounts` copy
-the code (minus `rsync_exclude`) to a directory that stands in for a node's home, its
-`setup_commands` build the virtualenv in a directory that stands in for the shared filesystem, and
-its `head_start_ray_commands`/`worker_start_ray_commands` start the nodes; the data are staged and
-the study submitted with the README's own lines. Every command runs in a clean environment
-(`env -i`, a system PATH, the stand-in home): nothing of this process's venv or `VALIND_*`.
+The README's "Run on a cluster" lines are played in order, each as a user runs it: `ray up
+cluster.yaml` from cluster.yaml's own sections (`file_mounts` copy the code minus `rsync_exclude`
+and the Ray token, `setup_commands` build the virtualenv on a directory that stands in for the
+shared filesystem, `head_start_ray_commands`/`worker_start_ray_commands` start the nodes), the
+token, data and secrets staged, and the study submitted with the README's `ray job submit` line.
+Every command runs in a clean environment (`env -i`, a system PATH, a home of its own): nothing of
+this process's venv, `VALIND_*` or `HF_*`.
 
 What must change to run on one machine is changed by `Machine.sub` and the steps below, each one
 printed as it is made and listed in docs/REHEARSAL.md ("The verbatim path"); none of them replaces
 a step a user takes.
 
-    python -m runner.verbatim up --dir D          # stage, build the venv, start head + 2 workers
-    python -m runner.verbatim submit --dir D jobs/paper.yaml [--models 1] [--stop-node generate:30
-        --replace-after 120|never] [--kill-driver score]
+    python -m runner.verbatim up --dir D [--data-dir DATA]   # the README's lines up to the submit
+    python -m runner.verbatim submit --dir D [--models 1] [--stop-node generate:20 --replace-after 120|never]
     python -m runner.verbatim down --dir D
 """
 from __future__ import annotations
@@ -48,19 +48,22 @@ def readme_lines(readme: Path = ROOT / "README.md") -> list[str]:
     section = text.split("## Run on a cluster", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"\n\n((?:    .*\n)+)", section).group(1)  # the first indented code block
     joined = re.sub(r"\\\n\s*", "", "\n".join(line[4:] for line in block.splitlines()))
-    return [line.split("  #", 1)[0].strip() for line in joined.splitlines() if line.strip()]
+    lines = [line.split("  #", 1)[0].strip() for line in joined.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 class Machine:
-    """One machine standing in for the cluster's nodes: `root` holds the stand-in shared filesystem
-    (root/mnt/shared), the nodes' home (root/home/ubuntu, where file_mounts copies the code) and the
-    user's checkout (root/laptop, the `--working-dir .` of `ray job submit`)."""
+    """One machine standing in for the cluster's nodes and the user's own: `root` holds the stand-in
+    shared filesystem (mnt/shared), the nodes' home (home/ubuntu, where file_mounts copies the code),
+    the user's home (home/user) and checkout (laptop, the `--working-dir .` of `ray job submit`)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
-        self.shared, self.home, self.laptop = (self.root / p for p in ("mnt/shared", "home/ubuntu", "laptop"))
+        self.shared, self.home, self.user_home, self.laptop = (
+            self.root / p for p in ("mnt/shared", "home/ubuntu", "home/user", "laptop"))
         self.cluster = LocalCluster(self.root / "cluster")
         self.notes: list[str] = []
+        self.exports: dict[str, str] = {}  # the README's `export` lines, in the user's shell
 
     def note(self, line: str) -> None:
         self.notes.append(line)
@@ -84,9 +87,8 @@ class Machine:
         return r.stdout
 
     # ------------------------------------------------------------------ ray up
-    def up(self, cluster_yaml: Path = ROOT / "cluster.yaml", workers: int = 2, cpus: int = 2,
-           memory_gb: float = 6) -> None:
-        cfg = yaml.safe_load(cluster_yaml.read_text())
+    def up(self, cfg: dict, workers: int = 2, cpus: int = 2, memory_gb: float = 6) -> None:
+        """`ray up cluster.yaml`, played from the file's own sections."""
         self._file_mounts(cfg)
         self.note(f"initialization_commands not run (they mount the shared filesystem): {self.shared} stands in")
         self.shared.mkdir(parents=True, exist_ok=True)
@@ -119,20 +121,26 @@ class Machine:
                       "rehearsal replaces lost nodes)")
         return cmd
 
-    def _file_mounts(self, cfg: dict) -> None:
-        excluded = cfg.get("rsync_exclude", [])
+    @staticmethod
+    def _excluded(cfg: dict):
+        patterns = cfg.get("rsync_exclude", [])
 
         def ignore(d, names):
             rel = Path(d).relative_to(ROOT)
             return [n for n in names if any(fnmatch(str(rel / n), p) or fnmatch(n, p.removeprefix("**/"))
-                                            for p in excluded)]
+                                            for p in patterns)]
+        return ignore
 
+    def _file_mounts(self, cfg: dict) -> None:
         for target, source in cfg["file_mounts"].items():
             dest = Path(self.sub(target))
-            shutil.copytree(ROOT / source, dest, ignore=ignore, dirs_exist_ok=True)
-            # the user's checkout: the same files, where `ray job submit --working-dir .` is run from
-            shutil.copytree(ROOT / source, self.laptop, ignore=ignore, dirs_exist_ok=True)
-            self.note(f"file_mounts {target}: {source} copied to {dest} (rsync_exclude: {', '.join(excluded)})")
+            src = self.laptop if source == "." else Path(source.replace("~", str(self.user_home), 1))
+            if src.is_dir():
+                shutil.copytree(src, dest, dirs_exist_ok=True)
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest)
+            self.note(f"file_mounts {target}: {src} copied to {dest}")
 
     def _setup(self, cfg: dict) -> None:
         """setup_commands, with the venv's dependencies seeded from this project's venv: pip finds them
@@ -162,25 +170,65 @@ class Machine:
                   "the `ray` console script written (its package came seeded, not installed)")
 
     # --------------------------------------------------------------- the user's steps
-    def stage_data(self, data_dir: Path) -> None:
-        """The README's data line (`ray rsync-up cluster.yaml SRC DST`): a local copy here."""
-        line = next(x for x in readme_lines() if x.startswith("ray rsync-up"))
-        dest = Path(self.sub(line.split()[-1]))
-        shutil.copytree(data_dir, dest, dirs_exist_ok=True)
-        self.note(f"data: `{line}` → {data_dir} copied to {dest}")
+    def prepare(self, data_dir: Path, cluster_yaml: Path = ROOT / "cluster.yaml") -> None:
+        """The README's lines up to `ray job submit`, in order, each as a user runs it."""
+        self.user_home.mkdir(parents=True, exist_ok=True)
+        self.laptop.mkdir(parents=True, exist_ok=True)
+        self.cfg = yaml.safe_load(cluster_yaml.read_text())
+        shutil.copytree(ROOT, self.laptop, ignore=self._excluded(self.cfg), dirs_exist_ok=True)
+        self.note(f"the user's checkout: {self.laptop} (the repository minus cluster.yaml's rsync_exclude)")
+        for line in readme_lines():
+            if line.startswith("ray job submit"):
+                break
+            self.play(line, data_dir)
+        (self.root / "exports.json").write_text(json.dumps(self.exports))
+
+    def play(self, line: str, data_dir: Path) -> None:
+        words = line.split()
+        if line == "ray up cluster.yaml":
+            self.up(self.cfg)
+        elif words[:2] == ["ray", "rsync-up"]:
+            src, dest = words[-2], Path(self.sub(words[-1]))
+            if src == "path/to/data/":
+                source = data_dir
+            else:
+                source = Path(src.replace("~", str(self.user_home), 1))
+                if not source.exists() and source.name == "token":  # the user's Hugging Face token
+                    source.parent.mkdir(parents=True, exist_ok=True)
+                    source.write_text("hf_REHEARSALplantedTOKEN000000000000")
+                    source.chmod(0o600)
+                    self.note(f"a planted Hugging Face token at {source} (no account here)")
+            if source.is_dir():
+                shutil.copytree(source, dest, dirs_exist_ok=True)
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, dest)
+            self.note(f"`{line}`: {source} copied to {dest}")
+        elif words[:2] == ["ray", "exec"]:
+            cmd = self.sub(line.split(" ", 3)[3].strip("'"))
+            self.sh(cmd, env=self.env())
+            self.note(f"`{line}`: `{cmd}` run in a node's environment")
+        elif words[:2] == ["ray", "dashboard"]:
+            self.note(f"`{line}` not run: the dashboard listens on 127.0.0.1 here already")
+        elif words[0] == "export":
+            k, _, v = words[1].partition("=")
+            self.exports[k] = v
+        elif words[0] == "ray":
+            self.sh(f"{USER_RAY} {line[4:]}", cwd=self.laptop, env=self.user_env())
+            self.note(f"`{line}` run in the user's environment")
+        else:
+            raise RuntimeError(f"README: no rehearsal for `{line}`")
+
+    def user_env(self) -> dict[str, str]:
+        return {**self.env(self.user_home), **self.exports}
 
     def submit_line(self) -> tuple[str, str]:
-        """The README's `ray job submit` line, its address → this head's dashboard and `ray` → the user's
-        Ray CLI; and the spec its entrypoint names."""
+        """The README's `ray job submit` line, its address → this head's dashboard, `ray` → the user's
+        Ray CLI and /mnt/shared → the stand-in; and the spec its entrypoint names."""
         line = next(x for x in readme_lines() if x.startswith("ray job submit"))
         port = self.cluster.state["head"]["dashboard_port"]
         line = line.replace("http://127.0.0.1:8265", f"http://127.0.0.1:{port}").replace("ray ", f"{USER_RAY} ", 1)
-        return line, line.rsplit(" ", 1)[-1]
-
-    def user_env(self) -> dict[str, str]:
-        home = self.root / "home" / "user"
-        home.mkdir(parents=True, exist_ok=True)
-        return self.env(home)
+        return self.sub(line), line.rsplit(" ", 1)[-1]  # sub: the runtime env's /mnt/shared paths
 
 
     def write_spec(self, models: int | None) -> dict:
@@ -221,18 +269,19 @@ class Machine:
 
     # ------------------------------------------------------------------ faults
     def node_holding(self, class_name: str) -> int | None:
-        """The index among live worker nodes of one holding a live actor of `class_name`."""
-        from ray.util.state import list_actors
+        """The index among live worker nodes of one running a `class_name` actor (its process title,
+        `ray::<class>`: no Ray client, whose token and address this process does not hold)."""
+        import psutil
 
         from runner.local_cluster import pids_matching
 
-        dash = f"http://127.0.0.1:{self.cluster.state['head']['dashboard_port']}"
-        alive = list_actors(address=dash, filters=[("state", "=", "ALIVE"), ("class_name", "=", class_name)],
-                            limit=100, raise_on_missing_output=False)
-        for a in alive:
-            for i, w in enumerate(self.cluster.state["workers"]):
-                if a.pid in pids_matching(w["temp_dir"]):
-                    return i
+        for i, w in enumerate(self.cluster.state["workers"]):
+            for pid in pids_matching(w["temp_dir"]):
+                try:
+                    if f"ray::{class_name}" in " ".join(psutil.Process(pid).cmdline()):
+                        return i
+                except psutil.Error:
+                    pass
         return None
 
     def stop_node_during(self, stage: str, after_s: float, replace_after: float | None) -> tuple:
@@ -287,19 +336,20 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("up", "submit", "down"):
         p = sub.add_parser(name)
         p.add_argument("--dir", required=True, help="the stand-in machine's root")
-        if name == "submit":
+        if name == "up":
             p.add_argument("--data-dir", default=os.environ.get("VALIND_DATA_DIR"), help="the data to stage")
+        if name == "submit":
             p.add_argument("--models", type=int, help="rehearse only the first N base models")
             p.add_argument("--stop-node", metavar="STAGE:S", help="kill the node of an engine actor S s into STAGE")
             p.add_argument("--replace-after", default="120", help="seconds until its replacement starts, or never")
     a = ap.parse_args(argv)
     m = Machine(a.dir)
     if a.cmd == "up":
-        m.up()
+        m.prepare(Path(a.data_dir))
     elif a.cmd == "down":
         m.cluster.down()
     else:
-        m.stage_data(Path(a.data_dir))
+        m.exports = json.loads((m.root / "exports.json").read_text())
         m.write_spec(a.models)
         on_line = faults = None
         if a.stop_node:
@@ -307,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             on_line, faults, _ = m.stop_node_during(stage, float(after or 30),
                                                     None if a.replace_after == "never" else float(a.replace_after))
         rc = m.submit(m.root / "job.log", on_line)
-        print(json.dumps({"rc": rc, "faults": faults, "notes": m.notes}, indent=1))
+        print(json.dumps({"rc": rc, "faults": faults}, indent=1))
         return rc
     return 0
 

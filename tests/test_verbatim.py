@@ -17,10 +17,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def machine(tmp_path):
+def machine(tmp_path, data_dir):
     m = Machine(tmp_path / "machine")
     try:
-        m.up()
+        m.prepare(data_dir)  # the README's lines before `ray job submit`
         yield m
     finally:
         dirs = [str(m.cluster.dir), *m.cluster.temp_dirs()]
@@ -28,14 +28,17 @@ def machine(tmp_path):
         assert not [d for d in dirs if pids_matching(d)], "cluster processes outlived teardown"
 
 
-def test_the_readme_path_verbatim(machine, data_dir):
+def test_the_readme_path_verbatim(machine):
     m = machine
     # the nodes run the venv that cluster.yaml's setup built on the stand-in shared filesystem
     venv = m.shared / "valind" / "venv"
     assert (venv / "bin" / "valind").exists()
     assert all(str(venv / "bin") in c for c in (m.cluster.state["commands"]["head"],
                                                  m.cluster.state["commands"]["worker"]))
-    m.stage_data(data_dir)
+    assert (m.shared / "data" / "SOURCES.md").exists()  # staged by the README's rsync-up line
+    secret = m.shared / "valind" / "secrets" / "HF_TOKEN"
+    assert secret.exists() and secret.stat().st_mode & 0o777 == 0o600
+    assert (m.home / ".ray" / "auth_token").exists()  # Ray's token, copied by file_mounts
     spec = m.write_spec(models=1)
     assert spec["data"]["data_dir"].startswith(str(m.shared))
     log = m.root / "job.log"
