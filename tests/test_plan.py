@@ -171,3 +171,29 @@ def test_adapters_per_group_from_memory_and_the_paper_saving_line(tiny_model):
     d = yaml.safe_load((ROOT / "jobs" / "paper.yaml").read_text())
     d["train"]["adapters_per_group"] = 1
     assert not any(n.startswith("train.adapters_per_group") for n in estimate(parse_spec(d)).notes)
+
+
+def test_plan_counts_every_run_the_pipeline_evaluates(tmp_path, monkeypatch):
+    """train.eval_at: generation, judge scoring and benchmarks cover each part-way adapter, and the
+    plan's evaluated runs are the runs the pipeline builds (Study.runs), not a count of its own."""
+    import hashlib
+
+    import runner.models
+    from runner.pipeline import Study
+    # the offline_hub fixture's stand-in, set without it (raising=False) so that this test also runs,
+    # and fails on its assertions, on commits from before hub commits entered the keys
+    monkeypatch.setattr(runner.models, "hub_commit", lambda repo, revision=None:
+                        hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest(), raising=False)
+    spec = _spec()
+    spec = spec.model_copy(update={
+        "train": spec.train.model_copy(update={"eval_at": [0.25, 0.5, 1.0]}),
+        "score": spec.score.model_copy(update={"benchmarks": ["gsm8k"]})})
+    runs = Study(spec, base_dir=tmp_path).runs()
+    plan = estimate(spec)
+    assert plan.counts["evaluated runs"] == len(runs) == 1 + 6 * 3  # the base, 6 cells × 3 points
+    assert plan.counts["generation requests"] == len(runs) * 100
+    rows = {r.stage.strip(): r for r in plan.rows}
+    # the base model at 12.5k tok/s, each of the 18 trained runs at the multi-LoRA rate
+    assert rows["generate"].gpu_hours == pytest.approx(10_000 / 12_500 / 3600 + 18 * 10_000 / (12_500 * 0.7) / 3600)
+    assert rows["score"].gpu_hours == pytest.approx(19 * 50 / 10 / 3600)
+    assert rows["benchmarks"].gpu_hours == pytest.approx(19 * 1_319 * 256 / 12_500 / 3600)  # GSM8K: generations only
