@@ -275,8 +275,11 @@ def measured_judge_rps(spec: Spec, base_dir: Path | None = None) -> float | None
     return None
 
 
-def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_rps: float | None = None) -> Plan:
-    """The plan of a study; `measured_rps` is a measured whole-pool judge rate (responses/s)."""
+def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_rps: float | None = None,
+             measured: dict | None = None) -> Plan:
+    """The plan of a study; `measured_rps` is a measured whole-pool judge rate (responses/s);
+    `measured`, per-GPU rates of `valind plan --measure` (runner.measure.measure), which take the
+    defaults' place (a spec's `plan:` section still wins)."""
     if cluster is None:
         cluster = ((spec.cluster.nodes, spec.cluster.gpus_per_node, "spec") if spec.cluster
                    else default_cluster())
@@ -324,6 +327,8 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
         e = spec.annotate.engine or spec.engine
         if ov.judge_responses_per_s:
             return ov.judge_responses_per_s, "spec plan:", e
+        if measured and model in measured["judge"]:
+            return measured["judge"][model], "measured", e
         if measured_rps and model == spec.annotate.judge_model:  # measured on this judge only
             return measured_rps / _pool_gpus(e), "measured", e
         return judge_rps(p), f"default {p:g}B", e
@@ -355,7 +360,7 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
                 f"{t.micro_batch_size} × 2 × {t.max_length} tokens) and a worker has {gpu_gb * t.gpus_per_worker:g} GB"
                 " (cluster.gpu_memory_gb × train.gpus_per_worker): set train.gradient_checkpointing: true, "
                 "or lower micro_batch_size or max_length")
-        r = ov.train_pairs_per_s or train_pps(p, t.max_length, t.finetune, t.method)
+        r = ov.train_pairs_per_s or (measured or {}).get("train", {}).get(p) or train_pps(p, t.max_length, t.finetune, t.method)
         rates.append(r)
         cell_gh = subset * t.epochs / r / 3600 / eff
         tr_gh += cell_gh * cells_per_model
@@ -365,7 +370,7 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
             ref_gh += len(conds) * subset * REF_FRACTION / full / 3600 / eff
     if (saving := group_saving(spec, gpu_gb, concurrent)) is not None:
         notes.append(saving)
-    rsrc = "spec plan:" if ov.train_pairs_per_s else "default by size"
+    rsrc = "spec plan:" if ov.train_pairs_per_s else "measured" if measured and measured["train"] else "default by size"
     plan.rows.append(Row("train", f"{n_models * cells_per_model} cells × {subset * t.epochs:,} pairs",
                          f"{min(rates):.3g}–{max(rates):.3g} pairs/s", rsrc,
                          min(total_gpus, concurrent * per_trial), tr_gh, tr_wall))
@@ -381,13 +386,19 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
     for m in spec.models:
         p = params_b(m.name, m.path, m.params_b)
         r = ov.generate_tokens_per_s or gen_tps(p)
+        if measured and measured["generate"] and not ov.generate_tokens_per_s:  # other sizes by 1/params_b
+            p0, r0 = measured["generate"]
+            r = r0 * p0 / p
         toks = per_run * g.sampling.max_tokens  # per run: the base model, then each trained run of it
         hours = toks / r / 3600 / eff + toks * (per_model[m.name] - 1) / (r * (LORA_GEN_FACTOR if lora else 1)) / 3600 / eff
         gen_gh += hours
         gen_wall += hours / min(total_gpus, _pool_gpus(ge))
-    gsrc = "spec plan:" if ov.generate_tokens_per_s else "default by size"
-    plan.rows.append(Row("generate", f"{runs * per_run:,} requests ≤{g.sampling.max_tokens} tok",
-                         "tok/s by size" if not ov.generate_tokens_per_s else f"{ov.generate_tokens_per_s:.3g} tok/s",
+    gsrc = ("spec plan:" if ov.generate_tokens_per_s else "measured" if measured and measured["generate"]
+            else "default by size")
+    gen_rate = (f"{ov.generate_tokens_per_s:.3g} tok/s" if ov.generate_tokens_per_s
+                else f"{measured['generate'][1]:.3g} tok/s at {measured['generate'][0]:g}B" if gsrc == "measured"
+                else "tok/s by size")
+    plan.rows.append(Row("generate", f"{runs * per_run:,} requests ≤{g.sampling.max_tokens} tok", gen_rate,
                          gsrc, min(total_gpus, _pool_gpus(ge)), gen_gh, gen_wall))
 
     # score: LLM judges over the generations
@@ -503,9 +514,20 @@ def render(plan: Plan, title: str) -> None:
         console.print(f"note: {n}")
 
 
-def plan_spec(spec: Spec, title: str) -> Plan:
+def plan_spec(spec: Spec, title: str, measure: bool = False, steps: int = 3) -> Plan:
+    """Print the plan; with `measure`, also the plan from this cluster's measured rates (runner.measure)."""
     plan = estimate(spec, measured_rps=measured_judge_rps(spec))
-    render(plan, title)
+    render(plan, f"{title} (default rates)" if measure else title)
+    if measure:
+        from runner.measure import measure as probe
+        rates = probe(spec, steps=steps)
+        measured = estimate(spec, measured=rates)
+        render(measured, f"{title} (measured rates)")
+        for what, r in rates["details"].items():
+            print(f"measured {what}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in r.items()))
+        print(f"total GPU-hours: {_h(plan.gpu_hours)} at the default rates, {_h(measured.gpu_hours)} at the measured ones")
+        plan = measured
     disk = disk_bytes(spec)
     print(f"disk: about {sum(disk.values()) / 1e9:,.1f} GB under the study directory ("
           + ", ".join(f"{k} {v / 1e9:,.2g}" for k, v in disk.items()) + " GB); each stage checks its share is free")
