@@ -166,7 +166,7 @@ def _rank(rank: int, world: int, cfg: dict) -> None:
             return
         if cuda:
             torch.cuda.empty_cache()
-        lr, tol, rel_tol = cfg["tolerances"]
+        tol, rel_tol = cfg["tolerances"]
         res = {}
         t1 = time.perf_counter()
         for k, (cell, exs) in enumerate(zip(group, cfg["subsets"])):
@@ -213,8 +213,9 @@ def check_group(device: str = "cuda", world: int | None = None, shape: str | Non
             e.ref_chosen, e.ref_rejected = c, r
         # overlapping subsets of unequal size, as conditions sharing pairs
         subsets = [pool[k * micro:k * micro + n * train.batch_size] for k, n in enumerate(STEPS)]
-        cfg = {"device": device, "model": str(model_dir), "train": train, "subsets": subsets, "per_forward": per_forward,
-               "threads": threads, "port": _free_port(), "tolerances": (lr, tol, rel_tol), "swap": swap,
+        cfg = {"device": device, "model": str(model_dir), "train": train, "subsets": subsets,
+               "per_forward": per_forward, "threads": threads, "port": _free_port(), "tolerances": (tol, rel_tol),
+               "swap": swap,
                "out": str(Path(tmp) / "result.json")}
         if world > 1:
             import torch.multiprocessing as mp
@@ -226,7 +227,8 @@ def check_group(device: str = "cuda", world: int | None = None, shape: str | Non
     ln2 = all(abs(a["first_loss"] - math.log(2)) < 1e-2 for a in adapters.values())
     ok = all(a["ok"] for a in adapters.values()) and ln2
     return {"ok": ok, "device": device, "world": world, "backend": result["backend"], "shape": shape,
-            "precision": precision, "lr": lr, "tol": tol, "rel_tol": rel_tol, "max_length": max_length, "micro_batch_size": micro,
+            "precision": precision, "lr": lr, "tol": tol, "rel_tol": rel_tol, "max_length": max_length,
+            "micro_batch_size": micro,
             "adapters_per_forward": per_forward or len(STEPS), "group_steps": result["group_steps"],
             "loss_first_is_ln2": ln2, "adapters": adapters, "swapped": result["adapters"].get("swapped"),
             "group_s": round(result["group_s"], 1), "alone_s": round(result["alone_s"], 1)}

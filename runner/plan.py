@@ -85,10 +85,13 @@ class PlanError(InputError, ValueError):
 
 
 # Peak memory of a training worker: activation bytes per token, hidden unit and layer of a bf16
-# transformer without recomputation (Korthikanti et al. 2022, https://arxiv.org/abs/2205.05198 §4: 34) and with activation checkpointing
-# (each layer's input, 2); both responses' logits in fp32 over a Llama-3-size vocabulary.
+# transformer without recomputation (Korthikanti et al. 2022, https://arxiv.org/abs/2205.05198 §4:
+# 34) and with activation checkpointing (each layer's input, 2); both responses' logits in fp32 over
+# a Llama-3-size vocabulary.
 ACT_BYTES, ACT_BYTES_CHECKPOINTED, VOCAB = 34, 2, 128_256
-LORA_TRAINABLE = 0.01  # share of parameters a LoRA adapter trains: by count, rank 16 on attention is ~0.5% of an 8B model; 1% leaves room
+# Share of parameters a LoRA adapter trains: by count, rank 16 on attention is ~0.5% of an 8B
+# model; 1% leaves room for more target modules.
+LORA_TRAINABLE = 0.01
 # On CPUs (sdpa's math path, fp32 softmax) a micro-batch measured ~120 bytes per token, hidden unit
 # and layer (SmolLM2-135M, bf16, LoRA, 2026-12-01), and a training process holds ~1 GB besides.
 ACT_BYTES_CPU, PROCESS_GB_CPU = 120, 1.0
@@ -155,7 +158,8 @@ def adapters_per_group(p: float, t, budget_gb: float, cells: int,
     return k, per
 
 
-MEMORY_SHARE = 0.8  # of a worker's memory that training plans on: estimate, headroom for the allocator and CUDA context
+# Of a worker's memory, the share training plans on: estimate, headroom for the allocator and CUDA context.
+MEMORY_SHARE = 0.8
 
 
 def worker_budget_gb(t, gpu_gb: float, resources: dict) -> float:
@@ -360,7 +364,8 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
                 f"{t.micro_batch_size} × 2 × {t.max_length} tokens) and a worker has {gpu_gb * t.gpus_per_worker:g} GB"
                 " (cluster.gpu_memory_gb × train.gpus_per_worker): set train.gradient_checkpointing: true, "
                 "or lower micro_batch_size or max_length")
-        r = ov.train_pairs_per_s or (measured or {}).get("train", {}).get(p) or train_pps(p, t.max_length, t.finetune, t.method)
+        r = (ov.train_pairs_per_s or (measured or {}).get("train", {}).get(p)
+             or train_pps(p, t.max_length, t.finetune, t.method))
         rates.append(r)
         cell_gh = subset * t.epochs / r / 3600 / eff
         tr_gh += cell_gh * cells_per_model
@@ -390,7 +395,8 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
             p0, r0 = measured["generate"]
             r = r0 * p0 / p
         toks = per_run * g.sampling.max_tokens  # per run: the base model, then each trained run of it
-        hours = toks / r / 3600 / eff + toks * (per_model[m.name] - 1) / (r * (LORA_GEN_FACTOR if lora else 1)) / 3600 / eff
+        trained = per_model[m.name] - 1
+        hours = toks / r / 3600 / eff + toks * trained / (r * (LORA_GEN_FACTOR if lora else 1)) / 3600 / eff
         gen_gh += hours
         gen_wall += hours / min(total_gpus, _pool_gpus(ge))
     gsrc = ("spec plan:" if ov.generate_tokens_per_s else "measured" if measured and measured["generate"]
@@ -526,7 +532,8 @@ def plan_spec(spec: Spec, title: str, measure: bool = False, steps: int = 3) -> 
         for what, r in rates["details"].items():
             print(f"measured {what}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                                    for k, v in r.items()))
-        print(f"total GPU-hours: {_h(plan.gpu_hours)} at the default rates, {_h(measured.gpu_hours)} at the measured ones")
+        print(f"total GPU-hours: {_h(plan.gpu_hours)} at the default rates, "
+              f"{_h(measured.gpu_hours)} at the measured ones")
         plan = measured
     disk = disk_bytes(spec)
     print(f"disk: about {sum(disk.values()) / 1e9:,.1f} GB under the study directory ("
