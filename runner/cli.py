@@ -191,7 +191,7 @@ def cmd_plan(args) -> int:
     from runner.plan import plan_spec
     spec, _ = _load(args.spec)
     check(spec, args.spec)  # a cell or pool that never fits the declared cluster: SpecError (exit 2)
-    plan_spec(spec, spec.study.name)  # PlanError (an InputError: exit 2) reaches main()
+    plan_spec(spec, spec.study.name, measure=args.measure, steps=args.measure_steps)  # PlanError: exit 2 in main()
     return 0
 
 
@@ -248,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(fn=cmd_status)
     pl = sub.add_parser("plan", help="trials, requests, GPU-hours per stage and wall time on the declared cluster")
     pl.add_argument("spec")
+    pl.add_argument("--measure", action="store_true",
+                    help="probe the cluster (RAY_ADDRESS, else a local one): a few DPO steps per model size, a judge "
+                         "batch and a generation batch; print the plan from the measured rates beside the defaults")
+    pl.add_argument("--measure-steps", type=int, default=3, help="DPO optimizer steps per model size (default 3)")
     pl.set_defaults(fn=cmd_plan)
     from evaluation.suites.registry import external_judges
     j = sub.add_parser("judge", help="score an outside table of (prompt, response) rows with a judge")

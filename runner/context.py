@@ -6,13 +6,13 @@ inputs with `ctx.need(stage)`, so the data flows one way through `runner.stages`
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from evaluation.errors import ValindError
 from runner import models as model_registry
-from runner.spec import EngineSpec, Spec, SpecError, content_hash
+from runner.spec import EngineSpec, Spec, SpecError, content_hash, parse_condition
 from runner.store import Store
 
 
@@ -38,6 +38,26 @@ class Run:
     def final(self) -> bool:
         """The run's end point: a base model or a fully trained cell (not an eval_at checkpoint)."""
         return self.progress == 1.0 or self.kind == "base"
+
+
+def study_runs(spec: Spec, conditions: list[str], seeds_of: Callable[[str], list[int]],
+               cell_key: Callable[[Run], str | None] = lambda r: None) -> list[Run]:
+    """Every run a study evaluates: each model's base, each cell (model × condition × seed) and the
+    same cell's adapter part-way through training (train.eval_at). `Study.runs` (with the cells' keys)
+    and `valind plan` (without) both list runs here, so the plan counts what the pipeline evaluates."""
+    out = []
+    for m in spec.models:
+        out.append(Run(f"{m.name}__base", m.name, "base", "base", None, None, None, stage=m.stage, progress=0.0))
+        for cond in conditions:
+            kind, value, match = parse_condition(cond)
+            for seed in seeds_of(cond):
+                r = Run(f"{m.name}__{cond}__s{seed}", m.name, cond, kind, value, seed, None, stage=m.stage,
+                        match=match)
+                r = replace(r, cell_key=cell_key(r))
+                out.append(r)
+                # the same cell's adapter part-way through training: one run's repeated measures
+                out += [replace(r, run_id=f"{r.run_id}__p{f:g}", progress=f) for f in spec.train.eval_at if f < 1]
+    return out
 
 
 class StudyContext:

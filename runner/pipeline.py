@@ -10,19 +10,19 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from runner.capacity import stage_bundles
-from runner.context import Run, StageError, StudyContext
+from runner.context import Run, StageError, StudyContext, study_runs
 from runner.preflight import check_inputs
 from runner.progress import say
 from runner.secrets import redact
 from runner.seeds import SeedBook
-from runner.spec import Spec, parse_condition
+from runner.spec import Spec
 from runner.stages import FOLDER_STAGE, KEYS, STAGES, analyze, annotate
 from runner.stages.train import TRAIN, cell_timings
 from runner.store import MISSING, StoreError, read_json, sweep
@@ -47,21 +47,8 @@ class Study:
 
     # ------------------------------------------------------------------ runs
     def runs(self) -> list[Run]:
-        out, conditions = [], self.spec.conditions(self.kept_values())
-        for m in self.spec.models:
-            out.append(Run(f"{m.name}__base", m.name, "base", "base", None, None, None, stage=m.stage,
-                           progress=0.0))
-            for cond in conditions:
-                kind, value, match = parse_condition(cond)
-                for seed in self.seeds.seeds(cond):
-                    r = Run(f"{m.name}__{cond}__s{seed}", m.name, cond, kind, value, seed, None, stage=m.stage,
-                            match=match)
-                    r = replace(r, cell_key=TRAIN(self.ctx, r))
-                    out.append(r)
-                    # the same cell's adapter part-way through training: one run's repeated measures
-                    out += [replace(r, run_id=f"{r.run_id}__p{f:g}", progress=f)
-                            for f in self.spec.train.eval_at if f < 1]
-        return out
+        return study_runs(self.spec, self.spec.conditions(self.kept_values()), self.seeds.seeds,
+                          lambda r: TRAIN(self.ctx, r))
 
     def kept_values(self) -> list[str]:
         """The induced values that get runs. Under data.subset_size: all, curation drops values below

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,33 +19,64 @@ import yaml
 from evaluation.errors import InputError
 from evaluation.suites import registry as suites
 from evaluation.types import VALUES
+from runner.context import study_runs
 from runner.spec import Spec, eval_suites, suite_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # --- documented defaults (per GPU) ---------------------------------------------------------
+# Each rate names its public source, or says it is an estimate and why the number. The anchors are
+# collected in shared/notes/anchors.md §4; `valind plan --measure` replaces them with this cluster's.
+#
 # Judge responses/s: 80/params_b, i.e. ~10/s for an 8B judge and ~1.1/s for a 70B one (prompts of
-# ~1k tokens with a cached instruction prefix, <=64 output tokens). Capped for tiny models,
-# whose engines are overhead-bound.
+# ~1k tokens with a cached instruction prefix, <=64 output tokens). Estimate, no public source for
+# this workload (published vLLM benchmarks report output tokens of long generations, not short
+# verdicts on long prompts): 10/s is ~10k prompt tokens/s plus 640 output tokens/s for 8B, below the
+# ~12.5k output tok/s of the generation anchor. Capped for tiny models, whose engines are overhead-bound.
 JUDGE_RPS_AT_1B, JUDGE_RPS_MAX = 80.0, 100.0
-# Output tokens/s: ~12.5k for Llama-3.1-8B on one H100 (anchors §4, a ceiling) → 100k/params_b.
+# Output tokens/s: ~12.5k for Llama-3.1-8B bf16 on one H100 80GB with vLLM (third-party benchmark
+# table, https://www.morphllm.com/vllm-benchmarks; treated as a ceiling) → 100k/params_b. Lambda's
+# vLLM benchmark (https://github.com/LambdaLabsML/vllm-benchmark) backs the 1/params_b scaling for
+# models that fit one GPU (data parallel over tensor parallel). The cap is an estimate, no public
+# source: tiny models are bound by the engine's per-step overhead, not by their weights.
 GEN_TPS_AT_1B, GEN_TPS_MAX = 100_000.0, 30_000.0
-LORA_GEN_FACTOR = 0.7   # multi-LoRA batches decode slower than the bare base model
-# DPO pairs/s: ~1 for 8B full fine-tuning at seq 2048, ZeRO-3 (Tulu 3 DPO, anchors §4), scaled by
-# 8/params_b and 2048/max_length; LoRA skips the weight-gradient GEMMs (~1/3 of the FLOPs).
-DPO_PPS_8B_2048, DPO_PPS_MAX, LORA_TRAIN_FACTOR = 1.0, 200.0, 1.5
-SFT_FACTOR = 2.0        # one sequence per example instead of two
-# Reference log-probs (forward only) cost ~0.25 of a full-fine-tuning DPO epoch (0.6 h of 3.0 h in
-# the Tulu 3 run); computed once per (model, condition): seeds share the cache.
+# Multi-LoRA batches decode slower than the bare base model: estimate, no measured public source.
+# Vendor notes put vLLM's multi-LoRA penalty at ~10% for a few active adapters and growing with their
+# number (https://gigagpu.com/vllm-multi-lora-deployment/, no method given); generation here batches
+# every adapter of a base model at once (171 for jobs/paper.yaml: 57 cells × 3 eval_at points), hence 30%.
+LORA_GEN_FACTOR = 0.7
+# DPO pairs/s: ~1 for 8B full fine-tuning at seq 2048, ZeRO-3, 32 H100s (Tulu 3 8B DPO: ~3.0 h wall
+# for ~273k pairs, read from the time plots of open-instruct's
+# https://github.com/allenai/open-instruct/blob/main/docs/algorithms/dpo.md; Lambert et al. 2024,
+# https://arxiv.org/abs/2411.15124), scaled by 8/params_b and 2048/max_length. The cap is an
+# estimate, no public source (tiny models are step-overhead-bound).
+DPO_PPS_8B_2048, DPO_PPS_MAX = 1.0, 200.0
+# LoRA skips the weight-gradient GEMMs, ~1/3 of a training step's FLOPs (forward 2N, backward 4N
+# FLOPs per token: Kaplan et al. 2020, https://arxiv.org/abs/2001.08361 §2.1), so at most 1.5× the
+# full fine-tuning rate; Hu et al. 2021 (https://arxiv.org/abs/2106.09685 §4.2) measured 1.25× on
+# GPT-3 175B. 1.5 is the FLOP bound, an optimistic estimate.
+LORA_TRAIN_FACTOR = 1.5
+SFT_FACTOR = 2.0        # by construction: one sequence per example instead of DPO's two
+# Reference log-probs (forward only) cost ~0.25 of a full-fine-tuning DPO epoch (~0.6 h of ~3.0 h
+# building open-instruct's reference cache in the same Tulu 3 8B DPO run, docs/algorithms/dpo.md
+# above); computed once per (model, condition): seeds share the cache.
 REF_FRACTION = 0.25
 # A training worker group's start (Ray workers, process group, base model load, engine set-up):
-# assumed for 8B-class models on GPUs; on the 2-core CPU a demo cell's start-up measured ~18 s.
+# estimate, no public source, for 8B-class models on GPUs; on the 2-core CPU a demo cell's start-up
+# measured ~18 s.
 STARTUP_S = 60.0
-LOGLIK_PER_JUDGE = 4.0  # loglikelihood requests (benchmarks) are ~4× cheaper than a judge response
+# Estimate, no public source: a loglikelihood request is one forward pass over prompt+continuation
+# and no decoding, against a judge response's prefill plus up to 64 decode steps.
+LOGLIK_PER_JUDGE = 4.0
 
-# Per evaluated run: (loglikelihood requests, generations of <=256 tokens).
+# Per evaluated run: (loglikelihood requests, generations of <=256 tokens): test-set sizes × answer
+# choices from the benchmarks' papers: MMLU 14,042 × 4 (https://arxiv.org/abs/2009.03300),
+# TruthfulQA 817 (https://arxiv.org/abs/2109.07958; ×8: an estimate of lm-eval's mc1+mc2 choices per
+# question), OpenBookQA 500 × 4 (https://arxiv.org/abs/1809.02789), GSM8K 1,319 generations
+# (https://arxiv.org/abs/2110.14168).
 BENCHMARKS = {"mmlu": (14_042 * 4, 0), "truthfulqa_mc": (817 * 8, 0), "openbookqa": (500 * 4, 0),
               "gsm8k": (0, 1_319)}
+# Parameters of the builtin models (runner.models): counted from their weights.
 BUILTIN_PARAMS_B = {"tiny-llama": 0.0065, "smollm2-135m": 0.135}
 
 
@@ -53,10 +85,13 @@ class PlanError(InputError, ValueError):
 
 
 # Peak memory of a training worker: activation bytes per token, hidden unit and layer of a bf16
-# transformer without recomputation (Korthikanti et al. 2022, ~34) and with activation checkpointing
-# (each layer's input, 2); both responses' logits in fp32 over a Llama-3-size vocabulary.
+# transformer without recomputation (Korthikanti et al. 2022, https://arxiv.org/abs/2205.05198 §4:
+# 34) and with activation checkpointing (each layer's input, 2); both responses' logits in fp32 over
+# a Llama-3-size vocabulary.
 ACT_BYTES, ACT_BYTES_CHECKPOINTED, VOCAB = 34, 2, 128_256
-LORA_TRAINABLE = 0.01  # share of parameters a LoRA adapter trains (rank 16 on attention: ~0.5%)
+# Share of parameters a LoRA adapter trains: by count, rank 16 on attention is ~0.5% of an 8B
+# model; 1% leaves room for more target modules.
+LORA_TRAINABLE = 0.01
 # On CPUs (sdpa's math path, fp32 softmax) a micro-batch measured ~120 bytes per token, hidden unit
 # and layer (SmolLM2-135M, bf16, LoRA, 2026-12-01), and a training process holds ~1 GB besides.
 ACT_BYTES_CPU, PROCESS_GB_CPU = 120, 1.0
@@ -123,7 +158,8 @@ def adapters_per_group(p: float, t, budget_gb: float, cells: int,
     return k, per
 
 
-MEMORY_SHARE = 0.8  # of a worker's memory that training plans on
+# Of a worker's memory, the share training plans on: estimate, headroom for the allocator and CUDA context.
+MEMORY_SHARE = 0.8
 
 
 def worker_budget_gb(t, gpu_gb: float, resources: dict) -> float:
@@ -243,8 +279,11 @@ def measured_judge_rps(spec: Spec, base_dir: Path | None = None) -> float | None
     return None
 
 
-def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_rps: float | None = None) -> Plan:
-    """The plan of a study; `measured_rps` is a measured whole-pool judge rate (responses/s)."""
+def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_rps: float | None = None,
+             measured: dict | None = None) -> Plan:
+    """The plan of a study; `measured_rps` is a measured whole-pool judge rate (responses/s);
+    `measured`, per-GPU rates of `valind plan --measure` (runner.measure.measure), which take the
+    defaults' place (a spec's `plan:` section still wins)."""
     if cluster is None:
         cluster = ((spec.cluster.nodes, spec.cluster.gpus_per_node, "spec") if spec.cluster
                    else default_cluster())
@@ -271,12 +310,16 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
         followups += round(suite.n_followups * items[name] / suite.n_items) if suite.n_followups else 0
     per_run = sum(items.values()) + followups
     n_models, cells_per_model = len(spec.models), len(conds) * len(seeds)
-    # every train.eval_at point below 1 is one more adapter of each cell to generate with and score
-    runs = n_models * (1 + cells_per_model * len(spec.train.eval_at))
+    # the runs the pipeline evaluates (Study.runs, from the same function): every base model, every
+    # cell, and every cell's adapter at each train.eval_at point below 1
+    evaluated = study_runs(spec, conds, lambda cond: list(seeds))
+    runs = len(evaluated)
+    per_model = Counter(r.model for r in evaluated)
     if len(spec.train.eval_at) > 1:
+        trained = sum(r.kind != "base" for r in evaluated)
         notes.append(f"train.eval_at {spec.train.eval_at}: each cell's adapter is evaluated at "
-                     f"{len(spec.train.eval_at)} points, so generation and scoring cover "
-                     f"{n_models * cells_per_model * len(spec.train.eval_at):,} trained adapters")
+                     f"{len(spec.train.eval_at)} points, so generation, scoring and benchmarks cover "
+                     f"{trained:,} trained adapters")
     plan = Plan(cluster, {"trials (cells)": n_models * cells_per_model, "evaluated runs": runs,
                           "preference pairs": pairs, "annotation responses": 2 * pairs,
                           "pairs per condition": subset, "items per run": per_run,
@@ -288,6 +331,8 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
         e = spec.annotate.engine or spec.engine
         if ov.judge_responses_per_s:
             return ov.judge_responses_per_s, "spec plan:", e
+        if measured and model in measured["judge"]:
+            return measured["judge"][model], "measured", e
         if measured_rps and model == spec.annotate.judge_model:  # measured on this judge only
             return measured_rps / _pool_gpus(e), "measured", e
         return judge_rps(p), f"default {p:g}B", e
@@ -319,7 +364,8 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
                 f"{t.micro_batch_size} × 2 × {t.max_length} tokens) and a worker has {gpu_gb * t.gpus_per_worker:g} GB"
                 " (cluster.gpu_memory_gb × train.gpus_per_worker): set train.gradient_checkpointing: true, "
                 "or lower micro_batch_size or max_length")
-        r = ov.train_pairs_per_s or train_pps(p, t.max_length, t.finetune, t.method)
+        r = (ov.train_pairs_per_s or (measured or {}).get("train", {}).get(p)
+             or train_pps(p, t.max_length, t.finetune, t.method))
         rates.append(r)
         cell_gh = subset * t.epochs / r / 3600 / eff
         tr_gh += cell_gh * cells_per_model
@@ -329,7 +375,7 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
             ref_gh += len(conds) * subset * REF_FRACTION / full / 3600 / eff
     if (saving := group_saving(spec, gpu_gb, concurrent)) is not None:
         notes.append(saving)
-    rsrc = "spec plan:" if ov.train_pairs_per_s else "default by size"
+    rsrc = "spec plan:" if ov.train_pairs_per_s else "measured" if measured and measured["train"] else "default by size"
     plan.rows.append(Row("train", f"{n_models * cells_per_model} cells × {subset * t.epochs:,} pairs",
                          f"{min(rates):.3g}–{max(rates):.3g} pairs/s", rsrc,
                          min(total_gpus, concurrent * per_trial), tr_gh, tr_wall))
@@ -345,13 +391,20 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
     for m in spec.models:
         p = params_b(m.name, m.path, m.params_b)
         r = ov.generate_tokens_per_s or gen_tps(p)
-        toks = per_run * g.sampling.max_tokens
-        hours = toks / r / 3600 / eff + toks * cells_per_model / (r * (LORA_GEN_FACTOR if lora else 1)) / 3600 / eff
+        if measured and measured["generate"] and not ov.generate_tokens_per_s:  # other sizes by 1/params_b
+            p0, r0 = measured["generate"]
+            r = r0 * p0 / p
+        toks = per_run * g.sampling.max_tokens  # per run: the base model, then each trained run of it
+        trained = per_model[m.name] - 1
+        hours = toks / r / 3600 / eff + toks * trained / (r * (LORA_GEN_FACTOR if lora else 1)) / 3600 / eff
         gen_gh += hours
         gen_wall += hours / min(total_gpus, _pool_gpus(ge))
-    gsrc = "spec plan:" if ov.generate_tokens_per_s else "default by size"
-    plan.rows.append(Row("generate", f"{runs * per_run:,} requests ≤{g.sampling.max_tokens} tok",
-                         "tok/s by size" if not ov.generate_tokens_per_s else f"{ov.generate_tokens_per_s:.3g} tok/s",
+    gsrc = ("spec plan:" if ov.generate_tokens_per_s else "measured" if measured and measured["generate"]
+            else "default by size")
+    gen_rate = (f"{ov.generate_tokens_per_s:.3g} tok/s" if ov.generate_tokens_per_s
+                else f"{measured['generate'][1]:.3g} tok/s at {measured['generate'][0]:g}B" if gsrc == "measured"
+                else "tok/s by size")
+    plan.rows.append(Row("generate", f"{runs * per_run:,} requests ≤{g.sampling.max_tokens} tok", gen_rate,
                          gsrc, min(total_gpus, _pool_gpus(ge)), gen_gh, gen_wall))
 
     # score: LLM judges over the generations
@@ -377,7 +430,7 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
             p = params_b(m.name, m.path, m.params_b)
             for b in s.benchmarks:
                 loglik, gens = BENCHMARKS[b]
-                bm_gh += (1 + cells_per_model) * (loglik / (LOGLIK_PER_JUDGE * judge_rps(p))
+                bm_gh += per_model[m.name] * (loglik / (LOGLIK_PER_JUDGE * judge_rps(p))
                                                   + gens * 256 / gen_tps(p)) / 3600 / eff
         used = min(total_gpus, _pool_gpus(ge))
         plan.rows.append(Row("benchmarks", f"{', '.join(s.benchmarks)} × {runs} runs", "by size", "default",
@@ -410,7 +463,7 @@ def disk_bytes(spec: Spec) -> dict[str, float]:
         suite = suites.get(name)
         n_items = suite.n_items + (int(pairs * spec.data.held_out_fraction) if suite.held_out else 0)
         per_run += min(n_items, suite.limit(st) or n_items)
-    runs = len(spec.models) * (1 + cells * len(t.eval_at))
+    runs = len(study_runs(spec, spec.conditions(), lambda cond: list(spec.seeds.values)))
     return {"annotate": pairs * (spec.data.max_chars + 2 * VERDICT_BYTES),
             "curate": (conds + 1) * subset * spec.data.max_chars,
             "train": model_bytes,
@@ -467,9 +520,21 @@ def render(plan: Plan, title: str) -> None:
         console.print(f"note: {n}")
 
 
-def plan_spec(spec: Spec, title: str) -> Plan:
+def plan_spec(spec: Spec, title: str, measure: bool = False, steps: int = 3) -> Plan:
+    """Print the plan; with `measure`, also the plan from this cluster's measured rates (runner.measure)."""
     plan = estimate(spec, measured_rps=measured_judge_rps(spec))
-    render(plan, title)
+    render(plan, f"{title} (default rates)" if measure else title)
+    if measure:
+        from runner.measure import measure as probe
+        rates = probe(spec, steps=steps)
+        measured = estimate(spec, measured=rates)
+        render(measured, f"{title} (measured rates)")
+        for what, r in rates["details"].items():
+            print(f"measured {what}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in r.items()))
+        print(f"total GPU-hours: {_h(plan.gpu_hours)} at the default rates, "
+              f"{_h(measured.gpu_hours)} at the measured ones")
+        plan = measured
     disk = disk_bytes(spec)
     print(f"disk: about {sum(disk.values()) / 1e9:,.1f} GB under the study directory ("
           + ", ".join(f"{k} {v / 1e9:,.2g}" for k, v in disk.items()) + " GB); each stage checks its share is free")

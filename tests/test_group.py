@@ -1,9 +1,14 @@
 """Many adapters trained together on one base (runner.train.group): each equals its cell trained alone."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from runner.spec import LoraSpec, TrainSpec
 from runner.train.cell import Cell
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 
 def _examples(tiny_model, data_dir, n):
@@ -22,31 +27,10 @@ def _examples(tiny_model, data_dir, n):
 
 
 def _alone(cell, examples):
-    """A cell trained alone with peft's own (unrouted) adapter: the math of runner.train.loop."""
-    from runner.train.adapters import adapter_state
-    from runner.train.batches import pair_batch, response_logps
-    from runner.train.loop import _schedule, build_model
-    from runner.train.losses import make_loss
-
-    t = cell.train
-    model = build_model(cell)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=0.0)
-    loss_fn, grad_acc = make_loss(t), t.batch_size // t.micro_batch_size
-    model.train()
-    for step in _schedule(len(examples), t.batch_size, t.epochs, cell.seed):
-        for m in range(grad_acc):
-            ex = [examples[i] for i in step[m * t.micro_batch_size:(m + 1) * t.micro_batch_size]]
-            b = pair_batch(ex, 0)
-            lp = response_logps(model, b)
-            n_tok = b["response_mask"][:, 1:].sum(-1).float()
-            k = len(ex)
-            losses, _, _ = loss_fn(lp[:k], lp[k:], b["ref_chosen"], b["ref_rejected"], n_tok[:k], n_tok[k:])
-            (losses.mean() / grad_acc).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return adapter_state(model, "default")
+    """A cell trained alone with peft's own (unrouted) adapter: the math of runner.train.loop (the
+    GPU check's grouped-LoRA step compares with the same function)."""
+    from group_check import alone
+    return alone(cell, examples, torch.device("cpu"))[1]
 
 
 @pytest.mark.parametrize("checkpointing,per_forward", [(False, None), (True, 2)])

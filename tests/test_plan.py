@@ -171,3 +171,61 @@ def test_adapters_per_group_from_memory_and_the_paper_saving_line(tiny_model):
     d = yaml.safe_load((ROOT / "jobs" / "paper.yaml").read_text())
     d["train"]["adapters_per_group"] = 1
     assert not any(n.startswith("train.adapters_per_group") for n in estimate(parse_spec(d)).notes)
+
+
+def test_plan_counts_every_run_the_pipeline_evaluates(tmp_path, monkeypatch):
+    """train.eval_at: generation, judge scoring and benchmarks cover each part-way adapter, and the
+    plan's evaluated runs are the runs the pipeline builds (Study.runs), not a count of its own."""
+    import hashlib
+
+    import runner.models
+    from runner.pipeline import Study
+    # the offline_hub fixture's stand-in, set without it (raising=False) so that this test also runs,
+    # and fails on its assertions, on commits from before hub commits entered the keys
+    monkeypatch.setattr(runner.models, "hub_commit", lambda repo, revision=None:
+                        hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest(), raising=False)
+    spec = _spec()
+    spec = spec.model_copy(update={
+        "train": spec.train.model_copy(update={"eval_at": [0.25, 0.5, 1.0]}),
+        "score": spec.score.model_copy(update={"benchmarks": ["gsm8k"]})})
+    runs = Study(spec, base_dir=tmp_path).runs()
+    plan = estimate(spec)
+    assert plan.counts["evaluated runs"] == len(runs) == 1 + 6 * 3  # the base, 6 cells × 3 points
+    assert plan.counts["generation requests"] == len(runs) * 100
+    rows = {r.stage.strip(): r for r in plan.rows}
+    # the base model at 12.5k tok/s, each of the 18 trained runs at the multi-LoRA rate
+    assert rows["generate"].gpu_hours == pytest.approx(10_000 / 12_500 / 3600 + 18 * 10_000 / (12_500 * 0.7) / 3600)
+    assert rows["score"].gpu_hours == pytest.approx(19 * 50 / 10 / 3600)
+    assert rows["benchmarks"].gpu_hours == pytest.approx(19 * 1_319 * 256 / 12_500 / 3600)  # GSM8K: generations only
+
+
+def test_measured_rates_take_the_defaults_place():
+    """`valind plan --measure`'s rates (runner.measure) replace the defaults, labelled "measured";
+    generation scales the measured model's rate to other sizes by 1/params_b; a spec's plan: wins."""
+    spec = _spec()
+    rates = {"train": {8.0: 3.0}, "judge": {"org/Judge-8B": 20.0}, "generate": (4.0, 10_000.0), "details": {}}
+    rows = {r.stage.strip(): r for r in estimate(spec, measured=rates).rows}
+    assert all(rows[s].source == "measured" for s in ("annotate", "train", "generate", "score"))
+    assert rows["annotate"].gpu_hours == pytest.approx(2000 / 20 / 3600)
+    assert rows["train"].gpu_hours == pytest.approx(6 * 100 / 3.0 / 3600)
+    assert rows["generate"].gpu_hours == pytest.approx(10_000 / 5_000 / 3600 + 6 * 10_000 / (5_000 * 0.7) / 3600)
+    assert rows["reference log-probs"].source == "default"  # not probed
+    wins = {r.stage.strip(): r for r in estimate(_spec(train_pairs_per_s=2.0), measured=rates).rows}
+    assert wins["train"].source == "spec plan:" and wins["annotate"].source == "measured"
+
+
+@pytest.mark.slow
+def test_plan_measure_on_the_smoke_spec(capsys):
+    """`valind plan --measure` on a local Ray cluster: DPO steps of the tiny model through train_cell,
+    a judge batch and a generation batch through the engine pools; the second plan is from them."""
+    from runner.plan import plan_spec
+
+    spec = load_spec(ROOT / "jobs" / "smoke.yaml")
+    plan = plan_spec(spec, "smoke", measure=True, steps=2)
+    out = capsys.readouterr().out
+    assert "smoke (default rates)" in out and "smoke (measured rates)" in out
+    rows = {r.stage.strip(): r for r in plan.rows}
+    assert {rows[s].source for s in ("annotate", "train", "generate", "score")} == {"measured"}
+    assert all(rows[s].gpu_hours > 0 for s in rows)
+    assert re.search(r"measured train tiny: pairs_per_s [\d.]+, steps 2", out), out
+    assert "measured judge tiny" in out and "measured generate tiny" in out

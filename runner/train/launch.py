@@ -22,6 +22,7 @@ from runner.spec import TrainSpec, content_hash
 from runner.store import atomic_dir, read_state, write_json
 from runner.train.batches import Example, encode_pairs
 from runner.train.cell import Cell
+from runner.train.reference import subsets_logps as _subsets_logps
 
 
 class TrainError(ValindError, RuntimeError):
@@ -35,31 +36,6 @@ def compute_reference_logps(model_path: str, examples: list[Example], micro: int
     In the policy's precision: with bf16 training, fp32 references would differ from the policy's
     own log-probs at step 0 by rounding summed over the response, and DPO would start off log 2."""
     return _subsets_logps(model_path, [examples], micro, threads, trust_remote_code, bf16)[0]
-
-
-def _subsets_logps(model_path: str, subsets: list[list[Example]], micro: int, threads: int,
-                   trust_remote_code: bool, bf16: bool) -> list[list[tuple[float, float]]]:
-    """compute_reference_logps of several subsets with one model load."""
-    from transformers import AutoModelForCausalLM
-
-    from runner.train.batches import pair_batch, response_logps
-
-    torch.set_num_threads(max(1, threads))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32,
-                                                 trust_remote_code=trust_remote_code).to(device).eval()
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    out = []
-    with torch.no_grad():
-        for examples in subsets:
-            values = []
-            for i in range(0, len(examples), micro):
-                chunk = examples[i:i + micro]
-                b = {k: v.to(device) for k, v in pair_batch(chunk, pad).items()}
-                lp = response_logps(model, b).cpu()
-                values += list(zip(lp[:len(chunk)].tolist(), lp[len(chunk):].tolist()))
-            out.append(values)
-    return out
 
 
 # max_calls=1: the worker exits after the task; an idle worker would keep the model's memory
