@@ -255,8 +255,9 @@ class Machine:
         line, _ = self.submit_line()
         self.note(f"submit: {line}")
         with open(log, "a") as out:
-            proc = subprocess.Popen(["bash", "-c", line], cwd=self.laptop, env=self.user_env(), text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+            # PYTHONUNBUFFERED: the CLI's output is read as it comes (a pipe is block-buffered)
+            proc = subprocess.Popen(["bash", "-c", line], cwd=self.laptop, env={**self.user_env(), "PYTHONUNBUFFERED": "1"},
+                                    text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
             deadline = time.time() + timeout
             for text in proc.stdout:
                 out.write(text)
