@@ -159,8 +159,9 @@ class Study:
         with StudyLock(self.root, " ".join(sys.argv) or "valind"):
             return self._run(until, amend)
 
-    def _start(self, amend: bool) -> None:
-        """Before any compute: the directory's spec, its leftovers, tracking, models."""
+    def _start(self, amend: bool, until: str = "annotate") -> None:
+        """Before any compute: the directory's spec, its leftovers, tracking, models; the data
+        directory where the run goes as far as generation."""
         from runner.tracking import check_cluster_tracking, tracking_uri
 
         self.store.heal = True  # this driver holds the lock: it may clear units that fail verification
@@ -176,11 +177,12 @@ class Study:
                                max([s.train.gpus_per_worker] + [e.gpus_per_actor for e in engines]))
         _ = self.ctx.tracker  # MLflow must be reachable before any compute
         self.ctx.check_chat_templates()  # and every model must have a chat template (hub commits resolved)
-        check_inputs(self.ctx)  # the files and models the spec names (runner.preflight)
+        generates = list(STAGES).index(until) >= list(STAGES).index("generate")
+        check_inputs(self.ctx, generates)  # the files and models the spec names (runner.preflight)
         record_revisions(self.root, self.spec, self.ctx.revisions)
 
     def _run(self, until: str, amend: bool) -> Path | None:
-        self._start(amend)
+        self._start(amend, until)
         s = self.spec
         t0 = time.perf_counter()
         result = None

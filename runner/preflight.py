@@ -44,24 +44,24 @@ def check_spec(spec: Spec, source: str = "spec") -> None:
     _raise(source, file_problems(spec) + template_problems(spec) + fit)
 
 
-def check_inputs(ctx) -> None:
+def check_inputs(ctx, generates: bool = True) -> None:
     """`valind run`'s checks before any compute (ctx: runner.context.StudyContext; raises SpecError).
-    The preference files are read by annotation alone: once it is done, they are not needed."""
+    The preference files are read by annotation alone: once it is done, they are not needed; the
+    data directory by generation and scoring (`generates`: the run goes that far)."""
     from runner.stages.annotate import ANNOTATE
     files = [] if ctx.store.done("annotate", ANNOTATE(ctx)) else file_problems(ctx.spec)
-    _raise("spec", data_dir_problems(ctx.spec) + files + template_problems(ctx.spec, ctx) + lora_problems(ctx))
+    data = data_dir_problems(ctx.spec) if generates else []
+    _raise("spec", data + files + template_problems(ctx.spec, ctx) + lora_problems(ctx))
 
 
 def data_dir_problems(spec: Spec) -> Problems:
-    """The data directory is set and is one: every study reads its suites and human labels there."""
-    d = spec.data_dir()
-    if d is None:
+    """The data directory is set: generation reads the suites' items there, scoring the benchmarks and
+    the human labels (preflight opens each file)."""
+    if spec.data_dir() is None:
         return [("data.data_dir", "not set, and VALIND_DATA_DIR is not set: the suites' items, the QA "
                  "benchmarks and the refusal judges' human labels are read from the data directory. Set "
                  "data.data_dir (on a cluster: a path on the filesystem every node mounts, where the README's "
                  "`ray rsync-up` line staged the data) or VALIND_DATA_DIR")]
-    if not d.is_dir():
-        return [("data.data_dir", f"{d} is not a directory")]
     return []
 
 

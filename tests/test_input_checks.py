@@ -318,7 +318,7 @@ def test_run_refuses_bad_files_targets_and_templates_before_any_stage(tmp_path, 
         study.run()
     problems = dict(e.value.problems)
     assert set(problems) == {"data.sources[0].path", "models[1].chat_template", "train.lora.target_modules[1]",
-                             "train.lora.target_modules[2]"}
+                             "train.lora.target_modules[2]", "data.data_dir"}  # none set, none in the env
     assert "no rows" in problems["data.sources[0].path"]
     assert problems["models[1].chat_template"].startswith("line 2: TemplateSyntaxError: unexpected '}'")
     assert problems["train.lora.target_modules[1]"].startswith("'qproj' in 'tiny', 'templated': matches no module;")
@@ -334,6 +334,7 @@ def test_a_finished_annotation_needs_its_files_no_more(tmp_path, monkeypatch):
     d = _smoke()
     d["study"]["output_dir"] = str(tmp_path / "studies")
     d["data"]["sources"] = [{"name": "local", "path": str(tmp_path / "moved-away.jsonl")}]
+    d["data"]["data_dir"] = str(tmp_path)
     study = Study(parse_spec(d), base_dir=tmp_path)
     with pytest.raises(SpecError, match="moved-away.jsonl: local preference file not found"):
         check_inputs(study.ctx)
