@@ -52,6 +52,15 @@ def readme_lines(readme: Path = ROOT / "README.md") -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
+def _copy(src: Path, dest: Path) -> None:
+    """rsync's job here: a directory's files into `dest`, or one file (its mode kept)."""
+    if src.is_dir():
+        shutil.copytree(src, dest, dirs_exist_ok=True)
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest)
+
+
 class Machine:
     """One machine standing in for the cluster's nodes and the user's own: `root` holds the stand-in
     shared filesystem (mnt/shared), the nodes' home (home/ubuntu, where file_mounts copies the code),
@@ -135,11 +144,7 @@ class Machine:
         for target, source in cfg["file_mounts"].items():
             dest = Path(self.sub(target))
             src = self.laptop if source == "." else Path(source.replace("~", str(self.user_home), 1))
-            if src.is_dir():
-                shutil.copytree(src, dest, dirs_exist_ok=True)
-            else:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, dest)
+            _copy(src, dest)
             self.note(f"file_mounts {target}: {src} copied to {dest}")
 
     def _setup(self, cfg: dict) -> None:
@@ -198,11 +203,7 @@ class Machine:
                     source.write_text("hf_REHEARSALplantedTOKEN000000000000")
                     source.chmod(0o600)
                     self.note(f"a planted Hugging Face token at {source} (no account here)")
-            if source.is_dir():
-                shutil.copytree(source, dest, dirs_exist_ok=True)
-            else:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source, dest)
+            _copy(source, dest)
             self.note(f"`{line}`: {source} copied to {dest}")
         elif words[:2] == ["ray", "exec"]:
             cmd = self.sub(line.split(" ", 3)[3].strip("'"))
