@@ -53,13 +53,13 @@ def test_the_readme_path_verbatim(machine):
         job_hook(text)
 
     started = time.time()
-    rc = m.submit(log, both)
+    m.submit(log, both)  # `ray job submit` exits 0 for a stopped job
     first = log.read_text()
     tail = first[-6000:]
     assert len(faults) == 1 and faults[0]["stage"] == "generate", tail
     assert "a replacement actor was requested" in first, tail  # the pool lost an actor ...
     assert re.search(r"generate: done — \d+ runs", first), tail  # ... and finished on the survivors
-    assert stopped["stopped"] and rc != 0, tail  # then the driver was stopped mid-QA
+    assert stopped["stopped"] and "was stopped" in first, tail  # then the driver was stopped mid-QA
     print(f"run 1: {time.time() - started:.0f}s; job stopped at {stopped['stopped']!r}")
 
     # run 2: the README's line again; only what was not saved is computed
