@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from runner.cluster import local_accelerator, worker_env
-from test_job_submit import head  # noqa: F401  (the fixture: a head of its own, ended by pid)
+from runner.local_cluster import ray_env
+from test_job_submit import _head  # a head of its own, ended by pid
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -24,9 +25,15 @@ def test_the_head_decides_no_accelerator_for_its_workers(monkeypatch):
 
 
 @pytest.mark.slow
-def test_worker_env_reaches_workers_of_a_submitted_job(head, tmp_path):
+def test_worker_env_reaches_workers_of_a_submitted_job(tmp_path):
     """The driver's VALIND_DATA_DIR (set for the entrypoint only, not in the job's runtime env) and
     the job's own variables both reach a Ray task; a key both set keeps the job's value."""
+    # a node whose own environment names no accelerator (this process's may, from an earlier init_ray)
+    with _head({k: v for k, v in ray_env().items() if k != "DS_ACCELERATOR"}) as head:
+        _probe_job(head, tmp_path)
+
+
+def _probe_job(head: dict, tmp_path) -> None:
     probe = ("import os, ray; from runner.cluster import init_ray; init_ray(); "
              "f = ray.remote(lambda: {k: os.environ.get(k) for k in "
              "('VALIND_DATA_DIR', 'HF_HUB_OFFLINE', 'TOKENIZERS_PARALLELISM', 'DS_ACCELERATOR')}); "
