@@ -245,6 +245,10 @@ class Machine:
         data, notes = rehearsal_spec(full, cpus, self.sub(full.study.output_dir), models)
         if full.data.data_dir:
             data["data"]["data_dir"] = self.sub(full.data.data_dir)
+        if "suites" not in (yaml.safe_load((ROOT / rel).read_text()).get("generate") or {}):
+            # the default is every suite registered in *this* process (a test may have added one): the
+            # job's own default applies, as for the spec it stands for
+            data["generate"].pop("suites", None)
         data["tracking"]["uri"] = f"http://127.0.0.1:{s['mlflow']['port']}"
         (self.laptop / rel).write_text(f"# rehearsal of {rel} (runner.verbatim)\n" + yaml.safe_dump(data, sort_keys=False))
         self.note(f"{rel} in the checkout replaced by its rehearsal: " + "; ".join(notes))

@@ -13,7 +13,7 @@ import pytest
 from runner.local_cluster import pids_matching
 from runner.verbatim import Machine, readme_lines
 
-pytestmark = pytest.mark.slow
+
 
 
 @pytest.fixture
@@ -28,6 +28,7 @@ def machine(tmp_path, data_dir):
         assert not [d for d in dirs if pids_matching(d)], "cluster processes outlived teardown"
 
 
+@pytest.mark.slow
 def test_the_readme_path_verbatim(machine):
     m = machine
     # the nodes run the venv that cluster.yaml's setup built on the stand-in shared filesystem
@@ -85,3 +86,20 @@ def test_readme_lines_are_the_ones_rehearsed():
     assert any(x.startswith("ray rsync-up cluster.yaml") for x in lines)
     submit = next(x for x in lines if x.startswith("ray job submit"))
     assert submit.endswith("-- valind run jobs/paper.yaml")
+
+
+def test_the_rehearsal_spec_leaves_the_suites_to_the_job(tmp_path):
+    """A suite registered in this process only (tests/toy_suite.py) must not reach the job's spec."""
+    import json
+
+    import yaml
+
+    import toy_suite  # noqa: F401  (registers "toy" here)
+    m = Machine(tmp_path)
+    m.cluster.dir.mkdir(parents=True)
+    (m.cluster.dir / "cluster.json").write_text(json.dumps(
+        {"head": {"dashboard_port": 1}, "cpus": 2, "workers": [{}, {}], "mlflow": {"port": 2}}))
+    (m.laptop / "jobs").mkdir(parents=True)
+    m.write_spec(models=1)
+    written = yaml.safe_load((m.laptop / "jobs" / "paper.yaml").read_text())
+    assert "suites" not in written["generate"]
