@@ -7,7 +7,6 @@ the defaults below, which scale with model size from the anchors in shared/notes
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
