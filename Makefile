@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED_DATA)),)
 export VALIND_DATA_DIR ?= $(SHARED_DATA)
 endif
 
-.PHONY: setup models demo test test-fast bench clean-studies
+.PHONY: setup models demo test test-fast bench clean-studies module-graph
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,6 +48,10 @@ bench: models
 	$(BIN)/python bench/gemm_libraries.py
 	$(BIN)/python bench/lora_generate.py
 	$(BIN)/python bench/multi_adapter.py
+
+# docs/module-graph.svg: every import between valind's modules (needs Graphviz: `tred` drops the edges implied by others)
+module-graph:
+	$(BIN)/python tests/test_structure.py | tred | dot -Tsvg -o docs/module-graph.svg
 
 clean-studies:
 	rm -rf studies

@@ -193,3 +193,21 @@ def test_the_typed_layers_type_check_strictly():
         pytest.fail("mypy is not installed: `make setup` installs it (the dev extra)")
     out = subprocess.run([mypy, "--no-error-summary"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, f"mypy --strict found errors:\n{out.stdout[-6000:]}{out.stderr[-2000:]}"
+
+
+def dot(graph: dict[str, set[str]]) -> str:
+    """The module graph in Graphviz's language, one box per package (`make module-graph` draws it)."""
+    groups: dict[str, list[str]] = {}
+    for m in sorted(graph):
+        groups.setdefault(m.rsplit(".", 1)[0] if m.count(".") else m, []).append(m)
+    out = ["digraph valind {", '  rankdir=TB; ranksep=0.6; node [shape=box, fontsize=10, height=0.2]; edge [color="#00000055"];']
+    for i, (pkg, members) in enumerate(sorted(groups.items())):
+        out.append(f'  subgraph cluster_{i} {{ label="{pkg}"; style=rounded;')
+        out += [f'    "{m}" [label="{m.rsplit(".", 1)[-1]}"];' for m in members]
+        out.append("  }")
+    out += [f'  "{a}" -> "{b}";' for a in sorted(graph) for b in sorted(graph[a])]
+    return "\n".join(out + ["}"])
+
+
+if __name__ == "__main__":
+    print(dot(import_graph()))
