@@ -9,6 +9,7 @@ from collections import Counter
 from typing import Sequence
 
 import ray
+from ray.util.state import list_actors
 
 from evaluation.errors import ValindError
 from evaluation.types import Request, ScoreRequest
@@ -63,8 +64,6 @@ def _holders() -> str:
             res = sum(map(Counter, g["bundles"].values()), Counter())
             held[f"placement group {g['name'] or g['placement_group_id'][:8]}: {_res(res)}"] += 1
     try:
-        # deferred: ray.util.state loads the state API's client, for this diagnostic only
-        from ray.util.state import list_actors
         for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000, raise_on_missing_output=False):
             if a.required_resources and not a.placement_group_id:  # (those in a group are counted in it)
                 held[f"actor {a.class_name}: {_res(a.required_resources)}"] += 1
