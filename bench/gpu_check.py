@@ -323,7 +323,8 @@ def _is_oom(text: str) -> bool:
 def run_shape_cell(name: str, shape: dict, n_params: int, model_dir: Path, tok, pairs, train, work: Path,
                    gpu_gb: float | None) -> dict:
     """One train_cell run on a random model; everything measured, compared with runner.plan."""
-    from runner.plan import train_memory_gb, train_pps
+    from runner.plan import train_pps
+    from runner.train.memory import train_memory_gb
     from runner.spec import content_hash
     from runner.train.batches import encode_pairs
     from runner.train.cell import Cell

@@ -59,7 +59,7 @@ def run_side(side: str, cells: int, pairs: int, work: str, out: str) -> None:
     from runner.sweep import run_grid
     import ray
 
-    from runner.train_memory import adapters_per_group, model_shape, worker_budget_gb
+    from runner.train.memory import adapters_per_group, model_shape, worker_budget_gb
     from runner.train.cell import Cell, Group
     from runner.train.launch import bf16_enabled
 

@@ -1,59 +1,77 @@
 """What the cluster can hold, and what the running stages ask an autoscaler for.
 
 The most a cluster can hold is its live resources, or, where the spec declares a `cluster:` (an
-autoscaler's maximum: `min_workers: 0` shows few or no GPUs at start), that many GPUs. Each stage
-asks the autoscaler for its engine pools' or training cells' resources at its start
-(`ray.autoscaler.sdk.request_resources`: a request, not a reservation, and nothing on a cluster
-without an autoscaler) and clears the request at its end, so nodes are not released mid-stage and
-re-acquired."""
+autoscaler's maximum: `min_workers: 0` shows few or no GPUs at start), that many GPUs (the
+arithmetic: runner.cluster_fit). Each stage asks the autoscaler for its engine pools' or training
+cells' resources at its start (`ray.autoscaler.sdk.request_resources`: a request, not a reservation,
+and nothing on a cluster without an autoscaler) and clears the request at its end, so nodes are not
+released mid-stage and re-acquired."""
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
 from evaluation.errors import ValindError
+from runner import cluster_fit
+from runner.cluster_fit import Room
+from runner.progress import say
+from runner.spec import ClusterSpec, TrainSpec
 
 
 class CapacityError(ValindError):
     """A pool or a training cell that the cluster can never hold."""
 
 
-def capacity(cluster=None, resources: dict | None = None) -> dict[str, float]:
-    """The most the cluster can hold: its live CPUs (and the most on one node), its GPUs or those of
-    the spec's `cluster:` (nodes × gpus_per_node) where more, and the most GPUs on one node.
-    `resources`: a cluster's totals instead of the live one's (no Ray needed)."""
+def capacity(cluster: ClusterSpec | None = None, resources: dict | None = None) -> dict[str, float]:
+    """The most the cluster can hold (runner.cluster_fit.limits) of the live Ray cluster's alive
+    nodes, with the spec's `cluster:`. `resources`: one node's totals instead of the live cluster's
+    (no Ray needed)."""
     if resources is None:
+        # deferred: ray takes ~0.5 s to import and is needed only where a cluster runs
         import ray
-        resources = ray.cluster_resources()
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     else:
         nodes = [resources]
-    declared = cluster.nodes * cluster.gpus_per_node if cluster else 0
-    return {"CPU": resources.get("CPU", 0), "GPU": max(resources.get("GPU", 0), declared),
-            "node_cpus": max((n.get("CPU", 0) for n in nodes), default=0),
-            "node_gpus": max([n.get("GPU", 0) for n in nodes] + [cluster.gpus_per_node if cluster else 0])}
+    return cluster_fit.limits(cluster_fit.of_nodes(nodes, "live"), cluster)
 
 
-def fit_actors(what: str, actors: int, cpus: float, gpus: float, cluster=None, quiet: bool = False) -> int:
+def _where(cluster: ClusterSpec | None) -> str:
+    return "the spec's cluster: section" if cluster else "the live cluster"
+
+
+def fit_actors(what: str, actors: int, cpus: float, gpus: float, cluster: ClusterSpec | None = None,
+               quiet: bool = False) -> int:
     """`actors` capped at how many of `cpus` CPU and `gpus` GPU the cluster can ever hold at once
     (saying so); none at all is an error naming the pool (waiting for it would last forever). GPU
-    actors are counted by GPUs (a GPU node brings a CPU per GPU); with no GPU seen nor declared yet
-    (an autoscaler's nodes still to come) they are not capped."""
-    cap = capacity(cluster)
-    where = "the spec's cluster: section" if cluster else "the live cluster"
-    kind, need = ("GPU", gpus) if gpus else ("CPU", cpus)
-    if not cap[kind]:
+    actors are counted by GPUs; with no GPU seen nor declared yet (an autoscaler's nodes still to
+    come) they are not capped."""
+    room = Room.of(capacity(cluster), cpus, gpus)
+    if not room.total:
         return actors
-    if need > cap[f"node_{kind.lower()}s"]:
-        raise CapacityError(f"engine pool for {what}: an actor asks for {need:g} {kind}, and no node of the cluster "
-                            f"has that many (at most {cap[f'node_{kind.lower()}s']:g} a node, from {where}); lower "
-                            f"engine.{kind.lower()}s_per_actor")
-    fit = math.floor(cap[kind] / need + 1e-9)
+    if room.need > room.node:
+        raise CapacityError(f"engine pool for {what}: an actor asks for {room.need:g} {room.kind}, and no node of "
+                            f"the cluster has that many (at most {room.node:g} a node, from {_where(cluster)}); lower "
+                            f"engine.{room.kind.lower()}s_per_actor")
+    fit = room.at_once()
     if fit < actors and not quiet:
-        from runner.progress import say
         say(f"  engine pool for {what}: engine.actors {actors} capped at {fit}: the cluster holds at most "
-            f"{cap[kind]:g} {kind} ({where}), each actor asks for {need:g}")
+            f"{room.total:g} {room.kind} ({_where(cluster)}), each actor asks for {room.need:g}")
     return min(actors, fit)
+
+
+def max_concurrent(train: TrainSpec, cluster: ClusterSpec | None = None, resources: dict | None = None) -> int:
+    """How many cells' worker groups fit at once. GPU cells are sized from the spec's `cluster` when
+    it declares one: an autoscaling cluster shows few or no GPUs at start-up (min_workers: 0), and
+    sizing from that would run the whole grid one cell at a time. A cell the cluster can never hold
+    is an error (its trial would wait forever); GPU cells with no GPU seen nor declared wait."""
+    room = Room.of(capacity(cluster, resources), train.cpus_per_worker, train.gpus_per_worker)
+    if not room.total:
+        return 1
+    fit = room.at_once(train.workers)
+    if fit < 1 or room.need > room.node:
+        raise CapacityError(f"train: a cell asks for {train.workers} worker(s) of {room.need:g} {room.kind} and the "
+                            f"cluster holds at most {room.total:g} {room.kind}, {room.node:g} a node "
+                            f"({_where(cluster)}): lower train.workers or train.{room.kind.lower()}s_per_worker")
+    return fit
 
 
 def engine_bundles(ctx, model: str) -> list[dict]:
@@ -77,7 +95,6 @@ def stage_bundles(ctx, stage: str) -> list[dict]:
         judged = [b for m in sorted(ctx.judge_models()) for b in engine_bundles(ctx, m)]
         return max([judged] + [engine_bundles(ctx, m.name) for m in s.models], key=_gpus)
     if stage == "train":
-        from runner.sweep import max_concurrent
         t = s.train
         per = {"CPU": float(t.cpus_per_worker), **({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {})}
         return [per] * t.workers * max_concurrent(t, s.cluster)
@@ -109,16 +126,16 @@ class Demand:
             self.ask()
 
     def ask(self) -> None:
+        # deferred: ray takes ~0.5 s to import; a study that never starts it does not pay for it
         import ray
+        from ray.autoscaler.sdk import request_resources
         if not ray.is_initialized():
             return
-        from ray.autoscaler.sdk import request_resources
         want = []
         for bundles in self._stages:
             try:
                 want += bundles()
             except Exception as e:  # noqa: BLE001 - a request is a hint; the pool that cannot fit says so
-                from runner.progress import say
                 say(f"  (nothing asked of the autoscaler for a stage: {type(e).__name__}: {e})")
         if want != self.asked:
             request_resources(bundles=want)

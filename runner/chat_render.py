@@ -10,6 +10,8 @@ beyond what its imports took.
 from __future__ import annotations
 
 import json
+import os
+import resource
 import signal
 import subprocess
 import sys
@@ -52,8 +54,6 @@ def _alarm(signum, frame):
 def _limit_memory() -> None:
     """At most MEMORY_LIMIT more address space than now (Linux; elsewhere no limit)."""
     try:
-        import os
-        import resource
         with open("/proc/self/statm") as f:
             now = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
         resource.setrlimit(resource.RLIMIT_AS, (now + MEMORY_LIMIT, resource.getrlimit(resource.RLIMIT_AS)[1]))
@@ -100,6 +100,7 @@ def _describe(e: Exception) -> str:
 def _main() -> None:
     task = json.load(sys.stdin)
     # transformers' compiler: its sandboxed environment, filters, globals and {% generation %} tag
+    # deferred: transformers (~2 s) loads in this subprocess only, not in the process that imports render()
     from transformers.utils.chat_template_utils import _compile_jinja_template
     _limit_memory()
     signal.signal(signal.SIGALRM, _alarm)

@@ -16,7 +16,20 @@ import sys
 import traceback
 from pathlib import Path
 
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
 from evaluation.errors import InputError, ValindError
+from evaluation.judges.external import judge_table
+from evaluation.suites.registry import external_judges
+from runner import cluster_fit
+from runner.models import prepare_all, resolve
+from runner.preflight import check_spec, on_cluster, run_preflight
+from runner.secrets import SECRETS_DIR, check_job_runtime_env, load_secrets, redact
+from runner.spec import SpecError, load_spec
+from runner.store import write_csv, write_parquet
+from runner.tracking import check_cluster_tracking, tracking_uri
 
 EXIT_INTERRUPTED = 130  # 1 and 2 are ValindError.exit_code and InputError.exit_code
 SUMMARY, EPILOG = __doc__.split("\n\n", 1)
@@ -24,19 +37,17 @@ SUMMARY, EPILOG = __doc__.split("\n\n", 1)
 
 def _load(path: str):
     """The spec and its text; a bad spec raises SpecError (an InputError: exit 2) up to main()."""
-    from runner.spec import load_spec
     spec = load_spec(path)
     return spec, Path(path).read_text()
 
 
 def _study(args):
-    from runner.pipeline import Study
+    from runner.pipeline import Study  # deferred: runner.pipeline imports ray (~0.5 s), which --help need not
     spec, text = _load(args.spec)
     return Study(spec, text)
 
 
 def cmd_validate(args) -> int:
-    from runner.preflight import check_spec
     spec, _ = _load(args.spec)
     check_spec(spec, args.spec)  # the files it names (preference data, chat templates), the cluster fit
     cells = len(spec.models) * len(spec.conditions()) * len(spec.seeds.values)
@@ -56,17 +67,14 @@ AMEND = ("make this spec the study's own although it changes what the study comp
 
 
 def cmd_preflight(args) -> int:
-    from runner.preflight import run_preflight
     spec, _ = _load(args.spec)
     return run_preflight(spec, args.spec)
 
 
 def _preflight_on_cluster(args) -> None:
     """On a cluster, `valind preflight` before any compute: a problem stops the run (exit 2)."""
-    from runner.preflight import on_cluster, run_preflight
     if getattr(args, "no_preflight", False) or not on_cluster():
         return
-    from runner.tracking import check_cluster_tracking, tracking_uri
     spec, _ = _load(args.spec)
     # first the refusal that needs no connection: a local tracking file behind a remote head
     check_cluster_tracking(tracking_uri(spec.tracking.uri, spec.output_dir(Path.cwd())))
@@ -94,7 +102,6 @@ def cmd_annotate(args) -> int:
 
 
 def _print_where(study, report) -> None:
-    from runner.tracking import tracking_uri
     uri = tracking_uri(study.spec.tracking.uri, study.root)
     print(f"report:  {report}")
     print(f"mlflow:  {uri}")
@@ -112,10 +119,6 @@ def _print_where(study, report) -> None:
 
 
 def cmd_status(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from runner.secrets import redact
     study = _study(args)
     rows = study.status()
     states = ("done", "failed", "invalid", "missing")
@@ -142,12 +145,6 @@ def cmd_status(args) -> int:
 
 def cmd_judge(args) -> int:
     """Score a CSV/JSONL/parquet of (prompt, response) rows with one of the suites' judges."""
-    import pandas as pd
-
-    from evaluation.judges.external import judge_table
-    from evaluation.suites.registry import external_judges
-    from runner.store import write_csv, write_parquet
-
     src, dst = Path(args.input), Path(args.output)
     readers = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}
     if src.suffix not in readers or dst.suffix not in readers:
@@ -160,8 +157,7 @@ def cmd_judge(args) -> int:
     if external_judges()[args.judge][0]:
         if not args.model:
             raise InputError(f"judge {args.judge!r} needs --model (a builtin name, local dir or hub id)")
-        from runner.engines import EngineConfig, make_engine
-        from runner.models import resolve
+        from runner.engines import EngineConfig, make_engine  # deferred: runner.engines imports ray (~0.5 s)
         engine = make_engine(EngineConfig(model=resolve(args.model), backend=args.backend, max_model_len=2048))
     try:
         out = judge_table(args.judge, df, args.prompt_col, args.response_col, engine)
@@ -180,23 +176,21 @@ def cmd_judge(args) -> int:
 
 
 def cmd_rehearse(args) -> int:
-    from runner.rehearse import rehearse
+    from runner.rehearse import rehearse  # deferred: runner.rehearse imports ray (~0.5 s)
     fig = rehearse(args.spec, args.output_dir, args.models, args.cluster_dir, args.stop_node)
     m = fig["mlflow"]
     return 0 if m["runs"] == m["expected"] and not m["duplicates"] else 1
 
 
 def cmd_plan(args) -> int:
-    from runner.cluster_fit import check
-    from runner.plan import plan_spec
+    from runner.measure import plan_spec  # deferred: runner.pipeline imports ray (~0.5 s)
     spec, _ = _load(args.spec)
-    check(spec, args.spec)  # a cell or pool that never fits the declared cluster: SpecError (exit 2)
+    cluster_fit.check(spec, args.spec)  # a cell or pool that never fits the declared cluster: SpecError (exit 2)
     plan_spec(spec, spec.study.name, measure=args.measure, steps=args.measure_steps)  # PlanError: exit 2 in main()
     return 0
 
 
 def cmd_models(args) -> int:
-    from runner.models import prepare_all
     for name, path in prepare_all().items():
         print(f"{name}: {path}")
     return 0
@@ -253,7 +247,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "batch and a generation batch; print the plan from the measured rates beside the defaults")
     pl.add_argument("--measure-steps", type=int, default=3, help="DPO optimizer steps per model size (default 3)")
     pl.set_defaults(fn=cmd_plan)
-    from evaluation.suites.registry import external_judges
     j = sub.add_parser("judge", help="score an outside table of (prompt, response) rows with a judge")
     j.add_argument("judge", choices=sorted(external_judges()))
     j.add_argument("--input", required=True, help="CSV, JSONL or parquet file")
@@ -293,7 +286,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _traceback() -> int:
     """An unexpected error: its traceback, with secrets (a URI's password, a token) masked; exit 1."""
-    from runner.secrets import redact
     print(redact(traceback.format_exc()), end="", file=sys.stderr)
     return 1
 
@@ -301,7 +293,6 @@ def _traceback() -> int:
 def _secrets() -> None:
     """Secrets from $VALIND_SECRETS_DIR into this process's environment; a Ray job whose runtime env
     carries one is refused (runner.secrets)."""
-    from runner.secrets import SECRETS_DIR, check_job_runtime_env, load_secrets
     check_job_runtime_env()
     names = load_secrets()
     if names:
@@ -311,8 +302,6 @@ def _secrets() -> None:
 def _fail(e: ValindError) -> int:
     """Print a valind error without a traceback (secrets redacted) and give its exit code.
     A SpecError prints its own rendering: one line per problem, with its YAML path."""
-    from runner.secrets import redact
-    from runner.spec import SpecError
     text = e.render() if isinstance(e, SpecError) else f"valind: error: {e}"
     print(redact(text), file=sys.stderr)
     return e.exit_code

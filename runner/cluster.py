@@ -1,6 +1,7 @@
 """Ray start-up: a local cluster when RAY_ADDRESS is unset, the given cluster otherwise."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ def local_accelerator() -> None:
 
 def _has_gpu() -> bool:
     try:
-        import torch
+        import torch  # deferred: torch takes ~1 s to import, and a driver may never need it
         return torch.cuda.is_available()
     except Exception:
         return False
@@ -43,8 +44,7 @@ def _has_gpu() -> bool:
 
 def job_env_vars() -> dict[str, str]:
     """The env_vars of the runtime env `ray job submit` gave this driver ({} outside a job)."""
-    import json
-
+    # deferred: ray takes ~0.5 s to import; valind's CLI loads it only when a cluster is used
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
     from ray.job_config import JobConfig
 
@@ -53,7 +53,7 @@ def job_env_vars() -> dict[str, str]:
 
 
 def init_ray(num_cpus: int | None = None):
-    import ray
+    import ray  # deferred: ray takes ~0.5 s to import; valind's CLI loads it only when a cluster is used
 
     if ray.is_initialized():
         return ray

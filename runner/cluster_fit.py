@@ -3,7 +3,8 @@
 Pure arithmetic, no Ray: `declared(spec)` is the cluster the spec declares (its `cluster:` section,
 else cluster.yaml's node types at their max_workers: the autoscaler's maximum), `of_nodes` a live
 one (ray.nodes() or this machine). `valind validate`/`plan` refuse a cell or a pool that can never
-fit the declared cluster; `valind preflight` checks the live one; a pool may be capped at `fits`.
+fit the declared cluster; `valind preflight` checks the live one. `limits` and `Room` size what runs
+at once on a live cluster an autoscaler may still grow (runner.capacity: engine actors, training cells).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from runner.spec import SpecError
 
 ROOT = Path(__file__).resolve().parent.parent
 Problems = list[tuple[str, str]]
@@ -31,6 +34,10 @@ class Capacity:
     @property
     def gpus(self) -> float:
         return sum(n.gpus for n in self.nodes)
+
+    @property
+    def cpus(self) -> float:
+        return sum(n.cpus or 0 for n in self.nodes)
 
     def describe(self) -> str:
         counts: dict[Node, int] = {}
@@ -63,6 +70,35 @@ def fits(cap: Capacity, cpus: float, gpus: float) -> float:
             k = min(k, math.floor(n.cpus / cpus + 1e-9))
         total += k
     return total
+
+
+def limits(live: Capacity, cluster=None) -> dict[str, float]:
+    """The most a cluster can hold: its live CPUs (and the most on one node), its GPUs or those of the
+    spec's `cluster:` (nodes × gpus_per_node, an autoscaler's maximum) where more, and the most GPUs on
+    one node, live or declared."""
+    declared_gpus = cluster.nodes * cluster.gpus_per_node if cluster else 0
+    return {"CPU": live.cpus, "GPU": max(live.gpus, declared_gpus),
+            "node_cpus": max((n.cpus or 0 for n in live.nodes), default=0),
+            "node_gpus": max([n.gpus for n in live.nodes] + [cluster.gpus_per_node if cluster else 0])}
+
+
+@dataclass(frozen=True)
+class Room:
+    """Units of one size against a cluster's `limits`, counted by GPUs where a unit needs any (a GPU
+    node brings a CPU per GPU), else by CPUs."""
+    kind: str     # "GPU" or "CPU"
+    need: float   # of `kind`, per unit
+    total: float  # the cluster's most of `kind`; 0: none seen nor declared yet (nothing to count against)
+    node: float   # the most of `kind` on one node
+
+    @classmethod
+    def of(cls, most: dict[str, float], cpus: float, gpus: float) -> Room:
+        kind, need = ("GPU", gpus) if gpus > 0 else ("CPU", cpus)
+        return cls(kind, need, most[kind], most[f"node_{kind.lower()}s"])
+
+    def at_once(self, per_group: int = 1) -> int:
+        """How many groups of `per_group` units the cluster's total holds at once."""
+        return math.floor(self.total / (self.need * per_group) + 1e-9)
 
 
 def demands(spec) -> list[Need]:
@@ -134,7 +170,6 @@ def of_nodes(resources: list[dict], where: str) -> Capacity:
 
 def check(spec, source: str = "spec") -> None:
     """`valind validate`/`plan`: SpecError naming each cell or pool that never fits the declared cluster."""
-    from runner.spec import SpecError
     cap = declared(spec)
     found = problems(spec, cap) if cap.nodes else []
     if found:

@@ -28,6 +28,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 BIN = Path(sys.executable).parent
 STATE = "cluster.json"
 
@@ -63,8 +65,6 @@ def _ray_start(args: list[str], what: str, command: dict | None = None) -> None:
 
 def pids_matching(needle: str) -> list[int]:
     """Pids whose command line contains `needle`, with all their descendants."""
-    import psutil
-
     roots = []
     for p in psutil.process_iter(["cmdline"]):
         try:
@@ -84,8 +84,6 @@ def pids_matching(needle: str) -> list[int]:
 
 def end_pids(pids: list[int], grace_s: float = 10, sig: int = signal.SIGTERM) -> None:
     """`sig` to every pid, SIGKILL to those alive after the grace period."""
-    import psutil
-
     procs = []
     for pid in pids:
         try:

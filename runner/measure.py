@@ -1,4 +1,5 @@
-"""`valind plan SPEC --measure`: this cluster's rates from a short probe, for the plan beside the defaults.
+"""`valind plan SPEC`, printed (`plan_spec`), and with `--measure` this cluster's rates from a short
+probe, for the plan beside the defaults: above runner.plan (the estimate) and runner.pipeline (the study).
 
 On the Ray cluster the study would run on (RAY_ADDRESS, else a local one), with the spec's own
 settings: a few DPO optimizer steps of one cell per model size (runner.train.launch.train_cell: the
@@ -16,8 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
+
+from evaluation.judges.values import build_requests
+from evaluation.types import Request
+from runner.pipeline import Study
+from runner.plan import Plan, disk_bytes, estimate, fmt_hours, params_b, pool_gpus, render
 from runner.progress import say
 from runner.spec import Spec
+from runner.train.cell import Cell
 
 WORDS = ("the value of a kind answer is that it helps people think clearly about what they want and why "
          "honest careful reasons matter more than quick ones in every hard question").split()
@@ -30,8 +38,6 @@ def _text(rng: random.Random, words: int) -> str:
 def probe_pairs(n: int, max_length: int, seed: int = 0):
     """n synthetic preference pairs whose prompt and responses each reach max_length tokens, so that
     runner.train.batches.fit cuts every sequence to max_length: the worst case the plan sizes."""
-    import pandas as pd
-
     rng = random.Random(seed)
     return pd.DataFrame([{"pair_id": f"probe-{i}", "source": "probe",
                           "prompt": [{"role": "user", "content": _text(rng, max_length)}],
@@ -45,8 +51,7 @@ def _step_seconds(metrics: Path) -> list[float]:
 def measure_train(study, model: str, steps: int, work: Path) -> dict:
     """Pairs/s per GPU (per worker without GPUs) of `steps` optimizer steps of one cell of `model`;
     the first step (warm-up) is left out when there are more."""
-    from runner.train.cell import Cell
-    from runner.train.launch import bf16_enabled, train_cell
+    from runner.train.launch import bf16_enabled, train_cell  # deferred: torch and deepspeed, for the probe only
 
     ctx, t = study.ctx, study.spec.train
     train = t.model_copy(update={"bf16": bf16_enabled(t), "epochs": 1, "eval_at": [1.0],
@@ -68,15 +73,8 @@ def measure_train(study, model: str, steps: int, work: Path) -> dict:
             "step_s": [round(s, 2) for s in secs], "wall_s": round(wall, 1), "devices": devices}
 
 
-def _devices(e) -> int:
-    from runner.plan import _pool_gpus
-    return _pool_gpus(e)
-
-
 def measure_judge(study, n: int) -> dict:
     """Judge responses/s per GPU of the annotation judge's pool: n annotation requests after a warm-up."""
-    from evaluation.judges.values import build_requests
-
     spec, ctx = study.spec, study.ctx
     rng = random.Random(1)
     requests = [build_requests([{"role": "user", "content": _text(rng, 60)}], _text(rng, 200),
@@ -88,15 +86,13 @@ def measure_judge(study, n: int) -> dict:
     t0 = time.perf_counter()
     pool.generate(requests, desc="measure: judge batch")
     dt = time.perf_counter() - t0
-    devices = _devices(spec.annotate.engine or spec.engine)
+    devices = pool_gpus(spec.annotate.engine or spec.engine)
     return {"responses_per_s": n / dt / devices, "requests": n, "batch_s": round(dt, 2),
             "startup_s": round(start, 1), "devices": devices}
 
 
 def measure_generate(study, model: str, n: int) -> dict:
     """Output tokens/s per GPU of the model's generation pool: n requests of generate.sampling."""
-    from evaluation.types import Request
-
     spec, ctx = study.spec, study.ctx
     sp = spec.generate.sampling
     rng = random.Random(2)
@@ -112,17 +108,14 @@ def measure_generate(study, model: str, n: int) -> dict:
     dt = time.perf_counter() - t0
     tok = ctx.tokenizer(model)
     tokens = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outs)
-    devices = _devices(spec.generate.engine or spec.engine)
+    devices = pool_gpus(spec.generate.engine or spec.engine)
     return {"tokens_per_s": tokens / dt / devices, "requests": n, "output_tokens": tokens, "batch_s": round(dt, 2),
             "startup_s": round(start, 1), "devices": devices}
 
 
-def measure(spec: Spec, steps: int = 3, judge_requests: int = 32, gen_requests: int = 16) -> dict:
+def measure_rates(spec: Spec, steps: int = 3, judge_requests: int = 32, gen_requests: int = 16) -> dict:
     """The probe's rates: {"train": {params_b: pairs/s}, "judge": {model: responses/s},
     "generate": (params_b, tokens/s), "details": {...}}, all per GPU."""
-    from runner.pipeline import Study
-    from runner.plan import params_b
-
     with tempfile.TemporaryDirectory(prefix="valind-measure-") as tmp:
         work = Path(tmp)
         # a study object for its context (model paths, templates, pools) in a scratch directory
@@ -151,3 +144,35 @@ def measure(spec: Spec, steps: int = 3, judge_requests: int = 32, gen_requests: 
         finally:
             study.ctx.pools.close()
     return out
+
+
+def measured_judge_rps(spec: Spec, base_dir: Path | None = None) -> float | None:
+    """responses/s of this study's finished annotate unit, if any (a whole-pool rate)."""
+    try:
+        study = Study(spec, base_dir=base_dir)
+        key = study.key("annotate")
+        if study.store.done("annotate", key):
+            return study.store.info("annotate", key).get("responses_per_s") or None
+    except Exception:  # a plan must not fail on an unreadable store or an unprepared model
+        return None
+    return None
+
+
+def plan_spec(spec: Spec, title: str, measure: bool = False, steps: int = 3) -> Plan:
+    """Print the plan; with `measure`, also the plan from this cluster's measured rates."""
+    plan = estimate(spec, measured_rps=measured_judge_rps(spec))
+    render(plan, f"{title} (default rates)" if measure else title)
+    if measure:
+        rates = measure_rates(spec, steps=steps)
+        measured = estimate(spec, measured=rates)
+        render(measured, f"{title} (measured rates)")
+        for what, r in rates["details"].items():
+            print(f"measured {what}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in r.items()))
+        print(f"total GPU-hours: {fmt_hours(plan.gpu_hours)} at the default rates, "
+              f"{fmt_hours(measured.gpu_hours)} at the measured ones")
+        plan = measured
+    disk = disk_bytes(spec)
+    print(f"disk: about {sum(disk.values()) / 1e9:,.1f} GB under the study directory ("
+          + ", ".join(f"{k} {v / 1e9:,.2g}" for k, v in disk.items()) + " GB); each stage checks its share is free")
+    return plan

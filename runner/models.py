@@ -14,7 +14,10 @@ import re
 import shutil
 from pathlib import Path
 
+from huggingface_hub import HfApi, constants, snapshot_download
+
 from evaluation.errors import ValindError
+from runner.fingerprint import dir_fingerprint
 
 BUILTINS = ("smollm2-135m", "tiny-llama")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,6 +60,7 @@ def prepare_smollm2(root: Path | None = None) -> Path:
     final = root / "smollm2-135m"
     if _complete(final):
         return final
+    # deferred: torch and transformers (~3 s), only to build a builtin model once
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -88,6 +92,7 @@ def prepare_tiny(root: Path | None = None, seed: int = 0, name: str = "tiny-llam
     final = root / name
     if _complete(final):
         return final
+    # deferred: torch and transformers (~3 s), only to build a builtin model once
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -138,7 +143,6 @@ def identity(path: str, revision: str | None = None) -> str:
         if not revision:
             raise ModelError(f"{path}: a hub model is keyed by its commit; resolve it first (hub_commit)")
         return f"hub:{path}@{revision}"
-    from runner.fingerprint import dir_fingerprint
     return f"dir:{dir_fingerprint(Path(resolve(path)))}"
 
 
@@ -150,11 +154,9 @@ def hub_commit(repo_id: str, revision: str | None = None) -> str:
     the hub, or, offline, read from the local Hugging Face cache."""
     if revision and COMMIT.fullmatch(revision):
         return revision
-    from huggingface_hub import constants
     err = "HF_HUB_OFFLINE is set"
     if not constants.HF_HUB_OFFLINE:
         try:
-            from huggingface_hub import HfApi
             return HfApi().model_info(repo_id, revision=revision or "main").sha
         except Exception as e:  # unreachable, gated, unknown: the cache may still know it
             err = f"{type(e).__name__}: {e}"
@@ -173,8 +175,6 @@ FILES = ("*.json", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken")  # confi
 def hub_snapshot(repo_id: str, commit: str) -> str:
     """A hub model's files at `commit`, in the Hugging Face cache (downloaded if missing): its config,
     tokenizer and weights (safetensors where it has them, else .bin; never both, nor `original/`)."""
-    from huggingface_hub import constants, snapshot_download
-
     def fetch(patterns):
         return snapshot_download(repo_id, revision=commit, allow_patterns=[*FILES, *patterns],
                                  ignore_patterns=["original/*"], local_files_only=constants.HF_HUB_OFFLINE)

@@ -1,4 +1,5 @@
-"""`valind plan SPEC`: how much work a study is and how long it takes on the declared cluster.
+"""`valind plan SPEC`: how much work a study is and how long it takes on the declared cluster
+(`valind plan --measure`, with this cluster's measured rates: runner.measure).
 
 Counts come from the spec (cells, runs, pairs, items); rates are per GPU, from the spec's `plan:`
 section, else a measured annotate unit of this study (`responses_per_s` in its _DONE.json), else
@@ -12,17 +13,19 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
+from rich.console import Console
+from rich.table import Table
 
 from evaluation.errors import InputError
 from evaluation.suites import registry as suites
 from evaluation.types import VALUES
 from runner.context import study_runs
+from runner.data.sources import SOURCES
 from runner.spec import Spec, eval_suites, suite_settings
-from runner.train_memory import (  # noqa: F401  (plan's callers read the memory model here too)
-    LORA_TRAINABLE, MEMORY_SHARE, adapters_per_group, group_layout, group_memory_gb, micro_batch_gb, model_shape,
-    train_memory_gb, worker_budget_gb)
+from runner.train.memory import LORA_TRAINABLE, MEMORY_SHARE, group_layout, train_memory_gb
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,14 +157,13 @@ class Plan:
         return sum(r.wall_hours for r in self.rows)
 
 
-def _pool_gpus(e) -> int:
+def pool_gpus(e) -> int:
     """GPUs one engine pool holds (at least one device per actor)."""
     return e.actors * max(1, e.tensor_parallel, math.ceil(e.gpus_per_actor))
 
 
 def source_pairs(spec: Spec) -> int:
     """Pairs to annotate: each source's max_pairs or its registered size, capped by annotate.max_pairs."""
-    from runner.data.sources import SOURCES
     total = 0
     for i, src in enumerate(spec.data.sources):
         n = src.max_pairs or SOURCES[src.name].n_rows(src)
@@ -173,32 +175,46 @@ def source_pairs(spec: Spec) -> int:
     return total
 
 
-def measured_judge_rps(spec: Spec, base_dir: Path | None = None) -> float | None:
-    """responses/s of this study's finished annotate unit, if any (a whole-pool rate)."""
-    try:
-        from runner.pipeline import Study
-        study = Study(spec, base_dir=base_dir)
-        key = study.key("annotate")
-        if study.store.done("annotate", key):
-            return study.store.info("annotate", key).get("responses_per_s") or None
-    except Exception:  # a plan must not fail on an unreadable store or an unprepared model
-        return None
-    return None
+@dataclass
+class _Sizing:
+    """What every stage's rows are computed from: the spec, the cluster, the rates given and the counts."""
+    spec: Spec
+    total_gpus: int
+    measured: dict | None
+    measured_rps: float | None
+    pairs: int
+    subset: int
+    items: dict[str, int]  # suite -> items per run
+    per_run: int  # items and follow-ups per evaluated run
+    runs: int  # evaluated runs
+    per_model: Counter  # evaluated runs per base model
+    notes: list[str]
+
+    @property
+    def eff(self) -> float:
+        return self.spec.plan.efficiency
+
+    def used(self, e) -> int:
+        """GPUs an engine pool of section `e` holds on this cluster."""
+        return min(self.total_gpus, pool_gpus(e))
+
+    def judge(self, model: str) -> tuple[float, str, Any]:
+        """(responses/s per GPU, where the rate comes from, engine section) of a judge model."""
+        spec, ov, measured = self.spec, self.spec.plan, self.measured
+        m = spec.model(model)
+        p = params_b(m.name, m.path, m.params_b)
+        e = spec.annotate.engine or spec.engine
+        if ov.judge_responses_per_s:
+            return ov.judge_responses_per_s, "spec plan:", e
+        if measured and model in measured["judge"]:
+            return measured["judge"][model], "measured", e
+        if self.measured_rps and model == spec.annotate.judge_model:  # measured on this judge only
+            return self.measured_rps / pool_gpus(e), "measured", e
+        return judge_rps(p), f"default {p:g}B", e
 
 
-def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_rps: float | None = None,
-             measured: dict | None = None) -> Plan:
-    """The plan of a study; `measured_rps` is a measured whole-pool judge rate (responses/s);
-    `measured`, per-GPU rates of `valind plan --measure` (runner.measure.measure), which take the
-    defaults' place (a spec's `plan:` section still wins)."""
-    if cluster is None:
-        cluster = ((spec.cluster.nodes, spec.cluster.gpus_per_node, "spec") if spec.cluster
-                   else default_cluster())
-    total_gpus = cluster[0] * cluster[1]
-    ov, eff = spec.plan, spec.plan.efficiency
-    conds, seeds = spec.conditions(), spec.seeds.values
-    pairs, notes = source_pairs(spec), []
-    held = int(pairs * spec.data.held_out_fraction)
+def _subset(spec: Spec, pairs: int, held: int, notes: list[str]) -> int:
+    """Pairs per condition: data.subset_size, or assumed from the held-in pairs (saying so in `notes`)."""
     subset = spec.data.subset_size
     if subset is None:
         subset = max(spec.data.min_subset_size, (pairs - held) // len(VALUES))
@@ -208,58 +224,77 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
         notes.append(f"data.subset_size all: assumed {subset} pairs per value subset and its controls (held-in "
                      "pairs / 16) and every value kept; curation sets the real sizes and drops values below "
                      f"data.min_subset_size ({spec.data.min_subset_size})")
-    g, st = spec.generate, suite_settings(spec)
+    return subset
+
+
+def _suite_items(spec: Spec, held: int) -> tuple[dict[str, int], int]:
+    """Items per run of each evaluation suite, and their follow-up turns."""
+    st = suite_settings(spec)
     items, followups = {}, 0
     for name in eval_suites(spec):
         suite = suites.get(name)
         n, cap = suite.n_items + (held if suite.held_out else 0), suite.limit(st)
         items[name] = min(n, cap) if cap else n
         followups += round(suite.n_followups * items[name] / suite.n_items) if suite.n_followups else 0
+    return items, followups
+
+
+def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_rps: float | None = None,
+             measured: dict | None = None) -> Plan:
+    """The plan of a study; `measured_rps` is a measured whole-pool judge rate (responses/s);
+    `measured`, per-GPU rates of `valind plan --measure` (runner.measure.measure_rates), which take the
+    defaults' place (a spec's `plan:` section still wins)."""
+    if cluster is None:
+        cluster = ((spec.cluster.nodes, spec.cluster.gpus_per_node, "spec") if spec.cluster
+                   else default_cluster())
+    conds, seeds = spec.conditions(), spec.seeds.values
+    pairs, notes = source_pairs(spec), []
+    held = int(pairs * spec.data.held_out_fraction)
+    subset = _subset(spec, pairs, held, notes)
+    items, followups = _suite_items(spec, held)
     per_run = sum(items.values()) + followups
-    n_models, cells_per_model = len(spec.models), len(conds) * len(seeds)
     # the runs the pipeline evaluates (Study.runs, from the same function): every base model, every
     # cell, and every cell's adapter at each train.eval_at point below 1
     evaluated = study_runs(spec, conds, lambda cond: list(seeds))
-    runs = len(evaluated)
-    per_model = Counter(r.model for r in evaluated)
     if len(spec.train.eval_at) > 1:
         trained = sum(r.kind != "base" for r in evaluated)
         notes.append(f"train.eval_at {spec.train.eval_at}: each cell's adapter is evaluated at "
                      f"{len(spec.train.eval_at)} points, so generation, scoring and benchmarks cover "
                      f"{trained:,} trained adapters")
-    plan = Plan(cluster, {"trials (cells)": n_models * cells_per_model, "evaluated runs": runs,
+    s = _Sizing(spec, cluster[0] * cluster[1], measured, measured_rps, pairs, subset, items, per_run,
+                len(evaluated), Counter(r.model for r in evaluated), notes)
+    plan = Plan(cluster, {"trials (cells)": len(spec.models) * len(conds) * len(seeds), "evaluated runs": s.runs,
                           "preference pairs": pairs, "annotation responses": 2 * pairs,
                           "pairs per condition": subset, "items per run": per_run,
-                          "generation requests": runs * per_run}, notes=notes)
+                          "generation requests": s.runs * per_run}, notes=notes)
+    plan.rows += _annotate_rows(s) + _train_rows(s) + [_generate_row(s)] + _score_rows(s) + _benchmark_rows(s)
+    return plan
 
-    def judge(model: str):
-        m = spec.model(model)
-        p = params_b(m.name, m.path, m.params_b)
-        e = spec.annotate.engine or spec.engine
-        if ov.judge_responses_per_s:
-            return ov.judge_responses_per_s, "spec plan:", e
-        if measured and model in measured["judge"]:
-            return measured["judge"][model], "measured", e
-        if measured_rps and model == spec.annotate.judge_model:  # measured on this judge only
-            return measured_rps / _pool_gpus(e), "measured", e
-        return judge_rps(p), f"default {p:g}B", e
 
-    # annotate
-    rate, src, e = judge(spec.annotate.judge_model)
-    gh = 2 * pairs / rate / 3600 / eff
-    used = min(total_gpus, _pool_gpus(e))
-    plan.rows.append(Row("annotate", f"{2 * pairs:,} responses", f"{rate:.3g} resp/s", src, used, gh, gh / used))
+def _annotate_rows(s: _Sizing) -> list[Row]:
+    """The annotation judge over both responses of every pair, and the check judge over its sample."""
+    spec, pairs = s.spec, s.pairs
+    rate, src, e = s.judge(spec.annotate.judge_model)
+    gh = 2 * pairs / rate / 3600 / s.eff
+    used = s.used(e)
+    rows = [Row("annotate", f"{2 * pairs:,} responses", f"{rate:.3g} resp/s", src, used, gh, gh / used)]
     if c := spec.annotate.check:  # the check judge re-labels a sample, on the same engine section
         n = min(c.sample, 2 * pairs)
-        rate, src, e = judge(c.judge_model)
-        gh = n / rate / 3600 / eff
-        used = min(total_gpus, _pool_gpus(e))
-        plan.rows.append(Row("  annotate check", f"{n:,} responses", f"{rate:.3g} resp/s", src, used, gh, gh / used))
+        rate, src, e = s.judge(c.judge_model)
+        gh = n / rate / 3600 / s.eff
+        used = s.used(e)
+        rows.append(Row("  annotate check", f"{n:,} responses", f"{rate:.3g} resp/s", src, used, gh, gh / used))
+    return rows
 
-    # train: one trial per cell, as many at once as worker groups fit
-    t = spec.train
+
+def _train_rows(s: _Sizing) -> list[Row]:
+    """One trial per cell, as many at once as worker groups fit; DPO's reference log-probs once per
+    (model, condition). Refuses a worker that cannot hold its model (PlanError)."""
+    spec, t, ov, measured = s.spec, s.spec.train, s.spec.plan, s.measured
+    conds = spec.conditions()
+    cells_per_model = len(conds) * len(spec.seeds.values)
     per_trial = t.workers * max(1, math.ceil(t.gpus_per_worker))
-    concurrent = max(1, total_gpus // per_trial)
+    concurrent = max(1, s.total_gpus // per_trial)
     tr_gh = tr_wall = ref_gh = 0.0
     rates = []
     gpu_gb = spec.cluster.gpu_memory_gb if spec.cluster else 80
@@ -274,75 +309,83 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
         r = (ov.train_pairs_per_s or (measured or {}).get("train", {}).get(p)
              or train_pps(p, t.max_length, t.finetune, t.method))
         rates.append(r)
-        cell_gh = subset * t.epochs / r / 3600 / eff
+        cell_gh = s.subset * t.epochs / r / 3600 / s.eff
         tr_gh += cell_gh * cells_per_model
         tr_wall += math.ceil(cells_per_model / concurrent) * cell_gh / per_trial
         if t.method != "sft":
             full = train_pps(p, t.max_length, "full", t.method)
-            ref_gh += len(conds) * subset * REF_FRACTION / full / 3600 / eff
+            ref_gh += len(conds) * s.subset * REF_FRACTION / full / 3600 / s.eff
     if (saving := group_saving(spec, gpu_gb, concurrent)) is not None:
-        notes.append(saving)
+        s.notes.append(saving)
     rsrc = "spec plan:" if ov.train_pairs_per_s else "measured" if measured and measured["train"] else "default by size"
-    plan.rows.append(Row("train", f"{n_models * cells_per_model} cells × {subset * t.epochs:,} pairs",
-                         f"{min(rates):.3g}–{max(rates):.3g} pairs/s", rsrc,
-                         min(total_gpus, concurrent * per_trial), tr_gh, tr_wall))
+    used = min(s.total_gpus, concurrent * per_trial)
+    rows = [Row("train", f"{len(spec.models) * cells_per_model} cells × {s.subset * t.epochs:,} pairs",
+                f"{min(rates):.3g}–{max(rates):.3g} pairs/s", rsrc, used, tr_gh, tr_wall)]
     if ref_gh:
-        used = min(total_gpus, concurrent * per_trial)
-        plan.rows.append(Row("  reference log-probs", f"{n_models * len(conds)} (model, condition)",
-                             f"×{1 / REF_FRACTION:g} DPO rate", "default", used, ref_gh, ref_gh / used))
+        rows.append(Row("  reference log-probs", f"{len(spec.models) * len(conds)} (model, condition)",
+                        f"×{1 / REF_FRACTION:g} DPO rate", "default", used, ref_gh, ref_gh / used))
+    return rows
 
-    # generate: one pool per base model, models one after another
+
+def _generate_row(s: _Sizing) -> Row:
+    """One pool per base model, models one after another: the base model, then its trained runs."""
+    spec, ov, measured, g = s.spec, s.spec.plan, s.measured, s.spec.generate
     ge = g.engine or spec.engine
     gen_gh = gen_wall = 0.0
-    lora = t.finetune == "lora"
+    lora = spec.train.finetune == "lora"
     for m in spec.models:
         p = params_b(m.name, m.path, m.params_b)
         r = ov.generate_tokens_per_s or gen_tps(p)
         if measured and measured["generate"] and not ov.generate_tokens_per_s:  # other sizes by 1/params_b
             p0, r0 = measured["generate"]
             r = r0 * p0 / p
-        toks = per_run * g.sampling.max_tokens  # per run: the base model, then each trained run of it
-        trained = per_model[m.name] - 1
-        hours = toks / r / 3600 / eff + toks * trained / (r * (LORA_GEN_FACTOR if lora else 1)) / 3600 / eff
+        toks = s.per_run * g.sampling.max_tokens  # per run: the base model, then each trained run of it
+        trained = s.per_model[m.name] - 1
+        hours = toks / r / 3600 / s.eff + toks * trained / (r * (LORA_GEN_FACTOR if lora else 1)) / 3600 / s.eff
         gen_gh += hours
-        gen_wall += hours / min(total_gpus, _pool_gpus(ge))
+        gen_wall += hours / s.used(ge)
     gsrc = ("spec plan:" if ov.generate_tokens_per_s else "measured" if measured and measured["generate"]
             else "default by size")
     gen_rate = (f"{ov.generate_tokens_per_s:.3g} tok/s" if ov.generate_tokens_per_s
                 else f"{measured['generate'][1]:.3g} tok/s at {measured['generate'][0]:g}B" if gsrc == "measured"
                 else "tok/s by size")
-    plan.rows.append(Row("generate", f"{runs * per_run:,} requests ≤{g.sampling.max_tokens} tok", gen_rate,
-                         gsrc, min(total_gpus, _pool_gpus(ge)), gen_gh, gen_wall))
+    return Row("generate", f"{s.runs * s.per_run:,} requests ≤{g.sampling.max_tokens} tok", gen_rate,
+               gsrc, s.used(ge), gen_gh, gen_wall)
 
-    # score: LLM judges over the generations
-    s = spec.score
+
+def _score_rows(s: _Sizing) -> list[Row]:
+    """LLM judges over the generations (none when no suite has one)."""
+    st = suite_settings(s.spec)
     judged = []  # (judge model, requests)
-    for name in items:
+    for name in s.items:
         if judge_of := suites.get(name).judge(st):
-            judged.append((judge_of[0], runs * items[name] * suites.get(name).judge_requests(st)))
-    if judged:
-        sc_gh, n_req = 0.0, 0
-        for model, n in judged:
-            rate, src, e = judge(model)
-            sc_gh += n / rate / 3600 / eff
-            n_req += n
-        used = min(total_gpus, _pool_gpus(e))
-        plan.rows.append(Row("score", f"{n_req:,} judge requests", f"{rate:.3g} resp/s", src, used, sc_gh,
-                             sc_gh / used))
+            judged.append((judge_of[0], s.runs * s.items[name] * suites.get(name).judge_requests(st)))
+    if not judged:
+        return []
+    sc_gh, n_req = 0.0, 0
+    for model, n in judged:
+        rate, src, e = s.judge(model)
+        sc_gh += n / rate / 3600 / s.eff
+        n_req += n
+    used = s.used(e)
+    return [Row("score", f"{n_req:,} judge requests", f"{rate:.3g} resp/s", src, used, sc_gh, sc_gh / used)]
 
-    # benchmarks (lm-eval) on every evaluated run
-    if s.benchmarks:
-        bm_gh = 0.0
-        for m in spec.models:
-            p = params_b(m.name, m.path, m.params_b)
-            for b in s.benchmarks:
-                loglik, gens = BENCHMARKS[b]
-                bm_gh += per_model[m.name] * (loglik / (LOGLIK_PER_JUDGE * judge_rps(p))
-                                                  + gens * 256 / gen_tps(p)) / 3600 / eff
-        used = min(total_gpus, _pool_gpus(ge))
-        plan.rows.append(Row("benchmarks", f"{', '.join(s.benchmarks)} × {runs} runs", "by size", "default",
-                             used, bm_gh, bm_gh / used))
-    return plan
+
+def _benchmark_rows(s: _Sizing) -> list[Row]:
+    """lm-eval's benchmarks on every evaluated run (none when the spec lists none)."""
+    spec, benchmarks = s.spec, s.spec.score.benchmarks
+    if not benchmarks:
+        return []
+    bm_gh = 0.0
+    for m in spec.models:
+        p = params_b(m.name, m.path, m.params_b)
+        for b in benchmarks:
+            loglik, gens = BENCHMARKS[b]
+            bm_gh += s.per_model[m.name] * (loglik / (LOGLIK_PER_JUDGE * judge_rps(p))
+                                            + gens * 256 / gen_tps(p)) / 3600 / s.eff
+    used = s.used(spec.generate.engine or spec.engine)
+    return [Row("benchmarks", f"{', '.join(benchmarks)} × {s.runs} runs", "by size", "default",
+                used, bm_gh, bm_gh / used)]
 
 
 # Bytes a study writes per stage, for the free-space check before each stage (`Study.run`) and
@@ -402,14 +445,11 @@ def group_saving(spec: Spec, gpu_gb: float, slots: int) -> str | None:
             "cost the same in this estimate")
 
 
-def _h(hours: float) -> str:
+def fmt_hours(hours: float) -> str:
     return f"{hours:,.1f}" if hours >= 1 else f"{hours:.2g}"
 
 
 def render(plan: Plan, title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     nodes, per_node, where = plan.cluster
     console = Console(width=120)
     counts = Table(title=f"{title}: work", show_header=False)
@@ -420,29 +460,8 @@ def render(plan: Plan, title: str) -> None:
     for col in ("stage", "work", "rate / GPU", "source", "GPUs", "GPU-hours", "wall h"):
         table.add_column(col, justify="right" if col in ("GPUs", "GPU-hours", "wall h") else "left")
     for r in plan.rows:
-        table.add_row(r.stage, r.work, r.rate, r.source, str(r.gpus), _h(r.gpu_hours), _h(r.wall_hours))
-    table.add_row("total", "", "", "", "", _h(plan.gpu_hours), _h(plan.wall_hours), style="bold")
+        table.add_row(r.stage, r.work, r.rate, r.source, str(r.gpus), fmt_hours(r.gpu_hours), fmt_hours(r.wall_hours))
+    table.add_row("total", "", "", "", "", fmt_hours(plan.gpu_hours), fmt_hours(plan.wall_hours), style="bold")
     console.print(table)
     for n in plan.notes:
         console.print(f"note: {n}")
-
-
-def plan_spec(spec: Spec, title: str, measure: bool = False, steps: int = 3) -> Plan:
-    """Print the plan; with `measure`, also the plan from this cluster's measured rates (runner.measure)."""
-    plan = estimate(spec, measured_rps=measured_judge_rps(spec))
-    render(plan, f"{title} (default rates)" if measure else title)
-    if measure:
-        from runner.measure import measure as probe
-        rates = probe(spec, steps=steps)
-        measured = estimate(spec, measured=rates)
-        render(measured, f"{title} (measured rates)")
-        for what, r in rates["details"].items():
-            print(f"measured {what}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                                   for k, v in r.items()))
-        print(f"total GPU-hours: {_h(plan.gpu_hours)} at the default rates, "
-              f"{_h(measured.gpu_hours)} at the measured ones")
-        plan = measured
-    disk = disk_bytes(spec)
-    print(f"disk: about {sum(disk.values()) / 1e9:,.1f} GB under the study directory ("
-          + ", ".join(f"{k} {v / 1e9:,.2g}" for k, v in disk.items()) + " GB); each stage checks its share is free")
-    return plan

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from runner.capacity import capacity, fit_actors
 from runner.progress import say
 
 LEASE_RETURN_S = 2.0  # how long a pool start waits for CPUs that finished tasks are handing back
@@ -23,7 +24,7 @@ class Pools:
                scores: bool = False):
         """`tokens`: the output tokens the caller will ask of the pool (for `engine.cpu_compile`);
         `scores` with `enable_lora`: an engine that scores with adapters, so one that merges them."""
-        from runner.engines import EngineConfig
+        from runner.engines import EngineConfig  # deferred: runner.engines imports ray (~0.5 s)
         ctx = self.ctx
         e, m = ctx.engine_spec(model), ctx.spec.model(model)
         compiled = e.cpu_compile if e.cpu_compile is not None else tokens >= CPU_COMPILE_MIN_TOKENS
@@ -52,13 +53,12 @@ class Pools:
         """An engine pool for a model (`path`: a fully fine-tuned copy of it): the open one that serves
         these requests (`find`), else a new one. `share`: how many pools the caller opens to use
         together (they split the free CPUs); `tokens`: see `config`."""
-        from runner.engines import EnginePool
+        from runner.engines import EnginePool  # deferred: runner.engines imports ray (~0.5 s)
         if (pool := self.find(model, enable_lora, path, scores)) is not None:
             return pool
         mp = self.ctx.model_path(model)
         if (old := self._open.pop((mp, path, enable_lora), None)) is not None:
             old.close()  # a LoRA pool that cannot score (vLLM's LoRA path): one that merges takes its place
-        from runner.capacity import fit_actors
         self.ctx.ensure_ray()
         e = self.ctx.engine_spec(model)
         # no more actors than the cluster (or its autoscaler) can ever hold: the others would wait
@@ -86,7 +86,6 @@ class Pools:
         pool is done with the pools before it, except those it opens together (which `share` sizes to
         fit). GPUs an autoscaler can still add (the spec's cluster: beside those the open pools hold)
         close nothing: judges opened together on a cluster still growing keep each other."""
-        from runner.capacity import capacity
         most = capacity(self.ctx.spec.cluster)["GPU"]
         while self._open:
             free = free_resources(need)
@@ -110,7 +109,7 @@ def cpus_per_actor(actors: int, gpus_per_actor: float, share: int = 1, reclaimab
     """Beside a GPU an actor needs one CPU. On CPUs the engines do the compute: the actors (of the
     `share` pools opened together) split the free CPUs (and those of open pools that can be
     closed for them), at most one node's worth each."""
-    import ray
+    import ray  # deferred: ray takes ~0.5 s to import, and only a started pool needs it
     if gpus_per_actor:
         return 1
     node = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
@@ -127,7 +126,7 @@ def free_resources(need: dict[str, float]) -> dict[str, float]:
     """The cluster's free resources, read again for up to LEASE_RETURN_S while `need` does not fit: a
     task that just finished returns its CPUs a moment before the cluster's view shows them (read at
     once, a pool started right after one got half the node, measured in the demo)."""
-    import ray
+    import ray  # deferred: ray takes ~0.5 s to import, and only a started pool needs it
     deadline = time.monotonic() + LEASE_RETURN_S
     while not _fits(need, free := ray.available_resources()) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -6,6 +6,8 @@ from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
+from runner.secrets import redact
+
 
 @contextmanager
 def progress(total: int, desc: str):
@@ -18,5 +20,4 @@ def progress(total: int, desc: str):
 
 
 def say(msg: str) -> None:
-    from runner.secrets import redact
     print(redact(msg), flush=True)

@@ -8,7 +8,6 @@ resources. Concurrency comes from the cluster: as many trials as worker groups f
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -16,29 +15,12 @@ from pathlib import Path
 
 import ray
 
+from runner.capacity import max_concurrent
+from runner.progress import progress, say
 from runner.spec import ClusterSpec, TrainSpec
 from runner.train.cell import Cell, Group
 
 HEAD = "node:__internal_head__"  # a resource only the head node has
-
-
-def max_concurrent(train: TrainSpec, cluster: ClusterSpec | None = None, resources: dict | None = None) -> int:
-    """How many cells' worker groups fit at once. GPU cells are sized from the spec's `cluster` when
-    it declares one: an autoscaling cluster shows few or no GPUs at start-up (min_workers: 0), and
-    sizing from that would run the whole grid one cell at a time. A cell the cluster can never hold
-    is an error (its trial would wait forever); GPU cells with no GPU seen nor declared wait."""
-    from runner.capacity import CapacityError, capacity
-    cap = capacity(cluster, resources)
-    kind, per = ("GPU", train.gpus_per_worker) if train.gpus_per_worker > 0 else ("CPU", train.cpus_per_worker)
-    if not cap[kind]:
-        return 1
-    fit = cap[kind] / (per * train.workers)
-    node, where = cap[f"node_{kind.lower()}s"], "the spec's cluster: section" if cluster else "the live cluster"
-    if fit < 1 or per > node:
-        raise CapacityError(f"train: a cell asks for {train.workers} worker(s) of {per:g} {kind} and the cluster holds "
-                            f"at most {cap[kind]:g} {kind}, {node:g} a node ({where}): lower train.workers or "
-                            f"train.{kind.lower()}s_per_worker")
-    return max(1, math.floor(fit))
 
 
 def _trial(config: dict) -> None:
@@ -49,8 +31,8 @@ def _trial(config: dict) -> None:
     (a cell's metrics are its metrics.jsonl), and the forwarding queue could deadlock the trial at
     its end: the trial's main thread blocked on a full result queue that only it consumes (seen in
     CI with Ray 2.60: `_get_result_from_queues` → `report` → `Queue.put`)."""
+    # deferred: transformers, torch and deepspeed (runner.train.launch) load in the trial's process only
     from transformers import AutoTokenizer
-
     from runner.train.launch import train_cell, train_group
 
     group: Group = config["group"]
@@ -75,9 +57,8 @@ def run_grid(groups: list[Group], train: TrainSpec, storage: Path, name: str,
     ids = [c.cell_id for g in groups for c in g.cells]
     if len(set(ids)) != len(ids):
         raise ValueError(f"cell ids must be unique: {sorted(i for i in set(ids) if ids.count(i) > 1)}")
+    # deferred: ray.tune (~0.6 s) and torch (runner.train.loop) only when a grid runs
     from ray import tune
-
-    from runner.progress import progress, say
     from runner.train.loop import steps_done
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no experiment banner: our own bar reports progress

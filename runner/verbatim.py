@@ -30,9 +30,11 @@ import time
 from fnmatch import fnmatch
 from pathlib import Path
 
+import psutil
 import yaml
 
-from runner.local_cluster import BIN, LocalCluster, free_port
+from runner.local_cluster import BIN, LocalCluster, free_port, pids_matching
+from runner.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -235,9 +237,7 @@ class Machine:
     def write_spec(self, models: int | None) -> dict:
         """The checkout's spec replaced by its rehearsal (runner.rehearse: tiny models, shrunk data, GPUs
         mapped onto CPUs), its shared-filesystem paths on this machine and `tracking.uri` the server's."""
-        from runner.rehearse import rehearsal_spec
-        from runner.spec import load_spec
-
+        from runner.rehearse import rehearsal_spec  # deferred: runner.rehearse imports ray, which this driver does not need
         rel = self.submit_line()[1]
         full = load_spec(ROOT / rel)
         s = self.cluster.state
@@ -277,10 +277,6 @@ class Machine:
     def node_holding(self, class_name: str) -> int | None:
         """The index among live worker nodes of one running a `class_name` actor (its process title,
         `ray::<class>`: no Ray client, whose token and address this process does not hold)."""
-        import psutil
-
-        from runner.local_cluster import pids_matching
-
         for i, w in enumerate(self.cluster.state["workers"]):
             for pid in pids_matching(w["temp_dir"]):
                 try:

@@ -90,3 +90,19 @@ def test_every_shipped_spec_fits_its_declared_cluster():
     for path in sorted((ROOT / "jobs").glob("*.yaml")):
         spec = load_spec(path)
         assert cluster_fit.problems(spec, cluster_fit.declared(spec)) == [], path
+
+
+def test_live_limits_take_the_declared_gpus_where_more_and_size_units_by_gpus():
+    """runner.capacity's sizing reads this arithmetic: live CPUs, GPUs live or declared (an autoscaler's
+    maximum) whichever is more, the largest node of either; a unit that needs a GPU is counted by GPUs."""
+    from runner.spec import ClusterSpec
+    live = cluster_fit.of_nodes([{"CPU": 4, "GPU": 2}, {"CPU": 8}], "live")
+    most = cluster_fit.limits(live, ClusterSpec(nodes=2, gpus_per_node=4))
+    assert most == {"CPU": 12, "GPU": 8, "node_cpus": 8, "node_gpus": 4}
+    assert cluster_fit.limits(live) == {"CPU": 12, "GPU": 2, "node_cpus": 8, "node_gpus": 2}
+    gpu = cluster_fit.Room.of(most, cpus=1, gpus=0.5)
+    assert (gpu.kind, gpu.need, gpu.total, gpu.node) == ("GPU", 0.5, 8, 4) and gpu.at_once() == 16
+    assert gpu.at_once(per_group=3) == 5  # groups of 3 half-GPU units: 1.5 GPUs each
+    cpu = cluster_fit.Room.of(most, cpus=3, gpus=0)
+    assert (cpu.kind, cpu.at_once(), cpu.at_once(per_group=2)) == ("CPU", 4, 2)
+    assert cluster_fit.Room.of(cluster_fit.limits(cluster_fit.of_nodes([], "none")), 1, 1).total == 0  # none seen

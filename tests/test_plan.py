@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.plan import PlanError, default_cluster, estimate, measured_judge_rps, params_b
+from runner.measure import measured_judge_rps
+from runner.plan import PlanError, default_cluster, estimate, params_b
 from runner.spec import AnnotateCheck, PositiveControlSpec, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,7 +106,7 @@ def test_plan_refuses_training_that_cannot_fit_a_gpu():
 
 
 def test_train_memory_estimate_scales_as_documented():
-    from runner.plan import train_memory_gb
+    from runner.train.memory import train_memory_gb
     from runner.spec import TrainSpec
 
     lora = TrainSpec(bf16=True, micro_batch_size=1, max_length=2048, workers=1, batch_size=8)
@@ -143,7 +144,7 @@ def test_annotate_check_is_counted_on_the_check_judge():
 
 
 def test_adapters_per_group_from_memory_and_the_paper_saving_line(tiny_model):
-    from runner.plan import adapters_per_group, group_memory_gb, model_shape
+    from runner.train.memory import adapters_per_group, group_memory_gb, model_shape
 
     t = load_spec(ROOT / "jobs" / "paper.yaml").train
     # one base copy; each adapter adds its state, each micro-batch in a forward its activations
@@ -218,7 +219,7 @@ def test_measured_rates_take_the_defaults_place():
 def test_plan_measure_on_the_smoke_spec(capsys):
     """`valind plan --measure` on a local Ray cluster: DPO steps of the tiny model through train_cell,
     a judge batch and a generation batch through the engine pools; the second plan is from them."""
-    from runner.plan import plan_spec
+    from runner.measure import plan_spec
 
     spec = load_spec(ROOT / "jobs" / "smoke.yaml")
     plan = plan_spec(spec, "smoke", measure=True, steps=2)

@@ -4,7 +4,8 @@
 - `TransformersEngine`: plain transformers + peft, where vLLM cannot run.
 - `EnginePool`: N Ray actors each holding one engine; requests are fanned out in batches.
 """
-from runner.engines.base import EngineConfig, make_engine
+from runner.engines.base import EngineConfig
+from runner.engines.factory import make_engine
 from runner.engines.pool import EnginePool
 
 __all__ = ["EngineConfig", "EnginePool", "make_engine"]

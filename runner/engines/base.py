@@ -71,15 +71,4 @@ def truncate_left(ids: list[int], room: int) -> list[int]:
     return ids[-room:] if len(ids) > room else ids
 
 
-def make_engine(cfg: EngineConfig):
-    backend = cfg.resolved_backend()
-    if backend == "vllm":
-        from runner.engines.vllm_engine import VLLMEngine
-        return VLLMEngine(cfg)
-    if backend == "transformers":
-        from runner.engines.hf_engine import TransformersEngine
-        return TransformersEngine(cfg)
-    raise ValueError(f"unknown engine backend {backend!r}")
-
-
-__all__ = ["AdapterError", "EngineConfig", "check_adapter", "Request", "ScoreRequest", "make_engine", "render_prompt_ids", "truncate_left"]
+__all__ = ["AdapterError", "EngineConfig", "check_adapter", "Request", "ScoreRequest", "render_prompt_ids", "truncate_left"]

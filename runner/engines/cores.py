@@ -45,7 +45,7 @@ def bind_engine_threads(n: int, tensor_parallel: int = 1) -> dict:
     When other actors hold every core (more actors than cores: several Ray nodes on one machine,
     say), the actor shares all of its cores unbound and says so.
     """
-    import torch
+    import torch  # deferred: torch (~1 s) only in an engine actor, where the engine needs it anyway
 
     cores = claim_cores(n)
     if cores:

@@ -35,7 +35,7 @@ def fault(point: str) -> None:
             os._exit(1)
         if kind == "hang":
             time.sleep(10 ** 6)
-        from vllm.v1.engine.exceptions import EngineDeadError
+        from vllm.v1.engine.exceptions import EngineDeadError  # deferred: vLLM (~10 s), for this fault only
         raise EngineDeadError("(injected by VALIND_TEST_ENGINE_FAULTS)")
 
 

@@ -1,10 +1,13 @@
 """transformers + peft engine: the fallback where vLLM cannot run (and the benchmark baseline)."""
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Sequence
 
 import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evaluation.types import Request, ScoreRequest
 from runner.engines.base import EngineConfig, render_prompt_ids, truncate_left
@@ -23,9 +26,6 @@ class TransformersEngine:
     serial_adapters = True  # each adapter's requests are generated as batches of their own
 
     def __init__(self, cfg: EngineConfig, batch_size: int = 16):
-        import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.cfg, self.batch_size = cfg, batch_size
         self.name = f"{Path(cfg.model).name}@transformers-{transformers.__version__}"
         self.version = transformers.__version__
@@ -38,16 +38,13 @@ class TransformersEngine:
         self._adapters: dict[str, str] = {}
 
     def close(self) -> None:
-        import gc
-
-        import torch
         del self.model, self.base
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def _use(self, adapter: str | None):
-        from peft import PeftModel
+        from peft import PeftModel  # deferred: peft takes ~1 s to import, only for a LoRA request
         if adapter is None:
             return self.base if not self._adapters else _Disabled(self.model)
         if adapter not in self._adapters:

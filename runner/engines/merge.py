@@ -8,16 +8,18 @@ generates at base-model speed. Only plain LoRA on linear weights is merged; anyt
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from runner.engines.base import AdapterError, check_adapter
 
 
 def _tensors(path: Path, names: set[str] | None = None) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys() if names is None or k in names}
 
@@ -103,10 +105,6 @@ class MergedWeights:
         return {k: list(v) for k, v in getattr(self.model_runner.get_model(), "packed_modules_mapping", {}).items()}
 
     def load_merged(self, path: str) -> None:
-        import logging
-
-        from safetensors.torch import load_file
-
         # Only the adapters' modules are loaded: vLLM warns about every other layer ("Failed to load
         # weights", "not loaded") and keeps it as it is, which is the point.
         quiet = [logging.getLogger(f"vllm.model_executor.model_loader.reload.{m}") for m in ("layerwise", "inplace")]

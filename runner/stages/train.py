@@ -113,11 +113,11 @@ def _train(ctx, todo) -> None:
 def group_cells(ctx, train, cells: list) -> list:
     """The cells as training Groups: per base model, at most train.adapters_per_group adapters ("auto":
     all) in groups of no fewer than the cluster runs at once, with as many micro-batches per forward
-    as a worker's memory holds (runner.train_memory.adapters_per_group)."""
+    as a worker's memory holds (runner.train.memory.adapters_per_group)."""
     import ray
 
     from runner.plan import params_b
-    from runner.train_memory import group_layout, model_shape, worker_budget_gb
+    from runner.train.memory import group_layout, model_shape, worker_budget_gb
     from runner.sweep import max_concurrent
     from runner.train.cell import Group
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ from runner.spec import LoraSpec
 
 
 def lora_config(lora: LoraSpec):
-    from peft import LoraConfig
+    from peft import LoraConfig  # deferred: peft takes ~4 s to import; full fine-tuning never needs it
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
 
@@ -26,7 +28,7 @@ def lora_config(lora: LoraSpec):
 def add_lora(model, lora: LoraSpec, seed: int, name: str = "default"):
     """Add one LoRA adapter initialised from `seed` alone (whatever the global RNG went through before):
     the same adapter whether its cell trains alone or beside others. Returns the PeftModel."""
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model  # deferred: peft takes ~4 s to import; full fine-tuning never needs it
 
     torch.manual_seed(seed)
     if isinstance(model, PeftModel):
@@ -39,6 +41,7 @@ def save_zero_adapter(model_dir, lora: LoraSpec, out, trust_remote_code: bool = 
     """Save to `out` the LoRA adapter `lora` describes on the model in `model_dir`, as peft initialises
     it (A random, every B = 0), so it changes nothing: the adapter probe's null. Built on an empty
     (meta) model, so no base weights are loaded; only the adapter's own tensors are allocated."""
+    # deferred: peft (~4 s) and transformers (~2 s), for the adapter probe only
     from peft import get_peft_model
     from peft.tuners.lora import LoraLayer
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -123,7 +126,7 @@ def build_adapters(model, lora: LoraSpec, seeds: list[int]):
     """K trainable adapters named a0..aK-1 (seeded as `add_lora`) on `model`, routed by a Router.
 
     Returns (peft model, router, params): params[k] are adapter k's parameters in a fixed order."""
-    from peft.tuners.lora import LoraLayer, Linear
+    from peft.tuners.lora import LoraLayer, Linear  # deferred: peft takes ~4 s to import; full fine-tuning never needs it
 
     names = [f"a{k}" for k in range(len(seeds))]
     for name, seed in zip(names, seeds):
@@ -162,9 +165,6 @@ def load_adapter_state(model, name: str, state: dict[str, torch.Tensor]) -> None
 
 def save_adapter(model, name: str, out: Path) -> None:
     """Adapter `name` as a peft adapter directory (what a cell trained alone saves) in `out`."""
-    import shutil
-    import tempfile
-
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         model.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True)

@@ -16,20 +16,28 @@ so the two agree to bf16 rounding, and to 1e-5 in fp32 (tests/test_group.py).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from runner.store import read_state
+from runner.store import atomic_dir, read_state
+from runner.train.adapters import adapter_state, build_adapters, load_adapter_state, save_adapter
 from runner.train.batches import Example, pair_blocks, response_logps
 from runner.train.cell import Cell
-from runner.train.losses import LossFn
-from runner.train.loop import (_schedule, metric_sums, progress_dir, progress_steps, record_start, record_step,
-                               step_metrics)
+from runner.train.losses import LossFn, make_loss
+from runner.train.loop import (_schedule, load_base, metric_sums, progress_dir, progress_steps, record_start,
+                               record_step, resumable, step_metrics)
+from runner.train.safe_load import load_tensors
 
 MAX_GRAD_NORM = 1.0  # as a cell alone (runner.train.loop.ds_config)
 
@@ -46,7 +54,6 @@ def final_dir(cell: Cell) -> Path:
 
 def finished(cell: Cell) -> bool:
     """Whether the cell's adapter finished training under this cell's key (final_dir)."""
-    from runner.train.loop import resumable
     state = read_state(final_dir(cell) / "state.json")
     return state is not None and resumable(cell, state) is not None
 
@@ -80,10 +87,6 @@ class HeapCap:
     it does nothing: results are the same either way."""
 
     def __init__(self, device, ratio: float = 1.3):
-        import ctypes
-        import ctypes.util
-
-        import psutil
         self.ratio, self.base, self._proc = ratio, None, psutil.Process()
         lib = ctypes.util.find_library("c") if device.type == "cpu" else None
         self._trim = getattr(ctypes.CDLL(lib), "malloc_trim", None) if lib else None
@@ -126,14 +129,11 @@ def group_step(model, router, forwards: list[dict[int, list[Example]]], loss_fn:
 
 def apply_step(slots: list[Slot], world: int) -> None:
     """Average the active adapters' gradients over workers, clip each adapter alone, step its AdamW."""
-    import torch.distributed as dist
-
     for s in slots:
         for p in s.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
     if world > 1:
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
         grads = [p.grad for s in slots for p in s.params]
         flat = _flatten_dense_tensors(grads)
         dist.all_reduce(flat)
@@ -148,9 +148,6 @@ def apply_step(slots: list[Slot], world: int) -> None:
 
 def build_group(cells: list[Cell], examples: list[list[Example]], device):
     """The frozen base with one routed adapter per cell; (model, router, slots)."""
-    from runner.train.adapters import build_adapters
-    from runner.train.loop import load_base
-
     train = cells[0].train
     model, router, params = build_adapters(load_base(cells[0]), train.lora, [c.seed for c in cells])
     model.to(device)
@@ -162,12 +159,6 @@ def build_group(cells: list[Cell], examples: list[list[Example]], device):
 
 def _resume(model, slot: Slot) -> bool:
     """Load the slot's own checkpoint, if it has one (final_dir: it is done). True if it resumed."""
-    from safetensors.torch import load_file
-
-    from runner.train.adapters import load_adapter_state
-    from runner.train.loop import resumable
-    from runner.train.safe_load import load_tensors
-
     for d in (final_dir(slot.cell), checkpoint_dir(slot.cell)):
         if (d / "state.json").is_file():
             state = resumable(slot.cell, read_state(d / "state.json", {}))
@@ -183,11 +174,6 @@ def _resume(model, slot: Slot) -> bool:
 
 
 def _save(model, slot: Slot, final: bool) -> None:
-    from safetensors.torch import save_file
-
-    from runner.store import atomic_dir
-    from runner.train.adapters import adapter_state, save_adapter
-
     with atomic_dir(final_dir(slot.cell) if final else checkpoint_dir(slot.cell)) as tmp:
         if final:
             save_adapter(model, slot.name, tmp / "model")
@@ -201,12 +187,10 @@ def _save(model, slot: Slot, final: bool) -> None:
 def group_loop(cfg: dict) -> None:
     """The worker: cfg is {"cells": [Cell], "examples": [ObjectRef of list[Example]] (one per cell),
     "pad_id", "per_forward", "fail_at_step"}."""
+    # deferred: Ray Train, in the training worker only (bench/group_check.py runs the group without Ray)
     import ray
     import ray.train
     import ray.train.torch
-
-    from runner.store import atomic_dir
-    from runner.train.adapters import save_adapter
 
     cells: list[Cell] = cfg["cells"]
     train = cells[0].train
@@ -238,8 +222,6 @@ def run_steps(model, router, slots: list[Slot], pad: int, device, rank: int = 0,
               per_forward: int | None = None):
     """Train the slots to the end, `per_forward` adapters' micro-batches per forward (default: all);
     yields the slots that stepped after every group step."""
-    from runner.train.losses import make_loss
-
     train = slots[0].cell.train
     loss_fn, micro = make_loss(train), train.micro_batch_size
     grad_acc = train.batch_size // (micro * world)
@@ -260,7 +242,6 @@ def run_steps(model, router, slots: list[Slot], pad: int, device, rank: int = 0,
         sums = group_step(model, router, forwards, loss_fn, pad, device, len(slots), grad_acc, heap)
         apply_step([slots[k] for k in active], world)
         if world > 1:
-            import torch.distributed as dist
             dist.all_reduce(sums)
         dt = time.perf_counter() - t0
         for k in active:

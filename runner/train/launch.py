@@ -22,6 +22,8 @@ from runner.spec import TrainSpec, content_hash
 from runner.store import atomic_dir, read_state, write_json
 from runner.train.batches import Example, encode_pairs
 from runner.train.cell import Cell
+from runner.train.group import final_dir, finished, group_loop
+from runner.train.loop import dist_backend, progress_dir, starts_file, train_loop
 from runner.train.reference import subsets_logps as _subsets_logps
 
 
@@ -126,10 +128,9 @@ def _encoded(cell: Cell, tokenizer) -> list[Example]:
 
 
 def _trainer(loop, cfg: dict, train: TrainSpec, name: str, work_dir: str):
+    # deferred: Ray Train takes ~2 s to import, only when a cell trains
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from runner.train.loop import dist_backend
 
     use_gpu = train.gpus_per_worker > 0
     resources = {"CPU": train.cpus_per_worker, **({"GPU": train.gpus_per_worker} if use_gpu else {})}
@@ -164,6 +165,7 @@ def _fit(loop, cfg: dict, train: TrainSpec, name: str, work_dir: str, what: str)
 def _lost_actor(e: BaseException) -> BaseException | None:
     """The RayActorError (a dead or unreachable actor) behind a *controller's* failure, if one is.
     A worker group's failures are Ray Train's to retry (FailureConfig), not this one's."""
+    # deferred: Ray Train takes ~2 s to import, only when a cell trains
     from ray.exceptions import RayActorError
     from ray.train import ControllerError
 
@@ -181,8 +183,6 @@ def _publish(cell: Cell, model: Path, metrics: Path, n_pairs: int, ref_hit: bool
              **extra) -> None:
     """Land a trained cell in cell.out_dir, atomically: model/, progress/<f>/ (train.eval_at),
     metrics.jsonl and cell.json."""
-    from runner.train.loop import progress_dir, starts_file
-
     train = cell.train
     with atomic_dir(Path(cell.out_dir)) as tmp:
         shutil.copytree(model, tmp / "model")
@@ -206,8 +206,6 @@ def train_cell(cell: Cell, tokenizer, fail_at_step: int | None = None) -> dict:
     """Train one cell on its pairs (the parquet at cell.pairs) under DeepSpeed; the final adapter (or
     full model) in model/, the ones part-way through in progress/<fraction>/ (train.eval_at),
     metrics.jsonl and cell.json land atomically in cell.out_dir."""
-    from runner.train.loop import train_loop
-
     started = time.time()
     examples = _encoded(cell, tokenizer)
     ref_hit, = reference_logps(cell, [examples])
@@ -227,8 +225,6 @@ def train_group(cells: list[Cell], tokenizer, per_forward: int | None = None,
     frozen base, an adapter per cell, `per_forward` adapters' micro-batches per forward (default
     all). Each cell lands in its out_dir as train_cell lands it; a cell whose adapter finished in an
     earlier group that did not end lands without training again."""
-    from runner.train.group import final_dir, finished, group_loop
-
     started = time.time()
     train = cells[0].train
     if len({(c.model_path, c.train.model_dump_json()) for c in cells}) != 1 or train.finetune != "lora":

@@ -7,6 +7,7 @@ run would have seen.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -16,11 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from runner.cluster import local_accelerator
 from runner.spec import TrainSpec
-from runner.store import read_state
+from runner.store import atomic_dir, read_state
+from runner.train.adapters import add_lora
+from runner.train.batches import pair_batch, response_logps
 from runner.train.cell import Cell
-from runner.train.losses import LossFn
+from runner.train.losses import LossFn, make_loss
+from runner.train.safe_load import safe_deepspeed_loads
 
 
 def _schedule(n: int, batch: int, epochs: int, seed: int) -> list[list[int]]:
@@ -44,10 +50,8 @@ def load_comm_op() -> None:
     training cell hanging. An flock dies with its holder, so whoever holds it knows that any lock
     file is stale. DeepSpeed then reuses the loaded op instead of loading it again.
     """
-    import fcntl
-
-    from runner.cluster import local_accelerator
     local_accelerator()
+    # deferred: DeepSpeed (~3 s) picks its accelerator (DS_ACCELERATOR) when first imported: after the line above
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
@@ -82,14 +86,13 @@ def build_model(cell: Cell):
     """The cell's model: the base with its LoRA adapter (seeded by the cell), or the whole base."""
     model = load_base(cell)
     if cell.train.finetune == "lora":
-        from runner.train.adapters import add_lora
         model = add_lora(model, cell.train.lora, cell.seed)
     return model
 
 
 def load_base(cell: Cell):
     """The base model in the cell's training precision, with activation checkpointing if asked."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: transformers (~2 s), in the training worker only
 
     train = cell.train
     # bf16 training loads in bf16: DeepSpeed would cast the module anyway, after a peak at fp32 size.
@@ -160,14 +163,11 @@ def resumable(cell, state: dict, rank: int = 0) -> dict | None:
 
 def train_loop(cfg: dict) -> None:
     """The worker: cfg is {"cell": Cell, "examples": ObjectRef of list[Example], "pad_id", "fail_at_step"}."""
-    from runner.cluster import local_accelerator
     local_accelerator()  # before DeepSpeed's first import in this worker
+    # deferred: DeepSpeed (~3 s, after local_accelerator) and Ray Train, in the training worker only
     import deepspeed
     import ray
     import ray.train
-    import torch.distributed as dist
-
-    from runner.train.losses import make_loss
 
     cell: Cell = cfg["cell"]
     train = cell.train
@@ -205,7 +205,6 @@ def train_loop(cfg: dict) -> None:
     steps = _schedule(len(examples), train.batch_size, train.epochs, seed)
     save_at = progress_steps(train.eval_at, len(steps))
     if ckpt:
-        from runner.train.safe_load import safe_deepspeed_loads
         safe_deepspeed_loads(engine)  # weights_only=True: a planted pickle in shared storage is refused, not run
         with ckpt.as_directory() as d:
             engine.load_checkpoint(os.path.join(d, "ds"), tag="state", load_module_strict=False)  # frozen: from the model
@@ -260,8 +259,6 @@ def optimizer_step(engine, micro_batches, loss_fn: LossFn, pad: int, device) -> 
     chosen, reward rejected, accuracy, margin, real tokens, pairs. Shared by `train_loop` and
     bench/train_throughput.py so the benchmark times exactly this step.
     """
-    from runner.train.batches import pair_batch, response_logps
-
     # On the training device: NCCL (GPU workers) has no all_reduce of CPU tensors, and summing there
     # spares a host sync per micro-batch.
     sums = torch.zeros(7, dtype=torch.float64, device=device)
@@ -295,9 +292,7 @@ def step_metrics(sums: list[float], step: int, lr: float, dt: float, epoch: floa
 
 
 def _save_progress(engine, zero_stage: int, rank: int, dirs: list[Path]) -> None:
-    import deepspeed
-
-    from runner.store import atomic_dir
+    import deepspeed  # deferred: DeepSpeed (~3 s), imported by train_loop in the worker that calls this
 
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None,
                                            enabled=zero_stage == 3):
@@ -308,6 +303,7 @@ def _save_progress(engine, zero_stage: int, rank: int, dirs: list[Path]) -> None
 
 def _report_with_checkpoint(engine, cell, rank: int, step: int, history: list[dict], metrics: dict,
                             final: bool):
+    # deferred: DeepSpeed (~3 s) and Ray Train, imported by train_loop in the worker that calls this
     import deepspeed
     import ray.train
     from ray.train import Checkpoint

@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from runner.train.batches import Example
+from runner.train.batches import Example, pair_batch, response_logps
 
 
 def subsets_logps(model_path: str, subsets: list[list[Example]], micro: int, threads: int,
                   trust_remote_code: bool, bf16: bool) -> list[list[tuple[float, float]]]:
     """runner.train.launch.compute_reference_logps of several subsets with one model load (free of Ray:
     launch runs it as a Ray task, bench/group_check.py on a machine without Ray)."""
-    from transformers import AutoModelForCausalLM
-
-    from runner.train.batches import pair_batch, response_logps
+    from transformers import AutoModelForCausalLM  # deferred: transformers takes ~2 s to import, for this task only
 
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -23,7 +23,7 @@ class UnsafeCheckpointError(ValindError):
 def _deepspeed_globals() -> list:
     """The non-tensor classes a DeepSpeed ZeRO 0-3 checkpoint pickles (found with
     torch.serialization.get_unsafe_globals_in_checkpoint on fp32 and bf16 checkpoints of each stage)."""
-    try:
+    try:  # deferred: DeepSpeed takes ~3 s to import, and only its own checkpoints need these
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
         from deepspeed.utils.tensor_fragment import fragment_address
