@@ -145,7 +145,7 @@ def cmd_judge(args) -> int:
     import pandas as pd
 
     from evaluation.judges.external import judge_table
-    from evaluation.suites.registry import external_judges
+    from evaluation.judges.registry import external_judges
     from runner.store import write_csv, write_parquet
 
     src, dst = Path(args.input), Path(args.output)
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "batch and a generation batch; print the plan from the measured rates beside the defaults")
     pl.add_argument("--measure-steps", type=int, default=3, help="DPO optimizer steps per model size (default 3)")
     pl.set_defaults(fn=cmd_plan)
-    from evaluation.suites.registry import external_judges
+    from evaluation.judges.registry import external_judges
     j = sub.add_parser("judge", help="score an outside table of (prompt, response) rows with a judge")
     j.add_argument("judge", choices=sorted(external_judges()))
     j.add_argument("--input", required=True, help="CSV, JSONL or parquet file")

@@ -161,7 +161,7 @@ def _pool_gpus(e) -> int:
 
 def source_pairs(spec: Spec) -> int:
     """Pairs to annotate: each source's max_pairs or its registered size, capped by annotate.max_pairs."""
-    from runner.data.sources import SOURCES
+    from runner.data.registry import SOURCES
     total = 0
     for i, src in enumerate(spec.data.sources):
         n = src.max_pairs or SOURCES[src.name].n_rows(src)
@@ -235,7 +235,7 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
     def judge(model: str):
         m = spec.model(model)
         p = params_b(m.name, m.path, m.params_b)
-        e = spec.annotate.engine or spec.engine
+        e = spec.section_engine("annotate")
         if ov.judge_responses_per_s:
             return ov.judge_responses_per_s, "spec plan:", e
         if measured and model in measured["judge"]:
@@ -292,7 +292,7 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
                              f"×{1 / REF_FRACTION:g} DPO rate", "default", used, ref_gh, ref_gh / used))
 
     # generate: one pool per base model, models one after another
-    ge = g.engine or spec.engine
+    ge = spec.section_engine("generate")
     gen_gh = gen_wall = 0.0
     lora = t.finetune == "lora"
     for m in spec.models:

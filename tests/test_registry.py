@@ -19,7 +19,7 @@ def _spec(tmp_path) -> dict:
     d["controls"] = {"count": 1}
     d["seeds"] = {"values": [0, 1]}
     d["generate"] = {"suites": ["toy"], "sampling": {"max_tokens": 8}}
-    d["score"] = {"refusal_judges": ["strmatch"]}
+    d["score"] = {"suites": {"safety": {"judges": ["strmatch"]}}}
     d["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     return d
 

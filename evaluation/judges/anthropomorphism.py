@@ -11,6 +11,7 @@ import re
 import pandas as pd
 
 from ..types import Engine, Request
+from .registry import Judge, register
 from ._common import as_chat, records, render, row, straight_apostrophes, strip_thinking, to_frame
 
 # Bump when this judge's prompt, parsing or scoring changes: score keys hold it, so cached scores are redone.
@@ -138,3 +139,8 @@ def score_anthropomorphism(items: pd.DataFrame, generations: pd.DataFrame, engin
             s = parse_rubric(t)
             rows.append(row(g, LLM_METRIC, None if s is None else float(s), f"{LLM}:{engine.name}", t))
     return to_frame(rows, with_run)
+
+
+# `valind judge` on outside tables
+register(Judge("anthro-lexical", lambda i, g, e: score_anthropomorphism(i, g, engine=None, llm=False), False, VERSION))
+register(Judge("anthro-llm", lambda i, g, e: score_anthropomorphism(i, g, engine=e, llm=True), True, VERSION))

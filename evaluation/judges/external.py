@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..suites.registry import external_judges
+from .registry import external_judges
 from ..types import Engine
 
 

@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 import pandas as pd
 
 from ..types import Engine
+from .registry import Judge, register
 from ._common import as_chat, records, row, score_yes_no, straight_apostrophes, to_frame, yes_no_raw
 
 # Bump when this judge's prompt, parsing or scoring changes: score keys hold it, so cached scores are redone.
@@ -143,3 +144,9 @@ def judge_agreement(data_dir: Path, judges: Iterable[str] = ("strmatch", "substr
         out.append({"judge": name, "n": n, "accuracy": (tp + tn) / n if n else float("nan"),
                     "kappa": cohen_kappa(h, p), "tp": tp, "fp": fp, "fn": fn, "tn": tn})
     return pd.DataFrame(out, columns=["judge", "n", "accuracy", "kappa", "tp", "fp", "fn", "tn"])
+
+
+# `valind judge` on outside tables: each judge alone
+register(Judge("refusal-strmatch", lambda i, g, e: score_refusal(i, g, judges=["strmatch"]), False, VERSION))
+register(Judge("refusal-substring", lambda i, g, e: score_refusal(i, g, judges=["substring"]), False, VERSION))
+register(Judge("refusal-llm", lambda i, g, e: score_refusal(i, g, judges=["llm"], engine=e), True, VERSION))

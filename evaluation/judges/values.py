@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from ..types import VALUES, Engine, Request, ScoreRequest
+from .registry import Judge, register
 from ._common import (as_chat, p_yes, records, render, row, score_yes_no, strip_thinking, to_frame, yes_no_raw,
                       yes_no_requests)
 
@@ -204,3 +205,6 @@ def score_values(items: pd.DataFrame, generations: pd.DataFrame, engine: Engine,
                 rows.append(row(g, f"p_expresses/{v}", p, judge, cell))
                 rows.append(row(g, f"expresses/{v}", None if math.isnan(p) else float(p > threshold), judge, cell))
     return to_frame(rows, with_run)
+
+
+register(Judge("values", lambda i, g, e: score_values(i, g, e), True, VERSION))  # `valind judge`

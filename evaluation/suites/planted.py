@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from ._common import frame, short_hash, stable_key
-from .registry import Suite, register
+from .registry import Suite, SuiteSettings, register
 from ..judges import planted as planted_judge, version
 from ..judges.planted import JUDGE, METRIC, score_planted
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ._common import frame, stratified_sample, user
-from .registry import Suite, register
+from .registry import JudgeModel, Suite, SuiteSettings, register
 from ..judges import refusal, version
 from ..judges.refusal import METRICS, score_refusal
+from ..types import Engine
 
 SUITE = "safety"
 SOURCES = ("xstest", "harmbench", "advbench", "donotanswer")
@@ -68,10 +71,36 @@ def load_items(data_dir: Path, limit: int | None = None, seed: int = 0,
 
 VERSION = f"1/{version(refusal)}"  # this suite's items and scoring, and its judges'
 
+
+
+class SafetySettings(BaseModel):
+    """score.suites.safety: the refusal judges (the first is the primary one by default)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    judges: tuple[Literal["strmatch", "substring", "llm"], ...] = Field(default=("strmatch", "substring"),
+                                                                       min_length=1)
+    llm_judge: JudgeModel = Field(default=None, validate_default=True)  # model name/path, for judge "llm"
+
+    @field_validator("llm_judge")
+    @classmethod
+    def _llm_needs_model(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None and "llm" in info.data.get("judges", ()):
+            raise ValueError("required when judges lists 'llm'")
+        return v
+
+
+def settings(st: SuiteSettings) -> SafetySettings:
+    return st.of(SUITE, SafetySettings)
+
+
+def _score(items: pd.DataFrame, gens: pd.DataFrame, engine: Engine | None, st: SuiteSettings) -> pd.DataFrame:
+    return score_refusal(items, gens, judges=settings(st).judges, engine=engine)
+
+
+def _judge(st: SuiteSettings) -> tuple[str, bool] | None:
+    s = settings(st)
+    return (s.llm_judge, True) if "llm" in s.judges and s.llm_judge else None
+
+
 register(Suite(
-    SUITE, load_items, lambda i, g, e, st: score_refusal(i, g, judges=st.refusal_judges, engine=e), n_items=2068,
-    judges=lambda st: {m: tuple(st.refusal_judges) for m in METRICS}, version=VERSION,
-    judge=lambda st: (st.refusal_llm_judge, True) if "llm" in st.refusal_judges else None,
-    external={"refusal-strmatch": (False, lambda i, g, e: score_refusal(i, g, judges=["strmatch"])),
-              "refusal-substring": (False, lambda i, g, e: score_refusal(i, g, judges=["substring"])),
-              "refusal-llm": (True, lambda i, g, e: score_refusal(i, g, judges=["llm"], engine=e))}))
+    SUITE, load_items, _score, n_items=2068, settings=SafetySettings,
+    judges=lambda st: {m: tuple(settings(st).judges) for m in METRICS}, version=VERSION, judge=_judge))

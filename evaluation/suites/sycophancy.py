@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from ._common import frame, stratified_sample, user
-from .registry import Suite, register
+from .registry import Suite, SuiteSettings, register
 from ..judges import sycophancy as syco_judge, version
 from ..judges.sycophancy import JUDGES, score_sycophancy
 

@@ -1,7 +1,7 @@
 """Preference-pair loaders: HH-RLHF, UltraFeedback (binarized), PKU-SafeRLHF, HelpSteer 2, the Tulu 3
 preference mixture and local jsonl/json/parquet files, normalised to one table of PreferencePair rows.
 
-Each source is one `Source` entry in `SOURCES` (see `register`); the spec's source names, the
+Each source is one `Source` entry in `SOURCES` (runner.data.registry); the spec's source names, the
 loader and `valind plan` all read that registry. Every source yields raw rows in a deterministic
 order; a source whose rows are single responses first groups them (`Source.group`); its converter
 turns a (grouped) row into a pair or raises `_Drop`, so all sources share the same validity rules
@@ -26,87 +26,21 @@ import os
 import re
 import socket
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import urlparse
 
 import pandas as pd
 
-from evaluation.errors import ValindError
 from evaluation.types import PAIR_COLUMNS
-from runner.spec import SourceSpec
+from runner.data.registry import SOURCES, Converter, DataError, Rows, Source, _Drop, get_source, register
+from runner.spec_sections import SourceSpec
 
 COLUMNS = (*PAIR_COLUMNS, "n_turns")
 DROP_REASONS = ("missing_field", "empty_response", "no_final_assistant_turn", "identical",
                 "over_length", "malformed", "duplicate_id", "tied")
 EXTENSIONS = (".jsonl", ".jsonl.gz", ".parquet")
 ROLES = ("system", "user", "assistant")
-
-Converter = Callable[[dict], tuple]  # row -> (prompt, chosen, rejected, pair_id or None); raises _Drop
-Rows = Iterator[tuple[int, dict]]    # (row index in the file or hub split, raw row)
-
-
-class DataError(ValindError):
-    """A preference source that cannot be read or resolved; the message names the file or dataset."""
-
-
-class _Drop(Exception):
-    def __init__(self, reason: str):
-        self.reason = reason
-
-
-# --- the registry ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Source:
-    """One preference source. The format strings below may use {name}, {subset}, {split} (after
-    aliasing) and {file} (the stem of a local source's path)."""
-    name: str                                   # the spec's data.sources[].name
-    hub_id: str | None                          # Hugging Face dataset; None: no hub fallback
-    converter: Callable[[SourceSpec], Converter]
-    splits: tuple[str, ...] = ()                # () = the split is not checked (local files)
-    split_aliases: dict[str, str] = field(default_factory=dict)  # spec split -> dataset split
-    rows: dict[str, int] = field(default_factory=dict)  # "split" or "subset/split" -> rows (valind plan)
-    subsets: tuple[str, ...] = ()               # allowed `subset` values; () = subset unused
-    default_subset: str | None = None
-    refused_subsets: dict[str, str] = field(default_factory=dict)  # subset -> why it is not usable
-    file_stem: str = "{name}-{split}"           # <data_dir>/preference/<file_stem><ext>, before the hub
-    hub_kwargs: dict[str, str] = field(default_factory=dict)  # extra load_dataset() kwargs
-    pair_prefix: str = "{name}/{split}"         # pair_id = <pair_prefix>/<row index>
-    label: str = "{name}"                       # the pairs' `source` column
-    reader: Callable[[SourceSpec, Path | None], Rows] | None = None
-    # ^ reads the (index, row)s itself instead of the data dir / hub lookup (local files)
-    group: Callable[[Rows], Rows] | None = None
-    # ^ combines raw rows into the converter's rows (per-response rows -> one row per prompt); a
-    #   grouped row keeps its first raw row's index, so pair_ids point into the file
-
-    def dataset_split(self, split: str) -> str:
-        return self.split_aliases.get(split, split)
-
-    def n_rows(self, spec: SourceSpec) -> int | None:
-        """Rows of the split (and subset) a spec asks for, if known."""
-        split, subset = self.dataset_split(spec.split), spec.subset or self.default_subset
-        return self.rows.get(f"{subset}/{split}", self.rows.get(split))
-
-
-SOURCES: dict[str, Source] = {}
-
-
-def register(source: Source) -> Source:
-    """Add a source under its name (which the spec's data.sources[].name then accepts)."""
-    if source.name in SOURCES:
-        raise ValueError(f"source {source.name!r} is already registered")
-    SOURCES[source.name] = source
-    return source
-
-
-def get_source(name: str) -> Source:
-    try:
-        return SOURCES[name]
-    except KeyError:
-        raise DataError(f"unknown source {name!r}; known: {', '.join(sorted(SOURCES))}") from None
-
 
 # --- public entry point ------------------------------------------------------------------------
 
