@@ -380,8 +380,9 @@ class TrainSpec(_Section):
 
 
 class GenerateSpec(_Section):
-    # Registered suites (evaluation.suites); default: every suite a spec may list
-    suites: list[str] = Field(default_factory=lambda: suite_registry.listable(), min_length=1)
+    # Registered suites (evaluation.suites, plugins' included); default: every built-in suite a spec may
+    # list (an installed plugin's suite runs where a spec lists it: installing one changes no study)
+    suites: list[str] = Field(default_factory=lambda: suite_registry.listable(plugins=False), min_length=1)
     items_per_suite: int | None = Field(default=None, ge=1)  # cap per suite; None = all items
     sampling: SamplingSpec = SamplingSpec(max_tokens=128)
     engine: EngineSpec | None = None  # the evaluated models' engines; None = `engine`
