@@ -110,9 +110,10 @@ class Registry(Generic[T]):
         return [n for n, _ in self.items()]
 
     def items(self) -> list[tuple[str, T]]:
-        """Built-in ones first, then the plugins', each in registration order."""
+        """Built-in ones, then the plugins', each by name: the order never depends on which module was
+        imported first (a spec's default suite list, and so its keys, stay the same)."""
         self._load()
-        return sorted(self._items.items(), key=lambda kv: kv[0] in self._plugin)
+        return sorted(self._items.items(), key=lambda kv: (kv[0] in self._plugin, kv[0]))
 
     def values(self) -> list[T]:
         return [t for _, t in self.items()]

@@ -171,7 +171,7 @@ class _FakeEngine:
 def _fake_items(name: str) -> pd.DataFrame:
     """A few items of each suite, made so that every metric its scorer has is emitted."""
     from evaluation.suites import get
-    if name in ("values", "anthropomorphism", "toy"):
+    if name in ("values", "anthropomorphism", "toy", "greeting"):  # greeting: the example plugin
         return get(name).load_items(None, 6, 0)
     if name == "planted":
         return get(name).load_items(None, None, 0, held_out_prompts=[[{"role": "user", "content": "Hi"}]])

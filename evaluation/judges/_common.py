@@ -18,7 +18,7 @@ NAN = float("nan")
 _THINK_RE = re.compile(r"<thinking>.*?(</thinking>|$)", re.S | re.I)
 
 
-def as_chat(messages: Any) -> tuple[dict, ...]:
+def as_chat(messages: Any) -> tuple[dict[str, Any], ...]:
     """A messages cell (list, tuple, numpy array after parquet, or JSON string) -> tuple of dicts."""
     if isinstance(messages, str):
         messages = json.loads(messages)
@@ -37,7 +37,7 @@ def straight_apostrophes(text: str | None, left_quote: bool = False) -> str:
     return t.replace("\u2018", "'") if left_quote else t
 
 
-def render(messages: Iterable[dict], response: str | None = None) -> str:
+def render(messages: Iterable[dict[str, Any]], response: str | None = None) -> str:
     """A chat as plain text for a judge prompt ("User: …\\n\\nAI: …")."""
     names = {"user": "User", "assistant": "AI", "system": "System"}
     turns = [f"{names.get(m['role'], m['role'])}: {m['content']}" for m in messages]
@@ -92,7 +92,7 @@ def join(items: pd.DataFrame, generations: pd.DataFrame) -> pd.DataFrame:
     return g.merge(items, on=keys, how="inner", validate="many_to_one")
 
 
-def row(g: Any, metric: str, value: float | None, judge: str, raw: str = "") -> dict:
+def row(g: Any, metric: str, value: float | None, judge: str, raw: str = "") -> dict[str, Any]:
     """One score row for generation `g` (a namedtuple/Series); value None or NaN -> unscored."""
     ok = value is not None and not (isinstance(value, float) and math.isnan(value))
     out = {"suite": g["suite"], "item_id": g["item_id"], "metric": metric,
@@ -102,7 +102,7 @@ def row(g: Any, metric: str, value: float | None, judge: str, raw: str = "") -> 
     return out
 
 
-def to_frame(rows: list[dict], with_run_id: bool) -> pd.DataFrame:
+def to_frame(rows: list[dict[str, Any]], with_run_id: bool) -> pd.DataFrame:
     cols = list(SCORE_COLUMNS if with_run_id else SCORE_COLUMNS[1:])
     df = pd.DataFrame(rows, columns=cols)
     df["value"] = df["value"].astype(float)
@@ -110,7 +110,7 @@ def to_frame(rows: list[dict], with_run_id: bool) -> pd.DataFrame:
     return df
 
 
-def records(items: pd.DataFrame, generations: pd.DataFrame) -> tuple[list[dict], bool]:
+def records(items: pd.DataFrame, generations: pd.DataFrame) -> tuple[list[dict[str, Any]], bool]:
     """Joined rows as dicts, and whether they carry run_id."""
     j = join(items, generations)
     return j.to_dict("records"), "run_id" in j.columns

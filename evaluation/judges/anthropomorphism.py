@@ -6,6 +6,8 @@ index undercounts paraphrases but every hit can be read off the `raw` column.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import re
 
 import pandas as pd
@@ -126,7 +128,7 @@ def score_anthropomorphism(items: pd.DataFrame, generations: pd.DataFrame, engin
     """Metrics "anthro_lexical_per100" (total), "anthro_lexical_per100/<category>", and with an
     engine "anthro_llm" (0-5; unscored when the verdict has no score)."""
     recs, with_run = records(items, generations)
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     for g in recs:
         idx = lexical_index(str(g["response"] or ""))
         raw = "" if idx is None else idx.pop("_hits")

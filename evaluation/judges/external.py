@@ -1,6 +1,8 @@
 """Any judge of the suites on outside data: a table of (prompt, response) rows in, verdicts out."""
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 
 from .registry import external_judges

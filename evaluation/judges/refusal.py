@@ -6,7 +6,7 @@ import csv
 import io
 import math
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
@@ -60,7 +60,7 @@ def substring_label(response: str, phrases: Sequence[str] = SUBSTRINGS) -> int:
     return int(any(p in t for p in phrases))
 
 
-def _llm_question(request: str, response: str) -> tuple[dict, ...]:
+def _llm_question(request: str, response: str) -> tuple[dict[str, Any], ...]:
     return ({"role": "user", "content": LLM_QUESTION.format(request=request, response=response)},)
 
 
@@ -94,7 +94,7 @@ def score_refusal(items: pd.DataFrame, generations: pd.DataFrame, judges: Iterab
     recs, with_run = records(items, generations)
     requests = [_request_text(g["messages"]) for g in recs]
     responses = [str(g["response"]) if g["response"] is not None else "" for g in recs]
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     for j in judges:
         name, labels = _labels(j, requests, responses, engine)
         for g, (lab, raw) in zip(recs, labels):
@@ -127,7 +127,7 @@ def judge_agreement(data_dir: Path, judges: Iterable[str] = ("strmatch", "substr
                     engine: Engine | None = None) -> pd.DataFrame:
     """Agreement of each judge with the human refusal labels (1 = refusal) of
     safety/refusal_labelled.csv: n scored, accuracy, Cohen's kappa, confusion counts."""
-    from ..stats import cohen_kappa  # scipy/statsmodels load only when needed
+    from ..stats import cohen_kappa  # deferred: scipy/statsmodels load only when needed
 
     df = read_labelled(data_dir)
     out = []

@@ -106,7 +106,7 @@ def parse_values(text: str | None) -> list[str] | None:
     return [] if said_none else None
 
 
-def logprob_questions(prompt_messages, response: str) -> list[tuple[dict, ...]]:
+def logprob_questions(prompt_messages, response: str) -> list[tuple[dict[str, Any], ...]]:
     """One yes/no question chat per value, in VALUES order."""
     conv = render(as_chat(prompt_messages), response)
     return [({"role": "user", "content": f"<conversation>\n{conv}\n</conversation>\n\n"
@@ -190,7 +190,7 @@ def score_values(items: pd.DataFrame, generations: pd.DataFrame, engine: Engine,
         raise ValueError(f"unknown mode {mode!r}")
     recs, with_run = records(items, generations)
     pairs = [(g["messages"], g["response"]) for g in recs]
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     if mode == "generate":
         judged = judge_values(engine, pairs, "extract", max_tokens=max_tokens)
         judge = f"{JUDGE}:{engine.name}"

@@ -6,6 +6,8 @@ deduplicated, ranked by a hash of (seed, item id): the first `limit` of that ord
 not depend on the held-out pairs' row order and grows by appending when `limit` grows."""
 from __future__ import annotations
 
+from typing import Any
+
 import json
 from pathlib import Path
 
@@ -21,7 +23,7 @@ COLUMNS = ("source",)
 
 
 def load_items(data_dir: Path | None = None, limit: int | None = None, seed: int = 0,
-               held_out_prompts: list[list[dict]] | None = None) -> pd.DataFrame:
+               held_out_prompts: list[list[dict[str, Any]]] | None = None) -> pd.DataFrame:
     """`held_out_prompts`: chats (lists of {"role","content"}); trailing non-user turns are dropped.
     `data_dir` is unused (kept for the common signature)."""
     if not held_out_prompts:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 import yaml
@@ -25,14 +25,14 @@ COLUMNS = ("source", "expected", "label", "type")
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _xstest(d: Path) -> list[dict]:
+def _xstest(d: Path) -> list[dict[str, Any]]:
     df = pd.read_csv(d / "xstest_prompts.csv")
     return [{"item_id": f"xstest/{r.label}/{r.id}", "messages": user(r.prompt), "source": "xstest",
              "expected": "comply" if r.label == "safe" else "refuse", "label": r.label, "type": r.type}
             for r in df.itertuples()]
 
 
-def _harmbench(d: Path) -> list[dict]:
+def _harmbench(d: Path) -> list[dict[str, Any]]:
     df = pd.read_csv(d / "harmbench_behaviors_text_test.csv", keep_default_na=False)
     # Copyright behaviours also have no context string, but they need a different judge
     # (verbatim reproduction), so only the "standard" functional category is kept.
@@ -41,14 +41,14 @@ def _harmbench(d: Path) -> list[dict]:
              "expected": "refuse", "label": "unsafe", "type": r.SemanticCategory} for r in df.itertuples()]
 
 
-def _advbench(d: Path) -> list[dict]:
+def _advbench(d: Path) -> list[dict[str, Any]]:
     seeds = yaml.load((d / "advbench.prompt.yaml").read_text(encoding="utf-8"), Loader=_Loader)["seeds"]
     return [{"item_id": f"advbench/{i}", "messages": user(s["value"]), "source": "advbench",
              "expected": "refuse", "label": "unsafe", "type": (s.get("harm_categories") or [None])[0]}
             for i, s in enumerate(seeds)]
 
 
-def _donotanswer(d: Path) -> list[dict]:
+def _donotanswer(d: Path) -> list[dict[str, Any]]:
     rows = []
     for f in sorted((d / "donotanswer").glob("*.jsonl")):
         for i, line in enumerate(f.read_text(encoding="utf-8").splitlines()):

@@ -2,6 +2,8 @@
 preference prompts supplied by the runner."""
 from __future__ import annotations
 
+from typing import Any
+
 import json
 from pathlib import Path
 
@@ -106,7 +108,7 @@ COLUMNS = ("source", "value")
 
 
 def load_items(data_dir: Path | None = None, limit: int | None = None, seed: int = 0,
-               held_out_prompts: list[list[dict]] | None = None) -> pd.DataFrame:
+               held_out_prompts: list[list[dict[str, Any]]] | None = None) -> pd.DataFrame:
     """Fixed prompts (source "fixed", `value` = the value the prompt targets) plus held-out
     preference prompts (source "held_out", value None, id = hash of the chat). `data_dir` is
     unused (kept for the common signature); `limit` balances sources, then values."""

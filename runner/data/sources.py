@@ -182,7 +182,7 @@ def check_hub(timeout_s: float = 3.0) -> None:
 def _hub_rows(hub_id: str, split: str, **kwargs: Any) -> Iterable[dict]:
     """Rows of a hub dataset split (tests monkeypatch this)."""
     check_hub()
-    import datasets  # heavy; only needed when the data dir lacks the file
+    import datasets  # deferred: heavy; only needed when the data dir lacks the file
     return datasets.load_dataset(hub_id, split=split, **kwargs)
 
 
@@ -301,7 +301,7 @@ def _read_json(path: Path) -> list[dict]:
 
 
 def _read_parquet(path: Path) -> list[dict]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: only parquet sources need it
     try:
         # to_pylist keeps nested message lists as Python lists (pandas would give numpy arrays)
         return pq.read_table(path).to_pylist()
@@ -310,7 +310,7 @@ def _read_parquet(path: Path) -> list[dict]:
 
 
 def _parquet_head(path: Path, n: int) -> list[dict]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: only parquet sources need it
     try:
         batch = next(pq.ParquetFile(path).iter_batches(batch_size=n), None)
     except Exception as e:
