@@ -9,7 +9,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from ..types import SCORE_COLUMNS, Engine, Message, ScoreRequest
+from ..types import SCORE_COLUMNS, Engine, ScoreRequest
 
 # Bump when the shared plumbing changes what any judge scores (the yes/no judge, joins, rows).
 VERSION = "1"
@@ -51,20 +51,20 @@ def render(messages: Iterable[dict[str, Any]], response: str | None = None) -> s
 YES, NO = " Yes", " No"
 
 
-def yes_no_requests(messages: Sequence[Message]) -> list[ScoreRequest]:
+def yes_no_requests(messages: Sequence[dict[str, Any]]) -> list[ScoreRequest]:
     """The two ScoreRequests of one yes/no question: continuation " Yes", then " No"."""
     msgs = tuple(messages)
     return [ScoreRequest(messages=msgs, continuation=YES), ScoreRequest(messages=msgs, continuation=NO)]
 
 
-def score_yes_no(engine: Engine, questions: Sequence[Sequence[Message]],
+def score_yes_no(engine: Engine, questions: Sequence[Sequence[dict[str, Any]]],
                  desc: str | None = None) -> list[tuple[float, float]]:
     """(log P(" Yes"), log P(" No")) per question chat, in one `engine.score` call.
 
     `desc` is passed on (a progress label, as the runner's EnginePool takes it) only when given:
     a plain `Engine.score(requests)` takes no keyword."""
     reqs = [r for q in questions for r in yes_no_requests(q)]
-    lps = engine.score(reqs) if desc is None else engine.score(reqs, desc=desc)
+    lps = engine.score(reqs) if desc is None else engine.score(reqs, desc=desc)  # type: ignore[call-arg]
     if len(lps) != len(reqs):
         raise ValueError(f"the engine returned {len(lps)} log-probs for {len(reqs)} requests")
     return [(float(lps[2 * i]), float(lps[2 * i + 1])) for i in range(len(questions))]
@@ -96,7 +96,7 @@ def row(g: Any, metric: str, value: float | None, judge: str, raw: str = "") -> 
     """One score row for generation `g` (a namedtuple/Series); value None or NaN -> unscored."""
     ok = value is not None and not (isinstance(value, float) and math.isnan(value))
     out = {"suite": g["suite"], "item_id": g["item_id"], "metric": metric,
-           "value": float(value) if ok else NAN, "scored": bool(ok), "judge": judge, "raw": str(raw)}
+           "value": float(value) if ok and value is not None else NAN, "scored": bool(ok), "judge": judge, "raw": str(raw)}
     if "run_id" in g:
         out = {"run_id": g["run_id"], **out}
     return out

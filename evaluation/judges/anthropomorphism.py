@@ -111,7 +111,7 @@ Answer with a single digit from 0 to 5."""
 RUBRIC_GRAMMAR = 'root ::= [0-5]\n'
 
 
-def rubric_request(prompt_messages, response: str) -> Request:
+def rubric_request(prompt_messages: Any, response: str) -> Request:
     conv = render(as_chat(prompt_messages), response)
     return Request(messages=({"role": "user", "content": RUBRIC_PROMPT.format(conversation=conv)},),
                    grammar=RUBRIC_GRAMMAR, max_tokens=2, temperature=0.0)
@@ -131,7 +131,7 @@ def score_anthropomorphism(items: pd.DataFrame, generations: pd.DataFrame, engin
     rows: list[dict[str, Any]] = []
     for g in recs:
         idx = lexical_index(str(g["response"] or ""))
-        raw = "" if idx is None else idx.pop("_hits")
+        raw = "" if idx is None else str(idx.pop("_hits"))
         rows.append(row(g, METRIC, None if idx is None else idx["total"], LEXICAL, raw))
         for c in LEXICONS:
             rows.append(row(g, f"{METRIC}/{c}", None if idx is None else idx[c], LEXICAL, raw))

@@ -70,12 +70,13 @@ def llm_labels(engine: Engine, pairs: Sequence[tuple[str, str]]) -> list[tuple[f
     return [(float(y > n) if math.isfinite(y) and math.isfinite(n) else None, yes_no_raw(y, n)) for y, n in lps]
 
 
-def _request_text(messages) -> str:
+def _request_text(messages: Any) -> str:
     users = [m["content"] for m in as_chat(messages) if m["role"] == "user"]
     return users[-1] if users else ""
 
 
-def _labels(judge: str, requests: list[str], responses: list[str], engine: Engine | None):
+def _labels(judge: str, requests: list[str], responses: list[str],
+            engine: Engine | None) -> tuple[str, list[tuple[float | None, str]]]:
     if judge == "strmatch":
         return "strmatch", [(float(strmatch_label(r)), "") for r in responses]
     if judge == "substring":

@@ -62,11 +62,11 @@ def value_grammar(values: Sequence[str] = VALUES) -> str:
 VALUE_GRAMMAR = value_grammar()
 
 
-def judge_prompt(prompt_messages, response: str) -> str:
+def judge_prompt(prompt_messages: Any, response: str) -> str:
     return PROMPT.format(conversation=render(as_chat(prompt_messages), response), values=", ".join(VALUES))
 
 
-def build_requests(prompt_messages, response: str, max_tokens: int = 64) -> Request:
+def build_requests(prompt_messages: Any, response: str, max_tokens: int = 64) -> Request:
     """The judge request for one (prompt chat, response): greedy, grammar-constrained."""
     return Request(messages=({"role": "user", "content": judge_prompt(prompt_messages, response)},),
                    grammar=VALUE_GRAMMAR, max_tokens=max_tokens, temperature=0.0)
@@ -106,14 +106,14 @@ def parse_values(text: str | None) -> list[str] | None:
     return [] if said_none else None
 
 
-def logprob_questions(prompt_messages, response: str) -> list[tuple[dict[str, Any], ...]]:
+def logprob_questions(prompt_messages: Any, response: str) -> list[tuple[dict[str, Any], ...]]:
     """One yes/no question chat per value, in VALUES order."""
     conv = render(as_chat(prompt_messages), response)
     return [({"role": "user", "content": f"<conversation>\n{conv}\n</conversation>\n\n"
               + LOGPROB_QUESTION.format(value=v)},) for v in VALUES]
 
 
-def logprob_requests(prompt_messages, response: str) -> list[ScoreRequest]:
+def logprob_requests(prompt_messages: Any, response: str) -> list[ScoreRequest]:
     """Two ScoreRequests per value, in VALUES order: continuation " Yes" then " No"."""
     return [r for q in logprob_questions(prompt_messages, response) for r in yes_no_requests(q)]
 
@@ -207,4 +207,10 @@ def score_values(items: pd.DataFrame, generations: pd.DataFrame, engine: Engine,
     return to_frame(rows, with_run)
 
 
-register(Judge("values", lambda i, g, e: score_values(i, g, e), True, VERSION))  # `valind judge`
+def _external(items: pd.DataFrame, generations: pd.DataFrame, engine: Engine | None) -> pd.DataFrame:
+    if engine is None:
+        raise ValueError("the values judge needs a model")
+    return score_values(items, generations, engine)
+
+
+register(Judge("values", _external, True, VERSION))  # `valind judge`

@@ -78,7 +78,7 @@ def _judge(st: SuiteSettings) -> tuple[str, bool] | None:
 
 
 def _judges(st: SuiteSettings) -> dict[str, tuple[str, ...]]:
-    lexical = {m: (LEXICAL,) for m in [METRIC] + [f"{METRIC}/{c}" for c in LEXICONS]}
+    lexical: dict[str, tuple[str, ...]] = {m: (LEXICAL,) for m in [METRIC] + [f"{METRIC}/{c}" for c in LEXICONS]}
     return {**lexical, LLM_METRIC: (LLM,)} if _judge(st) else lexical
 
 

@@ -17,6 +17,7 @@ from ._common import frame, short_hash, stable_key
 from .registry import Suite, SuiteSettings, register
 from ..judges import planted as planted_judge, version
 from ..judges.planted import JUDGE, METRIC, score_planted
+from ..types import Engine
 
 SUITE = "planted"
 COLUMNS = ("source",)
@@ -29,7 +30,8 @@ def load_items(data_dir: Path | None = None, limit: int | None = None, seed: int
     if not held_out_prompts:
         raise ValueError("the planted suite needs held-out prompts (data.held_out_fraction > 0, and "
                          "at least one pair held out)")
-    rows, seen = [], set()
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
     for chat in held_out_prompts:
         chat = [{"role": str(m["role"]), "content": str(m["content"])} for m in chat]
         last_user = max((i for i, m in enumerate(chat) if m["role"] == "user"), default=None)
@@ -49,7 +51,7 @@ def load_items(data_dir: Path | None = None, limit: int | None = None, seed: int
     return frame(rows, SUITE, COLUMNS)
 
 
-def _score(items, gens, engine, st):
+def _score(items: pd.DataFrame, gens: pd.DataFrame, engine: Engine | None, st: SuiteSettings) -> pd.DataFrame:
     if st.planted_phrase is None:
         raise ValueError("the planted judge needs settings.planted_phrase (controls.positive.phrase)")
     return score_planted(items, gens, st.planted_phrase)

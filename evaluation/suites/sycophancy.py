@@ -59,7 +59,7 @@ def _inline(answer: str) -> str:
     return answer[0].lower() + answer[1:] if first.lower() in _LOWER_OK else answer
 
 
-def _split(s) -> list[str]:
+def _split(s: Any) -> list[str]:
     return [a.strip() for a in str(s).split(";") if a.strip()] if isinstance(s, str) else []
 
 
@@ -108,7 +108,7 @@ def load_items(data_dir: Path, limit: int | None = None, seed: int = 0) -> pd.Da
     return out.drop(columns="unit")
 
 
-def followup_messages(item_row, first_response: str) -> list[dict[str, Any]]:
+def followup_messages(item_row: Any, first_response: str) -> list[dict[str, Any]]:
     """The second-turn chat of an "are you sure?" item: first prompt, first answer, the challenge."""
     msgs = [dict(m) for m in item_row["messages"]]
     return msgs + [{"role": "assistant", "content": first_response}, {"role": "user", "content": FOLLOWUP}]

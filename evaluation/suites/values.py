@@ -112,7 +112,7 @@ def load_items(data_dir: Path | None = None, limit: int | None = None, seed: int
     """Fixed prompts (source "fixed", `value` = the value the prompt targets) plus held-out
     preference prompts (source "held_out", value None, id = hash of the chat). `data_dir` is
     unused (kept for the common signature); `limit` balances sources, then values."""
-    rows = [{"item_id": f"values/{v}/{i}", "messages": user(p), "source": "fixed", "value": v}
+    rows: list[dict[str, Any]] = [{"item_id": f"values/{v}/{i}", "messages": user(p), "source": "fixed", "value": v}
             for v, ps in PROMPTS.items() for i, p in enumerate(ps)]
     seen: set[str] = set()
     for chat in held_out_prompts or []:
