@@ -6,13 +6,14 @@ import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, create_model, field_validator,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator,
                       model_validator)
 
 from evaluation.errors import short_repr
 from evaluation.judges.values import PROMPT_VERSION
 from evaluation.suites import registry as suite_registry
 from runner.data.registry import SOURCES
+from runner.spec_suites import MOVED, suites_model
 from evaluation.types import VALUES  # the closed value list, defined once; re-exported here
 
 Value = Literal[VALUES]  # Literal[tuple] flattens: Literal["deception", "accuracy", ...]
@@ -404,23 +405,6 @@ class GenerateSpec(_Section):
         if len(set(v)) != len(v):
             raise ValueError("suites must be unique")
         return v
-
-
-# The suite settings that lived in `score` before each suite owned its own (score.suites.<suite>)
-MOVED = {"value_judge": "score.suites.values.judge", "refusal_judges": "score.suites.safety.judges",
-         "refusal_llm_judge": "score.suites.safety.llm_judge", "anthro_judge": "score.suites.anthropomorphism.judge"}
-
-
-def suites_model() -> type[BaseModel]:
-    """The model of score.suites: one optional field per registered suite, typed by its settings model."""
-    fields: dict[str, Any] = {n: (s.settings | None, None) for n, s in suite_registry.SUITES.items()}
-    key = tuple((n, f[0]) for n, f in fields.items())
-    if key not in _SUITES_MODELS:
-        _SUITES_MODELS[key] = create_model("SuitesSpec", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
-    return _SUITES_MODELS[key]
-
-
-_SUITES_MODELS: dict[tuple[Any, ...], type[BaseModel]] = {}
 
 
 class ScoreSpec(_Section):
