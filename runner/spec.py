@@ -15,12 +15,13 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from evaluation.errors import InputError, short_repr
 from runner import spec_checks, spec_views
 from runner.spec_checks import _loc
-from runner.spec_views import eval_suites, suite_settings  # noqa: F401  (read as runner.spec.<name> too)
+from runner.spec_views import eval_suites as eval_suites, suite_settings as suite_settings  # re-exported
 from evaluation.types import VALUES  # noqa: F401  (the closed value list, defined once; re-exported here)
 from runner.spec_sections import (  # noqa: F401  (each section is read as runner.spec.<Section> too)
     SEED_MAX, AdaptiveSeeds, AnalyzeSpec, AnnotateCheck, AnnotateSpec, ClusterSpec, ControlsSpec, DataSpec, EngineSpec, GenerateSpec, LoraSpec,
     ModelSpec, PlanSpec, PositiveControlSpec, ScoreSpec, SeedsSpec, SourceSpec, StudySpec, TrackingSpec, TrainSpec,
-    JudgeSampling, SamplingSpec, Seed, Value, ValuesSpec, _Section, system_fields)
+    JudgeSampling, SamplingSpec, Seed, Value, ValuesSpec, _Section)
+from runner.spec_sections import system_fields as system_fields  # re-exported (runner.stages.analyze)
 
 
 class Spec(_Section):
