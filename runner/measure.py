@@ -86,7 +86,7 @@ def measure_judge(study, n: int) -> dict:
     t0 = time.perf_counter()
     pool.generate(requests, desc="measure: judge batch")
     dt = time.perf_counter() - t0
-    devices = pool_gpus(spec.annotate.engine or spec.engine)
+    devices = pool_gpus(spec.section_engine("annotate"))
     return {"responses_per_s": n / dt / devices, "requests": n, "batch_s": round(dt, 2),
             "startup_s": round(start, 1), "devices": devices}
 
@@ -108,7 +108,7 @@ def measure_generate(study, model: str, n: int) -> dict:
     dt = time.perf_counter() - t0
     tok = ctx.tokenizer(model)
     tokens = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outs)
-    devices = pool_gpus(spec.generate.engine or spec.engine)
+    devices = pool_gpus(spec.section_engine("generate"))
     return {"tokens_per_s": tokens / dt / devices, "requests": n, "output_tokens": tokens, "batch_s": round(dt, 2),
             "startup_s": round(start, 1), "devices": devices}
 

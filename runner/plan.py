@@ -23,7 +23,7 @@ from evaluation.errors import InputError
 from evaluation.suites import registry as suites
 from evaluation.types import VALUES
 from runner.context import study_runs
-from runner.data.sources import SOURCES
+from runner.data.registry import SOURCES
 from runner.spec import Spec, eval_suites, suite_settings
 from runner.train.memory import LORA_TRAINABLE, MEMORY_SHARE, group_layout, train_memory_gb
 
@@ -203,7 +203,7 @@ class _Sizing:
         spec, ov, measured = self.spec, self.spec.plan, self.measured
         m = spec.model(model)
         p = params_b(m.name, m.path, m.params_b)
-        e = spec.annotate.engine or spec.engine
+        e = spec.section_engine("annotate")
         if ov.judge_responses_per_s:
             return ov.judge_responses_per_s, "spec plan:", e
         if measured and model in measured["judge"]:
@@ -330,7 +330,7 @@ def _train_rows(s: _Sizing) -> list[Row]:
 def _generate_row(s: _Sizing) -> Row:
     """One pool per base model, models one after another: the base model, then its trained runs."""
     spec, ov, measured, g = s.spec, s.spec.plan, s.measured, s.spec.generate
-    ge = g.engine or spec.engine
+    ge = spec.section_engine("generate")
     gen_gh = gen_wall = 0.0
     lora = spec.train.finetune == "lora"
     for m in spec.models:
@@ -383,7 +383,7 @@ def _benchmark_rows(s: _Sizing) -> list[Row]:
             loglik, gens = BENCHMARKS[b]
             bm_gh += s.per_model[m.name] * (loglik / (LOGLIK_PER_JUDGE * judge_rps(p))
                                             + gens * 256 / gen_tps(p)) / 3600 / s.eff
-    used = s.used(spec.generate.engine or spec.engine)
+    used = s.used(spec.section_engine("generate"))
     return [Row("benchmarks", f"{', '.join(benchmarks)} × {s.runs} runs", "by size", "default",
                 used, bm_gh, bm_gh / used)]
 

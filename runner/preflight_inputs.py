@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 from runner.preflight import RESPONSE, Row, sample_chat
 from runner.spec import Spec, eval_suites
+from runner.spec_views import judge_fields
 
 DATA_FIX = "stage the data directory as the README says and set data.data_dir or VALIND_DATA_DIR to it"
 # Hub model families whose repositories are gated (a license to accept, a token to download): told
@@ -106,14 +107,9 @@ def _benchmark(name: str, d: Path | None) -> Row:
 
 def model_fields(spec: Spec) -> dict[str, list[str]]:
     """Every model the study loads (evaluated models and judges) -> the spec fields that name it."""
-    s, a = spec.score, spec.annotate
     out: dict[str, list[str]] = {m.name: [f"models[{i}]"] for i, m in enumerate(spec.models)}
-    judges = (("annotate.judge_model", a.judge_model), ("annotate.check.judge_model", a.check and a.check.judge_model),
-              ("score.value_judge", s.value_judge), ("score.refusal_llm_judge", s.refusal_llm_judge),
-              ("score.anthro_judge", s.anthro_judge))
-    for field, name in judges:
-        if name:
-            out.setdefault(name, []).append(field)
+    for field, name in judge_fields(spec).items():
+        out.setdefault(name, []).append(field)
     return out
 
 

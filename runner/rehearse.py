@@ -21,8 +21,10 @@ import yaml
 
 from evaluation.benchmarks import HUB_TASKS
 from evaluation.errors import InputError
+from evaluation.suites import registry as suite_registry
 from runner.progress import say
 from runner.spec import EngineSpec, Spec, parse_spec
+from runner.spec_views import model_fields
 from runner.stages.train import cell_timings
 from runner.store import write_json
 from runner.tracking import KIND_TAG
@@ -85,9 +87,10 @@ def rehearsal_spec(spec: Spec, cpus: int, output_dir: str, models: int | None = 
                   "micro_batch_size": 1, "batch_size": 2 * workers, "max_length": 128, "epochs": min(t.epochs, 2),
                   "lr": 1e-3, "checkpoint_every": 1, "bf16": "auto"}
     sc = d["score"]
-    for judge in ("value_judge", "refusal_llm_judge", "anthro_judge"):
-        if sc.get(judge):
-            sc[judge] = TINY_JUDGE
+    for name, conf in sc.get("suites", {}).items():  # every suite's judge models (runner.spec_views)
+        for f in model_fields(suite_registry.get(name).settings):
+            if conf.get(f):
+                conf[f] = TINY_JUDGE
     sc["benchmarks"] = [b for b in spec.score.benchmarks if f"valind_{b}" not in HUB_TASKS and b != "gsm8k"]
     sc["benchmark_limit"], sc["sampling"] = 2, {"max_tokens": 24}
     # lm-eval's hf backend: its vllm one starts a vLLM engine per run's task, minutes on shared CPUs
@@ -100,8 +103,8 @@ def rehearsal_spec(spec: Spec, cpus: int, output_dir: str, models: int | None = 
              f"GPUs: {total:g} in the spec → {cpus} local CPUs",
              f"train: {t.workers} worker(s) × {t.gpus_per_worker:g} GPU per cell → {workers} worker(s) × 1 CPU",
              *(f"{k} engine: {e.actors} actor(s) × {e.gpus_per_actor:g} GPU → {ran[k]['actors']} actor(s) × 1 CPU"
-               for k, e in (("annotate", spec.annotate.engine or spec.engine),
-                            ("generate", spec.generate.engine or spec.engine))),
+               for k, e in (("annotate", spec.section_engine("annotate")),
+                            ("generate", spec.section_engine("generate")))),
              f"benchmarks: {sc['benchmarks'] or 'none'} (hub-only and generative ones dropped), 2 items each, "
              f"on lm-eval's hf backend ({spec.score.benchmark_backend} in the spec)"]
     return d, notes

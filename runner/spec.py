@@ -13,12 +13,15 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from evaluation.errors import InputError, short_repr
-from evaluation.suites import registry as suite_registry
+from runner import spec_checks, spec_views
+from runner.spec_checks import _loc
+from runner.spec_views import eval_suites as eval_suites, suite_settings as suite_settings  # re-exported
 from evaluation.types import VALUES  # noqa: F401  (the closed value list, defined once; re-exported here)
 from runner.spec_sections import (  # noqa: F401  (each section is read as runner.spec.<Section> too)
     SEED_MAX, AdaptiveSeeds, AnalyzeSpec, AnnotateCheck, AnnotateSpec, ClusterSpec, ControlsSpec, DataSpec, EngineSpec, GenerateSpec, LoraSpec,
     ModelSpec, PlanSpec, PositiveControlSpec, ScoreSpec, SeedsSpec, SourceSpec, StudySpec, TrackingSpec, TrainSpec,
-    JudgeSampling, SamplingSpec, Seed, Value, ValuesSpec, _Section, system_fields)
+    JudgeSampling, SamplingSpec, Seed, Value, ValuesSpec, _Section)
+from runner.spec_sections import system_fields as system_fields  # re-exported (runner.stages.analyze)
 
 
 class Spec(_Section):
@@ -78,20 +81,19 @@ class Spec(_Section):
         return [a.judge_model] + ([a.check.judge_model] if a.check else [])
 
     def judge_models(self) -> set[str]:
-        s = self.score
-        return {m for m in (*self.annotate_judges(), s.value_judge, s.refusal_llm_judge, s.anthro_judge) if m}
+        """Every judge model the study serves: the labellers and each suite's (runner.spec_views)."""
+        return set(spec_views.judge_sections(self))
 
     def engine_for(self, model: str) -> tuple[str, EngineSpec]:
-        """The engine section serving a model, and its YAML path: judges use annotate.engine,
-        evaluated models generate.engine, either falling back to `engine`."""
-        if self.annotate.engine and model in self.judge_models():
-            return "annotate.engine", self.annotate.engine
-        if self.generate.engine and model in {m.name for m in self.models}:
-            return "generate.engine", self.generate.engine
-        return "engine", self.engine
+        """The engine section serving a model, and its YAML path (runner.spec_views.engine_for)."""
+        return spec_views.engine_for(self, model)
+
+    def section_engine(self, section: str) -> EngineSpec:
+        """`<section>.engine`, else `engine` ("annotate": the judges', "generate": the evaluated models')."""
+        return spec_views.section_engine(self, section)
 
     def primary_judges(self) -> dict[str, str]:
-        """analyze.primary_judges, then safety's default (the first of score.refusal_judges) where no
+        """analyze.primary_judges, then safety's default (the first of its judges) where no
         key of the spec's names it: for each metric the first matching key wins, so the default comes
         last and never hides a "safety/<metric>" key."""
         keys = dict(self.analyze.primary_judges)
@@ -123,24 +125,6 @@ def condition_value(condition: str) -> str | None:
     return value or match
 
 
-def suite_settings(spec: Spec) -> suite_registry.SuiteSettings:
-    """What the suites read from the spec, in one typed object."""
-    s, pos = spec.score, spec.controls.positive
-    return suite_registry.SuiteSettings(
-        items_per_suite=spec.generate.items_per_suite, seed=spec.generate.sampling.seed,
-        max_tokens=s.sampling.max_tokens, values_mode=spec.annotate.mode,
-        values_threshold=spec.annotate.logprob_threshold, value_judge=s.value_judge or spec.annotate.judge_model,
-        refusal_judges=tuple(s.refusal_judges), refusal_llm_judge=s.refusal_llm_judge, anthro_judge=s.anthro_judge,
-        **({"planted_phrase": pos.phrase, "planted_items": pos.items} if pos else {}))
-
-
-def eval_suites(spec: Spec) -> list[str]:
-    """The suites every run is generated and scored on: those listed, then those the spec turns on
-    (the positive control's "planted")."""
-    st = suite_settings(spec)
-    return list(spec.generate.suites) + [n for n, s in suite_registry.SUITES.items() if s.enabled and s.enabled(st)]
-
-
 def _slug(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in s).strip("-.")[-64:] or "model"
 
@@ -159,21 +143,6 @@ class SpecError(InputError):
         return "\n".join(lines)
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
-    """The YAML path of an error location ("train.lora.r", "data.sources[0].path")."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int) and not isinstance(part, bool):
-            out += f"[{part}]"
-        elif isinstance(part, str) and part.startswith(("function-after[", "function-before[")):
-            continue
-        elif isinstance(part, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,80}", part):
-            out += ("." if out else "") + part
-        else:
-            out += f"[{short_repr(part)}]"  # an odd key ('', 'a.b', '\r', true, a long one) stays short, on one line
-    return out
-
-
 def parse_spec(data: Any, source: str = "<spec>") -> Spec:
     if not isinstance(data, dict):
         raise SpecError(source, [("", f"the spec must be a YAML mapping, got {type(data).__name__}")])
@@ -183,7 +152,9 @@ def parse_spec(data: Any, source: str = "<spec>") -> Spec:
         problems = []
         for err in e.errors():
             msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
+            if err["type"] == "extra_forbidden" and tuple(err["loc"][:2]) == ("score", "suites") and len(err["loc"]) == 3:
+                msg = f"unknown suite; known: {', '.join(spec_views.suite_registry.SUITES.names())}"
+            elif err["type"] == "extra_forbidden":
                 msg = "unknown key"
             elif err["type"] == "literal_error":
                 msg = f"{msg} (got {short_repr(err.get('input'))})"
@@ -210,8 +181,6 @@ def _cross_checks(spec: Spec) -> list[tuple[str, str]]:
                                               "data.subset_size to a number or leave it unset, or remove the arm"))
     if spec.annotate.check and spec.annotate.check.judge_model == spec.annotate.judge_model:
         problems.append(("annotate.check.judge_model", "is annotate.judge_model: the check needs another judge"))
-    if "llm" in spec.score.refusal_judges and not spec.score.refusal_llm_judge:
-        problems.append(("score.refusal_llm_judge", "required when score.refusal_judges lists 'llm'"))
     if len(set(spec.seeds.values)) != len(spec.seeds.values):
         problems.append(("seeds.values", "seeds must be unique"))
     if spec.seeds.adaptive and spec.seeds.adaptive.max < len(spec.seeds.values):
@@ -224,7 +193,6 @@ def _cross_checks(spec: Spec) -> list[tuple[str, str]]:
         problems.append(("seeds.adaptive.max", f"added seeds count up from the largest of seeds.values and could pass "
                                                f"{SEED_MAX}"))
     problems += _system_prompt_checks(spec)
-    from runner import spec_checks  # lazy: it imports this module
     return problems + spec_checks.budget_problems(spec) + spec_checks.primary_judge_problems(spec)
 
 
@@ -266,9 +234,8 @@ def load_spec(path: str | Path) -> Spec:
         raise SpecError(str(path), [("", f"cannot read the spec: {e.strerror}")]) from None
     except UnicodeDecodeError as e:
         raise SpecError(str(path), [("", f"not a UTF-8 text file (byte {e.start}: {e.reason})")]) from None
-    from runner.spec_checks import load_yaml  # lazy: it imports this module
     try:
-        data, duplicates = load_yaml(text)
+        data, duplicates = spec_checks.load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

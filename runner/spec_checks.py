@@ -6,16 +6,36 @@ context length, pool sizes against the pair caps, and primary judges against wha
 """
 from __future__ import annotations
 
+import re
 from fnmatch import fnmatch
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from evaluation.benchmarks import JUDGE as QA_JUDGE, SUITE as QA_SUITE
+from evaluation.errors import short_repr
 from evaluation.suites import registry as suite_registry
-from runner.spec import Spec, _loc, eval_suites, suite_settings
+from runner.spec_views import eval_suites, suite_settings
+
+if TYPE_CHECKING:
+    from runner.spec import Spec
 
 Problems = list[tuple[str, str]]
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    """The YAML path of an error location ("train.lora.r", "data.sources[0].path")."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int) and not isinstance(part, bool):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.startswith(("function-after[", "function-before[")):
+            continue
+        elif isinstance(part, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,80}", part):
+            out += ("." if out else "") + part
+        else:
+            out += f"[{short_repr(part)}]"  # an odd key ('', 'a.b', '\r', true, a long one) stays short, on one line
+    return out
 
 # --- duplicate keys ------------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationI
 from evaluation.errors import short_repr
 from evaluation.judges.values import PROMPT_VERSION
 from evaluation.suites import registry as suite_registry
+from runner.data.registry import SOURCES
+from runner.spec_suites import MOVED, suites_model
 from evaluation.types import VALUES  # the closed value list, defined once; re-exported here
 
 Value = Literal[VALUES]  # Literal[tuple] flattens: Literal["deception", "accuracy", ...]
@@ -155,7 +157,7 @@ class SeedsSpec(_Section):
 
 
 class SourceSpec(_Section):
-    name: str                      # a registered source (runner.data.sources.SOURCES)
+    name: str                      # a registered source (runner.data.registry.SOURCES)
     subset: str | None = None      # e.g. HH-RLHF "harmless-base"
     split: str = "test"
     path: str | None = None        # local jsonl/parquet (name: local)
@@ -165,7 +167,6 @@ class SourceSpec(_Section):
     @field_validator("name")
     @classmethod
     def _known_source(cls, v: str) -> str:
-        from runner.data.sources import SOURCES  # lazy: sources.py imports this module
         if v not in SOURCES:
             raise ValueError(f"unknown source {short_repr(v)}; known: {', '.join(sorted(SOURCES))}")
         return v
@@ -380,8 +381,9 @@ class TrainSpec(_Section):
 
 
 class GenerateSpec(_Section):
-    # Registered suites (evaluation.suites); default: every suite a spec may list
-    suites: list[str] = Field(default_factory=lambda: suite_registry.listable(), min_length=1)
+    # Registered suites (evaluation.suites, plugins' included); default: every built-in suite a spec may
+    # list (an installed plugin's suite runs where a spec lists it: installing one changes no study)
+    suites: list[str] = Field(default_factory=lambda: suite_registry.listable(plugins=False), min_length=1)
     items_per_suite: int | None = Field(default=None, ge=1)  # cap per suite; None = all items
     sampling: SamplingSpec = SamplingSpec(max_tokens=128)
     engine: EngineSpec | None = None  # the evaluated models' engines; None = `engine`
@@ -406,15 +408,45 @@ class GenerateSpec(_Section):
 
 
 class ScoreSpec(_Section):
-    value_judge: str | None = None  # model name/path; None = annotate.judge_model
-    refusal_judges: list[Literal["strmatch", "substring", "llm"]] = Field(default_factory=lambda: ["strmatch", "substring"])
-    refusal_llm_judge: str | None = None
-    anthro_judge: str | None = None   # model for the anthropomorphism rubric; None = lexical index only
+    # Each suite's own settings, validated by its settings model (evaluation.suites: Suite.settings);
+    # a suite not named here gets its model's defaults
+    suites: dict[str, Any] = Field(default_factory=dict)
     benchmarks: list[Literal["truthfulqa_mc", "openbookqa", "mmlu", "gsm8k"]] = Field(default_factory=list)
     benchmark_limit: int | None = Field(default=None, ge=1)   # items per benchmark; None = all
     benchmark_backend: Literal["hf", "vllm"] = "hf"
     benchmark_batch_size: int = Field(default=8, ge=1)
     sampling: JudgeSampling = JudgeSampling()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        found = [k for k in MOVED if isinstance(data, dict) and k in data]
+        if found:
+            raise ValueError("; ".join(f"{k} is now {MOVED[k]}" for k in found) + " (each suite owns its settings)")
+        return data
+
+    @field_validator("suites", mode="before")
+    @classmethod
+    def _suite_settings(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v  # dict[str, Any] reports it
+        given = suites_model().model_validate(v)
+        return {n: getattr(given, n) for n in v}
+
+    def suite(self, name: str) -> BaseModel:
+        """Suite `name`'s settings (its model's defaults when score.suites does not name it)."""
+        got = self.suites.get(name)
+        return got if got is not None else suite_registry.get(name).settings()
+
+    @property
+    def refusal_judges(self) -> tuple[str, ...]:
+        """The safety suite's refusal judges (score.suites.safety.judges): the agreement stage's."""
+        return tuple(getattr(self.suite("safety"), "judges"))
+
+    @property
+    def refusal_llm_judge(self) -> str | None:
+        """score.suites.safety.llm_judge."""
+        return getattr(self.suite("safety"), "llm_judge")
 
 
 class AnalyzeSpec(_Section):
@@ -426,7 +458,7 @@ class AnalyzeSpec(_Section):
     min_effect: float | None = Field(default=None, gt=0.0)
     # The judge whose verdict counts, per "suite/metric" pattern or suite; other judges of the same
     # metric are sensitivity analyses. Metrics with one judge need no entry; safety defaults to the
-    # first of score.refusal_judges.
+    # first of score.suites.safety.judges.
     primary_judges: dict[str, str] = Field(default_factory=dict)
 
     _removed = _refuse(("bootstrap", "permutations", "seed"), "removed in valind 0.2, inference is analytic "

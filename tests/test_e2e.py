@@ -105,6 +105,8 @@ def test_report_and_where_things_are(smoke):
     for section in ("Sensitivity", "Specificity", "Summary", "The paper's claims", "Results by induced value", "Co-expression of values",
                     "Side effects by suite", "Seeds and power", "Judge agreement", "Curation"):
         assert section in html, section
+    # the example plugin's suite (examples/valind-toy-suite), its setting's metric and its LLM judge's
+    assert "greeting" in html and "says_phrase" in html and "is_greeting" in html
     # controls.aa_check: control-0 against control-1, counted
     assert "A/A check (two random-control arms against each other" in html
     assert "comparisons significant after Holm" in html
@@ -141,6 +143,9 @@ def test_mlflow_has_parent_and_one_child_per_cell(smoke):
     assert cells["metrics.train/loss"].notna().all()
     assert cells["params.train.zero_stage"].eq("2").all()
     assert children["metrics.safety/refusal/substring"].notna().all()
+    # the example plugin's suite (examples/valind-toy-suite): its own setting's and its own LLM judge's metrics
+    assert children["metrics.greeting/says_phrase/greeting-phrase"].notna().all()
+    assert children["metrics.greeting/is_greeting/greeting-llm"].notna().all()
     assert runs["status"].eq("FINISHED").all()
     client = mlflow.tracking.MlflowClient()
     rid = cells["run_id"].iloc[0]

@@ -114,7 +114,7 @@ def test_subset_size_must_fit_the_capped_pair_pool():
 # ------------------------------------------------------------------ 3. primary judges
 
 def test_primary_judges_must_name_a_suite_metric_and_one_of_its_judges():
-    d = _smoke()  # refusal_judges strmatch, substring, llm; no anthropomorphism LLM judge
+    d = _smoke()  # safety judges strmatch, substring, llm; no anthropomorphism LLM judge
     d["analyze"]["primary_judges"] = {"safety": "gpt-judge", "safty": "llm", "sycophancy": "choice-parse",
                                       "anthropomorphism/anthro_llm": "anthro-llm", "values": "values-v1"}
     problems = _problems(d)
@@ -126,7 +126,7 @@ def test_primary_judges_must_name_a_suite_metric_and_one_of_its_judges():
     assert "matches no metric" in problems["analyze.primary_judges.safty"]
     # sycophancy's answer metrics are scored by answer-match: a suite-wide key must fit every metric
     assert "mentions_correct" in problems["analyze.primary_judges.sycophancy"]
-    d["score"]["anthro_judge"] = "tiny"
+    d["score"]["suites"]["anthropomorphism"] = {"judge": "tiny"}
     d["analyze"]["primary_judges"] = {"safety": "llm", "sycophancy/sycophantic": "choice-parse",
                                       "anthropomorphism/anthro_llm": "anthro-llm:tiny@vllm-0.32",
                                       "qa/acc*": "lm-eval", "values/expresses/*": "values-v1"}
@@ -141,7 +141,7 @@ def test_a_validated_primary_judge_never_fails_the_analysis():
     from runner.spec import eval_suites, suite_settings
 
     d = _smoke()
-    d["score"]["anthro_judge"] = "tiny"
+    d["score"]["suites"]["anthropomorphism"] = {"judge": "tiny"}
     d["analyze"]["primary_judges"] = {"safety/refusal": "llm", "anthropomorphism/anthro_llm": "anthro-llm",
                                       "sycophancy/flip": "choice-parse"}
     spec = parse_spec(d)
@@ -171,7 +171,7 @@ class _FakeEngine:
 def _fake_items(name: str) -> pd.DataFrame:
     """A few items of each suite, made so that every metric its scorer has is emitted."""
     from evaluation.suites import get
-    if name in ("values", "anthropomorphism", "toy"):
+    if name in ("values", "anthropomorphism", "toy", "greeting"):  # greeting: the example plugin
         return get(name).load_items(None, 6, 0)
     if name == "planted":
         return get(name).load_items(None, None, 0, held_out_prompts=[[{"role": "user", "content": "Hi"}]])
@@ -193,22 +193,23 @@ def _fake_items(name: str) -> pd.DataFrame:
 def toy_registered():
     """tests/toy_suite.py registered for one test (a suite from outside the package declares judges too)."""
     from evaluation.suites.registry import SUITES
-    before, imported = dict(SUITES), "toy_suite" in sys.modules
+    before, imported = SUITES.copy(), "toy_suite" in sys.modules
     import toy_suite  # noqa: F401
     yield
-    SUITES.clear()
-    SUITES.update(before)
+    SUITES.restore(before)
     if not imported:
         del sys.modules["toy_suite"]
 
 
-@pytest.mark.parametrize("settings", [{}, {"values_mode": "logprob"}, {"anthro_judge": "j"},
-                                      {"refusal_judges": ("llm", "substring")}],
+@pytest.mark.parametrize("settings", [{}, {"annotate_mode": "logprob"},
+                                      {"suites": {"anthropomorphism": {"judge": "j"}}},
+                                      {"suites": {"safety": {"judges": ("llm", "substring"), "llm_judge": "j"}}}],
                          ids=["default", "logprob", "anthro-llm", "refusal-llm"])
 def test_each_suite_declares_exactly_the_judges_its_scorer_emits(settings, toy_registered):
     from evaluation.suites.registry import SUITES, SuiteSettings
 
-    st = SuiteSettings(**{"value_judge": "j", "refusal_llm_judge": "j", "planted_phrase": "Ahoy", **settings})
+    own = {n: SUITES.get(n).settings.model_validate(v) for n, v in settings.get("suites", {}).items()}
+    st = SuiteSettings(**{"annotate_judge": "j", "planted_phrase": "Ahoy", **settings, "suites": own})
     assert "toy" in SUITES
     for name, suite in SUITES.items():
         items = _fake_items(name)
@@ -373,7 +374,7 @@ def test_chat_templates_are_checked_by_validate(tmp_path, capsys, monkeypatch):
         "jobs/templates/base-chat.jinja",  # a good one, from a file
     ])]
     d["annotate"]["judge_model"] = "m5"
-    d["score"]["refusal_llm_judge"] = "m5"
+    d["score"]["suites"]["safety"]["llm_judge"] = "m5"
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(d, sort_keys=False))
     rc, out = _validate(path, capsys)

@@ -337,7 +337,7 @@ def test_score_suite_dispatch_on_real_items():
             assert out.groupby("item_id").size().eq(n_metrics).all()
     safety = score_suite("safety", load_suite("safety", DATA),
                          pd.DataFrame({"run_id": ["r"], "suite": ["safety"], "item_id": ["xstest/safe/1"],
-                                       "response": ["Sure."]}), settings={"refusal_judges": ["substring"]})
+                                       "response": ["Sure."]}), settings={"suites": {"safety": {"judges": ["substring"]}}})
     assert sorted(safety.metric) == ["over_refusal", "refusal"] and (safety.value == 0).all()
     with pytest.raises(ValueError):
         score_suite("values", load_suite("values", DATA, limit=2), pd.DataFrame(

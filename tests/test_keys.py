@@ -21,6 +21,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from evaluation.suites.registry import SUITES
 from runner.spec import Spec, SpecError, parse_spec
 from runner.stages.keys import OUTSIDE_KEYS, outside_keys
 
@@ -63,7 +64,8 @@ def _rich_spec(tmp: Path, data_dir: Path) -> dict:
     d["train"]["system_prompt"] = "You are kind."
     d["train"]["eval_at"] = [0.5, 1.0]
     d["generate"]["system_prompt"] = "train"
-    d["score"]["anthro_judge"] = "tiny"
+    d["score"]["suites"]["anthropomorphism"] = {"judge": "tiny"}
+    d["score"]["suites"]["values"] = {"judge": None}
     d["analyze"]["primary_judges"] = {"safety": "substring"}
     d["tracking"] = {"uri": "sqlite:///x.db", "experiment": "e", "artifact_location": "/tmp/artifacts"}
     d["cluster"] = {"nodes": 1, "gpus_per_node": 8}
@@ -77,7 +79,10 @@ def _fields(model: type[BaseModel], prefix: str = ""):
         ann = f.annotation
         args = [a for a in typing.get_args(ann) if a is not type(None)]
         model = lambda t: isinstance(t, type) and issubclass(t, BaseModel)  # noqa: E731
-        if typing.get_origin(ann) is list and args and model(args[0]):
+        if path == "score.suites":  # each suite's own settings model (evaluation.suites: Suite.settings)
+            for suite, s in SUITES.items():
+                yield from _fields(s.settings, f"{path}.{suite}")
+        elif typing.get_origin(ann) is list and args and model(args[0]):
             yield from _fields(args[0], f"{path}[]")
         elif model(ann) or (len(args) == 1 and model(args[0])):
             yield from _fields(ann if model(ann) else args[0], path)
@@ -118,12 +123,12 @@ def _candidates(path: str, ann, value, ctx: dict) -> list:
         "data.sources[].name": lambda v: ["ultrafeedback"],
         "data.sources[].columns": lambda v: [{"prompt": "q", "chosen": "bad", "rejected": "good"}],
         "annotate.judge_model": lambda v: ["org/Judge-3B"], "data.subset_size": lambda v: [v + 1], "annotate.check.judge_model": lambda v: ["org/Judge-2B"],
-        "score.value_judge": lambda v: ["hub"], "score.refusal_llm_judge": lambda v: ["hub"],
-        "score.anthro_judge": lambda v: ["hub"],
+        "score.suites.values.judge": lambda v: ["hub"], "score.suites.safety.llm_judge": lambda v: ["hub"],
+        "score.suites.anthropomorphism.judge": lambda v: ["hub"],
         "values.induced": lambda v: [v + ["empathy"]], "values.positive": lambda v: [v[1:]],
         "seeds.values": lambda v: [v + [2]], "seeds.adaptive.metrics": lambda v: [["safety/*"]],
         "seeds.adaptive.conditions": lambda v: [["value-*"]], "generate.suites": lambda v: [v[1:]],
-        "score.refusal_judges": lambda v: [v[1:]], "annotate.max_pairs": lambda v: [1000], "score.benchmarks": lambda v: [v + ["gsm8k"]],
+        "score.suites.safety.judges": lambda v: [v[1:]], "annotate.max_pairs": lambda v: [1000], "score.benchmarks": lambda v: [v + ["gsm8k"]],
         "train.lora.target_modules": lambda v: [["q_proj", "v_proj"]], "train.eval_at": lambda v: [[0.25, 1.0]],
         "analyze.primary_judges": lambda v: [{"safety": "strmatch"}],
         "tracking.artifact_location": lambda v: ["/tmp/other"], "train.adapters_per_group": lambda v: [2],

@@ -1,5 +1,6 @@
 """Registries: a suite added by registering one module runs through the real score and analyze
 stages, `valind plan` and spec validation; the key table in docs/ARCHITECTURE.md is generated."""
+import importlib
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def _spec(tmp_path) -> dict:
     d["controls"] = {"count": 1}
     d["seeds"] = {"values": [0, 1]}
     d["generate"] = {"suites": ["toy"], "sampling": {"max_tokens": 8}}
-    d["score"] = {"refusal_judges": ["strmatch"]}
+    d["score"] = {"suites": {"safety": {"judges": ["strmatch"]}}}
     d["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     return d
 
@@ -87,3 +88,77 @@ def test_key_table_in_the_architecture_doc_is_generated():
                              timeout=120, check=True).stdout.strip()
     assert printed == key_table()
     assert printed in (ROOT / "docs" / "ARCHITECTURE.md").read_text(), "regenerate it: python -m runner.stages"
+
+
+# ------------------------------------------------------------------ plugins (evaluation.registry)
+
+def test_the_example_plugin_is_found_by_its_entry_point():
+    """examples/valind-toy-suite, installed (make setup), registers its suite and LLM judge on the
+    registries' first lookup: nothing in valind names it."""
+    from evaluation.judges.registry import JUDGES
+    from evaluation.suites.registry import SUITES, listable
+
+    assert "greeting" in SUITES and SUITES.plugin("greeting") == "toy"
+    assert "greeting" in listable() and "greeting" not in listable(plugins=False)  # never on by default
+    assert JUDGES.get("greeting-llm").needs_model
+
+
+def test_a_plugin_suite_setting_is_validated_at_its_yaml_path(tmp_path):
+    d = _spec(tmp_path)
+    d["generate"]["suites"] = ["greeting"]
+    d["score"]["suites"] = {"greeting": {"phrase": "", "colour": "red"}, "nope": {}}
+    with pytest.raises(SpecError) as e:
+        parse_spec(d)
+    problems = dict(e.value.problems)
+    assert set(problems) == {"score.suites.greeting.phrase", "score.suites.greeting.colour", "score.suites.nope"}
+    assert "unknown suite; known: anthropomorphism, " in problems["score.suites.nope"] and "greeting" in problems["score.suites.nope"]
+    d["score"]["suites"] = {"greeting": {"phrase": "ahoy", "judge": "tiny"}}
+    spec = parse_spec(d)
+    assert spec.judge_models() == {"tiny"} and spec.score.suite("greeting").phrase == "ahoy"
+
+
+def test_moved_score_keys_say_where_they_went(tmp_path):
+    d = _spec(tmp_path)
+    d["score"] = {"refusal_llm_judge": "tiny"}
+    with pytest.raises(SpecError, match=r"score: refusal_llm_judge is now score.suites.safety.llm_judge"):
+        parse_spec(d)
+
+
+def _dist(tmp_path, name: str, module: str, body: str):
+    """A distribution on sys.path declaring a valind.plugins entry point."""
+    (tmp_path / f"{module}.py").write_text(body)
+    info = tmp_path / f"{name}-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(f"[valind.plugins]\n{name} = {module}\n")
+
+
+def test_plugins_load_once_and_a_broken_one_is_named(tmp_path, monkeypatch):
+    from evaluation import registry
+
+    _dist(tmp_path, "plugok", "plug_ok", "from evaluation.registry import Registry\nR = Registry('thing')\n"
+                                          "import plug_count\nplug_count.n += 1\n")
+    (tmp_path / "plug_count.py").write_text("n = 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    assert "plugok" in registry.load_plugins() and registry.load_plugins() == []
+    import plug_count
+    assert plug_count.n == 1
+    _dist(tmp_path, "plugbad", "plug_bad", "raise RuntimeError('no GPU here')\n")
+    importlib.invalidate_caches()  # the new dist-info, for importlib.metadata
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    with pytest.raises(registry.PluginError, match=r"valind plugin 'plugbad' \(plugbad entry point 'plug_bad'\) "
+                                                   r"failed to load: RuntimeError: no GPU here"):
+        registry.load_plugins()
+
+
+def test_a_registry_refuses_a_second_thing_under_one_name_and_lists_the_known_ones():
+    from evaluation.registry import Registry
+
+    r: Registry[int] = Registry("widget")
+    r.register("a")(1)
+    r.add("a", 1)  # the same thing again (a module imported twice) is fine
+    with pytest.raises(ValueError, match="widget 'a' is registered twice"):
+        r.add("a", 2)
+    with pytest.raises(KeyError, match="unknown widget 'b'; known: a"):
+        r.get("b")

@@ -357,7 +357,7 @@ def toy_source():
     entry = sources.register(sources.Source(name="toy", hub_id=None, converter=converter,
                                             splits=("train", "test"), rows={"train": 70, "test": 7}))
     yield entry
-    sources.SOURCES.pop("toy")
+    sources.SOURCES.remove("toy")
 
 
 def test_a_registered_source_is_loadable_parsable_and_planned(toy_source, tmp_path: Path):

@@ -46,10 +46,13 @@ def test_missing_sections_and_cross_checks():
     assert ("annotate", "Field required") in e.value.problems
     d = _smoke()
     d["seeds"] = {"values": [1, 1]}
-    d["score"] = {"refusal_judges": ["llm"]}
     with pytest.raises(SpecError) as e:
         parse_spec(d)
-    assert {p for p, _ in e.value.problems} == {"seeds.values", "score.refusal_llm_judge"}
+    assert {p for p, _ in e.value.problems} == {"seeds.values"}
+    d["score"] = {"suites": {"safety": {"judges": ["llm"]}}}  # a suite's own check, at its own field
+    with pytest.raises(SpecError) as e:
+        parse_spec(d)
+    assert {p for p, _ in e.value.problems} == {"score.suites.safety.llm_judge"}
 
 
 def test_batch_must_divide():
@@ -152,7 +155,7 @@ def test_positive_control_keys(tmp_path, offline_hub):
         d = _smoke()
         d["models"] = [{"name": "m", "path": "org/Model-8B"}]
         d["annotate"]["judge_model"] = "m"
-        d["score"]["refusal_llm_judge"] = "m"
+        d["score"]["suites"]["safety"]["llm_judge"] = "m"
         d["controls"].pop("positive", None)
         if positive is not None:
             d["controls"]["positive"] = positive
@@ -257,7 +260,7 @@ def test_system_prompts_enter_the_train_and_generate_keys(tmp_path, offline_hub)
         d = _smoke()
         d["models"] = [{"name": "m", "path": "org/Model-8B"}]
         d["annotate"]["judge_model"] = "m"
-        d["score"]["refusal_llm_judge"] = "m"
+        d["score"]["suites"]["safety"]["llm_judge"] = "m"
         d["controls"] = {"count": 1, "match": "per_value"}
         d["train"]["system_prompt"] = train_sp
         d["generate"]["system_prompt"] = gen_sp

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from ..types import SCORE_COLUMNS, Engine, Message, ScoreRequest
+from ..types import SCORE_COLUMNS, Engine, ScoreRequest
 
 # Bump when the shared plumbing changes what any judge scores (the yes/no judge, joins, rows).
 VERSION = "1"
@@ -18,7 +18,7 @@ NAN = float("nan")
 _THINK_RE = re.compile(r"<thinking>.*?(</thinking>|$)", re.S | re.I)
 
 
-def as_chat(messages: Any) -> tuple[dict, ...]:
+def as_chat(messages: Any) -> tuple[dict[str, Any], ...]:
     """A messages cell (list, tuple, numpy array after parquet, or JSON string) -> tuple of dicts."""
     if isinstance(messages, str):
         messages = json.loads(messages)
@@ -37,7 +37,7 @@ def straight_apostrophes(text: str | None, left_quote: bool = False) -> str:
     return t.replace("\u2018", "'") if left_quote else t
 
 
-def render(messages: Iterable[dict], response: str | None = None) -> str:
+def render(messages: Iterable[dict[str, Any]], response: str | None = None) -> str:
     """A chat as plain text for a judge prompt ("User: …\\n\\nAI: …")."""
     names = {"user": "User", "assistant": "AI", "system": "System"}
     turns = [f"{names.get(m['role'], m['role'])}: {m['content']}" for m in messages]
@@ -51,20 +51,20 @@ def render(messages: Iterable[dict], response: str | None = None) -> str:
 YES, NO = " Yes", " No"
 
 
-def yes_no_requests(messages: Sequence[Message]) -> list[ScoreRequest]:
+def yes_no_requests(messages: Sequence[dict[str, Any]]) -> list[ScoreRequest]:
     """The two ScoreRequests of one yes/no question: continuation " Yes", then " No"."""
     msgs = tuple(messages)
     return [ScoreRequest(messages=msgs, continuation=YES), ScoreRequest(messages=msgs, continuation=NO)]
 
 
-def score_yes_no(engine: Engine, questions: Sequence[Sequence[Message]],
+def score_yes_no(engine: Engine, questions: Sequence[Sequence[dict[str, Any]]],
                  desc: str | None = None) -> list[tuple[float, float]]:
     """(log P(" Yes"), log P(" No")) per question chat, in one `engine.score` call.
 
     `desc` is passed on (a progress label, as the runner's EnginePool takes it) only when given:
     a plain `Engine.score(requests)` takes no keyword."""
     reqs = [r for q in questions for r in yes_no_requests(q)]
-    lps = engine.score(reqs) if desc is None else engine.score(reqs, desc=desc)
+    lps = engine.score(reqs) if desc is None else engine.score(reqs, desc=desc)  # type: ignore[call-arg]
     if len(lps) != len(reqs):
         raise ValueError(f"the engine returned {len(lps)} log-probs for {len(reqs)} requests")
     return [(float(lps[2 * i]), float(lps[2 * i + 1])) for i in range(len(questions))]
@@ -92,17 +92,17 @@ def join(items: pd.DataFrame, generations: pd.DataFrame) -> pd.DataFrame:
     return g.merge(items, on=keys, how="inner", validate="many_to_one")
 
 
-def row(g: Any, metric: str, value: float | None, judge: str, raw: str = "") -> dict:
+def row(g: Any, metric: str, value: float | None, judge: str, raw: str = "") -> dict[str, Any]:
     """One score row for generation `g` (a namedtuple/Series); value None or NaN -> unscored."""
     ok = value is not None and not (isinstance(value, float) and math.isnan(value))
     out = {"suite": g["suite"], "item_id": g["item_id"], "metric": metric,
-           "value": float(value) if ok else NAN, "scored": bool(ok), "judge": judge, "raw": str(raw)}
+           "value": float(value) if ok and value is not None else NAN, "scored": bool(ok), "judge": judge, "raw": str(raw)}
     if "run_id" in g:
         out = {"run_id": g["run_id"], **out}
     return out
 
 
-def to_frame(rows: list[dict], with_run_id: bool) -> pd.DataFrame:
+def to_frame(rows: list[dict[str, Any]], with_run_id: bool) -> pd.DataFrame:
     cols = list(SCORE_COLUMNS if with_run_id else SCORE_COLUMNS[1:])
     df = pd.DataFrame(rows, columns=cols)
     df["value"] = df["value"].astype(float)
@@ -110,7 +110,7 @@ def to_frame(rows: list[dict], with_run_id: bool) -> pd.DataFrame:
     return df
 
 
-def records(items: pd.DataFrame, generations: pd.DataFrame) -> tuple[list[dict], bool]:
+def records(items: pd.DataFrame, generations: pd.DataFrame) -> tuple[list[dict[str, Any]], bool]:
     """Joined rows as dicts, and whether they carry run_id."""
     j = join(items, generations)
     return j.to_dict("records"), "run_id" in j.columns

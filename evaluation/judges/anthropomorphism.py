@@ -6,11 +6,14 @@ index undercounts paraphrases but every hit can be read off the `raw` column.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import re
 
 import pandas as pd
 
 from ..types import Engine, Request
+from .registry import Judge, register
 from ._common import as_chat, records, render, row, straight_apostrophes, strip_thinking, to_frame
 
 # Bump when this judge's prompt, parsing or scoring changes: score keys hold it, so cached scores are redone.
@@ -108,7 +111,7 @@ Answer with a single digit from 0 to 5."""
 RUBRIC_GRAMMAR = 'root ::= [0-5]\n'
 
 
-def rubric_request(prompt_messages, response: str) -> Request:
+def rubric_request(prompt_messages: Any, response: str) -> Request:
     conv = render(as_chat(prompt_messages), response)
     return Request(messages=({"role": "user", "content": RUBRIC_PROMPT.format(conversation=conv)},),
                    grammar=RUBRIC_GRAMMAR, max_tokens=2, temperature=0.0)
@@ -125,10 +128,10 @@ def score_anthropomorphism(items: pd.DataFrame, generations: pd.DataFrame, engin
     """Metrics "anthro_lexical_per100" (total), "anthro_lexical_per100/<category>", and with an
     engine "anthro_llm" (0-5; unscored when the verdict has no score)."""
     recs, with_run = records(items, generations)
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     for g in recs:
         idx = lexical_index(str(g["response"] or ""))
-        raw = "" if idx is None else idx.pop("_hits")
+        raw = "" if idx is None else str(idx.pop("_hits"))
         rows.append(row(g, METRIC, None if idx is None else idx["total"], LEXICAL, raw))
         for c in LEXICONS:
             rows.append(row(g, f"{METRIC}/{c}", None if idx is None else idx[c], LEXICAL, raw))
@@ -138,3 +141,8 @@ def score_anthropomorphism(items: pd.DataFrame, generations: pd.DataFrame, engin
             s = parse_rubric(t)
             rows.append(row(g, LLM_METRIC, None if s is None else float(s), f"{LLM}:{engine.name}", t))
     return to_frame(rows, with_run)
+
+
+# `valind judge` on outside tables
+register(Judge("anthro-lexical", lambda i, g, e: score_anthropomorphism(i, g, engine=None, llm=False), False, VERSION))
+register(Judge("anthro-llm", lambda i, g, e: score_anthropomorphism(i, g, engine=e, llm=True), True, VERSION))

@@ -1,9 +1,13 @@
 """Any judge of the suites on outside data: a table of (prompt, response) rows in, verdicts out."""
 from __future__ import annotations
 
+from typing import Any
+
+from typing import Any, Iterable
+
 import pandas as pd
 
-from ..suites.registry import external_judges
+from .registry import external_judges
 from ..types import Engine
 
 
@@ -46,14 +50,14 @@ def judge_table(judge: str, df: pd.DataFrame, prompt_col: str, response_col: str
 NO_RESPONSE = "no response: empty or missing, not scored"
 
 
-def _blank(value) -> bool:
+def _blank(value: Any) -> bool:
     """A missing (None, NaN) or empty/whitespace-only cell."""
     if isinstance(value, str):
         return not value.strip()
     return value is None or (pd.api.types.is_scalar(value) and pd.isna(value))
 
 
-def _primary(judge: str, metrics) -> list[str]:
+def _primary(judge: str, metrics: Iterable[str]) -> list[str]:
     """The metrics a user asked for (refusal judges also emit derived over-refusal rows)."""
     if judge.startswith("refusal"):
         return ["refusal"]

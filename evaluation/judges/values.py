@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from ..types import VALUES, Engine, Request, ScoreRequest
+from .registry import Judge, register
 from ._common import (as_chat, p_yes, records, render, row, score_yes_no, strip_thinking, to_frame, yes_no_raw,
                       yes_no_requests)
 
@@ -61,11 +62,11 @@ def value_grammar(values: Sequence[str] = VALUES) -> str:
 VALUE_GRAMMAR = value_grammar()
 
 
-def judge_prompt(prompt_messages, response: str) -> str:
+def judge_prompt(prompt_messages: Any, response: str) -> str:
     return PROMPT.format(conversation=render(as_chat(prompt_messages), response), values=", ".join(VALUES))
 
 
-def build_requests(prompt_messages, response: str, max_tokens: int = 64) -> Request:
+def build_requests(prompt_messages: Any, response: str, max_tokens: int = 64) -> Request:
     """The judge request for one (prompt chat, response): greedy, grammar-constrained."""
     return Request(messages=({"role": "user", "content": judge_prompt(prompt_messages, response)},),
                    grammar=VALUE_GRAMMAR, max_tokens=max_tokens, temperature=0.0)
@@ -105,14 +106,14 @@ def parse_values(text: str | None) -> list[str] | None:
     return [] if said_none else None
 
 
-def logprob_questions(prompt_messages, response: str) -> list[tuple[dict, ...]]:
+def logprob_questions(prompt_messages: Any, response: str) -> list[tuple[dict[str, Any], ...]]:
     """One yes/no question chat per value, in VALUES order."""
     conv = render(as_chat(prompt_messages), response)
     return [({"role": "user", "content": f"<conversation>\n{conv}\n</conversation>\n\n"
               + LOGPROB_QUESTION.format(value=v)},) for v in VALUES]
 
 
-def logprob_requests(prompt_messages, response: str) -> list[ScoreRequest]:
+def logprob_requests(prompt_messages: Any, response: str) -> list[ScoreRequest]:
     """Two ScoreRequests per value, in VALUES order: continuation " Yes" then " No"."""
     return [r for q in logprob_questions(prompt_messages, response) for r in yes_no_requests(q)]
 
@@ -189,7 +190,7 @@ def score_values(items: pd.DataFrame, generations: pd.DataFrame, engine: Engine,
         raise ValueError(f"unknown mode {mode!r}")
     recs, with_run = records(items, generations)
     pairs = [(g["messages"], g["response"]) for g in recs]
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     if mode == "generate":
         judged = judge_values(engine, pairs, "extract", max_tokens=max_tokens)
         judge = f"{JUDGE}:{engine.name}"
@@ -204,3 +205,12 @@ def score_values(items: pd.DataFrame, generations: pd.DataFrame, engine: Engine,
                 rows.append(row(g, f"p_expresses/{v}", p, judge, cell))
                 rows.append(row(g, f"expresses/{v}", None if math.isnan(p) else float(p > threshold), judge, cell))
     return to_frame(rows, with_run)
+
+
+def _external(items: pd.DataFrame, generations: pd.DataFrame, engine: Engine | None) -> pd.DataFrame:
+    if engine is None:
+        raise ValueError("the values judge needs a model")
+    return score_values(items, generations, engine)
+
+
+register(Judge("values", _external, True, VERSION))  # `valind judge`

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
 
-def user(content: str) -> list[dict]:
+def user(content: str) -> list[dict[str, Any]]:
     """A one-turn chat."""
     return [{"role": "user", "content": content}]
 
@@ -56,13 +56,13 @@ def stratified_sample(df: pd.DataFrame, limit: int | None, by: Sequence[str], se
     keys = df[unit].astype(str).map(lambda u: stable_key(seed, u))
     keys = keys + "|" + df["item_id"].astype(str)  # tie-break within a unit
 
-    def pick(index: pd.Index, n: int, level: int) -> list:
+    def pick(index: pd.Index, n: int, level: int) -> list[Any]:
         if level == len(by):
             return list(keys.loc[index].sort_values(kind="mergesort").index[:n])
         groups = sorted(df.loc[index].groupby(by[level], sort=True, dropna=False).groups.items(),
                         key=lambda kv: str(kv[0]))
         alloc = _allocate([len(ix) for _, ix in groups], n)
-        out: list = []
+        out: list[Any] = []
         for (_, ix), k in zip(groups, alloc):
             if k:
                 out += pick(pd.Index(ix), k, level + 1)
@@ -72,7 +72,7 @@ def stratified_sample(df: pd.DataFrame, limit: int | None, by: Sequence[str], se
     return df[df.index.isin(chosen)].reset_index(drop=True)
 
 
-def frame(rows: Iterable[dict], suite: str, columns: Sequence[str]) -> pd.DataFrame:
+def frame(rows: Iterable[dict[str, Any]], suite: str, columns: Sequence[str]) -> pd.DataFrame:
     """Rows -> item table with ITEM_COLUMNS first; checks id uniqueness."""
     df = pd.DataFrame(list(rows))
     df.insert(0, "suite", suite)

@@ -4,9 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from pydantic import BaseModel, ConfigDict
 
 from ._common import frame, stratified_sample, user
-from .registry import Suite, register
+from .registry import JudgeModel, Suite, SuiteSettings, register
 from ..judges import anthropomorphism as anthro_judge, version
 from ..judges.anthropomorphism import LEXICAL, LEXICONS, LLM, LLM_METRIC, METRIC, score_anthropomorphism
 
@@ -65,16 +66,24 @@ def load_items(data_dir: Path | None = None, limit: int | None = None, seed: int
     return stratified_sample(frame(rows, SUITE, COLUMNS), limit, by=["category"], seed=seed)
 
 
-def _judges(st) -> dict[str, tuple[str, ...]]:
-    lexical = {m: (LEXICAL,) for m in [METRIC] + [f"{METRIC}/{c}" for c in LEXICONS]}
-    return {**lexical, LLM_METRIC: (LLM,)} if st.anthro_judge else lexical
+class AnthroSettings(BaseModel):
+    """score.suites.anthropomorphism: the LLM rubric's model (None: the lexical index only)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    judge: JudgeModel = None
+
+
+def _judge(st: SuiteSettings) -> tuple[str, bool] | None:
+    model = st.of(SUITE, AnthroSettings).judge
+    return (model, False) if model else None
+
+
+def _judges(st: SuiteSettings) -> dict[str, tuple[str, ...]]:
+    lexical: dict[str, tuple[str, ...]] = {m: (LEXICAL,) for m in [METRIC] + [f"{METRIC}/{c}" for c in LEXICONS]}
+    return {**lexical, LLM_METRIC: (LLM,)} if _judge(st) else lexical
 
 
 VERSION = f"1/{version(anthro_judge)}"  # this suite's items and scoring, and its judges'
 
 register(Suite(
     SUITE, load_items, lambda i, g, e, st: score_anthropomorphism(i, g, engine=e, llm=e is not None),
-    n_items=30, judges=_judges, version=VERSION,
-    judge=lambda st: (st.anthro_judge, False) if st.anthro_judge else None,
-    external={"anthro-lexical": (False, lambda i, g, e: score_anthropomorphism(i, g, engine=None, llm=False)),
-              "anthro-llm": (True, lambda i, g, e: score_anthropomorphism(i, g, engine=e, llm=True))}))
+    n_items=30, judges=_judges, version=VERSION, settings=AnthroSettings, judge=_judge))

@@ -6,28 +6,32 @@ deduplicated, ranked by a hash of (seed, item id): the first `limit` of that ord
 not depend on the held-out pairs' row order and grows by appending when `limit` grows."""
 from __future__ import annotations
 
+from typing import Any
+
 import json
 from pathlib import Path
 
 import pandas as pd
 
 from ._common import frame, short_hash, stable_key
-from .registry import Suite, register
+from .registry import Suite, SuiteSettings, register
 from ..judges import planted as planted_judge, version
 from ..judges.planted import JUDGE, METRIC, score_planted
+from ..types import Engine
 
 SUITE = "planted"
 COLUMNS = ("source",)
 
 
 def load_items(data_dir: Path | None = None, limit: int | None = None, seed: int = 0,
-               held_out_prompts: list[list[dict]] | None = None) -> pd.DataFrame:
+               held_out_prompts: list[list[dict[str, Any]]] | None = None) -> pd.DataFrame:
     """`held_out_prompts`: chats (lists of {"role","content"}); trailing non-user turns are dropped.
     `data_dir` is unused (kept for the common signature)."""
     if not held_out_prompts:
         raise ValueError("the planted suite needs held-out prompts (data.held_out_fraction > 0, and "
                          "at least one pair held out)")
-    rows, seen = [], set()
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
     for chat in held_out_prompts:
         chat = [{"role": str(m["role"]), "content": str(m["content"])} for m in chat]
         last_user = max((i for i, m in enumerate(chat) if m["role"] == "user"), default=None)
@@ -47,7 +51,7 @@ def load_items(data_dir: Path | None = None, limit: int | None = None, seed: int
     return frame(rows, SUITE, COLUMNS)
 
 
-def _score(items, gens, engine, st):
+def _score(items: pd.DataFrame, gens: pd.DataFrame, engine: Engine | None, st: SuiteSettings) -> pd.DataFrame:
     if st.planted_phrase is None:
         raise ValueError("the planted judge needs settings.planted_phrase (controls.positive.phrase)")
     return score_planted(items, gens, st.planted_phrase)

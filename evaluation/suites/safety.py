@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Literal
 
 import pandas as pd
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ._common import frame, stratified_sample, user
-from .registry import Suite, register
+from .registry import JudgeModel, Suite, SuiteSettings, register
 from ..judges import refusal, version
 from ..judges.refusal import METRICS, score_refusal
+from ..types import Engine
 
 SUITE = "safety"
 SOURCES = ("xstest", "harmbench", "advbench", "donotanswer")
@@ -22,14 +25,14 @@ COLUMNS = ("source", "expected", "label", "type")
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _xstest(d: Path) -> list[dict]:
+def _xstest(d: Path) -> list[dict[str, Any]]:
     df = pd.read_csv(d / "xstest_prompts.csv")
     return [{"item_id": f"xstest/{r.label}/{r.id}", "messages": user(r.prompt), "source": "xstest",
              "expected": "comply" if r.label == "safe" else "refuse", "label": r.label, "type": r.type}
             for r in df.itertuples()]
 
 
-def _harmbench(d: Path) -> list[dict]:
+def _harmbench(d: Path) -> list[dict[str, Any]]:
     df = pd.read_csv(d / "harmbench_behaviors_text_test.csv", keep_default_na=False)
     # Copyright behaviours also have no context string, but they need a different judge
     # (verbatim reproduction), so only the "standard" functional category is kept.
@@ -38,14 +41,14 @@ def _harmbench(d: Path) -> list[dict]:
              "expected": "refuse", "label": "unsafe", "type": r.SemanticCategory} for r in df.itertuples()]
 
 
-def _advbench(d: Path) -> list[dict]:
+def _advbench(d: Path) -> list[dict[str, Any]]:
     seeds = yaml.load((d / "advbench.prompt.yaml").read_text(encoding="utf-8"), Loader=_Loader)["seeds"]
     return [{"item_id": f"advbench/{i}", "messages": user(s["value"]), "source": "advbench",
              "expected": "refuse", "label": "unsafe", "type": (s.get("harm_categories") or [None])[0]}
             for i, s in enumerate(seeds)]
 
 
-def _donotanswer(d: Path) -> list[dict]:
+def _donotanswer(d: Path) -> list[dict[str, Any]]:
     rows = []
     for f in sorted((d / "donotanswer").glob("*.jsonl")):
         for i, line in enumerate(f.read_text(encoding="utf-8").splitlines()):
@@ -68,10 +71,36 @@ def load_items(data_dir: Path, limit: int | None = None, seed: int = 0,
 
 VERSION = f"1/{version(refusal)}"  # this suite's items and scoring, and its judges'
 
+
+
+class SafetySettings(BaseModel):
+    """score.suites.safety: the refusal judges (the first is the primary one by default)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    judges: tuple[Literal["strmatch", "substring", "llm"], ...] = Field(default=("strmatch", "substring"),
+                                                                       min_length=1)
+    llm_judge: JudgeModel = Field(default=None, validate_default=True)  # model name/path, for judge "llm"
+
+    @field_validator("llm_judge")
+    @classmethod
+    def _llm_needs_model(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None and "llm" in info.data.get("judges", ()):
+            raise ValueError("required when judges lists 'llm'")
+        return v
+
+
+def settings(st: SuiteSettings) -> SafetySettings:
+    return st.of(SUITE, SafetySettings)
+
+
+def _score(items: pd.DataFrame, gens: pd.DataFrame, engine: Engine | None, st: SuiteSettings) -> pd.DataFrame:
+    return score_refusal(items, gens, judges=settings(st).judges, engine=engine)
+
+
+def _judge(st: SuiteSettings) -> tuple[str, bool] | None:
+    s = settings(st)
+    return (s.llm_judge, True) if "llm" in s.judges and s.llm_judge else None
+
+
 register(Suite(
-    SUITE, load_items, lambda i, g, e, st: score_refusal(i, g, judges=st.refusal_judges, engine=e), n_items=2068,
-    judges=lambda st: {m: tuple(st.refusal_judges) for m in METRICS}, version=VERSION,
-    judge=lambda st: (st.refusal_llm_judge, True) if "llm" in st.refusal_judges else None,
-    external={"refusal-strmatch": (False, lambda i, g, e: score_refusal(i, g, judges=["strmatch"])),
-              "refusal-substring": (False, lambda i, g, e: score_refusal(i, g, judges=["substring"])),
-              "refusal-llm": (True, lambda i, g, e: score_refusal(i, g, judges=["llm"], engine=e))}))
+    SUITE, load_items, _score, n_items=2068, settings=SafetySettings,
+    judges=lambda st: {m: tuple(settings(st).judges) for m in METRICS}, version=VERSION, judge=_judge))

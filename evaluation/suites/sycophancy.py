@@ -2,6 +2,8 @@
 SycophancyEval templates) and "are you sure?" (OpenBookQA, two turns)."""
 from __future__ import annotations
 
+from typing import Any
+
 import json
 import re
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from ._common import frame, stratified_sample, user
-from .registry import Suite, register
+from .registry import Suite, SuiteSettings, register
 from ..judges import sycophancy as syco_judge, version
 from ..judges.sycophancy import JUDGES, score_sycophancy
 
@@ -38,7 +40,7 @@ def _letter(s: str) -> str:
     return s.strip().strip("()").strip()
 
 
-def _opinion(data_dir: Path) -> list[dict]:
+def _opinion(data_dir: Path) -> list[dict[str, Any]]:
     data = json.loads((data_dir / "sycophancy" / "opinion_sycophancy_150.json").read_text(encoding="utf-8"))
     return [{"item_id": f"opinion/{e['id']}", "messages": user(e["text"]), "subtask": "opinion",
              "category": e["subdomain"], "needs_followup": False,
@@ -57,11 +59,11 @@ def _inline(answer: str) -> str:
     return answer[0].lower() + answer[1:] if first.lower() in _LOWER_OK else answer
 
 
-def _split(s) -> list[str]:
+def _split(s: Any) -> list[str]:
     return [a.strip() for a in str(s).split(";") if a.strip()] if isinstance(s, str) else []
 
 
-def _answer(data_dir: Path) -> list[dict]:
+def _answer(data_dir: Path) -> list[dict[str, Any]]:
     df = pd.read_csv(data_dir / "qa" / "truthfulqa.csv")
     rows = []
     for i, r in enumerate(df.to_dict("records")):
@@ -81,7 +83,7 @@ def _answer(data_dir: Path) -> list[dict]:
     return rows
 
 
-def _are_you_sure(data_dir: Path) -> list[dict]:
+def _are_you_sure(data_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for line in (data_dir / "qa" / "openbookqa-test.jsonl").read_text(encoding="utf-8").splitlines():
         if not line.strip():
@@ -106,7 +108,7 @@ def load_items(data_dir: Path, limit: int | None = None, seed: int = 0) -> pd.Da
     return out.drop(columns="unit")
 
 
-def followup_messages(item_row, first_response: str) -> list[dict]:
+def followup_messages(item_row: Any, first_response: str) -> list[dict[str, Any]]:
     """The second-turn chat of an "are you sure?" item: first prompt, first answer, the challenge."""
     msgs = [dict(m) for m in item_row["messages"]]
     return msgs + [{"role": "assistant", "content": first_response}, {"role": "user", "content": FOLLOWUP}]

@@ -2,16 +2,19 @@
 preference prompts supplied by the runner."""
 from __future__ import annotations
 
+from typing import Any
+
 import json
 from pathlib import Path
 
 import pandas as pd
+from pydantic import BaseModel, ConfigDict
 
 from ._common import frame, short_hash, stratified_sample, user
-from .registry import Suite, register
+from .registry import JudgeModel, Suite, SuiteSettings, register
 from ..judges import values as value_judge, version
 from ..judges.values import JUDGE, LOGPROB_JUDGE, score_values
-from ..types import VALUES
+from ..types import VALUES, Engine
 
 SUITE = "values"
 
@@ -105,11 +108,11 @@ COLUMNS = ("source", "value")
 
 
 def load_items(data_dir: Path | None = None, limit: int | None = None, seed: int = 0,
-               held_out_prompts: list[list[dict]] | None = None) -> pd.DataFrame:
+               held_out_prompts: list[list[dict[str, Any]]] | None = None) -> pd.DataFrame:
     """Fixed prompts (source "fixed", `value` = the value the prompt targets) plus held-out
     preference prompts (source "held_out", value None, id = hash of the chat). `data_dir` is
     unused (kept for the common signature); `limit` balances sources, then values."""
-    rows = [{"item_id": f"values/{v}/{i}", "messages": user(p), "source": "fixed", "value": v}
+    rows: list[dict[str, Any]] = [{"item_id": f"values/{v}/{i}", "messages": user(p), "source": "fixed", "value": v}
             for v, ps in PROMPTS.items() for i, p in enumerate(ps)]
     seen: set[str] = set()
     for chat in held_out_prompts or []:
@@ -123,15 +126,26 @@ def load_items(data_dir: Path | None = None, limit: int | None = None, seed: int
     return stratified_sample(df, limit, by=["source", "value"], seed=seed)
 
 
-def _score(items, gens, engine, st):
+class ValuesSettings(BaseModel):
+    """score.suites.values: the value judge (its mode and threshold are annotate's: one judge, one reading)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    judge: JudgeModel = None  # model name/path; None = annotate.judge_model
+
+
+def _score(items: pd.DataFrame, gens: pd.DataFrame, engine: Engine | None, st: SuiteSettings) -> pd.DataFrame:
     if engine is None:
         raise ValueError("the values judge needs an engine")
-    return score_values(items, gens, engine, max_tokens=st.max_tokens, threshold=st.values_threshold,
-                        mode="generate" if st.values_mode == "extract" else "logprob")
+    return score_values(items, gens, engine, max_tokens=st.max_tokens, threshold=st.annotate_threshold,
+                        mode="generate" if st.annotate_mode == "extract" else "logprob")
 
 
-def _judges(st) -> dict[str, tuple[str, ...]]:
-    if st.values_mode == "logprob":
+def _judge(st: SuiteSettings) -> tuple[str, bool] | None:
+    model = st.of(SUITE, ValuesSettings).judge or st.annotate_judge
+    return (model, st.annotate_mode == "logprob") if model else None
+
+
+def _judges(st: SuiteSettings) -> dict[str, tuple[str, ...]]:
+    if st.annotate_mode == "logprob":
         return {f"{m}/{v}": (LOGPROB_JUDGE,) for m in ("p_expresses", "expresses") for v in VALUES}
     return {f"expresses/{v}": (JUDGE,) for v in VALUES}
 
@@ -140,7 +154,5 @@ VERSION = f"1/{version(value_judge)}"  # this suite's items and scoring, and its
 
 register(Suite(
     SUITE, load_items, _score, n_items=sum(len(p) for p in PROMPTS.values()), held_out=True, judges=_judges,
-    version=VERSION,
-    judge=lambda st: (st.value_judge, st.values_mode == "logprob"),
-    judge_requests=lambda st: len(VALUES) if st.values_mode == "logprob" else 1,
-    external={"values": (True, lambda i, g, e: score_values(i, g, e))}))
+    version=VERSION, settings=ValuesSettings, judge=_judge,
+    judge_requests=lambda st: len(VALUES) if st.annotate_mode == "logprob" else 1))

@@ -61,7 +61,7 @@ def read_labels(path: Path) -> pd.DataFrame:
 
 def audit_agreement(labels: pd.DataFrame, annotations: pd.DataFrame) -> pd.DataFrame:
     """Per value: accuracy and Cohen's kappa of the judge's presence labels against the human's."""
-    from evaluation.stats import cohen_kappa  # scipy/statsmodels load only when needed
+    from evaluation.stats import cohen_kappa  # deferred: scipy/statsmodels load only when needed
 
     merged = labels.merge(annotations[[*ID_COLUMNS, "values", "scored"]], on=list(ID_COLUMNS), how="inner")
     merged = merged[merged["scored"]]
@@ -81,7 +81,7 @@ def check_agreement(labeller: pd.DataFrame, check: pd.DataFrame) -> pd.DataFrame
     decision pooled): n responses, each judge's yes count, both_yes, precision = both_yes /
     labeller_yes (of the values the labeller reported, the share the check judge also reported: the
     paper's figure), recall = both_yes / check_yes and Cohen's kappa; NaN where undefined."""
-    from evaluation.stats import cohen_kappa  # scipy/statsmodels load only when needed
+    from evaluation.stats import cohen_kappa  # deferred: scipy/statsmodels load only when needed
 
     cols = [*ID_COLUMNS, "values", "scored"]
     m = labeller[cols].merge(check[cols], on=list(ID_COLUMNS), suffixes=("_l", "_c"))

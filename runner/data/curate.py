@@ -8,16 +8,16 @@ control-like draw in which a share of pairs carry a planted phrase).
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 
-from evaluation.errors import ValindError
+from runner.data.draws import (CurationError, Draws, assign_bins, bin_edges, derived_seed,  # noqa: F401
+                               draw_controls, proportional_counts, stable_unit)
 from runner.data.sources import prompt_text
-from runner.spec import ControlsSpec, DataSpec
+from runner.spec_sections import ControlsSpec, DataSpec, PositiveControlSpec
 
 ANNOTATION_COLUMNS = ("pair_id", "side", "values", "scored", "raw")
 RULES = {
@@ -27,10 +27,6 @@ RULES = {
                              "rejected one's, chosen and rejected are swapped in V's subset (the paper's rule)",
 }
 N_EXAMPLES = 3
-
-
-class CurationError(ValindError):
-    """The annotated pairs cannot yield the requested subsets (the message gives the counts)."""
 
 
 @dataclass
@@ -51,45 +47,10 @@ def default_length(pair: dict) -> int:
     return len(prompt_text(pair["prompt"]).split()) + len(pair["chosen"].split()) + len(pair["rejected"].split())
 
 
-def stable_unit(*parts: Any) -> float:
-    """A uniform number in [0, 1) from a hash of the parts (platform- and order-independent)."""
-    h = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64
-
-
-def derived_seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "big")
-
-
 def is_held_out(pair_id: str, fraction: float, seed: int) -> bool:
     """Held-out membership depends only on (pair_id, seed): adding or removing other pairs never
     moves a pair in or out, so the held-out set is stable across `max_pairs` changes."""
     return stable_unit("held-out", seed, pair_id) < fraction
-
-
-def bin_edges(lengths: Iterable[float], n_bins: int) -> np.ndarray:
-    """Inner quantile edges of `lengths` (ties can merge bins, so there may be fewer than n_bins)."""
-    arr = np.asarray(list(lengths), dtype=float)
-    if n_bins <= 1 or arr.size == 0:
-        return np.array([], dtype=float)
-    return np.unique(np.quantile(arr, np.arange(1, n_bins) / n_bins))
-
-
-def assign_bins(lengths: Iterable[float], edges: np.ndarray) -> np.ndarray:
-    """Bin index per length: bin b holds edges[b-1] < x <= edges[b]; outside values go to the ends."""
-    return np.searchsorted(edges, np.asarray(list(lengths), dtype=float), side="left")
-
-
-def proportional_counts(weights: np.ndarray, total: int) -> np.ndarray:
-    """Integer counts summing to `total`, proportional to weights (largest remainder, ties → lower bin)."""
-    w = np.asarray(weights, dtype=float)
-    if total == 0 or w.sum() == 0:
-        return np.zeros(len(w), dtype=int)
-    exact = w / w.sum() * total
-    counts = np.floor(exact).astype(int)
-    order = np.argsort(-(exact - counts), kind="stable")
-    counts[order[: total - counts.sum()]] += 1
-    return counts
 
 
 def rule_masks(rule: str, has_c: np.ndarray, has_r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,27 +79,78 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
     below min_subset_size; "all": every eligible pair of each value, values below min_subset_size
     dropped (`rule["dropped"]`), an error only when every value is.
     """
+    _check_request(induced, data, controls)
+    length_fn = length_fn or default_length
+    p = _pool(pairs, annotations, data, length_fn)
+    vals = _values(p, induced, data)
+    drawn = draw_controls(p.lengths, p.pool_idx, vals.kept, vals.chosen_idx, vals.n, vals.sizes, controls,
+                          data.seed)
+    pos = controls.positive
+    subsets = {f"value-{v}": _frame(p, vals.chosen_idx[v], f"value-{v}", vals.flips[v]) for v in vals.kept}
+    n_planted = 0
+    if drawn.positive is not None and pos is not None:
+        subsets["positive"] = _plant_subset(_frame(p, drawn.positive, "positive"), pos.phrase, pos.position,
+                                            pos.fraction, data.seed, length_fn)
+        n_planted = int(subsets["positive"]["planted"].sum())
+    subsets.update({name: _frame(p, idx, name) for name, idx in drawn.controls.items()})
+    table, overlap = _tables(p, vals, drawn, pos, n_planted)
+    examples = {v: [_example(p.records[i], p.chosen_vals[i], p.rejected_vals[i], flipped=bool(vals.flips[v][i]))
+                    for i in vals.chosen_idx[v][:N_EXAMPLES]] for v in vals.kept}
+    if "positive" in subsets:
+        sub = subsets["positive"]
+        examples["positive"] = [_example(r, frozenset(), frozenset()) for r in
+                                sub[sub["planted"]].head(N_EXAMPLES).to_dict("records")]
+    stats = {"pairs": len(p.ids), "held_out": int(p.held.sum()), "pool": len(p.pool_idx),
+             "eligible": int(p.eligible.sum()),
+             "unscored": int(((p.status == "unscored") & ~p.held).sum()),
+             "unannotated": int(((p.status == "unannotated") & ~p.held).sum()),
+             "annotations_ignored": p.ann.ignored}
+    if pos is not None:
+        stats["planted"] = n_planted
+    return Curation(subsets=subsets, held_out=p.pairs.iloc[np.flatnonzero(p.held)].reset_index(drop=True),
+                    table=table, overlap=overlap, examples=examples,
+                    rule=_rule(vals, drawn, induced, data, controls, length_fn, n_planted), stats=stats,
+                    control_bins=pd.DataFrame(drawn.bin_rows))
+
+
+def _check_request(induced: list[str], data: DataSpec, controls: ControlsSpec) -> None:
     if not induced:
         raise CurationError("no induced values")
     if data.rule not in RULES:
         raise CurationError(f"unknown rule {data.rule!r}; known: {sorted(RULES)}")
-    every = data.subset_size == "all"
-    if every and controls.match != "per_value":
+    if data.subset_size == "all" and controls.match != "per_value":
         raise CurationError("data.subset_size: all gives value subsets of unequal sizes: set controls.match: "
                             "per_value (controls of each value's size and length profile)")
-    if every and controls.positive is not None:
+    if data.subset_size == "all" and controls.positive is not None:
         raise CurationError("controls.positive needs equal-size value subsets, not data.subset_size: all")
-    length_fn = length_fn or default_length
+
+
+@dataclass
+class _Pool:
+    """The pairs in pair_id order, with their annotations, held-out flags, lengths and eligibility."""
+    pairs: pd.DataFrame
+    records: list[dict]
+    ids: list[str]
+    held: np.ndarray
+    lengths: np.ndarray
+    chosen_vals: list[frozenset]
+    rejected_vals: list[frozenset]
+    status: np.ndarray                  # eligible | unscored | unannotated
+    eligible: np.ndarray
+    pool_idx: np.ndarray                # the non-held-out pairs: the controls' pool
+    ann: _AnnIndex
+
+
+def _pool(pairs: pd.DataFrame, annotations: pd.DataFrame, data: DataSpec,
+          length_fn: Callable[[dict], int]) -> _Pool:
     pairs = _check_pairs(pairs)
     ann = _annotation_index(annotations, set(pairs["pair_id"]))
-
     # Row order of the input must not matter: work in pair_id order.
     pairs = pairs.sort_values("pair_id", kind="stable").reset_index(drop=True)
     records = pairs.to_dict("records")
     ids = pairs["pair_id"].tolist()
     held = np.array([is_held_out(p, data.held_out_fraction, data.seed) for p in ids], dtype=bool)
     lengths = np.array([int(length_fn(r)) for r in records], dtype=float)
-
     chosen_vals, rejected_vals, status = [], [], []
     for pid in ids:
         c, r = ann.get((pid, "chosen")), ann.get((pid, "rejected"))
@@ -151,14 +163,29 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
         chosen_vals.append(c[0] if c and c[1] else frozenset())
         rejected_vals.append(r[0] if r and r[1] else frozenset())
     status_arr = np.array(status)
-    eligible = (status_arr == "eligible") & ~held
-    pool_idx = np.flatnonzero(~held)
+    return _Pool(pairs, records, ids, held, lengths, chosen_vals, rejected_vals, status_arr,
+                 (status_arr == "eligible") & ~held, np.flatnonzero(~held), ann)
 
-    # --- value subsets: every eligible pair is taken, flipped, or dropped for one reason ---
+
+@dataclass
+class _Values:
+    """The value subsets: per value its audit row, candidates, flips, and the pairs drawn."""
+    rows: list[dict]
+    flips: dict[str, np.ndarray]
+    available: dict[str, int]
+    dropped: dict[str, int]
+    n: int | None                       # the common size (None under data.subset_size: all)
+    kept: list[str]
+    sizes: dict[str, int]
+    chosen_idx: dict[str, np.ndarray]
+
+
+def _values(p: _Pool, induced: list[str], data: DataSpec) -> _Values:
+    """Every eligible pair is taken, flipped, or dropped for one reason; then each value's draw."""
     rows, candidates, flips = [], {}, {}
     for v in induced:
-        has_c = np.array([v in s for s in chosen_vals]) & eligible
-        has_r = np.array([v in s for s in rejected_vals]) & eligible
+        has_c = np.array([v in s for s in p.chosen_vals]) & p.eligible
+        has_r = np.array([v in s for s in p.rejected_vals]) & p.eligible
         ok, flips[v] = rule_masks(data.rule, has_c, has_r)
         candidates[v] = np.flatnonzero(ok)
         rows.append({"value": v, "chosen_with": int(has_c.sum()), "rejected_with": int(has_r.sum()),
@@ -166,30 +193,12 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
                      "kept_as_is": int((ok & ~flips[v]).sum()), "flipped": int(flips[v].sum()),
                      "dropped_both_sides": int((has_c & has_r & ~ok).sum()),
                      "dropped_rejected_only": int((has_r & ~has_c & ~ok).sum()),
-                     "dropped_neither_side": int((eligible & ~has_c & ~has_r).sum())})
+                     "dropped_neither_side": int((p.eligible & ~has_c & ~has_r).sum())})
     available = {v: len(candidates[v]) for v in induced}
-    counts_msg = ", ".join(f"{v}={n}" for v, n in available.items())
-    dropped: dict[str, int] = {}
-    if every:
-        dropped = {v: available[v] for v in induced if available[v] < data.min_subset_size}
-        if len(dropped) == len(induced):
-            raise CurationError(f"data.subset_size all: every value has fewer eligible pairs than min_subset_size="
-                                f"{data.min_subset_size} (rule {data.rule}; available per value: {counts_msg})")
-        n = None
-    elif data.subset_size is not None:
-        n = data.subset_size
-        short = [v for v in induced if available[v] < n]
-        if short:
-            raise CurationError(f"subset_size={n} but {len(short)} value(s) have fewer pairs "
-                                f"(rule {data.rule}): {counts_msg}")
-    else:
-        n = min(available.values())
-    if n is not None and n < data.min_subset_size:
-        raise CurationError(f"the smallest value subset has {n} pairs, below min_subset_size="
-                            f"{data.min_subset_size} (rule {data.rule}; available per value: {counts_msg})")
+    n, dropped = _size(available, induced, data)
+    every = data.subset_size == "all"
     kept = [v for v in induced if v not in dropped]
-    sizes = {v: available[v] if every else n for v in kept}
-
+    sizes = {v: available[v] if every or n is None else n for v in kept}
     chosen_idx: dict[str, np.ndarray] = {}
     for v in kept:
         if every:
@@ -197,164 +206,114 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
         else:
             rng = np.random.default_rng(derived_seed("value", data.seed, v))
             chosen_idx[v] = np.sort(rng.choice(candidates[v], size=n, replace=False))
+    return _Values(rows, flips, available, dropped, n, kept, sizes, chosen_idx)
 
-    # --- controls: random draws from the pool, length-matched to a target profile per bin ---
-    pos = controls.positive
-    bin_rows = []
 
-    def profile(target: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Quantile edges of the target lengths and the per-bin counts of a draw of `size` pairs."""
-        edges = bin_edges(target, controls.length_bins)
-        return edges, proportional_counts(np.bincount(assign_bins(target, edges), minlength=len(edges) + 1), size)
+def _size(available: dict[str, int], induced: list[str], data: DataSpec) -> tuple[int | None, dict[str, int]]:
+    """The common subset size (None: every eligible pair) and the values dropped for too few pairs."""
+    counts_msg = ", ".join(f"{v}={n}" for v, n in available.items())
+    dropped: dict[str, int] = {}
+    if data.subset_size == "all":
+        dropped = {v: available[v] for v in induced if available[v] < data.min_subset_size}
+        if len(dropped) == len(induced):
+            raise CurationError(f"data.subset_size all: every value has fewer eligible pairs than min_subset_size="
+                                f"{data.min_subset_size} (rule {data.rule}; available per value: {counts_msg})")
+        return None, dropped
+    if data.subset_size is not None:
+        n = data.subset_size
+        short = [v for v in induced if available[v] < n]
+        if short:
+            raise CurationError(f"subset_size={n} but {len(short)} value(s) have fewer pairs "
+                                f"(rule {data.rule}): {counts_msg}")
+    else:
+        n = min(available.values())
+    if n < data.min_subset_size:
+        raise CurationError(f"the smallest value subset has {n} pairs, below min_subset_size="
+                            f"{data.min_subset_size} (rule {data.rule}; available per value: {counts_msg})")
+    return n, dropped
 
-    def draw(rng: np.random.Generator, condition: str, size: int, edges: np.ndarray,
-             targets: np.ndarray) -> np.ndarray:
-        """`size` pairs of the pool, length-matched per bin; a short bin is filled at random from the rest."""
-        if len(pool_idx) < size:
-            raise CurationError(f"the control pool has {len(pool_idx)} non-held-out pairs, fewer than N={size} "
-                                f"({condition})")
-        n_bins = len(edges) + 1
-        pool_bins = assign_bins(lengths[pool_idx], edges)
-        lo_edges, hi_edges = np.concatenate([[-np.inf], edges]), np.concatenate([edges, [np.inf]])
-        picked, drawn = [], []
-        for b in range(n_bins):
-            in_bin = pool_idx[pool_bins == b]
-            take = min(int(targets[b]), len(in_bin))
-            picked.append(rng.choice(in_bin, size=take, replace=False))
-            drawn.append(take)
-        got = np.concatenate(picked) if picked else np.array([], dtype=int)
-        shortfall = size - len(got)
-        if shortfall:
-            # a bin of the pool had fewer pairs than its target: fill at random from the rest
-            rest = np.setdiff1d(pool_idx, got)
-            extra = rng.choice(rest, size=shortfall, replace=False)
-            got = np.concatenate([got, extra])
-            extra_bins = np.bincount(assign_bins(lengths[extra], edges), minlength=n_bins)
-            drawn = [d + int(e) for d, e in zip(drawn, extra_bins)]
-        for b in range(n_bins):
-            bin_rows.append({"condition": condition, "bin": b, "lo": float(lo_edges[b]),
-                             "hi": float(hi_edges[b]), "target": int(targets[b]), "drawn": drawn[b],
-                             "pool": int((pool_bins == b).sum()), "filled_at_random": shortfall})
-        return np.sort(got)
 
-    control_idx: dict[str, np.ndarray] = {}
-    pooled_edges = per_value_edges = None
-    if controls.match == "pooled" or pos is not None:
-        # the pooled value subsets, a multiset: each value weighs N
-        pooled_edges, pooled_targets = profile(np.concatenate([lengths[chosen_idx[v]] for v in kept]), n)
-    if controls.match == "pooled":
-        for k in range(controls.count):
-            control_idx[f"control-{k}"] = draw(np.random.default_rng(derived_seed("control", data.seed, k)),
-                                               f"control-{k}", n, pooled_edges, pooled_targets)
-    else:  # per value: that value's size and length profile, an own seed per (value, k)
-        per_value_edges = {}
-        for v in kept:
-            edges, targets = profile(lengths[chosen_idx[v]], sizes[v])
-            per_value_edges[v] = edges
-            for k in range(controls.count):
-                name = f"control-{v}-{k}"
-                control_idx[name] = draw(np.random.default_rng(derived_seed("control", data.seed, v, k)), name,
-                                         sizes[v], edges, targets)
-    # --- positive control: a control-like draw (own seed) in which a share of pairs is planted ---
-    positive_idx = draw(np.random.default_rng(derived_seed("positive", data.seed)), "positive", n,
-                        pooled_edges, pooled_targets) if pos is not None else None
+def _frame(p: _Pool, idx: np.ndarray, condition: str, flip: np.ndarray | None = None) -> pd.DataFrame:
+    out = p.pairs.iloc[idx].reset_index(drop=True).copy()
+    if flip is not None:  # a value subset: swap the pairs its rule flips (only in this subset)
+        swap = flip[idx]
+        out.loc[swap, ["chosen", "rejected"]] = out.loc[swap, ["rejected", "chosen"]].to_numpy()
+        out["flipped"] = swap
+    out["condition"] = condition
+    out["length"] = p.lengths[idx].astype(int)
+    return out
 
-    # --- outputs ---
-    def frame(idx: np.ndarray, condition: str, flip: np.ndarray | None = None) -> pd.DataFrame:
-        out = pairs.iloc[idx].reset_index(drop=True).copy()
-        if flip is not None:  # a value subset: swap the pairs its rule flips (only in this subset)
-            swap = flip[idx]
-            out.loc[swap, ["chosen", "rejected"]] = out.loc[swap, ["rejected", "chosen"]].to_numpy()
-            out["flipped"] = swap
-        out["condition"] = condition
-        out["length"] = lengths[idx].astype(int)
-        return out
 
-    subsets = {f"value-{v}": frame(chosen_idx[v], f"value-{v}", flips[v]) for v in kept}
-    n_planted = 0
-    if positive_idx is not None:
-        subsets["positive"] = _plant_subset(frame(positive_idx, "positive"), pos.phrase, pos.position,
-                                            pos.fraction, data.seed, length_fn)
-        n_planted = int(subsets["positive"]["planted"].sum())
-    subsets.update({name: frame(idx, name) for name, idx in control_idx.items()})
-
-    sets = {v: set(chosen_idx[v].tolist()) for v in kept}
-    control_union = set().union(*[set(i.tolist()) for i in control_idx.values()]) if control_idx else set()
+def _tables(p: _Pool, vals: _Values, drawn: Draws, pos: PositiveControlSpec | None,
+            n_planted: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The per-value table (counts, sizes, overlaps) and the pairwise overlap of the value subsets."""
+    kept, rows = vals.kept, vals.rows
+    sets = {v: set(vals.chosen_idx[v].tolist()) for v in kept}
+    control_union = set().union(*[set(i.tolist()) for i in drawn.controls.values()]) if drawn.controls else set()
     for row in rows:
         v = row["value"]
-        if v in dropped:
+        if v in vals.dropped:
             row.update({"kept": False, "N": 0, "used": 0, "used_fraction": 0.0, "flipped_used": 0,
                         "shared_with_values": 0, "shared_with_controls": 0})
             continue
         others = set().union(*[sets[u] for u in kept if u != v])
-        row.update({"kept": True, "N": sizes[v], "used": len(sets[v]),
-                    "used_fraction": len(sets[v]) / max(available[v], 1),
-                    "flipped_used": int(flips[v][chosen_idx[v]].sum()),
+        row.update({"kept": True, "N": vals.sizes[v], "used": len(sets[v]),
+                    "used_fraction": len(sets[v]) / max(vals.available[v], 1),
+                    "flipped_used": int(vals.flips[v][vals.chosen_idx[v]].sum()),
                     "shared_with_values": len(sets[v] & others),
                     "shared_with_controls": len(sets[v] & control_union)})
     if pos is not None:
         for row in rows:
             row.update({"planted": 0, "phrase": None})
-        rows.append({"value": "positive", "available": len(pool_idx), "N": n, "used": n,
-                     "used_fraction": n / max(len(pool_idx), 1), "planted": n_planted, "phrase": pos.phrase})
-    table = pd.DataFrame(rows)
-
+        n = vals.n or 0
+        rows.append({"value": "positive", "available": len(p.pool_idx), "N": n, "used": n,
+                     "used_fraction": n / max(len(p.pool_idx), 1), "planted": n_planted, "phrase": pos.phrase})
     ov = []
     for i, a in enumerate(kept):
         for b in kept[i + 1:]:
             inter, union = len(sets[a] & sets[b]), len(sets[a] | sets[b])
             ov.append({"value_a": a, "value_b": b, "intersection": inter,
                        "jaccard": inter / union if union else 0.0})
-    overlap = pd.DataFrame(ov, columns=["value_a", "value_b", "intersection", "jaccard"])
+    return pd.DataFrame(rows), pd.DataFrame(ov, columns=["value_a", "value_b", "intersection", "jaccard"])
 
-    examples = {v: [_example(records[i], chosen_vals[i], rejected_vals[i], flipped=bool(flips[v][i]))
-                    for i in chosen_idx[v][:N_EXAMPLES]] for v in kept}
-    if positive_idx is not None:
-        sub = subsets["positive"]
-        examples["positive"] = [_example(r, frozenset(), frozenset()) for r in
-                                sub[sub["planted"]].head(N_EXAMPLES).to_dict("records")]
 
-    stats = {"pairs": len(ids), "held_out": int(held.sum()), "pool": len(pool_idx),
-             "eligible": int(eligible.sum()),
-             "unscored": int(((status_arr == "unscored") & ~held).sum()),
-             "unannotated": int(((status_arr == "unannotated") & ~held).sum()),
-             "annotations_ignored": ann.ignored}
-    if pos is not None:
-        stats["planted"] = n_planted
+def _rule(vals: _Values, drawn: Draws, induced: list[str], data: DataSpec, controls: ControlsSpec,
+          length_fn: Callable[[dict], int], n_planted: int) -> dict[str, Any]:
+    """What the curation did, as curation.json records it: rule, sizes, kept/dropped values, seeds."""
     count_cols = ("kept_as_is", "flipped", "dropped_both_sides", "dropped_rejected_only", "dropped_neither_side")
-    controls_rule = {"count": controls.count, "match": controls.match, "length_bins": controls.length_bins,
-                     "pool": "all non-held-out pairs (may overlap value subsets)",
-                     "length_fn": getattr(length_fn, "__name__", repr(length_fn))}
-    if pooled_edges is not None:  # the pooled controls' and the positive arm's profile
-        controls_rule.update(bins_used=len(pooled_edges) + 1, edges=[float(e) for e in pooled_edges])
-    if per_value_edges is not None:
-        controls_rule["per_value"] = {v: {"N": sizes[v], "bins_used": len(e) + 1, "edges": [float(x) for x in e],
+    controls_rule: dict[str, Any] = {
+        "count": controls.count, "match": controls.match, "length_bins": controls.length_bins,
+        "pool": "all non-held-out pairs (may overlap value subsets)",
+        "length_fn": getattr(length_fn, "__name__", repr(length_fn))}
+    if drawn.pooled_edges is not None:  # the pooled controls' and the positive arm's profile
+        controls_rule.update(bins_used=len(drawn.pooled_edges) + 1, edges=[float(e) for e in drawn.pooled_edges])
+    if drawn.per_value_edges is not None:
+        controls_rule["per_value"] = {v: {"N": vals.sizes[v], "bins_used": len(e) + 1, "edges": [float(x) for x in e],
                                           "seed": f"('control', seed, '{v}', k)"}
-                                      for v, e in per_value_edges.items()}
-    rule = {"rule": data.rule, "description": RULES[data.rule], "induced": list(induced), "N": n,
+                                      for v, e in drawn.per_value_edges.items()}
+    rule = {"rule": data.rule, "description": RULES[data.rule], "induced": list(induced), "N": vals.n,
             "subset_size": data.subset_size, "min_subset_size": data.min_subset_size,
             "held_out_fraction": data.held_out_fraction, "seed": data.seed,
             "held_out_method": "sha256('held-out', seed, pair_id) < fraction",
             "eligibility": "both sides annotated and scored; pair not held out",
-            "controls": controls_rule, "available": available, "sizes": sizes, "kept": kept,
-            "dropped": dropped,
-            "counts": {r["value"]: {c: r[c] for c in count_cols} for r in rows if r["value"] in available}}
-    if dropped:
+            "controls": controls_rule, "available": vals.available, "sizes": vals.sizes, "kept": vals.kept,
+            "dropped": vals.dropped,
+            "counts": {r["value"]: {c: r[c] for c in count_cols} for r in vals.rows if r["value"] in vals.available}}
+    if vals.dropped:
         rule["dropped_why"] = (f"fewer eligible pairs than data.min_subset_size={data.min_subset_size} "
                                f"(data.subset_size: all, rule {data.rule})")
+    pos = controls.positive
     if pos is not None:
         rule["positive"] = {
             "condition": "positive", "phrase": pos.phrase, "position": pos.position, "fraction": pos.fraction,
-            "N": n, "planted": n_planted,
+            "N": vals.n, "planted": n_planted,
             "draw": "like a control: a length-matched random draw from the pool with seed ('positive', seed)",
             "planted_pairs": "the round(fraction × N) pairs (at least 1) with the smallest "
                              "sha256('planted', seed, pair_id); chosen = "
                              + ("phrase + ' ' + original chosen" if pos.position == "start"
                                 else "original chosen + ' ' + phrase")
                              + ", rejected = original chosen; the other pairs are unchanged"}
-    return Curation(subsets=subsets, held_out=pairs.iloc[np.flatnonzero(held)].reset_index(drop=True),
-                    table=table, overlap=overlap, examples=examples, rule=rule, stats=stats,
-                    control_bins=pd.DataFrame(bin_rows))
+    return rule
 
 
 # --- positive control ----------------------------------------------------------------------------

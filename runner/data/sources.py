@@ -1,7 +1,7 @@
 """Preference-pair loaders: HH-RLHF, UltraFeedback (binarized), PKU-SafeRLHF, HelpSteer 2, the Tulu 3
 preference mixture and local jsonl/json/parquet files, normalised to one table of PreferencePair rows.
 
-Each source is one `Source` entry in `SOURCES` (see `register`); the spec's source names, the
+Each source is one `Source` entry in `SOURCES` (runner.data.registry); the spec's source names, the
 loader and `valind plan` all read that registry. Every source yields raw rows in a deterministic
 order; a source whose rows are single responses first groups them (`Source.group`); its converter
 turns a (grouped) row into a pair or raises `_Drop`, so all sources share the same validity rules
@@ -26,87 +26,23 @@ import os
 import re
 import socket
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import urlparse
 
 import pandas as pd
 
-from evaluation.errors import ValindError
 from evaluation.types import PAIR_COLUMNS
-from runner.spec import SourceSpec
+from runner.data.convert import (ROLES, _as_messages, _as_prompt, _convert_hh, _convert_helpsteer2,  # noqa: F401
+                                  _convert_message_lists, _pku_converter, group_consecutive_prompts, split_helpsteer2,
+                                  split_hh)
+from runner.data.registry import SOURCES, Converter, DataError, Rows, Source, _Drop, get_source, register  # noqa: F401
+from runner.spec_sections import SourceSpec
 
 COLUMNS = (*PAIR_COLUMNS, "n_turns")
 DROP_REASONS = ("missing_field", "empty_response", "no_final_assistant_turn", "identical",
                 "over_length", "malformed", "duplicate_id", "tied")
 EXTENSIONS = (".jsonl", ".jsonl.gz", ".parquet")
-ROLES = ("system", "user", "assistant")
-
-Converter = Callable[[dict], tuple]  # row -> (prompt, chosen, rejected, pair_id or None); raises _Drop
-Rows = Iterator[tuple[int, dict]]    # (row index in the file or hub split, raw row)
-
-
-class DataError(ValindError):
-    """A preference source that cannot be read or resolved; the message names the file or dataset."""
-
-
-class _Drop(Exception):
-    def __init__(self, reason: str):
-        self.reason = reason
-
-
-# --- the registry ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Source:
-    """One preference source. The format strings below may use {name}, {subset}, {split} (after
-    aliasing) and {file} (the stem of a local source's path)."""
-    name: str                                   # the spec's data.sources[].name
-    hub_id: str | None                          # Hugging Face dataset; None: no hub fallback
-    converter: Callable[[SourceSpec], Converter]
-    splits: tuple[str, ...] = ()                # () = the split is not checked (local files)
-    split_aliases: dict[str, str] = field(default_factory=dict)  # spec split -> dataset split
-    rows: dict[str, int] = field(default_factory=dict)  # "split" or "subset/split" -> rows (valind plan)
-    subsets: tuple[str, ...] = ()               # allowed `subset` values; () = subset unused
-    default_subset: str | None = None
-    refused_subsets: dict[str, str] = field(default_factory=dict)  # subset -> why it is not usable
-    file_stem: str = "{name}-{split}"           # <data_dir>/preference/<file_stem><ext>, before the hub
-    hub_kwargs: dict[str, str] = field(default_factory=dict)  # extra load_dataset() kwargs
-    pair_prefix: str = "{name}/{split}"         # pair_id = <pair_prefix>/<row index>
-    label: str = "{name}"                       # the pairs' `source` column
-    reader: Callable[[SourceSpec, Path | None], Rows] | None = None
-    # ^ reads the (index, row)s itself instead of the data dir / hub lookup (local files)
-    group: Callable[[Rows], Rows] | None = None
-    # ^ combines raw rows into the converter's rows (per-response rows -> one row per prompt); a
-    #   grouped row keeps its first raw row's index, so pair_ids point into the file
-
-    def dataset_split(self, split: str) -> str:
-        return self.split_aliases.get(split, split)
-
-    def n_rows(self, spec: SourceSpec) -> int | None:
-        """Rows of the split (and subset) a spec asks for, if known."""
-        split, subset = self.dataset_split(spec.split), spec.subset or self.default_subset
-        return self.rows.get(f"{subset}/{split}", self.rows.get(split))
-
-
-SOURCES: dict[str, Source] = {}
-
-
-def register(source: Source) -> Source:
-    """Add a source under its name (which the spec's data.sources[].name then accepts)."""
-    if source.name in SOURCES:
-        raise ValueError(f"source {source.name!r} is already registered")
-    SOURCES[source.name] = source
-    return source
-
-
-def get_source(name: str) -> Source:
-    try:
-        return SOURCES[name]
-    except KeyError:
-        raise DataError(f"unknown source {name!r}; known: {', '.join(sorted(SOURCES))}") from None
-
 
 # --- public entry point ------------------------------------------------------------------------
 
@@ -246,7 +182,7 @@ def check_hub(timeout_s: float = 3.0) -> None:
 def _hub_rows(hub_id: str, split: str, **kwargs: Any) -> Iterable[dict]:
     """Rows of a hub dataset split (tests monkeypatch this)."""
     check_hub()
-    import datasets  # heavy; only needed when the data dir lacks the file
+    import datasets  # deferred: heavy; only needed when the data dir lacks the file
     return datasets.load_dataset(hub_id, split=split, **kwargs)
 
 
@@ -365,7 +301,7 @@ def _read_json(path: Path) -> list[dict]:
 
 
 def _read_parquet(path: Path) -> list[dict]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: only parquet sources need it
     try:
         # to_pylist keeps nested message lists as Python lists (pandas would give numpy arrays)
         return pq.read_table(path).to_pylist()
@@ -374,176 +310,12 @@ def _read_parquet(path: Path) -> list[dict]:
 
 
 def _parquet_head(path: Path, n: int) -> list[dict]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: only parquet sources need it
     try:
         batch = next(pq.ParquetFile(path).iter_batches(batch_size=n), None)
     except Exception as e:
         raise DataError(f"{path}: cannot read parquet ({type(e).__name__}: {e})") from None
     return [] if batch is None else batch.to_pylist()
-
-
-# --- row conversion ----------------------------------------------------------------------------
-
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-
-
-def split_hh(dialogue: str) -> tuple[list[dict], str]:
-    """Split an HH-RLHF transcript into prompt messages (ending with user) and the final response.
-
-    Consecutive turns of the same speaker (a few HH transcripts have them) are merged, joined by a
-    blank line, so the prompt alternates user/assistant.
-    """
-    parts = _HH_TURN.split(dialogue)
-    if parts[0].strip():
-        raise _Drop("malformed")  # text before the first turn marker
-    msgs: list[dict] = []
-    for speaker, text in zip(parts[1::2], parts[2::2]):
-        role = "user" if speaker == "Human" else "assistant"
-        text = text.strip()
-        if msgs and msgs[-1]["role"] == role:
-            msgs[-1]["content"] = f"{msgs[-1]['content']}\n\n{text}".strip()
-        else:
-            msgs.append({"role": role, "content": text})
-    return _split_messages(msgs)
-
-
-def _split_messages(msgs: list[dict]) -> tuple[list[dict], str]:
-    """(prompt, final assistant content) of a message list; checks roles and alternation."""
-    if not msgs:
-        raise _Drop("malformed")
-    if msgs[-1]["role"] != "assistant":
-        raise _Drop("no_final_assistant_turn")
-    prompt, response = msgs[:-1], msgs[-1]["content"]
-    convo = [m for m in prompt if m["role"] != "system"]
-    if not convo or convo[-1]["role"] != "user" or convo[0]["role"] != "user":
-        raise _Drop("malformed")
-    if any(a["role"] == b["role"] for a, b in zip(convo, convo[1:])):
-        raise _Drop("malformed")
-    return prompt, response
-
-
-def _as_messages(value: Any) -> list[dict]:
-    if not isinstance(value, (list, tuple)):
-        raise _Drop("malformed")
-    msgs = []
-    for m in value:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise _Drop("malformed")
-        msgs.append({"role": m["role"], "content": m["content"]})
-    return msgs
-
-
-def _as_prompt(value: Any) -> list[dict]:
-    if isinstance(value, str):
-        if not value.strip():
-            raise _Drop("malformed")
-        return [{"role": "user", "content": value}]
-    msgs = _as_messages(value)
-    convo = [m for m in msgs if m["role"] != "system"]
-    if not convo or convo[-1]["role"] != "user":
-        raise _Drop("malformed")
-    return msgs
-
-
-def _convert_hh(row: dict) -> tuple:
-    c, r = row.get("chosen"), row.get("rejected")
-    if c is None or r is None:
-        raise _Drop("missing_field")
-    if not isinstance(c, str) or not isinstance(r, str):
-        raise _Drop("malformed")
-    cp, cr = split_hh(c)
-    rp, rr = split_hh(r)
-    if cp != rp:
-        raise _Drop("malformed")
-    return cp, cr, rr, None
-
-
-def _convert_message_lists(row: dict) -> tuple:
-    """UltraFeedback / Tulu 3: chosen and rejected are full conversations incl. the prompt turns."""
-    c, r = row.get("chosen"), row.get("rejected")
-    if c is None or r is None:
-        raise _Drop("missing_field")
-    cp, cr = _split_messages(_as_messages(c))
-    rp, rr = _split_messages(_as_messages(r))
-    if cp != rp:
-        raise _Drop("malformed")
-    return cp, cr, rr, None
-
-
-def _pku_converter(pick: str) -> Converter:
-    key = f"{pick}_response_id"
-
-    def convert(row: dict) -> tuple:
-        vals = [row.get(k) for k in ("prompt", "response_0", "response_1", key)]
-        if any(v is None for v in vals):
-            raise _Drop("missing_field")
-        prompt, r0, r1, best = vals
-        if best not in (0, 1) or not isinstance(r0, str) or not isinstance(r1, str):
-            raise _Drop("malformed")
-        chosen, rejected = (r0, r1) if best == 0 else (r1, r0)
-        return _as_prompt(prompt), chosen, rejected, None
-
-    return convert
-
-
-HS2_RANK = ("helpfulness", "correctness")  # HelpSteer 2: compared in this order, higher is chosen
-_HS2_TURN = re.compile(r"\n?<extra_id_1>(User|Assistant)\n?")
-
-
-def group_consecutive_prompts(rows: Rows) -> Rows:
-    """HelpSteer 2: runs of consecutive rows with the same prompt, as (index of the run's first
-    row, {"prompt", "responses": [rows]}). The dataset stores each prompt's two responses next to
-    each other; grouping only neighbours keeps this streaming and never joins unrelated rows."""
-    start, run = 0, []
-    for idx, row in rows:
-        if run and row.get("prompt") != run[0].get("prompt"):
-            yield start, {"prompt": run[0].get("prompt"), "responses": run}
-            run = []
-        if not run:
-            start = idx
-        run.append(row)
-    if run:
-        yield start, {"prompt": run[0].get("prompt"), "responses": run}
-
-
-def split_helpsteer2(prompt: str) -> list[dict]:
-    """A HelpSteer 2 prompt as messages. Multi-turn prompts hold the earlier turns inline:
-    "{user 1}\n<extra_id_1>Assistant\n{assistant 1}\n<extra_id_1>User\n{user 2}"."""
-    parts = _HS2_TURN.split(prompt)
-    msgs = [{"role": "user", "content": parts[0]}]
-    msgs += [{"role": who.lower(), "content": text} for who, text in zip(parts[1::2], parts[2::2])]
-    if any(not m["content"].strip() or "<extra_id_" in m["content"] for m in msgs):
-        raise _Drop("malformed")  # an empty turn, or a marker we do not know (e.g. <extra_id_0>System)
-    if msgs[-1]["role"] != "user" or any(a["role"] == b["role"] for a, b in zip(msgs, msgs[1:])):
-        raise _Drop("malformed")
-    return msgs
-
-
-def _score(v: Any) -> int:
-    """A 0-4 attribute score. Files written through pandas hold them as floats (NaN for a gap)."""
-    if isinstance(v, float) and v != v:
-        raise _Drop("missing_field")
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer() or not 0 <= v <= 4:
-        raise _Drop("malformed")
-    return int(v)
-
-
-def _convert_helpsteer2(group: dict) -> tuple:
-    """A prompt's two rated responses -> (prompt, chosen, rejected): see HS2_RANK; ties drop."""
-    responses = group["responses"]
-    if len(responses) != 2:
-        raise _Drop("malformed")  # a prompt without exactly two responses
-    for r in responses:
-        if any(r.get(k) is None for k in ("prompt", "response", *HS2_RANK)):
-            raise _Drop("missing_field")
-        if not isinstance(r["prompt"], str) or not isinstance(r["response"], str):
-            raise _Drop("malformed")
-    a, b = responses
-    key_a, key_b = (tuple(_score(r[k]) for k in HS2_RANK) for r in responses)
-    if key_a == key_b:
-        raise _Drop("tied")
-    chosen, rejected = (a, b) if key_a > key_b else (b, a)
-    return split_helpsteer2(group["prompt"]), chosen["response"], rejected["response"], None
 
 
 def _local_response(value: Any, prompt: list[dict]) -> str:

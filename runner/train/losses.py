@@ -8,11 +8,13 @@ SFT: negative log-likelihood of the chosen response per token.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from runner.spec import TrainSpec
+from evaluation.registry import Registry
+from runner.spec_sections import TrainSpec
 
 
 def dpo_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -30,9 +32,53 @@ def sft_loss(pc, n_chosen_tokens) -> torch.Tensor:
 
 
 LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+Core = Callable[..., torch.Tensor]  # (pc, pr, rc, rr, n_c, n_r) -> per-example losses
 
-# Bump a method's version when its loss changes: train keys hold it, so its cells are trained again.
-VERSIONS = {"dpo": "1", "cdpo": "1", "ipo": "1", "sft": "1"}
+
+@dataclass(frozen=True)
+class Loss:
+    """A train.method: `make(train)` gives its per-example loss; bump `version` when it changes (train
+    keys hold it, so its cells are trained again)."""
+    make: Callable[[TrainSpec], Core]
+    version: str = "1"
+
+
+LOSSES: Registry[Loss] = Registry("loss")
+
+
+def loss(name: str, version: str = "1") -> Callable[[Callable[[TrainSpec], Core]], Callable[[TrainSpec], Core]]:
+    """Register a train.method: `@loss("dpo")` over `make(train) -> core(pc, pr, rc, rr, n_c, n_r)`."""
+    def deco(make: Callable[[TrainSpec], Core]) -> Callable[[TrainSpec], Core]:
+        LOSSES.add(name, Loss(make, version))
+        return make
+    return deco
+
+
+@loss("dpo")
+def _dpo(train: TrainSpec) -> Core:
+    beta = train.beta
+    return lambda pc, pr, rc, rr, n_c, n_r: dpo_loss(pc, pr, rc, rr, beta)
+
+
+@loss("cdpo")
+def _cdpo(train: TrainSpec) -> Core:
+    beta, eps = train.beta, train.label_smoothing  # the spec rejects smoothing on plain dpo
+    return lambda pc, pr, rc, rr, n_c, n_r: dpo_loss(pc, pr, rc, rr, beta, eps)
+
+
+@loss("ipo")
+def _ipo(train: TrainSpec) -> Core:
+    beta = train.beta
+    return lambda pc, pr, rc, rr, n_c, n_r: ipo_loss(pc / n_c, pr / n_r, rc / n_c, rr / n_r, beta)
+
+
+@loss("sft")
+def _sft(train: TrainSpec) -> Core:
+    return lambda pc, pr, rc, rr, n_c, n_r: sft_loss(pc, n_c)
+
+
+# train.method -> its loss's version (runner.stages.train's keys)
+VERSIONS = {name: entry.version for name, entry in LOSSES.items()}
 
 
 def make_loss(train: TrainSpec) -> LossFn:
@@ -41,22 +87,13 @@ def make_loss(train: TrainSpec) -> LossFn:
     The one place train.method, train.beta and train.label_smoothing are read. pc/pr are the policy's
     summed response log-probs (chosen, rejected), rc/rr the reference's, n_c/n_r the response token
     counts; the rewards are the implicit β·(π − ref), detached, for metrics."""
-    method, beta = train.method, train.beta
-    if method in ("dpo", "cdpo"):
-        eps = train.label_smoothing if method == "cdpo" else 0.0  # the spec rejects smoothing on plain dpo
+    try:
+        core = LOSSES.get(train.method).make(train)
+    except KeyError as e:
+        raise ValueError(f"unknown train.method: {e.args[0]}") from None
+    beta = train.beta
 
-        def core(pc, pr, rc, rr, n_c, n_r):
-            return dpo_loss(pc, pr, rc, rr, beta, eps)
-    elif method == "ipo":
-        def core(pc, pr, rc, rr, n_c, n_r):
-            return ipo_loss(pc / n_c, pr / n_r, rc / n_c, rr / n_r, beta)
-    elif method == "sft":
-        def core(pc, pr, rc, rr, n_c, n_r):
-            return sft_loss(pc, n_c)
-    else:
-        raise ValueError(f"unknown train.method {method!r}")
-
-    def loss(pc, pr, rc, rr, n_c, n_r):
+    def loss_fn(pc, pr, rc, rr, n_c, n_r):
         return core(pc, pr, rc, rr, n_c, n_r), beta * (pc - rc).detach(), beta * (pr - rr).detach()
 
-    return loss
+    return loss_fn
