@@ -84,13 +84,13 @@ def _analyze(ctx, key, unit, paths, gen_paths) -> None:
         positive_values=tuple(s.values.positive), adaptive=ctx.seeds.note(),
         curation_rule=read_json(cur / "curation.json").get("rule"),
         label_check=LabelCheck(check["judge"], check["labeller"]) if check else None)
-    tables = StudyTables(power=res.power, aa=res.aa, aa_detail=res.aa_detail, adapters=res.adapters, along=res.along,
-                         trend=res.trend, judge_agreement=agreement(ctx), curation=read_parquet(cur / "table.parquet"),
-                         adaptive_trajectory=ctx.seeds.trajectory(res.contrasts, key),
-                         label_check=check["table"] if check else None)
+    given = StudyTables(power=res.power, aa=res.aa, aa_detail=res.aa_detail, adapters=res.adapters, along=res.along,
+                        trend=res.trend, judge_agreement=agreement(ctx), curation=read_parquet(cur / "table.parquet"),
+                        adaptive_trajectory=ctx.seeds.trajectory(res.contrasts, key),
+                        label_check=check["table"] if check else None)
     final = final_runs(runs)
     inputs = build_report_inputs(final, scores[scores["run_id"].isin(set(final["run_id"]))], res.contrasts, info,
-                                 tables)
+                                 given)
     report = render(load_report_inputs(save_report_inputs(inputs, unit / "report_inputs")), unit)
     con = res.contrasts
     ctx.store.mark_done("analyze", key, {"report": str(report), "contrasts": len(con)}, inputs=analyze_inputs(ctx))
