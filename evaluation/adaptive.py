@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,7 +44,7 @@ def targets(contrasts_df: pd.DataFrame, metrics: list[str] | tuple[str, ...] = (
     return c
 
 
-def _unreachable(r, target: float | None, alpha: float) -> bool:
+def _unreachable(r: Any, target: float | None, alpha: float) -> bool:
     """No number of seeds can get this row there: its item × condition floor is in the way."""
     if not (np.isfinite(r.var_item) and r.n_items >= 2):
         return False
@@ -84,7 +85,7 @@ def decide(contrasts_df: pd.DataFrame, seeds: dict[str, int], max_seeds: int, un
 
 
 def snapshot(contrasts_df: pd.DataFrame, decision: Decision, metrics: list[str] | tuple[str, ...] = (),
-             conditions: list[str] | tuple[str, ...] = ()) -> list[dict]:
+             conditions: list[str] | tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """The watched contrasts of one round with the decision taken after it (for the trajectory)."""
     rows = []
     for r in targets(contrasts_df, metrics, conditions).itertuples():

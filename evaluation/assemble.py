@@ -1,14 +1,22 @@
 """A study's whole analysis from its tables: contrasts, per-run metrics, power, the A/A check and
-the adapter check. Pure (no Ray, no store), so it is tested on plain tables."""
+the adapter check (`analyze_study`), then everything its report shows (`build_report_inputs`). Pure
+(no Ray, no store), so it is tested on plain tables."""
 from __future__ import annotations
 
+import datetime as _dt
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from evaluation.analyze import (aa_check, contrasts, per_run_metrics, points_along_training, power_table,
                                  trend_along_training)
-from evaluation.sanity import adapter_check
+from evaluation.claims import claims_table
+from evaluation.coexpression import coexpression, crosstalk_tests
+from evaluation.contrasts import positive_control, verdicts
+from evaluation.report_inputs import ReportInputs, StudyInfo, StudyTables, Verdict
+from evaluation.sanity import adapter_check, adapter_verdicts
 
 
 @dataclass(frozen=True)
@@ -80,3 +88,106 @@ def analyze_study(runs: pd.DataFrame, scores: pd.DataFrame, generations: pd.Data
                     adapters=adapter_check(probe, generations, runs), aa=aa, aa_detail=aa_detail,
                     along=along if along is not None and len(along) else None,
                     trend=trend if trend is not None and len(trend) else None)
+
+
+# ----------------------------------------------------------------------------- what the report shows
+
+_STAGES = ("base", "sft", "instruct")  # models[i].stage, in the order the report groups results
+
+
+def model_stages(runs: pd.DataFrame | None) -> dict[str, str] | None:
+    """model → stage when the study's models span more than one stage; None: results are not grouped."""
+    if runs is None or "stage" not in runs.columns:
+        return None
+    st = runs.drop_duplicates("model").set_index("model")["stage"].astype(str)
+    return st.to_dict() if st.nunique() > 1 else None
+
+
+def by_stage(df: pd.DataFrame, stages: dict[str, str]) -> pd.DataFrame:
+    """A "stage" column first and rows ordered base → sft → instruct (their order kept within a stage)."""
+    df = df.assign(stage=df["model"].map(stages))
+    rank = df["stage"].map({s: i for i, s in enumerate(_STAGES)}).fillna(len(_STAGES)).to_numpy()
+    return df.iloc[np.argsort(rank, kind="stable")][["stage"] + [c for c in df.columns if c != "stage"]]
+
+
+def short_judges(c: pd.DataFrame) -> pd.DataFrame:
+    """Judge names without their model/version suffix ("llm:smollm2-135m@vllm-0.32.0" → "llm") for
+    result tables, unless that would merge two judges; the provenance table keeps the full names."""
+    full = pd.Series(c["judge"].astype(str).unique())
+    short = full.str.split(":").str[0]
+    if short.nunique() < len(full):
+        return c
+    return c.assign(judge=c["judge"].astype(str).map(dict(zip(full, short))))
+
+
+def condition_summary(runs: pd.DataFrame | None, prm: pd.DataFrame) -> pd.DataFrame | None:
+    """Mean and seed SD of each metric per (model, condition): base/control/value side by side."""
+    if prm.empty or runs is None or runs.empty:
+        return None
+    m = prm.merge(runs[["run_id", "model", "condition", "kind"]], on="run_id", how="inner")
+    if m.empty:
+        return None
+    g = m.groupby(["suite", "metric", "judge", "model", "kind", "condition"], sort=True)["mean"]
+    return g.agg(n_runs="count", mean="mean", sd_across_seeds="std").reset_index()
+
+
+def judge_provenance(scores: pd.DataFrame | None, prm: pd.DataFrame) -> pd.DataFrame | None:
+    """Per (suite, metric, judge, full name): how many runs and items it scored."""
+    if scores is None or len(scores) == 0 or prm.empty:
+        return None
+    return (prm.groupby(["suite", "metric", "judge"], sort=True)
+               .agg(n_runs=("run_id", "nunique"), n_scored=("n_scored", "sum"),
+                    n_unscored=("n_unscored", "sum")).reset_index())
+
+
+def _along(tables: StudyTables) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """The headline verdicts at each train.eval_at point and the primary slopes, judges shortened."""
+    points, trend = tables.along, tables.trend
+    if not isinstance(points, pd.DataFrame) or points.empty:
+        return None, None
+    t = None
+    if isinstance(trend, pd.DataFrame) and not trend.empty:
+        t = short_judges(trend[trend["primary"]])[
+            ["model", "condition", "suite", "metric", "reference", "points", "n_seeds", "slope", "ci_lo", "ci_hi",
+             "p_value", "p_holm", "significant"]]
+    return short_judges(verdicts(points)), t
+
+
+def _per_run(runs: pd.DataFrame | None, prm: pd.DataFrame) -> pd.DataFrame | None:
+    if prm.empty:
+        return None
+    return prm.merge(runs[["run_id", "model", "condition", "seed"]], on="run_id", how="left") if runs is not None \
+        else prm
+
+
+def build_report_inputs(runs: pd.DataFrame | None, scores: pd.DataFrame | None, contrasts_df: pd.DataFrame | None,
+                        info: StudyInfo | None = None, tables: StudyTables | None = None) -> ReportInputs:
+    """Everything the report shows, computed here so that `evaluation.report.render` only formats.
+
+    runs: the final runs (``final_runs``; a ``stage`` column with more than one stage groups the
+    results base → sft → instruct); scores: theirs; contrasts_df: ``Analysis.contrasts``."""
+    info, tables = info or StudyInfo(), tables or StudyTables()
+    runs = runs if isinstance(runs, pd.DataFrame) and not runs.empty else None
+    prm = per_run_metrics(scores)
+    stages = model_stages(runs)
+    con = co = crosstalk = claims = None
+    pcs: list[dict[str, Any]] = []
+    if isinstance(contrasts_df, pd.DataFrame) and not contrasts_df.empty:
+        con = short_judges(contrasts_df)
+        con = by_stage(con, stages) if stages else con
+        co = coexpression(con, alpha=info.alpha)
+        tests = crosstalk_tests(co, info.alpha)
+        crosstalk = pd.DataFrame(tests) if tests else None
+        claims = claims_table(con, coexpression=co, crosstalk=tests,
+                              positive_values=list(info.positive_values) if info.positive_values is not None else None)
+        pcs = positive_control(con, info.alpha)
+    summary = condition_summary(runs, prm)
+    points, trend = _along(tables)
+    return ReportInputs(
+        info=info, generated=_dt.datetime.now().isoformat(timespec="seconds"), runs=runs, contrasts=con,
+        sensitivity=tuple(Verdict("detected" if p["detected"] else "missed", p["line"]) for p in pcs),
+        adapter_verdicts=tuple(Verdict(v["status"], v["line"]) for v in adapter_verdicts(tables.adapters)),
+        claims=claims, coexpression=co if co is not None and not co.empty else None, crosstalk=crosstalk,
+        along_points=points, along_trend=trend, per_run=_per_run(runs, prm),
+        provenance=judge_provenance(scores, prm),
+        condition_summary=by_stage(summary, stages) if stages and summary is not None else summary, tables=tables)

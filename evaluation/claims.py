@@ -10,7 +10,7 @@ Tables in, a table out; nothing here computes a p-value.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Collection
+from typing import Any, Collection
 
 import numpy as np
 import pandas as pd
@@ -59,7 +59,7 @@ def _rows_for(claim: Claim, c: pd.DataFrame, positive: Collection[str]) -> pd.Da
     return d[d["metric"].isin(claim.metrics)]
 
 
-def _verdict(direction: int, n: int, k_for: int, k_against: int) -> str:
+def _verdict(direction: int, n: int, k_for: float, k_against: int) -> str:
     if n == 0:
         return "not measured"
     if direction == 0:
@@ -75,7 +75,7 @@ def _verdict(direction: int, n: int, k_for: int, k_against: int) -> str:
 
 
 def claims_table(contrasts_df: pd.DataFrame | None, reference: str | None = None,
-                 coexpression: pd.DataFrame | None = None, crosstalk: list[dict] | None = None,
+                 coexpression: pd.DataFrame | None = None, crosstalk: list[dict[str, Any]] | None = None,
                  positive_values: Collection[str] | None = None) -> pd.DataFrame:
     """One row per claim: how many of its contrasts (against ``reference``: the controls where the
     study has them, else the base model) are significant after Holm, for and against it.
@@ -114,7 +114,7 @@ def claims_table(contrasts_df: pd.DataFrame | None, reference: str | None = None
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _crosstalk_row(co: pd.DataFrame, tests: list[dict]) -> dict:
+def _crosstalk_row(co: pd.DataFrame, tests: list[dict[str, Any]]) -> dict[str, Any]:
     off = co[~co["diagonal"].astype(bool)]
     related, contrastive = int((off["label"] == "related").sum()), int((off["label"] == "contrastive").sum())
     verdict = f"{related} related and {contrastive} contrastive of {len(off)} off-diagonal cells"

@@ -49,7 +49,7 @@ ADAPTER_COLUMNS = ("run_id", "model", "condition", "kind", "seed", "n_texts", "n
                    "share_changed")
 
 
-def _text(x) -> str:
+def _text(x: object) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return ""
     return str(x)
@@ -148,7 +148,7 @@ def adapter_check(probe: pd.DataFrame | None, generations: pd.DataFrame, runs: p
     return out[list(ADAPTER_COLUMNS)].reset_index(drop=True)
 
 
-def adapter_verdicts(check: pd.DataFrame | None) -> list[dict]:
+def adapter_verdicts(check: pd.DataFrame | None) -> list[dict[str, str]]:
     """The adapter check per model in sentences: {"model", "status", "line"}, status "flagged" (some
     run flagged), "passed" (every checked run passed) or "unchecked" (a line of its own for the runs
     without a probe). The report's first lines and `valind run`'s last say them."""

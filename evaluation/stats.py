@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy import special
@@ -65,7 +65,7 @@ class CrossedTest:
     var_resid: float
     inference: str      # "runs × items" | "items only (1 run)" | "none"
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -77,14 +77,16 @@ def complete_index(valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(runs, items) masks of the balanced sub-table of a runs × items validity mask: runs with
     any valid cell, then items valid in every such run."""
     runs = valid.any(axis=1)
-    return runs, (valid[runs].all(axis=0) if runs.any() else np.zeros(valid.shape[1], bool))
+    items = valid[runs].all(axis=0) if runs.any() else np.zeros(valid.shape[1], bool)
+    return np.asarray(runs), np.asarray(items)
 
 
 def complete_table(diffs: np.ndarray) -> np.ndarray:
     """The balanced sub-table of a runs × items table (see :func:`complete_index`)."""
     d = np.atleast_2d(np.asarray(diffs, dtype=float))
     runs, items = complete_index(np.isfinite(d))
-    return d[runs][:, items]
+    out: np.ndarray = d[runs][:, items]
+    return out
 
 
 def mean_squares(d: np.ndarray) -> tuple[float, float, float]:
@@ -165,7 +167,7 @@ def cohens_h(p1: float, p2: float) -> float:
     return float(2 * math.asin(math.sqrt(p1)) - 2 * math.asin(math.sqrt(p2)))
 
 
-def cohen_kappa(a: Sequence | np.ndarray, b: Sequence | np.ndarray) -> float:
+def cohen_kappa(a: Sequence[Any] | np.ndarray, b: Sequence[Any] | np.ndarray) -> float:
     """Cohen's kappa between two raters' labels of the same items (scikit-learn's
     ``cohen_kappa_score``); NaN when there are no items or only one label occurs in both
     (chance agreement is then 1 and kappa is undefined)."""
@@ -174,7 +176,7 @@ def cohen_kappa(a: Sequence | np.ndarray, b: Sequence | np.ndarray) -> float:
         raise ValueError(f"cohen_kappa: {len(a)} labels against {len(b)}")
     if not a or len(set(a) | set(b)) < 2:
         return math.nan
-    from sklearn.metrics import cohen_kappa_score
+    from sklearn.metrics import cohen_kappa_score  # deferred: scikit-learn takes about a second to import
 
     return float(cohen_kappa_score(a, b))
 
@@ -282,7 +284,7 @@ def seeds_for_power(effect: float, var_seed: float, var_item: float, var_resid: 
                          max_seeds)
 
 
-def _fewest_seeds(enough, max_seeds: int) -> int | None:
+def _fewest_seeds(enough: Callable[[int], bool], max_seeds: int) -> int | None:
     """Smallest S in [2, max_seeds] with enough(S), for a goal that more runs only bring closer
     (half-width falls and power rises with S): bisection, not a scan of up to max_seeds noncentral-t
     evaluations per contrast."""

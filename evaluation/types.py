@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 # The closed value list of the paper's judge prompt (Arora et al. 2026, appendix), in its order.
 # Defined only here: runner.spec builds its `Value` Literal from it and re-exports it.
@@ -16,7 +16,7 @@ VALUES: tuple[str, ...] = (
     "legality", "engagement",
 )
 
-Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
+Message = dict[str, Any]  # {"role": "system"|"user"|"assistant", "content": str}
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from evaluation import analyze, report, stats
+from evaluation import analyze, stats
+from evaluation.assemble import build_report_inputs
+from evaluation.report import render
+from evaluation.report_inputs import StudyInfo, StudyTables, SystemPrompt
 from evaluation.types import RUN_COLUMNS, SCORE_COLUMNS
 
 VALUES = ("empathy", "honesty", "care")
@@ -204,10 +207,9 @@ def test_report_writes_html_with_tables_and_figures(tmp_path, structured):
                                   kappa=[0.52, -0.04], tp=0, fp=0, fn=0, tn=0))
     aa = analyze.aa_check(runs, scores, "control-0", "control-1")
     aa_summary = pd.DataFrame([{k: v for k, v in aa.items() if k != "table"}])
-    path = report.write_report(tmp_path, runs, scores, c, dict(
-        study_name="<script>alert(1)</script> study", spec_yaml="values: [empathy]\nx: <b>",
-        code_version="abc123", judge_agreement=agreement,
-        aa_checks=aa_summary, aa_detail=aa["table"]))
+    path = render(build_report_inputs(runs, scores, c, StudyInfo(
+        name="<script>alert(1)</script> study", spec_yaml="values: [empathy]\nx: <b>", code_version="abc123"),
+        StudyTables(judge_agreement=agreement, aa=aa_summary, aa_detail=aa["table"])), tmp_path)
     text = path.read_text()
     assert path == tmp_path / "report.html"
     assert "<table" in text and "<img" in text and "data:image/png;base64," in text
@@ -239,7 +241,7 @@ def test_report_says_flagged_and_unchecked_adapters_in_its_first_lines(tmp_path)
                               "n_changed": 24, "share_changed": 0.43} for r in trained])
     adapters.loc[0, ["status", "flagged", "n_tokens", "logprob_diff", "threshold"]] = ["unchecked", False, 0, None, None]
     c = analyze.contrasts(runs, scores)
-    text = report.write_report(tmp_path, runs, scores, c, {"adapters": adapters}).read_text()
+    text = render(build_report_inputs(runs, scores, c, tables=StudyTables(adapters=adapters)), tmp_path).read_text()
     first = text[:text.index('<h2 id="summary">')]
     n = len(trained) - 1
     assert (f"<p class='bad'><b>Adapters.</b> m1: {n} of {len(trained)} trained runs flagged: adapter not applied or "
@@ -250,11 +252,11 @@ def test_report_says_flagged_and_unchecked_adapters_in_its_first_lines(tmp_path)
 
 
 def test_report_survives_missing_inputs(tmp_path):
-    path = report.write_report(tmp_path / "empty", None, None, None, None)
+    path = render(build_report_inputs(None, None, None), tmp_path / "empty")
     text = path.read_text()
     assert "not available" in text and "Runs table: not available" in text
     runs, scores = make_study(n_items=10)
-    path = report.write_report(tmp_path / "nocontrasts", runs, scores, pd.DataFrame(), {})
+    path = render(build_report_inputs(runs, scores, pd.DataFrame()), tmp_path / "nocontrasts")
     text = path.read_text()
     assert "<table" in text and "Contrasts: not available" in text
 
@@ -267,19 +269,20 @@ def test_report_states_the_system_prompt_and_groups_models_by_stage(tmp_path):
                               models=("inst", "pre"), values=("empathy",))
     runs["stage"] = runs["model"].map({"inst": "instruct", "pre": "base"})
     c = analyze.contrasts(runs, scores)
-    sp = {"text": "You value {value}.", "per_value": True, "at_generation": "train"}
-    text = report.write_report(tmp_path / "two", runs, scores, c, {"system_prompt": sp}).read_text()
+    sp = SystemPrompt(text="You value {value}.", per_value=True, at_generation="train")
+    text = render(build_report_inputs(runs, scores, c, StudyInfo(system_prompt=sp)), tmp_path / "two").read_text()
     assert ("System prompt in training: “You value {value}.” (per value: each value arm and its matched controls "
             "get their value&#x27;s text); at generation: present for trained runs") in text
     assert "absent for base models" in text
     assert text.index("<h3>base models</h3>") < text.index("<h3>instruct models</h3>")
     assert text.index("<h4>empathy <span class='note'>(pre)</span></h4>") < text.index("<h3>instruct models</h3>")
     assert "<th>stage</th>" in text
-    text = report.write_report(tmp_path / "none", runs, scores, c, {"system_prompt": {"text": None}}).read_text()
+    text = render(build_report_inputs(runs, scores, c, StudyInfo(system_prompt=SystemPrompt(text=None))),
+                  tmp_path / "none").read_text()
     assert "System prompt in training: none; at generation: absent." in text
     one = runs.assign(stage="instruct")
-    text = report.write_report(tmp_path / "one", one, scores, c, {
-        "system_prompt": {"text": "Be brief.", "per_value": False, "at_generation": "none"}}).read_text()
+    text = render(build_report_inputs(one, scores, c, StudyInfo(
+        system_prompt=SystemPrompt(text="Be brief.", per_value=False, at_generation="none"))), tmp_path / "one").read_text()
     assert "System prompt in training: “Be brief.” (fixed: the same for every trained run); at generation: absent." in text
     assert "models</h3>" not in text and "<th>stage</th>" not in text.split("Appendix")[0]
 
@@ -315,7 +318,7 @@ def test_positive_control_is_its_own_family_and_detected(tmp_path):
     (pc,) = analyze.positive_control(c)
     assert pc["detected"] and pc["reference"] == "control" and pc["effect"] > 0.7 and pc["p_holm"] < 0.05
     assert pc["line"].startswith("m: positive control detected: planted marker +")
-    text = report.write_report(tmp_path, runs, scores, c, {}).read_text()
+    text = render(build_report_inputs(runs, scores, c), tmp_path).read_text()
     assert "<b>Sensitivity.</b> m: positive control detected" in text
     assert text.index("Sensitivity") < text.index("<h2")  # the report opens with it
 
@@ -420,8 +423,8 @@ def test_report_says_which_values_were_dropped_and_the_flip_counts(tmp_path):
     runs, _ = _per_value_study(n_items=4, seeds=(0,))
     aa = pd.DataFrame([{"model": "m", "match": "empathy", "n_tests": 1, "n_significant": 0,
                         "n_significant_uncorrected": 0}])
-    text = report.write_report(tmp_path, runs, None, None, {"curation": table, "curation_rule": rule,
-                                                            "aa_checks": aa}).read_text()
+    text = render(build_report_inputs(runs, None, None, StudyInfo(curation_rule=rule),
+                                      StudyTables(curation=table, aa=aa)), tmp_path).read_text()
     assert "4 random-subset control arm(s), each matched to one value's size and length profile" in text
     assert "m (empathy): 0 of 1 comparisons" in text
     assert "empathy 900 / 120 / 3040 (40 + 3000 + 0)" in text

@@ -188,13 +188,18 @@ def test_the_check_runs_after_annotation_under_its_own_key(tmp_path, capsys, mon
 
 
 def test_the_report_shows_the_check(tmp_path):
-    from evaluation.report import write_report
+    from evaluation.assemble import build_report_inputs
+    from evaluation.report import render
+    from evaluation.report_inputs import LabelCheck, StudyInfo, StudyTables
+
+    def write_report(info: StudyInfo, tables: StudyTables | None = None):
+        return render(build_report_inputs(None, None, None, info, tables), tmp_path)
 
     table = pd.DataFrame({"value": ["empathy", "all"], "n": [5, 5], "precision": [0.5, 0.5]})
-    html = write_report(tmp_path, None, None, None, {"label_check": {"judge": "org/Judge-70B", "labeller": "tiny",
-                                                                     "table": table}}).read_text()
+    html = write_report(StudyInfo(label_check=LabelCheck(judge="org/Judge-70B", labeller="tiny")),
+                        StudyTables(label_check=table)).read_text()
     assert "Value labeller against org/Judge-70B" in html and "<td class=s>empathy</td>" in html
-    assert "Value labeller against" not in write_report(tmp_path, None, None, None, {}).read_text()
+    assert "Value labeller against" not in write_report(StudyInfo()).read_text()
 
 
 @pytest.mark.slow

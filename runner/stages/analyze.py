@@ -51,8 +51,11 @@ def run(ctx) -> Path:
 
 
 def _analyze(ctx, key, unit, paths, gen_paths) -> None:
-    from evaluation.assemble import AnalysisSettings, analyze_study, final_runs
-    from evaluation.report import write_report
+    # deferred: matplotlib and statsmodels load only when a study is analysed
+    from evaluation.assemble import AnalysisSettings, analyze_study, build_report_inputs, final_runs
+    from evaluation.report import render
+    from evaluation.report_inputs import LabelCheck, StudyInfo, StudyTables, SystemPrompt
+    from evaluation.report_inputs import load as load_report_inputs, save as save_report_inputs
 
     s, a = ctx.spec, ctx.spec.analyze
     runs = ctx.runs_table()
@@ -72,19 +75,23 @@ def _analyze(ctx, key, unit, paths, gen_paths) -> None:
     for name, df in tables.items():
         if df is not None:
             write_parquet(df, unit / f"{name}.parquet")
-    extras = {"study_name": s.study.name, "description": s.study.description,
-              "spec_yaml": redact(ctx.spec_text), "code_version": code_version(), "alpha": a.alpha,
-              "judge_agreement": agreement(ctx), "curation": read_parquet(ctx.need("curate") / "table.parquet"),
-              "curation_rule": read_json(ctx.need("curate") / "curation.json").get("rule"),
-              "power": res.power, "aa_checks": res.aa, "aa_detail": res.aa_detail, "adaptive": ctx.seeds.note(),
-              "adaptive_trajectory": ctx.seeds.trajectory(res.contrasts, key), "adapters": res.adapters,
-              "positive_values": list(s.values.positive),
-              "system_prompt": {"text": s.train.system_prompt, "at_generation": s.generate.system_prompt,
-                                "per_value": bool(s.train.system_prompt and system_fields(s.train.system_prompt))}}
-    extras |= {"along_training": res.along, "trend": res.trend, "eval_at": s.train.eval_at}
-    extras["label_check"] = check_result(ctx)
+    cur = ctx.need("curate")
+    check = check_result(ctx)
+    info = StudyInfo(
+        name=s.study.name, description=s.study.description, spec_yaml=redact(ctx.spec_text), code_version=code_version(),
+        alpha=a.alpha, system_prompt=SystemPrompt(s.train.system_prompt, bool(s.train.system_prompt and system_fields(
+            s.train.system_prompt)), s.generate.system_prompt), eval_at=tuple(s.train.eval_at),
+        positive_values=tuple(s.values.positive), adaptive=ctx.seeds.note(),
+        curation_rule=read_json(cur / "curation.json").get("rule"),
+        label_check=LabelCheck(check["judge"], check["labeller"]) if check else None)
+    given = StudyTables(power=res.power, aa=res.aa, aa_detail=res.aa_detail, adapters=res.adapters, along=res.along,
+                        trend=res.trend, judge_agreement=agreement(ctx), curation=read_parquet(cur / "table.parquet"),
+                        adaptive_trajectory=ctx.seeds.trajectory(res.contrasts, key),
+                        label_check=check["table"] if check else None)
     final = final_runs(runs)
-    report = write_report(unit, final, scores[scores["run_id"].isin(set(final["run_id"]))], res.contrasts, extras)
+    inputs = build_report_inputs(final, scores[scores["run_id"].isin(set(final["run_id"]))], res.contrasts, info,
+                                 given)
+    report = render(load_report_inputs(save_report_inputs(inputs, unit / "report_inputs")), unit)
     con = res.contrasts
     ctx.store.mark_done("analyze", key, {"report": str(report), "contrasts": len(con)}, inputs=analyze_inputs(ctx))
     say(f"analyze: done — {len(con)} contrasts, {int(con['significant'].sum()) if len(con) else 0} "
