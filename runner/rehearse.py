@@ -17,13 +17,20 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import ray
 import yaml
+from ray.util.state import list_actors
 
 from evaluation.benchmarks import HUB_TASKS
 from evaluation.errors import InputError
 from evaluation.suites import registry as suite_registry
+from runner.capacity import max_concurrent
+from runner.cluster import init_ray
+from runner.local_cluster import LocalCluster
+from runner.models import prepare_tiny
+from runner.pipeline import Study
 from runner.progress import say
-from runner.spec import EngineSpec, Spec, parse_spec
+from runner.spec import EngineSpec, Spec, load_spec, parse_spec
 from runner.spec_views import model_fields
 from runner.stages.train import cell_timings
 from runner.store import write_json
@@ -57,7 +64,6 @@ def _engine(e: EngineSpec, total: float, cpus: int) -> dict:
 
 def rehearsal_spec(spec: Spec, cpus: int, output_dir: str, models: int | None = None) -> tuple[dict, list[str]]:
     """The rehearsal's spec (as YAML data) and one line per mapping that is not plain shrinking."""
-    from runner.models import prepare_tiny
 
     total = _spec_gpus(spec)
     t = spec.train
@@ -118,7 +124,6 @@ STAGE_ACTORS = {"train": "RayTrainWorker", "annotate": "EngineActor", "generate"
 
 def _node_holding(class_name: str) -> str | None:
     """The node id of a live actor of `class_name` (None when there is none yet)."""
-    from ray.util.state import list_actors
 
     alive = list_actors(filters=[("state", "=", "ALIVE"), ("class_name", "=", class_name)], limit=100)
     return alive[0].node_id if alive else None
@@ -128,9 +133,7 @@ def stop_node_during(study, cluster_dir: str, stage: str, after_s: float) -> lis
     """`after_s` into `stage`, kill the worker node that holds one of the stage's actors (a training
     worker, an engine), then start a fresh node (an autoscaler's replacement). Returns the list the
     stop is recorded in."""
-    import ray
 
-    from runner.local_cluster import LocalCluster
 
     def stop() -> None:
         time.sleep(after_s)
@@ -167,7 +170,6 @@ def concurrency(cells: list[dict]) -> float:
 
 
 def figures(study, full: Spec, started: float) -> tuple[list[str], dict]:
-    from runner.sweep import max_concurrent
 
     cells = [c for c in cell_timings(study.ctx) if c["start"] >= started]  # trained by this run, not cached
     pools = [{"model": p.cfg.model, "lora": p.cfg.enable_lora, "actors": p.size, "startup_s": p.startup_s,
@@ -224,12 +226,6 @@ def rehearse(spec_path: str, output_dir: str, models: int | None = None, cluster
              stop_node: str | None = None) -> dict:
     """Run the rehearsal on the Ray cluster at RAY_ADDRESS (a local one when unset); returns the figures,
     also written to <study>/rehearsal.json."""
-    import ray
-
-    from runner.cluster import init_ray
-    from runner.pipeline import Study
-    from runner.spec import load_spec
-
     stage, _, after = (stop_node or "").partition(":")
     if stop_node and (not cluster_dir or stage not in STAGE_ACTORS):
         raise InputError(f"--stop-node {stop_node}: needs --cluster-dir (the local cluster whose node to stop) "
