@@ -64,7 +64,6 @@ def _engine(e: EngineSpec, total: float, cpus: int) -> dict:
 
 def rehearsal_spec(spec: Spec, cpus: int, output_dir: str, models: int | None = None) -> tuple[dict, list[str]]:
     """The rehearsal's spec (as YAML data) and one line per mapping that is not plain shrinking."""
-
     total = _spec_gpus(spec)
     t = spec.train
     workers = _share(t.workers * t.gpus_per_worker, total, cpus, t.workers)
@@ -124,7 +123,6 @@ STAGE_ACTORS = {"train": "RayTrainWorker", "annotate": "EngineActor", "generate"
 
 def _node_holding(class_name: str) -> str | None:
     """The node id of a live actor of `class_name` (None when there is none yet)."""
-
     alive = list_actors(filters=[("state", "=", "ALIVE"), ("class_name", "=", class_name)], limit=100)
     return alive[0].node_id if alive else None
 
@@ -170,7 +168,6 @@ def concurrency(cells: list[dict]) -> float:
 
 
 def figures(study, full: Spec, started: float) -> tuple[list[str], dict]:
-
     cells = [c for c in cell_timings(study.ctx) if c["start"] >= started]  # trained by this run, not cached
     pools = [{"model": p.cfg.model, "lora": p.cfg.enable_lora, "actors": p.size, "startup_s": p.startup_s,
               "restarts": p.restarts} for p in study.ctx.pools.opened]
