@@ -132,7 +132,6 @@ def stop_node_during(study, cluster_dir: str, stage: str, after_s: float) -> lis
     worker, an engine), then start a fresh node (an autoscaler's replacement). Returns the list the
     stop is recorded in."""
 
-
     def stop() -> None:
         time.sleep(after_s)
         # in training, once a worker group is in its loop (its first line in valind-starts.txt)
