@@ -81,9 +81,7 @@ def system_prompt(ctx: StudyContext, r: Run) -> str | None:
 def load_items(ctx: StudyContext) -> pd.DataFrame:
     """Every suite's items (a unit of its own: generation and scoring read the same table)."""
     unit = ITEMS.unit(ctx)
-    if not unit.cached():
-        unit.produce("suite items", lambda: _items(ctx, unit))
-    return read_parquet(unit / "items.parquet")
+    return read_parquet(unit.ensure("suite items", lambda: _items(ctx, unit)) / "items.parquet")
 
 
 def _items(ctx: StudyContext, unit: Unit) -> Done:

@@ -129,9 +129,7 @@ def _finish(ctx: StudyContext, r: Run) -> None:
 def agreement(ctx: StudyContext) -> pd.DataFrame:
     """Each refusal judge against the human labels (safety/refusal_labelled.csv)."""
     unit = AGREEMENT.unit(ctx)
-    if not unit.cached():
-        unit.produce("refusal judge agreement", lambda: _agreement(ctx, unit))
-    return read_parquet(unit / "agreement.parquet")
+    return read_parquet(unit.ensure("refusal judge agreement", lambda: _agreement(ctx, unit)) / "agreement.parquet")
 
 
 def _agreement(ctx: StudyContext, unit: Unit) -> Done:

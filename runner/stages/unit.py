@@ -57,6 +57,12 @@ class Unit:
     def mark_failed(self, error: BaseException | str) -> None:
         self.store.mark_failed(self.folder, self.key, error)
 
+    def ensure(self, label: str, fn: Callable[[], Done]) -> Unit:
+        """The unit, produced first (`produce`) unless it is cached."""
+        if not self.cached():
+            self.produce(label, fn)
+        return self
+
     def produce(self, label: str, fn: Callable[[], Done]) -> None:
         """Produce the unit: `fn` writes its files and says what to record; the unit is then marked
         done, or, if `fn` raised, failed (the error propagates)."""
