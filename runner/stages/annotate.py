@@ -157,8 +157,8 @@ def check_result(ctx: StudyContext) -> dict[str, Any] | None:
     return {"judge": c.judge_model, "labeller": ctx.spec.annotate.judge_model, "table": table}
 
 
-def _annotate(ctx: StudyContext, out: Unit) -> Done:
-    s, t0, unit = ctx.spec, time.perf_counter(), out.dir
+def _annotate(ctx: StudyContext, target: Unit) -> Done:
+    s, t0, unit = ctx.spec, time.perf_counter(), target.dir
     pairs, drops = _pairs(ctx, unit)
     rows = [(p.pair_id, side, list(p.prompt), getattr(p, side)) for p in pairs.itertuples()
             for side in ("chosen", "rejected")]
@@ -203,7 +203,7 @@ def _annotate(ctx: StudyContext, out: Unit) -> Done:
             "judged_now": judged, "responses_per_s": judged / t_judge if t_judge else None,
             "drops": drops, "value_counts": _value_counts(ann), "seconds": time.perf_counter() - t0}
     say(f"annotate: done — {len(pairs)} pairs, {info['unscored']} unscored responses"
-        + (f", {info['responses_per_s']:.2f} responses/s" if judged else "") + f" [{out.key}]")
+        + (f", {info['responses_per_s']:.2f} responses/s" if judged else "") + f" [{target.key}]")
     return Done(info, skip=("batches/",))  # annotations.parquet holds every batch
 
 
