@@ -110,7 +110,7 @@ class Demand:
     together, asked at each stage's start and end (request_resources replaces the last request;
     an empty one clears it). Nothing is asked while Ray is not started; `ask` then does it."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._stages: list = []  # per running stage: a function that gives its bundles
         self.asked: list[dict] | None = None  # the last request made
 

@@ -1,20 +1,36 @@
 """What every stage gets: the spec, the store, cache keys, engine pools, the tracker, and the runs.
 
 `StudyContext` is deliberately small: stages read the spec where they use it and pull their
-inputs with `ctx.need(stage)`, so the data flows one way through `runner.stages`.
+inputs with `ctx.need(<an earlier stage's result type>)`, so the data flows one way through
+`runner.stages`. Nothing here imports a stage: the stages import this.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from evaluation.errors import ValindError
 from runner import models as model_registry
-from runner.spec import EngineSpec, Spec, SpecError, content_hash, parse_condition
+from runner.capacity import Demand
+from runner.cluster import init_ray
+from runner.data.registry import DataError
+from runner.data.sources import local_path
+from runner.fingerprint import dir_fingerprint, file_fingerprint
+from runner.pools import Pools
+from runner.spec import Spec, SpecError, content_hash, parse_condition
+from runner.spec_sections import EngineSpec
 from runner.spec_views import judge_fields
 from runner.store import Store
+from runner.tracking import Tracker, tracking_uri
+
+if TYPE_CHECKING:
+    from runner.seeds import SeedBook
+    from runner.stages.keys import Key
+    from runner.stages.unit import StageResult
+
+R = TypeVar("R", bound="StageResult")
 
 
 class StageError(ValindError):
@@ -46,7 +62,7 @@ def study_runs(spec: Spec, conditions: list[str], seeds_of: Callable[[str], list
     """Every run a study evaluates: each model's base, each cell (model × condition × seed) and the
     same cell's adapter part-way through training (train.eval_at). `Study.runs` (with the cells' keys)
     and `valind plan` (without) both list runs here, so the plan counts what the pipeline evaluates."""
-    out = []
+    out: list[Run] = []
     for m in spec.models:
         out.append(Run(f"{m.name}__base", m.name, "base", "base", None, None, None, stage=m.stage, progress=0.0))
         for cond in conditions:
@@ -63,15 +79,13 @@ def study_runs(spec: Spec, conditions: list[str], seeds_of: Callable[[str], list
 
 class StudyContext:
     def __init__(self, spec: Spec, spec_text: str, root: Path, *, runs: Callable[[], list[Run]],
-                 runs_table: Callable[[], Any], need: Callable[[str], Any], seeds):
-        from runner.capacity import Demand
-        from runner.pools import Pools
-
-        self.spec, self.spec_text, self.root = spec, spec_text, root
+                 runs_table: Callable[[], Any], need: Callable[[str], object], seeds: SeedBook):
+        self.spec: Spec = spec
+        self.spec_text, self.root = spec_text, root
         self.store = Store(root)
-        self.data_dir = spec.data_dir()
-        self.runs, self.runs_table, self.need = runs, runs_table, need
-        self.seeds = seeds  # runner.seeds.SeedBook
+        self.data_dir: Path | None = spec.data_dir()
+        self.runs, self.runs_table, self._need = runs, runs_table, need
+        self.seeds = seeds
         self.pools = Pools(self)
         self.demand = Demand()  # what the running stages ask the autoscaler for
         self._keys: dict[tuple[str, str | None], str] = {}
@@ -79,10 +93,26 @@ class StudyContext:
         self._tokenizers: dict[str, Any] = {}
         self._data_marker: str | None = None
         self.revisions: dict[str, str] = {}  # hub models' commits (model name -> sha), see model_revision
-        self._tracker = None
+        self._tracker: Tracker | None = None
+
+    # -------------------------------------------------------------- stages
+    @overload
+    def need(self, stage: type[R]) -> R: ...
+    @overload
+    def need(self, stage: str) -> object: ...
+
+    def need(self, stage: type[R] | str) -> R | object:
+        """An earlier stage's result, produced once per process: `ctx.need(Annotated)` is typed by
+        the result's class (runner.stages.unit.StageResult); by name, it is unchecked."""
+        if isinstance(stage, str):
+            return self._need(stage)
+        got = self._need(stage.stage)
+        if not isinstance(got, stage):
+            raise TypeError(f"the {stage.stage} stage returned {type(got).__name__}, not {stage.__name__}")
+        return got
 
     # ---------------------------------------------------------------- keys
-    def key(self, declared, run: Run | None = None) -> str:
+    def key(self, declared: Key, run: Run | None = None) -> str:
         """A declared key (runner.stages.keys.Key), computed once per process."""
         k = (declared.stage, run.run_id if run else None)
         if k not in self._keys:
@@ -96,15 +126,12 @@ class StudyContext:
     def data_marker(self) -> str:
         """The data directory as an input: its files' names and contents."""
         if self._data_marker is None:
-            from runner.fingerprint import dir_fingerprint
             d = self.data_dir
             self._data_marker = dir_fingerprint(d, full=True) if d and d.is_dir() else ""
         return self._data_marker
 
     def local_sources(self) -> dict[str, str]:
         """The content of each local preference file (data.sources[i].path) as an input."""
-        from runner.data.sources import DataError, local_path
-        from runner.fingerprint import file_fingerprint
         out = {}
         for i, src in enumerate(self.spec.data.sources):
             if src.path:
@@ -119,8 +146,9 @@ class StudyContext:
         """A local directory of the model: a builtin's, a local one, or a hub model's snapshot at its
         commit (downloaded by the driver on first need, so every worker loads the same files)."""
         m = self.spec.model(name_or_path)
-        if model_registry.is_hub_id(m.path):
-            return model_registry.hub_snapshot(m.path, self.model_revision(name_or_path))
+        commit = self.model_revision(name_or_path)  # None: not a hub model
+        if commit is not None:
+            return model_registry.hub_snapshot(m.path, commit)
         return model_registry.resolve(m.path)
 
     def model_revision(self, name_or_path: str) -> str | None:
@@ -145,11 +173,11 @@ class StudyContext:
     def chat_template(self, name: str) -> str | None:
         return self.spec.model(name).template_text()
 
-    def tokenizer(self, name: str):
+    def tokenizer(self, name: str) -> Any:
         """A model's tokenizer, loaded once; a model with no chat template (the tokenizer's or the
         spec's) is refused here, where the tokenizer is first seen."""
         if name not in self._tokenizers:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # deferred: transformers takes seconds to import
             m = self.spec.model(name)
             hub = model_registry.is_hub_id(m.path)  # its tokenizer files only, not the weights
             tok = AutoTokenizer.from_pretrained(m.path if hub else self.model_path(name),
@@ -184,7 +212,7 @@ class StudyContext:
         """The engine section serving a model (Spec.engine_for)."""
         return self.spec.engine_for(model)[1]
 
-    def engine_identity(self, model: str) -> dict:
+    def engine_identity(self, model: str) -> dict[str, Any]:
         """What of a model's engine changes its outputs (a key input): the model and its numerics."""
         e = self.engine_spec(model)
         return {"model": self.model_id(model), "dtype": e.dtype, "max_model_len": e.max_model_len,
@@ -192,29 +220,15 @@ class StudyContext:
 
     # ------------------------------------------------------------- tracking
     @property
-    def tracker(self):
+    def tracker(self) -> Tracker:
         if self._tracker is None:
-            from runner.tracking import Tracker, tracking_uri
             t = self.spec.tracking
             self._tracker = Tracker(tracking_uri(t.uri, self.root), t.experiment or self.spec.study.name,
                                     self.spec.study.name, self.root, t.artifact_location)
         return self._tracker
 
-    def ensure_ray(self):
-        from runner.cluster import init_ray
+    def ensure_ray(self) -> Any:
+        """Ray, started or joined (runner.cluster.init_ray), and asked for the running stages' needs."""
         ray = init_ray()
         self.demand.ask()  # the running stages' request, now that there is a cluster to ask
         return ray
-
-    # --------------------------------------------------------------- units
-    @contextmanager
-    def failing(self, stage: str, keys: str | list[str], label: str):
-        """Produce units: an error marks each one not yet done failed (`valind status` shows it)
-        and propagates."""
-        try:
-            yield
-        except Exception as e:
-            for k in [keys] if isinstance(keys, str) else keys:
-                if not self.store.done(stage, k):
-                    self.store.mark_failed(stage, k, f"{label}: {type(e).__name__}: {e}")
-            raise

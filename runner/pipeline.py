@@ -18,15 +18,19 @@ import pandas as pd
 
 from runner.capacity import stage_bundles
 from runner.context import Run, StageError, StudyContext, study_runs
+from runner.plan import PlanError, disk_bytes
 from runner.preflight import check_inputs
 from runner.progress import say
 from runner.secrets import redact
 from runner.seeds import SeedBook
 from runner.spec import Spec
 from runner.stages import FOLDER_STAGE, KEYS, STAGES, analyze, annotate
+from runner.stages.analyze import Analyzed
+from runner.stages.curate import Curated
 from runner.stages.train import TRAIN, cell_timings
-from runner.store import MISSING, StoreError, read_json, sweep
+from runner.store import MISSING, StoreError, read_json, read_parquet, sweep
 from runner.study_dir import StudyLock, claim, record_revisions, recorded_revisions
+from runner.tracking import check_cluster_tracking, tracking_uri
 
 __all__ = ["Study", "Run", "StageError", "STAGES"]
 
@@ -56,7 +60,9 @@ class Study:
         needed, which annotates first); the equal-N modes keep every value (or fail in curate)."""
         if self.spec.data.subset_size != "all":
             return list(self.spec.values.induced)
-        return read_json(self.need("curate") / "curation.json")["rule"]["kept"]
+        curated = self.need("curate")
+        assert isinstance(curated, Curated)
+        return read_json(curated.curation)["rule"]["kept"]
 
     def runs_known(self) -> bool:
         """Whether `runs()` can answer without running a stage (see kept_values)."""
@@ -70,8 +76,9 @@ class Study:
         return KEYS[stage](self.ctx, run)
 
     # --------------------------------------------------------------- driving
-    def need(self, stage: str):
-        """A stage's result, produced once per process (each stage pulls the ones it reads)."""
+    def need(self, stage: str) -> Any:
+        """A stage's result, produced once per process (each stage pulls the ones it reads; the
+        stages, typed: `ctx.need(<the stage's result type>)`)."""
         if stage not in self._done:
             if self.on_stage:
                 self.on_stage(stage)
@@ -113,7 +120,6 @@ class Study:
     def _check_space(self, stage: str) -> None:
         """Refuse to start a stage whose outputs (runner.plan.disk_bytes, for its units not yet done)
         do not fit the free space of the study directory's filesystem, naming the shortfall."""
-        from runner.plan import PlanError, disk_bytes
         try:
             need = disk_bytes(self.spec)[stage] * self._pending(stage)
         except PlanError:  # a source of unknown size: nothing to check against
@@ -162,8 +168,6 @@ class Study:
     def _start(self, amend: bool, until: str = "annotate") -> None:
         """Before any compute: the directory's spec, its leftovers, tracking, models; the data
         directory where the run goes as far as generation."""
-        from runner.tracking import check_cluster_tracking, tracking_uri
-
         self.store.heal = True  # this driver holds the lock: it may clear units that fail verification
         gone = sweep(self.root)
         if gone:
@@ -178,7 +182,8 @@ class Study:
         _ = self.ctx.tracker  # MLflow must be reachable before any compute
         self.ctx.check_chat_templates()  # and every model must have a chat template (hub commits resolved)
         generates = list(STAGES).index(until) >= list(STAGES).index("generate")
-        check_inputs(self.ctx, generates)  # the files and models the spec names (runner.preflight)
+        annotated = self.store.done("annotate", self.key("annotate"))  # the preference files are read no more
+        check_inputs(self.ctx, generates, annotated)  # the files and models the spec names (runner.preflight)
         record_revisions(self.root, self.spec, self.ctx.revisions)
 
     def _run(self, until: str, amend: bool) -> Path | None:
@@ -201,14 +206,13 @@ class Study:
             "starts; in training, each cell's time outside its optimizer steps):")
         for line in self.time_report():
             say(line)
-        if until == "analyze" and result:
+        if until == "analyze" and isinstance(result, Analyzed):
             final = self.root / "report.html"
-            final.write_text(Path(result).read_text())
+            final.write_text(result.report.read_text())
             return final
         return None
 
     def _seeds_to_add(self) -> list[str]:
-        from runner.store import read_parquet
         key = self.key("analyze")
         add, stops = self.seeds.record(read_parquet(self.store.unit("analyze", key) / "contrasts.parquet"), key)
         for cond, why in sorted(stops.items()):
@@ -238,8 +242,10 @@ class Study:
         if self.runs_known():  # under data.subset_size: all the runs follow from curation: none listed before it
             runs = self.runs()
             units += [("train", r.run_id, r.cell_key) for r in runs if r.cell_key and r.final]
+            units.append(("items", "suite items", self.key("items")))
             per_run = ("generate", "qa", "score") if self.spec.score.benchmarks else ("generate", "score")
             units += [(stage, r.run_id, self.key(stage, r)) for stage in per_run for r in runs]
+            units.append(("agreement", "refusal judge agreement", self.key("agreement")))
             units.append(("analyze", "report", self.key("analyze")))
         return [{"stage": st, "unit": u, "key": k, **self._state(st, k)} for st, u, k in units]
 

@@ -3,6 +3,7 @@ before training (which needs every core and GPU) and when the study ends."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from runner.capacity import capacity, fit_actors
 from runner.progress import say
@@ -15,7 +16,7 @@ CPU_COMPILE_MIN_TOKENS = 50_000
 
 
 class Pools:
-    def __init__(self, ctx):
+    def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
         self._open: dict[tuple[str, str | None, bool], object] = {}  # (model path, full-model path, lora)
         self.opened: list = []  # every pool started, in order (valind rehearse reports the hand-overs)

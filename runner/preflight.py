@@ -14,42 +14,45 @@ names. Each problem is (YAML path, message), raised together as one SpecError.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from evaluation.errors import short_repr
+from runner import cluster_fit
+from runner import preflight_cluster as pc
+from runner import preflight_inputs as pi
 from runner.chat_render import render
+from runner.cluster import init_ray
 from runner.data.sources import DataError, check_local
+from runner.preflight_rows import PLACEHOLDER_TOKENS, RESPONSE, SYSTEM, TURNS, Row, sample_chat
+from runner.secrets import redact
 from runner.spec import Spec, SpecError
+from runner.tracking import _fail_fast
+
+__all__ = ["PLACEHOLDER_TOKENS", "RESPONSE", "SYSTEM", "TURNS", "Row", "sample_chat", "check_spec", "check_inputs",
+           "preflight", "run_preflight"]
 
 Problems = list[tuple[str, str]]
-
-# The sample chat every template must render (multi-turn, as preference prompts are); with a system
-# message first only when the study sends one (train.system_prompt): not every template accepts it.
-SYSTEM = "You are valind's template check."
-TURNS = ("Hello! This is a sample question.", "Hello. This is a sample answer.", "And a second question?")
-RESPONSE = "And a second answer."
-# Special tokens for rendering without a tokenizer (`valind validate`): templates concatenate them
-PLACEHOLDER_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 
 
 def check_spec(spec: Spec, source: str = "spec") -> None:
     """`valind validate`'s checks of the files a spec names, and that every training cell and engine
     pool fits the declared cluster (runner.cluster_fit; raises SpecError)."""
-    from runner import cluster_fit
     cap = cluster_fit.declared(spec)
     fit = cluster_fit.problems(spec, cap) if cap.nodes else []
     _raise(source, file_problems(spec) + template_problems(spec) + fit)
 
 
-def check_inputs(ctx, generates: bool = True) -> None:
+def check_inputs(ctx, generates: bool = True, annotated: bool = False) -> None:
     """`valind run`'s checks before any compute (ctx: runner.context.StudyContext; raises SpecError).
-    The preference files are read by annotation alone: once it is done, they are not needed; the
-    data directory by generation and scoring (`generates`: the run goes that far)."""
-    from runner.stages.annotate import ANNOTATE
-    files = [] if ctx.store.done("annotate", ANNOTATE(ctx)) else file_problems(ctx.spec)
+    The preference files are read by annotation alone: once it is done (`annotated`), they are not
+    needed; the data directory by generation and scoring (`generates`: the run goes that far)."""
+    files = [] if annotated else file_problems(ctx.spec)
     data = data_dir_problems(ctx.spec) if generates else []
     _raise("spec", data + files + template_problems(ctx.spec, ctx) + lora_problems(ctx))
 
@@ -85,13 +88,6 @@ def file_problems(spec: Spec) -> Problems:
 
 
 # --- chat templates ------------------------------------------------------------------------------
-
-def sample_chat(spec: Spec) -> list[dict]:
-    """The prompt of the sample chat (see SYSTEM)."""
-    roles = ("user", "assistant", "user")
-    head = [{"role": "system", "content": SYSTEM}] if spec.train.system_prompt is not None else []
-    return head + [{"role": r, "content": t} for r, t in zip(roles, TURNS)]
-
 
 def template_problems(spec: Spec, ctx=None) -> Problems:
     """Every models[i].chat_template compiles and renders the sample chat, as a prompt and with the
@@ -130,7 +126,7 @@ def _special_tokens(tokenizer) -> dict:
 def _prefix_problem(ctx, i: int, prompt: list[dict]) -> str | None:
     """Training tokenises a pair as prompt ids + what the template adds for the response, and
     refuses a template whose prompt is not a prefix of prompt + response (batches.encode)."""
-    from runner.train.batches import encode
+    from runner.train.batches import encode  # deferred: torch
     m = ctx.spec.models[i]
     try:
         encode(ctx.tokenizer(m.name), prompt, RESPONSE, ctx.chat_template(m.name))
@@ -188,6 +184,7 @@ def _target_problem(target: str, modules: dict) -> str | None:
 def _modules(path: str, trust_remote_code: bool):
     """Module name -> module of the model built from its config on the meta device (no weights
     read, no memory taken), or why it could not be built."""
+    # deferred: torch and transformers, imported when a LoRA spec's models are checked
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     try:
@@ -200,20 +197,11 @@ def _modules(path: str, trust_remote_code: bool):
 
 
 def _is_linear(module) -> bool:
-    import torch
+    import torch  # deferred: torch (only _modules' models reach here, after it imported torch)
     return isinstance(module, torch.nn.Linear)
 
 
 # --- valind preflight ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Row:
-    check: str
-    where: str    # the spec field, file or node it concerns
-    ok: bool
-    detail: str   # what was found, or the problem
-    fix: str = ""
-
 
 def on_cluster() -> bool:
     """Whether this driver joins a Ray cluster (RAY_ADDRESS, as under `ray job submit`)."""
@@ -223,14 +211,11 @@ def on_cluster() -> bool:
 def preflight(spec: Spec) -> list[Row]:
     """Every check, in parallel threads (the node checks as Ray tasks, one per node); a check that
     itself fails becomes a problem row."""
-    from runner import preflight_cluster as pc
-    from runner import preflight_inputs as pi
-    # transformers' lazy module is not thread-safe on first import ("cannot import name AutoConfig")
+    # deferred: transformers; its lazy module is not thread-safe on first import ("cannot import name AutoConfig")
     from transformers import AutoConfig, AutoTokenizer  # noqa: F401
     connected = on_cluster()
     nodes, down = 1, ray_unreachable(os.environ["RAY_ADDRESS"]) if connected else None
     if connected and not down:
-        from runner.cluster import init_ray
         nodes = sum(1 for n in init_ray().nodes() if n.get("Alive"))
     storage = Path(spec.study.output_dir).expanduser().resolve()
     root = spec.output_dir(Path.cwd())
@@ -241,9 +226,9 @@ def preflight(spec: Spec) -> list[Row]:
         rows, live = pc.node_rows(spec, storage, connected)
         return rows + pc.fit_rows(spec, live, connected)
 
+    # the tracking probe asks once, briefly (MLflow retries for minutes)
     calls = [cluster, lambda: pi.model_rows(spec), lambda: pi.token_rows(spec),
              lambda: pi.tracking_rows(spec, root, nodes), *pi.data_checks(spec)]
-    from runner.tracking import _fail_fast  # the tracking probe asks once, briefly (MLflow retries for minutes)
     with _fail_fast(10), ThreadPoolExecutor(min(16, len(calls))) as ex:
         return [r for rows in ex.map(_guarded, calls) for r in rows]
 
@@ -251,7 +236,6 @@ def preflight(spec: Spec) -> list[Row]:
 def ray_unreachable(address: str, timeout_s: float = 5.0) -> str | None:
     """Why the Ray head at `address` ("host:port", "ray://host:port") cannot be reached in a few
     seconds, or None ("auto" and the like are left to Ray): ray.init would retry for much longer."""
-    import socket
     host, _, port = address.split("://", 1)[-1].rpartition(":")
     if not host or not port.isdigit():
         return None
@@ -272,10 +256,6 @@ def _guarded(call) -> list[Row]:
 
 def render_rows(rows: list[Row], title: str) -> None:
     """One table (check | where | ok/problem | detail and how to fix); secrets redacted."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from runner.secrets import redact
     table = Table(title=title, show_lines=False)
     for col in ("check", "where", "", "detail", "how to fix"):
         table.add_column(col, overflow="fold")
@@ -291,7 +271,6 @@ def run_preflight(spec: Spec, source: str) -> int:
     took = time.perf_counter() - t0
     render_rows(rows, f"preflight {source} — {len(rows)} checks in {took:.1f} s")
     bad = [r for r in rows if not r.ok]
-    from runner.secrets import redact
     for r in bad:
         print(redact(f"problem: {r.check} ({r.where}): {r.detail}"))
     print(f"preflight: {len(bad)} problem(s) in {len(rows)} checks, {took:.1f} s")

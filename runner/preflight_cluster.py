@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from runner import cluster_fit
-from runner.preflight import Row
+from runner.preflight_rows import Row
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPORT_TIMEOUT_S = 180
@@ -80,6 +80,7 @@ def node_rows(spec, storage: Path, connected: bool) -> tuple[list[Row], cluster_
     token = uuid.uuid4().hex[:8]
     probe_dir = str(storage / PROBE_DIR / token)  # this run's own: preflights may run side by side
     if connected:
+        # deferred: Ray, on a cluster only
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         alive = [n for n in ray.nodes() if n.get("Alive")]

@@ -9,9 +9,16 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from runner.preflight import RESPONSE, Row, sample_chat
+from evaluation.benchmarks import DATA_FILES, HUB_TASKS
+from evaluation.suites import load_suite
+from evaluation.suites import registry as suites
+from runner import models
+from runner.chat_render import render
+from runner.data.sources import DataError, check_local, load_pairs, local_path, locate
+from runner.preflight_rows import PLACEHOLDER_TOKENS, RESPONSE, TURNS, Row, sample_chat
 from runner.spec import Spec, eval_suites
 from runner.spec_views import judge_fields
+from runner.tracking import is_local_uri, local_hosts, local_tracking_refusal, tracking_uri
 
 DATA_FIX = "stage the data directory as the README says and set data.data_dir or VALIND_DATA_DIR to it"
 # Hub model families whose repositories are gated (a license to accept, a token to download): told
@@ -32,7 +39,6 @@ def data_checks(spec: Spec) -> list[Callable[[], list[Row]]]:
 
 
 def _source(spec: Spec, i: int, src, d: Path | None) -> Row:
-    from runner.data.sources import DataError, check_local, load_pairs, local_path, locate
     where, check = f"data.sources[{i}]", f"preference data {src.name}"
     try:
         if src.name == "local":
@@ -54,7 +60,7 @@ def _source(spec: Spec, i: int, src, d: Path | None) -> Row:
 
 def _hub_dataset(check: str, where: str, hub_id: str) -> Row:
     """A hub dataset: in the local cache when offline, else known to the hub."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # deferred: huggingface_hub, for hub datasets only
     if constants.HF_HUB_OFFLINE:
         cache = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
         found = [p for p in (cache / hub_id.replace("/", "___"),
@@ -64,7 +70,7 @@ def _hub_dataset(check: str, where: str, hub_id: str) -> Row:
         return Row(check, where, False, f"not in the data directory, HF_HUB_OFFLINE is set and the hub dataset "
                                         f"{hub_id} is not in the local cache", f"{DATA_FIX}, or unset HF_HUB_OFFLINE")
     try:
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi  # deferred: huggingface_hub, for hub datasets only
         HfApi().dataset_info(hub_id, timeout=10)
     except Exception as e:
         return Row(check, where, False, f"hub dataset {hub_id}: {type(e).__name__}: {str(e)[:200]}",
@@ -74,8 +80,6 @@ def _hub_dataset(check: str, where: str, hub_id: str) -> Row:
 
 def _suite(spec: Spec, name: str, d: Path | None) -> Row:
     """The suite's own loader, on every file it reads (held-out suites get one sample prompt)."""
-    from evaluation.suites import load_suite
-    from evaluation.suites import registry as suites
     check, where = f"suite {name}", f"generate.suites: {name}"
     extra = {"held_out_prompts": [sample_chat(spec)]} if suites.get(name).held_out else {}
     try:
@@ -87,7 +91,6 @@ def _suite(spec: Spec, name: str, d: Path | None) -> Row:
 
 
 def _benchmark(name: str, d: Path | None) -> Row:
-    from evaluation.benchmarks import DATA_FILES, HUB_TASKS
     task, check, where = f"valind_{name}", f"benchmark {name}", f"score.benchmarks: {name}"
     if task in HUB_TASKS:
         return _hub_dataset(check, where, HUB_TASKS[task])
@@ -116,8 +119,6 @@ def model_fields(spec: Spec) -> dict[str, list[str]]:
 def model_rows(spec: Spec) -> list[Row]:
     """Each model's config and tokenizer load; it has a chat template (a stage: base model the spec's
     own) that renders the sample chat in the sandbox (runner.chat_render), all templates in one call."""
-    from runner.chat_render import render
-    from runner.preflight import PLACEHOLDER_TOKENS, TURNS
     fields = model_fields(spec)
     with ThreadPoolExecutor(min(8, len(fields))) as ex:
         loaded = dict(zip(fields, ex.map(lambda n: _load_model(spec, n), fields)))
@@ -150,9 +151,7 @@ def _model_fix(spec: Spec, name: str) -> str:
 
 def _load_model(spec: Spec, name: str) -> tuple[str | None, str | None, dict | None]:
     """(what is wrong or None, the chat template's text, the tokenizer's special tokens)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from runner import models
+    from transformers import AutoConfig, AutoTokenizer  # deferred: transformers takes seconds to import
     m = spec.model(name)
     t = m.chat_template
     if t and t.rstrip().endswith(".jinja") and not Path(t).expanduser().is_file():
@@ -173,8 +172,7 @@ def _load_model(spec: Spec, name: str) -> tuple[str | None, str | None, dict | N
 
 
 def is_gated(path: str) -> bool:
-    from runner.models import is_hub_id
-    return is_hub_id(path) and path.lower().startswith(GATED)
+    return models.is_hub_id(path) and path.lower().startswith(GATED)
 
 
 def token_source() -> str | None:
@@ -182,7 +180,7 @@ def token_source() -> str | None:
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         if os.environ.get(var, "").strip():
             return var
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # deferred: huggingface_hub, only where no token is in the environment
     files = [Path(os.environ.get("HF_TOKEN_PATH") or constants.HF_TOKEN_PATH).expanduser()]
     if os.environ.get("VALIND_SECRETS_DIR"):  # one file per secret on the shared filesystem (README)
         d = Path(os.environ["VALIND_SECRETS_DIR"]).expanduser()
@@ -216,7 +214,6 @@ def token_rows(spec: Spec) -> list[Row]:
 def tracking_rows(spec: Spec, root: Path, nodes: int) -> list[Row]:
     """The tracking server: reachable, and a probe run created and deleted in a probe experiment. A
     local file store is the run's to create; on a multi-node cluster it is refused."""
-    from runner.tracking import is_local_uri, local_hosts, local_tracking_refusal, tracking_uri
     uri = tracking_uri(spec.tracking.uri, root)
     shown = _without_credentials(uri)
     where = "tracking.uri" if spec.tracking.uri else ("MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI")
@@ -233,7 +230,7 @@ def tracking_rows(spec: Spec, root: Path, nodes: int) -> list[Row]:
         except OSError as e:
             return [Row("tracking server", where, False, f"{shown}: unreachable ({e.strerror or e})", fix)]
     try:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # deferred: mlflow takes seconds to import
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(PROBE_EXPERIMENT)
         if exp is None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
+from typing import Any
 import re
 import stat
 from pathlib import Path
@@ -61,7 +63,7 @@ def secret_values(environ=None) -> list[str]:
     return sorted((v for v in vals if len(v) >= MIN_LEN), key=len, reverse=True)
 
 
-def redact(text, environ=None):
+def redact(text: Any, environ: Mapping[str, str] | None = None) -> Any:
     """`text` with secrets replaced by "***" (non-str passes through): every secret value from the
     environment, passwords in URIs, secret-named query parameters and bearer tokens."""
     if not isinstance(text, str) or not text:

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 
+from evaluation.adaptive import decide, snapshot
 from runner.spec import parse_condition
 from runner.stages.keys import ADAPTIVE
 from runner.store import read_state, write_json
@@ -46,8 +47,6 @@ class SeedBook:
 
     def decide(self, con: pd.DataFrame):
         """seeds.adaptive's decision after one analysis, and the round's watched contrasts."""
-        from evaluation.adaptive import decide, snapshot
-
         ad = self.spec.seeds.adaptive
         n = {c: len(self.seeds(c)) for c in self.spec.conditions()}
         decision = decide(con, n, ad.max, ad.until, ad.target_ci_halfwidth, ad.metrics, ad.conditions,

@@ -24,6 +24,8 @@ from typing import Any, Iterable
 import pandas as pd
 
 from evaluation.errors import ValindError
+from runner.progress import say
+from runner.secrets import redact
 
 DONE, FAILED = "_DONE.json", "_FAILED.json"
 MISSING = "missing"  # Store.problem of a unit that never finished
@@ -154,7 +156,6 @@ _warned: set[str] = set()
 
 
 def _say_once(msg: str) -> None:
-    from runner.progress import say
     if msg not in _warned:
         _warned.add(msg)
         say(msg)
@@ -380,7 +381,6 @@ class Store:
 
     def mark_failed(self, stage: str, key: str, err: BaseException | str) -> None:
         """Record a unit's error and traceback in its _FAILED.json, secrets masked (runner.secrets)."""
-        from runner.secrets import redact
         text = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
         try:
             write_json({"time": time.time(), "error": redact(text),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlparse
 
 from evaluation.errors import ValindError
+from runner.cluster import init_ray
 from runner.secrets import redact, secret_values
 from runner.spec import content_hash
 from runner.store import read_json, read_parquet, safe_name
@@ -55,7 +58,6 @@ def _host(address: str) -> str:
 
 def local_hosts() -> set[str]:
     """Names and addresses of this machine (a RAY_ADDRESS on one of them is not remote)."""
-    import socket
     hosts = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "auto", "local"}
     try:
         name = socket.gethostname()
@@ -63,7 +65,7 @@ def local_hosts() -> set[str]:
     except OSError:
         pass
     try:  # every interface: Ray names a node by its interface address, which /etc/hosts may not list
-        import psutil
+        import psutil  # deferred: psutil is optional (the interfaces are a refinement)
         hosts |= {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
     except Exception:
         pass
@@ -104,11 +106,10 @@ def check_cluster_tracking(uri: str, gpus_wanted: float = 0.0) -> None:
     here = local_hosts() if address else set()
     nodes, gpus = 1, 0.0
     if address and local_tracking_refusal(uri, 1, address, here) is None:
-        from runner.cluster import init_ray  # an existing cluster: count its nodes (a remote head needs no count)
+        # an existing cluster: count its nodes (a remote head needs no count)
         alive = [n for n in init_ray().nodes() if n.get("Alive")]
         nodes, gpus = len(alive), max((n.get("Resources", {}).get("GPU", 0.0) for n in alive), default=0.0)
     elif not address:  # valind starts its own one-node Ray, unless this process already joined one
-        import sys
         if "ray" in sys.modules and sys.modules["ray"].is_initialized():
             nodes = sum(1 for n in sys.modules["ray"].nodes() if n.get("Alive"))
     msg = local_tracking_refusal(uri, nodes, address, here, gpus_wanted, gpus)
@@ -133,6 +134,7 @@ EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_develop
 
 class Tracker:
     def __init__(self, uri: str, experiment: str, study: str, root: Path, artifact_location: str | None = None):
+        # deferred: mlflow takes seconds to import
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -202,21 +204,21 @@ class Tracker:
         return True
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # deferred: mlflow
         existing = _retry(self.client.get_run, run_id).data.params
         new = [Param(k[:250], redact(str(v))[:6000]) for k, v in params.items() if k[:250] not in existing]
         for i in range(0, len(new), 100):  # MLflow takes at most 100 params per batch
             _retry(self.client.log_batch, run_id, params=new[i:i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # deferred: mlflow
         now = int(time.time() * 1000)
         ms = [Metric(_metric_key(k), float(v), now, step) for k, v in metrics.items() if v == v]  # drop NaN
         for i in range(0, len(ms), 500):
             _retry(self.client.log_batch, run_id, metrics=ms[i:i + 500])
 
     def log_history(self, run_id: str, history: list[dict]) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # deferred: mlflow
         now = int(time.time() * 1000)
         ms = [Metric(_metric_key(f"train/{k}"), float(v), now, int(h["step"]))
               for h in history for k, v in h.items() if k != "step"]
@@ -238,7 +240,7 @@ class Tracker:
         _retry(self.client.log_table, run_id, df, artifact_file)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # deferred: mlflow
         new = [RunTag(k[:250], redact(str(v))[:8000]) for k, v in tags.items()]
         for i in range(0, len(new), 100):
             _retry(self.client.log_batch, run_id, tags=new[i:i + 100])
@@ -314,126 +316,3 @@ def flatten(prefix: str, d: dict) -> dict:
     for k, v in d.items():
         out.update(flatten(f"{prefix}.{k}", v) if isinstance(v, dict) else {f"{prefix}.{k}": v})
     return out
-
-
-def log_training(ctx, cells: list) -> None:
-    """One child run per cell: the train section as it ran (cell.json: bf16 resolved), its loss history,
-    its model."""
-    import json
-
-    from runner.stages.curate import CURATE
-    tr = ctx.tracker
-    for r in cells:
-        unit = ctx.store.unit("train", r.cell_key)
-        ran = read_json(unit / "cell.json")  # verified with its unit: readable
-        rid = log_run(tr, r, {**flatten("train", ran["train"]), "cell_key": r.cell_key, "curate_key": CURATE(ctx),
-                              "model_revision": ctx.model_revision(r.model) or "",
-                              "system_prompt_text": ran.get("system_prompt") or ""})  # this cell's, resolved
-        tr.once(rid, f"train-{r.cell_key}", lambda: (
-            tr.log_history(rid, [json.loads(x) for x in (unit / "metrics.jsonl").read_text().splitlines()]),
-            tr.log_artifacts(rid, unit / "model", "model"), tr.log_artifacts(rid, unit / "cell.json")))
-
-
-def log_audit(tr, agree, path: Path) -> None:
-    parent = tr.parent()
-    tr.log_metrics(parent, {f"audit/{r.value}/{m}": getattr(r, m) for r in agree.itertuples()
-                            for m in ("accuracy", "kappa")})
-    tr.log_artifacts(parent, path, "audit")
-
-
-def log_check(tr, agree, unit: Path, key: str) -> None:
-    """annotate.check's agreement (runner.data.audit.check_agreement) on the parent run, once per unit."""
-    parent = tr.parent()
-    tr.once(parent, f"annotate-check-{key}", lambda: (
-        tr.log_metrics(parent, {f"check/{r.value}/{m}": getattr(r, m) for r in agree.itertuples()
-                                for m in ("precision", "recall", "kappa")}),
-        tr.log_artifacts(parent, unit / "agreement.parquet", "annotate_check"),
-        tr.log_artifacts(parent, unit / "agreement.csv", "annotate_check")))
-
-
-def log_study(ctx, parent: str) -> None:
-    """The study's current spec on its parent run, as tags: MLflow params cannot change, and a study
-    directory's spec may grow (more seeds, values, models) or be amended (valind run --amend)."""
-    from runner.stages.annotate import ANNOTATE
-    from runner.stages.curate import CURATE
-    from runner.stages.keys import result_view
-
-    tr, s = ctx.tracker, ctx.spec
-    spec_hash = content_hash(result_view(s))
-    revisions = {f"revision.{m.name}": ctx.model_revision(m.name) for m in s.models if ctx.model_revision(m.name)}
-    tr.once(parent, f"spec-{spec_hash}", lambda: tr.set_tags(parent, {
-        "valind.spec_hash": spec_hash, "study": s.study.name, "models": ",".join(m.name for m in s.models),
-        "induced": ",".join(s.values.induced), "controls": s.controls.count,
-        "seeds": ",".join(map(str, s.seeds.values)), "annotate_key": ANNOTATE(ctx), "curate_key": CURATE(ctx),
-        **revisions, **flatten("spec", s.model_dump(mode="json", include={"annotate", "generate", "score", "engine",
-                                                                          "analyze", "train", "data"}))}))
-
-
-def log_analysis(ctx, unit: Path) -> None:
-    """The parent run: the spec, data and curation figures, the report, the contrast table and the
-    headline verdicts as metrics; each run's metrics and its condition's verdicts in its child."""
-    from evaluation.analyze import verdicts
-    from runner.stages.annotate import ANNOTATE
-    from runner.stages.curate import CURATE
-    from runner.stages.score import SCORE
-
-    tr, s = ctx.tracker, ctx.spec
-    parent = tr.parent()
-    log_study(ctx, parent)
-    ann = ctx.store.info("annotate", ANNOTATE(ctx))
-    tr.once(parent, f"data-{ANNOTATE(ctx)}", lambda: tr.log_metrics(parent, {
-        "data/pairs": ann["pairs"], "data/unscored_responses": ann["unscored"],
-        **({"annotate/responses_per_s": ann["responses_per_s"]} if ann.get("responses_per_s") else {}),
-        **{f"data/dropped/{src}/{reason}": n for src, d in ann["drops"].items() for reason, n in d.items()},
-        **{f"data/expressed/{side}/{v}": n for side, d in ann["value_counts"].items() for v, n in d.items()}}))
-    cur = ctx.store.unit("curate", CURATE(ctx))
-    table = read_parquet(cur / "table.parquet")
-    tr.once(parent, f"curate-{CURATE(ctx)}", lambda: (
-        tr.log_metrics(parent, {f"curate/{r.value}/{col}": getattr(r, col) for r in table.itertuples()
-                                for col in ("available", "used") if hasattr(r, col)}),
-        tr.log_artifacts(parent, cur / "curation.json", "curation"),
-        tr.log_artifacts(parent, cur / "table.parquet", "curation")))
-    con = read_parquet(unit / "contrasts.parquet")
-    summary = {"analyze/contrasts": len(con), "analyze/significant_holm": int(con["significant"].sum()),
-               "analyze/significant_bh": int((con["p_bh"] < s.analyze.alpha).sum())}
-    if (unit / "aa_checks.parquet").exists():
-        for r in read_parquet(unit / "aa_checks.parquet").itertuples():
-            who = f"{r.model}/{r.match}" if isinstance(getattr(r, "match", None), str) else r.model  # per_value
-            summary |= {f"aa/{who}/tests": r.n_tests, f"aa/{who}/significant_holm": r.n_significant}
-    heads = verdicts(con)
-    summary |= {f"verdict/{r.model}/{r.condition}/{r.suite}/{r.metric}/{stat}": getattr(r, stat)
-                for r in heads.itertuples() for stat in VERDICT_STATS}
-    tr.once(parent, f"analyze-{unit.name}", lambda: (
-        tr.log_artifacts(parent, unit, "report"), tr.log_metrics(parent, summary),
-        tr.log_table(parent, con[[c for c in TABLE_COLUMNS if c in con.columns]], "verdicts/contrasts.json"),
-        tr.set_tags(parent, {"valind.report": str(unit / "report.html")})))
-    metrics = read_parquet(unit / "metrics.parquet")
-    runs = {r.run_id: r for r in ctx.runs()}
-    final = {(r.model, r.condition, r.seed): r for r in runs.values() if r.final}  # a checkpoint's training run
-    children: dict[str, str] = {}
-    for run_id, df in metrics.groupby("run_id"):
-        r = runs[run_id]
-        # an eval_at checkpoint logs into its training run's child, at step = percent of training:
-        # MLflow charts the metric against step, and its runs table shows the last (the final) one
-        owner = r if r.final else final[(r.model, r.condition, r.seed)]
-        if owner.run_id not in children:
-            children[owner.run_id] = log_run(tr, owner)
-        rid = children[owner.run_id]
-        vals = {f"{row.suite}/{row.metric}/{row.judge.split(':')[0]}": row.mean for row in df.itertuples()}
-        tr.once(rid, f"eval-{SCORE(ctx, r)}", lambda: tr.log_metrics(rid, vals, step=round(r.progress * 100)))
-    # the adapter probe's measure (evaluation.sanity) on each trained run
-    path = unit / "adapters.parquet"
-    adapters = {a.run_id: a for a in read_parquet(path).itertuples()} if path.exists() else {}
-    # each condition's verdicts on its runs too: the chart view, grouped by condition, compares them
-    for owner, rid in children.items():
-        r = runs[owner]
-        mine = heads[(heads["model"] == r.model) & (heads["condition"] == r.condition)]
-        tr.once(rid, f"verdicts-{unit.name}", lambda: tr.log_metrics(rid, {
-            f"verdict/{v.suite}/{v.metric}/{stat}": getattr(v, stat) for v in mine.itertuples()
-            for stat in VERDICT_STATS}))
-        if (a := adapters.get(owner)) is not None and a.status != "unchecked":
-            tr.once(rid, f"adapter-{unit.name}", lambda: tr.log_metrics(rid, {
-                "adapter/logprob_diff": a.logprob_diff, "adapter/threshold": a.threshold,
-                "adapter/flagged": float(a.flagged)}))
-        tr.finish(rid)
-    tr.finish(parent)

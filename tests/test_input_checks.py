@@ -340,7 +340,7 @@ def test_a_finished_annotation_needs_its_files_no_more(tmp_path, monkeypatch):
     with pytest.raises(SpecError, match="moved-away.jsonl: local preference file not found"):
         check_inputs(study.ctx)
     study.store.mark_done("annotate", study.key("annotate"))
-    check_inputs(study.ctx)
+    check_inputs(study.ctx, annotated=study.store.done("annotate", study.key("annotate")))  # as Study._start asks
 
 
 def test_lora_targets_match_as_peft_matches(tiny_model):

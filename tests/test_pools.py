@@ -44,7 +44,7 @@ def test_generation_hands_the_cluster_from_one_base_model_to_the_next(tmp_path, 
         study.store.mark_done("train", r.cell_key)
 
     import ray
-    gens = study.need("generate")  # six pools in turn (2 bases, 4 full cells), each filling the cluster
+    gens = study.need("generate").generations  # six pools in turn (2 bases, 4 full cells), each filling the cluster
     assert len(gens) == 6 and all(Path(p).exists() for p in gens.values())
     assert len(study.ctx.pools._open) == 1  # the last one stays open, for the judges that can use it
     study.ctx.pools.close()

@@ -83,7 +83,7 @@ def test_key_table_in_the_architecture_doc_is_generated():
     import subprocess
     import sys
 
-    from runner.stages.keys import key_table
+    from runner.stages import key_table
     printed = subprocess.run([sys.executable, "-m", "runner.stages"], cwd=ROOT, capture_output=True, text=True,
                              timeout=120, check=True).stdout.strip()
     assert printed == key_table()

@@ -645,7 +645,7 @@ def test_a_qa_failure_keeps_the_judged_runs(tmp_path, monkeypatch):
         return {}
     monkeypatch.setattr(score, "run_qa", qa_saved)
     out = _study(tmp_path, monkeypatch, tracking={"uri": f"sqlite:///{tmp_path / 'm.db'}"},
-                 score={"benchmarks": ["openbookqa"], "suites": {"safety": {"judges": ["strmatch"]}}}).need("score")
+                 score={"benchmarks": ["openbookqa"], "suites": {"safety": {"judges": ["strmatch"]}}}).need("score").scores
     assert judged == []  # every run's judge scores were kept
     for r in runs:
         df = pd.read_parquet(out[r.run_id])

@@ -98,7 +98,7 @@ def test_the_parent_run_follows_the_spec(tmp_path, monkeypatch):
     import mlflow
 
     from runner.pipeline import Study
-    from runner.tracking import log_study
+    from runner.stages.analyze_mlflow import log_study
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     d = _spec(tmp_path)
     d["tracking"] = {"uri": f"sqlite:///{tmp_path / 'm.db'}"}

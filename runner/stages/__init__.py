@@ -1,17 +1,21 @@
 """The stages, in data-flow order: annotate → curate → train → generate → score → analyze.
 
 Each module declares the keys of the units it writes (runner.stages.keys) and a `run(ctx)` that
-produces them, pulling its inputs with `ctx.need(<earlier stage>)`."""
+produces them through `Unit`s (runner.stages.unit), pulling its inputs with `ctx.need(<an earlier
+stage's result type>)`. This package imports every stage; no module below it imports the package."""
 from __future__ import annotations
 
 from runner.stages import analyze, annotate, curate, generate, qa, score, train
-from runner.stages.keys import ADAPTIVE
+from runner.stages.keys import ADAPTIVE, FOLDER_STAGE, Key, render_key_table
+
+__all__ = ["STAGES", "KEYS", "FOLDER_STAGE", "key_table"]
 
 STAGES = {m.__name__.rsplit(".", 1)[1]: m for m in (annotate, curate, train, generate, score, analyze)}
-KEYS = {k.stage: k for k in (annotate.ANNOTATE, annotate.ANNOTATE_CHECK, curate.CURATE, train.TRAIN, generate.ITEMS,
-                              generate.GENERATE, qa.QA, score.SCORE, score.AGREEMENT, analyze.ANALYZE,
-                              ADAPTIVE)}  # store folder -> Key
-# the stage that writes each store folder (a unit a later stage cannot read is recomputed by it)
-FOLDER_STAGE = {"annotate": "annotate", "annotate_check": "annotate", "curate": "curate", "train": "train",
-                "items": "generate", "generate": "generate", "qa": "score", "score": "score", "agreement": "score",
-                "analyze": "analyze"}
+KEYS: dict[str, Key] = {k.stage: k for k in (annotate.ANNOTATE, annotate.ANNOTATE_CHECK, curate.CURATE, train.TRAIN,
+                                             generate.ITEMS, generate.GENERATE, qa.QA, score.SCORE, score.AGREEMENT,
+                                             analyze.ANALYZE, ADAPTIVE)}  # store folder -> Key
+
+
+def key_table() -> str:
+    """The markdown table of every declared key, in data-flow order (docs/ARCHITECTURE.md's)."""
+    return render_key_table(KEYS.values())

@@ -2,20 +2,26 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 
 from evaluation import sanity
+from evaluation.analyze import positive_control
 from evaluation.sanity import adapter_lines
 from runner.progress import say
 from runner.secrets import redact
-from runner.spec import system_fields
+from runner.context import StudyContext
+from runner.spec_sections import system_fields
+from runner.stages.analyze_mlflow import log_analysis
 from runner.stages.annotate import ANNOTATE_CHECK, check_result
-from runner.stages.curate import CURATE
+from runner.stages.curate import CURATE, Curated
 from runner.stages.keys import CODE_VERSION, Key
-from runner.stages.generate import GENERATE
-from runner.stages.score import AGREEMENT, SCORE, agreement
+from runner.stages.generate import GENERATE, Generated
+from runner.stages.score import AGREEMENT, SCORE, Scored, agreement
+from runner.stages.unit import Done, StageResult, Unit
 from runner.store import read_json, read_parquet, write_parquet
 
 ANALYSIS_VERSION = "crossed-runs-items-1"  # the analyze key's own: bump when inference changes
@@ -36,22 +42,30 @@ ANALYZE = Key("analyze", {
 })
 
 
-def run(ctx) -> Path:
-    key = ANALYZE(ctx)
-    unit = ctx.store.unit("analyze", key)
-    if ctx.store.done("analyze", key):
-        say(f"analyze: cached [{key}]")
+@dataclass(frozen=True)
+class Analyzed(StageResult):
+    """The analyze stage's result: its unit, holding the tables and the report."""
+    stage: ClassVar[str] = "analyze"
+    unit: Unit
+
+    @property
+    def report(self) -> Path:
+        return self.unit / "report.html"
+
+
+def run(ctx: StudyContext) -> Analyzed:
+    unit = ANALYZE.unit(ctx)
+    if unit.cached():
+        say(f"analyze: cached [{unit.key}]")
     else:
-        paths, gen_paths = ctx.need("score"), ctx.need("generate")
-        with ctx.failing("analyze", key, "report"):
-            _analyze(ctx, key, unit, paths, gen_paths)
-    from runner.tracking import log_analysis
-    log_analysis(ctx, unit)
-    return unit / "report.html"
+        scored, generated = ctx.need(Scored), ctx.need(Generated)
+        unit.produce("report", lambda: _analyze(ctx, unit.key, unit.dir, scored.scores, generated.generations))
+    log_analysis(ctx, unit.dir)
+    return Analyzed(unit)
 
 
-def _analyze(ctx, key, unit, paths, gen_paths) -> None:
-    # deferred: matplotlib and statsmodels load only when a study is analysed
+def _analyze(ctx: StudyContext, key: str, unit: Path, paths: dict[str, Path], gen_paths: dict[str, Path]) -> Done:
+    # deferred: matplotlib (the report's figures) and statsmodels load only when a study is analysed
     from evaluation.assemble import AnalysisSettings, analyze_study, build_report_inputs, final_runs
     from evaluation.report import render
     from evaluation.report_inputs import LabelCheck, StudyInfo, StudyTables, SystemPrompt
@@ -75,17 +89,17 @@ def _analyze(ctx, key, unit, paths, gen_paths) -> None:
     for name, df in tables.items():
         if df is not None:
             write_parquet(df, unit / f"{name}.parquet")
-    cur = ctx.need("curate")
+    cur = ctx.need(Curated)
     check = check_result(ctx)
     info = StudyInfo(
         name=s.study.name, description=s.study.description, spec_yaml=redact(ctx.spec_text), code_version=code_version(),
         alpha=a.alpha, system_prompt=SystemPrompt(s.train.system_prompt, bool(s.train.system_prompt and system_fields(
             s.train.system_prompt)), s.generate.system_prompt), eval_at=tuple(s.train.eval_at),
         positive_values=tuple(s.values.positive), adaptive=ctx.seeds.note(),
-        curation_rule=read_json(cur / "curation.json").get("rule"),
+        curation_rule=read_json(cur.curation).get("rule"),
         label_check=LabelCheck(check["judge"], check["labeller"]) if check else None)
     given = StudyTables(power=res.power, aa=res.aa, aa_detail=res.aa_detail, adapters=res.adapters, along=res.along,
-                        trend=res.trend, judge_agreement=agreement(ctx), curation=read_parquet(cur / "table.parquet"),
+                        trend=res.trend, judge_agreement=agreement(ctx), curation=read_parquet(cur.table),
                         adaptive_trajectory=ctx.seeds.trajectory(res.contrasts, key),
                         label_check=check["table"] if check else None)
     final = final_runs(runs)
@@ -93,36 +107,34 @@ def _analyze(ctx, key, unit, paths, gen_paths) -> None:
                                  given)
     report = render(load_report_inputs(save_report_inputs(inputs, unit / "report_inputs")), unit)
     con = res.contrasts
-    ctx.store.mark_done("analyze", key, {"report": str(report), "contrasts": len(con)}, inputs=analyze_inputs(ctx))
     say(f"analyze: done — {len(con)} contrasts, {int(con['significant'].sum()) if len(con) else 0} "
         f"significant after Holm [{key}]")
+    return Done({"report": str(report), "contrasts": len(con)}, inputs=tuple(analyze_inputs(ctx)))
 
 
-def analyze_inputs(ctx) -> list[tuple[str, str]]:
+def analyze_inputs(ctx: StudyContext) -> list[Unit]:
     """The units the analysis reads: every run's generations and scores, curation, judge agreements."""
     runs = ctx.runs()
-    return ([("score", SCORE(ctx, r)) for r in runs] + [("generate", GENERATE(ctx, r)) for r in runs]
-            + [("curate", CURATE(ctx)), ("agreement", AGREEMENT(ctx))]
-            + ([("annotate_check", ANNOTATE_CHECK(ctx))] if ctx.spec.annotate.check else []))
+    return ([SCORE.unit(ctx, r) for r in runs] + [GENERATE.unit(ctx, r) for r in runs]
+            + [CURATE.unit(ctx), AGREEMENT.unit(ctx)]
+            + ([ANNOTATE_CHECK.unit(ctx)] if ctx.spec.annotate.check else []))
 
 
-def sensitivity_lines(ctx) -> list[str]:
+def sensitivity_lines(ctx: StudyContext) -> list[str]:
     """The positive control's verdict per model from the finished analysis, or that there is none."""
-    from evaluation.analyze import positive_control
-
-    key = ANALYZE(ctx)
-    if not ctx.store.done("analyze", key):
+    unit = ANALYZE.unit(ctx)
+    if not unit.cached():
         return []
-    pcs = positive_control(read_parquet(ctx.store.unit("analyze", key) / "contrasts.parquet"), ctx.spec.analyze.alpha)
+    pcs = positive_control(read_parquet(unit / "contrasts.parquet"), ctx.spec.analyze.alpha)
     return [p["line"] for p in pcs] or ["no positive control (controls.positive): this study's sensitivity is "
                                         "unmeasured"]
 
 
-def adapter_verdict_lines(ctx) -> list[str]:
+def adapter_verdict_lines(ctx: StudyContext) -> list[str]:
     """The adapter check's verdict per model from the finished analysis (evaluation.sanity.adapter_lines)."""
-    key = ANALYZE(ctx)
-    path = ctx.store.unit("analyze", key) / "adapters.parquet"
-    if not ctx.store.done("analyze", key) or not path.exists():
+    unit = ANALYZE.unit(ctx)
+    path = unit / "adapters.parquet"
+    if not unit.cached() or not path.exists():
         return []
     return adapter_lines(read_parquet(path))
 
@@ -134,6 +146,6 @@ def code_version() -> str:
                              cwd=here, timeout=5).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, cwd=here, timeout=5).stdout.strip()
-    except Exception:
+    except Exception:  # no git, or not a checkout: the version says so
         sha, dirty = "", ""
     return f"{CODE_VERSION} ({sha or 'unknown commit'}{', modified' if dirty else ''})"

@@ -9,15 +9,22 @@ stored in a unit of its own (`annotate_check`).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pandas as pd
 
 from evaluation.judges import values as value_judge
 from evaluation.types import VALUES
-from runner.context import StageError
+from runner.context import StageError, StudyContext
+from runner.data.audit import ID_COLUMNS, audit_agreement, audit_sample, check_agreement, read_labels
+from runner.data.sources import load_pairs
 from runner.progress import say
 from runner.stages.keys import Key
+from runner.stages.unit import Done, StageResult, Unit
 from runner.store import StoreError, read_parquet, read_state, write_csv, write_json, write_parquet
+from runner.tracking import Tracker
 
 ANNOTATE = Key("annotate", {
     "data.sources": lambda c, r: c.spec.data.sources,
@@ -43,85 +50,121 @@ ANNOTATE_CHECK = Key("annotate_check", {
 })
 
 
-def run(ctx):
-    key = ANNOTATE(ctx)
-    if ctx.store.done("annotate", key):
-        info = ctx.store.info("annotate", key)
-        say(f"annotate: cached ({info['pairs']} pairs, {info['unscored']} unscored responses) [{key}]")
-        unit = ctx.store.unit("annotate", key)
+@dataclass(frozen=True)
+class Annotated(StageResult):
+    """The annotate stage's result: its unit, holding the pairs and their annotations."""
+    stage: ClassVar[str] = "annotate"
+    unit: Unit
+
+    @property
+    def pairs(self) -> Path:
+        return self.unit / "pairs.parquet"
+
+    @property
+    def annotations(self) -> Path:
+        return self.unit / "annotations.parquet"
+
+
+def run(ctx: StudyContext) -> Annotated:
+    unit = ANNOTATE.unit(ctx)
+    if unit.cached():
+        info = unit.info()
+        say(f"annotate: cached ({info['pairs']} pairs, {info['unscored']} unscored responses) [{unit.key}]")
     else:
-        with ctx.failing("annotate", key, "annotations"):
-            unit = _annotate(ctx, key, ctx.store.unit("annotate", key))
+        unit.produce("annotations", lambda: _annotate(ctx, unit))
+    out = Annotated(unit)
     if ctx.spec.annotate.check:
-        check(ctx, unit)
-    return unit
+        check(ctx, out)
+    return out
 
 
-def check(ctx, unit) -> pd.DataFrame:
+def check(ctx: StudyContext, annotated: Annotated) -> pd.DataFrame:
     """annotate.check: the check judge re-labels a stratified sample (audit_sample, seeded by
     data.seed) with the labeller's prompt and mode; returns the labeller's agreement with it
     (runner.data.audit.check_agreement), logged to the parent MLflow run."""
-    from runner.data.audit import ID_COLUMNS, audit_sample, check_agreement
-    from runner.tracking import log_check
-
-    a, c, key = ctx.spec.annotate, ctx.spec.annotate.check, ANNOTATE_CHECK(ctx)
-    out = ctx.store.unit("annotate_check", key)
-    if ctx.store.done("annotate_check", key):
-        say(f"annotate check: cached [{key}]")
+    c = ctx.spec.annotate.check
+    assert c is not None  # run() checks only with annotate.check
+    out = ANNOTATE_CHECK.unit(ctx)
+    if out.cached():
+        say(f"annotate check: cached [{out.key}]")
     else:
-        with ctx.failing("annotate_check", key, "labeller check"):
-            pairs, ann = read_parquet(unit / "pairs.parquet"), read_parquet(unit / "annotations.parquet")
-            ids = audit_sample(pairs, ann, c.sample, seed=ctx.spec.data.seed)[list(ID_COLUMNS)]
-            todo = ids.merge(pairs[["pair_id", "prompt", "chosen", "rejected"]], on="pair_id", how="left")
-            if todo.empty:
-                raise StageError("annotate check: the labeller scored no response, so there is nothing to check")
-            say(f"annotate check: {c.judge_model} re-labels {len(todo)} responses")
-            ctx.pools.close()  # the labeller's pool holds the devices a larger check judge needs
-            verdicts = value_judge.judge_values(
-                ctx.pools.get(c.judge_model, scores=a.mode == "logprob"),
-                [(list(r.prompt), getattr(r, r.side)) for r in todo.itertuples()], mode=a.mode, desc="check",
-                threshold=a.logprob_threshold, max_tokens=a.sampling.max_tokens)
-            judged = todo[list(ID_COLUMNS)].join(verdicts)
-            write_parquet(judged, out / "check.parquet")
-            agree = check_agreement(ann, judged)
-            write_parquet(agree, out / "agreement.parquet")
-            write_csv(agree, out / "agreement.csv")
-            ctx.store.mark_done("annotate_check", key, {"judge": c.judge_model, "sampled": len(judged),
-                                                        "unscored": int((~judged["scored"]).sum())},
-                                inputs=[("annotate", ANNOTATE(ctx))])
+        out.produce("labeller check", lambda: _check(ctx, annotated, out))
     agree = read_parquet(out / "agreement.parquet")
-    log_check(ctx.tracker, agree, out, key)
-    unscored = ctx.store.info("annotate_check", key)["unscored"]
+    log_check(ctx.tracker, agree, out.dir, out.key)
+    unscored = out.info()["unscored"]
     say(check_line(c.judge_model, agree) + (f" ({unscored} unscored by the check judge)" if unscored else ""))
     return agree
+
+
+def _check(ctx: StudyContext, annotated: Annotated, out: Unit) -> Done:
+    a, c = ctx.spec.annotate, ctx.spec.annotate.check
+    assert c is not None
+    pairs, ann = read_parquet(annotated.pairs), read_parquet(annotated.annotations)
+    ids = audit_sample(pairs, ann, c.sample, seed=ctx.spec.data.seed)[list(ID_COLUMNS)]
+    todo = ids.merge(pairs[["pair_id", "prompt", "chosen", "rejected"]], on="pair_id", how="left")
+    if todo.empty:
+        raise StageError("annotate check: the labeller scored no response, so there is nothing to check")
+    say(f"annotate check: {c.judge_model} re-labels {len(todo)} responses")
+    ctx.pools.close()  # the labeller's pool holds the devices a larger check judge needs
+    verdicts = value_judge.judge_values(
+        ctx.pools.get(c.judge_model, scores=a.mode == "logprob"),
+        [(list(r.prompt), getattr(r, r.side)) for r in todo.itertuples()], mode=a.mode, desc="check",
+        threshold=a.logprob_threshold, max_tokens=a.sampling.max_tokens)
+    judged = todo[list(ID_COLUMNS)].join(verdicts)
+    write_parquet(judged, out / "check.parquet")
+    agree = check_agreement(ann, judged)
+    write_parquet(agree, out / "agreement.parquet")
+    write_csv(agree, out / "agreement.csv")
+    return Done({"judge": c.judge_model, "sampled": len(judged), "unscored": int((~judged["scored"]).sum())},
+                inputs=(annotated.unit,))
+
+
+def log_check(tr: Tracker, agree: pd.DataFrame, unit: Path, key: str) -> None:
+    """annotate.check's agreement (runner.data.audit.check_agreement) on the parent run, once per unit."""
+    parent = tr.parent()
+
+    def log() -> None:
+        tr.log_metrics(parent, {f"check/{r.value}/{m}": getattr(r, m) for r in agree.itertuples()
+                                for m in ("precision", "recall", "kappa")})
+        tr.log_artifacts(parent, unit / "agreement.parquet", "annotate_check")
+        tr.log_artifacts(parent, unit / "agreement.csv", "annotate_check")
+    tr.once(parent, f"annotate-check-{key}", log)
+
+
+def log_audit(tr: Tracker, agree: pd.DataFrame, path: Path) -> None:
+    parent = tr.parent()
+    tr.log_metrics(parent, {f"audit/{r.value}/{m}": getattr(r, m) for r in agree.itertuples()
+                            for m in ("accuracy", "kappa")})
+    tr.log_artifacts(parent, path, "audit")
 
 
 def check_line(judge: str, agree: pd.DataFrame) -> str:
     """The overall row of a check_agreement table in one line (precision as the paper gives it)."""
     r = agree.set_index("value").loc["all"]
-    f = lambda x, pct: "n/a" if x != x else (f"{x:.2%}" if pct else f"{x:.3f}")  # noqa: E731  (NaN: undefined)
+    def f(x: float, pct: bool) -> str:
+        return "n/a" if x != x else (f"{x:.2%}" if pct else f"{x:.3f}")  # NaN: undefined
     return (f"annotate check: labeller vs {judge} on {int(r['n'])} responses: precision {f(r['precision'], True)}, "
             f"recall {f(r['recall'], True)}, kappa {f(r['kappa'], False)}")
 
 
-def check_result(ctx) -> dict | None:
+def check_result(ctx: StudyContext) -> dict[str, Any] | None:
     """annotate.check's result for the report: {"judge", "labeller", "table"}; None without a check."""
     c = ctx.spec.annotate.check
     if not c:
         return None
-    ctx.need("annotate")  # runs the check if this process has not yet
-    table = read_parquet(ctx.store.unit("annotate_check", ANNOTATE_CHECK(ctx)) / "agreement.parquet")
+    ctx.need(Annotated)  # runs the check if this process has not yet
+    table = read_parquet(ANNOTATE_CHECK.unit(ctx) / "agreement.parquet")
     return {"judge": c.judge_model, "labeller": ctx.spec.annotate.judge_model, "table": table}
 
 
-def _annotate(ctx, key, unit):
-    s, t0 = ctx.spec, time.perf_counter()
+def _annotate(ctx: StudyContext, target: Unit) -> Done:
+    s, t0, unit = ctx.spec, time.perf_counter(), target.dir
     pairs, drops = _pairs(ctx, unit)
     rows = [(p.pair_id, side, list(p.prompt), getattr(p, side)) for p in pairs.itertuples()
             for side in ("chosen", "rejected")]
     a = s.annotate
 
-    def judge():  # the judge's pool, started on first need: a resumed unit may need none
+    def judge() -> Any:  # the judge's pool, started on first need: a resumed unit may need none
         return ctx.pools.get(a.judge_model, scores=a.mode == "logprob")
 
     layout_path = unit / "layout.json"
@@ -135,7 +178,8 @@ def _annotate(ctx, key, unit):
         layout = plan_layout(len(rows), pool.batch_size * len(pool.actors))
         write_json(layout, layout_path)
     spans = layout["spans"]
-    path = lambda i: unit / "batches" / f"{i:05d}.parquet"  # noqa: E731
+    def path(i: int) -> Path:
+        return unit / "batches" / f"{i:05d}.parquet"
     todo = [i for i in range(len(spans)) if not _judged_batch(path(i), spans[i])]
     say(f"annotate: {len(pairs)} pairs, {len(rows)} responses in {len(spans)} batches of {layout['batch_size']} "
         f"({len(spans) - len(todo)} already judged)")
@@ -158,13 +202,12 @@ def _annotate(ctx, key, unit):
     info = {"pairs": len(pairs), "responses": len(ann), "unscored": int((~ann["scored"]).sum()),
             "judged_now": judged, "responses_per_s": judged / t_judge if t_judge else None,
             "drops": drops, "value_counts": _value_counts(ann), "seconds": time.perf_counter() - t0}
-    ctx.store.mark_done("annotate", key, info, skip=("batches/",))  # annotations.parquet holds every batch
     say(f"annotate: done — {len(pairs)} pairs, {info['unscored']} unscored responses"
-        + (f", {info['responses_per_s']:.2f} responses/s" if judged else "") + f" [{key}]")
-    return unit
+        + (f", {info['responses_per_s']:.2f} responses/s" if judged else "") + f" [{target.key}]")
+    return Done(info, skip=("batches/",))  # annotations.parquet holds every batch
 
 
-def _judged_batch(path, span) -> bool:
+def _judged_batch(path: Path, span: list[int]) -> bool:
     """Whether a batch file holds its span's verdicts (a truncated or partial one is judged again)."""
     if not path.exists():
         return False
@@ -175,15 +218,13 @@ def _judged_batch(path, span) -> bool:
         return False
 
 
-def plan_layout(n_rows: int, batch_size: int) -> dict:
+def plan_layout(n_rows: int, batch_size: int) -> dict[str, Any]:
     """Row spans of `batch_size` over n_rows, as recorded in the unit."""
     return {"rows": n_rows, "batch_size": batch_size,
             "spans": [[i, min(i + batch_size, n_rows)] for i in range(0, n_rows, batch_size)]}
 
 
-def _pairs(ctx, unit) -> tuple[pd.DataFrame, dict]:
-    from runner.data.sources import load_pairs
-
+def _pairs(ctx: StudyContext, unit: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     pairs_path = unit / "pairs.parquet"
     drops = read_state(unit / "drops.json")
     if pairs_path.exists() and drops is not None:
@@ -192,7 +233,8 @@ def _pairs(ctx, unit) -> tuple[pd.DataFrame, dict]:
         except StoreError as e:
             say(f"annotate: {e}: the pairs are loaded again")
     s = ctx.spec
-    frames, drops = [], {}
+    frames: list[pd.DataFrame] = []
+    drops = {}
     for i, src in enumerate(s.data.sources):
         df, d = load_pairs(src, ctx.data_dir, s.data.max_chars)
         frames.append(df)
@@ -222,17 +264,14 @@ def _value_counts(ann: pd.DataFrame) -> dict[str, dict[str, int]]:
     return out
 
 
-def audit(ctx, n: int | None = None, labels=None):
+def audit(ctx: StudyContext, n: int | None = None, labels: Path | None = None) -> Path:
     """Write a stratified audit sample (n) or score a labelled one against the judge (labels)."""
-    from runner.data.audit import audit_agreement, audit_sample, read_labels
-    from runner.tracking import log_audit
-
-    unit = ctx.need("annotate")
-    ann = read_parquet(unit / "annotations.parquet")
+    annotated = ctx.need(Annotated)
+    ann = read_parquet(annotated.annotations)
     if labels is None:
         out = ctx.root / "audit" / f"audit-{ANNOTATE(ctx)}.csv"
         out.parent.mkdir(parents=True, exist_ok=True)
-        sample = audit_sample(read_parquet(unit / "pairs.parquet"), ann, n or 100, seed=ctx.spec.data.seed)
+        sample = audit_sample(read_parquet(annotated.pairs), ann, n or 100, seed=ctx.spec.data.seed)
         write_csv(sample, out)
         say(f"audit: wrote {out}: fill in `human_values` (comma-separated values from the closed list, "
             f"or 'none'), then run `valind annotate SPEC --audit-labels {out}`")

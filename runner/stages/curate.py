@@ -4,20 +4,53 @@ Under data.subset_size: all the kept values are known only here: `Study.runs()` 
 this stage's curation.json (`rule["kept"]`)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from runner.context import StudyContext
+from runner.data.curate import curate
+from runner.data.sources import prompt_text
 from runner.progress import say
-from runner.stages.annotate import ANNOTATE
+from runner.stages.annotate import ANNOTATE, Annotated
 from runner.stages.keys import Key
+from runner.stages.unit import Done, StageResult, Unit
 from runner.store import read_parquet, safe_name, write_json, write_parquet
 
 
-def _controls(ctx, run) -> dict:
+@dataclass(frozen=True)
+class Curated(StageResult):
+    """The curate stage's result: its unit, holding each condition's subset and the held-out split."""
+    stage: ClassVar[str] = "curate"
+    unit: Unit
+
+    def subset(self, condition: str) -> Path:
+        """A condition's training pairs."""
+        return self.unit / "subsets" / f"{safe_name(condition)}.parquet"
+
+    @property
+    def held_out(self) -> Path:
+        return self.unit / "held_out.parquet"
+
+    @property
+    def table(self) -> Path:
+        return self.unit / "table.parquet"
+
+    @property
+    def curation(self) -> Path:
+        """curation.json: the rule (sizes, kept and dropped values), stats and examples."""
+        return self.unit / "curation.json"
+
+
+def _controls(ctx: StudyContext, run: Any) -> dict[str, Any]:
     """The controls section as curation sees it: `positive.items` is the suite's size, not curation's;
     `match` enters only when per_value (pooled is what every earlier curation did: their keys stand)."""
     c = ctx.spec.controls
-    exclude: dict = {"positive": {"items"}} if c.positive else {}
+    exclude: dict[str, Any] = {"positive": {"items"}} if c.positive else {}
     if c.match == "pooled":
         exclude["match"] = True
-    return c.model_dump(mode="json", exclude=exclude)
+    dumped: dict[str, Any] = c.model_dump(mode="json", exclude=exclude)
+    return dumped
 
 
 CURATE = Key("curate", {
@@ -33,26 +66,23 @@ CURATE = Key("curate", {
 })
 
 
-def run(ctx):
-    key = CURATE(ctx)
-    if ctx.store.done("curate", key):
-        say(f"curate: cached ({ctx.store.info('curate', key)['summary']}) [{key}]")
-        return ctx.store.unit("curate", key)
-    ann_unit = ctx.need("annotate")
-    with ctx.failing("curate", key, "subsets"):
-        return _curate(ctx, key, ctx.store.unit("curate", key), ann_unit)
+def run(ctx: StudyContext) -> Curated:
+    unit = CURATE.unit(ctx)
+    if unit.cached():
+        say(f"curate: cached ({unit.info()['summary']}) [{unit.key}]")
+        return Curated(unit)
+    annotated = ctx.need(Annotated)
+    unit.produce("subsets", lambda: _curate(ctx, unit, annotated))
+    return Curated(unit)
 
 
-def _curate(ctx, key, unit, ann_unit):
-    from runner.data.curate import curate
-    from runner.data.sources import prompt_text
-
+def _curate(ctx: StudyContext, unit: Unit, annotated: Annotated) -> Done:
     s = ctx.spec
-    pairs = read_parquet(ann_unit / "pairs.parquet")
-    ann = read_parquet(ann_unit / "annotations.parquet")
+    pairs = read_parquet(annotated.pairs)
+    ann = read_parquet(annotated.annotations)
     tok = ctx.tokenizer(s.models[0].name)
 
-    def token_length(pair) -> int:
+    def token_length(pair: Any) -> int:
         text = prompt_text(list(pair["prompt"])) + "\n" + pair["chosen"] + "\n" + pair["rejected"]
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
@@ -71,7 +101,5 @@ def _curate(ctx, key, unit, ann_unit):
     summary = f"{len(cur.subsets)} subsets of {sizes}, {len(cur.held_out)} held out"
     if cur.rule["dropped"]:
         summary += "; dropped below min_subset_size: " + ", ".join(f"{v} ({k})" for v, k in cur.rule["dropped"].items())
-    ctx.store.mark_done("curate", key, {"summary": summary, "n": n, "stats": cur.stats},
-                        inputs=[("annotate", ANNOTATE(ctx))])
-    say(f"curate: done — {summary} [{key}]")
-    return unit
+    say(f"curate: done — {summary} [{unit.key}]")
+    return Done({"summary": summary, "n": n, "stats": cur.stats}, inputs=(annotated.unit,))

@@ -4,21 +4,36 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pandas as pd
 
 from evaluation.sanity import PROBE_COLUMNS, probe_texts
 from evaluation.suites import registry as suites
 from evaluation.types import Request, ScoreRequest
-from runner.context import StageError
+from runner.context import Run, StageError, StudyContext
+from runner.engines.base import AdapterError, check_adapter
 from runner.progress import say
-from runner.spec import eval_suites, generation_system_prompt, suite_settings
-from runner.stages.curate import CURATE
+from runner.spec import content_hash, eval_suites, generation_system_prompt, suite_settings
+from runner.stages.curate import CURATE, Curated
 from runner.stages.keys import Key
-from runner.store import read_parquet, readable, write_parquet
+from runner.stages.train import Trained, cell_unit
+from runner.stages.unit import Done, StageResult, Unit, producing
+from runner.store import atomic_dir, read_parquet, readable, write_parquet
 
 
-def suite_versions(ctx, run=None) -> dict[str, str]:
+@dataclass(frozen=True)
+class Generated(StageResult):
+    """The generate stage's result: each run's generations.parquet (run id -> path); a trained LoRA
+    run's adapter probe is probe.parquet beside it."""
+    stage: ClassVar[str] = "generate"
+    generations: dict[str, Path]
+
+
+def suite_versions(ctx: StudyContext, run: Any = None) -> dict[str, str]:
     """Each evaluated suite's declared version (its items, scoring and judges)."""
     return {n: suites.get(n).version for n in eval_suites(ctx.spec)}
 
@@ -53,64 +68,67 @@ PROBE_ITEMS = 16
 PROBE_CHUNK = 8  # texts per engine call, for every side: vLLM's numerics depend on the batch
 
 
-def probe_definition(ctx, r):
+def probe_definition(ctx: StudyContext, r: Run) -> list[Any] | None:
     """What defines a run's adapter probe (a key input): only trained LoRA runs are probed."""
     return [PROBE_VERSION, PROBE_ITEMS, PROBE_CHUNK] if r.cell_key and ctx.spec.train.finetune == "lora" else None
 
 
-def system_prompt(ctx, r) -> str | None:
+def system_prompt(ctx: StudyContext, r: Run) -> str | None:
     """The system message this run generates with (generate.system_prompt; runner.spec.generation_system_prompt)."""
     return generation_system_prompt(ctx.spec, r.condition, trained=bool(r.cell_key))
 
 
-def load_items(ctx) -> pd.DataFrame:
+def load_items(ctx: StudyContext) -> pd.DataFrame:
     """Every suite's items (a unit of its own: generation and scoring read the same table)."""
-    key = ITEMS(ctx)
-    path = ctx.store.unit("items", key) / "items.parquet"
-    if ctx.store.done("items", key):
-        return read_parquet(path)
-    st, held = suite_settings(ctx.spec), None
+    unit = ITEMS.unit(ctx)
+    return read_parquet(unit.ensure("suite items", lambda: _items(ctx, unit)) / "items.parquet")
+
+
+def _items(ctx: StudyContext, unit: Unit) -> Done:
+    st = suite_settings(ctx.spec)
+    held: Curated | None = None
     frames = []
     for name in eval_suites(ctx.spec):
         suite, kw = suites.get(name), {}
         if suite.held_out:
-            held = held or [list(p) for p in read_parquet(ctx.need("curate") / "held_out.parquet")["prompt"]]
-            kw = {"held_out_prompts": held}
+            held = held or ctx.need(Curated)
+            kw = {"held_out_prompts": [list(p) for p in read_parquet(held.held_out)["prompt"]]}
         frames.append(suite.load_items(ctx.data_dir, suite.limit(st), st.seed, **kw))
     items = pd.concat(frames, ignore_index=True)
-    write_parquet(items, path)
-    ctx.store.mark_done("items", key, {"items": len(items)}, inputs=[("curate", CURATE(ctx))] if held else [])
-    return items
+    write_parquet(items, unit / "items.parquet")
+    return Done({"items": len(items)}, inputs=(held.unit,) if held else ())
 
 
-def run(ctx):
+def run(ctx: StudyContext) -> Generated:
     runs = ctx.runs()
-    todo = [r for r in runs if not ctx.store.done("generate", GENERATE(ctx, r))]
+    todo = [r for r in runs if not GENERATE.unit(ctx, r).cached()]
     say(f"generate: {len(runs)} runs, {len(runs) - len(todo)} cached")
     if todo:
-        adapters = ctx.need("train") if any(r.cell_key for r in todo) else {}
+        adapters = ctx.need(Trained).models if any(r.cell_key for r in todo) else {}
         _check_adapters(ctx, todo, adapters)  # before any engine starts
         items = load_items(ctx)
-        groups: dict[tuple[str, str | None], list] = {}
+        groups: dict[tuple[str, str | None], list[Run]] = {}
         for r in todo:  # one engine per base model serves the base and all its LoRA adapters
             full = r.cell_key and ctx.spec.train.finetune == "full"
             groups.setdefault((r.model, str(adapters[r.run_id]) if full else None), []).append(r)
         for i, ((model, full_path), group) in enumerate(groups.items()):
             if i:  # this model's engines may need every GPU the last one's hold (whose pool the judges may reuse)
                 ctx.pools.close()
-            with ctx.failing("generate", [GENERATE(ctx, r) for r in group], f"generate {model}"):
+            with producing([GENERATE.unit(ctx, r) for r in group], f"generate {model}"):
                 _generate(ctx, model, full_path, group, items, adapters)
     say(f"generate: done — {len(runs)} runs")
-    return {r.run_id: ctx.store.unit("generate", GENERATE(ctx, r)) / "generations.parquet" for r in runs}
+    return Generated({r.run_id: GENERATE.unit(ctx, r) / "generations.parquet" for r in runs})
 
 
-def _generate(ctx, model, full_path, group, items, adapters) -> None:
+def _generate(ctx: StudyContext, model: str, full_path: str | None, group: list[Run], items: pd.DataFrame,
+              adapters: dict[str, Path]) -> None:
     """A base model's runs through one pool, runs_per_chunk runs at a time: each run's unit is saved
     once its chunk is answered (and, for a trained LoRA run, probed), so a killed driver loses only
     the runs in progress. Where the pool cannot score with adapters (vLLM's LoRA path on GPUs), the
     trained runs' answers are kept in their units and all of them are probed after the last chunk,
     on the merging pool that replaces this one."""
-    from runner.train.batches import with_system  # the rule training applies, applied the same way here
+    # deferred: torch (runner.train.batches); the rule training applies, applied the same way here
+    from runner.train.batches import with_system
 
     sp = ctx.spec.generate.sampling
     systems = {r.run_id: system_prompt(ctx, r) for r in group}
@@ -124,13 +142,14 @@ def _generate(ctx, model, full_path, group, items, adapters) -> None:
     n, step = len(items), ctx.spec.generate.runs_per_chunk
     pool = ctx.pools.get(model, enable_lora=lora, path=full_path, tokens=len(fresh) * n * sp.max_tokens) if fresh else None
 
-    def request(r, messages) -> Request:
+    def request(r: Run, messages: Any) -> Request:
         adapter = str(adapters[r.run_id]) if (r.cell_key and lora) else None
         return Request(messages=tuple(with_system(messages, systems[r.run_id])), adapter=adapter,
                        max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed)
 
     for j in range(0, len(fresh), step):
         chunk = fresh[j:j + step]
+        assert pool is not None  # there are fresh runs
         texts = pool.generate([request(r, m) for r in chunk for m in items["messages"]], desc=f"generate {model}")
         first = [texts[k * n:(k + 1) * n] for k in range(len(chunk))]
         second = followups(items, first, lambda k, msgs: request(chunk[k], msgs), pool)
@@ -150,18 +169,19 @@ def _generate(ctx, model, full_path, group, items, adapters) -> None:
     say(f"  {model}: {len(group)} runs × {n} items in {time.perf_counter() - t0:.0f}s")
 
 
-def _answered_path(ctx, r):
+def _answered_path(ctx: StudyContext, r: Run) -> Path:
     """A run's answers before its unit is saved, named by the adapter they came from (its train
     unit's files), so a cell trained again since is never saved with the old adapter's answers."""
-    made_from = ctx.store.files_hash("train", r.cell_key)[:12] if r.cell_key else "base"
-    return ctx.store.unit("generate", GENERATE(ctx, r)) / f"answered-{made_from}.parquet"
+    made_from = cell_unit(ctx, r).files_hash()[:12] if r.cell_key else "base"
+    return GENERATE.unit(ctx, r) / f"answered-{made_from}.parquet"
 
 
-def _answered(ctx, r) -> bool:
+def _answered(ctx: StudyContext, r: Run) -> bool:
     return readable(_answered_path(ctx, r), ("run_id", "suite", "item_id", "response"))
 
 
-def _save(ctx, model, runs, items, adapters, pool, lora) -> None:
+def _save(ctx: StudyContext, model: str, runs: list[Run], items: pd.DataFrame, adapters: dict[str, Path],
+          pool: Any, lora: bool) -> None:
     """Mark answered runs' units done: the untrained first (the probe reads the base run's), then the
     trained LoRA runs with their adapter probe."""
     plain = [r for r in runs if not (lora and r.cell_key)]
@@ -173,28 +193,28 @@ def _save(ctx, model, runs, items, adapters, pool, lora) -> None:
         _mark(ctx, r, probes.get(r.run_id), len(items))
 
 
-def _mark(ctx, r, probed: pd.DataFrame | None, n: int) -> None:
-    key = GENERATE(ctx, r)
-    unit = ctx.store.unit("generate", key)
+def _mark(ctx: StudyContext, r: Run, probed: pd.DataFrame | None, n: int) -> None:
+    unit = GENERATE.unit(ctx, r)
     _answered_path(ctx, r).replace(unit / "generations.parquet")
-    for stale in unit.glob("answered-*.parquet"):  # a retrained cell's leftovers
+    for stale in unit.dir.glob("answered-*.parquet"):  # a retrained cell's leftovers
         stale.unlink()
     if probed is not None:
         write_parquet(probed, unit / "probe.parquet")
-    ctx.store.mark_done("generate", key, {"run_id": r.run_id, "items": n}, inputs=generate_inputs(ctx, r))
+    unit.mark_done({"run_id": r.run_id, "items": n}, inputs=generate_inputs(ctx, r))
 
 
-def probe(ctx, model, trained, items, adapters, pool) -> dict[str, pd.DataFrame]:
+def probe(ctx: StudyContext, model: str, trained: list[Run], items: pd.DataFrame, adapters: dict[str, Path],
+          pool: Any) -> dict[str, pd.DataFrame]:
     """Per run of `trained` (trained LoRA runs of `model`), its adapter probe (evaluation.sanity.PROBE_COLUMNS):
     the per-token log-probs of the base model's saved responses to a seed-determined sample of the
     items, under the run, the base model and a zero adapter, all computed now in chunks of
     PROBE_CHUNK texts (whichever process generated the base run), and the zero adapter again with
     each text alone (the engine's rounding). {} where there is nothing to probe. `pool`: the open
     one, or None."""
-    from runner.train.batches import with_system
+    from runner.train.batches import with_system  # deferred: torch
 
     base = next(r for r in ctx.runs() if r.model == model and r.kind == "base")
-    responses = read_parquet(ctx.store.unit("generate", GENERATE(ctx, base)) / "generations.parquet")
+    responses = read_parquet(GENERATE.unit(ctx, base) / "generations.parquet")
     texts = probe_texts(items, responses, PROBE_ITEMS, ctx.spec.generate.sampling.seed)
     if texts.empty:  # no base response to probe with: the runs stay unchecked
         return {}
@@ -205,7 +225,7 @@ def probe(ctx, model, trained, items, adapters, pool) -> dict[str, pd.DataFrame]
     zero = str(zero_adapter(ctx, model))
     messages = [tuple(with_system(m, system_prompt(ctx, base))) for m in texts["messages"]]
 
-    def requests(adapter):
+    def requests(adapter: str | None) -> list[ScoreRequest]:
         return [ScoreRequest(messages=m, continuation=t, adapter=adapter) for m, t in zip(messages, texts["response"])]
 
     sides = [None, zero] + [str(adapters[r.run_id]) for r in trained]
@@ -217,7 +237,7 @@ def probe(ctx, model, trained, items, adapters, pool) -> dict[str, pd.DataFrame]
     rows = texts[["suite", "item_id"]].loc[texts.index.repeat(tokens)].reset_index(drop=True)
     rows["token"] = [t for n in tokens for t in range(n)]
 
-    def flat(side):
+    def flat(side: list[list[float]]) -> list[float]:
         if [len(x) for x in side] != tokens:
             raise RuntimeError(f"adapter probe {model}: token counts differ between sides")
         return [lp for x in side for lp in x]
@@ -228,11 +248,9 @@ def probe(ctx, model, trained, items, adapters, pool) -> dict[str, pd.DataFrame]
             for i, r in enumerate(trained)}
 
 
-def zero_adapter(ctx, model):
+def zero_adapter(ctx: StudyContext, model: str) -> Path:
     """The spec's LoRA on `model` with every B = 0 (it changes nothing), built once per study."""
-    from runner.spec import content_hash
-    from runner.store import atomic_dir
-    from runner.train.adapters import save_zero_adapter
+    from runner.train.adapters import save_zero_adapter  # deferred: torch
 
     lora = ctx.spec.train.lora
     path = ctx.root / "cache" / "zero-adapter" / content_hash(ctx.model_id(model), lora.model_dump(mode="json"))
@@ -243,12 +261,13 @@ def zero_adapter(ctx, model):
     return path
 
 
-def generate_inputs(ctx, r) -> list[tuple[str, str]]:
+def generate_inputs(ctx: StudyContext, r: Run) -> list[Unit]:
     """The units a run's generations are computed from: the items, and its trained cell."""
-    return [("items", ITEMS(ctx))] + ([("train", r.cell_key)] if r.cell_key else [])
+    return [ITEMS.unit(ctx)] + ([cell_unit(ctx, r)] if r.cell_key else [])
 
 
-def followups(items: pd.DataFrame, first: list[list[str]], request, engine) -> list[list[str | None]]:
+def followups(items: pd.DataFrame, first: list[list[str]], request: Callable[[int, Any], Request],
+              engine: Any) -> list[list[str | None]]:
     """Second turns, per run, for the items whose suite asks for one (`needs_followup`); None elsewhere.
     `request(k, messages)` builds run k's request."""
     need = items.get("needs_followup", pd.Series(False, index=items.index)).fillna(False).astype(bool)
@@ -257,8 +276,14 @@ def followups(items: pd.DataFrame, first: list[list[str]], request, engine) -> l
     if not idx:
         return out
     rows = [items.iloc[i] for i in idx]
-    reqs = [request(k, suites.get(row["suite"]).followup(row, first[k][i]))
-            for k in range(len(first)) for i, row in zip(idx, rows)]
+
+    def second_turn(row: Any, response: str) -> list[dict[str, Any]]:
+        turn = suites.get(row["suite"]).followup
+        if turn is None:
+            raise StageError(f"generate: suite {row['suite']!r} marks item {row['item_id']!r} needs_followup "
+                             "but declares no followup")
+        return turn(row, response)
+    reqs = [request(k, second_turn(row, first[k][i])) for k in range(len(first)) for i, row in zip(idx, rows)]
     texts = engine.generate(reqs, desc="follow-ups")
     for k in range(len(first)):
         for j, i in enumerate(idx):
@@ -266,8 +291,7 @@ def followups(items: pd.DataFrame, first: list[list[str]], request, engine) -> l
     return out
 
 
-def _check_adapters(ctx, runs, adapters) -> None:
-    from runner.engines.base import AdapterError, check_adapter
+def _check_adapters(ctx: StudyContext, runs: list[Run], adapters: dict[str, Path]) -> None:
     if ctx.spec.train.finetune != "lora":
         return
     for r in runs:
@@ -275,5 +299,5 @@ def _check_adapters(ctx, runs, adapters) -> None:
             try:
                 check_adapter(adapters[r.run_id])
             except AdapterError as e:
-                ctx.store.mark_failed("generate", GENERATE(ctx, r), f"{r.run_id}: {e}")
+                GENERATE.unit(ctx, r).mark_failed(f"{r.run_id}: {e}")
                 raise StageError(f"generate: {r.run_id}: {e}") from None

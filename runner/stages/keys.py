@@ -3,11 +3,16 @@ on; one helper hashes them. A rerun recomputes nothing, a changed input recomput
 downstream of it, and docs/ARCHITECTURE.md's key table is generated from these declarations."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatch
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from runner.spec import content_hash
+from runner.spec import Spec, content_hash
+from runner.stages.unit import Unit
+
+if TYPE_CHECKING:
+    from runner.context import Run, StudyContext
 
 CODE_VERSION = "valind-0.3"  # part of every key: bump when a stage's semantics change
 
@@ -50,7 +55,7 @@ def outside_keys(path: str) -> str | None:
     return next((why for pat, why in OUTSIDE_KEYS.items() if fnmatch(path, pat)), None)
 
 
-def result_view(spec) -> dict:
+def result_view(spec: Spec) -> dict[str, Any]:
     """The spec without the fields that cannot change a result: what a study directory is owned by
     (runner.study_dir) and what the adaptive-seeds state is keyed by."""
     def strip(d: Any, prefix: str) -> Any:
@@ -60,31 +65,37 @@ def result_view(spec) -> dict:
         if isinstance(d, list):
             return [strip(v, f"{prefix}[]") for v in d]
         return d
-    return strip(spec.model_dump(mode="json"), "")
+    view: dict[str, Any] = strip(spec.model_dump(mode="json"), "")
+    return view
 
 
 @dataclass(frozen=True)
 class Key:
     """The key of a store folder (`stage`): a hash of CODE_VERSION, the folder and `inputs`, each
     a name (shown in the key table) and a getter of (ctx, run); per_run keys have one unit per run."""
-    stage: str
-    inputs: dict[str, Callable[[Any, Any], Any]]
+    stage: str  # the store folder
+    # each getter gets the context and the run (None for a study-level key); the run is Any so that
+    # a per-run getter reads its fields without the None check its `per_run` flag already makes
+    inputs: dict[str, Callable[[StudyContext, Any], Any]]
     per_run: bool = False
 
-    def __call__(self, ctx, run=None) -> str:
+    def __call__(self, ctx: StudyContext, run: Run | None = None) -> str:
         return ctx.key(self, run)
 
-    def compute(self, ctx, run=None) -> str:
+    def unit(self, ctx: StudyContext, run: Run | None = None) -> Unit:
+        """The unit this key names (`run`'s, for a per-run key)."""
+        return Unit(ctx.store, self.stage, self(ctx, run))
+
+    def compute(self, ctx: StudyContext, run: Run | None = None) -> str:
         if self.per_run and run is None:
             raise ValueError(f"the {self.stage} key is per run")
         return content_hash(CODE_VERSION, self.stage, {name: get(ctx, run) for name, get in self.inputs.items()})
 
 
-def key_table() -> str:
-    """The markdown table of every declared key, in data-flow order."""
-    from runner.stages import KEYS
+def render_key_table(keys: Iterable[Key]) -> str:
+    """The markdown table of declared keys (runner.stages.key_table: every one, in data-flow order)."""
     lines = ["| unit (`stages/<folder>/<key>/`) | one per | hashed inputs |", "|---|---|---|"]
-    for k in KEYS.values():
+    for k in keys:
         lines.append(f"| `{k.stage}` | {'run' if k.per_run else 'study'} | "
                      + ", ".join(f"`{name}`" for name in k.inputs) + " |")
     return "\n".join(lines)
@@ -93,3 +104,8 @@ def key_table() -> str:
 # seeds.adaptive's state (runner.seeds): every spec field that can change a result, since the seeds
 # it added answer that spec's contrasts only.
 ADAPTIVE = Key("adaptive", {"spec (every field that can change a result)": lambda c, r: result_view(c.spec)})
+
+# the stage that writes each store folder (a unit a later stage cannot read is recomputed by it)
+FOLDER_STAGE = {"annotate": "annotate", "annotate_check": "annotate", "curate": "curate", "train": "train",
+                "items": "generate", "generate": "generate", "qa": "score", "score": "score", "agreement": "score",
+                "analyze": "analyze"}

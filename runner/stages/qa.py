@@ -10,13 +10,18 @@ from __future__ import annotations
 import errno
 import os
 from collections import deque
+from pathlib import Path
+from typing import Any, Literal
 
 import ray
+from ray import exceptions as rx
 
-from runner.context import StageError
+from evaluation.benchmarks import run_benchmarks
+from runner.context import Run, StageError, StudyContext
 from runner.progress import say
 from runner.stages.keys import Key
-from runner.stages.train import adapter_path
+from runner.stages.train import adapter_path, cell_unit
+from runner.stages.unit import producing
 from runner.store import write_parquet
 
 QA = Key("qa", {
@@ -40,14 +45,13 @@ _LASTING_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, Not
 FAULT_ENV = "VALIND_QA_FAULT"
 
 
-def qa_path(ctx, r):
-    return ctx.store.unit("qa", QA(ctx, r)) / "qa.parquet"
+def qa_path(ctx: StudyContext, r: Run) -> Path:
+    return QA.unit(ctx, r) / "qa.parquet"
 
 
 def transient(e: BaseException) -> bool:
     """Whether a QA task's error may pass on a retry: its worker, node or result lost, or an I/O
     error (a shared filesystem's hiccup); not an error of the task's own code or inputs."""
-    from ray import exceptions as rx
     lost = tuple(getattr(rx, n) for n in ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError",
                                           "ObjectLostError", "OwnerDiedError", "ObjectFetchTimedOutError",
                                           "OutOfMemoryError", "RaySystemError")
@@ -63,27 +67,29 @@ def _faults() -> dict[str, str]:
     return dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
 
 
-def run_qa(ctx, runs) -> dict[str, str]:
+def run_qa(ctx: StudyContext, runs: list[Run]) -> dict[str, str]:
     """Every run's QA unit, computing the missing ones; the runs whose QA failed, with the error
     (the others' units are done: `qa_path`)."""
-    todo = [r for r in runs if not ctx.store.done("qa", QA(ctx, r))]
+    todo = [r for r in runs if not QA.unit(ctx, r).cached()]
     say(f"  QA benchmarks ({', '.join(ctx.spec.score.benchmarks)}): {len(runs)} runs, "
         f"{len(runs) - len(todo)} cached")
     if not todo:
         return {}
-    with ctx.failing("qa", [QA(ctx, r) for r in todo], "QA benchmarks"):  # an error of the loop itself
+    with producing([QA.unit(ctx, r) for r in todo], "QA benchmarks"):  # an error of the loop itself
         return _compute(ctx, todo)
 
 
-def _compute(ctx, todo) -> dict[str, str]:
+def _compute(ctx: StudyContext, todo: list[Run]) -> dict[str, str]:
     """One Ray task per run: on a cluster on a GPU; on CPUs each takes one CPU and computes on one
     thread, as many at a time as there are CPUs (a task's fixed costs, lm-eval's set-up and the model
     load, are serial: tasks side by side beat one task on every core)."""
-    s = ctx.spec.score
+    s, data_dir = ctx.spec.score, ctx.data_dir
+    if data_dir is None:  # refused before any compute (runner.preflight.data_dir_problems)
+        raise StageError("score: the QA benchmarks are read from the data directory, and data.data_dir is not set")
     ctx.ensure_ray()
     faults = _faults()
 
-    def submit(r, attempt: int):
+    def submit(r: Run, attempt: int) -> Any:
         adapter = str(adapter_path(ctx, r)) if r.cell_key else None
         model = ctx.model_path(r.model)
         if adapter and ctx.spec.train.finetune == "full":
@@ -92,11 +98,13 @@ def _compute(ctx, todo) -> dict[str, str]:
         fault = faults.get(r.run_id)
         # retries are this loop's (counted, logged), not Ray's
         task = _run_benchmarks.options(num_cpus=1, num_gpus=min(1.0, e.gpus_per_actor), max_retries=0)
-        return task.remote(model, adapter, [f"valind_{b}" for b in s.benchmarks], ctx.data_dir, s.benchmark_limit,
+        return task.remote(model, adapter, [f"valind_{b}" for b in s.benchmarks], data_dir, s.benchmark_limit,
                            s.benchmark_backend, s.benchmark_batch_size, "cuda" if e.gpus_per_actor else "cpu",
                            e.dtype, fault if fault == "error" or attempt == 0 else None)
 
-    pending, running, tries, failed = deque(todo), {}, {r.run_id: 0 for r in todo}, {}
+    pending, tries = deque(todo), {r.run_id: 0 for r in todo}
+    running: dict[Any, Run] = {}
+    failed: dict[str, str] = {}
     done = 0
     while pending or running:
         while pending and len(running) < _cap(ctx, pending[0]):
@@ -104,7 +112,7 @@ def _compute(ctx, todo) -> dict[str, str]:
             running[submit(r, tries[r.run_id])] = r
         ready, _ = ray.wait(list(running), num_returns=1)
         r = running.pop(ready[0])
-        key = QA(ctx, r)
+        unit = QA.unit(ctx, r)
         try:
             df = ray.get(ready[0])
         except Exception as e:  # noqa: BLE001 -- sorted into transient and lasting just below
@@ -115,23 +123,23 @@ def _compute(ctx, todo) -> dict[str, str]:
                 pending.append(r)
                 continue
             kind = "transient, retries spent" if transient(e) else "not retried"
-            ctx.store.mark_failed("qa", key, f"QA benchmarks {r.run_id} ({kind}): {type(e).__name__}: {e}")
+            unit.mark_failed(f"QA benchmarks {r.run_id} ({kind}): {type(e).__name__}: {e}")
             failed[r.run_id] = why
             say(f"  QA {r.run_id}: failed ({kind}): {why}")
             continue
         write_parquet(df.assign(run_id=r.run_id), qa_path(ctx, r))
-        ctx.store.mark_done("qa", key, {"run_id": r.run_id, "rows": len(df), "tries": tries[r.run_id] + 1},
-                            inputs=[("train", r.cell_key)] if r.cell_key else [])
+        unit.mark_done({"run_id": r.run_id, "rows": len(df), "tries": tries[r.run_id] + 1},
+                       inputs=[cell_unit(ctx, r)] if r.cell_key else [])
         done += 1
         say(f"  QA {r.run_id}: {len(df)} items saved ({done} of {len(todo)})")
         del df  # one run's table at a time in the driver
     return failed
 
 
-def _cap(ctx, r) -> int:
+def _cap(ctx: StudyContext, r: Run) -> int:
     """Tasks in flight: what the cluster can run at once (its GPUs, or CPUs for CPU tasks) plus SLACK."""
     gpus = ctx.engine_spec(r.model).gpus_per_actor
-    res = ray.cluster_resources()
+    res = ray.cluster_resources()  # type: ignore[no-untyped-call]  # (ray's stub)
     slots = int(res.get("GPU", 0) // min(1.0, gpus)) if gpus else int(res.get("CPU", 1))
     return max(1, slots) + SLACK
 
@@ -151,10 +159,9 @@ def raise_failed(failed: dict[str, str]) -> None:
 
 
 @ray.remote
-def _run_benchmarks(model, adapter, tasks, data_dir, limit, backend, batch_size, device, dtype, fault=None):
-    import torch
-
-    from evaluation.benchmarks import run_benchmarks
+def _run_benchmarks(model: str, adapter: str | None, tasks: list[str], data_dir: Path, limit: int | None,
+                    backend: Literal["hf", "vllm"], batch_size: int, device: str, dtype: str, fault: str | None = None) -> Any:
+    import torch  # deferred: torch, imported in the Ray task's worker only
 
     if fault == "crash":
         os._exit(1)  # the worker dies as on a lost node: Ray reports WorkerCrashedError

@@ -2,21 +2,37 @@
 lm-evaluation-harness, and the refusal judges' agreement with human labels."""
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pandas as pd
 
-from evaluation.judges import refusal, score_suite
+from evaluation.judges import judge_agreement, refusal, score_suite
 from evaluation.suites import registry as suites
+from runner.context import Run, StageError, StudyContext
 from runner.progress import say
 from runner.spec import eval_suites, suite_settings
-from runner.stages.generate import GENERATE, ITEMS, load_items, suite_versions
+from runner.stages.generate import GENERATE, ITEMS, Generated, load_items, suite_versions
 from runner.stages.keys import Key
 from runner.stages.qa import QA, qa_path, raise_failed, run_qa
+from runner.stages.unit import Done, StageResult, Unit, producing
 from runner.store import read_parquet, readable, write_parquet
 
 
-def judge_engines(ctx) -> dict[str, tuple[str, bool]]:
+@dataclass(frozen=True)
+class Scored(StageResult):
+    """The score stage's result: each run's scores.parquet (run id -> path)."""
+    stage: ClassVar[str] = "score"
+    scores: dict[str, Path]
+
+
+def refusal_llm_judge(ctx: StudyContext) -> str | None:
+    """The refusal LLM judge's model, where score.refusal_judges has the LLM judge (the spec requires it then)."""
+    return ctx.spec.score.refusal_llm_judge if "llm" in ctx.spec.score.refusal_judges else None
+
+
+def judge_engines(ctx: StudyContext) -> dict[str, tuple[str, bool]]:
     """Each suite's LLM judge: suite → (model, needs log-probs)."""
     st = suite_settings(ctx.spec)
     return {n: j for n in eval_suites(ctx.spec) if (j := suites.get(n).judge(st))}
@@ -33,18 +49,17 @@ SCORE = Key("score", {
 AGREEMENT = Key("agreement", {
     "score.refusal_judges": lambda c, r: c.spec.score.refusal_judges,
     "refusal judge version": lambda c, r: refusal.VERSION,
-    "refusal LLM judge": lambda c, r: (c.engine_identity(c.spec.score.refusal_llm_judge)
-                                       if "llm" in c.spec.score.refusal_judges else None),
+    "refusal LLM judge": lambda c, r: (c.engine_identity(j) if (j := refusal_llm_judge(c)) else None),
     "data dir": lambda c, r: c.data_marker(),
 })
 
 
-def run(ctx):
+def run(ctx: StudyContext) -> Scored:
     runs = ctx.runs()
-    todo = [r for r in runs if not ctx.store.done("score", SCORE(ctx, r))]
+    todo = [r for r in runs if not SCORE.unit(ctx, r).cached()]
     say(f"score: {len(runs)} runs, {len(runs) - len(todo)} cached")
     if todo:
-        gens = ctx.need("generate")
+        gens = ctx.need(Generated).generations
         items = load_items(ctx)
         st = suite_settings(ctx.spec)
         judges = judge_engines(ctx)
@@ -60,35 +75,36 @@ def run(ctx):
     if todo:
         # QA last, after the engines are closed: its tasks never wait for CPUs or GPUs idle engines hold
         ctx.pools.close()
-        with ctx.failing("score", [SCORE(ctx, r) for r in todo], "QA benchmarks"):
+        with producing([SCORE.unit(ctx, r) for r in todo], "QA benchmarks"):
             failed = run_qa(ctx, todo) if ctx.spec.score.benchmarks else {}
         for r in todo:  # every run whose QA is saved is finished, whatever became of the others'
             if r.run_id in failed:
-                ctx.store.mark_failed("score", SCORE(ctx, r), f"QA benchmarks: {failed[r.run_id]}")
+                SCORE.unit(ctx, r).mark_failed(f"QA benchmarks: {failed[r.run_id]}")
             else:
                 _finish(ctx, r)
         raise_failed(failed)
     say(f"score: done — {len(runs)} runs")
-    return {r.run_id: ctx.store.unit("score", SCORE(ctx, r)) / "scores.parquet" for r in runs}
+    return Scored({r.run_id: SCORE.unit(ctx, r) / "scores.parquet" for r in runs})
 
 
 RUNS_PER_PASS = 8  # runs judged together: the judges' batches span runs, and a pass's tables stay small
 
 
-def _judged_path(ctx, r):
+def _judged_path(ctx: StudyContext, r: Run) -> Path:
     """A run's judge scores, kept in its unit until its QA scores join them in scores.parquet; named
     by the generations they judged, so a resumed stage never keeps scores of generations since redone."""
-    gen = ctx.store.files_hash("generate", GENERATE(ctx, r))[:12]
-    return ctx.store.unit("score", SCORE(ctx, r)) / f"judged-{gen}.parquet"
+    gen = GENERATE.unit(ctx, r).files_hash()[:12]
+    return SCORE.unit(ctx, r) / f"judged-{gen}.parquet"
 
 
-def _judged(ctx, r) -> bool:
+def _judged(ctx: StudyContext, r: Run) -> bool:
     """Whether the run's judge scores are kept and readable."""
     return readable(_judged_path(ctx, r), ("run_id", "metric", "value", "scored"))
 
 
-def _judge(ctx, runs, gens, items, engines, st) -> None:
-    with ctx.failing("score", [SCORE(ctx, r) for r in runs], "judges"):
+def _judge(ctx: StudyContext, runs: list[Run], gens: dict[str, Path], items: pd.DataFrame, engines: dict[str, Any],
+           st: Any) -> None:
+    with producing([SCORE.unit(ctx, r) for r in runs], "judges"):
         g = pd.concat([read_parquet(gens[r.run_id], ("run_id", "suite", "item_id", "response")) for r in runs],
                       ignore_index=True)
         scored = pd.concat([score_suite(n, items[items["suite"] == n], g, engines.get(n), st)
@@ -97,31 +113,30 @@ def _judge(ctx, runs, gens, items, engines, st) -> None:
         write_parquet(scored[scored["run_id"] == r.run_id].reset_index(drop=True), _judged_path(ctx, r))
 
 
-def _finish(ctx, r) -> None:
+def _finish(ctx: StudyContext, r: Run) -> None:
     """A run's scores.parquet: its judge scores and its QA items (its `qa` unit); the unit marked done."""
-    key = SCORE(ctx, r)
-    qa = [("qa", QA(ctx, r))] if ctx.spec.score.benchmarks else []
+    unit = SCORE.unit(ctx, r)
+    qa = [QA.unit(ctx, r)] if ctx.spec.score.benchmarks else []
     scores = pd.concat([read_parquet(_judged_path(ctx, r))] + [read_parquet(qa_path(ctx, r)) for _ in qa],
                        ignore_index=True)
-    write_parquet(scores, ctx.store.unit("score", key) / "scores.parquet")
+    write_parquet(scores, unit / "scores.parquet")
     unscored = int((~scores["scored"]).sum())
-    ctx.store.mark_done("score", key, {"run_id": r.run_id, "rows": len(scores), "unscored": unscored},
-                        inputs=[("generate", GENERATE(ctx, r)), ("items", ITEMS(ctx))] + qa)
+    unit.mark_done({"run_id": r.run_id, "rows": len(scores), "unscored": unscored},
+                   inputs=[GENERATE.unit(ctx, r), ITEMS.unit(ctx)] + qa)
     say(f"  {r.run_id}: {len(scores)} scores, {unscored} unscored")
 
 
-def agreement(ctx) -> pd.DataFrame:
+def agreement(ctx: StudyContext) -> pd.DataFrame:
     """Each refusal judge against the human labels (safety/refusal_labelled.csv)."""
-    from evaluation.judges import judge_agreement
+    unit = AGREEMENT.unit(ctx)
+    return read_parquet(unit.ensure("refusal judge agreement", lambda: _agreement(ctx, unit)) / "agreement.parquet")
 
-    key = AGREEMENT(ctx)
-    path = ctx.store.unit("agreement", key) / "agreement.parquet"
-    if ctx.store.done("agreement", key):
-        return read_parquet(path)
-    judges = list(ctx.spec.score.refusal_judges)
-    with ctx.failing("agreement", key, "refusal judge agreement"):
-        engine = ctx.pools.get(ctx.spec.score.refusal_llm_judge, scores=True) if "llm" in judges else None
-        df = judge_agreement(ctx.data_dir, judges, engine=engine)
-        write_parquet(df, path)
-        ctx.store.mark_done("agreement", key, {"judges": judges})
-    return df
+
+def _agreement(ctx: StudyContext, unit: Unit) -> Done:
+    judges, llm = list(ctx.spec.score.refusal_judges), refusal_llm_judge(ctx)
+    if ctx.data_dir is None:  # refused before any compute (runner.preflight.data_dir_problems)
+        raise StageError("score: the refusal judges' human labels are read from the data directory, and "
+                         "data.data_dir is not set")
+    engine = ctx.pools.get(llm, scores=True) if llm else None
+    write_parquet(judge_agreement(ctx.data_dir, judges, engine=engine), unit / "agreement.parquet")
+    return Done({"judges": judges})

@@ -5,27 +5,44 @@ cell; the trial and its workers read only that."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
-from runner.context import StageError
+from runner.capacity import max_concurrent
+from runner.context import Run, StageError, StudyContext
+from runner.plan import params_b
 from runner.progress import say
 from runner.spec import condition_value, content_hash
-from runner.stages.curate import CURATE
+from runner.spec_sections import TrainSpec
+from runner.stages.curate import CURATE, Curated
 from runner.stages.keys import Key
-from runner.store import read_state, safe_name
+from runner.stages.unit import StageResult, Unit
+from runner.store import read_json, read_state, safe_name
+from runner.tracking import flatten, log_run
+from runner.train.cell import Cell, Group
+from runner.train.memory import group_layout, model_shape, worker_budget_gb
+
+
+@dataclass(frozen=True)
+class Trained(StageResult):
+    """The train stage's result: each trained run's model (run id -> adapter or model directory)."""
+    stage: ClassVar[str] = "train"
+    models: dict[str, Path]
 
 
 # train fields that cannot change what a cell learns (runner.stages.keys.OUTSIDE_KEYS says why)
 NOT_LEARNED = {"adapters_per_group", "max_failures", "checkpoint_every", "report_every"}
 
 
-def _train_section(ctx, run) -> dict:
+def _train_section(ctx: StudyContext, run: Any) -> dict[str, Any]:
     """The train section as a cell sees it; `system_prompt` and `eval_at` enter only when set (cells
     trained before they existed keep their keys). With a {value} template the condition, also hashed,
     fixes the text."""
     t = ctx.spec.train
     unset = {k for k, v in (("system_prompt", t.system_prompt is None), ("eval_at", t.eval_at == [1.0])) if v}
-    return t.model_dump(mode="json", exclude=unset | NOT_LEARNED)
+    dumped: dict[str, Any] = t.model_dump(mode="json", exclude=unset | NOT_LEARNED)
+    return dumped
 
 
 TRAIN = Key("train", {
@@ -41,37 +58,43 @@ TRAIN = Key("train", {
 
 
 def _loss_version(method: str) -> str:
-    from runner.train.losses import VERSIONS  # torch: imported only when keys are computed
-    return VERSIONS[method]
+    from runner.train.losses import VERSIONS  # deferred: torch, imported only when keys are computed
+    version: str = VERSIONS[method]
+    return version
 
 
-def run(ctx):
+def cell_unit(ctx: StudyContext, r: Run) -> Unit:
+    """A trained run's cell's unit (the TRAIN key of its final run: `Run.cell_key`)."""
+    assert r.cell_key is not None, f"{r.run_id} is not a trained run"
+    return Unit(ctx.store, TRAIN.stage, r.cell_key)
+
+
+def run(ctx: StudyContext) -> Trained:
     trained = [r for r in ctx.runs() if r.cell_key]
     cells = [r for r in trained if r.final]
     for r in cells:  # published by a driver that was killed before it could mark the cell done
         adopt(ctx, r)
-    todo = [r for r in cells if not ctx.store.done("train", r.cell_key)]
+    todo = [r for r in cells if not cell_unit(ctx, r).cached()]
     say(f"train: {len(cells)} cells, {len(cells) - len(todo)} cached")
     if todo:
         _train(ctx, todo)
-    from runner.tracking import log_training
     log_training(ctx, cells)
     say(f"train: done — {len(cells)} cells")
-    return {r.run_id: adapter_path(ctx, r) for r in trained}
+    return Trained({r.run_id: adapter_path(ctx, r) for r in trained})
 
 
-def adapter_path(ctx, r) -> Path:
+def adapter_path(ctx: StudyContext, r: Run) -> Path:
     """A trained run's model: its cell's final one, or the one saved at r.progress (train.eval_at)."""
-    unit = ctx.store.unit("train", r.cell_key)
-    return unit / "model" if r.final else unit / "progress" / f"{r.progress:g}"
+    unit = cell_unit(ctx, r)
+    return unit / "model" if r.final else unit.dir / "progress" / f"{r.progress:g}"
 
 
-def _train(ctx, todo) -> None:
+def _train(ctx: StudyContext, todo: list[Run]) -> None:
+    # deferred: Ray and torch (the trainer), imported only when a cell trains
     from runner.sweep import run_grid
-    from runner.train.cell import Cell
     from runner.train.launch import bf16_enabled
 
-    cur = ctx.need("curate")
+    cur = ctx.need(Curated)
     ctx.pools.close()
     ctx.ensure_ray()
     s = ctx.spec
@@ -81,10 +104,10 @@ def _train(ctx, todo) -> None:
     # Ray Train's run names and every work dir end with the cell's key: a cell of other settings
     # (a changed train.lr) never resumes this one's checkpoints, nor publishes its leftovers
     by_id = {f"{safe_name(r.run_id)}-{r.cell_key}": r for r in todo}
-    grid = [Cell(cell_id=cid, key=r.cell_key, seed=r.seed, train=train,
-                 pairs=str(cur / "subsets" / f"{safe_name(r.condition)}.parquet"),
+    grid = [Cell(cell_id=cid, key=cell_unit(ctx, r).key, seed=r.seed or 0, train=train,  # a cell has a seed
+                 pairs=str(cur.subset(r.condition)),
                  model_path=ctx.model_path(r.model), model_id=ctx.model_id(r.model),
-                 out_dir=str(ctx.store.unit("train", r.cell_key)), work_dir=str(ctx.root / "ray_train"),
+                 out_dir=str(cell_unit(ctx, r).dir), work_dir=str(ctx.root / "ray_train"),
                  ref_cache=str(ctx.root / "cache" / "reflogps"), chat_template=ctx.chat_template(r.model),
                  system_prompt=train.system_text(condition_value(r.condition)),
                  trust_remote_code=s.model(r.model).trust_remote_code) for cid, r in by_id.items()]
@@ -99,36 +122,33 @@ def _train(ctx, todo) -> None:
     for cid, r in by_id.items():
         err = errors.get(cid, "the trial did not run")
         adopt(ctx, r)
-        if err is None and ctx.store.done("train", r.cell_key):
-            last = last_metrics(ctx.store.unit("train", r.cell_key))
+        unit = cell_unit(ctx, r)
+        if err is None and unit.cached():
+            last = last_metrics(unit.dir)
             say(f"  {r.run_id}: loss {last.get('loss', float('nan')):.4f}, "
                 f"reward accuracy {last.get('rewards/accuracy', float('nan')):.2f}")
         else:  # one failed cell must not lose the others
-            ctx.store.mark_failed("train", r.cell_key, err or "no model was written")
+            unit.mark_failed(err or "no model was written")
             failed.append(f"{r.run_id}: {err}")
     if failed:
         raise StageError(f"train: {len(failed)} cell(s) failed: " + "; ".join(failed))
 
 
-def group_cells(ctx, train, cells: list) -> list:
+def group_cells(ctx: StudyContext, train: TrainSpec, cells: list[Cell]) -> list[Group]:
     """The cells as training Groups: per base model, at most train.adapters_per_group adapters ("auto":
     all) in groups of no fewer than the cluster runs at once, with as many micro-batches per forward
     as a worker's memory holds (runner.train.memory.adapters_per_group)."""
+    # deferred: Ray (the cluster's resources), imported only when a cell trains
     import ray
-
-    from runner.plan import params_b
-    from runner.train.memory import group_layout, model_shape, worker_budget_gb
-    from runner.sweep import max_concurrent
-    from runner.train.cell import Group
 
     slots = max_concurrent(train, ctx.spec.cluster)
     budget = worker_budget_gb(train, ctx.spec.cluster.gpu_memory_gb if ctx.spec.cluster else 80,
-                              ray.cluster_resources())
-    by_model: dict[str, list] = {}
+                              ray.cluster_resources())  # type: ignore[no-untyped-call]  # (ray's stub)
+    by_model: dict[str, list[Cell]] = {}
     for c in cells:
         by_model.setdefault(c.model_id, []).append(c)
     share = max(1, slots // len(by_model))
-    groups = []
+    groups: list[Group] = []
     for model_id, cs in by_model.items():
         m = next(m for m in ctx.spec.models if ctx.model_id(m.name) == model_id)
         p = params_b(m.name, m.path, m.params_b)
@@ -137,30 +157,49 @@ def group_cells(ctx, train, cells: list) -> list:
     return groups
 
 
-def adopt(ctx, r) -> None:
+def adopt(ctx: StudyContext, r: Run) -> None:
     """Mark a cell done as soon as train_cell has published it (an atomic rename of a finished dir
     whose cell.json names this cell's key)."""
-    unit = ctx.store.unit("train", r.cell_key)
-    if (not ctx.store.done("train", r.cell_key) and (unit / "model").is_dir()
-            and (read_state(unit / "cell.json") or {}).get("key") == r.cell_key):
-        ctx.store.mark_done("train", r.cell_key, {"run_id": r.run_id}, inputs=[("curate", CURATE(ctx))])
+    unit = cell_unit(ctx, r)
+    if (not unit.cached() and (unit / "model").is_dir()
+            and (read_state(unit / "cell.json") or {}).get("key") == unit.key):
+        unit.mark_done({"run_id": r.run_id}, inputs=[CURATE.unit(ctx)])
 
 
-def last_metrics(unit) -> dict:
+def last_metrics(unit: Path) -> dict[str, Any]:
     lines = (unit / "metrics.jsonl").read_text().splitlines()
-    return json.loads(lines[-1]) if lines else {}
+    last: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+    return last
 
 
-def cell_timings(ctx) -> list[dict]:
+def cell_timings(ctx: StudyContext) -> list[dict[str, Any]]:
     """Each trained cell's wall time and the part of it outside its optimizer steps (worker group
     and process group start, model load, DeepSpeed initialisation, checkpoint copies; in a group,
     also the wait for the group's other adapters); `group`: the cells trained with it, if any."""
     out = []
     for r in ctx.runs():
-        f = ctx.store.unit("train", r.cell_key) / "cell.json" if r.cell_key and r.final else None
+        f = cell_unit(ctx, r) / "cell.json" if r.cell_key and r.final else None
         meta = (read_state(f) or {}) if f else {}
         if timing := meta.get("timing"):
             wall = timing["end"] - timing["start"]
             out.append({"run": r.run_id, **timing, "wall_s": wall, "overhead_s": wall - timing["steps_s"],
                         "group": meta.get("group")})
     return out
+
+
+def log_training(ctx: StudyContext, cells: list[Run]) -> None:
+    """One child run per cell: the train section as it ran (cell.json: bf16 resolved), its loss history,
+    its model."""
+    tr = ctx.tracker
+    for r in cells:
+        unit = cell_unit(ctx, r)
+        ran = read_json(unit / "cell.json")  # verified with its unit: readable
+        rid = log_run(tr, r, {**flatten("train", ran["train"]), "cell_key": unit.key, "curate_key": CURATE(ctx),
+                              "model_revision": ctx.model_revision(r.model) or "",
+                              "system_prompt_text": ran.get("system_prompt") or ""})  # this cell's, resolved
+
+        def log(rid: str = rid, unit: Unit = unit) -> None:
+            tr.log_history(rid, [json.loads(x) for x in (unit / "metrics.jsonl").read_text().splitlines()])
+            tr.log_artifacts(rid, unit / "model", "model")
+            tr.log_artifacts(rid, unit / "cell.json")
+        tr.once(rid, f"train-{unit.key}", log)
