@@ -22,7 +22,7 @@ def _states(study, stage: str) -> list[str]:
 
 def _items_and_agreement_study(tmp_path, monkeypatch, data_dir):
     study = _study(tmp_path, monkeypatch, data={"data_dir": str(data_dir)}, generate={"suites": ["safety"]},
-                   score={"refusal_judges": ["strmatch", "substring"], "benchmarks": []})
+                   score={"suites": {"safety": {"judges": ["strmatch", "substring"]}}, "benchmarks": []})
     _fake_trained(study)  # annotate, curate and train done: the runs are known
     held = [[{"role": "user", "content": f"Tell me about {t}."}] for t in ("rain", "bread", "maps", "snow")]
     write_parquet(pd.DataFrame({"prompt": held}), Curated(CURATE.unit(study.ctx)).held_out)  # held-out suites' prompts
