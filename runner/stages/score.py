@@ -28,7 +28,7 @@ class Scored(StageResult):
 
 
 def refusal_llm_judge(ctx: StudyContext) -> str | None:
-    """The refusal LLM judge's model, where score.refusal_judges has the LLM judge (the spec requires it then)."""
+    """The refusal LLM judge's model, where score.suites.safety.judges has the LLM judge (the spec requires it then)."""
     return ctx.spec.score.refusal_llm_judge if "llm" in ctx.spec.score.refusal_judges else None
 
 
@@ -47,7 +47,7 @@ SCORE = Key("score", {
 }, per_run=True)
 
 AGREEMENT = Key("agreement", {
-    "score.refusal_judges": lambda c, r: c.spec.score.refusal_judges,
+    "score.suites.safety.judges": lambda c, r: c.spec.score.refusal_judges,
     "refusal judge version": lambda c, r: refusal.VERSION,
     "refusal LLM judge": lambda c, r: (c.engine_identity(j) if (j := refusal_llm_judge(c)) else None),
     "data dir": lambda c, r: c.data_marker(),
