@@ -160,7 +160,12 @@ class Machine:
             if m:
                 venv = Path(m.group(1))
                 pth = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
-                cmd = cmd.replace(m.group(0), f"{base} -m venv {venv} && echo {deps} > {pth}/zz-rehearsal-deps.pth")
+                # addsitedir, not a bare path: the seeded site's own .pth files run too (editable installs
+                # such as examples/valind-toy-suite, whose entry point the node would see without its code)
+                # (written here and copied in: the command may sit inside a quoted `bash -c "..."`)
+                seed = self.root / "zz-rehearsal-deps.pth"
+                seed.write_text(f"import site; site.addsitedir({str(deps)!r})\n")
+                cmd = cmd.replace(m.group(0), f"{base} -m venv {venv} && cp {seed} {pth}/")
                 self.note(f"setup: venv {venv} made by {base} (this project's Python) with its dependencies "
                           f"seeded from {deps}")
             self.sh(cmd)
