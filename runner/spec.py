@@ -97,7 +97,7 @@ class Spec(_Section):
         key of the spec's names it: for each metric the first matching key wins, so the default comes
         last and never hides a "safety/<metric>" key."""
         keys = dict(self.analyze.primary_judges)
-        keys.setdefault("safety", self.score.refusal_judges[0])
+        keys.setdefault("safety", self.score.safety.judges[0])
         return keys
 
 

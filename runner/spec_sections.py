@@ -12,6 +12,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationI
 from evaluation.errors import short_repr
 from evaluation.judges.values import PROMPT_VERSION
 from evaluation.suites import registry as suite_registry
+from evaluation.suites.safety import SafetySettings
 from runner.data.registry import SOURCES
 from runner.spec_suites import MOVED, suites_model
 from evaluation.types import VALUES  # the closed value list, defined once; re-exported here
@@ -439,14 +440,12 @@ class ScoreSpec(_Section):
         return got if got is not None else suite_registry.get(name).settings()
 
     @property
-    def refusal_judges(self) -> tuple[str, ...]:
-        """The safety suite's refusal judges (score.suites.safety.judges): the agreement stage's."""
-        return tuple(getattr(self.suite("safety"), "judges"))
-
-    @property
-    def refusal_llm_judge(self) -> str | None:
-        """score.suites.safety.llm_judge."""
-        return getattr(self.suite("safety"), "llm_judge")
+    def safety(self) -> SafetySettings:
+        """score.suites.safety: the refusal judges, which the agreement stage and the default primary
+        judge read too."""
+        got = self.suite("safety")
+        assert isinstance(got, SafetySettings)
+        return got
 
 
 class AnalyzeSpec(_Section):

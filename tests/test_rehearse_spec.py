@@ -27,7 +27,7 @@ def test_paper_gpus_map_onto_local_cpus(tmp_path, cpus, annotate, generate, trai
     assert len({m.path for m in spec.models}) == len(full.models)
     assert spec.values.induced == ["humor", "fairness"] and spec.controls.count == 1
     assert spec.controls.positive is None and spec.seeds.values == [0]
-    assert spec.annotate.judge_model == spec.score.refusal_llm_judge == spec.score.suite("anthropomorphism").judge == "tiny-llama"
+    assert spec.annotate.judge_model == spec.score.safety.llm_judge == spec.score.suite("anthropomorphism").judge == "tiny-llama"
     assert "mmlu" not in spec.score.benchmarks and "gsm8k" not in spec.score.benchmarks
     assert spec.tracking.uri is None and spec.tracking.artifact_location is None  # the cluster's server
     assert spec.cluster is None and spec.study.name == "paper-rehearsal"

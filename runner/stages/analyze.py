@@ -24,7 +24,9 @@ from runner.stages.score import AGREEMENT, SCORE, Scored, agreement
 from runner.stages.unit import Done, StageResult, Unit
 from runner.store import read_json, read_parquet, write_parquet
 
-ANALYSIS_VERSION = "crossed-runs-items-1"  # the analyze key's own: bump when inference changes
+# the analyze key's own: bump when inference or what the unit stores changes ("report-inputs-1": the
+# unit holds report_inputs/, which a report is re-rendered from; units written before lack it)
+ANALYSIS_VERSION = "crossed-runs-items-1/report-inputs-1"
 
 ANALYZE = Key("analyze", {
     "analysis version": lambda c, r: ANALYSIS_VERSION,

@@ -29,7 +29,7 @@ class Scored(StageResult):
 
 def refusal_llm_judge(ctx: StudyContext) -> str | None:
     """The refusal LLM judge's model, where score.suites.safety.judges has the LLM judge (the spec requires it then)."""
-    return ctx.spec.score.refusal_llm_judge if "llm" in ctx.spec.score.refusal_judges else None
+    return ctx.spec.score.safety.llm_judge if "llm" in ctx.spec.score.safety.judges else None
 
 
 def judge_engines(ctx: StudyContext) -> dict[str, tuple[str, bool]]:
@@ -47,7 +47,7 @@ SCORE = Key("score", {
 }, per_run=True)
 
 AGREEMENT = Key("agreement", {
-    "score.suites.safety.judges": lambda c, r: c.spec.score.refusal_judges,
+    "score.suites.safety.judges": lambda c, r: c.spec.score.safety.judges,
     "refusal judge version": lambda c, r: refusal.VERSION,
     "refusal LLM judge": lambda c, r: (c.engine_identity(j) if (j := refusal_llm_judge(c)) else None),
     "data dir": lambda c, r: c.data_marker(),
@@ -133,7 +133,7 @@ def agreement(ctx: StudyContext) -> pd.DataFrame:
 
 
 def _agreement(ctx: StudyContext, unit: Unit) -> Done:
-    judges, llm = list(ctx.spec.score.refusal_judges), refusal_llm_judge(ctx)
+    judges, llm = list(ctx.spec.score.safety.judges), refusal_llm_judge(ctx)
     if ctx.data_dir is None:  # refused before any compute (runner.preflight.data_dir_problems)
         raise StageError("score: the refusal judges' human labels are read from the data directory, and "
                          "data.data_dir is not set")
