@@ -81,3 +81,12 @@ def test_produce_marks_done_with_inputs_or_failed(tmp_path):
     down.produce("items", lambda: Done(inputs=(up,)))
     assert down.cached() and down.failed() is None and up.info()["n"] == 1
     assert store.info("items", "k2")["inputs"] == {"curate/k1": up.files_hash()}
+
+
+def test_need_refuses_a_stage_result_of_another_type(tmp_path, monkeypatch, data_dir):
+    """`ctx.need(Curated)` checks what the stage returned: a wrong result type is an error, not a silent Any."""
+    study = _items_and_agreement_study(tmp_path, monkeypatch, data_dir)
+    assert isinstance(study.ctx.need(Curated), Curated)
+    monkeypatch.setattr(study.ctx, "_need", lambda stage: object())
+    with pytest.raises(TypeError, match="the curate stage returned object, not Curated"):
+        study.ctx.need(Curated)
