@@ -17,11 +17,14 @@ from runner import spec_checks, spec_views
 from runner.spec_checks import _loc
 from runner.spec_views import eval_suites as eval_suites, suite_settings as suite_settings  # re-exported
 from evaluation.types import VALUES  # noqa: F401  (the closed value list, defined once; re-exported here)
-from runner.spec_sections import (  # noqa: F401  (each section is read as runner.spec.<Section> too)
-    SEED_MAX, AdaptiveSeeds, AnalyzeSpec, AnnotateCheck, AnnotateSpec, ClusterSpec, ControlsSpec, DataSpec, EngineSpec, GenerateSpec, LoraSpec,
-    ModelSpec, PlanSpec, PositiveControlSpec, ScoreSpec, SeedsSpec, SourceSpec, StudySpec, TrackingSpec, TrainSpec,
-    JudgeSampling, SamplingSpec, Seed, Value, ValuesSpec, _Section)
-from runner.spec_sections import system_fields as system_fields  # re-exported (runner.stages.analyze)
+# each section is read as runner.spec.<Section> too
+from runner.spec_eval import (  # noqa: F401
+    AnalyzeSpec, ClusterSpec, GenerateSpec, PlanSpec, ScoreSpec, TrackingSpec)
+from runner.spec_sections import (  # noqa: F401
+    SEED_MAX, AdaptiveSeeds, ControlsSpec, DataSpec, EngineSpec, JudgeSampling, ModelSpec, PositiveControlSpec,
+    SamplingSpec, Seed, SeedsSpec, SourceSpec, StudySpec, Value, ValuesSpec, _Section)
+from runner.spec_train import AnnotateCheck, AnnotateSpec, LoraSpec, TrainSpec  # noqa: F401
+from runner.spec_train import system_fields as system_fields  # re-exported (runner.stages.analyze)
 
 
 class Spec(_Section):

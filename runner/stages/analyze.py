@@ -14,7 +14,7 @@ from evaluation.sanity import adapter_lines
 from runner.progress import say
 from runner.secrets import redact
 from runner.context import StudyContext
-from runner.spec_sections import system_fields
+from runner.spec_train import system_fields
 from runner.stages.analyze_mlflow import log_analysis
 from runner.stages.annotate import ANNOTATE_CHECK, check_result
 from runner.stages.curate import CURATE, Curated

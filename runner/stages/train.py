@@ -14,7 +14,7 @@ from runner.context import Run, StageError, StudyContext
 from runner.plan import params_b
 from runner.progress import say
 from runner.spec import condition_value, content_hash
-from runner.spec_sections import TrainSpec
+from runner.spec_train import TrainSpec
 from runner.stages.curate import CURATE, Curated
 from runner.stages.keys import Key
 from runner.stages.unit import StageResult, Unit

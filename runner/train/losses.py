@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluation.registry import Registry
-from runner.spec_sections import TrainSpec
+from runner.spec_train import TrainSpec
 
 
 def dpo_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
