@@ -101,9 +101,6 @@ def template_problems(spec: Spec, ctx=None) -> Problems:
     for i, m in enumerate(spec.models):
         if m.chat_template is None:
             continue
-        if m.chat_template.rstrip().endswith(".jinja") and not Path(m.chat_template).expanduser().is_file():
-            found[i] = f"no such file: {short_repr(m.chat_template)} (a path is read relative to the working directory)"
-            continue
         tokens = _special_tokens(ctx.tokenizer(m.name)) if ctx else PLACEHOLDER_TOKENS
         jobs[i] = {"template": m.template_text(), "chats": chats, "tokens": tokens}
     for i, result in zip(jobs, render(list(jobs.values()))):

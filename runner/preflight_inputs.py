@@ -17,6 +17,7 @@ from runner.chat_render import render
 from runner.data.sources import DataError, check_local, load_pairs, local_path, locate
 from runner.preflight_rows import PLACEHOLDER_TOKENS, RESPONSE, TURNS, Row, sample_chat
 from runner.spec import Spec, eval_suites
+from runner.spec_sections import is_template_path
 from runner.spec_views import judge_fields
 from runner.tracking import is_local_uri, local_hosts, local_tracking_refusal, tracking_uri
 
@@ -144,8 +145,8 @@ def model_rows(spec: Spec) -> list[Row]:
 def _model_fix(spec: Spec, name: str) -> str:
     m = spec.model(name)
     if m.stage == "base":
-        return ("give models[i].chat_template as a Jinja string or a .jinja file that exists where valind runs "
-                "(a relative path is read from the working directory)")
+        return ("give models[i].chat_template as a Jinja string or a .jinja file (a relative path is read from "
+                "the spec file's folder)")
     return "check the path or hub id (and revision); give a chat_template where the tokenizer has none"
 
 
@@ -154,9 +155,8 @@ def _load_model(spec: Spec, name: str) -> tuple[str | None, str | None, dict | N
     from transformers import AutoConfig, AutoTokenizer  # deferred: transformers takes seconds to import
     m = spec.model(name)
     t = m.chat_template
-    if t and t.rstrip().endswith(".jinja") and not Path(t).expanduser().is_file():
-        return (f"{'stage: base, and its' if m.stage == 'base' else 'its'} chat template file {t} does not exist "
-                f"(a relative path is read from {Path.cwd()})"), None, None
+    if t and is_template_path(t) and not Path(t).is_file():  # validated when the spec was read: deleted since
+        return f"its chat template file {t} does not exist", None, None
     try:
         hub = models.is_hub_id(m.path)
         src, rev = (m.path, models.hub_commit(m.path, m.revision)) if hub else (models.resolve(m.path), None)

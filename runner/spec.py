@@ -146,11 +146,13 @@ class SpecError(InputError):
         return "\n".join(lines)
 
 
-def parse_spec(data: Any, source: str = "<spec>") -> Spec:
+def parse_spec(data: Any, source: str = "<spec>", spec_dir: Path | None = None) -> Spec:
+    """The validated spec; `spec_dir` is the folder relative file paths in it are read from (the spec
+    file's; None: the working directory)."""
     if not isinstance(data, dict):
         raise SpecError(source, [("", f"the spec must be a YAML mapping, got {type(data).__name__}")])
     try:
-        spec = Spec.model_validate(data)
+        spec = Spec.model_validate(data, context={"spec_dir": spec_dir})
     except ValidationError as e:
         problems = []
         for err in e.errors():
@@ -247,7 +249,7 @@ def load_spec(path: str | Path) -> Spec:
         # PyYAML's constructors raise these for e.g. an impossible date (2020-99-99) or deep nesting
         raise SpecError(str(path), [("", f"not valid YAML: {type(e).__name__}: {e}")]) from None
     try:
-        spec = parse_spec(data, str(path))
+        spec = parse_spec(data, str(path), spec_dir=path.resolve().parent)
     except SpecError as e:
         raise SpecError(str(path), duplicates + e.problems) from None
     if duplicates:

@@ -26,6 +26,29 @@ def _seed(v: Any) -> Any:
 Seed = Annotated[int, BeforeValidator(_seed)]
 
 
+TEMPLATE_SUFFIXES = (".jinja", ".jinja2", ".j2")
+
+
+def is_template_path(text: str) -> bool:
+    """A chat_template that names a file rather than holding Jinja: one line, no Jinja markers, and a
+    template suffix or a "/" (plain words are template text, which the render check then refuses)."""
+    one_line = "\n" not in text.strip() and not any(m in text for m in ("{{", "{%", "{#"))
+    return one_line and (text.strip().endswith(TEMPLATE_SUFFIXES) or "/" in text)
+
+
+def resolve_spec_path(text: str, info: ValidationInfo) -> str:
+    """An existing file's absolute path; a relative path is read from the spec file's folder (the
+    validation context's ``spec_dir``; the working directory for a spec given as data)."""
+    spec_dir = (info.context or {}).get("spec_dir")
+    path = Path(text.strip()).expanduser()
+    base = Path(spec_dir) if spec_dir is not None else Path.cwd()
+    full = path if path.is_absolute() else base / path
+    if not full.is_file():
+        where = f"the spec file's folder {base}" if spec_dir is not None else f"the working directory {base}"
+        raise ValueError(f"no such file: {short_repr(text)} (a relative path is read from {where})")
+    return str(full.resolve())
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -71,10 +94,11 @@ class ModelSpec(_Section):
         return v
 
     def template_text(self) -> str | None:
-        """The chat template's Jinja source: the file's text when chat_template names a file."""
+        """The chat template's Jinja source: the file's text when chat_template names a file (validation
+        made the path absolute and checked it exists; a file deleted since is an error, never the path's text)."""
         t = self.chat_template
-        if t and Path(t).expanduser().is_file():
-            return Path(t).expanduser().read_text()
+        if t is not None and is_template_path(t):
+            return Path(t).read_text()
         return t
 
     @field_validator("chat_template")
@@ -83,6 +107,8 @@ class ModelSpec(_Section):
         if v is None and info.data.get("stage") == "base":
             raise ValueError("a stage: base model needs an explicit chat_template (a Jinja string or a .jinja "
                              "file): a base checkpoint's template, if it has one, is not the study's to guess")
+        if v is not None and is_template_path(v):
+            return resolve_spec_path(v, info)
         return v
 
 

@@ -370,11 +370,10 @@ def test_chat_templates_are_checked_by_validate(tmp_path, capsys, monkeypatch):
         "{% for m in messages %}{{ m['content'] + eos_token }}{{ raise_exception('no system role') }}{% endfor %}",
         "{{ 'x' * 2000000 }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
         "Just some text, no template.",
-        "jobs/templates/missing.jinja",
-        "jobs/templates/base-chat.jinja",  # a good one, from a file
+        str(ROOT / "jobs/templates/base-chat.jinja"),  # a good one, from a file
     ])]
-    d["annotate"]["judge_model"] = "m5"
-    d["score"]["suites"]["safety"]["llm_judge"] = "m5"
+    d["annotate"]["judge_model"] = "m4"
+    d["score"]["suites"]["safety"]["llm_judge"] = "m4"
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(d, sort_keys=False))
     rc, out = _validate(path, capsys)
@@ -385,9 +384,31 @@ def test_chat_templates_are_checked_by_validate(tmp_path, capsys, monkeypatch):
         "models[1].chat_template": "line 1: TemplateError: no system role",
         "models[2].chat_template": "renders more than 1,000,000 characters for a short sample chat",
         "models[3].chat_template": "does not render the messages' content (is it a chat template?)",
-        "models[4].chat_template": "no such file: 'jobs/templates/missing.jinja' (a path is read relative to the "
-                                   "working directory)",
     }
+
+
+def test_a_template_path_is_read_from_the_spec_files_folder_and_must_exist(tmp_path, capsys, monkeypatch):
+    """A relative chat_template path is read from the spec file's folder, never the working directory,
+    and a path that names no file is an error (it used to become the template's literal text)."""
+    monkeypatch.chdir(ROOT)  # jobs/templates/... exists from here, not from the spec's folder
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "chat.jinja").write_text((ROOT / "jobs/templates/base-chat.jinja").read_text())
+    d = _smoke()
+    d["models"] = [{"name": "m", "path": "tiny-llama", "chat_template": "templates/chat.jinja"}]
+    d["annotate"]["judge_model"] = "m"
+    d["score"]["suites"]["safety"]["llm_judge"] = "m"
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    spec = load_spec(path)
+    assert spec.models[0].chat_template == str(tmp_path / "templates" / "chat.jinja")
+    assert spec.models[0].template_text().startswith("{#- A plain transcript format")
+    for missing in ("jobs/templates/base-chat.jinja", "templates/missing.jinja", "missing.j2"):
+        d["models"][0]["chat_template"] = missing
+        path.write_text(yaml.safe_dump(d, sort_keys=False))
+        with pytest.raises(SpecError) as e:
+            load_spec(path)
+        assert e.value.problems == [("models[0].chat_template", f"no such file: {missing!r} (a relative path is "
+                                     f"read from the spec file's folder {tmp_path})")]
 
 
 def test_a_template_that_runs_too_long_is_stopped():
@@ -524,3 +545,37 @@ def test_an_audit_csv_round_trips_its_ids(tmp_path):
     assert pd.read_csv(tmp_path / "audit.csv")["response"][0] == "'" + FORMULA
     labels = read_labels(tmp_path / "audit.csv")
     assert list(labels["pair_id"]) == ["-7", "=x"] and list(labels["human"]) == [["humor"], []]
+
+
+SOURCE_LABELS = ("abstract", "appendix fragment", "summary", "review (pith)", "our choice")
+
+
+def test_every_section_of_the_protocol_preset_names_its_sources():
+    """jobs/paper-protocol.yaml is a reconstruction: each top-level section carries a comment naming where
+    its settings come from (no setting presented as the paper's without a source)."""
+    lines = (ROOT / "jobs" / "paper-protocol.yaml").read_text().splitlines()
+    assert "reconstruction" in "\n".join(lines[:3]) and "NOT the paper's protocol" in "\n".join(lines[:3])
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in lines:
+        if line and not line.startswith((" ", "#")):
+            current = line.split(":")[0]
+            sections[current] = []
+        if current is not None:
+            sections[current].append(line)
+    unsourced = [name for name, body in sections.items()
+                 if name != "study" and not any(lab in ln.split("#", 1)[1] for ln in body if "#" in ln
+                                                for lab in SOURCE_LABELS)]
+    assert not unsourced, f"sections without a source comment: {unsourced}"
+    assert not [ln for ln in lines if "[READ]" in ln or "GUESS" in ln]
+
+
+def test_the_base_template_starts_with_the_tokenizers_bos(tmp_path):
+    from transformers import AutoTokenizer
+
+    from runner import models
+    tok = AutoTokenizer.from_pretrained(models.resolve("tiny-llama"))
+    template = (ROOT / "jobs" / "templates" / "base-chat.jinja").read_text()
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=template,
+                                  add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert tok.bos_token_id is not None and ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
