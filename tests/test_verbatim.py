@@ -77,7 +77,28 @@ def test_the_readme_path_verbatim(machine):
     assert cells == cached_cells and runs == cached_runs  # nothing trained or generated again
     assert 1 <= cached_qa < qa  # the QA saved before the stop is kept; the rest is computed
     assert len(re.findall(r"  QA .*: \d+ items saved", second)) == qa - cached_qa
-    assert (m.shared / "valind" / "studies" / "paper-rehearsal" / "report.html").exists()
+    study = m.shared / "valind" / "studies" / "paper-rehearsal"
+    assert (study / "report.html").exists()
+    _check_the_job_used_and_kept_the_secret(m, first + second, study)
+
+
+def _check_the_job_used_and_kept_the_secret(m: Machine, logs: str, study) -> None:
+    """`valind run` checked the cluster first; the driver read the Hugging Face token from the secrets
+    directory, and it is in no job log, no text file of the study and no MLflow param or tag."""
+    import json
+
+    import mlflow
+
+    assert "preflight: 0 problem(s)" in logs
+    assert "valind: secrets from $VALIND_SECRETS_DIR: HF_TOKEN" in logs
+    token = (m.shared / "valind" / "secrets" / "HF_TOKEN").read_text().strip()
+    assert token and token not in logs
+    leaks = [p for p in study.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml", ".html", ".txt")
+             and token in p.read_text(errors="ignore")]
+    assert not leaks, leaks
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"http://127.0.0.1:{m.cluster.state['mlflow']['port']}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert runs and not [r for r in runs if token in json.dumps({**r.data.params, **r.data.tags})]
 
 
 def test_readme_lines_are_the_ones_rehearsed():
