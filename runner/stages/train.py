@@ -212,7 +212,8 @@ def log_training(ctx: StudyContext, cells: list[Run]) -> None:
         ran = read_json(unit / "cell.json")  # verified with its unit: readable
         rid = log_run(tr, r, {**flatten("train", ran["train"]), "cell_key": unit.key, "curate_key": CURATE(ctx),
                               "model_revision": ctx.model_revision(r.model) or "",
-                              "system_prompt_text": ran.get("system_prompt") or ""})  # this cell's, resolved
+                              "system_prompt_text": ran.get("system_prompt") or "",  # this cell's, resolved
+                              "steps": ran.get("steps", ""), "epochs": ran.get("epochs", "")})  # its dose
 
         def log(rid: str = rid, unit: Unit = unit) -> None:
             tr.log_history(rid, [json.loads(x) for x in (unit / "metrics.jsonl").read_text().splitlines()])
