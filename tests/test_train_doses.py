@@ -225,3 +225,19 @@ def test_the_dose_table_gives_each_condition_its_steps_and_epochs():
     assert d[["condition", "seeds", "steps", "epochs"]].values.tolist() == [["value-humor", 2, 14, 7.0],
                                                                           ["control-0", 1, 14, 2.0]]
     assert dose_table(runs.drop(columns=["step", "epochs"])) is None
+
+
+def test_the_report_shows_doses_and_training_vs_prompting(tmp_path):
+    from evaluation.assemble import AnalysisSettings, analyze_study, build_report_inputs, final_runs
+    from evaluation.report import render
+
+    runs, scores = _table({"value-humor": 1.0, "prompt-humor": 0.6})
+    runs = runs.assign(progress=np.where(runs["kind"] == "base", 0.0, 1.0),
+                       step=np.where(runs["kind"].isin(["base", "prompt"]), np.nan, 14.0),
+                       epochs=np.where(runs["kind"] == "value", 7.0, np.where(runs["kind"] == "control", 2.0, np.nan)))
+    gens = scores[["run_id", "item_id"]].drop_duplicates().assign(suite="s", response="r")
+    res = analyze_study(runs, scores, gens, AnalysisSettings())
+    assert set(res.adapters["run_id"]) == set(runs.loc[runs["kind"].isin(["value", "control"]), "run_id"])
+    html = render(build_report_inputs(final_runs(runs), scores, res.contrasts), tmp_path).read_text()
+    assert ">Doses</h2>" in html and "same number of optimizer steps" in html
+    assert ">Training vs. prompting</h2>" in html and "prompt-humor" in html
