@@ -1,5 +1,7 @@
-"""Effects along training (train.eval_at): the contrasts at each point and each effect's slope over
-training progress, a run's points being repeated measures of that run."""
+"""Effects along training (train.eval_at or train.eval_at_steps): the contrasts at each point and each
+effect's slope over training, a run's points being repeated measures of that run. Points are placed by
+share of the schedule (``progress``) or, where the runs carry it (``step``: train.eval_at_steps, or
+steps_per_condition: equal), by optimizer step. Prompt-only runs are not along training: left out."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,23 +13,37 @@ from evaluation.contrasts import CONTRAST_COLUMNS, contrasts, corrected, nanmean
 # ----------------------------------------------------------------------------- along training
 
 TREND_COLUMNS = ["model", "condition", "kind", "value", "suite", "metric", "judge", "reference", "primary",
-                 "family", "points", "n_seeds", "n_items", "slope", "se", "df", "ci_lo", "ci_hi", "p_value",
+                 "family", "points", "per", "n_seeds", "n_items", "slope", "se", "df", "ci_lo", "ci_hi", "p_value",
                  "p_holm", "significant", "inference"]
+
+
+def axis(runs: pd.DataFrame) -> str:
+    """The column that places the points: "step" where every trained run carries one, else "progress"."""
+    trained = runs[~runs["kind"].isin(["base", "prompt"])]
+    return "step" if "step" in runs.columns and len(trained) and trained["step"].notna().all() else "progress"
 
 
 def points_along_training(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float = 0.05,
                           primary_judges: dict[str, str] | None = None) -> pd.DataFrame:
-    """The contrasts at each train.eval_at point (a ``progress`` column), each training run counted
-    once per point: :func:`contrasts` on the base runs and the trained runs at that point.
+    """The contrasts at each point along training (``progress`` and ``step`` columns), each training
+    run counted once per point: :func:`contrasts` on the base runs and the trained runs at that point.
 
     ``runs`` has a ``progress`` column: a trained run's adapter at that share of its schedule
-    (1 = the end; the base model 0). Empty with fewer than two points."""
-    base, trained = runs[runs["kind"] == "base"], runs[runs["kind"] != "base"]
-    points = sorted(trained["progress"].unique()) if "progress" in runs.columns else []
+    (1 = the end; the base model 0), and may have a ``step`` column (its optimizer step), which then
+    places the points (:func:`axis`; ``progress`` is then each condition's share at that step).
+    Empty with fewer than two points."""
+    x = axis(runs) if "progress" in runs.columns else "progress"
+    base, trained = runs[runs["kind"] == "base"], runs[~runs["kind"].isin(["base", "prompt"])]
+    points = sorted(trained[x].unique()) if "progress" in runs.columns else []
     if len(points) < 2:
-        return pd.DataFrame(columns=[*CONTRAST_COLUMNS, "progress"])
-    return pd.concat([contrasts(pd.concat([base, trained[trained["progress"] == p]]), scores, alpha,
-                                primary_judges).assign(progress=p) for p in points], ignore_index=True)
+        return pd.DataFrame(columns=[*CONTRAST_COLUMNS, "progress", "step"])
+    out = []
+    for p in points:
+        at = trained[trained[x] == p]
+        c = contrasts(pd.concat([base, at]), scores, alpha, primary_judges)
+        share = at.groupby("condition")["progress"].first()  # at a step, each condition's own share
+        out.append(c.assign(progress=c["condition"].map(share).astype(float), step=p if x == "step" else np.nan))
+    return pd.concat(out, ignore_index=True)
 
 
 def trend_along_training(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float = 0.05,
@@ -37,7 +53,9 @@ def trend_along_training(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float 
     points, then the crossed runs × items test of the slopes (:func:`stats.crossed_test`). A run's
     points are repeated measures of one run, never separate runs: the inference replicates over
     training runs, as at the end of training. Empty with fewer than two points."""
-    points = runs.loc[runs["kind"] != "base", "progress"].unique() if "progress" in runs.columns else []
+    x = axis(runs) if "progress" in runs.columns else "progress"
+    runs = runs[runs["kind"] != "prompt"]
+    points = runs.loc[runs["kind"] != "base", x].unique() if "progress" in runs.columns else []
     if len(points) < 2:
         return pd.DataFrame(columns=TREND_COLUMNS)
     rows = []
@@ -53,27 +71,27 @@ def trend_along_training(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float 
             kind, value = cr["kind"].iloc[0], cr["value"].iloc[0] if "value" in cr else None
             for ref_name, ref_runs in references(base_m, controls, kind, value):
                 for (suite, metric, judge), pos in sorted(vals.groupby(level=[0, 1, 2]).indices.items()):
-                    slopes = [_item_slopes(values[pos], col, sr, ref_runs, ref_name == "control")
+                    slopes = [_item_slopes(values[pos], col, sr, ref_runs, ref_name == "control", x)
                               for _, sr in cr.groupby("_seed_sort", sort=True)]
                     test = stats.crossed_test(np.vstack(slopes), alpha)
                     rows.append(dict(model=model, condition=condition, kind=kind,
                                      value=None if pd.isna(value) else value, suite=suite, metric=metric,
-                                     judge=judge, reference=ref_name, points=len(points),
+                                     judge=judge, reference=ref_name, points=len(points), per=x,
                                      **{("slope" if k == "effect" else k): v for k, v in test.as_dict().items()
                                         if k not in ("var_seed", "var_item", "var_resid")}))
     return corrected(rows, TREND_COLUMNS, primary_judges, alpha)
 
 
 def _item_slopes(values: np.ndarray, col: dict[str, int], run_points: pd.DataFrame, ref_runs: pd.DataFrame,
-                 same_point: bool) -> np.ndarray:
-    """Per item, the OLS slope over progress of one training run's paired difference with its
-    reference (controls: those at the same point and seed, else all at that point; base: the base)."""
+                 same_point: bool, x_col: str = "progress") -> np.ndarray:
+    """Per item, the OLS slope over `x_col` (progress, or step) of one training run's paired difference
+    with its reference (controls: those at the same point and seed, else all at that point; base: the base)."""
     xs, diffs = [], []
-    pts = run_points.sort_values("progress")
-    for run_id, progress, seed in zip(pts["run_id"], pts["progress"], pts["_seed"]):
+    pts = run_points.sort_values(x_col)
+    for run_id, progress, seed in zip(pts["run_id"], pts[x_col], pts["_seed"]):
         ref = ref_runs
         if same_point:
-            at = ref_runs[ref_runs["progress"] == progress]
+            at = ref_runs[ref_runs[x_col] == progress]
             ref = at[at["_seed"] == seed] if (at["_seed"] == seed).any() else at
         arm = nanmean_rows(values[:, [col[x] for x in ref["run_id"]]].T)
         xs.append(progress)

@@ -209,6 +209,8 @@ def family_of(kind: str, suite: str) -> str:
     other metrics are its side effects; everything else is the study proper."""
     if suite == PLANTED_SUITE:
         return "positive control" if kind == "positive" else "planted marker"
+    if kind == "prompt":  # the prompt-only arm against the base: its own family, the study's Holm unchanged
+        return "prompt arm"
     return "positive arm" if kind == "positive" else "study"
 
 
@@ -264,11 +266,11 @@ def contrasts(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float = 0.05,
         vals, exists = wide(scores, list(mr["run_id"]))
         if vals.empty:
             continue
-        trained = mr[mr["kind"].isin(["value", "control", "positive"])]
+        trained = mr[mr["kind"].isin(["value", "control", "positive", "prompt"])]  # prompt: untrained, vs base
         for condition, cr in trained.groupby("condition", sort=True):
             kind = cr["kind"].iloc[0]
             value = cr["value"].iloc[0] if "value" in cr else None
-            for ref_name, ref_runs in references(base, controls, kind, value):
+            for ref_name, ref_runs in references(base, controls, kind, value, mr[mr["kind"] == "prompt"]):
                 match = ref_name == "control"
                 for row in compare_arms(vals, exists, cr, ref_runs, match, alpha):
                     rows.append(dict(model=model, condition=condition, kind=kind,
@@ -277,13 +279,18 @@ def contrasts(runs: pd.DataFrame, scores: pd.DataFrame, alpha: float = 0.05,
     return corrected(rows, CONTRAST_COLUMNS, primary_judges, alpha)
 
 
-def references(base: pd.DataFrame, controls: pd.DataFrame, kind: str, value: object) -> list[tuple[str, pd.DataFrame]]:
-    """(reference name, its runs) a condition is compared with: the base model, and the controls
-    (a control arm only against the base)."""
+def references(base: pd.DataFrame, controls: pd.DataFrame, kind: str, value: object,
+               prompts: pd.DataFrame | None = None) -> list[tuple[str, pd.DataFrame]]:
+    """(reference name, its runs) a condition is compared with: the base model, the controls (a
+    control arm and a prompt-only arm only against the base), and for a value condition its value's
+    prompt-only run (controls.prompt_only: "training vs. prompting"), listed last so that the
+    headline (`verdicts`) stays the control's, else the base's."""
     refs = [("base", base)] if len(base) else []
     ref_controls = _reference_controls(controls, kind, value)
-    if kind != "control" and len(ref_controls):
+    if kind not in ("control", "prompt") and len(ref_controls):
         refs.append(("control", ref_controls))
+    if kind == "value" and prompts is not None and len(p := prompts[prompts["value"] == value]):
+        refs.append(("prompt", p))
     return refs
 
 

@@ -135,7 +135,8 @@ def adapter_check(probe: pd.DataFrame | None, generations: pd.DataFrame, runs: p
     missing = [c for c in ("run_id", "model", "condition", "kind", "seed") if c not in runs.columns]
     if missing:
         raise ValueError(f"runs lack column(s) {missing}")
-    trained = runs[runs["kind"] != "base"][["run_id", "model", "condition", "kind", "seed"]]
+    # a prompt-only run (controls.prompt_only) has no adapter to check
+    trained = runs[~runs["kind"].isin(["base", "prompt"])][["run_id", "model", "condition", "kind", "seed"]]
     measures = probe_measures(probe if probe is not None else pd.DataFrame(columns=list(PROBE_COLUMNS)))
     out = trained.merge(measures, on="run_id", how="left").merge(changed_share(generations, runs), on="run_id",
                                                                     how="left")

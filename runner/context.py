@@ -6,6 +6,7 @@ inputs with `ctx.need(<an earlier stage's result type>)`, so the data flows one 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from runner.spec_sections import EngineSpec
 from runner.spec_views import judge_fields
 from runner.store import Store
 from runner.tracking import Tracker, tracking_uri
+from runner.train.doses import epochs_of, step_fractions
 
 if TYPE_CHECKING:
     from runner.seeds import SeedBook
@@ -43,13 +45,17 @@ class Run:
     run_id: str
     model: str
     condition: str
-    kind: str               # base | value | control | positive (the planted-behaviour arm)
+    kind: str               # base | value | control | positive (the planted-behaviour arm) | prompt (untrained)
     value: str | None
     seed: int | None
-    cell_key: str | None    # train-unit key; None for a base model
+    cell_key: str | None    # train-unit key; None for a base model or a prompt-only run
     match: str | None = None  # a per-value control's matched value (controls.match: per_value); else None
     stage: str = "instruct"  # the model's models[i].stage: base | sft | instruct (the report groups by it)
-    progress: float = 1.0   # share of its cell's training schedule (train.eval_at); a base model: 0
+    progress: float = 1.0   # share of its cell's training schedule (train.eval_at); a base model: 0; NaN: not known yet
+    # The optimizer step of its adapter and the passes over its subset up to it, where the runs
+    # are listed with the subsets' sizes (train.eval_at_steps or steps_per_condition: equal); else None
+    step: int | None = None
+    epochs: float | None = None
 
     @property
     def final(self) -> bool:
@@ -57,24 +63,51 @@ class Run:
         return self.progress == 1.0 or self.kind == "base"
 
 
+# A condition's (optimizer steps, subset size) when known (runner.train.doses), for Run.step/epochs
+Doses = Callable[[str], tuple[int, int]]
+
+
 def study_runs(spec: Spec, conditions: list[str], seeds_of: Callable[[str], list[int]],
-               cell_key: Callable[[Run], str | None] = lambda r: None) -> list[Run]:
-    """Every run a study evaluates: each model's base, each cell (model × condition × seed) and the
-    same cell's adapter part-way through training (train.eval_at). `Study.runs` (with the cells' keys)
-    and `valind plan` (without) both list runs here, so the plan counts what the pipeline evaluates."""
+               cell_key: Callable[[Run], str | None] = lambda r: None, doses: Doses | None = None,
+               values: list[str] | None = None) -> list[Run]:
+    """Every run a study evaluates: each model's base, its prompt-only runs (controls.prompt_only: one
+    per induced value in `values`, untrained, so no seed), each cell (model × condition × seed) and the
+    same cell's adapter part-way through training (train.eval_at, or train.eval_at_steps, which needs
+    `doses`). `Study.runs` (with the cells' keys and doses) and `valind plan` (without) both list runs
+    here, so the plan counts what the pipeline evaluates."""
     out: list[Run] = []
+    t = spec.train
     for m in spec.models:
         out.append(Run(f"{m.name}__base", m.name, "base", "base", None, None, None, stage=m.stage, progress=0.0))
+        if spec.controls.prompt_only:
+            out += [Run(f"{m.name}__prompt-{v}", m.name, f"prompt-{v}", "prompt", v, None, None, stage=m.stage)
+                    for v in (values if values is not None else spec.values.induced)]
         for cond in conditions:
             kind, value, match = parse_condition(cond)
+            steps, size = doses(cond) if doses else (0, 0)
+            # eval_at_steps without the subsets' sizes (before curation, `valind plan`): listed, their share unknown
+            points = step_fractions(t, steps, cond) if doses or not t.eval_at_steps else \
+                [math.nan] * len(t.eval_at_steps) + [1.0]
+
+            def at(f: float) -> dict[str, Any]:
+                if not doses:
+                    return {}
+                k = min(steps, max(1, round(f * steps)))  # runner.train.loop.progress_steps
+                return {"step": k, "epochs": epochs_of(k, size, t.batch_size)}
             for seed in seeds_of(cond):
                 r = Run(f"{m.name}__{cond}__s{seed}", m.name, cond, kind, value, seed, None, stage=m.stage,
-                        match=match)
+                        match=match, **at(1.0))
                 r = replace(r, cell_key=cell_key(r))
                 out.append(r)
                 # the same cell's adapter part-way through training: one run's repeated measures
-                out += [replace(r, run_id=f"{r.run_id}__p{f:g}", progress=f) for f in spec.train.eval_at if f < 1]
+                out += [replace(r, run_id=_point_id(r.run_id, t.eval_at_steps, i, f), progress=f, **at(f))
+                        for i, f in enumerate(points) if not f >= 1]
     return out
+
+
+def _point_id(run_id: str, eval_at_steps: list[int], i: int, f: float) -> str:
+    """A point's run id: "__p<fraction>" (train.eval_at) or "__step<k>" (train.eval_at_steps)."""
+    return f"{run_id}__step{eval_at_steps[i]}" if eval_at_steps else f"{run_id}__p{f:g}"
 
 
 class StudyContext:

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from runner.capacity import stage_bundles
-from runner.context import Run, StageError, StudyContext, study_runs
+from runner.context import Doses, Run, StageError, StudyContext, study_runs
 from runner.plan import PlanError, disk_bytes
 from runner.preflight import check_inputs
 from runner.progress import say
@@ -28,9 +29,11 @@ from runner.stages import FOLDER_STAGE, KEYS, STAGES, analyze, annotate
 from runner.stages.analyze import Analyzed
 from runner.stages.curate import Curated
 from runner.stages.train import TRAIN, cell_timings
+from runner.stages.unit import Unit
 from runner.store import MISSING, StoreError, read_json, read_parquet, sweep
 from runner.study_dir import StudyLock, claim, record_revisions, recorded_revisions
 from runner.tracking import check_cluster_tracking, tracking_uri
+from runner.train.doses import condition_steps
 
 __all__ = ["Study", "Run", "StageError", "STAGES"]
 
@@ -48,11 +51,35 @@ class Study:
         self.stage_seconds: dict[str, float] = {}
         self.stage_startup: dict[str, tuple[float, float]] = {}  # stage -> (start-up s, busy s)
         self.on_stage: Callable[[str], None] | None = None  # called as a stage starts (fault injection)
+        self._sizes: dict[str, Any] = {}  # the curate unit's key and each subset's size (Study.doses)
 
     # ------------------------------------------------------------------ runs
     def runs(self) -> list[Run]:
-        return study_runs(self.spec, self.spec.conditions(self.kept_values()), self.seeds.seeds,
-                          lambda r: TRAIN(self.ctx, r))
+        kept = self.kept_values()
+        conds = self.spec.conditions(kept)
+        return study_runs(self.spec, conds, self.seeds.seeds, lambda r: TRAIN(self.ctx, r),
+                          doses=self.doses(conds), values=kept)
+
+    def _steps_known(self) -> bool:
+        """Whether the runs carry steps: train.eval_at_steps places points by step, and under
+        steps_per_condition: equal the report gives each condition's steps and epochs."""
+        t = self.spec.train
+        return bool(t.eval_at_steps) or t.steps_per_condition == "equal"
+
+    def doses(self, conds: list[str]) -> Doses | None:
+        """Each condition's (optimizer steps, subset size), from the curate stage's subsets, where the
+        runs carry steps and curation is done; else None. Never runs curate: the keys do not depend on
+        it (a step point is named by its run id), and the train stage pulls curate before it lists the
+        cells it trains."""
+        key = self.key("curate") if self._steps_known() else None
+        if key is None or not self.store.done("curate", key):
+            return None
+        if self._sizes.get("unit") != key or not set(conds) <= set(self._sizes):
+            curated = Curated(Unit(self.store, "curate", key))
+            self._sizes = {"unit": key, **{c: pq.ParquetFile(curated.subset(c)).metadata.num_rows for c in conds}}
+        sizes = {c: int(self._sizes[c]) for c in conds}
+        steps = condition_steps(sizes, self.spec.train)
+        return lambda c: (steps[c], sizes[c])
 
     def kept_values(self) -> list[str]:
         """The induced values that get runs. Under data.subset_size: all, curation drops values below
@@ -69,7 +96,10 @@ class Study:
         return self.spec.data.subset_size != "all" or self.store.done("curate", self.key("curate"))
 
     def runs_table(self) -> pd.DataFrame:
-        return pd.DataFrame([{k: v for k, v in asdict(r).items() if k != "cell_key"} for r in self.runs()])
+        """The runs as a table (no cell_key); step and epochs only where known (the analysis key
+        holds this table: a study without them keeps its key)."""
+        t = pd.DataFrame([{k: v for k, v in asdict(r).items() if k != "cell_key"} for r in self.runs()])
+        return t.drop(columns=[c for c in ("step", "epochs") if c in t and t[c].isna().all()])
 
     def key(self, stage: str, run: Run | None = None) -> str:
         """The key of a store folder's unit (of `run`'s, for per-run keys)."""

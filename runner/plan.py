@@ -256,11 +256,18 @@ def estimate(spec: Spec, cluster: tuple[int, int, str] | None = None, measured_r
     # the runs the pipeline evaluates (Study.runs, from the same function): every base model, every
     # cell, and every cell's adapter at each train.eval_at point below 1
     evaluated = study_runs(spec, conds, lambda cond: list(seeds))
-    if len(spec.train.eval_at) > 1:
-        trained = sum(r.kind != "base" for r in evaluated)
-        notes.append(f"train.eval_at {spec.train.eval_at}: each cell's adapter is evaluated at "
-                     f"{len(spec.train.eval_at)} points, so generation, scoring and benchmarks cover "
-                     f"{trained:,} trained adapters")
+    t = spec.train
+    if len(t.eval_at) > 1 or t.eval_at_steps:
+        trained = sum(r.kind not in ("base", "prompt") for r in evaluated)
+        where = f"train.eval_at_steps {t.eval_at_steps}" if t.eval_at_steps else f"train.eval_at {t.eval_at}"
+        notes.append(f"{where}: each cell's adapter is evaluated at {len(t.eval_at_steps) + 1 if t.eval_at_steps else len(t.eval_at)} "
+                     f"points, so generation, scoring and benchmarks cover {trained:,} trained adapters")
+    if spec.controls.prompt_only:
+        notes.append(f"controls.prompt_only: {sum(r.kind == 'prompt' for r in evaluated)} untrained prompt-only runs "
+                     "(one per model and value) are generated and scored like the others")
+    if t.steps_per_condition == "equal" and spec.data.subset_size == "all":
+        notes.append("train.steps_per_condition: equal: every condition trains the largest subset's steps, known only "
+                     f"after curation; assumed here {subset} pairs each, so training may take several times longer")
     s = _Sizing(spec, cluster[0] * cluster[1], measured, measured_rps, pairs, subset, items, per_run,
                 len(evaluated), Counter(r.model for r in evaluated), notes)
     plan = Plan(cluster, {"trials (cells)": len(spec.models) * len(conds) * len(seeds), "evaluated runs": s.runs,
@@ -319,7 +326,8 @@ def _train_rows(s: _Sizing) -> list[Row]:
         s.notes.append(saving)
     rsrc = "spec plan:" if ov.train_pairs_per_s else "measured" if measured and measured["train"] else "default by size"
     used = min(s.total_gpus, concurrent * per_trial)
-    rows = [Row("train", f"{len(spec.models) * cells_per_model} cells × {s.subset * t.epochs:,} pairs",
+    steps = t.epochs * (s.subset // t.batch_size)  # runner.train.doses: every condition assumed s.subset pairs
+    rows = [Row("train", f"{len(spec.models) * cells_per_model} cells × {steps:,} steps ({s.subset * t.epochs:,} pairs)",
                 f"{min(rates):.3g}–{max(rates):.3g} pairs/s", rsrc, used, tr_gh, tr_wall)]
     if ref_gh:
         rows.append(Row("  reference log-probs", f"{len(spec.models) * len(conds)} (model, condition)",

@@ -108,10 +108,10 @@ def parse_condition(condition: str) -> tuple[str, str | None, str | None]:
     """(kind, induced value, matched value) of a condition name from `Spec.conditions()`:
     "value-<v>" → ("value", v, None); "control-<k>" → ("control", None, None); "control-<v>-<k>" →
     ("control", None, v) (split at the last "-": values such as open-mindedness hold hyphens);
-    "positive" → ("positive", None, None)."""
+    "positive" → ("positive", None, None); "prompt-<v>" (controls.prompt_only, untrained) → ("prompt", v, None)."""
     kind, _, rest = condition.partition("-")
-    if kind == "value" and rest:
-        return "value", rest, None
+    if kind in ("value", "prompt") and rest:
+        return kind, rest, None
     if kind == "control" and rest:
         match, _, k = rest.rpartition("-")
         if k.isdigit():
@@ -214,6 +214,9 @@ def _system_prompt_checks(spec: Spec) -> list[tuple[str, str]]:
         if spec.controls.positive is not None:
             problems.append(("train.system_prompt", "a {value} template has no value for the positive control "
                              "(condition \"positive\"): use a fixed text or remove controls.positive"))
+    if spec.controls.prompt_only and sp is None:
+        problems.append(("controls.prompt_only", "the prompt-only arm generates with each value's training system "
+                         "prompt, and train.system_prompt is not set"))
     if spec.generate.system_prompt == "train" and sp is None:
         problems.append(("generate.system_prompt", "\"train\" generates with the training system prompt, and "
                          "train.system_prompt is not set"))

@@ -153,6 +153,10 @@ class ControlsSpec(_Section):
     # per_value: `count` controls per value ("control-<value>-<k>"), each of that value's size and
     # length profile, the reference of that value alone (required by data.subset_size: all).
     match: Literal["pooled", "per_value"] = "pooled"
+    # A prompt-only arm: each base model generates with each induced value's training system prompt
+    # (train.system_prompt, required) and no training: runs "<model>__prompt-<value>", one per
+    # (model, value) (generation is seeded, there is no training seed), compared with the value's runs.
+    prompt_only: bool = False
 
 
 class AdaptiveSeeds(_Section):

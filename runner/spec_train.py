@@ -88,6 +88,14 @@ class TrainSpec(_Section):
     # is): effects along training. Each point is generated and scored like a run, as a repeated
     # measure of its training run, never as another run.
     eval_at: list[float] = Field(default_factory=lambda: [1.0])
+    # Doses. per_subset: each condition trains `epochs` passes over its subset (floor(size / batch_size)
+    # steps each), so a larger subset gets more optimizer steps. equal: every condition of the study
+    # trains the largest condition's number of steps (its epochs × steps per epoch); a smaller subset
+    # repeats, reshuffled each epoch, its last epoch possibly partial (the report gives each one's epochs).
+    steps_per_condition: Literal["per_subset", "equal"] = "per_subset"
+    # Optimizer steps (not fractions) at which the adapter is also evaluated, the same steps for every
+    # condition: instead of eval_at. Each must lie below every condition's schedule (an error otherwise).
+    eval_at_steps: list[int] = Field(default_factory=list)
     # LoRA cells of one base model trained together, one worker group over one frozen base
     # (runner.train.group): "auto" sizes groups from memory; 1 trains every cell alone under DeepSpeed.
     adapters_per_group: Literal["auto"] | int = "auto"
@@ -100,6 +108,16 @@ class TrainSpec(_Section):
         if len(set(v)) != len(v):
             raise ValueError(f"fractions must be unique, got {short_repr(v)}")
         return sorted(set(v) | {1.0})
+
+    @field_validator("eval_at_steps")
+    @classmethod
+    def _steps(cls, v: list[int], info: ValidationInfo) -> list[int]:
+        if any(k < 1 for k in v) or len(set(v)) != len(v):
+            raise ValueError(f"optimizer steps must be unique and at least 1, got {short_repr(v)}")
+        if v and info.data.get("eval_at", [1.0]) != [1.0]:
+            raise ValueError("train.eval_at_steps and train.eval_at (fractions) are two ways to place the points "
+                             "along training: set one of them")
+        return sorted(v)
 
     @field_validator("system_prompt")
     @classmethod

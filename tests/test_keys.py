@@ -132,6 +132,7 @@ def _candidates(path: str, ann, value, ctx: dict) -> list:
         "train.lora.target_modules": lambda v: [["q_proj", "v_proj"]], "train.eval_at": lambda v: [[0.25, 1.0]],
         "analyze.primary_judges": lambda v: [{"safety": "strmatch"}],
         "tracking.artifact_location": lambda v: ["/tmp/other"], "train.adapters_per_group": lambda v: [2],
+        "train.eval_at_steps": lambda v: [[1]],
     }
     if path in special:
         return special[path](value)
@@ -160,7 +161,7 @@ def _rename(d: dict) -> dict:
 
 
 # fields that are read only when another field says so: (that field, its value) in the compared specs
-NEEDS = {"train.label_smoothing": ("train.method", "cdpo")}
+NEEDS = {"train.label_smoothing": ("train.method", "cdpo"), "train.eval_at_steps": ("train.eval_at", [1.0])}
 
 
 def _activate(d: dict, path: str) -> dict:

@@ -116,18 +116,20 @@ def trajectory(figs: Figures, traj: pd.DataFrame) -> str:
 
 
 def along_training(figs: Figures, d: pd.DataFrame, model: str, suite: str) -> str:
-    """One model's and suite's arms: each effect against the share of training, with its 95% CI band."""
+    """One model's and suite's arms: each effect against the share of training, or against optimizer
+    steps where the points carry them (train.eval_at_steps, steps_per_condition: equal), with its 95% CI band."""
+    x_col = "step" if "step" in d.columns and d["step"].notna().all() else "progress"
     metrics = sorted(d["metric"].unique(), key=lambda m: ("/" in m, m))[:6]  # headline metrics before parts
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 2.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for cond, c in d[d["metric"] == metric].groupby("condition", sort=True):
-            c = c.sort_values("progress")
-            x = np.concatenate([[0.0], c["progress"].to_numpy(float)])
+            c = c.sort_values(x_col)
+            x = np.concatenate([[0.0], c[x_col].to_numpy(float)])
             ax.plot(x, np.concatenate([[0.0], c["effect"].to_numpy(float)]), "o-", ms=3, label=cond)
             ax.fill_between(x, np.concatenate([[0.0], c["ci_lo"].to_numpy(float)]),
                             np.concatenate([[0.0], c["ci_hi"].to_numpy(float)]), alpha=0.2)
         ax.axhline(0, color="k", lw=0.6)
-        ax.set_xlabel("share of training")
+        ax.set_xlabel("optimizer steps" if x_col == "step" else "share of training")
         ax.set_title(metric, fontsize=8)
     axes[0][0].set_ylabel("effect vs " + " / ".join(sorted(d["reference"].unique())))
     axes[0][-1].legend(fontsize=6)

@@ -43,10 +43,11 @@ class Curated(StageResult):
 
 
 def _controls(ctx: StudyContext, run: Any) -> dict[str, Any]:
-    """The controls section as curation sees it: `positive.items` is the suite's size, not curation's;
+    """The controls section as curation sees it (not prompt_only): `positive.items` is the suite's size, not curation's;
     `match` enters only when per_value (pooled is what every earlier curation did: their keys stand)."""
     c = ctx.spec.controls
     exclude: dict[str, Any] = {"positive": {"items"}} if c.positive else {}
+    exclude["prompt_only"] = True  # an untrained arm: no subset of its own
     if c.match == "pooled":
         exclude["match"] = True
     dumped: dict[str, Any] = c.model_dump(mode="json", exclude=exclude)

@@ -53,7 +53,8 @@ GENERATE = Key("generate", {
     "generate.sampling": lambda c, r: c.spec.generate.sampling,
     "engine": lambda c, r: c.engine_identity(r.model),
     "train cell": lambda c, r: r.cell_key or "base",
-    "progress (train.eval_at)": lambda c, r: r.progress,
+    # under train.eval_at_steps the run id names the step, and the share needs the subsets' sizes
+    "progress (train.eval_at)": lambda c, r: None if c.spec.train.eval_at_steps else r.progress,
     "system prompt": lambda c, r: system_prompt(c, r),
     "adapter probe": lambda c, r: probe_definition(c, r),
 }, per_run=True)
@@ -74,7 +75,11 @@ def probe_definition(ctx: StudyContext, r: Run) -> list[Any] | None:
 
 
 def system_prompt(ctx: StudyContext, r: Run) -> str | None:
-    """The system message this run generates with (generate.system_prompt; runner.spec.generation_system_prompt)."""
+    """The system message this run generates with (generate.system_prompt; runner.spec.generation_system_prompt);
+    a prompt-only run (controls.prompt_only), its value's training system prompt whatever generate.system_prompt
+    says: that prompt is the arm. The generate key holds the text."""
+    if r.kind == "prompt":
+        return ctx.spec.train.system_text(r.value)
     return generation_system_prompt(ctx.spec, r.condition, trained=bool(r.cell_key))
 
 

@@ -28,7 +28,8 @@ QA = Key("qa", {
     "run": lambda c, r: r.run_id,  # its rows are the run's own (two models of the same weights: two units)
     "model": lambda c, r: c.model_id(r.model),
     "train cell": lambda c, r: r.cell_key or "base",
-    "progress (train.eval_at)": lambda c, r: r.progress,
+    # under train.eval_at_steps the run id names the step, and the share needs the subsets' sizes
+    "progress (train.eval_at)": lambda c, r: None if c.spec.train.eval_at_steps else r.progress,
     "score.benchmarks": lambda c, r: [c.spec.score.benchmarks, c.spec.score.benchmark_limit,
                                       c.spec.score.benchmark_backend],
     "engine dtype": lambda c, r: c.engine_spec(r.model).dtype,  # QA runs in the precision generation runs in

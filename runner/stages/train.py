@@ -21,6 +21,7 @@ from runner.stages.unit import StageResult, Unit
 from runner.store import read_json, read_state, safe_name
 from runner.tracking import flatten, log_run
 from runner.train.cell import Cell, Group
+from runner.train.doses import step_fractions
 from runner.train.memory import group_layout, model_shape, worker_budget_gb
 
 
@@ -36,11 +37,14 @@ NOT_LEARNED = {"adapters_per_group", "max_failures", "checkpoint_every", "report
 
 
 def _train_section(ctx: StudyContext, run: Any) -> dict[str, Any]:
-    """The train section as a cell sees it; `system_prompt` and `eval_at` enter only when set (cells
-    trained before they existed keep their keys). With a {value} template the condition, also hashed,
-    fixes the text."""
+    """The train section as a cell sees it; `system_prompt`, `eval_at`, `eval_at_steps` and
+    `steps_per_condition` enter only when set (cells trained before they existed keep their keys).
+    With a {value} template the condition, also hashed, fixes the text; under steps_per_condition:
+    equal the steps follow from every subset's size, which the curate key (also hashed) fixes."""
     t = ctx.spec.train
-    unset = {k for k, v in (("system_prompt", t.system_prompt is None), ("eval_at", t.eval_at == [1.0])) if v}
+    unset = {k for k, v in (("system_prompt", t.system_prompt is None), ("eval_at", t.eval_at == [1.0]),
+                            ("eval_at_steps", not t.eval_at_steps),
+                            ("steps_per_condition", t.steps_per_condition == "per_subset")) if v}
     dumped: dict[str, Any] = t.model_dump(mode="json", exclude=unset | NOT_LEARNED)
     return dumped
 
@@ -70,6 +74,9 @@ def cell_unit(ctx: StudyContext, r: Run) -> Unit:
 
 
 def run(ctx: StudyContext) -> Trained:
+    t = ctx.spec.train
+    if t.eval_at_steps or t.steps_per_condition == "equal":
+        ctx.need(Curated)  # the runs carry each cell's steps once curation is done (Study.doses)
     trained = [r for r in ctx.runs() if r.cell_key]
     cells = [r for r in trained if r.final]
     for r in cells:  # published by a driver that was killed before it could mark the cell done
@@ -104,7 +111,8 @@ def _train(ctx: StudyContext, todo: list[Run]) -> None:
     # Ray Train's run names and every work dir end with the cell's key: a cell of other settings
     # (a changed train.lr) never resumes this one's checkpoints, nor publishes its leftovers
     by_id = {f"{safe_name(r.run_id)}-{r.cell_key}": r for r in todo}
-    grid = [Cell(cell_id=cid, key=cell_unit(ctx, r).key, seed=r.seed or 0, train=train,  # a cell has a seed
+    grid = [Cell(cell_id=cid, key=cell_unit(ctx, r).key, seed=r.seed or 0, train=_cell_train(train, r),  # a cell has a seed
+                 steps=r.step,  # its optimizer steps where the runs carry them (runner.train.doses), else epochs
                  pairs=str(cur.subset(r.condition)),
                  model_path=ctx.model_path(r.model), model_id=ctx.model_id(r.model),
                  out_dir=str(cell_unit(ctx, r).dir), work_dir=str(ctx.root / "ray_train"),
@@ -132,6 +140,14 @@ def _train(ctx: StudyContext, todo: list[Run]) -> None:
             failed.append(f"{r.run_id}: {err}")
     if failed:
         raise StageError(f"train: {len(failed)} cell(s) failed: " + "; ".join(failed))
+
+
+def _cell_train(train: TrainSpec, r: Run) -> TrainSpec:
+    """A cell's train section: train.eval_at_steps become fractions of its own schedule (r.step steps),
+    which the workers save at (runner.train.loop.progress_steps gives back the steps)."""
+    if not train.eval_at_steps or r.step is None:
+        return train
+    return train.model_copy(update={"eval_at": step_fractions(train, r.step, r.condition)})
 
 
 def group_cells(ctx: StudyContext, train: TrainSpec, cells: list[Cell]) -> list[Group]:
@@ -196,7 +212,8 @@ def log_training(ctx: StudyContext, cells: list[Run]) -> None:
         ran = read_json(unit / "cell.json")  # verified with its unit: readable
         rid = log_run(tr, r, {**flatten("train", ran["train"]), "cell_key": unit.key, "curate_key": CURATE(ctx),
                               "model_revision": ctx.model_revision(r.model) or "",
-                              "system_prompt_text": ran.get("system_prompt") or ""})  # this cell's, resolved
+                              "system_prompt_text": ran.get("system_prompt") or "",  # this cell's, resolved
+                              "steps": ran.get("steps", ""), "epochs": ran.get("epochs", "")})  # its dose
 
         def log(rid: str = rid, unit: Unit = unit) -> None:
             tr.log_history(rid, [json.loads(x) for x in (unit / "metrics.jsonl").read_text().splitlines()])

@@ -24,6 +24,8 @@ class Cell:
     # The train unit's key. cell_id ends with it, so Ray Train's run and every work dir are the key's
     # own; checkpoints record it and a resume checks it (benchmarks and unit tests leave it empty).
     key: str = ""
+    # Its optimizer steps (runner.train.doses.condition_steps); None: train.epochs passes over its pairs.
+    steps: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.train, TrainSpec):

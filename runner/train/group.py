@@ -152,7 +152,7 @@ def build_group(cells: list[Cell], examples: list[list[Example]], device):
     model, router, params = build_adapters(load_base(cells[0]), train.lora, [c.seed for c in cells])
     model.to(device)
     slots = [Slot(c, name, ex, ps, torch.optim.AdamW(ps, lr=train.lr, weight_decay=0.0),
-                  _schedule(len(ex), train.batch_size, train.epochs, c.seed))
+                  _schedule(len(ex), train.batch_size, train.epochs, c.seed, c.steps))
              for c, name, ex, ps in zip(cells, router.names, examples, params)]
     return model, router, slots
 
@@ -202,7 +202,7 @@ def group_loop(cfg: dict) -> None:
     resumed = any([_resume(model, s) for s in slots])  # every slot loads its own checkpoint
     for s in slots if rank == 0 else ():
         record_start(s.cell, s.step)
-    save_at = {s.name: progress_steps(train.eval_at, len(s.steps)) for s in slots}
+    save_at = {s.name: progress_steps(s.cell.train.eval_at, len(s.steps)) for s in slots}  # a cell's own points
     fail_at = cfg.get("fail_at_step")
     for stepped in run_steps(model, router, slots, cfg["pad_id"], device, rank, world, cfg["per_forward"]):
         for s in stepped:

@@ -22,6 +22,7 @@ from runner.spec import TrainSpec, content_hash
 from runner.store import atomic_dir, read_state, write_json
 from runner.train.batches import Example, encode_pairs
 from runner.train.cell import Cell
+from runner.train.doses import epochs_of
 from runner.train.group import final_dir, finished, group_loop
 from runner.train.loop import dist_backend, progress_dir, starts_file, train_loop
 from runner.train.reference import subsets_logps as _subsets_logps
@@ -196,8 +197,10 @@ def _publish(cell: Cell, model: Path, metrics: Path, n_pairs: int, ref_hit: bool
         # starts: the step each worker-group start began from ([0, 3]: restarted, resumed at step 3)
         timing = {"start": started, "end": time.time(), "steps_s": sum(h.get("step_s", 0) for h in history),
                   "starts": [int(x) for x in starts_file(cell).read_text().split()]}
+        steps = int(history[-1]["step"]) if history else 0
         (tmp / "cell.json").write_text(json.dumps({
             "cell_id": cell.cell_id, "key": cell.key, "seed": cell.seed, "n_pairs": n_pairs, "ref_cache_hit": ref_hit,
+            "steps": steps, "epochs": epochs_of(steps, n_pairs, train.batch_size),
             "train": train.model_dump(mode="json"), "bf16": train.bf16, "system_prompt": cell.system_prompt,
             **extra, "timing": timing}, indent=2))
 
@@ -227,7 +230,8 @@ def train_group(cells: list[Cell], tokenizer, per_forward: int | None = None,
     earlier group that did not end lands without training again."""
     started = time.time()
     train = cells[0].train
-    if len({(c.model_path, c.train.model_dump_json()) for c in cells}) != 1 or train.finetune != "lora":
+    # eval_at may differ (train.eval_at_steps are other fractions of other schedules): the workers read each cell's
+    if len({(c.model_path, c.train.model_dump_json(exclude={"eval_at"})) for c in cells}) != 1 or train.finetune != "lora":
         raise TrainError("a group trains LoRA cells of one base model and one train section")
     # seeds of one condition share their subset: tokenised, referenced and put in the object store
     # once; the references the cache lacks come from one task (one model load for the group)

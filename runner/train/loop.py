@@ -25,16 +25,13 @@ from runner.store import atomic_dir, read_state
 from runner.train.adapters import add_lora
 from runner.train.batches import pair_batch, response_logps
 from runner.train.cell import Cell
+from runner.train.doses import schedule
 from runner.train.losses import LossFn, make_loss
 from runner.train.safe_load import safe_deepspeed_loads
 
 
-def _schedule(n: int, batch: int, epochs: int, seed: int) -> list[list[int]]:
-    steps = []
-    for e in range(epochs):
-        order = np.random.default_rng([seed, e]).permutation(n).tolist()
-        steps += [order[i:i + batch] for i in range(0, n - batch + 1, batch)]
-    return steps
+def _schedule(n: int, batch: int, epochs: int, seed: int, total: int | None = None) -> list[list[int]]:
+    return schedule(n, batch, epochs, seed, total)  # the name bench/ and group.py import
 
 
 def dist_backend(train: TrainSpec) -> str:
@@ -202,7 +199,7 @@ def train_loop(cfg: dict) -> None:
     device = engine.device
     micro, grad_acc = conf["train_micro_batch_size_per_gpu"], conf["gradient_accumulation_steps"]
 
-    steps = _schedule(len(examples), train.batch_size, train.epochs, seed)
+    steps = _schedule(len(examples), train.batch_size, train.epochs, seed, cell.steps)
     save_at = progress_steps(train.eval_at, len(steps))
     if ckpt:
         safe_deepspeed_loads(engine)  # weights_only=True: a planted pickle in shared storage is refused, not run
