@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from fnmatch import fnmatch
 from typing import Any
 
@@ -122,6 +122,20 @@ def _effect_size(test: stats.CrossedTest, mc: float, mr: float, binary: bool) ->
     return float(test.effect / math.sqrt(var)) if var > 0 else math.nan
 
 
+def _floor_at_hypothesis(diffs: np.ndarray, resolution: float, cond_events: float, k: int, mr: float,
+                         s: int) -> Callable[[float], tuple[float, float]]:
+    """(SE, df) under "the rates differ by δ": the shared reference's floor at the reference rate
+    that δ implies, pooled over both arms ((S·m_c + K·m_r − S·δ)/(S + K)); at δ = 0 the pooled
+    rate of the p-value. Test inversion over it keeps the CI honest far from 0, where the pooled
+    rate (a null-hypothesis estimate) would overstate the reference's noise."""
+    se_of = stats.floored_se(diffs, resolution)
+
+    def at(delta: float) -> tuple[float, float]:
+        rate = (cond_events + k * mr - s * delta) / (s + k)
+        return se_of(stats.reference_floor(min(max(rate, 0.0, -delta), 1.0, 1.0 - delta), k))
+    return at
+
+
 def _pair_stats(cond: np.ndarray, ref: np.ndarray, exists: np.ndarray, binary: bool, alpha: float,
                 resolution: float = 0.0, shared_runs: int = 0, independent: bool = False) -> Row:
     """Statistics of one contrast from (runs × items) condition/reference arrays: paired row by
@@ -152,7 +166,10 @@ def _pair_stats(cond: np.ndarray, ref: np.ndarray, exists: np.ndarray, binary: b
         test = stats.crossed_test(c - r, alpha, resolution, floor)
     rates: Row = {}
     if binary and c.size and r.size:
-        lo, hi = stats.bounded_difference_ci(test.effect, test.se, test.df, alpha)
+        se_at = None
+        if shared_runs and not independent and test.n_seeds >= 2 and test.n_items >= 2:
+            se_at = _floor_at_hypothesis(c - r, resolution, len(c) * mc, shared_runs, mr, len(c))
+        lo, hi = stats.bounded_difference_ci(test.effect, test.se, test.df, alpha, se_at)
         test = dataclasses.replace(test, ci_lo=lo, ci_hi=hi)
         rates = dict(zip(RATE_CI_COLUMNS, (*stats.rate_interval(c, alpha, 1.0),
                                            *stats.rate_interval(ref_rows, alpha, 1.0 / per_row, n_ref))))

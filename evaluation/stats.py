@@ -243,37 +243,80 @@ def rate_interval(scores: np.ndarray, alpha: float = 0.05, resolution: float = 0
     """CI inside [0, 1] for the mean of a binary arm (runs × items): the Wilson score interval at
     Kish's effective sample size n_eff = p(1−p)/SE², SE from :func:`crossed_test` on the arm's own
     table (so run-to-run and item variance are in it), capped at the n = runs·items cells (n at
-    p = 0 or 1, where SE says nothing), with the t quantile at the crossed test's df (Korn &
-    Graubard 1998's recipe for proportions from complex samples). ``runs``: how many runs the
-    rows stand for (one row of K averaged runs: K)."""
+    p = 0 or 1, where SE says nothing), with a t quantile (Korn & Graubard 1998's recipe for
+    proportions from complex samples). ``runs``: how many runs the
+    rows stand for (one row of K averaged runs: K). The binomial part p(1−p)/n is known once p is,
+    so only the SE² above it carries the crossed test's (few) df."""
     t = crossed_test(scores, alpha, resolution)
     p = t.effect
     if not np.isfinite(p) or t.n_items == 0:
         return math.nan, math.nan
     n = float((runs or t.n_seeds) * t.n_items)
-    n_eff = min(n, p * (1 - p) / t.se**2) if 0 < p < 1 and t.se > 0 else n
-    q = float(special.stdtrit(t.df, 1 - alpha / 2)) if np.isfinite(t.df) else float(special.ndtri(1 - alpha / 2))
+    binom = p * (1 - p) / n  # what independent cells would give: known once p is, unlike the rest
+    var = max(t.se**2, binom) if 0 < p < 1 else binom
+    n_eff = p * (1 - p) / var if var > 0 else n
+    # Satterthwaite for "binomial part + excess": only the excess carries the crossed test's df
+    excess = var - binom
+    df = var**2 / (excess**2 / t.df) if excess > 0 and np.isfinite(t.df) else math.inf
+    q = float(special.stdtrit(df, 1 - alpha / 2)) if np.isfinite(df) else float(special.ndtri(1 - alpha / 2))
     k = q * q / n_eff
     mid, half = (p + k / 2) / (1 + k), q * math.sqrt(p * (1 - p) / n_eff + k / (4 * n_eff)) / (1 + k)
-    return max(0.0, mid - half), min(1.0, mid + half)
+    return (0.0 if p == 0 else max(0.0, mid - half)), (1.0 if p == 1 else min(1.0, mid + half))
 
 
-def bounded_difference_ci(effect: float, se: float, df: float, alpha: float = 0.05) -> tuple[float, float]:
+def floored_se(diffs: np.ndarray, resolution: float = 0.0) -> Callable[[float], tuple[float, float]]:
+    """For a runs × items table (S, I ≥ 2), the map item_floor -> (SE, df) that
+    :func:`crossed_test` would give with that ``item_floor``: the mean squares are computed once, so
+    a CI can be found by test inversion over hypotheses that imply different floors."""
+    d = complete_table(diffs)
+    s, i = d.shape
+    ms_s, ms_i, ms_r = mean_squares(d)
+    ms_s = max(ms_s, resolution**2 / (12 * i))
+
+    def at(item_floor: float) -> tuple[float, float]:
+        lin, df = _satterthwaite(ms_s, ms_i, ms_r, s, i, item_floor)
+        return math.sqrt(max(lin, 0.0) / (s * i)), df
+    return at
+
+
+def bounded_difference_ci(effect: float, se: float, df: float, alpha: float = 0.05,
+                          se_at: Callable[[float], tuple[float, float]] | None = None) -> tuple[float, float]:
     """CI inside [−1, 1] for a difference of two rates: the δ the crossed t-test does not reject,
     with its SE capped at √(1 − δ²), the largest SD any estimate of a rate difference δ can have
     (two [0, 1] means with rates p₁ − p₂ = δ: SD ≤ √(p₁(1−p₁)) + √(p₂(1−p₂)) ≤ √(1 − δ²)).
-    At δ = 0 the cap is 1 ≥ SE: the test at 0 is the t-test, so the CI excludes 0 exactly when
-    p < alpha. Away from ±1 the cap never binds and the CI is the t-test's."""
+
+    ``se_at(δ)`` gives (SE, df) under the hypothesis δ (a reference floor at the rate δ implies);
+    it must give (se, df) at δ = 0. Without it SE and df are the observed ones and the set is
+    solved in closed form. Either way the test at δ = 0 is the reported t-test: the CI excludes 0
+    exactly when p < alpha. Away from ±1 the cap never binds."""
     if not (np.isfinite(effect) and np.isfinite(se) and np.isfinite(df)):
         return math.nan, math.nan
     e = min(1.0, max(-1.0, effect))
     if se == 0:
         return e, e
-    q = float(special.stdtrit(df, 1 - alpha / 2))
-    b = math.sqrt(max(1 - se * se, 0.0))  # |δ| ≤ b: the cap does not bind
-    root = q * math.sqrt(1 + q * q - e * e)  # |e − δ| ≤ q√(1 − δ²) is a quadratic in δ
-    r1, r2 = (e - root) / (1 + q * q), (e + root) / (1 + q * q)
-    return max(e - q * se, min(-b, r1)), min(e + q * se, max(b, r2))
+    if se_at is None:
+        q = float(special.stdtrit(df, 1 - alpha / 2))
+        b = math.sqrt(max(1 - se * se, 0.0))  # |δ| ≤ b: the cap does not bind
+        root = q * math.sqrt(1 + q * q - e * e)  # |e − δ| ≤ q√(1 − δ²) is a quadratic in δ
+        r1, r2 = (e - root) / (1 + q * q), (e + root) / (1 + q * q)
+        return max(e - q * se, min(-b, r1)), min(e + q * se, max(b, r2))
+
+    def rejects(delta: float) -> bool:
+        s_d, df_d = se_at(delta)
+        return abs(e - delta) > float(special.stdtrit(df_d, 1 - alpha / 2)) * min(s_d, math.sqrt(max(1 - delta**2, 0)))
+
+    def edge(inside: float, outside: float) -> float:  # bisection between an accepted and a rejected δ
+        for _ in range(40):
+            mid = (inside + outside) / 2
+            inside, outside = (inside, mid) if rejects(mid) else (mid, outside)
+        return inside
+
+    # Each end is searched between an accepted and a rejected δ, with 0 on its own side of the
+    # bracket: the CI excludes 0 exactly when the test at 0 rejects.
+    zero_out = rejects(0.0)
+    lo = (edge(e, 0.0) if zero_out else edge(0.0, -1.0)) if e > 0 else edge(e, -1.0)
+    hi = (edge(e, 0.0) if zero_out else edge(0.0, 1.0)) if e < 0 else edge(e, 1.0)
+    return lo, hi
 
 
 def cohens_h(p1: float, p2: float) -> float:
