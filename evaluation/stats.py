@@ -245,8 +245,7 @@ def rate_interval(scores: np.ndarray, alpha: float = 0.05, resolution: float = 0
     table (so run-to-run and item variance are in it), capped at the n = runs·items cells (n at
     p = 0 or 1, where SE says nothing), with a t quantile (Korn & Graubard 1998's recipe for
     proportions from complex samples). ``runs``: how many runs the
-    rows stand for (one row of K averaged runs: K). The binomial part p(1−p)/n is known once p is,
-    so only the SE² above it carries the crossed test's (few) df."""
+    rows stand for (one row of K averaged runs: K)."""
     t = crossed_test(scores, alpha, resolution)
     p = t.effect
     if not np.isfinite(p) or t.n_items == 0:
@@ -255,9 +254,9 @@ def rate_interval(scores: np.ndarray, alpha: float = 0.05, resolution: float = 0
     binom = p * (1 - p) / n  # what independent cells would give: known once p is, unlike the rest
     var = max(t.se**2, binom) if 0 < p < 1 else binom
     n_eff = p * (1 - p) / var if var > 0 else n
-    # Satterthwaite for "binomial part + excess": only the excess carries the crossed test's df
-    excess = var - binom
-    df = var**2 / (excess**2 / t.df) if excess > 0 and np.isfinite(t.df) else math.inf
+    # the crossed test's df when its SE is used; a normal quantile when independent cells' binomial
+    # variance (known once p is) is
+    df = t.df if var > binom and np.isfinite(t.df) else math.inf
     q = float(special.stdtrit(df, 1 - alpha / 2)) if np.isfinite(df) else float(special.ndtri(1 - alpha / 2))
     k = q * q / n_eff
     mid, half = (p + k / 2) / (1 + k), q * math.sqrt(p * (1 - p) / n_eff + k / (4 * n_eff)) / (1 + k)
