@@ -6,8 +6,9 @@ Inputs follow ``evaluation.types``: ``runs`` has RUN_COLUMNS, ``scores`` has SCO
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from fnmatch import fnmatch
 from typing import Any
 
@@ -29,7 +30,10 @@ CONTRAST_COLUMNS = [
     "n_seeds", "n_items", "n_unscored_pairs", "mean_condition", "mean_reference", "effect", "se", "df",
     "ci_lo", "ci_hi", "p_value", "p_holm", "p_bh", "significant", "effect_size", "effect_size_kind",
     "risk_difference", "var_seed", "var_item", "var_resid", "inference",
+    "rate_ci_lo", "rate_ci_hi", "ref_rate_ci_lo", "ref_rate_ci_hi",
 ]
+# Binary metrics: each arm's rate with a CI inside [0, 1] (stats.rate_interval); NaN otherwise.
+RATE_CI_COLUMNS = ["rate_ci_lo", "rate_ci_hi", "ref_rate_ci_lo", "ref_rate_ci_hi"]
 
 
 # ----------------------------------------------------------------------------- per-run metrics
@@ -83,20 +87,30 @@ def _seed_key(x: Any) -> int | None:
 
 
 def _reference_groups(cond_runs: pd.DataFrame, ref_runs: pd.DataFrame,
-                      match_seed: bool) -> list[tuple[str, ...]]:
-    """Per condition run, the reference runs averaged into its reference arm.
+                      match_seed: bool) -> tuple[list[tuple[str, ...]], np.ndarray, str]:
+    """How a condition's runs meet the reference runs: (per kept condition run, the reference runs
+    averaged into its reference; which condition runs are kept; how they are paired).
 
-    With ``match_seed`` these are the reference runs sharing the condition run's seed (all of
-    them when none does); otherwise every reference run.
+    Without ``match_seed`` every row gets every reference run ("shared": one reference arm, its
+    noise repeats in every row). With it, each condition run gets the reference runs of its own
+    seed ("matched"). A condition run with no such seed cannot be paired: giving it the mean of
+    all references made the rows correlated and under-estimated the seed variance (E[SE²]/Var
+    .50–.71). So when some seeds do not match, only the matched runs are kept if at least 2 are
+    ("matched k of n"), and otherwise the arms are compared as two independent crossed samples
+    ("independent": no groups).
     """
     every = tuple(ref_runs["run_id"])
+    n = len(cond_runs)
     if not match_seed:
-        return [every] * len(cond_runs)
-    out = []
-    for seed in cond_runs["_seed"]:
-        same = tuple(ref_runs.loc[ref_runs["_seed"] == seed, "run_id"]) if seed is not None else ()
-        out.append(same or every)
-    return out
+        return [every] * n, np.ones(n, bool), "shared"
+    same = [tuple(ref_runs.loc[ref_runs["_seed"] == seed, "run_id"]) if seed is not None else ()
+            for seed in cond_runs["_seed"]]
+    keep = np.array([bool(g) for g in same], bool)
+    if keep.all():
+        return same, keep, "matched"
+    if keep.sum() >= 2:
+        return [g for g in same if g], keep, f"matched {int(keep.sum())} of {n}"
+    return [], np.ones(n, bool), "independent"
 
 
 def _effect_size(test: stats.CrossedTest, mc: float, mr: float, binary: bool) -> float:
@@ -108,21 +122,63 @@ def _effect_size(test: stats.CrossedTest, mc: float, mr: float, binary: bool) ->
     return float(test.effect / math.sqrt(var)) if var > 0 else math.nan
 
 
+def _floor_at_hypothesis(diffs: np.ndarray, resolution: float, cond_events: float, k: int, mr: float,
+                         s: int) -> Callable[[float], tuple[float, float]]:
+    """(SE, df) under "the rates differ by δ": the shared reference's floor at the reference rate
+    that δ implies, pooled over both arms ((S·m_c + K·m_r − S·δ)/(S + K)); at δ = 0 the pooled
+    rate of the p-value. Test inversion over it keeps the CI honest far from 0, where the pooled
+    rate (a null-hypothesis estimate) would overstate the reference's noise."""
+    se_of = stats.floored_se(diffs, resolution)
+
+    def at(delta: float) -> tuple[float, float]:
+        rate = (cond_events + k * mr - s * delta) / (s + k)
+        return se_of(stats.reference_floor(min(max(rate, 0.0, -delta), 1.0, 1.0 - delta), k))
+    return at
+
+
 def _pair_stats(cond: np.ndarray, ref: np.ndarray, exists: np.ndarray, binary: bool, alpha: float,
-                resolution: float = 0.0) -> Row:
-    """Statistics of one paired contrast from aligned (runs × items) condition/reference arrays;
-    ``resolution``: the lattice spacing of one paired difference (see stats.crossed_test)."""
-    valid = np.isfinite(cond) & np.isfinite(ref)
-    # The crossed test needs a balanced table; the arms' means are taken over the same cells.
-    rows, cols = stats.complete_index(valid)
-    c, r = cond[rows][:, cols], ref[rows][:, cols]
-    test = stats.crossed_test(c - r, alpha, resolution)
-    mc, mr = (float(c.mean()), float(r.mean())) if c.size else (math.nan, math.nan)
+                resolution: float = 0.0, shared_runs: int = 0, independent: bool = False) -> Row:
+    """Statistics of one contrast from (runs × items) condition/reference arrays: paired row by
+    row, or (``independent``) two unpaired samples, ``ref`` then one row per reference run.
+    ``resolution``: the lattice spacing of one paired difference (see stats.crossed_test);
+    ``shared_runs``: K when every row's reference is the same mean of K runs (the base model),
+    whose sampling noise, for binary scores, is floored at the pooled binomial variance."""
+    if independent:
+        ref = ref[np.isfinite(ref).any(axis=1)]
+        valid = np.isfinite(cond) & np.isfinite(ref).all(axis=0)[None, :]
+        rows, cols = stats.complete_index(valid)
+        c, r = cond[rows][:, cols], ref[:, cols]
+    else:
+        valid = np.isfinite(cond) & np.isfinite(ref)
+        # The crossed test needs a balanced table; the arms' means are taken over the same cells.
+        rows, cols = stats.complete_index(valid)
+        c, r = cond[rows][:, cols], ref[rows][:, cols]
+    mc, mr = (float(c.mean()), float(r.mean())) if c.size and r.size else (math.nan, math.nan)
+    # runs behind one reference row, and the reference rows that are distinct runs or run means
+    per_row = shared_runs or (1 if independent or resolution <= 0 else max(round(1 / resolution), 1))
+    ref_rows = r[:1] if shared_runs else r
+    n_ref = per_row * len(ref_rows)
+    pooled = (len(c) * mc + n_ref * mr) / (len(c) + n_ref) if c.size and r.size else math.nan
+    if independent:
+        test = stats.independent_test(c, r, alpha, resolution, pooled * (1 - pooled) if binary else 0.0)
+    else:
+        floor = stats.reference_floor(pooled, shared_runs) if binary and shared_runs else 0.0
+        test = stats.crossed_test(c - r, alpha, resolution, floor)
+    rates: Row = {}
+    if binary and c.size and r.size:
+        se_at = None
+        if shared_runs and not independent and test.n_seeds >= 2 and test.n_items >= 2:
+            se_at = _floor_at_hypothesis(c - r, resolution, len(c) * mc, shared_runs, mr, len(c))
+        lo, hi = stats.bounded_difference_ci(test.effect, test.se, test.df, alpha, se_at)
+        test = dataclasses.replace(test, ci_lo=lo, ci_hi=hi)
+        rates = dict(zip(RATE_CI_COLUMNS, (*stats.rate_interval(c, alpha, 1.0),
+                                           *stats.rate_interval(ref_rows, alpha, 1.0 / per_row, n_ref))))
     return dict(**test.as_dict(), n_unscored_pairs=int((exists & ~valid).sum()),
                 mean_condition=mc, mean_reference=mr,
                 effect_size=_effect_size(test, mc, mr, binary) if c.size else math.nan,
                 effect_size_kind="cohens_h" if binary else "d_per_observation",
-                risk_difference=stats.risk_difference(mc, mr) if binary and c.size else math.nan)
+                risk_difference=stats.risk_difference(mc, mr) if binary and c.size else math.nan,
+                **{k: rates.get(k, math.nan) for k in RATE_CI_COLUMNS})
 
 
 def wide(scores: pd.DataFrame, run_ids: Iterable[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -146,13 +202,16 @@ def prepare_runs(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def compare_arms(vals: pd.DataFrame, exists: pd.DataFrame, cond_runs: pd.DataFrame,
-                  ref_runs: pd.DataFrame, match_seed: bool, alpha: float) -> list[Row]:
-    """One row per (suite, metric, judge) comparing cond_runs to ref_runs item by item."""
+                 ref_runs: pd.DataFrame, match_seed: bool, alpha: float) -> list[Row]:
+    """One row per (suite, metric, judge) comparing cond_runs to ref_runs item by item (paired by
+    seed with ``match_seed``; see :func:`_reference_groups` for unequal seeds)."""
     col = {r: i for i, r in enumerate(vals.columns)}
+    groups, keep, how = _reference_groups(cond_runs, ref_runs, match_seed)
     ci = np.array([col[r] for r in cond_runs["run_id"]], dtype=int)
     ri = np.array([col[r] for r in ref_runs["run_id"]], dtype=int)
-    groups = _reference_groups(cond_runs, ref_runs, match_seed)
+    kept = ci[keep]
     group_cols = {g: np.array([col[r] for r in g], dtype=int) for g in set(groups)}
+    k_shared = len(ri) if how == "shared" else 0
     # Plain numpy inside the loop: per-metric pandas indexing dominated the runtime.
     values, present = vals.to_numpy(float), exists.to_numpy(bool)
     rows = []
@@ -163,15 +222,21 @@ def compare_arms(vals: pd.DataFrame, exists: pd.DataFrame, cond_runs: pd.DataFra
         if not seen.any():
             continue
         mat, ex = values[pos][seen], ex[seen]
-        ref_arm = {g: nanmean_rows(mat[:, c].T) for g, c in group_cols.items()}
-        cond = mat[:, ci].T
-        ref = np.vstack([ref_arm[g] for g in groups])
-        ex_pair = ex[:, ci].T | ex[:, ri].any(axis=1)[None, :]
+        cond = mat[:, kept].T
+        ex_pair = ex[:, kept].T | ex[:, ri].any(axis=1)[None, :]
         scores = mat[:, np.concatenate([ci, ri])]
-        # a reference arm averages up to K runs: its mean lives on a K-times finer lattice
-        resolution = _lattice(scores) / max(len(g) for g in groups)
-        rows.append(dict(suite=suite, metric=metric, judge=judge,
-                         **_pair_stats(cond, ref, ex_pair, _is_binary(scores), alpha, resolution)))
+        binary = _is_binary(scores)
+        if how == "independent":
+            st = _pair_stats(cond, mat[:, ri].T, ex_pair, binary, alpha, _lattice(scores), independent=True)
+        else:
+            ref_arm = {g: nanmean_rows(mat[:, c].T) for g, c in group_cols.items()}
+            ref = np.vstack([ref_arm[g] for g in groups])
+            # a reference arm averages up to K runs: its mean lives on a K-times finer lattice
+            resolution = _lattice(scores) / max(len(g) for g in groups)
+            st = _pair_stats(cond, ref, ex_pair, binary, alpha, resolution, k_shared)
+            if how.startswith("matched ") and st["inference"] == "runs × items":
+                st["inference"] = f"runs × items ({how.replace('matched', 'matched seeds')})"
+        rows.append(dict(suite=suite, metric=metric, judge=judge, **st))
     return rows
 
 

@@ -28,6 +28,10 @@ from statsmodels.stats.multitest import multipletests
 __all__ = [
     "CrossedTest",
     "crossed_test",
+    "independent_test",
+    "reference_floor",
+    "rate_interval",
+    "bounded_difference_ci",
     "cohens_h",
     "risk_difference",
     "correct",
@@ -99,14 +103,19 @@ def mean_squares(d: np.ndarray) -> tuple[float, float, float]:
     return ms_s, ms_i, ms_r
 
 
-def _satterthwaite(ms_s: float, ms_i: float, ms_r: float, s: int, i: int) -> tuple[float, float]:
-    """(S·I·Var(mean), df) with the item term clipped at 0 and the hedged df (see DF_BETA)."""
+def _satterthwaite(ms_s: float, ms_i: float, ms_r: float, s: int, i: int,
+                   item_floor: float = 0.0) -> tuple[float, float]:
+    """(S·I·Var(mean), df) with the item term clipped at ``S·item_floor`` (0 by default) and the
+    hedged df (see DF_BETA). A floored item term counts with the item mean square's I−1 df."""
     nu = s - 1
-    item = ms_i > ms_r
-    lin = ms_s + (ms_i - ms_r if item else 0.0)
+    est, floor = ms_i - ms_r, s * item_floor
+    item = est if est > floor else floor
     ms_s_hi = ms_s * nu / (2 * special.gammaincinv(nu / 2, DF_BETA))  # chi2.ppf(DF_BETA, nu)
-    lin_hi = ms_s_hi + (ms_i - ms_r if item else 0.0)
-    den = ms_s_hi**2 / nu + ((ms_i**2 / (i - 1) + ms_r**2 / (nu * (i - 1))) if item else 0.0)
+    lin, lin_hi = ms_s + item, ms_s_hi + item
+    if est > floor and est > 0:
+        den = ms_s_hi**2 / nu + ms_i**2 / (i - 1) + ms_r**2 / (nu * (i - 1))
+    else:
+        den = ms_s_hi**2 / nu + floor**2 / (i - 1)
     return lin, (lin_hi**2 / den if den > 0 else math.inf)
 
 
@@ -118,7 +127,8 @@ def _from_t(effect: float, se: float, df: float, alpha: float) -> tuple[float, f
     return effect - q * se, effect + q * se, float(2 * special.stdtr(df, -abs(effect) / se))
 
 
-def crossed_test(diffs: np.ndarray, alpha: float = 0.05, resolution: float = 0.0) -> CrossedTest:
+def crossed_test(diffs: np.ndarray, alpha: float = 0.05, resolution: float = 0.0,
+                 item_floor: float = 0.0) -> CrossedTest:
     """t-test and CI of the mean paired difference with runs and items as crossed random factors.
 
     Uses the complete sub-table (see :func:`complete_table`); with S ≥ 2 runs the variance is
@@ -130,6 +140,11 @@ def crossed_test(diffs: np.ndarray, alpha: float = 0.05, resolution: float = 0.0
     against one run, 1/K against the mean of K runs; 0 for continuous scores). Run means of a
     few discrete items tie often; a tie is no evidence of zero run-to-run variance, so the
     variance of the run means is floored at that of a uniform rounding error, (resolution/I)²/12.
+
+    ``item_floor`` is the least variance of the item term (per item): for a reference arm shared
+    by every row (the base run, K runs averaged), its own sampling noise repeats in every row and
+    is seen only through the item term, which a rare binary reference with no event estimates as
+    0. :func:`reference_floor` gives the binomial floor the contrast engine passes.
     """
     d = complete_table(diffs)
     s, i = d.shape if d.ndim == 2 else (0, 0)
@@ -139,7 +154,7 @@ def crossed_test(diffs: np.ndarray, alpha: float = 0.05, resolution: float = 0.0
     if s == 1:
         if i < 2:
             return CrossedTest(**{**_NONE, "effect": effect}, n_seeds=1, n_items=int(i), inference="none")
-        var_i = float(d.var(ddof=1))
+        var_i = max(float(d.var(ddof=1)), item_floor)
         se = math.sqrt(var_i / i)
         lo, hi, _ = _from_t(effect, se, i - 1, alpha)
         return CrossedTest(effect, se, float(i - 1), lo, hi, math.nan, 1, int(i), math.nan, var_i, math.nan,
@@ -152,12 +167,155 @@ def crossed_test(diffs: np.ndarray, alpha: float = 0.05, resolution: float = 0.0
                            "runs × items")
     ms_s, ms_i, ms_r = mean_squares(d)
     ms_s = max(ms_s, i * floor)  # MS_seed = I · variance of the run means
-    lin, df = _satterthwaite(ms_s, ms_i, ms_r, s, i)
+    lin, df = _satterthwaite(ms_s, ms_i, ms_r, s, i, item_floor)
     se = math.sqrt(max(lin, 0.0) / (s * i))
     lo, hi, p = _from_t(effect, se, df, alpha)
     return CrossedTest(effect, se, float(df), lo, hi, p, int(s), int(i),
-                       var_seed=max(0.0, (ms_s - ms_r) / i), var_item=max(0.0, (ms_i - ms_r) / s),
+                       var_seed=max(0.0, (ms_s - ms_r) / i), var_item=max(0.0, (ms_i - ms_r) / s, item_floor),
                        var_resid=ms_r, inference="runs × items")
+
+
+def reference_floor(rate: float, runs: int) -> float:
+    """The binomial variance of one item's mean over ``runs`` binary runs at ``rate``: the least
+    item-term variance a shared binary reference adds, however few events it happened to show.
+    ``rate`` should pool both arms (under no effect they share it)."""
+    return float(rate * (1 - rate) / max(runs, 1)) if np.isfinite(rate) else 0.0
+
+
+def _hedged(ms: float, nu: int) -> float:
+    return float(ms * nu / (2 * special.gammaincinv(nu / 2, DF_BETA)))  # see DF_BETA
+
+
+def independent_test(cond: np.ndarray, ref: np.ndarray, alpha: float = 0.05, resolution: float = 0.0,
+                     run_floor: float = 0.0) -> CrossedTest:
+    """Difference of two arms' means when their runs are not paired (no common seeds): two
+    independent crossed samples, runs × items each, the items shared.
+
+    Var = MS_seed,c/(S_c·I) + MS_seed,r/(S_r·I) + max(V_D − MS_resid,c/S_c − MS_resid,r/S_r, 0)/I,
+    V_D the variance over items of the arms' item-mean difference (the item × condition term);
+    Welch–Satterthwaite df over those mean squares, each MS_seed hedged as in DF_BETA. One
+    reference run borrows the condition's run-to-run variance (equal training noise assumed).
+    ``run_floor`` floors each MS_seed (I × the variance of a run mean): for binary scores the
+    pooled binomial variance, so an arm with no event still counts its sampling noise.
+    """
+    c, r = np.atleast_2d(np.asarray(cond, float)), np.atleast_2d(np.asarray(ref, float))
+    c, r = c[np.isfinite(c).any(axis=1)], r[np.isfinite(r).any(axis=1)]
+    items = np.isfinite(c).all(axis=0) & np.isfinite(r).all(axis=0) if len(c) and len(r) else []
+    if len(c) < 2 or not len(r) or int(np.sum(items)) < 2:  # nothing to pair runs on: items only, or none
+        return crossed_test(c - _ref_mean(r) if len(r) else np.empty((0, 0)), alpha, resolution)
+    c, r = c[:, items], r[:, items]
+    (sc, i), sr = c.shape, len(r)
+    floor = max(resolution**2 / (12 * i), run_floor)
+    msc_s, _, msc_r = mean_squares(c)
+    msc_s = max(msc_s, floor)
+    if sr >= 2:
+        msr_s, _, msr_r = mean_squares(r)
+        # (coefficient, mean square, its df) of Var(mean difference) = sum of coef·MS
+        seed = [(1 / (sc * i), msc_s, sc - 1), (1 / (sr * i), max(msr_s, floor), sr - 1)]
+        resid = [(-1 / (sc * i), msc_r, (sc - 1) * (i - 1)), (-1 / (sr * i), msr_r, (sr - 1) * (i - 1))]
+    else:
+        seed = [((1 / sc + 1 / sr) / i, msc_s, sc - 1)]
+        resid = [(-(1 / sc + 1 / sr) / i, msc_r, (sc - 1) * (i - 1))]
+    v_d = float((c.mean(axis=0) - r.mean(axis=0)).var(ddof=1))
+    item = [(1 / i, v_d, i - 1), *resid]
+    item_var = sum(k * m for k, m, _ in item)
+    terms = seed + (item if item_var > 0 else [])
+    var = sum(k * m for k, m, _ in terms)
+    hi = [(k * _hedged(m, nu), nu) for k, m, nu in seed] + [(k * m, nu) for k, m, nu in terms[len(seed):]]
+    den = sum(x**2 / nu for x, nu in hi)
+    df = sum(x for x, _ in hi) ** 2 / den if den > 0 else math.inf
+    effect, se = float(c.mean() - r.mean()), math.sqrt(max(var, 0.0))
+    lo, up, p = _from_t(effect, se, df, alpha)
+    return CrossedTest(effect, se, float(df), lo, up, p, int(sc), int(i),
+                       var_seed=max(0.0, (msc_s - msc_r) / i), var_item=max(0.0, item_var * i),
+                       var_resid=msc_r, inference="two independent crossed samples")
+
+
+def _ref_mean(r: np.ndarray) -> np.ndarray:
+    """Item-wise mean of the reference runs (NaN where no run scored the item)."""
+    ok = np.isfinite(r)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(np.where(ok, r, 0.0).sum(axis=0) / ok.sum(axis=0))
+
+
+def rate_interval(scores: np.ndarray, alpha: float = 0.05, resolution: float = 0.0,
+                  runs: int | None = None) -> tuple[float, float]:
+    """CI inside [0, 1] for the mean of a binary arm (runs × items): the Wilson score interval at
+    Kish's effective sample size n_eff = p(1−p)/SE², SE from :func:`crossed_test` on the arm's own
+    table (so run-to-run and item variance are in it), capped at the n = runs·items cells (n at
+    p = 0 or 1, where SE says nothing), with a t quantile (Korn & Graubard 1998's recipe for
+    proportions from complex samples). ``runs``: how many runs the
+    rows stand for (one row of K averaged runs: K)."""
+    t = crossed_test(scores, alpha, resolution)
+    p = t.effect
+    if not np.isfinite(p) or t.n_items == 0:
+        return math.nan, math.nan
+    n = float((runs or t.n_seeds) * t.n_items)
+    binom = p * (1 - p) / n  # what independent cells would give: known once p is, unlike the rest
+    var = max(t.se**2, binom) if 0 < p < 1 else binom
+    n_eff = p * (1 - p) / var if var > 0 else n
+    # the crossed test's df when its SE is used; a normal quantile when independent cells' binomial
+    # variance (known once p is) is
+    df = t.df if var > binom and np.isfinite(t.df) else math.inf
+    q = float(special.stdtrit(df, 1 - alpha / 2)) if np.isfinite(df) else float(special.ndtri(1 - alpha / 2))
+    k = q * q / n_eff
+    mid, half = (p + k / 2) / (1 + k), q * math.sqrt(p * (1 - p) / n_eff + k / (4 * n_eff)) / (1 + k)
+    return (0.0 if p == 0 else max(0.0, mid - half)), (1.0 if p == 1 else min(1.0, mid + half))
+
+
+def floored_se(diffs: np.ndarray, resolution: float = 0.0) -> Callable[[float], tuple[float, float]]:
+    """For a runs × items table (S, I ≥ 2), the map item_floor -> (SE, df) that
+    :func:`crossed_test` would give with that ``item_floor``: the mean squares are computed once, so
+    a CI can be found by test inversion over hypotheses that imply different floors."""
+    d = complete_table(diffs)
+    s, i = d.shape
+    ms_s, ms_i, ms_r = mean_squares(d)
+    ms_s = max(ms_s, resolution**2 / (12 * i))
+
+    def at(item_floor: float) -> tuple[float, float]:
+        lin, df = _satterthwaite(ms_s, ms_i, ms_r, s, i, item_floor)
+        return math.sqrt(max(lin, 0.0) / (s * i)), df
+    return at
+
+
+def bounded_difference_ci(effect: float, se: float, df: float, alpha: float = 0.05,
+                          se_at: Callable[[float], tuple[float, float]] | None = None) -> tuple[float, float]:
+    """CI inside [−1, 1] for a difference of two rates: the δ the crossed t-test does not reject,
+    with its SE capped at √(1 − δ²), the largest SD any estimate of a rate difference δ can have
+    (two [0, 1] means with rates p₁ − p₂ = δ: SD ≤ √(p₁(1−p₁)) + √(p₂(1−p₂)) ≤ √(1 − δ²)).
+
+    ``se_at(δ)`` gives (SE, df) under the hypothesis δ (a reference floor at the rate δ implies);
+    it must give (se, df) at δ = 0. Without it SE and df are the observed ones and the set is
+    solved in closed form. Either way the test at δ = 0 is the reported t-test: the CI excludes 0
+    exactly when p < alpha. Away from ±1 the cap never binds."""
+    if not (np.isfinite(effect) and np.isfinite(se) and np.isfinite(df)):
+        return math.nan, math.nan
+    e = min(1.0, max(-1.0, effect))
+    if se == 0:
+        return e, e
+    if se_at is None:
+        q = float(special.stdtrit(df, 1 - alpha / 2))
+        b = math.sqrt(max(1 - se * se, 0.0))  # |δ| ≤ b: the cap does not bind
+        root = q * math.sqrt(1 + q * q - e * e)  # |e − δ| ≤ q√(1 − δ²) is a quadratic in δ
+        r1, r2 = (e - root) / (1 + q * q), (e + root) / (1 + q * q)
+        return max(e - q * se, min(-b, r1)), min(e + q * se, max(b, r2))
+
+    def rejects(delta: float) -> bool:
+        s_d, df_d = se_at(delta)
+        return abs(e - delta) > float(special.stdtrit(df_d, 1 - alpha / 2)) * min(s_d, math.sqrt(max(1 - delta**2, 0)))
+
+    def edge(inside: float, outside: float) -> float:  # bisection between an accepted and a rejected δ
+        for _ in range(40):
+            mid = (inside + outside) / 2
+            inside, outside = (inside, mid) if rejects(mid) else (mid, outside)
+        return inside
+
+    # Each end is searched between an accepted and a rejected δ, with 0 on its own side of the
+    # bracket: the CI excludes 0 exactly when the test at 0 rejects.
+    zero_out = rejects(0.0)
+    lo = (edge(e, 0.0) if zero_out else edge(0.0, -1.0)) if e > 0 else edge(e, -1.0)
+    hi = (edge(e, 0.0) if zero_out else edge(0.0, 1.0)) if e < 0 else edge(e, 1.0)
+    return lo, hi
 
 
 def cohens_h(p1: float, p2: float) -> float:

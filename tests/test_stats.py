@@ -158,3 +158,68 @@ def test_power_at_matches_noncentral_t():
     s = stats.seeds_for_power(0.15, **comps, n_items=80)
     assert stats.power_at(0.15, **comps, n_items=80, n_seeds=s) >= 0.8 > \
         stats.power_at(0.15, **comps, n_items=80, n_seeds=s - 1)
+
+
+# ----------------------------------------------------------------------------- rare references, bounded rates
+
+def test_crossed_rare_binary_reference_counts_its_noise():
+    """Issue 33's minimal case: 6 trained runs × 30 items with one event each, none in the one
+    base run. The base's item noise is seen only through the item term, which 0 events estimate
+    as 0: SE .0039, p .0004. Floored at the binomial variance of the pooled rate, it is not
+    significant (an exact conditional test, Fisher's on 6/180 against 0/30, gives p ≈ .6)."""
+    d = np.zeros((6, 30))
+    d[np.arange(6), np.arange(6)] = 1.0
+    bare = stats.crossed_test(d, resolution=1.0)
+    assert bare.se == pytest.approx(0.0039, abs=1e-4) and bare.p_value < 0.001
+    pooled = 6 / (6 * 30 + 30)  # events over both arms' cells
+    t = stats.crossed_test(d, resolution=1.0, item_floor=stats.reference_floor(pooled, 1))
+    assert t.effect == pytest.approx(1 / 30)
+    assert t.se >= math.sqrt(pooled * (1 - pooled) / 30) and t.p_value > 0.2
+    assert sps.fisher_exact([[6, 174], [0, 30]]).pvalue > 0.2
+    # a floor below what the data show changes nothing
+    table = _table(np.random.default_rng(6), s=3, i=40)
+    assert stats.crossed_test(table, item_floor=1e-6) == stats.crossed_test(table)
+
+
+def test_independent_test_counts_both_arms_run_variance():
+    """Unpaired arms: SE² is each arm's MS_seed/(S·I) plus the item × condition term."""
+    rng = np.random.default_rng(8)
+    c, r = _table(rng, s=4, i=50), _table(rng, s=3, i=50, effect=0.0)
+    t = stats.independent_test(c, r)
+    msc, msr = stats.mean_squares(c), stats.mean_squares(r)
+    v_d = float((c.mean(0) - r.mean(0)).var(ddof=1))
+    item = max(v_d - msc[2] / 4 - msr[2] / 3, 0.0)
+    assert t.se**2 == pytest.approx(msc[0] / 200 + msr[0] / 150 + item / 50)
+    assert t.effect == pytest.approx(c.mean() - r.mean()) and t.inference == "two independent crossed samples"
+    assert (t.ci_lo > 0 or t.ci_hi < 0) == (t.p_value < 0.05)
+    # an arm with no event still counts its sampling noise through run_floor
+    z = np.zeros((3, 30))
+    one = z.copy()
+    one[np.arange(3), np.arange(3)] = 1.0
+    assert stats.independent_test(one, z[:2], resolution=1.0, run_floor=0.02 * 0.98).p_value > 0.2
+
+
+def test_bounded_difference_ci_stays_in_range_and_agrees_with_p():
+    lo, hi = stats.bounded_difference_ci(1.0, 0.041, 3.0)
+    assert hi == 1.0 and lo == pytest.approx(1.0 - sps.t.ppf(0.975, 3) * 0.041)
+    rng = np.random.default_rng(10)
+    for _ in range(300):
+        e, se, df = rng.uniform(-1, 1), rng.uniform(0.001, 0.6), rng.uniform(1, 50)
+        p = 2 * sps.t.sf(abs(e) / se, df)
+        for se_at in (None, lambda d, se=se, df=df: (se * (1 + d * d), df)):
+            lo, hi = stats.bounded_difference_ci(e, se, df, 0.05, se_at)
+            assert -1 <= lo <= e <= hi <= 1
+            assert (lo > 0 or hi < 0) == (p < 0.05)
+    # away from ±1 it is the t interval
+    q = sps.t.ppf(0.975, 10)
+    assert stats.bounded_difference_ci(0.1, 0.05, 10.0) == pytest.approx((0.1 - q * 0.05, 0.1 + q * 0.05))
+
+
+def test_rate_interval_inside_zero_one():
+    lo, hi = stats.rate_interval(np.zeros((3, 100)), resolution=1.0)
+    assert lo == 0.0 and 0 < hi < 0.03  # Wilson at n = 300 cells: 1.96² / (300 + 1.96²)
+    lo, hi = stats.rate_interval(np.ones((3, 10)), resolution=1.0)
+    assert 0.8 < lo < hi == 1.0
+    d = (np.random.default_rng(1).random((4, 80)) < 0.3).astype(float)
+    lo, hi = stats.rate_interval(d, resolution=1.0)
+    assert lo < d.mean() < hi

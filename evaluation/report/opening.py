@@ -102,7 +102,7 @@ def summary(contrasts_df: pd.DataFrame, alpha: float) -> str:
     out = [f"<p>{len(c)} paired contrasts of the study ({esc(by_ref)}; each scored by its primary judge, "
            f"other judges are sensitivity analyses in the tables); <b>{len(sig)} significant after Holm</b> at "
            f"α = {alpha:g} ({n_bh} after Benjamini-Hochberg).</p>"]
-    one_run = c[c["inference"] != "runs × items"]
+    one_run = c[~c["inference"].astype(str).str.startswith(("runs × items", "two independent"))]
     if len(one_run):
         out.append(f"<p><b>{len(one_run)} contrast(s) rest on a single trained run</b>: run-to-run variance is "
                    "unmeasured there, so they get a CI over items but no p-value and make no claim across "
