@@ -1,0 +1,93 @@
+"""Pooling across models (evaluation.pooled), the value × stage test (evaluation.stage_test) and
+equivalence (evaluation.equivalence) on small tables."""
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+from statsmodels.stats.meta_analysis import combine_effects
+
+from evaluation.equivalence import DEFAULT_MARGINS, margin_for, tost_p, with_equivalence
+from evaluation.pooled import ALL_MODELS, pool_contrasts, random_effects
+from evaluation.stage_test import stage_line, stage_test
+
+
+def test_random_effects_matches_statsmodels_dl_hksj():
+    y, se = np.array([0.1, 0.5, 0.25, -0.1, 0.3]), np.array([0.08, 0.1, 0.05, 0.12, 0.07])
+    sm = combine_effects(y, se**2, method_re="dl")
+    assert sm.tau2 > 0  # heterogeneous: statsmodels does not truncate a negative DL τ² at 0, we do
+    r = random_effects(y, se, floor_scale=False)
+    assert r.tau2 == pytest.approx(sm.tau2) and r.i2 == pytest.approx(sm.i2)
+    assert r.effect == pytest.approx(sm.mean_effect_re)
+    assert r.se == pytest.approx(sm.sd_eff_w_re_hksj)
+    lo, hi = sm.conf_int(use_t=True)[3]  # "random effect wls": HKSJ with t on k − 1 df
+    assert (r.ci_lo, r.ci_hi) == (pytest.approx(lo), pytest.approx(hi))
+    assert r.p_value == pytest.approx(2 * sps.t.sf(abs(r.effect / r.se), 4))
+
+
+def test_the_scale_floor_and_the_shared_item_term_only_widen():
+    y, se = np.array([0.20, 0.21, 0.19]), np.array([0.1, 0.1, 0.1])  # agree better than their SEs say
+    plain, floored = random_effects(y, se, floor_scale=False), random_effects(y, se)
+    assert plain.hksj_scale < 1 and floored.se == pytest.approx(0.1 / np.sqrt(3)) and floored.se > plain.se
+    shared = random_effects(y, se, shared_item=[0.003] * 3)
+    # equal weights: the item term counted once in full rather than a third of it
+    assert shared.se**2 == pytest.approx(floored.se**2 + 0.003 * (1 - 1 / 3))
+    with pytest.raises(ValueError, match="k ≥ 2"):
+        random_effects([0.1], [0.1])
+
+
+def _con(model, value, metric, effect, se=0.05, p=0.01, suite="values", reference="control", primary=True):
+    return dict(model=model, condition=f"value-{value}", kind="value", value=value, suite=suite, metric=metric,
+                judge="j", primary=primary, reference=reference, family="study", effect=effect, se=se, df=4.0,
+                p_value=p, var_item=0.01, n_items=50)
+
+
+def test_pool_contrasts_pools_models_and_families_and_skips_single_runs():
+    rows = [_con(m, "empathy", "expresses/empathy", e) for m, e in [("a", .3), ("b", .2), ("c", .25), ("d", .1)]]
+    rows += [_con("a", "humor", "expresses/humor", 0.1), _con("b", "humor", "expresses/humor", 0.1, p=np.nan)]
+    rows += [_con("a", "empathy", "expresses/empathy", 9.0, primary=False)]  # another judge: not pooled
+    t = pool_contrasts(pd.DataFrame(rows), families={"a": "llama-3", "b": "llama-3", "c": "qwen", "d": None})
+    assert set(zip(t["pool"], t["value"], t["k_models"])) == {(ALL_MODELS, "empathy", 4), ("llama-3", "empathy", 2)}
+    every = t[t["pool"] == ALL_MODELS].iloc[0]
+    assert every["effect"] == pytest.approx(random_effects([.3, .2, .25, .1], [.05] * 4, [0.01 / 50] * 4).effect)
+    assert every["models"] == "a, b, c, d" and every["significant"] == (every["p_holm"] < 0.05)
+    assert pool_contrasts(pd.DataFrame(rows[:1])).empty
+
+
+def test_stage_test_compares_pooled_instruct_with_the_others():
+    rows = [_con(m, "empathy", "expresses/empathy", e) for m, e in [("i1", .5), ("i2", .45), ("b1", .1)]]
+    rows += [_con(m, "humor", "expresses/humor", .2) for m in ("i1", "b1")]
+    stages = {"i1": "instruct", "i2": "instruct", "b1": "base"}
+    t = stage_test(pd.DataFrame(rows), stages).set_index("value")
+    emp = t.loc["empathy"]
+    pooled = random_effects([.5, .45], [.05, .05], [0.01 / 50] * 2)
+    assert (emp["k_instruct"], emp["k_other"]) == (2, 1)
+    assert emp["difference"] == pytest.approx(pooled.effect - 0.1)
+    assert emp["se"] == pytest.approx(np.hypot(pooled.se, 0.05))
+    assert t.loc["humor", "difference"] == pytest.approx(0) and not t.loc["humor", "significant"]
+    assert stage_line(t.reset_index(), "control").startswith("own expression larger in instruct models for")
+    assert stage_test(pd.DataFrame(rows), {m: "instruct" for m in stages}).empty
+    assert stage_line(None, "control").startswith("not measured")
+
+
+def test_tost_is_the_1_minus_2alpha_ci_inside_the_margin():
+    rng = np.random.default_rng(3)
+    effect, se, df = rng.normal(0, .05, 500), rng.uniform(.005, .05, 500), rng.uniform(1, 60, 500)
+    p = tost_p(effect, se, df, np.full(500, 0.05))
+    q = sps.t.ppf(0.95, df)
+    inside = (effect - q * se > -0.05) & (effect + q * se < 0.05)
+    assert ((p < 0.05) == inside).all() and inside.any() and (~inside).any()
+
+
+def test_with_equivalence_verdicts_and_default_margin():
+    assert margin_for("qa", "acc", DEFAULT_MARGINS) == 0.05 and np.isnan(margin_for("qa", "f1", DEFAULT_MARGINS))
+    rows = pd.DataFrame([dict(suite="qa", metric="acc", effect=0.0, se=0.01, df=10, p_value=0.9, significant=False),
+                         dict(suite="qa", metric="acc", effect=0.0, se=0.1, df=10, p_value=0.9, significant=False),
+                         dict(suite="qa", metric="acc", effect=0.2, se=0.01, df=10, p_value=1e-6, significant=True),
+                         dict(suite="qa", metric="acc", effect=0.0, se=0.01, df=10, p_value=np.nan,
+                              significant=False),   # one run: not tested
+                         dict(suite="safety", metric="refusal", effect=0.0, se=0.01, df=10, p_value=0.9,
+                              significant=False)])  # no margin for it
+    t = with_equivalence(rows)
+    assert list(t["equivalence"]) == ["equivalent within ±0.05", "not shown equivalent", "changed", "", ""]
+    t = with_equivalence(rows, {"safety/*": 0.1})
+    assert list(t["equivalence"]) == ["", "", "", "", "equivalent within ±0.1"]
