@@ -50,6 +50,7 @@ class Run:
     match: str | None = None  # a per-value control's matched value (controls.match: per_value); else None
     stage: str = "instruct"  # the model's models[i].stage: base | sft | instruct (the report groups by it)
     progress: float = 1.0   # share of its cell's training schedule (train.eval_at); a base model: 0
+    family: str | None = None  # models[i].family: the analysis pools contrasts within each family too
 
     @property
     def final(self) -> bool:
@@ -64,12 +65,13 @@ def study_runs(spec: Spec, conditions: list[str], seeds_of: Callable[[str], list
     and `valind plan` (without) both list runs here, so the plan counts what the pipeline evaluates."""
     out: list[Run] = []
     for m in spec.models:
-        out.append(Run(f"{m.name}__base", m.name, "base", "base", None, None, None, stage=m.stage, progress=0.0))
+        out.append(Run(f"{m.name}__base", m.name, "base", "base", None, None, None, stage=m.stage, progress=0.0,
+                       family=m.family))
         for cond in conditions:
             kind, value, match = parse_condition(cond)
             for seed in seeds_of(cond):
                 r = Run(f"{m.name}__{cond}__s{seed}", m.name, cond, kind, value, seed, None, stage=m.stage,
-                        match=match)
+                        match=match, family=m.family)
                 r = replace(r, cell_key=cell_key(r))
                 out.append(r)
                 # the same cell's adapter part-way through training: one run's repeated measures
