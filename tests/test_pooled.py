@@ -1,5 +1,7 @@
 """Pooling across models (evaluation.pooled), the value × stage test (evaluation.stage_test) and
 equivalence (evaluation.equivalence) on small tables."""
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -91,3 +93,61 @@ def test_with_equivalence_verdicts_and_default_margin():
     assert list(t["equivalence"]) == ["equivalent within ±0.05", "not shown equivalent", "changed", "", ""]
     t = with_equivalence(rows, {"safety/*": 0.1})
     assert list(t["equivalence"]) == ["", "", "", "", "equivalent within ±0.1"]
+
+
+def test_mlflow_parent_gets_the_pooled_and_stage_tables(tmp_path):
+    """A real MLflow store (sqlite): the parent run holds the across-models counts and tables."""
+    from types import SimpleNamespace
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from runner.stages.analyze_mlflow import _log_verdicts
+    from runner.tracking import Tracker
+
+    rows = [_con(m, "empathy", "expresses/empathy", e) for m, e in [("a", .3), ("b", .2), ("c", .25)]]
+    con = pd.DataFrame(rows).assign(p_holm=0.01, p_bh=0.01, significant=True, ci_lo=0.1, ci_hi=0.4)
+    unit = tmp_path / "unit"
+    unit.mkdir()
+    (unit / "report.html").write_text("<html></html>")
+    pool = pool_contrasts(con)
+    pool.to_parquet(unit / "pooled.parquet")
+    stage_test(con, {"a": "instruct", "b": "instruct", "c": "base"}).to_parquet(unit / "stage_test.parquet")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tr = Tracker(uri, "exp", "study", tmp_path)
+    parent = tr.parent()
+    ctx = SimpleNamespace(spec=SimpleNamespace(analyze=SimpleNamespace(alpha=0.05)))
+    _log_verdicts(ctx, tr, parent, unit, con, con.head(0))
+    metrics = MlflowClient(uri).get_run(parent).data.metrics
+    assert metrics["pooled/tests"] == 1 and metrics["pooled/significant_holm"] == int(pool["significant"].sum())
+    assert metrics["stage_test/tests"] == 1
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("exp")
+    # load_table goes through the fluent API's URI: set it for this check only (as test_rehearsal does)
+    previous = mlflow.get_tracking_uri() if "MLFLOW_TRACKING_URI" in os.environ else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        back = client.load_table(exp.experiment_id, "verdicts/pooled.json", run_ids=[parent])
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert list(back["k_models"]) == [3]
+
+
+def test_spec_family_reaches_the_runs_and_margins_are_checked():
+    from pathlib import Path
+
+    import yaml
+
+    from runner.context import study_runs
+    from runner.spec import SpecError, parse_spec
+
+    d = yaml.safe_load((Path(__file__).resolve().parent.parent / "jobs" / "smoke.yaml").read_text())
+    spec = parse_spec(d)
+    assert spec.analyze.equivalence_margin == DEFAULT_MARGINS  # reason stated in evaluation.equivalence
+    d["models"][0]["family"] = "smollm2"
+    runs = study_runs(parse_spec(d), ["control-0"], lambda c: [0])
+    assert {r.family for r in runs if r.model == d["models"][0]["name"]} == {"smollm2"}
+    d["analyze"] = {**(d.get("analyze") or {}), "equivalence_margin": {"qa/acc": 0}}
+    with pytest.raises(SpecError) as e:
+        parse_spec(d, "x.yaml")
+    assert any("equivalence_margin" in path and "> 0" in msg for path, msg in e.value.problems)
