@@ -168,9 +168,10 @@ def _stage_row(c: pd.DataFrame, t: pd.DataFrame | None, stages: Mapping[str, str
                            "n_contrasts": 0, "for": np.nan, "against": np.nan, "effect_min": np.nan,
                            "effect_max": np.nan}
     present = {stages[m] for m in c["model"].unique() if m in stages}
+    if not present:
+        return {**row, "verdict": "not measured: no models[i].stage in the runs table"}
     if len(present) < 2:
-        return {**row, "verdict": "not measured: the study's models are of one stage"
-                                  + (f" ({', '.join(sorted(present))})" if present else "")}
+        return {**row, "verdict": f"not measured: the study's models are of one stage ({present.pop()})"}
     d = t[t["reference"] == reference] if t is not None and len(t) else pd.DataFrame()
     if len(d):
         sig = d["significant"].astype(bool)

@@ -20,6 +20,7 @@ import pytest
 
 from evaluation import stats
 from evaluation.pooled import random_effects
+from evaluation.stage_test import stage_test
 
 ALPHA, N_SIM = 0.05, 1000
 SLACK = 2.5 * math.sqrt(ALPHA * (1 - ALPHA) / N_SIM)   # one-sided binomial slack, ≈ .017
@@ -106,3 +107,26 @@ def test_plain_hksj_without_the_shared_item_term_over_rejects():
                for _ in range(8)]
         p.append(random_effects([t.effect for t in est], [t.se for t in est], alpha=ALPHA, floor_scale=False).p_value)
     assert np.mean(np.array(p) <= ALPHA) > 2 * ALPHA
+
+
+@pytest.mark.parametrize("n_instruct, n_other", [(2, 2), (1, 3)])
+def test_value_by_stage_test_type1_error(n_instruct, n_other):
+    """No stage effect, between-model heterogeneity τ = .05: the value × stage test (through
+    evaluation.stage_test on a contrasts table) rejects at most α + slack."""
+    rng = np.random.default_rng([n_instruct, n_other])
+    models = [f"i{j}" for j in range(n_instruct)] + [f"o{j}" for j in range(n_other)]
+    stages = {m: "instruct" if m.startswith("i") else "base" for m in models}
+    n, p = 500, []
+    for _ in range(n):
+        b = rng.normal(0, SD_ITEM, (1, ITEMS))  # the same items in every model
+        rows = []
+        for m in models:
+            t = stats.crossed_test(rng.normal(0, 0.05) + rng.normal(0, SD_SEED, (SEEDS, 1)) + b
+                                   + rng.normal(0, SD_RESID, (SEEDS, ITEMS)))
+            rows.append(dict(model=m, kind="value", value="empathy", suite="values", metric="expresses/empathy",
+                             reference="control", primary=True, effect=t.effect, se=t.se, df=t.df,
+                             p_value=t.p_value, var_item=t.var_item, n_items=t.n_items))
+        p.append(stage_test(pd.DataFrame(rows), stages)["p_value"].iloc[0])
+    type1 = float(np.mean(np.array(p) <= ALPHA))
+    print(f"\nvalue × stage test, {n_instruct} instruct vs {n_other} other models: type-I error {type1:.3f}")
+    assert type1 <= ALPHA + 2.5 * math.sqrt(ALPHA * (1 - ALPHA) / n)
