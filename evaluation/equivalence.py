@@ -15,7 +15,7 @@ contrast has one run (run-to-run variance unmeasured: not tested). Tables in, a 
 from __future__ import annotations
 
 from fnmatch import fnmatch
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -41,15 +41,17 @@ def margin_for(suite: str, metric: str, margins: Mapping[str, float]) -> float:
     return float("nan")
 
 
-def tost_p(effect: np.ndarray, se: np.ndarray, df: np.ndarray, margin: np.ndarray) -> np.ndarray:
-    """TOST p-values, elementwise; NaN where any input is missing or se ≤ 0."""
+def tost_p(effect: Any, se: Any, df: Any, margin: Any) -> np.ndarray:
+    """TOST p-values, elementwise; NaN where an input is missing. se = 0 (every paired difference
+    identical: the crossed test's CI is the point itself) gives 0 inside the margin, 1 outside."""
     effect, se, df, margin = (np.asarray(x, float) for x in (effect, se, df, margin))
-    ok = np.isfinite(effect) & np.isfinite(df) & np.isfinite(margin) & (se > 0)
-    s = np.where(ok, se, 1.0)
-    d = np.where(ok, df, 1.0)
+    ok = np.isfinite(effect) & np.isfinite(se) & (se >= 0) & np.isfinite(margin) & ~np.isnan(df)
+    pos = ok & (se > 0)
+    s, d = np.where(pos, se, 1.0), np.where(pos, df, 1.0)
     lower = special.stdtr(d, -(effect + margin) / s)   # H0: effect ≤ −m
     upper = special.stdtr(d, (effect - margin) / s)    # H0: effect ≥ +m
-    return np.where(ok, np.maximum(lower, upper), np.nan)
+    point = np.where(np.abs(effect) < margin, 0.0, 1.0)
+    return np.where(pos, np.maximum(lower, upper), np.where(ok, point, np.nan))
 
 
 def with_equivalence(df: pd.DataFrame, margins: Mapping[str, float] | None = None,
