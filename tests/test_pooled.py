@@ -1,16 +1,23 @@
 """Pooling across models (evaluation.pooled), the value × stage test (evaluation.stage_test) and
 equivalence (evaluation.equivalence) on small tables."""
 import os
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from scipy import stats as sps
 from statsmodels.stats.meta_analysis import combine_effects
 
 from evaluation.equivalence import DEFAULT_MARGINS, margin_for, tost_p, with_equivalence
 from evaluation.pooled import ALL_MODELS, pool_contrasts, random_effects
 from evaluation.stage_test import stage_line, stage_test
+from runner.context import study_runs
+from runner.spec import SpecError, parse_spec
+from runner.stages.analyze_mlflow import _log_verdicts
+from runner.tracking import Tracker
 
 
 def test_random_effects_matches_statsmodels_dl_hksj():
@@ -100,13 +107,8 @@ def test_with_equivalence_verdicts_and_default_margin():
 
 def test_mlflow_parent_gets_the_pooled_and_stage_tables(tmp_path):
     """A real MLflow store (sqlite): the parent run holds the across-models counts and tables."""
-    from types import SimpleNamespace
-
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from runner.stages.analyze_mlflow import _log_verdicts
-    from runner.tracking import Tracker
+    import mlflow  # deferred: seconds to import
+    from mlflow.tracking import MlflowClient  # deferred: mlflow
 
     rows = [_con(m, "empathy", "expresses/empathy", e) for m, e in [("a", .3), ("b", .2), ("c", .25)]]
     con = pd.DataFrame(rows).assign(p_holm=0.01, p_bh=0.01, significant=True, ci_lo=0.1, ci_hi=0.4)
@@ -137,13 +139,6 @@ def test_mlflow_parent_gets_the_pooled_and_stage_tables(tmp_path):
 
 
 def test_spec_family_reaches_the_runs_and_margins_are_checked():
-    from pathlib import Path
-
-    import yaml
-
-    from runner.context import study_runs
-    from runner.spec import SpecError, parse_spec
-
     d = yaml.safe_load((Path(__file__).resolve().parent.parent / "jobs" / "smoke.yaml").read_text())
     spec = parse_spec(d)
     assert spec.analyze.equivalence_margin == DEFAULT_MARGINS  # reason stated in evaluation.equivalence
