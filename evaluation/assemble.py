@@ -15,8 +15,11 @@ from evaluation.analyze import (aa_check, contrasts, per_run_metrics, points_alo
 from evaluation.claims import claims_table
 from evaluation.coexpression import coexpression, crosstalk_tests
 from evaluation.contrasts import positive_control, verdicts
+from evaluation.equivalence import with_equivalence
+from evaluation.pooled import pool_contrasts
 from evaluation.report_inputs import ReportInputs, StudyInfo, StudyTables, Verdict
 from evaluation.sanity import adapter_check, adapter_verdicts
+from evaluation.stage_test import stage_test
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class AnalysisSettings:
     target_halfwidth: float | None = None        # seeds.adaptive's target, for the power table
     primary_judges: dict[str, str] | None = None
     aa_check: bool = False                        # control-0 against control-1 per model (per value, if matched)
+    equivalence_margin: dict[str, float] | None = None  # analyze.equivalence_margin (None: evaluation.equivalence's)
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class Analysis:
     aa_detail: pd.DataFrame | None = None    # every A/A comparison
     along: pd.DataFrame | None = None        # effects at each train.eval_at point (runs as units there)
     trend: pd.DataFrame | None = None        # the effects' slopes over training (a run's points: repeated measures)
+    pooled: pd.DataFrame | None = None       # evaluation.pooled: each contrast across models (≥ 2 models)
+    stage_test: pd.DataFrame | None = None   # evaluation.stage_test: own expression, instruct vs the others
 
 
 def aa_pairs(runs: pd.DataFrame) -> list[tuple[str | None, str, str]]:
@@ -69,7 +75,8 @@ def analyze_study(runs: pd.DataFrame, scores: pd.DataFrame, generations: pd.Data
         along = points_along_training(runs, scores, s.alpha, s.primary_judges)
         trend = trend_along_training(runs, scores, s.alpha, s.primary_judges)
         runs = final_runs(runs)
-    con = contrasts(runs, scores, alpha=s.alpha, primary_judges=s.primary_judges)
+    con = with_equivalence(contrasts(runs, scores, alpha=s.alpha, primary_judges=s.primary_judges),
+                           s.equivalence_margin, s.alpha)
     aa = aa_detail = None
     if s.aa_check:
         rows, tables = [], []
@@ -87,7 +94,23 @@ def analyze_study(runs: pd.DataFrame, scores: pd.DataFrame, generations: pd.Data
                     power=power_table(con, s.target_halfwidth, s.min_effect, s.alpha, s.power),
                     adapters=adapter_check(probe, generations, runs), aa=aa, aa_detail=aa_detail,
                     along=along if along is not None and len(along) else None,
-                    trend=trend if trend is not None and len(trend) else None)
+                    trend=trend if trend is not None and len(trend) else None, **across_models(runs, con, s))
+
+
+def per_model(runs: pd.DataFrame, column: str) -> dict[str, str | None]:
+    """model → the runs table's ``column`` (models[i].stage or .family); {} without that column."""
+    if column not in runs.columns or runs.empty:
+        return {}
+    col = runs.drop_duplicates("model").set_index("model")[column]
+    return {str(m): (None if pd.isna(v) else str(v)) for m, v in col.items()}
+
+
+def across_models(runs: pd.DataFrame, con: pd.DataFrame, s: AnalysisSettings) -> dict[str, pd.DataFrame | None]:
+    """The pooled contrasts (with equivalence) and the value × stage test; None where not measured."""
+    pooled = with_equivalence(pool_contrasts(con, s.alpha, per_model(runs, "family")), s.equivalence_margin, s.alpha)
+    stages = {m: v for m, v in per_model(runs, "stage").items() if v is not None}
+    st = stage_test(con, stages, s.alpha)
+    return {"pooled": pooled if len(pooled) else None, "stage_test": st if len(st) else None}
 
 
 # ----------------------------------------------------------------------------- what the report shows
@@ -179,7 +202,10 @@ def build_report_inputs(runs: pd.DataFrame | None, scores: pd.DataFrame | None, 
         tests = crosstalk_tests(co, info.alpha)
         crosstalk = pd.DataFrame(tests) if tests else None
         claims = claims_table(con, coexpression=co, crosstalk=tests,
-                              positive_values=list(info.positive_values) if info.positive_values is not None else None)
+                              positive_values=list(info.positive_values) if info.positive_values is not None else None,
+                              pooled=tables.pooled, stage_test=tables.stage_test,
+                              stages={m: v for m, v in per_model(runs, "stage").items() if v is not None}
+                              if runs is not None else None)
         pcs = positive_control(con, info.alpha)
     summary = condition_summary(runs, prm)
     points, trend = _along(tables)

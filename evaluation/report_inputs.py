@@ -67,6 +67,8 @@ class StudyTables:
     curation: pd.DataFrame | None = None
     adaptive_trajectory: pd.DataFrame | None = None  # evaluation.adaptive.snapshot rows of each round
     label_check: pd.DataFrame | None = None
+    pooled: pd.DataFrame | None = None             # evaluation.pooled: each contrast pooled across models
+    stage_test: pd.DataFrame | None = None         # evaluation.stage_test: own expression by models[i].stage
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ class Run:
     # are listed with the subsets' sizes (train.eval_at_steps or steps_per_condition: equal); else None
     step: int | None = None
     epochs: float | None = None
+    family: str | None = None  # models[i].family: the analysis pools contrasts within each family too
 
     @property
     def final(self) -> bool:
@@ -78,10 +79,11 @@ def study_runs(spec: Spec, conditions: list[str], seeds_of: Callable[[str], list
     out: list[Run] = []
     t = spec.train
     for m in spec.models:
-        out.append(Run(f"{m.name}__base", m.name, "base", "base", None, None, None, stage=m.stage, progress=0.0))
+        out.append(Run(f"{m.name}__base", m.name, "base", "base", None, None, None, stage=m.stage, progress=0.0,
+                       family=m.family))
         if spec.controls.prompt_only:
-            out += [Run(f"{m.name}__prompt-{v}", m.name, f"prompt-{v}", "prompt", v, None, None, stage=m.stage)
-                    for v in (values if values is not None else spec.values.induced)]
+            out += [Run(f"{m.name}__prompt-{v}", m.name, f"prompt-{v}", "prompt", v, None, None, stage=m.stage,
+                        family=m.family) for v in (values if values is not None else spec.values.induced)]
         for cond in conditions:
             kind, value, match = parse_condition(cond)
             steps, size = doses(cond) if doses else (0, 0)
@@ -96,7 +98,7 @@ def study_runs(spec: Spec, conditions: list[str], seeds_of: Callable[[str], list
                 return {"step": k, "epochs": epochs_of(k, size, t.batch_size)}
             for seed in seeds_of(cond):
                 r = Run(f"{m.name}__{cond}__s{seed}", m.name, cond, kind, value, seed, None, stage=m.stage,
-                        match=match, **at(1.0))
+                        match=match, family=m.family, **at(1.0))
                 r = replace(r, cell_key=cell_key(r))
                 out.append(r)
                 # the same cell's adapter part-way through training: one run's repeated measures

@@ -90,6 +90,18 @@ class AnalyzeSpec(_Section):
     # metric are sensitivity analyses. Metrics with one judge need no entry; safety defaults to the
     # first of score.suites.safety.judges.
     primary_judges: dict[str, str] = Field(default_factory=dict)
+    # "Stays stable" claims: equivalence margin per "suite/metric" pattern or suite, on the metric's own
+    # scale; each contrast gets two one-sided tests against ±margin (evaluation/equivalence.py, where
+    # the default ±0.05 for QA accuracy is justified). Metrics without a margin are not tested for it.
+    equivalence_margin: dict[str, float] = Field(default_factory=lambda: {"qa/acc": 0.05})
+
+    @field_validator("equivalence_margin")
+    @classmethod
+    def _positive_margins(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: m for k, m in v.items() if not m > 0}
+        if bad:
+            raise ValueError(f"each margin must be > 0 (an equivalence band ±margin); got {bad}")
+        return v
 
     _removed = _refuse(("bootstrap", "permutations", "seed"), "removed in valind 0.2, inference is analytic "
                                                              "(crossed runs × items t-test, docs/STATISTICS.md)")

@@ -84,6 +84,9 @@ class ModelSpec(_Section):
     # A hub model's branch, tag or commit: resolved to its commit when the study first runs and that
     # commit used throughout (the study's study.json keeps it, MLflow records it); None: "main" then.
     revision: str | None = Field(default=None, min_length=1, max_length=200)
+    # The model's family (e.g. "llama-3"): the analysis also pools each contrast across the models of
+    # a family having ≥ 2 of them (evaluation/pooled.py), beside the pool over every model. None: none.
+    family: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
     @field_validator("revision")
     @classmethod

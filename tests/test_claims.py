@@ -3,7 +3,8 @@ import numpy as np
 import pandas as pd
 
 from evaluation import analyze
-from evaluation.claims import claims_table
+from evaluation.claims import POOLED, STAGE_CLAIM, claims_table
+from evaluation.equivalence import with_equivalence
 
 
 def _row(value, suite, metric, effect, significant, reference="control", judge="j", primary=True):
@@ -38,7 +39,9 @@ def test_safety_claim_uses_positive_values_and_its_direction():
 def test_no_change_claims_count_any_significant_change_against():
     t = _table([_row("empathy", "qa", "acc", -0.1, True), _row("honesty", "qa", "acc", 0.01, False)])
     r = t.loc["QA accuracy stays largely stable"]
-    assert np.isnan(r["for"]) and r["against"] == 1 and r["verdict"] == "changed in 1 of 2 contrasts"
+    assert np.isnan(r["for"]) and r["against"] == 1
+    assert r["verdict"] == ("changed in 1 of 2 contrasts; no equivalence margin (analyze.equivalence_margin): "
+                            "not tested for equivalence")
 
 
 def test_not_significant_is_not_detected_and_missing_is_not_measured():
@@ -80,3 +83,60 @@ def test_crosstalk_row_counts_related_and_contrastive_cells():
     r = t.set_index("claim").loc["Inducing a value moves related and contrastive values along"]
     assert (r["n_contrasts"], r["for"]) == (2, 2)
     assert r["verdict"] == "1 related and 1 contrastive of 2 off-diagonal cells; whole-matrix (Simes) p 0.004"
+
+
+def _qa(value, effect, se, significant):
+    return dict(_row(value, "qa", "acc", effect, significant), se=se, df=20.0, p_value=0.01 if significant else 0.5)
+
+
+def test_stays_stable_counts_equivalence_against_the_margin():
+    rows = [_qa("empathy", 0.0, 0.01, False),      # 90% CI ±0.017: inside ±0.05
+            _qa("honesty", 0.01, 0.01, False),
+            _qa("humor", 0.0, 0.05, False),        # too noisy to show anything: not shown equivalent
+            _qa("privacy", -0.2, 0.02, True)]      # a significant change
+    t = claims_table(with_equivalence(pd.DataFrame(rows), {"qa/acc": 0.05})).set_index("claim")
+    r = t.loc["QA accuracy stays largely stable"]
+    assert (r["n_contrasts"], r["for"], r["against"]) == (4, 2, 1)
+    assert r["verdict"] == "equivalent within ±0.05 in 2 of 4 contrasts; 1 not shown equivalent; 1 changed"
+
+
+def test_noise_no_longer_confirms_stability():
+    """The old reading called a noisy null "no significant change"; equivalence says it is not shown."""
+    t = claims_table(with_equivalence(pd.DataFrame([_qa("empathy", 0.0, 0.2, False)]))).set_index("claim")
+    assert t.loc["QA accuracy stays largely stable", "verdict"] == "equivalent within ±0.05 in 0 of 1 contrasts; " \
+                                                                   "1 not shown equivalent"
+
+
+def test_negative_values_claim_uses_the_values_not_positive():
+    t = _table([_row("deception", "safety", "harmful_compliance", 0.3, True),
+                _row("violence", "safety", "harmful_compliance", 0.1, False),
+                _row("empathy", "safety", "harmful_compliance", 0.4, True)])  # positive: not this claim
+    r = t.loc[t.index.str.startswith("Negative values reduce safety")].iloc[0]
+    assert (r["n_contrasts"], r["for"], r["against"]) == (2, 1, 0)
+    r = claims_table(pd.DataFrame([_row("empathy", "safety", "harmful_compliance", 0.4, True)]),
+                     positive_values=["honesty"]).set_index("claim")
+    assert r.loc[r.index.str.startswith("Negative values"), "n_contrasts"].iloc[0] == 1  # spec's values.positive
+
+
+def test_pooled_rows_are_a_second_level():
+    per_model = [_row("empathy", "values", "expresses/empathy", 0.3, True)]
+    pooled = pd.DataFrame([dict(_row("empathy", "values", "expresses/empathy", 0.2, False), pool="all models")])
+    t = claims_table(pd.DataFrame(per_model), pooled=pooled)
+    own = t[t["claim"] == "Inducing a value raises its own expression"].set_index("level")
+    assert own.loc["per model", "verdict"] == "supported in 1 of 1 contrasts"
+    assert own.loc[POOLED, "verdict"] == "not detected: 0 of 1 contrasts significant"
+    assert (claims_table(pd.DataFrame(per_model))["level"] != POOLED).all()
+
+
+def test_stage_claim_not_measured_with_one_stage_and_counted_with_two():
+    rows = [dict(_row("empathy", "values", "expresses/empathy", 0.3, True), model=m) for m in ("a", "b")]
+    rows.append(dict(_row("empathy", "safety", "harmful_compliance", 0.3, True), model="b"))
+    one = claims_table(pd.DataFrame(rows), stages={"a": "instruct", "b": "instruct"}).set_index("claim")
+    assert one.loc[STAGE_CLAIM, "verdict"] == "not measured: the study's models are of one stage (instruct)"
+    test = pd.DataFrame([dict(value="empathy", metric="expresses/empathy", reference="control", difference=0.2,
+                              ci_lo=0.05, ci_hi=0.35, significant=True)])
+    two = claims_table(pd.DataFrame(rows), stage_test=test, stages={"a": "instruct", "b": "base"}).set_index("claim")
+    r = two.loc[STAGE_CLAIM]
+    assert (r["n_contrasts"], r["for"], r["against"]) == (1, 1, 0)
+    assert r["verdict"].startswith("own expression larger in instruct models for 1 of 1 values, smaller for 0")
+    assert "side effects significant in 100% of the other models' 1 contrasts" in r["verdict"]

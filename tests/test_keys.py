@@ -131,6 +131,7 @@ def _candidates(path: str, ann, value, ctx: dict) -> list:
         "score.suites.safety.judges": lambda v: [v[1:]], "annotate.max_pairs": lambda v: [1000], "score.benchmarks": lambda v: [v + ["gsm8k"]],
         "train.lora.target_modules": lambda v: [["q_proj", "v_proj"]], "train.eval_at": lambda v: [[0.25, 1.0]],
         "analyze.primary_judges": lambda v: [{"safety": "strmatch"}],
+        "analyze.equivalence_margin": lambda v: [{"qa/acc": 0.1}],
         "tracking.artifact_location": lambda v: ["/tmp/other"], "train.adapters_per_group": lambda v: [2],
         "train.eval_at_steps": lambda v: [[1]],
     }

@@ -18,7 +18,8 @@ from test_analyze import _planted_study, make_study
 COMPUTING = ("per_run_metrics", "contrasts", "mark_primary", "verdicts", "positive_control", "coexpression",
              "crosstalk_tests", "aa_check", "power_table", "points_along_training", "trend_along_training",
              "claims_table", "adapter_check", "adapter_verdicts", "build_report_inputs", "analyze_study",
-             "short_judges", "by_stage", "condition_summary", "judge_provenance", "crossed_test", "simes")
+             "short_judges", "by_stage", "condition_summary", "judge_provenance", "crossed_test", "simes",
+             "pool_contrasts", "random_effects", "stage_test", "with_equivalence", "tost_p")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,9 @@ def inputs():
     agreement = pd.DataFrame(dict(judge=["strmatch"], n=[50], accuracy=[0.7], kappa=[0.4]))
     tables = StudyTables(power=res.power, aa=res.aa, aa_detail=res.aa_detail, adapters=res.adapters,
                          judge_agreement=agreement, curation=pd.DataFrame({"value": ["empathy"], "used": [10]}),
-                         label_check=pd.DataFrame({"value": ["all"], "kappa": [0.5]}))
+                         label_check=pd.DataFrame({"value": ["all"], "kappa": [0.5]}),
+                         pooled=res.pooled, stage_test=res.stage_test)
+    assert res.pooled is not None and res.stage_test is not None  # two models, two stages
     return build_report_inputs(runs, scores, res.contrasts, info, tables)
 
 

@@ -15,7 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # before any submodule imports pyplot: the report draws without a display
 
-from evaluation.report import appendix, checks, doses, opening, results  # noqa: E402
+from evaluation.report import across, appendix, checks, doses, opening, results  # noqa: E402
 from evaluation.report.markup import CSS, Figures, anchor_sections, esc, na  # noqa: E402
 from evaluation.report_inputs import ReportInputs  # noqa: E402
 
@@ -33,6 +33,7 @@ def _sections(figs: Figures, inputs: ReportInputs) -> list[str]:
     sec += ["<h2>Co-expression of values</h2>" + results.coexpression_section(figs, inputs.coexpression,
                                                                                inputs.crosstalk),
             "<h2>Side effects by suite</h2>" + results.side_effects_section(figs, con), *doses.sections(inputs),
+            "<h2>Across models</h2>" + across.across_models_section(inputs),
             "<h2>Effects along training</h2>" + checks.along_training_section(figs, inputs),
             "<h2>A/A check (control against control)</h2>" + checks.aa_section(inputs),
             "<h2>Seeds and power</h2>" + checks.power_section(figs, inputs),

@@ -22,7 +22,10 @@ def claims_section(claims: pd.DataFrame | None, positive_values: tuple[str, ...]
              if positive_values is None else "are the spec's values.positive: " + ", ".join(positive_values))
     return ('<p class="note">Each claim of the paper, tested on every contrast that bears on it, each counted '
             'once by its primary judge: "for" and "against" count contrasts significant (Holm) whose CI '
-            f'excludes 0 on the predicted and on the opposite side. "Positive" values {esc(which)}.</p>'
+            f'excludes 0 on the predicted and on the opposite side; for a "stays stable" claim "for" counts the '
+            'contrasts shown equivalent within ±margin (two one-sided tests, analyze.equivalence_margin) and '
+            '"against" the changed ones. "level": per-model contrasts, or contrasts pooled across models (see '
+            f'"Across models"). "Positive" values {esc(which)}.</p>'
             + table(claims, "Claims table"))
 
 

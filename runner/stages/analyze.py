@@ -82,12 +82,13 @@ def _analyze(ctx: StudyContext, key: str, unit: Path, paths: dict[str, Path], ge
     ad = s.seeds.adaptive
     res = analyze_study(runs, scores, gens, AnalysisSettings(
         alpha=a.alpha, power=a.power, min_effect=a.min_effect, target_halfwidth=ad.target_ci_halfwidth if ad else None,
-        primary_judges=s.primary_judges(), aa_check=s.controls.aa_check),
+        primary_judges=s.primary_judges(), aa_check=s.controls.aa_check, equivalence_margin=a.equivalence_margin),
         probe=pd.concat(probes, ignore_index=True) if probes else None)
     for line in adapter_lines(res.adapters):
         say(f"analyze: adapter check: {line}")
     tables = {"contrasts": res.contrasts, "metrics": res.metrics, "power": res.power, "adapters": res.adapters,
-              "aa_checks": res.aa, "along_training": res.along, "trend": res.trend}
+              "aa_checks": res.aa, "along_training": res.along, "trend": res.trend, "pooled": res.pooled,
+              "stage_test": res.stage_test}
     for name, df in tables.items():
         if df is not None:
             write_parquet(df, unit / f"{name}.parquet")
@@ -103,7 +104,7 @@ def _analyze(ctx: StudyContext, key: str, unit: Path, paths: dict[str, Path], ge
     given = StudyTables(power=res.power, aa=res.aa, aa_detail=res.aa_detail, adapters=res.adapters, along=res.along,
                         trend=res.trend, judge_agreement=agreement(ctx), curation=read_parquet(cur.table),
                         adaptive_trajectory=ctx.seeds.trajectory(res.contrasts, key),
-                        label_check=check["table"] if check else None)
+                        label_check=check["table"] if check else None, pooled=res.pooled, stage_test=res.stage_test)
     final = final_runs(runs)
     inputs = build_report_inputs(final, scores[scores["run_id"].isin(set(final["run_id"]))], res.contrasts, info,
                                  given)

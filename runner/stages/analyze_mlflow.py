@@ -93,11 +93,18 @@ def _log_verdicts(ctx: StudyContext, tr: Tracker, parent: str, unit: Path, con: 
             summary |= {f"aa/{who}/tests": r.n_tests, f"aa/{who}/significant_holm": r.n_significant}
     summary |= {f"verdict/{r.model}/{r.condition}/{r.suite}/{r.metric}/{stat}": getattr(r, stat)
                 for r in heads.itertuples() for stat in VERDICT_STATS}
+    # across models (evaluation.pooled, evaluation.stage_test): counts here, the tables as JSON
+    across = {n: read_parquet(unit / f"{n}.parquet") for n in ("pooled", "stage_test")
+              if (unit / f"{n}.parquet").exists()}
+    for name, t in across.items():
+        summary |= {f"{name}/tests": len(t), f"{name}/significant_holm": int(t["significant"].sum())}
 
     def log() -> None:
         tr.log_artifacts(parent, unit, "report")
         tr.log_metrics(parent, summary)
         tr.log_table(parent, con[[c for c in TABLE_COLUMNS if c in con.columns]], "verdicts/contrasts.json")
+        for name, t in across.items():
+            tr.log_table(parent, t, f"verdicts/{name}.json")
         tr.set_tags(parent, {"valind.report": str(unit / "report.html")})
     tr.once(parent, f"analyze-{unit.name}", log)
 
