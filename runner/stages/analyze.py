@@ -94,11 +94,11 @@ def _analyze(ctx: StudyContext, key: str, unit: Path, paths: dict[str, Path], ge
             write_parquet(df, unit / f"{name}.parquet")
     cur = ctx.need(Curated)
     check = check_result(ctx)
+    positive_prompt = training_system_prompt(s.train, "positive") if s.controls.positive else None
     info = StudyInfo(
         name=s.study.name, description=s.study.description, spec_yaml=redact(ctx.spec_text), code_version=code_version(),
         alpha=a.alpha, system_prompt=SystemPrompt(s.train.system_prompt, bool(s.train.system_prompt and system_fields(
-            s.train.system_prompt)), s.generate.system_prompt, training_system_prompt(s.train, "positive")
-            if s.controls.positive else None), eval_at=tuple(s.train.eval_at),
+            s.train.system_prompt)), s.generate.system_prompt, positive_prompt), eval_at=tuple(s.train.eval_at),
         positive_values=tuple(s.values.positive), adaptive=ctx.seeds.note(),
         curation_rule=read_json(cur.curation).get("rule"),
         label_check=LabelCheck(check["judge"], check["labeller"]) if check else None)
