@@ -28,6 +28,7 @@ class SystemPrompt:
     text: str | None = None
     per_value: bool = False                        # a {value} template: each value arm gets its own text
     at_generation: str = "none"                    # generate.system_prompt: "none" | "train"
+    positive: str | None = None                    # the positive arm's text (a {value} template: a neutral one)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class StudyTables:
     trend: pd.DataFrame | None = None              # the effects' slopes over training
     judge_agreement: pd.DataFrame | None = None
     curation: pd.DataFrame | None = None
+    conditions: pd.DataFrame | None = None         # each value beside its controls (runner.data.matching)
     adaptive_trajectory: pd.DataFrame | None = None  # evaluation.adaptive.snapshot rows of each round
     label_check: pd.DataFrame | None = None
     pooled: pd.DataFrame | None = None             # evaluation.pooled: each contrast pooled across models

@@ -23,7 +23,7 @@ from runner.spec_eval import (  # noqa: F401
 from runner.spec_sections import (  # noqa: F401
     SEED_MAX, AdaptiveSeeds, ControlsSpec, DataSpec, EngineSpec, JudgeSampling, ModelSpec, PositiveControlSpec,
     SamplingSpec, Seed, SeedsSpec, SourceSpec, StudySpec, Value, ValuesSpec, _Section)
-from runner.spec_train import AnnotateCheck, AnnotateSpec, LoraSpec, TrainSpec  # noqa: F401
+from runner.spec_train import POSITIVE_SYSTEM_PROMPT, AnnotateCheck, AnnotateSpec, LoraSpec, TrainSpec  # noqa: F401
 from runner.spec_train import system_fields as system_fields  # re-exported (runner.stages.analyze)
 
 
@@ -181,9 +181,6 @@ def _cross_checks(spec: Spec) -> list[tuple[str, str]]:
         problems.append(("controls.match", "data.subset_size: all gives value subsets of unequal sizes, so each "
                                            "needs controls of its own size and length profile: set "
                                            "controls.match: per_value"))
-    if size == "all" and spec.controls.positive is not None:
-        problems.append(("controls.positive", "needs equal-size value subsets (its size is theirs): set "
-                                              "data.subset_size to a number or leave it unset, or remove the arm"))
     if spec.annotate.check and spec.annotate.check.judge_model == spec.annotate.judge_model:
         problems.append(("annotate.check.judge_model", "is annotate.judge_model: the check needs another judge"))
     if len(set(spec.seeds.values)) != len(spec.seeds.values):
@@ -202,8 +199,8 @@ def _cross_checks(spec: Spec) -> list[tuple[str, str]]:
 
 
 def _system_prompt_checks(spec: Spec) -> list[tuple[str, str]]:
-    """A {value} template needs a value for every trained condition: controls matched per value, no
-    positive arm (its pairs are not any value's); generate.system_prompt: train needs a training one."""
+    """A {value} template needs a value for every trained condition but the positive arm (which gets
+    POSITIVE_SYSTEM_PROMPT): controls matched per value; generate.system_prompt: train needs a training one."""
     problems = []
     sp = spec.train.system_prompt
     if sp is not None and system_fields(sp):
@@ -211,9 +208,6 @@ def _system_prompt_checks(spec: Spec) -> list[tuple[str, str]]:
             problems.append(("train.system_prompt", "a {value} template gives each condition its value's text, "
                              "and pooled random controls (control-<k>) have no value: use a fixed text or "
                              "controls.match: per_value (each control then gets its matched value's text)"))
-        if spec.controls.positive is not None:
-            problems.append(("train.system_prompt", "a {value} template has no value for the positive control "
-                             "(condition \"positive\"): use a fixed text or remove controls.positive"))
     if spec.controls.prompt_only and sp is None:
         problems.append(("controls.prompt_only", "the prompt-only arm generates with each value's training system "
                          "prompt, and train.system_prompt is not set"))
@@ -223,6 +217,12 @@ def _system_prompt_checks(spec: Spec) -> list[tuple[str, str]]:
     return problems
 
 
+def training_system_prompt(train: TrainSpec, condition: str) -> str | None:
+    """The system prompt a condition trains with: its value's text; the positive arm's under a {value}
+    template is the fixed POSITIVE_SYSTEM_PROMPT (runner.spec_train)."""
+    return train.system_text(condition_value(condition), positive=condition == "positive")
+
+
 def generation_system_prompt(spec: Spec, condition: str, trained: bool) -> str | None:
     """The system prompt a run generates with (generate.system_prompt): a trained run's own training
     text; a base model's only when train.system_prompt is a fixed text (a template has no value for it)."""
@@ -230,7 +230,7 @@ def generation_system_prompt(spec: Spec, condition: str, trained: bool) -> str |
     if spec.generate.system_prompt == "none" or sp is None:
         return None
     if trained:
-        return spec.train.system_text(condition_value(condition))
+        return training_system_prompt(spec.train, condition)
     return None if system_fields(sp) else spec.train.system_text(None)
 
 

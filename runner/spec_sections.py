@@ -129,9 +129,11 @@ class ValuesSpec(_Section):
 
 class PositiveControlSpec(_Section):
     """A positive-control arm ("planted behaviour"): a random subset of the training pool, of the same
-    size as every condition, in which a `fraction` of the pairs become minimal pairs whose chosen
-    response carries `phrase` (rejected = the original chosen response). Trained like the value
-    conditions; a held-out suite ("planted", `items` prompts) measures how often the phrase appears."""
+    size as every condition (data.subset_size: all: the median kept value size), in which a `fraction`
+    of the pairs become minimal pairs whose chosen response carries `phrase` (rejected = the original
+    chosen response). Trained like the value conditions (a {value} system-prompt template: with
+    POSITIVE_SYSTEM_PROMPT); a held-out suite ("planted", `items` prompts) measures how often the phrase
+    appears."""
     phrase: str = Field(default="Ahoy there!", min_length=3)
     position: Literal["start", "end"] = "start"   # start: survives max_tokens truncation of generations
     fraction: float = Field(default=1.0, gt=0.0, le=1.0)  # share of the arm's pairs that are planted
@@ -153,8 +155,10 @@ class ControlsSpec(_Section):
     aa_check: bool = False
     positive: PositiveControlSpec | None = None  # a planted-behaviour arm (condition "positive")
     # pooled: `count` controls ("control-<k>") of size N, length-matched to the pooled value subsets;
-    # per_value: `count` controls per value ("control-<value>-<k>"), each of that value's size and
-    # length profile, the reference of that value alone (required by data.subset_size: all).
+    # per_value: `count` controls per value ("control-<value>-<k>"), the reference of that value alone
+    # (required by data.subset_size: all), each carrying what the value's subset carries: its size,
+    # its pairs per source length-matched within the source, and its flipped pairs per source
+    # (runner.data.draws.draw_matched).
     match: Literal["pooled", "per_value"] = "pooled"
     # A prompt-only arm: each base model generates with each induced value's training system prompt
     # (train.system_prompt, required) and no training: runs "<model>__prompt-<value>", one per

@@ -61,6 +61,11 @@ def system_fields(text: str) -> set[str]:
     return {name for _, name, _, _ in parts if name is not None}
 
 
+# The positive arm's system prompt under a {value} template (its pairs are no value's): fixed and
+# neutral, so the arm measures what training alone plants. Stated in the report's curation section.
+POSITIVE_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
 class TrainSpec(_Section):
     method: Literal["dpo", "ipo", "cdpo", "sft"] = "dpo"
     finetune: Literal["lora", "full"] = "lora"
@@ -128,11 +133,14 @@ class TrainSpec(_Section):
             system_fields(v)
         return v
 
-    def system_text(self, value: str | None) -> str | None:
-        """The system prompt of a condition inducing `value` (None: a base model or an unmatched control)."""
+    def system_text(self, value: str | None, positive: bool = False) -> str | None:
+        """The system prompt of a condition inducing `value` (None: a base model or an unmatched control);
+        `positive`: the positive arm, which a {value} template gives POSITIVE_SYSTEM_PROMPT."""
         if self.system_prompt is None:
             return None
         if system_fields(self.system_prompt):
+            if positive:
+                return POSITIVE_SYSTEM_PROMPT
             if value is None:
                 raise ValueError("train.system_prompt is a {value} template and this condition has no value")
             return self.system_prompt.format(value=value)

@@ -10,6 +10,7 @@ from evaluation.assemble import build_report_inputs
 from evaluation.report import render
 from evaluation.report_inputs import StudyInfo, StudyTables, SystemPrompt
 from evaluation.types import RUN_COLUMNS, SCORE_COLUMNS
+from runner.data.matching import condition_table
 
 VALUES = ("empathy", "honesty", "care")
 JUDGE = "judge-a"
@@ -433,6 +434,19 @@ def test_report_says_which_values_were_dropped_and_the_flip_counts(tmp_path):
     assert ("<b>Dropped value(s)</b>: violence (37 eligible pairs), humor (12 eligible pairs): fewer than "
             "data.min_subset_size = 500") in text
     assert "random controls: per_value" in text
+    # the positive arm's size and system prompt, and each value beside its controls
+    rule["positive"] = {"N": 145, "size": "the median kept value size, rounded (data.subset_size: all)",
+                        "planted": 145, "phrase": "Ahoy there!"}
+    f = pd.DataFrame({"source": ["pku", "hh", "pku"], "flipped": [True, False, False], "length": [10, 20, 40]})
+    conds = condition_table({"value-empathy": f, "control-empathy-0": f.assign(length=[12, 20, 30])})
+    sp = SystemPrompt("You value {value}.", True, "train", "You are a helpful assistant.")
+    text = render(build_report_inputs(runs, None, None, StudyInfo(curation_rule=rule, system_prompt=sp),
+                                      StudyTables(curation=table, conditions=conds)), tmp_path / "pos").read_text()
+    assert ('Positive control: 145 pairs (the median kept value size, rounded (data.subset_size: all)), 145 of them '
+            'planted with "Ahoy there!"; it trains with the system prompt "You are a helpful '
+            'assistant." (fixed and neutral') in text
+    assert text.count("hh 1, pku 2") == 2 and text.count("1 (33%)") == 2
+    assert "20 [15–30]" in text and "20 [16–25]" in text
 
 
 def test_verdicts_are_one_headline_row_per_condition_and_metric(planted):

@@ -7,6 +7,7 @@ import pytest
 
 from runner.data.curate import (CurationError, assign_bins, curate, default_length, is_held_out, plant,
                                 planted_ids, proportional_counts)
+from runner.data.matching import condition_table, mismatches
 from runner.spec import ControlsSpec, DataSpec, PositiveControlSpec, SourceSpec
 
 VALS = ["empathy", "honesty", "humor"]
@@ -365,7 +366,7 @@ def test_all_gives_unequal_sizes_and_per_value_controls_of_matching_size_and_pro
     held = set(cur.held_out["pair_id"])
     for v in ("humor", "empathy"):
         own = cur.subsets[f"value-{v}"]["length"].to_numpy()
-        edges = np.array(cur.rule["controls"]["per_value"][v]["edges"])
+        edges = np.array(cur.rule["controls"]["per_value"][v]["sources"]["q"]["edges"])  # one source: "q"
         assert len(edges) == 3
         target = proportional_counts(np.bincount(assign_bins(own, edges), minlength=4), sizes[v])
         for k in range(2):
@@ -416,10 +417,126 @@ def test_all_drops_values_below_min_subset_size():
         curate(pairs, ann, ["humor", "empathy"], data.model_copy(update={"subset_size": None}), ControlsSpec())
 
 
-def test_all_needs_per_value_controls_and_no_positive_arm():
+def test_all_needs_per_value_controls_and_sizes_the_positive_arm_at_the_median():
     pairs, ann = make_profiles(n_rest=10)
     with pytest.raises(CurationError, match="controls.match: per_value"):
         curate(pairs, ann, ["humor"], DataSpec(sources=SRC, subset_size="all"), ControlsSpec(count=1))
-    with pytest.raises(CurationError, match="controls.positive"):
-        curate(pairs, ann, ["humor"], DataSpec(sources=SRC, subset_size="all"),
-               ControlsSpec(count=1, match="per_value", positive=PositiveControlSpec()))
+    # the paper's design with a positive arm: its size is the median kept value size (200 and 90 → 145)
+    pairs, ann = make_profiles()
+    cur = curate(pairs, ann, ["humor", "empathy"], DataSpec(sources=SRC, subset_size="all", held_out_fraction=0.0),
+                 ControlsSpec(count=1, match="per_value", positive=PositiveControlSpec()))
+    assert cur.rule["sizes"] == {"humor": 200, "empathy": 90}
+    pos = cur.subsets["positive"]
+    assert len(pos) == cur.rule["positive"]["N"] == 145 == cur.stats["planted"] and pos["pair_id"].is_unique
+    assert "median kept value size" in cur.rule["positive"]["size"]
+    assert cur.table.set_index("value").loc["positive", "N"] == 145
+    assert cur.conditions.set_index("condition").loc["positive", "pairs"] == 145
+
+
+# ------------------------------------------------------------------ matched controls: sources and flips
+
+def make_mixed(n_rest: int = 500):
+    """Two sources of different length profiles: empathy mostly from "pku" (long, 50 of 120 pairs only on
+    the rejected side, flipped by the paper's rule) and some from "hh" (short, 5 of 40 flipped); honesty
+    from "hh" only; the rest of the pool half each, without values."""
+    rng = np.random.default_rng(4)
+    pairs, ann = [], []
+    spec = ([("pku", "empathy", "chosen", 40, 80)] * 70 + [("pku", "empathy", "rejected", 40, 80)] * 50
+            + [("hh", "empathy", "chosen", 2, 10)] * 35 + [("hh", "empathy", "rejected", 2, 10)] * 5
+            + [("hh", "honesty", "chosen", 5, 30)] * 60
+            + [("pku" if i % 2 else "hh", None, None, 1, 90) for i in range(n_rest)])
+    for i, (src, value, side, lo, hi) in enumerate(spec):
+        pid = f"{src}/{i:05d}"
+        pairs.append({"pair_id": pid, "source": src, "prompt": [{"role": "user", "content": f"q{i}"}],
+                      "chosen": f"good{i} " * int(rng.integers(lo, hi)), "rejected": f"bad{i}", "n_turns": 1})
+        ann += [{"pair_id": pid, "side": sd, "values": [value] if side == sd else [], "scored": True, "raw": ""}
+                for sd in ("chosen", "rejected")]
+    return pd.DataFrame(pairs), pd.DataFrame(ann)
+
+
+MIXED = DataSpec(sources=SRC, subset_size="all", rule="exactly_one_side_flip", held_out_fraction=0.1)
+
+
+def test_matched_controls_carry_the_values_sources_and_flips():
+    pairs, ann = make_mixed()
+    cur = curate(pairs, ann, ["empathy", "honesty"], MIXED, ControlsSpec(count=2, match="per_value"))
+    orig = pairs.set_index("pair_id")
+    for v in ("empathy", "honesty"):
+        own = cur.subsets[f"value-{v}"]
+        for k in range(2):
+            c = cur.subsets[f"control-{v}-{k}"]
+            assert len(c) == len(own) and c["pair_id"].is_unique
+            assert c["source"].value_counts().to_dict() == own["source"].value_counts().to_dict()
+            assert (c[c["flipped"]]["source"].value_counts().to_dict()
+                    == own[own["flipped"]]["source"].value_counts().to_dict())
+            o = orig.loc[c["pair_id"]]
+            swapped = c["flipped"].to_numpy()
+            assert (c["chosen"].to_numpy() == np.where(swapped, o["rejected"], o["chosen"])).all()
+            assert (c["rejected"].to_numpy() == np.where(swapped, o["chosen"], o["rejected"])).all()
+            for src in set(own["source"]):  # length-matched within each source
+                a, b = own[own["source"] == src]["length"], c[c["source"] == src]["length"]
+                assert abs(a.median() - b.median()) <= 0.25 * a.median(), (v, k, src)
+    e = cur.subsets["value-empathy"]
+    assert e["flipped"].sum() == cur.rule["counts"]["empathy"]["flipped"] > 40  # pku's and hh's flips, held out less
+    assert not cur.subsets["value-honesty"]["flipped"].any() and not cur.subsets["control-honesty-0"]["flipped"].any()
+    assert set(cur.subsets["control-empathy-0"]["pair_id"]) != set(cur.subsets["control-empathy-1"]["pair_id"])
+    pv = cur.rule["controls"]["per_value"]["empathy"]
+    assert pv["flipped"] == e["flipped"].sum() and pv["flip_share"] == pytest.approx(e["flipped"].mean())
+    assert {s: a["N"] for s, a in pv["sources"].items()} == e["source"].value_counts().to_dict()
+    assert "source" in cur.control_bins.columns and (cur.control_bins["drawn"] == cur.control_bins["target"]).all()
+    # the table: each value beside its controls, with equal sizes, source mixes and flip shares
+    t = cur.conditions
+    assert t["condition"].tolist() == ["value-empathy", "control-empathy-0", "control-empathy-1",
+                                       "value-honesty", "control-honesty-0", "control-honesty-1"]
+    for v, g in t.groupby("matches"):
+        assert g["pairs"].nunique() == g["sources"].nunique() == g["flip_share"].nunique() == 1, v
+    assert t.set_index("condition").loc["value-empathy", "flip_share"] > 0.3
+    # deterministic and independent of row order
+    again = curate(pairs.sample(frac=1.0, random_state=5), ann, ["empathy", "honesty"], MIXED,
+                   ControlsSpec(count=2, match="per_value"))
+    for name in cur.subsets:
+        pd.testing.assert_frame_equal(cur.subsets[name], again.subsets[name])
+
+
+def test_a_control_drawn_without_its_values_sources_or_flips_is_refused(monkeypatch):
+    """The safety net: a matched control drawn from the whole pool, or left unflipped, differs from its
+    value, and curation says so rather than returning it."""
+    import runner.data.curate as curate_mod
+    import runner.data.draws as draws
+
+    pairs, ann = make_mixed()
+    controls = ControlsSpec(count=1, match="per_value")
+    with monkeypatch.context() as m:  # ignore the source: draw each stratum from the whole pool
+        m.setattr(draws, "_source_pool", lambda pool_idx, sources, source: pool_idx)
+        with pytest.raises(CurationError, match=r"control-empathy-0: sources"):
+            curate(pairs, ann, ["empathy"], MIXED, controls)
+    real = draws.draw_controls
+    with monkeypatch.context() as m:  # forget the flips: controls keep their original labels
+        m.setattr(curate_mod, "draw_controls", lambda *a, **kw: real(*a, **{**kw, "flips": None}))
+        with pytest.raises(CurationError, match=r"control-empathy-0: flipped pairs per source"):
+            curate(pairs, ann, ["empathy"], MIXED, controls)
+    curate(pairs, ann, ["empathy"], MIXED, controls)  # as drawn: accepted
+
+
+def test_condition_table_and_mismatches_on_plain_frames():
+    def frame(cond, sources, flipped=None, lengths=None):
+        f = pd.DataFrame({"pair_id": [f"{cond}{i}" for i in range(len(sources))], "source": sources,
+                          "length": lengths or list(range(1, len(sources) + 1))})
+        return f.assign(flipped=flipped) if flipped is not None else f
+    subsets = {"control-0": frame("c", ["a", "b"]),
+               "value-x": frame("v", ["a", "a", "b"], [True, False, False], [10, 20, 30]),
+               "control-x-0": frame("m", ["a", "a", "b"], [False, True, False], [12, 18, 40]),
+               "positive": frame("p", ["b", "b"])}
+    t = condition_table(subsets)
+    assert t["condition"].tolist() == ["value-x", "control-x-0", "positive", "control-0"]
+    row = t.set_index("condition").loc["value-x"]
+    assert (row["sources"], row["flipped"], row["flip_share"], row["length_median"], row["length_q1"]) == \
+        ("a 2, b 1", 1, pytest.approx(1 / 3), 20.0, 15.0)
+    assert pd.isna(t.set_index("condition").loc["control-0", "flip_share"])
+    assert mismatches(subsets) == []
+    bad = {**subsets, "control-x-0": frame("m", ["a", "b", "b"], [False, False, True])}
+    problems = mismatches(bad)
+    assert len(problems) == 2 and "flipped pairs per source" in problems[0] and "sources" in problems[1]
+    assert mismatches({**subsets, "control-x-0": frame("m", ["a", "a"], [True, False])}) == \
+        ["control-x-0: 2 pairs, value-x has 3", "control-x-0: sources {'a': 2}, value-x has {'a': 2, 'b': 1}"]
+    assert mismatches({"control-y-0": frame("m", ["a"])}) == ["control-y-0: no subset value-y to match"]

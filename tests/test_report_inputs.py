@@ -11,6 +11,7 @@ import pytest
 from evaluation.assemble import AnalysisSettings, analyze_study, build_report_inputs
 from evaluation.report import render
 from evaluation.report_inputs import LabelCheck, StudyInfo, StudyTables, SystemPrompt, load, save
+from runner.data.matching import condition_table
 from test_analyze import _planted_study, make_study
 
 # Every function that computes something the report shows (evaluation.analyze and its parts, the
@@ -49,6 +50,7 @@ def inputs():
     agreement = pd.DataFrame(dict(judge=["strmatch"], n=[50], accuracy=[0.7], kappa=[0.4]))
     tables = StudyTables(power=res.power, aa=res.aa, aa_detail=res.aa_detail, adapters=res.adapters,
                          judge_agreement=agreement, curation=pd.DataFrame({"value": ["empathy"], "used": [10]}),
+                         conditions=condition_table({"control-0": pd.DataFrame({"source": ["a"], "length": [3]})}),
                          label_check=pd.DataFrame({"value": ["all"], "kappa": [0.5]}),
                          pooled=res.pooled, stage_test=res.stage_test)
     assert res.pooled is not None and res.stage_test is not None  # two models, two stages
@@ -72,7 +74,7 @@ def _make_computing_fail(monkeypatch) -> int:
 def test_a_stored_report_renders_as_it_was_without_recomputing(inputs, tmp_path, monkeypatch):
     fresh = render(inputs, tmp_path / "fresh").read_text()
     for part in ("Sensitivity.</b> m1: positive control", "Specificity.</b>", "Whole-matrix test</h3><p",
-                 "<h3>base models</h3>", "Value labeller against big", "Dropped value(s)", "inducing empathy"):
+                 "<h3>base models</h3>", "Value labeller against big", "Dropped value(s)", "inducing empathy", "3 [3–3]"):
         assert part in fresh  # every section has something to show
     save(inputs, tmp_path / "store")
     assert _make_computing_fail(monkeypatch) > 20

@@ -216,16 +216,25 @@ def test_system_prompt_placeholders_are_validated():
 
 
 def test_value_template_needs_a_value_for_every_trained_condition():
-    """A {value} template with pooled controls or the positive arm is refused at train.system_prompt;
-    controls matched per value take it; a fixed text goes with every design."""
+    """A {value} template with pooled controls is refused at train.system_prompt; controls matched per
+    value take it, and the positive arm gets the fixed neutral POSITIVE_SYSTEM_PROMPT, in training and
+    (generate.system_prompt: train) in generation; a fixed text goes with every design."""
+    from runner.spec import POSITIVE_SYSTEM_PROMPT, generation_system_prompt, training_system_prompt
+
     d = _smoke()  # pooled controls and a positive arm
     d["train"]["system_prompt"] = "You value {value}."
     problems = _problems(d)
-    assert [p for p, _ in problems] == ["train.system_prompt", "train.system_prompt"]
-    assert "fixed text or controls.match: per_value" in problems[0][1] and "positive" in problems[1][1]
-    d["controls"] = {"count": 1, "match": "per_value"}
+    assert [p for p, _ in problems] == ["train.system_prompt"]
+    assert "fixed text or controls.match: per_value" in problems[0][1]
+    d["controls"] = {"count": 1, "match": "per_value", "positive": {"phrase": "Ahoy there!"}}
+    d["generate"]["system_prompt"] = "train"
     spec = parse_spec(d)
-    assert "control-humor-0" in spec.conditions()
+    assert "control-humor-0" in spec.conditions() and "positive" in spec.conditions()
+    assert training_system_prompt(spec.train, "positive") == POSITIVE_SYSTEM_PROMPT == "You are a helpful assistant."
+    assert generation_system_prompt(spec, "positive", True) == POSITIVE_SYSTEM_PROMPT
+    assert training_system_prompt(spec.train, "value-humor") == "You value humor."
+    fixed = spec.train.model_copy(update={"system_prompt": "Be brief."})
+    assert training_system_prompt(fixed, "positive") == "Be brief."  # a fixed text: every arm's
     d = _smoke()
     d["train"]["system_prompt"] = "You are a careful assistant."
     assert parse_spec(d).train.system_prompt == "You are a careful assistant."
@@ -333,14 +342,17 @@ def _all(d: dict | None = None) -> dict:
     return d
 
 
-def test_subset_size_all_needs_per_value_controls_and_no_positive_arm():
-    d = _smoke()
+def test_subset_size_all_needs_per_value_controls():
+    d = _smoke()  # pooled controls and a positive arm: the arm is welcome (the median value size)
     d["data"]["subset_size"] = "all"
     problems = dict(_problems(d))
-    assert set(problems) == {"controls.match", "controls.positive"}
+    assert set(problems) == {"controls.match"}
     assert "set controls.match: per_value" in problems["controls.match"]
     spec = parse_spec(_all())
     assert (spec.data.subset_size, spec.controls.match, spec.data.rule) == ("all", "per_value", "exactly_one_side_flip")
+    d = _all()
+    d["controls"]["positive"] = {"phrase": "Ahoy there!"}
+    assert "positive" in parse_spec(d).conditions()
     d = _smoke()
     d["data"]["subset_size"] = "most"
     assert [p for p, _ in _problems(d)] == ["data.subset_size"]

@@ -114,4 +114,33 @@ def curation_section(inputs: ReportInputs) -> str:
                        + ", ".join(f"{esc(v)} ({n} eligible pairs)" for v, n in dropped.items())
                        + f": fewer than data.min_subset_size = {rule.get('min_subset_size')} (data.subset_size: "
                          "all drops such values); they have no runs.</p>")
-    return "".join(out) + table(inputs.tables.curation, "Curation table")
+    return "".join(out) + _positive_line(inputs) + _conditions(inputs.tables.conditions) + table(
+        inputs.tables.curation, "Curation table")
+
+
+def _positive_line(inputs: ReportInputs) -> str:
+    """The positive arm's size (and how it was chosen) and the system prompt it trains with."""
+    rule = inputs.info.curation_rule
+    pos = rule.get("positive") if isinstance(rule, dict) else None
+    if not isinstance(pos, dict):
+        return ""
+    sp = inputs.info.system_prompt
+    prompt = "" if sp is None or sp.positive is None else (
+        f"; it trains with the system prompt \"{esc(sp.positive)}\""
+        + (" (fixed and neutral: the {value} template has no value for it)" if sp.per_value else ""))
+    return (f"<p>Positive control: {esc(pos.get('N'))} pairs ({esc(pos.get('size', ''))}), "
+            f"{esc(pos.get('planted'))} of them planted with \"{esc(pos.get('phrase'))}\"{prompt}.</p>")
+
+
+def _conditions(df: pd.DataFrame | None) -> str:
+    """Each value beside its controls: size, source mix, flip share, length median and quartiles."""
+    if df is None or df.empty:
+        return ""
+    shown = pd.DataFrame({
+        "condition": df["condition"], "pairs": df["pairs"], "sources": df["sources"],
+        "flipped": [("—" if pd.isna(f) else f"{int(f)} ({s:.0%})") for f, s in zip(df["flipped"], df["flip_share"])],
+        "length median [IQR]": [f"{m:.0f} [{a:.0f}–{b:.0f}]" for m, a, b in
+                                zip(df["length_median"], df["length_q1"], df["length_q3"])]})
+    return ("<p class='note'>Each value beside its random controls: a matched control (controls.match: "
+            "per_value) has its value's size, pairs per source and flipped pairs per source; lengths in "
+            "tokens of models[0]'s tokenizer.</p>" + table(shown, "Conditions side by side", collapse_over=40))

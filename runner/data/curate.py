@@ -3,8 +3,9 @@ under data.subset_size: all), length-matched random controls and a held-out spli
 deterministic: same inputs and spec → identical subsets.
 
 Conditions are named like `Spec.conditions()`: "value-<v>" per induced value, "control-<k>" (pooled
-controls) or "control-<v>-<k>" (controls.match: per_value), and "positive" (controls.positive: a
-control-like draw in which a share of pairs carry a planted phrase).
+controls) or "control-<v>-<k>" (controls.match: per_value: matched controls that carry what their
+value subset carries: size, source mix, flip share, length profile per source), and "positive"
+(controls.positive: a control-like draw in which a share of pairs carry a planted phrase).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pandas as pd
 
 from runner.data.draws import (CurationError, Draws, assign_bins, bin_edges, derived_seed,  # noqa: F401
                                draw_controls, proportional_counts, stable_unit)
+from runner.data.matching import condition_table, mismatches
 from runner.data.sources import prompt_text
 from runner.spec_sections import ControlsSpec, DataSpec, PositiveControlSpec
 
@@ -27,6 +29,10 @@ RULES = {
                              "rejected one's, chosen and rejected are swapped in V's subset (the paper's rule)",
 }
 N_EXAMPLES = 3
+# Enters the curate stage's key (runner.stages.curate): bump when the same spec curates other subsets.
+# matched-controls-1: per_value controls matched on source mix and flip share; a positive arm under
+# data.subset_size: all (the median kept value size).
+CURATE_VERSION = "matched-controls-1"
 
 
 @dataclass
@@ -40,6 +46,7 @@ class Curation:
     rule: dict[str, Any]                # rule, thresholds, sizes, kept/dropped values, seeds
     stats: dict[str, int] = field(default_factory=dict)        # pool accounting
     control_bins: pd.DataFrame = field(default_factory=pd.DataFrame)  # per control × bin: target/drawn
+    conditions: pd.DataFrame = field(default_factory=pd.DataFrame)    # runner.data.matching.condition_table
 
 
 def default_length(pair: dict) -> int:
@@ -77,14 +84,20 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
 
     Sizes: data.subset_size N (or the smallest value's count when unset) for every subset, an error
     below min_subset_size; "all": every eligible pair of each value, values below min_subset_size
-    dropped (`rule["dropped"]`), an error only when every value is.
+    dropped (`rule["dropped"]`), an error only when every value is; the positive arm then has the
+    median kept value size.
+
+    Matched controls (controls.match: per_value) carry what their value subset carries: its size, its
+    pairs per source (`pairs["source"]`), length-matched within each source, and as many pairs flipped
+    per source (chosen and rejected swapped, a `flipped` column as value subsets have) as the value's
+    rule flipped; curation refuses to return one that does not (`runner.data.matching.mismatches`).
     """
     _check_request(induced, data, controls)
     length_fn = length_fn or default_length
     p = _pool(pairs, annotations, data, length_fn)
     vals = _values(p, induced, data)
     drawn = draw_controls(p.lengths, p.pool_idx, vals.kept, vals.chosen_idx, vals.n, vals.sizes, controls,
-                          data.seed)
+                          data.seed, sources=p.sources, flips=vals.flips)
     pos = controls.positive
     subsets = {f"value-{v}": _frame(p, vals.chosen_idx[v], f"value-{v}", vals.flips[v]) for v in vals.kept}
     n_planted = 0
@@ -92,7 +105,10 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
         subsets["positive"] = _plant_subset(_frame(p, drawn.positive, "positive"), pos.phrase, pos.position,
                                             pos.fraction, data.seed, length_fn)
         n_planted = int(subsets["positive"]["planted"].sum())
-    subsets.update({name: _frame(p, idx, name) for name, idx in drawn.controls.items()})
+    subsets.update({name: _frame(p, idx, name, drawn.flips.get(name)) for name, idx in drawn.controls.items()})
+    problems = mismatches(subsets)
+    if problems:  # a safety net on the draw: a matched control must carry what its value carries
+        raise CurationError("matched controls differ from their value subsets: " + "; ".join(problems[:5]))
     table, overlap = _tables(p, vals, drawn, pos, n_planted)
     examples = {v: [_example(p.records[i], p.chosen_vals[i], p.rejected_vals[i], flipped=bool(vals.flips[v][i]))
                     for i in vals.chosen_idx[v][:N_EXAMPLES]] for v in vals.kept}
@@ -110,7 +126,7 @@ def curate(pairs: pd.DataFrame, annotations: pd.DataFrame, induced: list[str], d
     return Curation(subsets=subsets, held_out=p.pairs.iloc[np.flatnonzero(p.held)].reset_index(drop=True),
                     table=table, overlap=overlap, examples=examples,
                     rule=_rule(vals, drawn, induced, data, controls, length_fn, n_planted), stats=stats,
-                    control_bins=pd.DataFrame(drawn.bin_rows))
+                    control_bins=pd.DataFrame(drawn.bin_rows), conditions=condition_table(subsets))
 
 
 def _check_request(induced: list[str], data: DataSpec, controls: ControlsSpec) -> None:
@@ -121,8 +137,6 @@ def _check_request(induced: list[str], data: DataSpec, controls: ControlsSpec) -
     if data.subset_size == "all" and controls.match != "per_value":
         raise CurationError("data.subset_size: all gives value subsets of unequal sizes: set controls.match: "
                             "per_value (controls of each value's size and length profile)")
-    if data.subset_size == "all" and controls.positive is not None:
-        raise CurationError("controls.positive needs equal-size value subsets, not data.subset_size: all")
 
 
 @dataclass
@@ -139,6 +153,7 @@ class _Pool:
     eligible: np.ndarray
     pool_idx: np.ndarray                # the non-held-out pairs: the controls' pool
     ann: _AnnIndex
+    sources: np.ndarray                 # per pair its source ("all" where the table has no source column)
 
 
 def _pool(pairs: pd.DataFrame, annotations: pd.DataFrame, data: DataSpec,
@@ -163,8 +178,10 @@ def _pool(pairs: pd.DataFrame, annotations: pd.DataFrame, data: DataSpec,
         chosen_vals.append(c[0] if c and c[1] else frozenset())
         rejected_vals.append(r[0] if r and r[1] else frozenset())
     status_arr = np.array(status)
+    sources = (pairs["source"].astype(str).to_numpy(dtype=object) if "source" in pairs.columns
+               else np.full(len(ids), "all", dtype=object))
     return _Pool(pairs, records, ids, held, lengths, chosen_vals, rejected_vals, status_arr,
-                 (status_arr == "eligible") & ~held, np.flatnonzero(~held), ann)
+                 (status_arr == "eligible") & ~held, np.flatnonzero(~held), ann, sources)
 
 
 @dataclass
@@ -235,7 +252,7 @@ def _size(available: dict[str, int], induced: list[str], data: DataSpec) -> tupl
 
 def _frame(p: _Pool, idx: np.ndarray, condition: str, flip: np.ndarray | None = None) -> pd.DataFrame:
     out = p.pairs.iloc[idx].reset_index(drop=True).copy()
-    if flip is not None:  # a value subset: swap the pairs its rule flips (only in this subset)
+    if flip is not None:  # a value subset or matched control: swap the pairs it flips (only in this subset)
         swap = flip[idx]
         out.loc[swap, ["chosen", "rejected"]] = out.loc[swap, ["rejected", "chosen"]].to_numpy()
         out["flipped"] = swap
@@ -265,7 +282,7 @@ def _tables(p: _Pool, vals: _Values, drawn: Draws, pos: PositiveControlSpec | No
     if pos is not None:
         for row in rows:
             row.update({"planted": 0, "phrase": None})
-        n = vals.n or 0
+        n = drawn.positive_size or 0
         rows.append({"value": "positive", "available": len(p.pool_idx), "N": n, "used": n,
                      "used_fraction": n / max(len(p.pool_idx), 1), "planted": n_planted, "phrase": pos.phrase})
     ov = []
@@ -287,10 +304,13 @@ def _rule(vals: _Values, drawn: Draws, induced: list[str], data: DataSpec, contr
         "length_fn": getattr(length_fn, "__name__", repr(length_fn))}
     if drawn.pooled_edges is not None:  # the pooled controls' and the positive arm's profile
         controls_rule.update(bins_used=len(drawn.pooled_edges) + 1, edges=[float(e) for e in drawn.pooled_edges])
-    if drawn.per_value_edges is not None:
-        controls_rule["per_value"] = {v: {"N": vals.sizes[v], "bins_used": len(e) + 1, "edges": [float(x) for x in e],
-                                          "seed": f"('control', seed, '{v}', k)"}
-                                      for v, e in drawn.per_value_edges.items()}
+    if drawn.per_value is not None:
+        controls_rule["matched_on"] = ("each value's size; its pairs per source, length-matched within the source; "
+                                       "its flipped pairs per source (random pairs of the control swapped)")
+        controls_rule["per_value"] = drawn.per_value
+        controls_rule["short_sources"] = ("none can be: a source's pool holds the value's own pairs; where it holds "
+                                          "few others the control shares most of its pairs with the value "
+                                          "(per_value[v].sources[s].pool; the table's shared_with_controls)")
     rule = {"rule": data.rule, "description": RULES[data.rule], "induced": list(induced), "N": vals.n,
             "subset_size": data.subset_size, "min_subset_size": data.min_subset_size,
             "held_out_fraction": data.held_out_fraction, "seed": data.seed,
@@ -306,8 +326,11 @@ def _rule(vals: _Values, drawn: Draws, induced: list[str], data: DataSpec, contr
     if pos is not None:
         rule["positive"] = {
             "condition": "positive", "phrase": pos.phrase, "position": pos.position, "fraction": pos.fraction,
-            "N": vals.n, "planted": n_planted,
-            "draw": "like a control: a length-matched random draw from the pool with seed ('positive', seed)",
+            "N": drawn.positive_size, "planted": n_planted,
+            "size": ("N, every condition's size" if vals.n is not None
+                     else "the median kept value size, rounded (data.subset_size: all)"),
+            "draw": "like a pooled control: a random draw from the whole pool, length-matched to the pooled value "
+                    "subsets, with seed ('positive', seed)",
             "planted_pairs": "the round(fraction × N) pairs (at least 1) with the smallest "
                              "sha256('planted', seed, pair_id); chosen = "
                              + ("phrase + ' ' + original chosen" if pos.position == "start"

@@ -14,6 +14,7 @@ from evaluation.sanity import adapter_lines
 from runner.progress import say
 from runner.secrets import redact
 from runner.context import StudyContext
+from runner.spec import training_system_prompt
 from runner.spec_train import system_fields
 from runner.stages.analyze_mlflow import log_analysis
 from runner.stages.annotate import ANNOTATE_CHECK, check_result
@@ -94,15 +95,17 @@ def _analyze(ctx: StudyContext, key: str, unit: Path, paths: dict[str, Path], ge
             write_parquet(df, unit / f"{name}.parquet")
     cur = ctx.need(Curated)
     check = check_result(ctx)
+    positive_prompt = training_system_prompt(s.train, "positive") if s.controls.positive else None
     info = StudyInfo(
         name=s.study.name, description=s.study.description, spec_yaml=redact(ctx.spec_text), code_version=code_version(),
         alpha=a.alpha, system_prompt=SystemPrompt(s.train.system_prompt, bool(s.train.system_prompt and system_fields(
-            s.train.system_prompt)), s.generate.system_prompt), eval_at=tuple(s.train.eval_at),
+            s.train.system_prompt)), s.generate.system_prompt, positive_prompt), eval_at=tuple(s.train.eval_at),
         positive_values=tuple(s.values.positive), adaptive=ctx.seeds.note(),
         curation_rule=read_json(cur.curation).get("rule"),
         label_check=LabelCheck(check["judge"], check["labeller"]) if check else None)
     given = StudyTables(power=res.power, aa=res.aa, aa_detail=res.aa_detail, adapters=res.adapters, along=res.along,
                         trend=res.trend, judge_agreement=agreement(ctx), curation=read_parquet(cur.table),
+                        conditions=read_parquet(cur.conditions) if cur.conditions.exists() else None,
                         adaptive_trajectory=ctx.seeds.trajectory(res.contrasts, key),
                         label_check=check["table"] if check else None, pooled=res.pooled, stage_test=res.stage_test)
     final = final_runs(runs)

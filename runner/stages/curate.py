@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from runner.context import StudyContext
-from runner.data.curate import curate
+from runner.data.curate import CURATE_VERSION, curate
 from runner.data.sources import prompt_text
 from runner.progress import say
 from runner.stages.annotate import ANNOTATE, Annotated
@@ -37,6 +37,11 @@ class Curated(StageResult):
         return self.unit / "table.parquet"
 
     @property
+    def conditions(self) -> Path:
+        """Each condition's size, source mix, flip share and length profile (runner.data.matching)."""
+        return self.unit / "conditions.parquet"
+
+    @property
     def curation(self) -> Path:
         """curation.json: the rule (sizes, kept and dropped values), stats and examples."""
         return self.unit / "curation.json"
@@ -55,6 +60,7 @@ def _controls(ctx: StudyContext, run: Any) -> dict[str, Any]:
 
 
 CURATE = Key("curate", {
+    "curation version": lambda c, r: CURATE_VERSION,
     "annotate": lambda c, r: ANNOTATE(c),
     "data.held_out_fraction": lambda c, r: c.spec.data.held_out_fraction,
     "data.subset_size": lambda c, r: c.spec.data.subset_size,
@@ -93,6 +99,7 @@ def _curate(ctx: StudyContext, unit: Unit, annotated: Annotated) -> Done:
     write_parquet(cur.held_out, unit / "held_out.parquet")
     write_parquet(cur.table, unit / "table.parquet")
     write_parquet(cur.overlap, unit / "overlap.parquet")
+    write_parquet(cur.conditions, unit / "conditions.parquet")
     if len(cur.control_bins):
         write_parquet(cur.control_bins, unit / "control_bins.parquet")
     write_json({"rule": cur.rule, "stats": cur.stats, "examples": cur.examples}, unit / "curation.json")

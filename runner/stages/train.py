@@ -13,7 +13,7 @@ from runner.capacity import max_concurrent
 from runner.context import Run, StageError, StudyContext
 from runner.plan import params_b
 from runner.progress import say
-from runner.spec import condition_value, content_hash
+from runner.spec import content_hash, training_system_prompt
 from runner.spec_train import TrainSpec
 from runner.stages.curate import CURATE, Curated
 from runner.stages.keys import Key
@@ -117,7 +117,7 @@ def _train(ctx: StudyContext, todo: list[Run]) -> None:
                  model_path=ctx.model_path(r.model), model_id=ctx.model_id(r.model),
                  out_dir=str(cell_unit(ctx, r).dir), work_dir=str(ctx.root / "ray_train"),
                  ref_cache=str(ctx.root / "cache" / "reflogps"), chat_template=ctx.chat_template(r.model),
-                 system_prompt=train.system_text(condition_value(r.condition)),
+                 system_prompt=training_system_prompt(train, r.condition),
                  trust_remote_code=s.model(r.model).trust_remote_code) for cid, r in by_id.items()]
     groups = group_cells(ctx, train, grid)
     if any(len(g.cells) > 1 for g in groups):
