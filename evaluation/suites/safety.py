@@ -121,7 +121,7 @@ def _extra(st: SuiteSettings) -> dict[str, ExtraJudge]:
 
 
 def _judges(st: SuiteSettings) -> dict[str, tuple[str, ...]]:
-    out = {m: tuple(settings(st).judges) for m in METRICS}
+    out: dict[str, tuple[str, ...]] = {m: tuple(settings(st).judges) for m in METRICS}
     return {**out, harm.METRIC: (harm.JUDGE,)} if settings(st).harm_judge else out
 
 
