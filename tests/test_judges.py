@@ -525,3 +525,17 @@ def test_agreement_ordinal_rank_correlations_and_weighted_kappa():
     c = agreement(_rows("v:x", [("r", f"i{k}", "p", v) for k, v in enumerate([.1, .5, .9])]),
                   _rows("v:y", [("r", f"i{k}", "p", .3) for k in range(3)])).iloc[0]
     assert math.isnan(c.spearman) and math.isnan(c.kendall)
+
+
+def test_score_check_sample_is_uniform_seeded_and_independent_of_row_order():
+    from runner.stages.score_check import _sample
+    gens = pd.DataFrame([{"run_id": f"r{r}", "suite": s, "item_id": f"i{i}", "response": "x"}
+                         for r in range(4) for s in ("a", "b") for i in range(25)])
+    one = _sample(gens, "a", 30, seed=7)
+    assert len(one) == 30 and (one.suite == "a").all() and not one.duplicated(["run_id", "item_id"]).any()
+    assert one.equals(_sample(gens.sample(frac=1, random_state=1), "a", 30, seed=7))  # order of reading
+    assert not one.equals(_sample(gens, "a", 30, seed=8))
+    assert len(_sample(gens, "b", 500, seed=7)) == 100  # a suite smaller than the sample: all of it
+    # uniform: over many seeds every response is drawn about equally often (30 of 100 each time)
+    counts = pd.concat([_sample(gens, "a", 30, seed=s) for s in range(400)]).groupby(["run_id", "item_id"]).size()
+    assert len(counts) == 100 and counts.between(120 - 45, 120 + 45).all()
