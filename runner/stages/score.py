@@ -49,9 +49,8 @@ def extra_judges(ctx: StudyContext, suite: str) -> dict[str, ExtraJudge]:
 def _engine_key(c: StudyContext, r: Any = None) -> dict[str, Any]:
     """The judge engines' identities; an extra judge's with its version (a suite's own judge's version
     is in the suite's)."""
-    extra = {n: x for s in eval_suites(c.spec) for n, x in extra_judges(c, s).items()}
-    return {n: [c.engine_identity(m), extra[n].version] if n in extra else c.engine_identity(m)
-            for n, (m, _) in judge_engines(c).items()}
+    return {n: [c.engine_identity(m), extra_judges(c, n.split("/", 1)[0])[n].version] if "/" in n
+            else c.engine_identity(m) for n, (m, _) in judge_engines(c).items()}
 
 
 SCORE = Key("score", {
@@ -125,8 +124,8 @@ def _judge(ctx: StudyContext, runs: list[Run], gens: dict[str, Path], items: pd.
                       ignore_index=True)
         scored = pd.concat([score_suite(n, items[items["suite"] == n], g, engines.get(n), st)
                             for n in eval_suites(ctx.spec)] + [
-            score_extra(x, items[items["suite"] == n], g[g["suite"] == n], engines[k])
-            for n in eval_suites(ctx.spec) for k, x in extra_judges(ctx, n).items()], ignore_index=True)
+            score_extra(extra_judges(ctx, n)[k], items[items["suite"] == n], g[g["suite"] == n], engines[k])
+            for k in engines if "/" in k for n in [k.split("/", 1)[0]]], ignore_index=True)
     for r in runs:
         write_parquet(scored[scored["run_id"] == r.run_id].reset_index(drop=True), _judged_path(ctx, r))
 
