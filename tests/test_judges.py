@@ -539,3 +539,13 @@ def test_score_check_sample_is_uniform_seeded_and_independent_of_row_order():
     # uniform: over many seeds every response is drawn about equally often (30 of 100 each time)
     counts = pd.concat([_sample(gens, "a", 30, seed=s) for s in range(400)]).groupby(["run_id", "item_id"]).size()
     assert len(counts) == 100 and counts.between(120 - 45, 120 + 45).all()
+
+
+def test_agreement_kind_comes_from_every_verdict_and_nothing_scored_is_said():
+    from evaluation.agreement import agreement
+    # the pairs both scored are all 0/1, but the judge also gave a 3: a rating, not a binary verdict
+    t = agreement(_rows("r:a", [("r", "i0", "m", 1.0), ("r", "i1", "m", 0.0), ("r", "i2", "m", 3.0)]),
+                  _rows("r:b", [("r", "i0", "m", 1.0), ("r", "i1", "m", 0.0), ("r", "i2", "m", None)])).iloc[0]
+    assert t.kind == "ordinal" and t.n == 2 and t.unscored_check == 1
+    none = agreement(_rows("h:a", [("r", "i0", "m", None)]), _rows("h:b", [("r", "i0", "m", None)])).iloc[0]
+    assert (none.kind, none.n, none.unscored_primary, none.unscored_check) == ("unscored", 0, 1, 1)

@@ -25,7 +25,7 @@ def section(inputs: ReportInputs) -> str:
            "check judge as the reference, and Cohen's κ; other metrics: Spearman's ρ, Kendall's τ-b and, for "
            "integer ratings, quadratically weighted κ.</p>"]
     for kind, cols, what in (("binary", BINARY, "Binary judges"), ("ordinal", ORDINAL, "Ordinal and continuous")):
-        part = t[t["kind"] == kind]
+        part = t[t["kind"] == kind] if kind == "binary" else t[t["kind"] != "binary"]  # "unscored" rows too
         if len(part):
             out.append(f"<h3>{what}</h3>" + table(part[cols].reset_index(drop=True), f"Judge check ({kind})",
                                                   collapse_over=40))

@@ -135,9 +135,10 @@ def check_lines(judge: str, table: pd.DataFrame) -> list[str]:
         return "n/a" if x != x else f"{x:.3f}"  # NaN: undefined
     out = []
     for r in table.to_dict("records"):
-        stats = (f"precision {f(r['precision'])}, recall {f(r['recall'])}, F1 {f(r['f1'])}, kappa {f(r['kappa'])}"
-                 if r["kind"] == "binary" else f"Spearman {f(r['spearman'])}, Kendall {f(r['kendall'])}, "
-                                                f"weighted kappa {f(r['weighted_kappa'])}")
+        stats = {"binary": f"precision {f(r['precision'])}, recall {f(r['recall'])}, F1 {f(r['f1'])}, "
+                           f"kappa {f(r['kappa'])}",
+                 "ordinal": f"Spearman {f(r['spearman'])}, Kendall {f(r['kendall'])}, weighted kappa "
+                            f"{f(r['weighted_kappa'])}"}.get(r["kind"], "no verdict to compare")
         out.append(f"score check: {r['suite']}/{r['metric']} ({r['judge']}) vs {judge} on {r['n']} of {r['sampled']} "
                    f"responses: {stats} (unscored: {r['unscored_primary']} by the judge, {r['unscored_check']} "
                    "by the check)")
