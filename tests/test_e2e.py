@@ -129,6 +129,7 @@ def test_report_and_where_things_are(smoke):
     assert any(x.startswith("score check: safety/refusal (llm) vs tiny on 8 of 8 responses: precision") for x in lines)
     assert any(x.startswith("score check: safety/harmful_response (harm) vs tiny on ") for x in lines)
     assert any(x.startswith("score check: values/expresses/humor (values-v1) vs tiny on ") for x in lines)
+    assert any(x.startswith("score check: greeting/is_greeting (greeting-llm) vs tiny on ") for x in lines)
     scores = pd.concat([pd.read_parquet(p) for p in root.glob("stages/score/*/scores.parquet")])
     harm = scores[scores["metric"] == "harmful_response"]
     assert len(harm) == len(scores[scores["metric"] == "refusal"]) / 3 and harm["judge"].str.startswith("harm:").all()

@@ -549,3 +549,10 @@ def test_agreement_kind_comes_from_every_verdict_and_nothing_scored_is_said():
     assert t.kind == "ordinal" and t.n == 2 and t.unscored_check == 1
     none = agreement(_rows("h:a", [("r", "i0", "m", None)]), _rows("h:b", [("r", "i0", "m", None)])).iloc[0]
     assert (none.kind, none.n, none.unscored_primary, none.unscored_check) == ("unscored", 0, 1, 1)
+
+
+def test_score_check_keeps_the_llm_judges_rows_only():
+    from runner.stages.score_check import llm_rows
+    rows = _rows("x", [("r", "i0", "m", 1.0)] * 5).assign(
+        judge=["llm:tiny@vllm", "strmatch", "anthro-llm:e", "lexical", "harm"])
+    assert list(llm_rows(rows)["judge"]) == ["llm:tiny@vllm", "anthro-llm:e", "harm"]  # "harm": registered, needs a model

@@ -17,6 +17,7 @@ import pandas as pd
 
 from evaluation.agreement import agreement
 from evaluation.judges import score_suite
+from evaluation.judges.registry import external_judges
 from runner.context import Run, StageError, StudyContext
 from runner.progress import say
 from runner.spec import suite_settings
@@ -62,6 +63,13 @@ def _sample(gens: pd.DataFrame, suite: str, n: int, seed: int) -> pd.DataFrame:
     return g.iloc[np.sort(rng.choice(len(g), size=min(n, len(g)), replace=False))].reset_index(drop=True)
 
 
+def llm_rows(scores: pd.DataFrame) -> pd.DataFrame:
+    """The rows an LLM judge scored: its name carries its engine ("llm:<engine>"), or it is a registered
+    judge that needs a model (a plugin's "greeting-llm"); rule-based judges would agree with themselves."""
+    needs = {name for name, (model, _) in external_judges().items() if model}
+    return scores[scores["judge"].str.contains(":", regex=False) | scores["judge"].isin(needs)]
+
+
 def run(ctx: StudyContext) -> pd.DataFrame | None:
     """The agreement table (evaluation.agreement.agreement), produced unless cached; None without score.check."""
     check = ctx.spec.score.check
@@ -102,7 +110,7 @@ def _check(ctx: StudyContext, unit: Unit) -> Done:
         its, g = items[items["suite"] == s], sample[sample["suite"] == s]
         if s in own:
             out = score_suite(s, its, g, engine, st)
-            parts.append(out[out["judge"].str.contains(":", regex=False)])  # the LLM judges' rows
+            parts.append(llm_rows(out))
         parts += [score_extra(x, its, g, engine) for x in extra_judges(ctx, s).values()]
     judged = pd.concat(parts, ignore_index=True)
     primary = pd.concat([read_parquet(scored[r.run_id]) for r in runs], ignore_index=True)
