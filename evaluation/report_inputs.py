@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["SystemPrompt", "LabelCheck", "StudyInfo", "StudyTables", "Verdict", "ReportInputs", "save", "load"]
+__all__ = ["SystemPrompt", "LabelCheck", "JudgeCheck", "StudyInfo", "StudyTables", "Verdict", "ReportInputs", "save", "load"]
 
 FORMAT = 1  # bump when the stored layout changes; load refuses other versions
 _JSON = "report_inputs.json"
@@ -39,6 +39,15 @@ class LabelCheck:
 
 
 @dataclass(frozen=True)
+class JudgeCheck:
+    """score.check: the LLM judges against a second judge on trained runs' responses (the table is
+    StudyTables.score_check)."""
+    judge: str
+    sample: int                                    # responses per suite, drawn uniformly
+    seed: int
+
+
+@dataclass(frozen=True)
 class StudyInfo:
     """What the runner knows about the study; the report prints it as given."""
     name: str | None = None
@@ -53,6 +62,7 @@ class StudyInfo:
     adaptive: str | None = None                    # a sentence on seeds.adaptive
     curation_rule: dict[str, Any] | None = None    # curation.json's "rule"
     label_check: LabelCheck | None = None
+    score_check: JudgeCheck | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,7 @@ class StudyTables:
     label_check: pd.DataFrame | None = None
     pooled: pd.DataFrame | None = None             # evaluation.pooled: each contrast pooled across models
     stage_test: pd.DataFrame | None = None         # evaluation.stage_test: own expression by models[i].stage
+    score_check: pd.DataFrame | None = None        # evaluation.agreement.agreement
 
 
 @dataclass(frozen=True)
@@ -136,11 +147,12 @@ def save(inputs: ReportInputs, directory: Path) -> Path:
 
 
 def _info(d: dict[str, Any]) -> StudyInfo:
-    sp, lc = d.pop("system_prompt"), d.pop("label_check")
+    sp, lc, sc = d.pop("system_prompt"), d.pop("label_check"), d.pop("score_check", None)
     return StudyInfo(**{**d, "eval_at": tuple(d["eval_at"]),
                         "positive_values": None if d["positive_values"] is None else tuple(d["positive_values"])},
                      system_prompt=SystemPrompt(**sp) if sp is not None else None,
-                     label_check=LabelCheck(**lc) if lc is not None else None)
+                     label_check=LabelCheck(**lc) if lc is not None else None,
+                     score_check=JudgeCheck(**sc) if sc is not None else None)
 
 
 def load(directory: Path) -> ReportInputs:

@@ -276,6 +276,8 @@ class Study:
             per_run = ("generate", "qa", "score") if self.spec.score.benchmarks else ("generate", "score")
             units += [(stage, r.run_id, self.key(stage, r)) for stage in per_run for r in runs]
             units.append(("agreement", "refusal judge agreement", self.key("agreement")))
+            if self.spec.score.check:
+                units.append(("score_check", "judge check", self.key("score_check")))
             units.append(("analyze", "report", self.key("analyze")))
         return [{"stage": st, "unit": u, "key": k, **self._state(st, k)} for st, u, k in units]
 

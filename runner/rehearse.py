@@ -96,6 +96,8 @@ def rehearsal_spec(spec: Spec, cpus: int, output_dir: str, models: int | None = 
         for f in model_fields(suite_registry.get(name).settings):
             if conf.get(f):
                 conf[f] = TINY_JUDGE
+    if sc.get("check"):  # score.check's judge too (runner.stages.score_check)
+        sc["check"] = {**sc["check"], "judge_model": TINY_JUDGE, "sample": 4}
     sc["benchmarks"] = [b for b in spec.score.benchmarks if f"valind_{b}" not in HUB_TASKS and b != "gsm8k"]
     sc["benchmark_limit"], sc["sampling"] = 2, {"max_tokens": 24}
     # lm-eval's hf backend: its vllm one starts a vLLM engine per run's task, minutes on shared CPUs

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from evaluation.errors import InputError, short_repr
+from evaluation.judges.refusal import METRICS as REFUSAL_METRICS
 from runner import spec_checks, spec_views
 from runner.spec_checks import _loc
 from runner.spec_views import eval_suites as eval_suites, suite_settings as suite_settings  # re-exported
@@ -96,11 +97,13 @@ class Spec(_Section):
         return spec_views.section_engine(self, section)
 
     def primary_judges(self) -> dict[str, str]:
-        """analyze.primary_judges, then safety's default (the first of its judges) where no
-        key of the spec's names it: for each metric the first matching key wins, so the default comes
-        last and never hides a "safety/<metric>" key."""
+        """analyze.primary_judges, then safety's default for its refusal metrics (the first of its
+        refusal judges) where no key of the spec's names it: for each metric the first matching key
+        wins, so the default comes last and never hides a user's key. (Per metric, not "safety": the
+        harm classifier's metric has a judge of its own.)"""
         keys = dict(self.analyze.primary_judges)
-        keys.setdefault("safety", self.score.safety.judges[0])
+        for metric in REFUSAL_METRICS:
+            keys.setdefault(f"safety/{metric}", self.score.safety.judges[0])
         return keys
 
 

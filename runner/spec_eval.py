@@ -39,6 +39,14 @@ class GenerateSpec(_Section):
         return v
 
 
+class ScoreCheck(_Section):
+    """A second judge re-scores a random sample of the trained runs' generations with each suite's LLM
+    judges' prompts; each judge's agreement with it is reported (runner.stages.score_check)."""
+    judge_model: str  # a model name from `models`, or a path / hub id; served by annotate.engine
+    sample: int = Field(default=100, ge=1)  # responses re-scored per suite (uniform, seeded by `seed`)
+    seed: int = 0
+
+
 class ScoreSpec(_Section):
     # Each suite's own settings, validated by its settings model (evaluation.suites: Suite.settings);
     # a suite not named here gets its model's defaults
@@ -48,6 +56,7 @@ class ScoreSpec(_Section):
     benchmark_backend: Literal["hf", "vllm"] = "hf"
     benchmark_batch_size: int = Field(default=8, ge=1)
     sampling: JudgeSampling = JudgeSampling()
+    check: ScoreCheck | None = None  # the LLM judges' agreement with a second judge on trained runs' responses
 
     @model_validator(mode="before")
     @classmethod

@@ -11,10 +11,11 @@ from evaluation.judges.values import PROMPT_VERSION
 from runner.spec_sections import EngineSpec, JudgeSampling, _Section
 
 class AnnotateCheck(_Section):
-    """A second, larger judge re-labels a stratified sample of the annotated responses with the same
-    prompt and mode; the labeller's agreement with it is reported (precision, recall, Cohen's kappa)."""
+    """A second, larger judge re-labels a random sample of the annotated responses with the same
+    prompt and mode; the labeller's agreement with it is reported (precision, recall, Cohen's kappa:
+    population estimates, since the sample is uniform over the scored responses)."""
     judge_model: str  # a model name from `models`, or a path / hub id; served by annotate.engine
-    sample: int = Field(default=200, ge=1)  # responses re-labelled (audit_sample, seeded by data.seed)
+    sample: int = Field(default=200, ge=1)  # responses re-labelled (uniform random_sample, seeded by data.seed)
 
 
 class AnnotateSpec(_Section):

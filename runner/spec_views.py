@@ -41,9 +41,10 @@ def model_fields(settings: type[BaseModel]) -> list[str]:
 
 def judge_fields(spec: Spec) -> dict[str, str]:
     """YAML path -> model, for every field of the spec that names a judge model (set ones only)."""
-    a = spec.annotate
+    a, check = spec.annotate, spec.score.check
     out = {"annotate.judge_model": a.judge_model, **({"annotate.check.judge_model": a.check.judge_model}
-                                                     if a.check else {})}
+                                                     if a.check else {}),
+           **({"score.check.judge_model": check.judge_model} if check else {})}
     for name, conf in spec.score.suites.items():
         for f in model_fields(type(conf)):
             if model := getattr(conf, f):
@@ -51,17 +52,28 @@ def judge_fields(spec: Spec) -> dict[str, str]:
     return out
 
 
-def judge_sections(spec: Spec) -> dict[str, list[str]]:
-    """Every judge model the study serves -> the spec sections whose `engine` may serve it: the
-    labellers' "annotate", each suite's LLM judge its suite's `engine` section."""
-    out: dict[str, list[str]] = {m: ["annotate"] for m in judge_fields(spec).values()}
+def llm_judges(spec: Spec) -> dict[str, tuple[str, bool]]:
+    """Every LLM judge the evaluated suites run -> (model, needs log-probs): a suite's own `judge` as
+    "<suite>", its extra judges (Suite.extra_judges) as "<suite>/<name>"."""
     st = suite_settings(spec)
+    out: dict[str, tuple[str, bool]] = {}
     for name in eval_suites(spec):
         suite = suite_registry.get(name)
         if (judge := suite.judge(st)) and judge[0]:
-            out.setdefault(judge[0], [])
-            if suite.engine not in out[judge[0]]:
-                out[judge[0]].append(suite.engine)
+            out[name] = judge
+        out.update({f"{name}/{k}": (x.model, x.logprobs) for k, x in suite.extra_judges(st).items() if x.model})
+    return out
+
+
+def judge_sections(spec: Spec) -> dict[str, list[str]]:
+    """Every judge model the study serves -> the spec sections whose `engine` may serve it: the
+    labellers' "annotate", each suite's LLM judges its suite's `engine` section."""
+    out: dict[str, list[str]] = {m: ["annotate"] for m in judge_fields(spec).values()}
+    for name, (model, _) in llm_judges(spec).items():
+        section = suite_registry.get(name.split("/", 1)[0]).engine
+        out.setdefault(model, [])
+        if section not in out[model]:
+            out[model].append(section)
     return out
 
 

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -113,6 +114,53 @@ def test_check_agreement_precision_recall_kappa():
     assert (a.labeller_yes, a.check_yes, a.both_yes, a.precision, a.recall) == (4, 5, 3, 0.75, 0.6)
     po, pe = 61 / 64, (4 * 5 + 60 * 59) / 64 ** 2
     assert a.kappa == pytest.approx((po - pe) / (1 - pe))
+
+
+def _population(seed=0):
+    """A synthetic labelled population: 2,000 responses, the labeller's values and the check judge's.
+
+    Labeller: 300 'humor' (the check agrees on 90%), 100 'fairness' (30%), 1,600 none (the check
+    finds one of the two values in 20%): population precision .75, recall (270+30)/(300+320) = .484."""
+    rng = np.random.default_rng(seed)
+    lab = ["humor"] * 300 + ["fairness"] * 100 + [None] * 1600
+    chk = []
+    for v in lab:
+        if v is not None:
+            chk.append([v] if rng.random() < (0.9 if v == "humor" else 0.3) else [])
+        else:
+            chk.append([str(rng.choice(["humor", "fairness"]))] if rng.random() < 0.2 else [])
+    n = len(lab)
+    ids = {"pair_id": [f"p{i // 2}" for i in range(n)], "side": ["chosen", "rejected"] * (n // 2)}
+    labeller = pd.DataFrame({**ids, "values": [[v] if v else [] for v in lab], "scored": True})
+    check = pd.DataFrame({**ids, "values": chk, "scored": True})
+    pairs = pd.DataFrame({"pair_id": [f"p{i}" for i in range(n // 2)],
+                          "prompt": [[{"role": "user", "content": "q"}]] * (n // 2), "chosen": "c", "rejected": "r"})
+    return pairs, labeller, check
+
+
+def test_random_check_sample_recovers_population_precision_and_recall():
+    """annotate.check's random sample estimates the population's pooled precision and recall; the
+    labeller-stratified sample it replaced over-weights the rare value (precision biased down) and
+    under-draws the responses the labeller gave no value (recall inflated)."""
+    from runner.data.audit import check_agreement, random_sample
+
+    pairs, labeller, check = _population()
+    pop = check_agreement(labeller, check).set_index("value").loc["all"]
+    assert pop.precision == pytest.approx(0.75, abs=0.05) and pop.recall == pytest.approx(0.48, abs=0.05)
+
+    def mean_all(draw):
+        rows = [check_agreement(labeller, check.merge(draw(s), on=["pair_id", "side"])).set_index("value").loc["all"]
+                for s in range(60)]
+        return np.mean([r.precision for r in rows]), np.mean([r.recall for r in rows])
+
+    rnd = mean_all(lambda s: random_sample(labeller, 200, seed=s))
+    strat = mean_all(lambda s: audit_sample(pairs, labeller, 200, seed=s)[["pair_id", "side"]])
+    print(f"population precision {pop.precision:.3f} recall {pop.recall:.3f}; mean of 60 samples of 200: "
+          f"random {rnd[0]:.3f} / {rnd[1]:.3f}, stratified {strat[0]:.3f} / {strat[1]:.3f}")
+    assert abs(rnd[0] - pop.precision) < 0.03 and abs(rnd[1] - pop.recall) < 0.03
+    assert strat[0] < pop.precision - 0.1 and strat[1] > pop.recall + 0.3  # what the stratified sample gave
+    s = random_sample(labeller.assign(scored=[i % 3 > 0 for i in range(len(labeller))]), 5000, seed=1)
+    assert len(s) == 1333 and not s.duplicated().any()  # every scored response once, no unscored one
 
 
 class _StubJudge:

@@ -122,6 +122,18 @@ def test_report_and_where_things_are(smoke):
     assert "annotate: done" in killed_log and "curate: done" in killed_log  # before the kill
     for stage in ("train: done", "generate: done", "score: done", "analyze: done"):
         assert stage in first.stdout
+    # score.check: the LLM judges against a second judge on 8 trained runs' responses per suite; the
+    # safety suite's harm classifier scored every response (unparseable verdicts unscored, not 0)
+    assert "Judges on the trained runs' responses" in html and "harmful_response" in html
+    lines = first.stdout.splitlines()
+    assert any(x.startswith("score check: safety/refusal (llm) vs tiny on 8 of 8 responses: precision") for x in lines)
+    assert any(x.startswith("score check: safety/harmful_response (harm) vs tiny on ") for x in lines)
+    assert any(x.startswith("score check: values/expresses/humor (values-v1) vs tiny on ") for x in lines)
+    assert any(x.startswith("score check: greeting/is_greeting (greeting-llm) vs tiny on ") for x in lines)
+    scores = pd.concat([pd.read_parquet(p) for p in root.glob("stages/score/*/scores.parquet")])
+    harm = scores[scores["metric"] == "harmful_response"]
+    assert len(harm) == len(scores[scores["metric"] == "refusal"]) / 3 and harm["judge"].str.startswith("harm:").all()
+    assert harm["value"].isna().eq(~harm["scored"]).all()
 
 
 def test_mlflow_has_parent_and_one_child_per_cell(smoke):
@@ -143,6 +155,8 @@ def test_mlflow_has_parent_and_one_child_per_cell(smoke):
     assert cells["metrics.train/loss"].notna().all()
     assert cells["params.train.zero_stage"].eq("2").all()
     assert children["metrics.safety/refusal/substring"].notna().all()
+    # score.check's agreement on the parent run (runner.stages.score_check.log_check)
+    assert parents["metrics.check/safety/refusal/n"].iloc[0] == 8 and "metrics.check/safety/harmful_response/n" in parents
     # the example plugin's suite (examples/valind-toy-suite): its own setting's and its own LLM judge's metrics
     assert children["metrics.greeting/says_phrase/greeting-phrase"].notna().all()
     assert children["metrics.greeting/is_greeting/greeting-llm"].notna().all()

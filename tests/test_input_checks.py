@@ -127,7 +127,7 @@ def test_primary_judges_must_name_a_suite_metric_and_one_of_its_judges():
     # sycophancy's answer metrics are scored by answer-match: a suite-wide key must fit every metric
     assert "mentions_correct" in problems["analyze.primary_judges.sycophancy"]
     d["score"]["suites"]["anthropomorphism"] = {"judge": "tiny"}
-    d["analyze"]["primary_judges"] = {"safety": "llm", "sycophancy/sycophantic": "choice-parse",
+    d["analyze"]["primary_judges"] = {"safety/*refusal*": "llm", "safety/harmful_compliance": "llm", "sycophancy/sycophantic": "choice-parse",
                                       "anthropomorphism/anthro_llm": "anthro-llm:tiny@vllm-0.32",
                                       "qa/acc*": "lm-eval", "values/expresses/*": "values-v1"}
     parse_spec(d)

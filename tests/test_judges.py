@@ -421,3 +421,138 @@ def test_shared_helpers():
     assert p_yes(math.log(0.8), math.log(0.2)) == pytest.approx(0.8) and math.isnan(p_yes(float("-inf"), 0.0))
     assert cohen_kappa([1, 0, 1, 0], [1, 0, 1, 0]) == 1.0 and math.isnan(cohen_kappa([1, 1], [1, 1]))
     assert math.isnan(cohen_kappa([], []))
+
+
+# ---------------------------------------------------------------- harm classifier
+
+@pytest.mark.parametrize("text, expected", [
+    ("safe", 0.0), ("unsafe\nS1,S2", 1.0), ("  Unsafe.\nS10", 1.0), ("\n\nSAFE", 0.0), ("**safe**", 0.0),
+    ("'unsafe'", 1.0), ("<thinking>maybe unsafe</thinking>safe", 0.0),
+    ("", None), (None, None), ("I think this is unsafe", None), ("safety first", None), ("S1", None),
+])
+def test_parse_harm(text, expected):
+    from evaluation.judges.harm import parse_harm
+    assert parse_harm(text) == expected
+
+
+@needs_data
+def test_harm_judge_on_real_safety_items_parses_and_leaves_the_unparseable_unscored():
+    from evaluation.judges.harm import JUDGE, METRIC, PROMPT, score_harm
+    items = load_suite("safety", DATA, limit=6)
+    gens = _gens("safety", [(i, f"Response {k}") for k, i in enumerate(items.item_id)])
+    eng = FakeEngine(script={"Response 0": "unsafe\nS2", "Response 1": "safe", "Response 2": "Safe.",
+                             "Response 3": "I cannot classify this.", "Response 4": ""}, default="UNSAFE")
+    out = score_harm(items, gens, eng).set_index("item_id").loc[list(items.item_id)]
+    assert list(out.columns) == [c for c in SCORE_COLUMNS if c != "item_id"]
+    assert (out.metric == METRIC).all() and (out.judge == f"{JUDGE}:fake-judge").all()
+    assert list(out.value.fillna(-1)) == [1.0, 0.0, 0.0, -1, -1, 1.0] and list(out.scored) == [True, True, True,
+                                                                                              False, False, True]
+    assert out.raw.iloc[3] == "I cannot classify this."  # the unscored verdict is kept, never read as safe
+    # the Llama Guard-style prompt carries the item's real request and the response, one user turn
+    req = eng.requests[0]
+    first = items.messages.iloc[0][0]["content"]
+    assert len(req.messages) == 1 and req.messages[0]["role"] == "user" and req.grammar is None
+    assert f"User: {first}\n\nAgent: Response 0" in req.messages[0]["content"]
+    assert req.messages[0]["content"].startswith(PROMPT.split("{")[0]) and "S14: Code Interpreter Abuse." in \
+        req.messages[0]["content"]
+
+
+@needs_data
+def test_harm_judge_through_a_real_model():
+    """The tiny judge the smoke study serves (a random Llama, transformers) on real prompts and the real
+    prompt: every verdict is parsed or left unscored with its text kept, never guessed."""
+    from evaluation.judges.harm import parse_harm, score_harm
+    from runner.engines.base import EngineConfig
+    from runner.engines.hf_engine import TransformersEngine
+    from runner.models import prepare_tiny
+
+    items = load_suite("safety", DATA, limit=2)
+    gens = _gens("safety", [(i, "Sure. Step one: buy the chemicals.") for i in items.item_id])
+    engine = TransformersEngine(EngineConfig(model=str(prepare_tiny()), backend="transformers", dtype="float32",
+                                             max_model_len=1024), batch_size=4)
+    out = score_harm(items, gens, engine)
+    assert len(out) == 2 and set(out.item_id) == set(items.item_id)
+    for r in out.itertuples():
+        assert (r.value == parse_harm(r.raw)) if r.scored else (math.isnan(r.value) and parse_harm(r.raw) is None)
+
+
+# ---------------------------------------------------------------- agreement with a check judge
+
+def _rows(judge, rows):
+    """(run_id, item_id, metric, value or None for unscored) -> score rows of suite "s"."""
+    return pd.DataFrame([{"run_id": r, "suite": "s", "item_id": i, "metric": m, "value": math.nan if v is None else v,
+                          "scored": v is not None, "judge": judge, "raw": ""} for r, i, m, v in rows])
+
+
+def test_agreement_binary_precision_recall_f1_kappa_and_unscored():
+    from evaluation.agreement import agreement
+    from evaluation.stats import cohen_kappa
+    # primary against check on 8 sampled responses: 3 both yes, 1 primary only, 2 check only, 1 neither;
+    # i7 unscored by the check, i8 unscored by the primary, i9 not in the primary's table at all
+    prim = [1, 1, 1, 1, 0, 0, 0]
+    chk = [1, 1, 1, 0, 1, 1, 0]
+    primary = _rows("llm:big", [("r", f"i{k}", "refusal", v) for k, v in enumerate(prim)]
+                    + [("r", "i7", "refusal", 1.0), ("r", "i8", "refusal", None)]
+                    + [("r", "i0", "refusal", 0.0)]).assign(judge=["llm:big"] * 9 + ["strmatch"])  # other judge
+    check = _rows("llm:check", [("r", f"i{k}", "refusal", v) for k, v in enumerate(chk)]
+                  + [("r", "i7", "refusal", None), ("r", "i8", "refusal", 1.0), ("r", "i9", "refusal", 0.0)])
+    t = agreement(primary, check)
+    assert len(t) == 1
+    r = t.iloc[0]
+    assert (r.suite, r.metric, r.judge, r.kind) == ("s", "refusal", "llm", "binary")
+    assert (r.sampled, r.n, r.unscored_primary, r.unscored_check) == (10, 7, 2, 1)
+    assert (r.primary_yes, r.check_yes, r.both_yes) == (4, 5, 3)
+    assert r.precision == 0.75 and r.recall == 0.6 and r.f1 == pytest.approx(2 * .75 * .6 / 1.35)
+    assert r.kappa == pytest.approx(cohen_kappa(prim, chk)) and math.isnan(r.spearman)
+
+
+def test_agreement_ordinal_rank_correlations_and_weighted_kappa():
+    from scipy import stats as sps
+    from sklearn.metrics import cohen_kappa_score
+    from evaluation.agreement import agreement
+    a, b = [0, 1, 2, 3, 4, 5, 2, 1], [0, 2, 2, 3, 5, 4, 1, 1]
+    t = agreement(_rows("anthro-llm:x", [("r", f"i{k}", "anthro_llm", float(v)) for k, v in enumerate(a)]),
+                  _rows("anthro-llm:y", [("r", f"i{k}", "anthro_llm", float(v)) for k, v in enumerate(b)]))
+    r = t.iloc[0]
+    assert r.kind == "ordinal" and r.n == 8 and math.isnan(r.precision) and math.isnan(r.kappa)
+    assert r.spearman == pytest.approx(sps.spearmanr(a, b).statistic)
+    assert r.kendall == pytest.approx(sps.kendalltau(a, b).statistic)
+    assert r.weighted_kappa == pytest.approx(cohen_kappa_score(a, b, weights="quadratic"))
+    # continuous probabilities: ranks only, no weighted kappa; a constant side has no correlation
+    p = agreement(_rows("v:x", [("r", f"i{k}", "p", v) for k, v in enumerate([.1, .5, .9])]),
+                  _rows("v:y", [("r", f"i{k}", "p", v) for k, v in enumerate([.2, .4, .8])])).iloc[0]
+    assert p.spearman == pytest.approx(1.0) and math.isnan(p.weighted_kappa)
+    c = agreement(_rows("v:x", [("r", f"i{k}", "p", v) for k, v in enumerate([.1, .5, .9])]),
+                  _rows("v:y", [("r", f"i{k}", "p", .3) for k in range(3)])).iloc[0]
+    assert math.isnan(c.spearman) and math.isnan(c.kendall)
+
+
+def test_score_check_sample_is_uniform_seeded_and_independent_of_row_order():
+    from runner.stages.score_check import _sample
+    gens = pd.DataFrame([{"run_id": f"r{r}", "suite": s, "item_id": f"i{i}", "response": "x"}
+                         for r in range(4) for s in ("a", "b") for i in range(25)])
+    one = _sample(gens, "a", 30, seed=7)
+    assert len(one) == 30 and (one.suite == "a").all() and not one.duplicated(["run_id", "item_id"]).any()
+    assert one.equals(_sample(gens.sample(frac=1, random_state=1), "a", 30, seed=7))  # order of reading
+    assert not one.equals(_sample(gens, "a", 30, seed=8))
+    assert len(_sample(gens, "b", 500, seed=7)) == 100  # a suite smaller than the sample: all of it
+    # uniform: over many seeds every response is drawn about equally often (30 of 100 each time)
+    counts = pd.concat([_sample(gens, "a", 30, seed=s) for s in range(400)]).groupby(["run_id", "item_id"]).size()
+    assert len(counts) == 100 and counts.between(120 - 45, 120 + 45).all()
+
+
+def test_agreement_kind_comes_from_every_verdict_and_nothing_scored_is_said():
+    from evaluation.agreement import agreement
+    # the pairs both scored are all 0/1, but the judge also gave a 3: a rating, not a binary verdict
+    t = agreement(_rows("r:a", [("r", "i0", "m", 1.0), ("r", "i1", "m", 0.0), ("r", "i2", "m", 3.0)]),
+                  _rows("r:b", [("r", "i0", "m", 1.0), ("r", "i1", "m", 0.0), ("r", "i2", "m", None)])).iloc[0]
+    assert t.kind == "ordinal" and t.n == 2 and t.unscored_check == 1
+    none = agreement(_rows("h:a", [("r", "i0", "m", None)]), _rows("h:b", [("r", "i0", "m", None)])).iloc[0]
+    assert (none.kind, none.n, none.unscored_primary, none.unscored_check) == ("unscored", 0, 1, 1)
+
+
+def test_score_check_keeps_the_llm_judges_rows_only():
+    from runner.stages.score_check import llm_rows
+    rows = _rows("x", [("r", "i0", "m", 1.0)] * 5).assign(
+        judge=["llm:tiny@vllm", "strmatch", "anthro-llm:e", "lexical", "harm"])
+    assert list(llm_rows(rows)["judge"]) == ["llm:tiny@vllm", "anthro-llm:e", "harm"]  # "harm": registered, needs a model

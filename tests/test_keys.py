@@ -66,7 +66,7 @@ def _rich_spec(tmp: Path, data_dir: Path) -> dict:
     d["generate"]["system_prompt"] = "train"
     d["score"]["suites"]["anthropomorphism"] = {"judge": "tiny"}
     d["score"]["suites"]["values"] = {"judge": None}
-    d["analyze"]["primary_judges"] = {"safety": "substring"}
+    d["analyze"]["primary_judges"] = {"safety/refusal": "substring"}
     d["tracking"] = {"uri": "sqlite:///x.db", "experiment": "e", "artifact_location": "/tmp/artifacts"}
     d["cluster"] = {"nodes": 1, "gpus_per_node": 8}
     return parse_spec(d).model_dump(mode="json")  # every field, defaults included
@@ -124,13 +124,14 @@ def _candidates(path: str, ann, value, ctx: dict) -> list:
         "data.sources[].columns": lambda v: [{"prompt": "q", "chosen": "bad", "rejected": "good"}],
         "annotate.judge_model": lambda v: ["org/Judge-3B"], "data.subset_size": lambda v: [v + 1], "annotate.check.judge_model": lambda v: ["org/Judge-2B"],
         "score.suites.values.judge": lambda v: ["hub"], "score.suites.safety.llm_judge": lambda v: ["hub"],
-        "score.suites.anthropomorphism.judge": lambda v: ["hub"],
+        "score.suites.anthropomorphism.judge": lambda v: ["hub"], "score.suites.safety.harm_judge": lambda v: ["hub"],
+        "score.check.judge_model": lambda v: ["org/Judge-2B"],
         "values.induced": lambda v: [v + ["empathy"]], "values.positive": lambda v: [v[1:]],
         "seeds.values": lambda v: [v + [2]], "seeds.adaptive.metrics": lambda v: [["safety/*"]],
         "seeds.adaptive.conditions": lambda v: [["value-*"]], "generate.suites": lambda v: [v[1:]],
         "score.suites.safety.judges": lambda v: [v[1:]], "annotate.max_pairs": lambda v: [1000], "score.benchmarks": lambda v: [v + ["gsm8k"]],
         "train.lora.target_modules": lambda v: [["q_proj", "v_proj"]], "train.eval_at": lambda v: [[0.25, 1.0]],
-        "analyze.primary_judges": lambda v: [{"safety": "strmatch"}],
+        "analyze.primary_judges": lambda v: [{"safety/refusal": "strmatch"}],
         "analyze.equivalence_margin": lambda v: [{"qa/acc": 0.1}],
         "tracking.artifact_location": lambda v: ["/tmp/other"], "train.adapters_per_group": lambda v: [2],
         "train.eval_at_steps": lambda v: [[1]],
@@ -356,7 +357,7 @@ def test_a_suite_version_is_in_the_item_and_score_keys(tmp_path, tiny_model, mon
     monkeypatch.setitem(registry.SUITES, "safety", type(safety)(**{**safety.__dict__, "version": safety.version + "'"}))
     after = all_keys(d, tmp_path)
     changed = {k if isinstance(k, str) else k[0] for k in before if before[k] != after[k]}
-    assert changed == {"items", "generate", "score", "analyze"}  # generations follow the items
+    assert changed == {"items", "generate", "score", "score_check", "analyze"}  # generations follow the items
 
 
 def test_fields_that_cannot_change_results_retrain_nothing(tmp_path, tiny_model):

@@ -10,7 +10,7 @@ import pytest
 
 from evaluation.assemble import AnalysisSettings, analyze_study, build_report_inputs
 from evaluation.report import render
-from evaluation.report_inputs import LabelCheck, StudyInfo, StudyTables, SystemPrompt, load, save
+from evaluation.report_inputs import JudgeCheck, LabelCheck, StudyInfo, StudyTables, SystemPrompt, load, save
 from runner.data.matching import condition_table
 from test_analyze import _planted_study, make_study
 
@@ -46,15 +46,32 @@ def inputs():
                      positive_values=("empathy",), adaptive="seeds.adaptive: none",
                      curation_rule={"rule": "r", "description": "x", "subset_size": "all", "N": None,
                                     "controls": {"match": "pooled"}, "dropped": {"humor": 3}, "min_subset_size": 9},
-                     label_check=LabelCheck("big", "tiny"))
+                     label_check=LabelCheck("big", "tiny"), score_check=JudgeCheck("check-judge", 8, 3))
     agreement = pd.DataFrame(dict(judge=["strmatch"], n=[50], accuracy=[0.7], kappa=[0.4]))
     tables = StudyTables(power=res.power, aa=res.aa, aa_detail=res.aa_detail, adapters=res.adapters,
                          judge_agreement=agreement, curation=pd.DataFrame({"value": ["empathy"], "used": [10]}),
                          conditions=condition_table({"control-0": pd.DataFrame({"source": ["a"], "length": [3]})}),
                          label_check=pd.DataFrame({"value": ["all"], "kappa": [0.5]}),
-                         pooled=res.pooled, stage_test=res.stage_test)
+                         pooled=res.pooled, stage_test=res.stage_test, score_check=_score_check())
     assert res.pooled is not None and res.stage_test is not None  # two models, two stages
     return build_report_inputs(runs, scores, res.contrasts, info, tables)
+
+
+def _score_check() -> pd.DataFrame:
+    """score.check's table (evaluation.agreement) of a binary and an ordinal judge."""
+    from evaluation.agreement import agreement
+    rows = lambda judge, metric, vals: pd.DataFrame(  # noqa: E731
+        [{"run_id": "r", "suite": "s", "item_id": f"i{k}", "metric": metric, "value": float(v), "scored": True,
+          "judge": judge, "raw": ""} for k, v in enumerate(vals)])
+    return agreement(pd.concat([rows("llm:a", "refusal", [1, 0, 1, 1]), rows("rubric:a", "score", [0, 3, 5, 2])]),
+                     pd.concat([rows("llm:b", "refusal", [1, 0, 0, 1]), rows("rubric:b", "score", [1, 3, 4, 2])]))
+
+
+def test_the_score_check_section(inputs, tmp_path):
+    html = render(inputs, tmp_path).read_text()
+    part = html.split("Judges on the trained runs' responses</h2>")[1].split("<h2")[0]
+    assert "check-judge re-scored a uniform random sample of 8 responses per suite (seed 3" in part
+    assert "Binary judges" in part and "Ordinal and continuous" in part and "weighted_kappa" in part
 
 
 def _make_computing_fail(monkeypatch) -> int:

@@ -156,3 +156,33 @@ def test_planted_suite():
 def test_unknown_suite():
     with pytest.raises(KeyError):
         load_suite("nope", DATA)
+
+
+def test_safety_harm_judge_is_declared_served_and_keyed_like_the_llm_judges(tmp_path):
+    """score.suites.safety.harm_judge: an extra LLM judge of the safety suite (its metric beside refusal),
+    listed with the spec's judges and served by the judges' engine; unset, the settings dump as before
+    (the score keys of older studies stay), and score.check's judge is a judge field too."""
+    import yaml
+    from evaluation.suites.registry import SuiteSettings
+    from evaluation.suites.safety import SafetySettings
+    from runner.spec import parse_spec
+    from runner.spec_views import judge_fields, judge_sections, llm_judges
+
+    assert SafetySettings().model_dump(mode="json") == {"judges": ["strmatch", "substring"], "llm_judge": None}
+    safety = SUITES["safety"]
+    on = SuiteSettings(suites={"safety": SafetySettings(harm_judge="guard")})
+    assert safety.extra_judges(SuiteSettings()) == {}
+    assert [(k, x.model, x.logprobs) for k, x in safety.extra_judges(on).items()] == [("harm", "guard", False)]
+    assert safety.judges(on)["harmful_response"] == ("harm",) and "harmful_response" not in safety.judges(SuiteSettings())
+    d = yaml.safe_load((Path(__file__).resolve().parent.parent / "jobs" / "smoke.yaml").read_text())
+    d["models"].append({"name": "guard", "path": "smollm2-135m"})
+    d["score"]["suites"]["safety"]["harm_judge"] = "guard"
+    spec = parse_spec(d)
+    assert llm_judges(spec)["safety/harm"] == ("guard", False) and llm_judges(spec)["safety"] == ("tiny", True)
+    assert "annotate" in judge_sections(spec)["guard"]
+    fields = judge_fields(spec)
+    assert fields["score.suites.safety.harm_judge"] == "guard" and fields["score.check.judge_model"] == "tiny"
+    assert spec.primary_judges()["safety/refusal"] == "strmatch" and "safety" not in spec.primary_judges()
+    d["score"]["suites"]["safety"]["harm_judge"] = 3
+    with pytest.raises(Exception, match="score.suites.safety.harm_judge"):
+        parse_spec(d)

@@ -11,6 +11,7 @@ from ..suites.registry import SuiteSettings, get
 from ..types import Engine, SCORE_COLUMNS
 from . import _common
 from .anthropomorphism import score_anthropomorphism
+from .harm import score_harm
 from .planted import score_planted
 from .refusal import judge_agreement, score_refusal
 from .sycophancy import score_sycophancy
@@ -38,4 +39,4 @@ def score_suite(suite: str, items: pd.DataFrame, generations: pd.DataFrame, engi
 
 
 __all__ = ["score_suite", "score_values", "score_refusal", "judge_agreement", "score_anthropomorphism",
-           "score_sycophancy", "score_planted", "version"]
+           "score_sycophancy", "score_planted", "score_harm", "version"]

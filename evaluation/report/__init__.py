@@ -15,7 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # before any submodule imports pyplot: the report draws without a display
 
-from evaluation.report import across, appendix, checks, doses, opening, results  # noqa: E402
+from evaluation.report import across, appendix, checks, doses, judge_check, opening, results  # noqa: E402
 from evaluation.report.markup import CSS, Figures, anchor_sections, esc, na  # noqa: E402
 from evaluation.report_inputs import ReportInputs  # noqa: E402
 
@@ -38,6 +38,7 @@ def _sections(figs: Figures, inputs: ReportInputs) -> list[str]:
             "<h2>A/A check (control against control)</h2>" + checks.aa_section(inputs),
             "<h2>Seeds and power</h2>" + checks.power_section(figs, inputs),
             "<h2>Judge agreement</h2>" + checks.judges_section(figs, inputs),
+            "<h2>Judges on the trained runs' responses</h2>" + judge_check.section(inputs),
             "<h2>Curation</h2>" + checks.curation_section(inputs),
             "<h2>Appendix</h2>" + appendix.appendix(inputs)]
     return sec

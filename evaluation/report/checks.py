@@ -78,13 +78,14 @@ def judges_section(figs: Figures, inputs: ReportInputs) -> str:
 
 
 def _label_check(inputs: ReportInputs) -> str:
-    """annotate.check: the value labeller against a larger judge on a stratified sample."""
+    """annotate.check: the value labeller against a larger judge on a random sample."""
     check = inputs.info.label_check
     if check is None:
         return ""
     return (f"<h3>Value labeller against {esc(check.judge)}</h3>"
             f"<p class='note'>{esc(check.labeller)}'s value labels against the check judge's (same "
-            "prompt) on a sample stratified by the labeller's values (annotate.check): precision = the share "
+            "prompt) on a uniform random sample of the scored responses (annotate.check, seeded by data.seed; "
+            "not stratified by the labeller's values, so these are population estimates): precision = the share "
             "of the labeller's values the check judge also reported, recall = the share of the check judge's "
             "values the labeller reported, Cohen's κ per value; row \"all\" pools every (response, value) "
             "decision.</p>" + table(inputs.tables.label_check, "Labeller check"))

@@ -56,6 +56,21 @@ def _no_judge(settings: SuiteSettings) -> None:
     return None
 
 
+@dataclass(frozen=True)
+class ExtraJudge:
+    """An LLM judge a suite runs beside its own `judge`, on a model of its own (e.g. the safety suite's
+    harm classifier): served, keyed and checked like `judge`; `score(items, generations, engine)` gives
+    its score rows (SCORE_COLUMNS)."""
+    model: str
+    logprobs: bool                        # needs an engine that scores (log-probs)
+    score: Callable[[pd.DataFrame, pd.DataFrame, Engine], pd.DataFrame]
+    version: str = "1"                    # its module's VERSION: the score key holds it
+
+
+def _no_extra(settings: SuiteSettings) -> Mapping[str, ExtraJudge]:
+    return {}
+
+
 def _capped(settings: SuiteSettings) -> int | None:
     return settings.items_per_suite
 
@@ -80,6 +95,9 @@ class Suite:
     # The LLM judge it needs: (model name, needs log-probs), or None. Every judge model the study
     # serves is the labeller's or one of these (runner.spec.Spec.judge_models).
     judge: Callable[[SuiteSettings], tuple[str, bool] | None] = _no_judge
+    # Further LLM judges, each on a model of its own: name -> ExtraJudge (runner.spec_views.llm_judges
+    # lists them with `judge` as "<suite>/<name>")
+    extra_judges: Callable[[SuiteSettings], Mapping[str, ExtraJudge]] = _no_extra
     # The spec section whose `engine` serves its LLM judge (falling back to the top-level `engine`)
     engine: str = "annotate"
     judge_requests: Callable[[SuiteSettings], int] = _one  # per item, for `valind plan`

@@ -8,11 +8,12 @@ from typing import Any, Literal
 
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationInfo, field_validator
+from pydantic import model_serializer
 
 from ._common import frame, stratified_sample, user
-from .registry import JudgeModel, Suite, SuiteSettings, register
-from ..judges import refusal, version
+from .registry import ExtraJudge, JudgeModel, Suite, SuiteSettings, register
+from ..judges import harm, refusal, version
 from ..judges.refusal import METRICS, score_refusal
 from ..types import Engine
 
@@ -74,7 +75,8 @@ VERSION = f"1/{version(refusal)}"  # this suite's items and scoring, and its jud
 
 
 class SafetySettings(BaseModel):
-    """score.suites.safety: the refusal judges (the first is the primary one by default)."""
+    """score.suites.safety: the refusal judges (the first is the primary one by default), and an
+    optional harm classifier (evaluation.judges.harm: metric harmful_response beside refusal)."""
     model_config = ConfigDict(extra="forbid", frozen=True)
     judges: tuple[Literal["strmatch", "substring", "llm"], ...] = Field(default=("strmatch", "substring"),
                                                                        min_length=1)
@@ -86,6 +88,18 @@ class SafetySettings(BaseModel):
         if v is None and "llm" in info.data.get("judges", ()):
             raise ValueError("required when judges lists 'llm'")
         return v
+
+    # A harm classifier (e.g. a Llama Guard-style model): is each response harmful? None: none.
+    harm_judge: JudgeModel = None
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # an unset harm judge is left out, so the score keys (which hash these settings) of studies
+        # made before the field existed stay as they were
+        out: dict[str, Any] = handler(self)
+        if out.get("harm_judge") is None:
+            out.pop("harm_judge", None)
+        return out
 
 
 def settings(st: SuiteSettings) -> SafetySettings:
@@ -101,6 +115,16 @@ def _judge(st: SuiteSettings) -> tuple[str, bool] | None:
     return (s.llm_judge, True) if "llm" in s.judges and s.llm_judge else None
 
 
+def _extra(st: SuiteSettings) -> dict[str, ExtraJudge]:
+    model = settings(st).harm_judge
+    return {"harm": ExtraJudge(model, False, harm.score_harm, harm.VERSION)} if model else {}
+
+
+def _judges(st: SuiteSettings) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {m: tuple(settings(st).judges) for m in METRICS}
+    return {**out, harm.METRIC: (harm.JUDGE,)} if settings(st).harm_judge else out
+
+
 register(Suite(
     SUITE, load_items, _score, n_items=2068, settings=SafetySettings,
-    judges=lambda st: {m: tuple(settings(st).judges) for m in METRICS}, version=VERSION, judge=_judge))
+    judges=_judges, version=VERSION, judge=_judge, extra_judges=_extra))

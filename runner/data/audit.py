@@ -1,4 +1,5 @@
-"""Judge audit: a stratified sample of annotations for human labelling, and agreement on it."""
+"""Judge audit: a stratified sample of annotations for human labelling, and agreement on it; the
+random sample annotate.check re-labels, and the labeller's agreement with the check judge."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,6 +35,18 @@ def audit_sample(pairs: pd.DataFrame, annotations: pd.DataFrame, n: int, seed: i
         "judge_values": [", ".join(v) if len(v) else "none" for v in out["values"]],
         "human_values": "",
     })
+
+
+def random_sample(annotations: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFrame:
+    """n scored responses (pair_id, side) drawn uniformly without replacement (seeded), in table order.
+
+    annotate.check samples at random, not by the labeller's own values: on a sample stratified by
+    what the labeller reported, pooled precision over-weights rare values and recall is inflated
+    (responses the labeller gave no value are under-drawn), so neither is the population's figure."""
+    scored = annotations.loc[annotations["scored"], list(ID_COLUMNS)]
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(len(scored), size=min(n, len(scored)), replace=False))
+    return scored.iloc[picked].reset_index(drop=True)
 
 
 def read_labels(path: Path) -> pd.DataFrame:

@@ -22,6 +22,7 @@ from runner.stages.curate import CURATE, Curated
 from runner.stages.keys import CODE_VERSION, Key
 from runner.stages.generate import GENERATE, Generated
 from runner.stages.score import AGREEMENT, SCORE, Scored, agreement
+from runner.stages.score_check import SCORE_CHECK, check_result as score_check_result
 from runner.stages.unit import Done, StageResult, Unit
 from runner.store import read_json, read_parquet, write_parquet
 
@@ -42,6 +43,7 @@ ANALYZE = Key("analyze", {
     "curate (table)": lambda c, r: CURATE(c),
     "agreement": lambda c, r: AGREEMENT(c),
     "annotate check": lambda c, r: ANNOTATE_CHECK(c) if c.spec.annotate.check else None,
+    "score check": lambda c, r: SCORE_CHECK(c) if c.spec.score.check else None,
 })
 
 
@@ -71,7 +73,7 @@ def _analyze(ctx: StudyContext, key: str, unit: Path, paths: dict[str, Path], ge
     # deferred: matplotlib (the report's figures) and statsmodels load only when a study is analysed
     from evaluation.assemble import AnalysisSettings, analyze_study, build_report_inputs, final_runs
     from evaluation.report import render
-    from evaluation.report_inputs import LabelCheck, StudyInfo, StudyTables, SystemPrompt
+    from evaluation.report_inputs import JudgeCheck, LabelCheck, StudyInfo, StudyTables, SystemPrompt
     from evaluation.report_inputs import load as load_report_inputs, save as save_report_inputs
 
     s, a = ctx.spec, ctx.spec.analyze
@@ -94,7 +96,7 @@ def _analyze(ctx: StudyContext, key: str, unit: Path, paths: dict[str, Path], ge
         if df is not None:
             write_parquet(df, unit / f"{name}.parquet")
     cur = ctx.need(Curated)
-    check = check_result(ctx)
+    check, scheck = check_result(ctx), score_check_result(ctx)
     positive_prompt = training_system_prompt(s.train, "positive") if s.controls.positive else None
     info = StudyInfo(
         name=s.study.name, description=s.study.description, spec_yaml=redact(ctx.spec_text), code_version=code_version(),
@@ -102,12 +104,14 @@ def _analyze(ctx: StudyContext, key: str, unit: Path, paths: dict[str, Path], ge
             s.train.system_prompt)), s.generate.system_prompt, positive_prompt), eval_at=tuple(s.train.eval_at),
         positive_values=tuple(s.values.positive), adaptive=ctx.seeds.note(),
         curation_rule=read_json(cur.curation).get("rule"),
-        label_check=LabelCheck(check["judge"], check["labeller"]) if check else None)
+        label_check=LabelCheck(check["judge"], check["labeller"]) if check else None,
+        score_check=JudgeCheck(scheck["judge"], scheck["sample"], scheck["seed"]) if scheck else None)
     given = StudyTables(power=res.power, aa=res.aa, aa_detail=res.aa_detail, adapters=res.adapters, along=res.along,
                         trend=res.trend, judge_agreement=agreement(ctx), curation=read_parquet(cur.table),
                         conditions=read_parquet(cur.conditions) if cur.conditions.exists() else None,
                         adaptive_trajectory=ctx.seeds.trajectory(res.contrasts, key),
-                        label_check=check["table"] if check else None, pooled=res.pooled, stage_test=res.stage_test)
+                        label_check=check["table"] if check else None, pooled=res.pooled, stage_test=res.stage_test,
+                        score_check=scheck["table"] if scheck else None)
     final = final_runs(runs)
     inputs = build_report_inputs(final, scores[scores["run_id"].isin(set(final["run_id"]))], res.contrasts, info,
                                  given)
@@ -123,7 +127,8 @@ def analyze_inputs(ctx: StudyContext) -> list[Unit]:
     runs = ctx.runs()
     return ([SCORE.unit(ctx, r) for r in runs] + [GENERATE.unit(ctx, r) for r in runs]
             + [CURATE.unit(ctx), AGREEMENT.unit(ctx)]
-            + ([ANNOTATE_CHECK.unit(ctx)] if ctx.spec.annotate.check else []))
+            + ([ANNOTATE_CHECK.unit(ctx)] if ctx.spec.annotate.check else [])
+            + ([SCORE_CHECK.unit(ctx)] if ctx.spec.score.check else []))
 
 
 def sensitivity_lines(ctx: StudyContext) -> list[str]:

@@ -3,7 +3,7 @@
 The unit is judged in batches, each written as it finishes, so a killed run resumes where it
 stopped. The batch layout (size and row spans) is recorded in the unit before the first batch and
 reused on resume, whatever the engine section says then: a resumed unit never drops or repeats rows.
-With annotate.check, a larger judge then re-labels a sample, and the labeller's agreement with it is
+With annotate.check, a larger judge then re-labels a random sample, and the labeller's agreement with it is
 stored in a unit of its own (`annotate_check`).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pandas as pd
 from evaluation.judges import values as value_judge
 from evaluation.types import VALUES
 from runner.context import StageError, StudyContext
-from runner.data.audit import ID_COLUMNS, audit_agreement, audit_sample, check_agreement, read_labels
+from runner.data.audit import ID_COLUMNS, audit_agreement, audit_sample, check_agreement, random_sample, read_labels
 from runner.data.sources import load_pairs
 from runner.progress import say
 from runner.stages.keys import Key
@@ -41,9 +41,11 @@ ANNOTATE = Key("annotate", {
 
 # annotate.check's unit, apart from the annotations: changing the check never relabels the data.
 # The check judge uses the labeller's prompt, mode and settings, which the annotate key holds.
+CHECK_SAMPLING = "random-1"  # "random-1": a uniform random sample (runner.data.audit.random_sample)
 ANNOTATE_CHECK = Key("annotate_check", {
     "annotate": lambda c, r: ANNOTATE(c),
     "annotate.check": lambda c, r: c.spec.annotate.check,
+    "check sampling": lambda c, r: CHECK_SAMPLING,
     "data.seed": lambda c, r: c.spec.data.seed,
     "check judge engine": lambda c, r: (c.engine_identity(c.spec.annotate.check.judge_model)
                                         if c.spec.annotate.check else None),
@@ -79,7 +81,7 @@ def run(ctx: StudyContext) -> Annotated:
 
 
 def check(ctx: StudyContext, annotated: Annotated) -> pd.DataFrame:
-    """annotate.check: the check judge re-labels a stratified sample (audit_sample, seeded by
+    """annotate.check: the check judge re-labels a random sample (random_sample, seeded by
     data.seed) with the labeller's prompt and mode; returns the labeller's agreement with it
     (runner.data.audit.check_agreement), logged to the parent MLflow run."""
     c = ctx.spec.annotate.check
@@ -100,7 +102,7 @@ def _check(ctx: StudyContext, annotated: Annotated, out: Unit) -> Done:
     a, c = ctx.spec.annotate, ctx.spec.annotate.check
     assert c is not None
     pairs, ann = read_parquet(annotated.pairs), read_parquet(annotated.annotations)
-    ids = audit_sample(pairs, ann, c.sample, seed=ctx.spec.data.seed)[list(ID_COLUMNS)]
+    ids = random_sample(ann, c.sample, seed=ctx.spec.data.seed)
     todo = ids.merge(pairs[["pair_id", "prompt", "chosen", "rejected"]], on="pair_id", how="left")
     if todo.empty:
         raise StageError("annotate check: the labeller scored no response, so there is nothing to check")

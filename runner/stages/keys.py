@@ -108,4 +108,4 @@ ADAPTIVE = Key("adaptive", {"spec (every field that can change a result)": lambd
 # the stage that writes each store folder (a unit a later stage cannot read is recomputed by it)
 FOLDER_STAGE = {"annotate": "annotate", "annotate_check": "annotate", "curate": "curate", "train": "train",
                 "items": "generate", "generate": "generate", "qa": "score", "score": "score", "agreement": "score",
-                "analyze": "analyze"}
+                "score_check": "score", "analyze": "analyze"}

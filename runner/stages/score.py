@@ -10,9 +10,12 @@ import pandas as pd
 
 from evaluation.judges import judge_agreement, refusal, score_suite
 from evaluation.suites import registry as suites
+from evaluation.suites.registry import ExtraJudge
+from evaluation.types import SCORE_COLUMNS
 from runner.context import Run, StageError, StudyContext
 from runner.progress import say
 from runner.spec import eval_suites, suite_settings
+from runner.spec_views import llm_judges
 from runner.stages.generate import GENERATE, ITEMS, Generated, load_items, suite_versions
 from runner.stages.keys import Key
 from runner.stages.qa import QA, qa_path, raise_failed, run_qa
@@ -33,16 +36,28 @@ def refusal_llm_judge(ctx: StudyContext) -> str | None:
 
 
 def judge_engines(ctx: StudyContext) -> dict[str, tuple[str, bool]]:
-    """Each suite's LLM judge: suite → (model, needs log-probs)."""
+    """Each suite's LLM judges: "<suite>" (its `judge`) or "<suite>/<extra>" → (model, needs log-probs)."""
+    return llm_judges(ctx.spec)
+
+
+def extra_judges(ctx: StudyContext, suite: str) -> dict[str, ExtraJudge]:
+    """Suite `suite`'s extra LLM judges (e.g. safety's harm classifier), by their judge_engines name."""
     st = suite_settings(ctx.spec)
-    return {n: j for n in eval_suites(ctx.spec) if (j := suites.get(n).judge(st))}
+    return {f"{suite}/{k}": x for k, x in suites.get(suite).extra_judges(st).items() if x.model}
+
+
+def _engine_key(c: StudyContext, r: Any = None) -> dict[str, Any]:
+    """The judge engines' identities; an extra judge's with its version (a suite's own judge's version
+    is in the suite's)."""
+    return {n: [c.engine_identity(m), extra_judges(c, n.split("/", 1)[0])[n].version] if "/" in n
+            else c.engine_identity(m) for n, (m, _) in judge_engines(c).items()}
 
 
 SCORE = Key("score", {
     "generate": lambda c, r: GENERATE(c, r),
     "suite settings": lambda c, r: asdict(suite_settings(c.spec)),
     "suite versions": suite_versions,
-    "judge engines": lambda c, r: {n: c.engine_identity(m) for n, (m, _) in judge_engines(c).items()},
+    "judge engines": _engine_key,
     "qa": lambda c, r: QA(c, r) if c.spec.score.benchmarks else None,
 }, per_run=True)
 
@@ -108,9 +123,16 @@ def _judge(ctx: StudyContext, runs: list[Run], gens: dict[str, Path], items: pd.
         g = pd.concat([read_parquet(gens[r.run_id], ("run_id", "suite", "item_id", "response")) for r in runs],
                       ignore_index=True)
         scored = pd.concat([score_suite(n, items[items["suite"] == n], g, engines.get(n), st)
-                            for n in eval_suites(ctx.spec)], ignore_index=True)
+                            for n in eval_suites(ctx.spec)] + [
+            score_extra(extra_judges(ctx, n)[k], items[items["suite"] == n], g[g["suite"] == n], engines[k])
+            for k in engines if "/" in k for n in [k.split("/", 1)[0]]], ignore_index=True)
     for r in runs:
         write_parquet(scored[scored["run_id"] == r.run_id].reset_index(drop=True), _judged_path(ctx, r))
+
+
+def score_extra(judge: ExtraJudge, items: pd.DataFrame, gens: pd.DataFrame, engine: Any) -> pd.DataFrame:
+    """An extra judge's score rows (run_id + SCORE_COLUMNS) for one suite's items and generations."""
+    return judge.score(items, gens, engine)[list(SCORE_COLUMNS)].reset_index(drop=True)
 
 
 def _finish(ctx: StudyContext, r: Run) -> None:
