@@ -97,8 +97,10 @@ def _stable(d: pd.DataFrame) -> tuple[float, int, str]:
     if n == 0 or not (eq != "").any():
         k_against = int(sig.sum())
         v = _verdict(0, n, np.nan, k_against)
-        return np.nan, k_against, v + ("; no equivalence margin (analyze.equivalence_margin): not tested for "
-                                       "equivalence" if n else "")
+        margin = "equivalence_margin" in d.columns and bool(np.isfinite(d["equivalence_margin"].to_numpy(float)).any())
+        why = ("one run per arm (run-to-run variance unmeasured)" if margin
+               else "no equivalence margin (analyze.equivalence_margin)")
+        return np.nan, k_against, v + (f"; {why}: not tested for equivalence" if n else "")
     k_eq, k_changed = int(eq.str.startswith("equivalent").sum()), int((eq == "changed").sum())
     margins = ", ".join(f"±{m:g}" for m in sorted(set(d["equivalence_margin"].dropna().astype(float))))
     parts = [f"equivalent within {margins} in {k_eq} of {n} contrasts"]

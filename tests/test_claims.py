@@ -140,3 +140,11 @@ def test_stage_claim_not_measured_with_one_stage_and_counted_with_two():
     assert (r["n_contrasts"], r["for"], r["against"]) == (1, 1, 0)
     assert r["verdict"].startswith("own expression larger in instruct models for 1 of 1 values, smaller for 0")
     assert "side effects significant in 100% of the other models' 1 contrasts" in r["verdict"]
+
+
+def test_a_stable_claim_says_why_a_margin_was_not_tested():
+    """With a margin but one run per arm, the claim says so, not that the margin is missing."""
+    rows = [{**_row("empathy", "qa", "acc", 0.0, False), "equivalence_margin": 0.05, "equivalence": ""}]
+    r = _table(rows).loc["QA accuracy stays largely stable"]
+    assert r["verdict"] == ("no significant change in 1 contrasts; one run per arm (run-to-run variance "
+                            "unmeasured): not tested for equivalence")
