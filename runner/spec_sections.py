@@ -215,7 +215,7 @@ class DataSpec(_Section):
     sources: list[SourceSpec] = Field(min_length=1)
     held_out_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     # N per condition; None = the smallest value subset; "all" = every eligible pair of each value
-    # (unequal sizes, the paper's protocol; values below min_subset_size are then dropped, not an error)
+    # (unequal sizes, the protocol preset's choice; values below min_subset_size are then dropped, not an error)
     subset_size: int | Literal["all"] | None = None
     min_subset_size: int = Field(default=4, ge=1)
     max_chars: int = Field(default=4000, ge=100)          # pairs longer than this are dropped (over-length)

@@ -92,8 +92,7 @@ def check_agreement(labeller: pd.DataFrame, check: pd.DataFrame) -> pd.DataFrame
 
     Only responses both judges scored count. Per value and overall ("all": every (response, value)
     decision pooled): n responses, each judge's yes count, both_yes, precision = both_yes /
-    labeller_yes (of the values the labeller reported, the share the check judge also reported: the
-    paper's figure), recall = both_yes / check_yes and Cohen's kappa; NaN where undefined."""
+    labeller_yes (of the values the labeller reported, the share the check judge also reported), recall = both_yes / check_yes and Cohen's kappa; NaN where undefined."""
     from evaluation.stats import cohen_kappa  # deferred: scipy/statsmodels load only when needed
 
     cols = [*ID_COLUMNS, "values", "scored"]

@@ -26,7 +26,8 @@ RULES = {
     "chosen_not_rejected": "V is among the chosen response's values and not among the rejected one's",
     "chosen": "V is among the chosen response's values (the rejected side is not consulted)",
     "exactly_one_side_flip": "V is among the values of exactly one response; where it is only among the "
-                             "rejected one's, chosen and rejected are swapped in V's subset (the paper's rule)",
+                             "rejected one's, chosen and rejected are swapped in V's subset (the protocol "
+                             "preset's rule: our choice, found in no public source)",
 }
 N_EXAMPLES = 3
 # Enters the curate stage's key (runner.stages.curate): bump when the same spec curates other subsets.

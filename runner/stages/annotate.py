@@ -141,7 +141,7 @@ def log_audit(tr: Tracker, agree: pd.DataFrame, path: Path) -> None:
 
 
 def check_line(judge: str, agree: pd.DataFrame) -> str:
-    """The overall row of a check_agreement table in one line (precision as the paper gives it)."""
+    """The overall row of a check_agreement table in one line (precision first: the share of the labeller's values the check judge also finds)."""
     r = agree.set_index("value").loc["all"]
     def f(x: float, pct: bool) -> str:
         return "n/a" if x != x else (f"{x:.2%}" if pct else f"{x:.3f}")  # NaN: undefined
