@@ -27,8 +27,9 @@ from runner.stages.unit import Done, StageResult, Unit
 from runner.store import read_json, read_parquet, write_parquet
 
 # the analyze key's own: bump when inference or what the unit stores changes ("report-inputs-1": the
-# unit holds report_inputs/, which a report is re-rendered from; units written before lack it)
-ANALYSIS_VERSION = "crossed-runs-items-1/report-inputs-1"
+# unit holds report_inputs/, which a report is re-rendered from; units written before lack it; "-2":
+# the reference-noise floor, matched seeds, bounded rate CIs, equivalence, pooled and stage tables)
+ANALYSIS_VERSION = "crossed-runs-items-2/report-inputs-2"
 
 ANALYZE = Key("analyze", {
     "analysis version": lambda c, r: ANALYSIS_VERSION,
