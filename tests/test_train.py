@@ -36,6 +36,7 @@ def _cell(tmp: Path, tiny_model: str, data_dir: Path, name: str, fail_at_step=No
     assert timing["end"] > timing["start"] and 0 < timing["steps_s"] < timing["end"] - timing["start"]
     res["starts"] = timing["starts"]
     assert meta == {"cell_id": name, "key": "", "seed": 3, "n_pairs": 8, "ref_cache_hit": res["ref_cache_hit"],
+                    "steps": 4, "epochs": 2.0,  # 8 pairs, batch 4, 2 epochs (runner.train.doses)
                     "train": train.model_dump(mode="json"), "bf16": train.bf16, "system_prompt": None}
     return out, history, res
 
