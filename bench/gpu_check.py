@@ -329,7 +329,8 @@ def run_shape_cell(name: str, shape: dict, n_params: int, model_dir: Path, tok, 
     from runner.train.batches import encode_pairs
     from runner.train.cell import Cell
     from runner.train.launch import train_cell
-    from runner.train.loop import _schedule, dist_backend
+    from runner.train.doses import schedule
+    from runner.train.loop import dist_backend
 
     probe, out_dir = work / f"probe-{name}", work / name
     set_probe_dir(model_dir, probe)
@@ -379,7 +380,7 @@ def run_shape_cell(name: str, shape: dict, n_params: int, model_dir: Path, tok, 
     cell_json = json.loads((out_dir / "cell.json").read_text())
     examples = encode_pairs(tok, pairs, train.max_length)
     ex_tokens = [2 * len(e.prompt) + len(e.chosen) + len(e.rejected) for e in examples]
-    steps = _schedule(len(examples), train.batch_size, train.epochs, cell.seed)
+    steps = schedule(len(examples), train.batch_size, train.epochs, cell.seed)
     step_tokens = [sum(ex_tokens[i] for i in steps[m["step"] - 1]) for m in metrics]
     dts = [m.get("step_s") or n / m["tokens_per_s"] for n, m in zip(step_tokens, metrics)]
     first = 1 if len(dts) > 1 else 0  # the first step is warm-up

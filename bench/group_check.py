@@ -89,7 +89,8 @@ def alone(cell, exs, device):
 
     from runner.train.adapters import adapter_state
     from runner.train.batches import pair_batch, response_logps
-    from runner.train.loop import _schedule, build_model
+    from runner.train.doses import schedule
+    from runner.train.loop import build_model
     from runner.train.losses import make_loss
 
     t = cell.train
@@ -99,7 +100,7 @@ def alone(cell, exs, device):
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=0.0)
     loss_fn, grad_acc = make_loss(t), t.batch_size // t.micro_batch_size
     model.train()
-    for step in _schedule(len(exs), t.batch_size, t.epochs, cell.seed):
+    for step in schedule(len(exs), t.batch_size, t.epochs, cell.seed):
         for m in range(grad_acc):
             ex = [exs[i] for i in step[m * t.micro_batch_size:(m + 1) * t.micro_batch_size]]
             b = {k: v.to(device) for k, v in pair_batch(ex, PAD).items()}

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 
 from evaluation import stats
-from evaluation.contrasts import CONTRAST_COLUMNS, contrasts, corrected, nanmean_rows, prepare_runs, references, wide
+from evaluation.contrasts import CONTRAST_COLUMNS, contrasts, corrected, prepare_runs, references, wide
+from evaluation.stats import nanmean_rows
 
 # ----------------------------------------------------------------------------- along training
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from evaluation import stats
+from evaluation.stats import nanmean_rows
 
 Row = dict[str, Any]  # one row of a result table, before it becomes a DataFrame
 
@@ -70,14 +71,6 @@ def _is_binary(x: np.ndarray) -> bool:
 
 
 # ----------------------------------------------------------------------------- contrast engine
-
-def nanmean_rows(m: np.ndarray) -> np.ndarray:
-    """Column-wise nanmean over rows without the empty-slice warning (all-NaN -> NaN)."""
-    ok = np.isfinite(m)
-    n = ok.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, np.where(ok, m, 0.0).sum(axis=0) / n, np.nan)
-
 
 def _seed_key(x: Any) -> int | None:
     try:

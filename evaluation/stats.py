@@ -202,7 +202,7 @@ def independent_test(cond: np.ndarray, ref: np.ndarray, alpha: float = 0.05, res
     c, r = c[np.isfinite(c).any(axis=1)], r[np.isfinite(r).any(axis=1)]
     items = np.isfinite(c).all(axis=0) & np.isfinite(r).all(axis=0) if len(c) and len(r) else []
     if len(c) < 2 or not len(r) or int(np.sum(items)) < 2:  # nothing to pair runs on: items only, or none
-        return crossed_test(c - _ref_mean(r) if len(r) else np.empty((0, 0)), alpha, resolution)
+        return crossed_test(c - nanmean_rows(r) if len(r) else np.empty((0, 0)), alpha, resolution)
     c, r = c[:, items], r[:, items]
     (sc, i), sr = c.shape, len(r)
     floor = max(resolution**2 / (12 * i), run_floor)
@@ -231,11 +231,12 @@ def independent_test(cond: np.ndarray, ref: np.ndarray, alpha: float = 0.05, res
                        var_resid=msc_r, inference="two independent crossed samples")
 
 
-def _ref_mean(r: np.ndarray) -> np.ndarray:
-    """Item-wise mean of the reference runs (NaN where no run scored the item)."""
-    ok = np.isfinite(r)
+def nanmean_rows(m: np.ndarray) -> np.ndarray:
+    """Column-wise nanmean over rows without the empty-slice warning (all-NaN -> NaN)."""
+    ok = np.isfinite(m)
+    n = ok.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.asarray(np.where(ok, r, 0.0).sum(axis=0) / ok.sum(axis=0))
+        return np.asarray(np.where(n > 0, np.where(ok, m, 0.0).sum(axis=0) / n, np.nan))
 
 
 def rate_interval(scores: np.ndarray, alpha: float = 0.05, resolution: float = 0.0,

@@ -34,8 +34,9 @@ from runner.store import atomic_dir, read_state
 from runner.train.adapters import adapter_state, build_adapters, load_adapter_state, save_adapter
 from runner.train.batches import Example, pair_blocks, response_logps
 from runner.train.cell import Cell
+from runner.train.doses import schedule
 from runner.train.losses import LossFn, make_loss
-from runner.train.loop import (_schedule, load_base, metric_sums, progress_dir, progress_steps, record_start,
+from runner.train.loop import (load_base, metric_sums, progress_dir, progress_steps, record_start,
                                record_step, resumable, step_metrics)
 from runner.train.safe_load import load_tensors
 
@@ -152,7 +153,7 @@ def build_group(cells: list[Cell], examples: list[list[Example]], device):
     model, router, params = build_adapters(load_base(cells[0]), train.lora, [c.seed for c in cells])
     model.to(device)
     slots = [Slot(c, name, ex, ps, torch.optim.AdamW(ps, lr=train.lr, weight_decay=0.0),
-                  _schedule(len(ex), train.batch_size, train.epochs, c.seed, c.steps))
+                  schedule(len(ex), train.batch_size, train.epochs, c.seed, c.steps))
              for c, name, ex, ps in zip(cells, router.names, examples, params)]
     return model, router, slots
 

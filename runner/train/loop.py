@@ -30,10 +30,6 @@ from runner.train.losses import LossFn, make_loss
 from runner.train.safe_load import safe_deepspeed_loads
 
 
-def _schedule(n: int, batch: int, epochs: int, seed: int, total: int | None = None) -> list[list[int]]:
-    return schedule(n, batch, epochs, seed, total)  # the name bench/ and group.py import
-
-
 def dist_backend(train: TrainSpec) -> str:
     """The torch.distributed backend of a cell's worker group."""
     return "nccl" if train.gpus_per_worker > 0 else "gloo"
@@ -199,7 +195,7 @@ def train_loop(cfg: dict) -> None:
     device = engine.device
     micro, grad_acc = conf["train_micro_batch_size_per_gpu"], conf["gradient_accumulation_steps"]
 
-    steps = _schedule(len(examples), train.batch_size, train.epochs, seed, cell.steps)
+    steps = schedule(len(examples), train.batch_size, train.epochs, seed, cell.steps)
     save_at = progress_steps(train.eval_at, len(steps))
     if ckpt:
         safe_deepspeed_loads(engine)  # weights_only=True: a planted pickle in shared storage is refused, not run
