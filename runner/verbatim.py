@@ -293,16 +293,23 @@ class Machine:
 
     def stop_node_during(self, stage: str, after_s: float, replace_after: float | None) -> tuple:
         """An `on_line` hook: `after_s` after the job's driver prints `<stage>:`, kill (SIGKILL) the worker
-        node holding an engine actor; start its replacement `replace_after` s later (None: never)."""
+        node holding one of the stage's actors (an engine; in training a worker group in its loop);
+        start its replacement `replace_after` s later (None: never)."""
         faults: list[dict] = []
+        holder = "RayTrainWorker" if stage == "train" else "EngineActor"
 
         def stop() -> None:
             time.sleep(after_s)
-            while (i := self.node_holding("EngineActor")) is None:
+            # in training, once a worker group is in its loop (its first line in valind-starts.txt)
+            studies = Path(self.sub(load_spec(ROOT / self.submit_line()[1]).study.output_dir))
+            while stage == "train" and not any(studies.glob("*/ray_train/**/valind-starts.txt")):
+                time.sleep(0.5)
+            while (i := self.node_holding(holder)) is None:
                 time.sleep(0.5)
             node = self.cluster.stop_node(i)
-            faults.append({"stage": stage, "after_s": after_s, "node": node["temp_dir"], "stopped_at": time.time()})
-            self.note(f"fault: worker node {Path(node['temp_dir']).name} (it held an engine actor) killed "
+            faults.append({"stage": stage, "after_s": after_s, "node": node["temp_dir"], "held": holder,
+                           "stopped_at": time.time()})
+            self.note(f"fault: worker node {Path(node['temp_dir']).name} (a {holder} ran on it) killed "
                       f"{after_s:g}s into {stage}")
             if replace_after is not None:
                 time.sleep(replace_after)
@@ -317,7 +324,6 @@ class Machine:
 
         started: list[threading.Thread] = []
         return on_line, faults, started
-
 
     def stop_job_on(self, pattern: str) -> tuple:
         """An `on_line` hook: at the first output line matching `pattern`, `ray job stop` the job (its
@@ -347,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--data-dir", default=os.environ.get("VALIND_DATA_DIR"), help="the data to stage")
         if name == "submit":
             p.add_argument("--models", type=int, help="rehearse only the first N base models")
-            p.add_argument("--stop-node", metavar="STAGE:S", help="kill the node of an engine actor S s into STAGE")
+            p.add_argument("--stop-node", metavar="STAGE:S", help="kill the node of a training worker or an engine actor S s into STAGE")
             p.add_argument("--replace-after", default="120", help="seconds until its replacement starts, or never")
     a = ap.parse_args(argv)
     m = Machine(a.dir)

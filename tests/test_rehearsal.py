@@ -1,6 +1,6 @@
 """On a real multi-node Ray cluster on this machine (head + 2 worker nodes, each its own `ray start`)
-with an MLflow tracking server over HTTP: `valind preflight` first, then jobs/paper.yaml rehearsed with
-a worker node killed mid-training. One cluster for both (CI's time) and one base model here;
+with an MLflow tracking server over HTTP: `valind preflight` first, then (`make test-full` only)
+jobs/paper.yaml rehearsed by `valind rehearse` with a worker node killed mid-training. One cluster for both (CI's time) and one base model here;
 docs/REHEARSAL.md records the rehearsal of all eight.
 
 The cluster is runner.local_cluster's: teardown ends only the processes it started (by their temp
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mlflow_ui import check_what_the_ui_shows
 from runner.local_cluster import LocalCluster, pids_matching
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,18 +77,17 @@ def test_preflight_on_the_rehearsal_cluster(cluster, tmp_path, data_dir):
     assert rc == 2 and "problem: fits the cluster (generate.engine.actors)" in out, out
     assert not (tmp_path / "studies" / "smoke").exists()
 
-
-# after the preflight test: it needs the cluster as started (this one stops a node)
-def test_paper_rehearsal_survives_a_lost_node(cluster, tmp_path, data_dir):
     # the local sqlite store is refused on a multi-node cluster, before any compute
-    spec = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
-    spec["study"]["output_dir"] = str(tmp_path / "refused")
-    (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(spec))
     r = subprocess.run([str(BIN / "valind"), "run", str(tmp_path / "smoke.yaml")], cwd=tmp_path,
                        env=_env(cluster, data_dir, tracking=False), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "mlflow server" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
-    assert not (tmp_path / "refused" / "smoke" / "annotate").exists()
+    assert not (tmp_path / "studies" / "smoke" / "annotate").exists()
 
+
+# after the preflight test: it needs the cluster as started (this one stops a node). Not in `make test`
+# (CI's time): tests/test_verbatim.py runs the same study on the README's path, a training node lost too.
+@pytest.mark.full
+def test_paper_rehearsal_survives_a_lost_node(cluster, tmp_path, data_dir):
     out = tmp_path / "studies"
     r = subprocess.run([str(BIN / "valind"), "rehearse", str(ROOT / "jobs" / "paper.yaml"), "--models", "1",
                         "--output-dir", str(out), "--cluster-dir", str(cluster.dir), "--stop-node", "train:20"],
@@ -116,43 +116,7 @@ def test_paper_rehearsal_survives_a_lost_node(cluster, tmp_path, data_dir):
     with urllib.request.urlopen(f"{cluster.env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/get-by-name?{q}") as resp:
         tags = {t["key"]: t["value"] for t in json.load(resp)["experiment"]["tags"]}
     assert tags["mlflow.experimentKind"] == "custom_model_development"
-    _check_what_the_ui_shows(cluster.env["MLFLOW_TRACKING_URI"], "valind-paper-rehearsal")
+    check_what_the_ui_shows(cluster.env["MLFLOW_TRACKING_URI"], "valind-paper-rehearsal")
     # artifacts went through the server (mlflow-artifacts), into its artifact store, not the study dir
     stored = Path(cluster.state["mlflow"]["dir"]) / "artifacts"
     assert any(p.name == "adapter_config.json" for p in stored.rglob("*")), "no model artifact on the server"
-
-
-def _check_what_the_ui_shows(uri: str, experiment: str) -> None:
-    """Through the server's REST API: the parent and its children, the group-by keys on every child,
-    the verdicts as metrics, the contrast table artifact, and the eval_at points as metric steps."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=100)
-    parent = next(r for r in runs if r.data.tags["valind.kind"] == "study")
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == len(runs) - 1
-    for c in children:  # "Group by condition" aggregates seeds: params and tags on every child
-        for key in ("model", "condition", "value", "seed"):
-            assert key in c.data.params and f"valind.{key}" in c.data.tags, (c.info.run_name, key)
-    value = next(c for c in children if c.data.tags["valind.kind"] == "value")
-    cond = value.data.params["condition"]
-    verdict = f"verdict/{value.data.params['model']}/{cond}/safety/refusal/effect"
-    assert verdict in parent.data.metrics and "verdict/safety/refusal/effect" in value.data.metrics
-    assert value.data.metrics["verdict/safety/refusal/effect"] == parent.data.metrics[verdict]
-    # load_table searches the runs through the fluent API, whose URI (and MLFLOW_TRACKING_URI, which
-    # set_tracking_uri also sets) must not outlive this check: later tests would track to this server
-    previous = mlflow.get_tracking_uri() if "MLFLOW_TRACKING_URI" in os.environ else None
-    mlflow.set_tracking_uri(uri)
-    try:
-        table = client.load_table(exp.experiment_id, "verdicts/contrasts.json", run_ids=[parent.info.run_id])
-    finally:
-        mlflow.set_tracking_uri(previous)
-    row = table[(table["condition"] == cond) & (table["metric"] == "refusal") & table["primary"]
-                & (table["reference"] == "control")]
-    assert len(row) == 1 and abs(row["effect"].iloc[0] - parent.data.metrics[verdict]) < 1e-8  # JSON: 10 digits
-    # train.eval_at [0.25, 0.5, 1.0]: the run's metric at steps 25, 50 and 100 (its path in the chart view)
-    hist = client.get_metric_history(value.info.run_id, "safety/refusal/strmatch")
-    assert sorted(m.step for m in hist) == [25, 50, 100]

@@ -65,7 +65,8 @@ def clean(tmp_path_factory, data_dir, tiny_model):
     return out, out / "clean"
 
 
-@pytest.mark.parametrize("alone", [False, True], ids=["group", "alone"])
+# each cell alone (Ray Train's checkpoints, keyed by the same cell key) only in `make test-full`: CI's time
+@pytest.mark.parametrize("alone", [False, pytest.param(True, marks=pytest.mark.full)], ids=["group", "alone"])
 def test_a_changed_lr_never_resumes_the_old_lrs_state(tmp_path, clean, alone):
     out, clean_dir = clean
     study = tmp_path / "s"

@@ -2,18 +2,22 @@
 commands, the data staged by the README's line, the study submitted with the README's `ray job submit`
 line from a clean environment (no venv on PATH, no VALIND_*). A worker node holding an engine is
 killed mid-generation and its replacement starts only 120 s later; then the job is stopped mid-QA and
-resubmitted, and the rerun recomputes only what was not saved.
+resubmitted, and the rerun recomputes only what was not saved. A worker node holding a training worker is
+killed mid-training too (replaced at once), and what the MLflow UI shows is read through the server.
 
 Teardown ends only the processes this test started (by their temp dirs), never `ray stop`."""
+import json
 import re
 import time
+from collections import Counter
+from pathlib import Path
 
+import mlflow
 import pytest
 
+from mlflow_ui import check_what_the_ui_shows
 from runner.local_cluster import pids_matching
 from runner.verbatim import Machine, readme_lines
-
-
 
 
 @pytest.fixture
@@ -44,19 +48,23 @@ def test_the_readme_path_verbatim(machine):
     assert spec["data"]["data_dir"].startswith(str(m.shared))
     log = m.root / "job.log"
 
-    # run 1: a worker node holding an engine actor killed 20 s into generation, its replacement only
-    # 120 s later; the job stopped (`ray job stop`) once QA has saved its first run
+    # run 1: a worker node holding a training worker killed once a worker group is in its loop (replaced
+    # 5 s later); one holding an engine actor killed 20 s into generation, its replacement only 120 s
+    # later; the job stopped (`ray job stop`) once QA has saved its first run
+    train_hook, train_faults, _ = m.stop_node_during("train", 0, replace_after=5)
     node_hook, faults, _ = m.stop_node_during("generate", 20, replace_after=120)
     job_hook, stopped = m.stop_job_on(r"  QA .*: \d+ items saved")
 
-    def both(text):
-        node_hook(text)
-        job_hook(text)
+    def hooks(text):
+        for hook in (train_hook, node_hook, job_hook):
+            hook(text)
 
     started = time.time()
-    m.submit(log, both)  # `ray job submit` exits 0 for a stopped job
+    m.submit(log, hooks)  # `ray job submit` exits 0 for a stopped job
     first = log.read_text()
     tail = first[-6000:]
+    assert [f["held"] for f in train_faults] == ["RayTrainWorker"], tail
+    assert re.search(r"train: done — 3 cells", first), tail
     assert len(faults) == 1 and faults[0]["stage"] == "generate", tail
     assert "a replacement actor was requested" in first, tail  # the pool lost an actor ...
     assert re.search(r"generate: done — \d+ runs", first), tail  # ... and finished on the survivors
@@ -80,15 +88,25 @@ def test_the_readme_path_verbatim(machine):
     study = m.shared / "valind" / "studies" / "paper-rehearsal"
     assert (study / "report.html").exists()
     _check_the_job_used_and_kept_the_secret(m, first + second, study)
+    # every cell trained once though its worker group lost a node (it resumed, or restarted from step 0)
+    starts = {json.loads(c.read_text())["cell_id"]: json.loads(c.read_text())["timing"]["starts"]
+              for c in study.glob("stages/train/*/cell.json")}
+    print("worker-group starts per cell:", starts)
+    assert len(starts) == 3 and all(starts.values())
+    # what the UI reads, through the server; each run tracked once; artifacts on the server, not the study
+    uri = f"http://127.0.0.1:{m.cluster.state['mlflow']['port']}"
+    check_what_the_ui_shows(uri, "valind-paper-rehearsal")
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("valind-paper-rehearsal").experiment_id])
+    assert Counter(r.data.tags["valind.kind"] for r in runs) == {"study": 1, "base": 1, "value": 2, "control": 1}
+    assert len({r.info.run_name for r in runs}) == len(runs)  # two submissions, each run tracked once
+    stored = Path(m.cluster.state["mlflow"]["dir"]) / "artifacts"
+    assert any(p.name == "adapter_config.json" for p in stored.rglob("*")), "no model artifact on the server"
 
 
 def _check_the_job_used_and_kept_the_secret(m: Machine, logs: str, study) -> None:
     """`valind run` checked the cluster first; the driver read the Hugging Face token from the secrets
     directory, and it is in no job log, no text file of the study and no MLflow param or tag."""
-    import json
-
-    import mlflow
-
     assert "preflight: 0 problem(s)" in logs
     assert "valind: secrets from $VALIND_SECRETS_DIR: HF_TOKEN" in logs
     token = (m.shared / "valind" / "secrets" / "HF_TOKEN").read_text().strip()
