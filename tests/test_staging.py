@@ -216,3 +216,21 @@ def test_cluster_yaml_pins_the_cuda_build_and_checks_it_on_each_node(tmp_path):
     r = subprocess.run(["/usr/bin/env", "python3", str(ROOT / "runner" / "cuda_pin.py")], capture_output=True,
                        text=True, env={"PATH": str(tmp_path) + ":/usr/bin:/bin"})
     assert r.returncode == 1 and "driver supports CUDA 12.2" in r.stderr and "needs CUDA 12.8" in r.stderr
+
+
+def test_preflight_offline_names_each_model_not_staged_and_passes_a_staged_one(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from runner.spec import load_spec
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _cached_model(tmp_path / "hub", "meta-llama/Llama-3.2-1B-Instruct")
+    rows = staging.staged_rows(load_spec(ROOT / "jobs" / "paper.yaml"), "jobs/paper.yaml")
+    assert len(rows) == 9 and [r.ok for r in rows].count(True) == 1  # 8 models + the judge; one staged
+    assert rows[0].ok and rows[0].where == "models[0]" and COMMIT in rows[0].detail
+    bad = rows[1]
+    assert "meta-llama/Llama-3.2-3B-Instruct (models[1]) is not in the Hugging Face cache" in bad.detail
+    assert bad.fix == "valind stage jobs/paper.yaml (where the hub is reachable)"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert staging.staged_rows(load_spec(ROOT / "jobs" / "paper.yaml"), "x") == []  # online: the driver may fetch
