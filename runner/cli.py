@@ -28,6 +28,7 @@ from runner.models import prepare_all, resolve
 from runner.preflight import check_spec, on_cluster, run_preflight
 from runner.secrets import SECRETS_DIR, check_job_runtime_env, load_secrets, redact
 from runner.spec import SpecError, load_spec
+from runner.staging import stage as stage_models
 from runner.store import write_csv, write_parquet
 from runner.tracking import check_cluster_tracking, tracking_uri
 
@@ -68,7 +69,15 @@ AMEND = ("make this spec the study's own although it changes what the study comp
 
 def cmd_preflight(args) -> int:
     spec, _ = _load(args.spec)
+    if args.stage:
+        stage_models(spec, args.spec)
     return run_preflight(spec, args.spec)
+
+
+def cmd_stage_models(args) -> int:
+    spec, _ = _load(args.spec)
+    stage_models(spec, args.spec, dry_run=args.dry_run)  # StageError: exit 1, naming each item
+    return 0
 
 
 def _preflight_on_cluster(args) -> None:
@@ -226,7 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     pf = sub.add_parser("preflight", help="open everything the study reads and check everything it needs "
                                           "(data, models, tracking, nodes, storage, fit): one table, exit 2 on a problem")
     pf.add_argument("spec")
+    pf.add_argument("--stage", action="store_true", help="first run `valind stage SPEC` (download and verify "
+                                                          "the hub models and datasets into HF_HOME)")
     pf.set_defaults(fn=cmd_preflight)
+    sg = sub.add_parser("stage", help="download every hub model, tokenizer and dataset the spec names into the "
+                                      "shared cache (HF_HOME), one writer, verified; the job then runs offline")
+    sg.add_argument("spec")
+    sg.add_argument("--dry-run", action="store_true", help="list what would be downloaded and where; download nothing")
+    sg.set_defaults(fn=cmd_stage_models)
     rh = sub.add_parser("rehearse", help="the spec's orchestration on the Ray cluster at RAY_ADDRESS with tiny "
                                          "models: overhead, concurrency, pool hand-overs (docs/REHEARSAL.md)")
     rh.add_argument("spec")

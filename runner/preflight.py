@@ -32,6 +32,7 @@ from runner.data.sources import DataError, check_local
 from runner.preflight_rows import PLACEHOLDER_TOKENS, RESPONSE, SYSTEM, TURNS, Row, sample_chat
 from runner.secrets import redact
 from runner.spec import Spec, SpecError
+from runner.staging import staged_rows
 from runner.tracking import _fail_fast
 
 __all__ = ["PLACEHOLDER_TOKENS", "RESPONSE", "SYSTEM", "TURNS", "Row", "sample_chat", "check_spec", "check_inputs",
@@ -205,9 +206,9 @@ def on_cluster() -> bool:
     return bool(os.environ.get("RAY_ADDRESS"))
 
 
-def preflight(spec: Spec) -> list[Row]:
+def preflight(spec: Spec, source: str = "SPEC") -> list[Row]:
     """Every check, in parallel threads (the node checks as Ray tasks, one per node); a check that
-    itself fails becomes a problem row."""
+    itself fails becomes a problem row. With HF_HUB_OFFLINE set, every hub model staged (runner.staging)."""
     # deferred: transformers; its lazy module is not thread-safe on first import ("cannot import name AutoConfig")
     from transformers import AutoConfig, AutoTokenizer  # noqa: F401
     connected = on_cluster()
@@ -224,7 +225,7 @@ def preflight(spec: Spec) -> list[Row]:
         return rows + pc.fit_rows(spec, live, connected)
 
     # the tracking probe asks once, briefly (MLflow retries for minutes)
-    calls = [cluster, lambda: pi.model_rows(spec), lambda: pi.token_rows(spec),
+    calls = [cluster, lambda: pi.model_rows(spec), lambda: pi.token_rows(spec), lambda: staged_rows(spec, source),
              lambda: pi.tracking_rows(spec, root, nodes), *pi.data_checks(spec)]
     with _fail_fast(10), ThreadPoolExecutor(min(16, len(calls))) as ex:
         return [r for rows in ex.map(_guarded, calls) for r in rows]
@@ -264,7 +265,7 @@ def render_rows(rows: list[Row], title: str) -> None:
 def run_preflight(spec: Spec, source: str) -> int:
     """`valind preflight`: the table, then one line per problem; 0 when there is none, else 2."""
     t0 = time.perf_counter()
-    rows = preflight(spec)
+    rows = preflight(spec, source)
     took = time.perf_counter() - t0
     render_rows(rows, f"preflight {source} — {len(rows)} checks in {took:.1f} s")
     bad = [r for r in rows if not r.ok]

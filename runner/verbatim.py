@@ -81,9 +81,11 @@ class Machine:
         print(f"verbatim: {line}", flush=True)
 
     def sub(self, cmd: str) -> str:
-        """cluster.yaml's paths on this machine; `.[gpu]` → `.[cpu]` (no CUDA here)."""
+        """cluster.yaml's paths on this machine (a node's own disk, /home/ubuntu, is one directory here
+        beside the stand-in shared filesystem); `.[gpu]` → `.[cpu]` and no CUDA wheel index (no CUDA here)."""
         cmd = cmd.replace("/mnt/shared", str(self.shared)).replace("/home/ubuntu", str(self.home))
         cmd = cmd.replace("~/", f"{self.home}/").replace(".[gpu]", ".[cpu]")
+        cmd = re.sub(r" --extra-index-url https://download\.pytorch\.org/whl/cu\d+", "", cmd)
         return cmd.replace("$RAY_HEAD_IP:6379", "127.0.0.1:@GCS_PORT@").replace("--port=6379", "--port=@GCS_PORT@")
 
     def env(self, home: Path | None = None) -> dict[str, str]:
@@ -214,8 +216,13 @@ class Machine:
             self.note(f"`{line}`: {source} copied to {dest}")
         elif words[:2] == ["ray", "exec"]:
             cmd = self.sub(line.split(" ", 3)[3].strip("'"))
-            self.sh(cmd, env=self.env())
-            self.note(f"`{line}`: `{cmd}` run in a node's environment")
+            if " stage " in cmd:
+                # no hub here: the spec's hub models cannot be downloaded; the job's rehearsal spec
+                # (written at submit) names local tiny models only, so the offline job needs none
+                cmd += " --dry-run"
+                self.note(f"`{line}`: run with --dry-run (no Hugging Face hub here; the rehearsal's models are local)")
+            out = self.sh(cmd, env=self.env())
+            self.note(f"`{line}`: `{cmd}` run in a node's environment" + (f"\n{out}" if " stage " in cmd else ""))
         elif words[:2] == ["ray", "dashboard"]:
             self.note(f"`{line}` not run: the dashboard listens on 127.0.0.1 here already")
         elif words[0] == "export":

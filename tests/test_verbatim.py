@@ -35,9 +35,10 @@ def machine(tmp_path, data_dir):
 @pytest.mark.slow
 def test_the_readme_path_verbatim(machine):
     m = machine
-    # the nodes run the venv that cluster.yaml's setup built on the stand-in shared filesystem
-    venv = m.shared / "valind" / "venv"
-    assert (venv / "bin" / "valind").exists()
+    # the nodes run the venv that cluster.yaml's setup built on a node's own disk (not the shared filesystem)
+    venv = m.home / "valind-venv"
+    assert (venv / "bin" / "valind").exists() and (venv / ".valind-complete").exists()
+    assert any("--dry-run" in n and "valind stage jobs/paper.yaml" in n for n in m.notes)  # the README's stage line
     assert all(str(venv / "bin") in c for c in (m.cluster.state["commands"]["head"],
                                                  m.cluster.state["commands"]["worker"]))
     assert (m.shared / "data" / "SOURCES.md").exists()  # staged by the README's rsync-up line
