@@ -48,7 +48,7 @@ class EngineActor:
         fault("generate")
         return self.engine.generate(requests)
 
-    def serve(self, units: dict[int, Sequence[Request]]) -> dict[int, list[str]]:
+    def serve(self, units: dict) -> dict:
         """Continuous feeding (runner.engines.stream): add these units, return those complete."""
         _dies_once()
         fault("generate")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
+from collections.abc import Hashable
 from typing import Any, Sequence
 
 import ray
@@ -19,6 +20,7 @@ from runner.progress import progress
 # Each serve call brings units of batch_size // UNITS_PER_BATCH requests: small, so that the place
 # of a finished unit is refilled soon, and few enough that a call's overhead stays below a step's.
 UNITS_PER_BATCH = 8
+_FAN_OUTS = itertools.count()  # tags each fan-out's units: one cut short (a refused request) leaves no clash
 
 
 class Stream:
@@ -28,13 +30,13 @@ class Stream:
 
     def __init__(self, engine: Any):
         self.engine = engine
-        self.waiting: deque[tuple[int, list[int]]] = deque()  # (unit, its request indices of one run)
-        self.requests: dict[int, Sequence] = {}  # unit -> its requests
-        self.outs: dict[int, list] = {}  # unit -> texts so far
-        self.left: dict[int, int] = {}  # unit -> requests not finished
-        self.running: dict[str, tuple[int, int]] = {}  # engine request id -> (unit, index)
+        self.waiting: deque[tuple[Hashable, list[int]]] = deque()  # (unit, its request indices of one run)
+        self.requests: dict[Hashable, Sequence] = {}  # unit -> its requests
+        self.outs: dict[Hashable, list] = {}  # unit -> texts so far
+        self.left: dict[Hashable, int] = {}  # unit -> requests not finished
+        self.running: dict[str, tuple[Hashable, int]] = {}  # engine request id -> (unit, index)
 
-    def serve(self, units: dict[int, Sequence]) -> dict[int, list[str]]:
+    def serve(self, units: dict[Hashable, Sequence]) -> dict[Hashable, list[str]]:
         """Add `units` (id -> requests); return the units complete once the engine has finished at
         least one (all those complete, any call's), or, with nothing left to run, none."""
         for u, reqs in units.items():
@@ -73,6 +75,7 @@ def stream_requests(pool: Any, requests: Sequence, desc: str) -> list[str]:
     in request order. An actor lost (or silent for call_timeout_s: no unit finished) hands the
     units it held to the others, as `EnginePool._fan_out` does with batches."""
     units = pool._batches(requests, chunk=max(1, pool.batch_size // UNITS_PER_BATCH))
+    tag = next(_FAN_OUTS)
     results: list = [None] * len(units)
     todo = list(range(len(units)))  # units to send, the next first
     held: dict[int, Any] = {}  # unit sent -> its actor, until it comes back
@@ -84,7 +87,7 @@ def stream_requests(pool: Any, requests: Sequence, desc: str) -> list[str]:
             for actor in [a for a, t in pool._since.items() if now - t >= pool.call_timeout_s]:
                 pool._lose(actor, f"no request finished within engine.call_timeout_s ({pool.call_timeout_s:g}s); "
                                   "the actor was killed", pending, todo, held)
-            _top_up(pool, units, todo, held, pending)
+            _top_up(pool, units, tag, todo, held, pending)
             if not pending:  # no actor left: only a replacement can go on
                 pool._wait_for_replacement()
                 continue
@@ -102,8 +105,8 @@ def stream_requests(pool: Any, requests: Sequence, desc: str) -> list[str]:
                     raise  # the engine refused a request: not the actor's fault
                 pool._lose(actor, why, pending, todo, held)
                 continue
-            for u, texts in got.items():
-                if held.get(u) == actor:  # (a unit given back after a timeout is someone else's now)
+            for (t, u), texts in got.items():
+                if t == tag and held.get(u) == actor:  # (a unit given back after a timeout is someone else's now)
                     results[u] = texts
                     del held[u]
                     bar.update(len(texts))
@@ -114,7 +117,7 @@ def stream_requests(pool: Any, requests: Sequence, desc: str) -> list[str]:
     return [x for r in results for x in r]
 
 
-def _top_up(pool: Any, units: list, todo: list, held: dict, pending: dict) -> None:
+def _top_up(pool: Any, units: list, tag: int, todo: list, held: dict, pending: dict) -> None:
     """Per actor: units from `todo` up to batch_size × in_flight requests held, in at most two
     calls (one running, one queued); an actor that holds units always has a call to serve them."""
     calls: dict = {a: 0 for a in pool.actors}
@@ -125,10 +128,10 @@ def _top_up(pool: Any, units: list, todo: list, held: dict, pending: dict) -> No
         room[a] = room.get(a, 0) - len(units[u])
     for actor in pool.actors:
         while calls[actor] < 2:
-            new: dict[int, list] = {}
+            new: dict[tuple[int, int], list] = {}
             while todo and room[actor] > 0:
                 u = todo.pop(0)
-                new[u], held[u] = units[u], actor
+                new[(tag, u)], held[u] = units[u], actor
                 room[actor] -= len(units[u])
             if not new and (calls[actor] or not any(a == actor for a in held.values())):
                 break
