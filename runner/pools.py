@@ -33,6 +33,7 @@ class Pools:
                             max_model_len=e.max_model_len, enable_lora=enable_lora,
                             max_lora_rank=ctx.spec.train.lora.r, max_loras=4, tensor_parallel=e.tensor_parallel,
                             kv_cache_gb=e.kv_cache_gb, gpu_memory_utilization=e.gpu_memory_utilization,
+                            gpu_kv_cache_gb=e.gpu_kv_cache_gb, feeding=e.feeding,
                             chat_template=ctx.chat_template(model),
                             trust_remote_code=m.trust_remote_code, cpu_compile=compiled,
                             lora_mode="merge" if enable_lora and scores else "auto")

@@ -257,7 +257,13 @@ class EngineSpec(_Section):
     # (and the pools a stage opens together). A CPU actor binds its threads to that many cores of its own.
     cpus_per_actor: int | None = Field(default=None, ge=1)
     tensor_parallel: int = Field(default=1, ge=1)
-    kv_cache_gb: float | None = Field(default=None, gt=0.0)  # None: 1 GB on CPU; on GPU the memory share below
+    kv_cache_gb: float | None = Field(default=None, gt=0.0)  # vLLM-CPU's KV cache; None: 1 GB. GPUs ignore it
+    # A cap on a GPU engine's KV cache; None: the cache takes what gpu_memory_utilization leaves
+    gpu_kv_cache_gb: float | None = Field(default=None, gt=0.0)
+    # Generation on engines that take requests one by one (vLLM): "continuous" streams them so
+    # finished sequences' places are refilled; "batches": batch_size-request calls, each run to its
+    # longest answer (before issue 34). The transformers backend always runs batches.
+    feeding: Literal["continuous", "batches"] = "continuous"
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)  # vLLM's share of each GPU
     batch_size: int = Field(default=64, ge=1)
     startup_timeout_s: float = Field(default=1800, gt=0)  # a pool goes on without actors not started by then

@@ -51,7 +51,9 @@ def test_vllm_settings_on_gpu_and_cpu():
     gpu, cpu = engine_kwargs(cfg, gpu=True), engine_kwargs(cfg, gpu=False)
     assert gpu["enforce_eager"] is False and gpu["gpu_memory_utilization"] == 0.85 and gpu["max_lora_rank"] == 8
     assert "kv_cache_memory_bytes" not in gpu  # no explicit KV size: the memory share decides
-    assert engine_kwargs(EngineConfig(model="m", kv_cache_gb=20), gpu=True)["kv_cache_memory_bytes"] == 20 * 2 ** 30
+    assert "kv_cache_memory_bytes" not in engine_kwargs(EngineConfig(model="m", kv_cache_gb=20), gpu=True)  # CPU's size
+    assert engine_kwargs(EngineConfig(model="m", gpu_kv_cache_gb=20), gpu=True)["kv_cache_memory_bytes"] == 20 * 2 ** 30
+    assert "kv_cache_memory_bytes" not in engine_kwargs(EngineConfig(model="m", gpu_kv_cache_gb=20), gpu=False)
     assert cpu["enforce_eager"] is True and "gpu_memory_utilization" not in cpu
     assert cpu["block_size"] == 32 and "block_size" not in gpu  # vLLM's GPU default stays
     assert "enable_lora" not in cpu  # on CPU the engine merges adapters into its weights instead

@@ -90,10 +90,19 @@ def test_a_merging_vllm_engine_generates_what_unmerged_peft_generates(tiny_model
     assert engine.merger is not None
     got = engine.generate(reqs)
     again = engine.generate(reqs[len(qs):2 * len(qs)])  # the adapter's requests alone, after a swap
+    # continuous feeding (runner.engines.stream): units of 4 across adapter changes, fed while others run
+    from runner.engines.stream import Stream
+    stream, streamed = Stream(engine), {}
+    units = {u: reqs[i:i + 4] for u, i in enumerate(range(0, len(reqs), 4))}
+    streamed.update(stream.serve({u: units[u] for u in range(3)}))
+    streamed.update(stream.serve({u: units[u] for u in range(3, len(units))}))
+    while len(streamed) < len(units):
+        streamed.update(stream.serve({}))
     engine.close()
     ref = TransformersEngine(EngineConfig(model=tiny_model, backend="transformers", dtype="float32",
                                           max_model_len=256)).generate(reqs)
     assert got == ref
     assert again == ref[len(qs):2 * len(qs)]
+    assert [x for u in range(len(units)) for x in streamed[u]] == ref
     n = len(qs)
     assert got[:n] != got[n:2 * n] and got[n:2 * n] != got[3 * n:4 * n]  # the adapters change the text

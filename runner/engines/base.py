@@ -22,7 +22,8 @@ class EngineConfig:
     # (not a spec setting: the engine chooses; benchmarks compare the two)
     lora_mode: str = "auto"
     tensor_parallel: int = 1
-    kv_cache_gb: float | None = None     # None: 1 GB on CPU; on GPU, gpu_memory_utilization decides
+    kv_cache_gb: float | None = None     # vLLM-CPU's KV cache; None: 1 GB. GPUs do not read it
+    gpu_kv_cache_gb: float | None = None  # a cap on a GPU engine's KV cache; None: what gpu_memory_utilization leaves
     gpu_memory_utilization: float = 0.9
     # vLLM-CPU: torch.compile (inductor) instead of eager; GPUs always compile (CUDA graphs)
     cpu_compile: bool = False
@@ -30,6 +31,10 @@ class EngineConfig:
     chat_template: str | None = None
     trust_remote_code: bool = False
     extra: dict = field(default_factory=dict)
+    # how a pool feeds generation to engines that take requests one by one (vLLM): "continuous"
+    # (requests streamed, the running batch refilled as sequences finish) or "batches" (one call per
+    # batch_size requests, each run to its longest sequence: the path before issue 34)
+    feeding: str = "continuous"
 
     def resolved_backend(self) -> str:
         if self.backend != "auto":

@@ -1,5 +1,6 @@
-"""A pool of Ray actors, each holding one engine; requests are fanned out in batches, and an actor
-lost mid-stage hands its batches to the others while its replacement starts in the background."""
+"""A pool of Ray actors, each holding one engine; requests are fanned out in batches, or streamed
+to engines that take them continuously (runner.engines.stream), and an actor lost mid-stage hands
+its requests to the others while its replacement starts in the background."""
 from __future__ import annotations
 
 import itertools
@@ -17,6 +18,8 @@ from runner.engines.base import EngineConfig
 from runner.engines.cores import bind_engine_threads
 from runner.engines.factory import make_engine
 from runner.engines.faults import fault
+from runner.engines.lost import first_line, lost
+from runner.engines.stream import Stream, stream_requests
 from runner.progress import progress, say
 
 
@@ -29,22 +32,28 @@ class EngineActor:
             cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
             self.cores = bind_engine_threads(max(1, cpus), cfg.tensor_parallel)["cores"]
         self.engine = make_engine(cfg)
+        self.stream = Stream(self.engine) if getattr(self.engine, "continuous", False) else None
 
     def info(self) -> dict:
         return {"name": self.engine.name, "version": self.engine.version, "cores": self.cores,
-                "lora_scores": self.engine.lora_scores, "serial_adapters": self.engine.serial_adapters}
+                "lora_scores": self.engine.lora_scores, "serial_adapters": self.engine.serial_adapters,
+                "continuous": self.stream is not None}
 
     def close(self) -> None:
         if hasattr(self.engine, "close"):
             self.engine.close()
 
     def generate(self, requests: Sequence[Request]) -> list[str]:
-        marker = os.environ.get("VALIND_TEST_ENGINE_DIES")  # fault injection: die once, mid-stage
-        if marker and not os.path.exists(marker):
-            open(marker, "w").close()
-            os._exit(1)
+        _dies_once()
         fault("generate")
         return self.engine.generate(requests)
+
+    def serve(self, units: dict) -> dict:
+        """Continuous feeding (runner.engines.stream): add these units, return those complete."""
+        _dies_once()
+        fault("generate")
+        assert self.stream is not None, "serve() on an engine that takes whole batches only"
+        return self.stream.serve(units)
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[float]:
         fault("score")
@@ -53,6 +62,13 @@ class EngineActor:
     def token_logprobs(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
         fault("token_logprobs")
         return self.engine.token_logprobs(requests)
+
+
+def _dies_once() -> None:
+    marker = os.environ.get("VALIND_TEST_ENGINE_DIES")  # fault injection: die once, mid-stage
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
 
 
 def _holders() -> str:
@@ -74,20 +90,6 @@ def _holders() -> str:
 
 def _res(r) -> str:
     return f"{r.get('CPU', 0):g} CPU {r.get('GPU', 0):g} GPU"
-
-
-def _lost(e: Exception) -> str | None:
-    """Why an actor whose call raised `e` is lost (None: it is not; the error is the request's)."""
-    if isinstance(e, ray.exceptions.RayActorError):
-        return f"it died ({_first_line(e)})"
-    if any(c.__name__ == "EngineDeadError" for c in type(e).__mro__ + type(getattr(e, "cause", None)).__mro__):
-        return "its vLLM engine died (EngineDeadError); the actor was killed"
-    return None
-
-
-def _first_line(e: Exception) -> str:
-    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 class EngineError(ValindError):
@@ -143,12 +145,14 @@ class EnginePool:
                 self._info = ray.get(ref)
                 self.cores.append(self._info["cores"])
             except ray.exceptions.RayActorError as e:  # died while starting (its node was lost, say)
-                self._lose(actor, f"it died while starting ({_first_line(e)})", {}, [])
+                self._lose(actor, f"it died while starting ({first_line(e)})", {}, [])
         self._wait_for_replacement()
         info = self._info
         self.name, self.version = info["name"], info["version"]
         self.lora_scores = info["lora_scores"]  # a LoRA engine that can also score log-probs
         self.serial_adapters = info["serial_adapters"]  # adapters served one after another, not batched together
+        # generation streamed to the engines (engine.feeding), where they take requests one by one
+        self.continuous = cfg.feeding == "continuous" and info["continuous"]
         self.startup_s = time.monotonic() - t0
 
     def _batches(self, items: Sequence, chunk: int | None = None) -> list[list]:
@@ -191,7 +195,7 @@ class EnginePool:
                 try:
                     results[b] = ray.get(done[0])
                 except Exception as e:
-                    if (why := _lost(e)) is None:
+                    if (why := lost(e)) is None:
                         raise  # the engine refused the request: not the actor's fault
                     todo.insert(0, b)
                     self._lose(actor, why, pending, todo)
@@ -222,16 +226,24 @@ class EnginePool:
             return None
         return max(0.0, min(self._since.values()) + self.call_timeout_s - time.monotonic())
 
-    def _lose(self, actor, why: str, pending: dict, todo: list) -> None:
+    def _lose(self, actor, why: str, pending: dict, todo: list, held: dict | None = None) -> None:
         """Take a lost actor out (killed, in case it hangs or its engine died under a live actor):
-        its batches in flight go back to the front of `todo`, and a replacement is requested."""
+        its batches in flight (streamed: the units it `held`) go back to the front of `todo`, and a
+        replacement is requested."""
         if not any(a == actor for a in self.actors):
             return  # already lost (another of its calls reported first)
         self.actors = [a for a in self.actors if a != actor]
         self._since.pop(actor, None)
         ray.kill(actor, no_restart=True)
         back = [ref for ref, (_, a) in pending.items() if a == actor]
-        todo[:0] = sorted(pending.pop(ref)[0] for ref in back)
+        if held is None:
+            todo[:0] = sorted(pending.pop(ref)[0] for ref in back)
+        else:
+            for ref in back:
+                pending.pop(ref)
+            todo[:0] = sorted(u for u, a in held.items() if a == actor)
+            for u in todo:
+                held.pop(u, None)
         self.losses.append(why)
         say(f"  engine pool for {self.cfg.model}: an actor was lost: {why}; its batches go to the "
             f"{len(self.actors)} other actor(s) now")
@@ -256,7 +268,7 @@ class EnginePool:
             self._info = ray.get(ref)
         except ray.exceptions.RayActorError as e:
             ray.kill(new, no_restart=True)
-            why = f"the replacement actor died while starting ({_first_line(e)})"
+            why = f"the replacement actor died while starting ({first_line(e)})"
             self.losses.append(why)
             say(f"  engine pool for {self.cfg.model}: {why}")
             self._request_replacement()
@@ -275,21 +287,23 @@ class EnginePool:
         """With no actor left, wait up to startup_timeout_s for a replacement; else fail, saying why."""
         deadline = time.monotonic() + self.startup_timeout_s
         while not self.actors:
-            lost = f"{len(self.losses)} actor(s) lost (last: {self.losses[-1] if self.losses else '-'})"
+            gone = f"{len(self.losses)} actor(s) lost (last: {self.losses[-1] if self.losses else '-'})"
             if not self._starting:
-                raise EngineError(f"engine pool for {self.cfg.model}: no actor left, {lost}, and no replacement "
+                raise EngineError(f"engine pool for {self.cfg.model}: no actor left, {gone}, and no replacement "
                                   f"can be started ({self.restarts} of at most {self.max_restarts} restarts used)")
             done, _ = ray.wait(list(self._starting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not done:
                 for actor, _ in self._starting.values():
                     ray.kill(actor, no_restart=True)
                 self._starting.clear()
-                raise EngineError(f"engine pool for {self.cfg.model}: no actor left, {lost}, and no replacement "
+                raise EngineError(f"engine pool for {self.cfg.model}: no actor left, {gone}, and no replacement "
                                   f"started within engine.startup_timeout_s ({self.startup_timeout_s:g}s; ray "
                                   f"status: is there room for {self.cpus:g} CPU and {self.gpus:g} GPU?)")
             self._join(done[0])
 
     def generate(self, requests: Sequence[Request], desc: str = "generate") -> list[str]:
+        if self.continuous:
+            return stream_requests(self, requests, desc)
         return self._fan_out("generate", requests, desc)
 
     def score(self, requests: Sequence[ScoreRequest], desc: str = "score") -> list[float]:

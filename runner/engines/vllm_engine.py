@@ -28,17 +28,18 @@ CPU_BLOCK_SIZE = 32
 
 
 def engine_kwargs(cfg: EngineConfig, gpu: bool) -> dict:
-    """vLLM's LLM(...) arguments. On GPU: CUDA graphs (no enforce_eager) and the memory share or
-    KV-cache size from the spec; vLLM's CPU build runs eagerly unless `cpu_compile`, sizes its
-    cache from the env and uses CPU_BLOCK_SIZE.
+    """vLLM's LLM(...) arguments. On GPU: CUDA graphs (no enforce_eager), and the KV cache takes what
+    the memory share leaves unless the spec caps it (`gpu_kv_cache_gb`; `kv_cache_gb` is the CPU
+    cache's size only); vLLM's CPU build runs eagerly unless `cpu_compile`, sizes its cache from
+    the env and uses CPU_BLOCK_SIZE.
     On CPU adapters are merged into the weights (`VLLMEngine`), so the engine starts without LoRA."""
     kwargs = dict(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
                   enforce_eager=not (gpu or cfg.cpu_compile), tensor_parallel_size=cfg.tensor_parallel,
                   trust_remote_code=cfg.trust_remote_code, enable_prefix_caching=True)
     if gpu:
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        if cfg.kv_cache_gb is not None:
-            kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gb * 2 ** 30)
+        if cfg.gpu_kv_cache_gb is not None:
+            kwargs["kv_cache_memory_bytes"] = int(cfg.gpu_kv_cache_gb * 2 ** 30)
     else:
         kwargs["block_size"] = CPU_BLOCK_SIZE
     if merges_adapters(cfg, gpu):
@@ -52,7 +53,11 @@ class VLLMEngine:
     """On GPUs, LoRA requests go through vLLM's LoRA kernels, batched across adapters. On CPUs,
     where vLLM applies adapters per token in plain torch, the engine merges one adapter at a time
     into the weights it touches and generates each adapter's requests at base-model speed
-    (bench/lora_generate.py measures the options)."""
+    (bench/lora_generate.py measures the options).
+
+    Besides whole batches (`generate`), it takes requests continuously (`add`, `step`: see
+    runner.engines.stream), so that finished sequences' places in the running batch are refilled."""
+    continuous = True
 
     def __init__(self, cfg: EngineConfig):
         gpu = torch.cuda.is_available()
@@ -147,7 +152,28 @@ class VLLMEngine:
         batch is the requests given, so a caller that fixes them fixes the numerics."""
         return self._per_adapter(requests, self._prompt_logprobs)
 
-    def _generate(self, requests: Sequence[Request]) -> list[str]:
+    def admits(self, adapter: str | None) -> bool:
+        """Whether requests of `adapter` can join those running (a merging engine holds one adapter)."""
+        return self.merger is None or adapter == self.merged
+
+    def add(self, requests: Sequence[Request]) -> list[str]:
+        """Queue requests in the running engine (`step` advances it); their vLLM request ids. A
+        merging engine loads their adapter first (one adapter per call; the caller checks `admits`
+        or lets the engine run empty before an adapter changes)."""
+        if self.merger is not None:
+            self._merge(requests[0].adapter)
+            requests = [replace(r, adapter=None) for r in requests]
+        prompts, params, lora_arg = self._inputs(requests)
+        ids = self.llm.enqueue(prompts, params, lora_request=lora_arg, use_tqdm=False)
+        # the ids the outputs carry: LLM's counter, without the random suffix vLLM's
+        # InputProcessor.assign_request_id appends to the engine's internal id
+        return [i.rsplit("-", 1)[0] for i in ids]
+
+    def step(self) -> list[tuple[str, str]]:
+        """One engine step: (request id, text) of the requests it finished."""
+        return [(o.request_id, o.outputs[0].text) for o in self.llm.llm_engine.step() if o.finished]
+
+    def _inputs(self, requests: Sequence[Request]) -> tuple[list, list, list | None]:
         # deferred: vLLM loads in __init__, after its environment
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
@@ -158,7 +184,10 @@ class VLLMEngine:
             params.append(SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
                                          seed=r.seed, structured_outputs=so))
             loras.append(self._lora(r.adapter))
-        lora_arg = loras if any(x is not None for x in loras) else None
+        return prompts, params, loras if any(x is not None for x in loras) else None
+
+    def _generate(self, requests: Sequence[Request]) -> list[str]:
+        prompts, params, lora_arg = self._inputs(requests)
         outs = self.llm.generate(prompts, params, lora_request=lora_arg, use_tqdm=False)
         return [o.outputs[0].text for o in outs]
 

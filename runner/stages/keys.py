@@ -31,6 +31,9 @@ OUTSIDE_KEYS: dict[str, str] = {
     "*engine.tensor_parallel": "how a model is sharded over GPUs: the same weights and requests",
     "*engine.kv_cache_gb": "cache memory: how many sequences are decoded at once",
     "*engine.gpu_memory_utilization": "cache memory: how many sequences are decoded at once",
+    "*engine.gpu_kv_cache_gb": "cache memory: how many sequences are decoded at once",
+    "*engine.feeding": "how requests reach an engine (streamed or in batches); with greedy decoding the "
+                       "same answers up to the batch-composition rounding the adapter check measures",
     "*engine.batch_size": "how requests are split into calls; with greedy decoding the same answers up to "
                           "the batch-composition rounding the adapter check measures",
     "*engine.startup_timeout_s": "how long a pool waits for its actors",
