@@ -107,3 +107,40 @@ def test_reference_in_the_worker_group_equals_the_separate_pass(tmp_path, tiny_m
             cached = cached_logps(path, len(want))  # the format the driver reads: a whole [chosen, rejected] list
             assert cached is not None and max(abs(a - b) for x, y in zip(cached, want) for a, b in zip(x, y)) < 1e-5
     assert len(os.listdir(tmp_path / "group-lora")) == 2  # seeds of one condition: one file
+
+
+def test_no_separate_reference_task_is_asked_of_the_cluster():
+    """4 workers of 8 CPUs on nodes of 16 CPUs fit (two nodes); the separate reference task wanted all
+    32 CPUs on one node and refused this spec, though it no longer runs (the workers compute it)."""
+    import yaml
+
+    from runner import cluster_fit
+    from runner.spec import parse_spec
+
+    d = yaml.safe_load((Path(__file__).resolve().parent.parent / "jobs" / "smoke.yaml").read_text())
+    d["cluster"] = {"nodes": 2, "gpus_per_node": 8, "cpus_per_node": 16}
+    d["train"] = {**d.get("train", {}), "method": "dpo", "workers": 4, "cpus_per_worker": 8, "gpus_per_worker": 1}
+    spec = parse_spec(d)
+    assert cluster_fit.problems(spec, cluster_fit.declared(spec)) == []
+    d["cluster"]["cpus_per_node"] = 15  # the workers themselves still count
+    assert [f for f, _ in cluster_fit.problems(parse_spec(d), cluster_fit.declared(parse_spec(d)))] == ["train.workers"]
+
+
+def test_plan_counts_the_reference_phase_on_every_gpu_of_the_trials():
+    """4 GPUs, trials of 2 workers × 1 GPU: 2 trials at once, each computing references on both its GPUs
+    (the separate task used 1 GPU per trial: 2 GPUs, twice the wall)."""
+    import yaml
+
+    from runner.plan import estimate
+    from runner.spec import parse_spec
+
+    spec = parse_spec(yaml.safe_load(yaml.safe_dump({
+        "study": {"name": "p"}, "models": [{"name": "m", "path": "org/Model-8B"}],
+        "values": {"induced": ["humor", "fairness"]}, "controls": {"count": 1}, "seeds": {"values": [0, 1]},
+        "data": {"sources": [{"name": "ultrafeedback", "max_pairs": 1000}], "subset_size": 100},
+        "annotate": {"judge_model": "org/Judge-8B"},
+        "train": {"max_length": 2048, "epochs": 1, "workers": 2, "gpus_per_worker": 1, "batch_size": 8},
+        "plan": {"efficiency": 1.0}, "cluster": {"nodes": 1, "gpus_per_node": 4}})))
+    row = next(r for r in estimate(spec).rows if r.stage.strip() == "reference log-probs")
+    assert row.gpus == 4 and "each trial's 2 GPUs" in row.work
+    assert row.wall_hours == pytest.approx(row.gpu_hours / 4)
