@@ -84,17 +84,17 @@ def cache_paths(model_id: str, bf16: bool, subsets: list[list[Example]], cache_d
             for examples in subsets]
 
 
-def cached_logps(path: Path, n: int) -> Values | None:
+def cached_logps(path: Path, n: int) -> list | None:
     """A cached reference pass, if it is whole: one (chosen, rejected) pair of numbers per example."""
     v = read_state(path)
     ok = (isinstance(v, list) and len(v) == n
           and all(isinstance(x, list) and len(x) == 2 and all(isinstance(y, (int, float)) for y in x) for x in v))
     if v is not None and not ok:
         say(f"reference log-probs {path} do not match their {n} examples: computed again")
-    return [(x[0], x[1]) for x in v] if ok else None
+    return v if ok else None
 
 
-def fill(examples: list[Example], values: Values) -> None:
+def fill(examples: list[Example], values: list) -> None:
     for e, (c, r) in zip(examples, values):
         e.ref_chosen, e.ref_rejected = c, r
 
