@@ -102,14 +102,11 @@ class Room:
 
 
 def demands(spec) -> list[Need]:
-    """A training cell's worker group, its reference log-prob task (one task with every worker's CPUs,
-    runner.train.launch), and each engine section's pool (an actor takes 1 CPU at least)."""
+    """A training cell's worker group (its reference log-probs run inside it, runner.train.reference)
+    and each engine section's pool (an actor takes 1 CPU at least)."""
     t = spec.train
     out = [Need("a training cell", t.workers, t.cpus_per_worker, t.gpus_per_worker, "train.workers",
                   "train.gpus_per_worker" if t.gpus_per_worker else "train.cpus_per_worker")]
-    if t.method != "sft":
-        out.append(Need("a cell's reference log-prob task", 1, t.cpus_per_worker * t.workers,
-                          min(1.0, t.gpus_per_worker), "train.workers", "train.cpus_per_worker"))
     for field, e in engine_sections(spec):
         out.append(Need(f"the {field} pool", e.actors, e.cpus_per_actor or 1, e.gpus_per_actor,
                           f"{field}.actors", f"{field}.gpus_per_actor" if e.gpus_per_actor else f"{field}.cpus_per_actor"))

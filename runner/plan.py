@@ -296,7 +296,8 @@ def _annotate_rows(s: _Sizing) -> list[Row]:
 
 def _train_rows(s: _Sizing) -> list[Row]:
     """One trial per cell, as many at once as worker groups fit; DPO's reference log-probs once per
-    (model, condition). Refuses a worker that cannot hold its model (PlanError)."""
+    (model, condition), on the trials' GPUs (every worker of a trial takes its share at step 0).
+    Refuses a worker that cannot hold its model (PlanError)."""
     spec, t, ov, measured = s.spec, s.spec.train, s.spec.plan, s.measured
     conds = spec.conditions()
     cells_per_model = len(conds) * len(spec.seeds.values)
@@ -329,8 +330,9 @@ def _train_rows(s: _Sizing) -> list[Row]:
     steps = t.epochs * (s.subset // t.batch_size)  # runner.train.doses: every condition assumed s.subset pairs
     rows = [Row("train", f"{len(spec.models) * cells_per_model} cells × {steps:,} steps ({s.subset * t.epochs:,} pairs)",
                 f"{min(rates):.3g}–{max(rates):.3g} pairs/s", rsrc, used, tr_gh, tr_wall)]
-    if ref_gh:
-        rows.append(Row("  reference log-probs", f"{len(spec.models) * len(conds)} (model, condition)",
+    if ref_gh:  # at step 0 of each trial on all its workers (runner.train.reference), trials as many at once as train's
+        rows.append(Row("  reference log-probs", f"{len(spec.models) * len(conds)} (model, condition), step 0 "
+                        f"on each trial's {per_trial} GPU{'s' * (per_trial > 1)}",
                         f"×{1 / REF_FRACTION:g} DPO rate", "default", used, ref_gh, ref_gh / used))
     return rows
 

@@ -112,7 +112,7 @@ def test_a_truncated_annotation_batch_is_judged_again(tmp_path, capsys):
 
 
 def test_a_corrupt_reference_cache_entry_is_computed_again(tmp_path, capsys):
-    from runner.train.launch import _cached_logps
+    from runner.train.reference import cached_logps as _cached_logps
     entry = tmp_path / "ref.json"
     entry.write_text(json.dumps([[-1.0, -2.0], [-3.0, -4.0]]))
     assert _cached_logps(entry, 2) == [[-1.0, -2.0], [-3.0, -4.0]]

@@ -38,6 +38,7 @@ from runner.train.doses import schedule
 from runner.train.losses import LossFn, make_loss
 from runner.train.loop import (load_base, metric_sums, progress_dir, progress_steps, record_start,
                                record_step, resumable, step_metrics)
+from runner.train.reference import worker_references
 from runner.train.safe_load import load_tensors
 
 MAX_GRAD_NORM = 1.0  # as a cell alone (runner.train.loop.ds_config)
@@ -200,6 +201,9 @@ def group_loop(cfg: dict) -> None:
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     device = ray.train.torch.get_device() if train.gpus_per_worker > 0 else torch.device("cpu")
     model, router, slots = build_group(cells, ray.get(cfg["examples"]), device)
+    # the reference log-probs the cache lacks, data-parallel over the workers, before any step
+    worker_references(model, [s.examples for s in slots], cfg.get("references", [None] * len(slots)), cfg["pad_id"],
+                      device, rank, world, router=router)
     resumed = any([_resume(model, s) for s in slots])  # every slot loads its own checkpoint
     for s in slots if rank == 0 else ():
         record_start(s.cell, s.step)

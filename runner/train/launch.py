@@ -1,7 +1,8 @@
 """Launch one training cell (model × condition × seed) as a Ray Train TorchTrainer with DeepSpeed.
 
-The reference log-probs are computed once per (model, subset, tokenisation) by a Ray task and
-cached on disk under a content hash, so no reference forward pass runs during training.
+The reference log-probs are computed once per (model, subset, tokenisation) at step 0 inside the
+worker group, on all its workers (runner.train.reference.worker_references), and cached on disk
+under a content hash: the driver reads the cache and hands the workers the subsets it lacks.
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ import torch
 from evaluation.errors import ValindError
 from runner.progress import say
 from runner.spec import TrainSpec, content_hash
-from runner.store import atomic_dir, read_state, write_json
+from runner.store import atomic_dir
 from runner.train.batches import Example, encode_pairs
 from runner.train.cell import Cell
 from runner.train.doses import epochs_of
 from runner.train.group import final_dir, finished, group_loop
 from runner.train.loop import dist_backend, progress_dir, starts_file, train_loop
-from runner.train.reference import subsets_logps as _subsets_logps
+from runner.train.reference import cache_paths, cached_logps, fill, subsets_logps
 
 
 class TrainError(ValindError, RuntimeError):
@@ -38,53 +39,25 @@ def compute_reference_logps(model_path: str, examples: list[Example], micro: int
 
     In the policy's precision: with bf16 training, fp32 references would differ from the policy's
     own log-probs at step 0 by rounding summed over the response, and DPO would start off log 2."""
-    return _subsets_logps(model_path, [examples], micro, threads, trust_remote_code, bf16)[0]
+    return subsets_logps(model_path, [examples], micro, threads, trust_remote_code, bf16)[0]
 
 
-# max_calls=1: the worker exits after the task; an idle worker would keep the model's memory
-_reference_logps = ray.remote(max_calls=1)(_subsets_logps)
+def reference_logps(cell: Cell, subsets: list[list[Example]]) -> list[str | None]:
+    """Fill ref_chosen/ref_rejected of each subset's examples from the cache. Returns, per subset, None
+    (a cache hit, or SFT, which has no reference) or the cache file the worker group computes and writes
+    at step 0 (runner.train.reference.worker_references).
 
-
-def reference_logps(cell: Cell, subsets: list[list[Example]]) -> list[bool]:
-    """Fill ref_chosen/ref_rejected of each subset's examples from the cache; the missing subsets are
-    computed together (one task, one model load) and cached. Returns, per subset, its cache hit.
-
-    In the cell's precision (cell.train.bf16, resolved by the driver), which is part of the cache key.
-    SFT has no reference: nothing is filled and nothing counts as a hit."""
+    In the cell's precision (cell.train.bf16, resolved by the driver), which is part of the cache key."""
     train = cell.train
     if train.method == "sft":
-        return [False] * len(subsets)
-    paths = [Path(cell.ref_cache) / (content_hash("reflogps-v1", cell.model_id,
-                                                  [(e.pair_id, e.prompt, e.chosen, e.rejected) for e in examples],
-                                                  *(["bf16"] if train.bf16 else [])) + ".json")
-             for examples in subsets]
-    values = [_cached_logps(p, len(examples)) for p, examples in zip(paths, subsets)]
-    hits = [v is not None for v in values]
-    missing = [k for k, hit in enumerate(hits) if not hit]
-    if missing:
-        threads = int(train.cpus_per_worker * train.workers)
-        # DEFAULT: inside a Tune trial the task must not be captured by the trial's placement group
-        task = _reference_logps.options(num_cpus=train.cpus_per_worker * train.workers,
-                                        num_gpus=min(1.0, train.gpus_per_worker), scheduling_strategy="DEFAULT")
-        computed = ray.get(task.remote(cell.model_path, [subsets[k] for k in missing], 4, threads,
-                                       cell.trust_remote_code, train.bf16))
-        for k, v in zip(missing, computed):
-            values[k] = v
-            write_json(v, paths[k])
-    for examples, v in zip(subsets, values):
-        for e, (c, r) in zip(examples, v):
-            e.ref_chosen, e.ref_rejected = c, r
-    return hits
-
-
-def _cached_logps(path: Path, n: int) -> list | None:
-    """A cached reference pass, if it is whole: one (chosen, rejected) pair of numbers per example."""
-    v = read_state(path)
-    ok = (isinstance(v, list) and len(v) == n
-          and all(isinstance(x, list) and len(x) == 2 and all(isinstance(y, (int, float)) for y in x) for x in v))
-    if v is not None and not ok:
-        say(f"reference log-probs {path} do not match their {n} examples: computed again")
-    return v if ok else None
+        return [None] * len(subsets)
+    out: list[str | None] = []
+    for examples, path in zip(subsets, cache_paths(cell.model_id, train.bf16, subsets, cell.ref_cache)):
+        values = cached_logps(path, len(examples))
+        if values is not None:
+            fill(examples, values)
+        out.append(None if values is not None else str(path))
+    return out
 
 
 def cpu_has_native_bf16() -> bool:
@@ -211,8 +184,10 @@ def train_cell(cell: Cell, tokenizer, fail_at_step: int | None = None) -> dict:
     metrics.jsonl and cell.json land atomically in cell.out_dir."""
     started = time.time()
     examples = _encoded(cell, tokenizer)
-    ref_hit, = reference_logps(cell, [examples])
-    cfg = {"cell": cell, "examples": ray.put(examples), "fail_at_step": fail_at_step, "pad_id": _pad_id(tokenizer)}
+    reference, = reference_logps(cell, [examples])
+    ref_hit = reference is None and cell.train.method != "sft"
+    cfg = {"cell": cell, "examples": ray.put(examples), "reference": reference, "fail_at_step": fail_at_step,
+           "pad_id": _pad_id(tokenizer)}
     result = _fit(train_loop, cfg, cell.train, cell.cell_id, cell.work_dir, cell.cell_id)
     if result.checkpoint is None:
         raise TrainError(f"{cell.cell_id}: training ended without a checkpoint")
@@ -234,19 +209,20 @@ def train_group(cells: list[Cell], tokenizer, per_forward: int | None = None,
     if len({(c.model_path, c.train.model_dump_json(exclude={"eval_at"})) for c in cells}) != 1 or train.finetune != "lora":
         raise TrainError("a group trains LoRA cells of one base model and one train section")
     # seeds of one condition share their subset: tokenised, referenced and put in the object store
-    # once; the references the cache lacks come from one task (one model load for the group)
+    # once; the references the cache lacks come from the group's workers at step 0
     subsets: dict[tuple, list[Example]] = {}
     for c in cells:
         if (c.pairs, c.system_prompt) not in subsets:
             subsets[c.pairs, c.system_prompt] = _encoded(c, tokenizer)
-    hits = reference_logps(cells[0], list(subsets.values()))
-    shared = {k: (ex, hit, ray.put(ex)) for (k, ex), hit in zip(subsets.items(), hits)}
+    refs = reference_logps(cells[0], list(subsets.values()))
+    shared = {k: (ex, ref, ray.put(ex)) for (k, ex), ref in zip(subsets.items(), refs)}
     prepared = {c.cell_id: shared[c.pairs, c.system_prompt] for c in cells}
     todo = [c for c in cells if not finished(c)]
     if todo:
         name = f"group-{content_hash([c.cell_id for c in todo], n=8)}"
         cfg = {"cells": todo, "examples": [prepared[c.cell_id][2] for c in todo], "pad_id": _pad_id(tokenizer),
-               "per_forward": per_forward, "fail_at_step": fail_at_step}
+               "references": [prepared[c.cell_id][1] for c in todo], "per_forward": per_forward,
+               "fail_at_step": fail_at_step}
         try:
             _fit(group_loop, cfg, train, name, cells[0].work_dir,
                  f"group of {len(todo)} ({', '.join(c.cell_id for c in todo)})")
@@ -254,7 +230,8 @@ def train_group(cells: list[Cell], tokenizer, per_forward: int | None = None,
             shutil.rmtree(Path(cells[0].work_dir) / name, ignore_errors=True)
     out = {}
     for c in cells:
-        examples, ref_hit, _ = prepared[c.cell_id]
+        examples, reference, _ = prepared[c.cell_id]
+        ref_hit = reference is None and train.method != "sft"
         d = final_dir(c)
         if not finished(c):
             raise TrainError(f"{c.cell_id}: the group ended without this adapter's final state")

@@ -27,6 +27,7 @@ from runner.train.batches import pair_batch, response_logps
 from runner.train.cell import Cell
 from runner.train.doses import schedule
 from runner.train.losses import LossFn, make_loss
+from runner.train.reference import worker_references
 from runner.train.safe_load import safe_deepspeed_loads
 
 
@@ -161,6 +162,7 @@ def train_loop(cfg: dict) -> None:
     import deepspeed
     import ray
     import ray.train
+    import ray.train.torch
 
     cell: Cell = cfg["cell"]
     train = cell.train
@@ -187,6 +189,10 @@ def train_loop(cfg: dict) -> None:
 
     examples = ray.get(cfg["examples"])
     model = build_model(cell)
+    # Reference log-probs the cache lacks, on every worker, from the weights training starts from:
+    # before DeepSpeed wraps the model (ZeRO-3 would shard it; it moves the model to the device anyway).
+    device = ray.train.torch.get_device() if train.gpus_per_worker > 0 else torch.device("cpu")
+    worker_references(model.to(device), [examples], [cfg.get("reference")], cfg["pad_id"], device, rank, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=0.0)
     conf = ds_config(train, world)
