@@ -76,18 +76,46 @@ def test_an_out_of_memory_at_4_per_forward_finishes_at_2_equal_to_a_clean_run(ti
         assert max(v.abs().max().item() for k, v in got[s.name].items() if "lora_B" in k) > 1e-3  # it trained
 
 
-def test_out_of_memory_at_one_per_forward_leaves_every_adapter_as_before_the_step(tiny_model, examples, monkeypatch):
+def test_out_of_memory_at_one_per_forward_leaves_each_adapter_to_resume_in_a_smaller_group(tiny_model, examples,
+                                                                                          tmp_path, monkeypatch, capsys):
+    """fp32, 2 adapters (2 and 3 steps). From step 2 on every forward runs out of memory (injected): the
+    step is tried at 2 per forward, then 1, then GroupOutOfMemory leaves both adapters as after step 1.
+    The worker's leave_for_split saves them with their notes; each, resumed in a group of one (as a
+    split ends), finishes equal to the clean run."""
     from runner.train.adapters import adapter_state
-    from runner.train.group import OOM_ABOVE_ENV, GroupOutOfMemory, build_group, run_steps
+    from runner.train.group import (OOM_ABOVE_ENV, GroupOutOfMemory, _resume, build_group, leave_for_split,
+                                    out_of_memory, run_steps)
 
+    torch.set_num_threads(2)
+    cells, subsets = _cells(tiny_model, 2, tmp_path), [examples[:8], examples[4:16]]
+    monkeypatch.delenv(OOM_ABOVE_ENV, raising=False)
+    model, router, slots = build_group(cells, subsets, CPU)
+    list(run_steps(model, router, slots, 0, CPU, per_forward=2))
+    clean = [adapter_state(model, s.name) for s in slots]
+
+    model, router, slots = build_group(cells, subsets, CPU)
+    steps = run_steps(model, router, slots, 0, CPU, per_forward=2)
+    next(steps)
+    after_one = [adapter_state(model, s.name) for s in slots]
     monkeypatch.setenv(OOM_ABOVE_ENV, "0")
-    model, router, slots = build_group(_cells(tiny_model, 2), [examples[:8], examples[8:16]], CPU)
-    before = {s.name: adapter_state(model, s.name) for s in slots}
     with pytest.raises(GroupOutOfMemory, match="a group of 2 adapters ran out of memory at 1 adapter per forward"):
-        list(run_steps(model, router, slots, 0, CPU, per_forward=2))
-    for s in slots:
-        assert s.step == 0 and not s.history and all(p.grad is None for p in s.params)
-        assert all(torch.equal(v, before[s.name][k]) for k, v in adapter_state(model, s.name).items())
+        next(steps)
+    assert "out of memory at 2 adapters per forward; taking the step again at 1 per forward" in capsys.readouterr().out
+    for s, want in zip(slots, after_one):
+        assert s.step == 1 and len(s.history) == 1 and all(p.grad is None for p in s.params)
+        assert all(torch.equal(v, want[k]) for k, v in adapter_state(model, s.name).items())
+    leave_for_split(model, slots)
+    assert [out_of_memory(c) for c in cells] == [2, 2]
+
+    monkeypatch.delenv(OOM_ABOVE_ENV)
+    for cell, ex, want in zip(cells, subsets, clean):
+        model, router, (slot,) = build_group([cell], [ex], CPU)
+        assert _resume(model, slot) and slot.step == 1
+        list(run_steps(model, router, [slot], 0, CPU))
+        got = adapter_state(model, slot.name)
+        worst = max((got[k] - want[k]).abs().max().item() for k in want)
+        print(f"{cell.cell_id}: max |split and resumed - clean| {worst:.2e}")
+        assert worst < 1e-5, (cell.cell_id, worst)
 
 
 def test_groups_that_ran_out_of_memory_split_in_halves_of_their_unpublished_cells(tmp_path, tiny_model):

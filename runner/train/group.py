@@ -129,8 +129,6 @@ def group_step(model, router, forwards: list[dict[int, list[Example]]], loss_fn:
     sums = torch.zeros(n_adapters, 7, dtype=torch.float64, device=device)
     above = int(os.environ[OOM_ABOVE_ENV]) if os.environ.get(OOM_ABOVE_ENV) else None
     for exs in forwards:
-        if above is not None and len(exs) > above:
-            raise torch.OutOfMemoryError(f"{OOM_ABOVE_ENV}={above}: a forward of {len(exs)} adapters (injected)")
         batch = {key: v.to(device) for key, v in pair_blocks(list(exs.values()), pad).items()}
         owner = torch.tensor([k for k, ex in exs.items() for _ in range(2 * len(ex))], device=device)
         with router.route(owner):
@@ -146,6 +144,8 @@ def group_step(model, router, forwards: list[dict[int, list[Example]]], loss_fn:
                 c, i = r + b, i + b
             # a cell alone back-propagates each micro-batch's mean loss / accumulation steps (DeepSpeed)
             (total / grad_acc).backward()
+        if above is not None and len(exs) > above:  # after its backward: gradients left behind, as a real one may
+            raise torch.OutOfMemoryError(f"{OOM_ABOVE_ENV}={above}: a forward of {len(exs)} adapters (injected)")
         heap()
     return sums
 
@@ -236,26 +236,30 @@ def group_loop(cfg: dict) -> None:
         for stepped in steps:
             # rank 0 alone saves, so its clock alone decides
             due = every_s is not None and time.monotonic() - saved >= every_s
-            for s in stepped:
-                if rank == 0:
-                    record_step(s.cell, s.step, len(s.steps))
-                    _checkpoint(model, s, save_at[s.name].get(s.step, []), due)
-                if fail_at is not None and s.step == fail_at and not resumed:
-                    _die(rank, world)
+            for s in stepped if rank == 0 else ():
+                record_step(s.cell, s.step, len(s.steps))
+                _checkpoint(model, s, save_at[s.name].get(s.step, []), due)
             saved = time.monotonic() if due else saved
+            if fail_at is not None and any(s.step == fail_at for s in stepped) and not resumed:
+                _die(rank, world)
     except GroupOutOfMemory as e:
-        # every adapter as it was before the step, for the smaller groups the driver makes of these
-        for s in slots if rank == 0 else ():
-            if not s.done:
-                _save(model, s, final=False)
-                oom_file(s.cell).write_text(json.dumps({"adapters": len(slots)}))
         if rank == 0:
+            leave_for_split(model, slots)
             print(f"{e}: each adapter saved at its step, for smaller groups (runner.stages.train)", flush=True)
 
 
+def leave_for_split(model, slots: list[Slot]) -> None:
+    """Rank 0, after GroupOutOfMemory: each unfinished adapter's checkpoint (as it was before the step
+    that failed) and its oom_file, for the smaller groups the driver makes of them."""
+    for s in slots:
+        if not s.done:
+            _save(model, s, final=False)
+            oom_file(s.cell).write_text(json.dumps({"adapters": len(slots)}))
+
+
 def _die(rank: int, world: int) -> None:
-    """Fault injection (tests; first attempt only): the last worker dies after this step, once rank 0
-    has saved it (a barrier), so that the resume point is known."""
+    """Fault injection (tests; first attempt only): the last worker dies after this group step, once
+    rank 0 has saved it (a barrier), so that the resume point is known."""
     if world > 1:
         dist.barrier()
     if rank == world - 1:
