@@ -25,7 +25,7 @@ from evaluation.types import VALUES
 from runner.context import study_runs
 from runner.data.registry import SOURCES
 from runner.spec import Spec, eval_suites, suite_settings
-from runner.train.memory import LORA_TRAINABLE, MEMORY_SHARE, group_layout, train_memory_gb
+from runner.train.memory import LORA_TRAINABLE, MEMORY_SHARE, group_layout, layout_problem, model_shape
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -308,12 +308,8 @@ def _train_rows(s: _Sizing) -> list[Row]:
     gpu_gb = spec.cluster.gpu_memory_gb if spec.cluster else 80
     for m in spec.models:
         p = params_b(m.name, m.path, m.params_b)
-        if t.gpus_per_worker > 0 and (need := train_memory_gb(p, t)) > gpu_gb * t.gpus_per_worker:
-            raise PlanError(
-                f"train: {m.name} needs about {need:.0f} GB per worker ({p:g}B, micro_batch_size "
-                f"{t.micro_batch_size} × 2 × {t.max_length} tokens) and a worker has {gpu_gb * t.gpus_per_worker:g} GB"
-                " (cluster.gpu_memory_gb × train.gpus_per_worker): set train.gradient_checkpointing: true, "
-                "or lower micro_batch_size or max_length")
+        if (why := layout_problem(m.name, p, t, gpu_gb, cells_per_model, model_shape(p, m.path))) is not None:
+            raise PlanError(why)
         r = (ov.train_pairs_per_s or (measured or {}).get("train", {}).get(p)
              or train_pps(p, t.max_length, t.finetune, t.method))
         rates.append(r)
@@ -430,6 +426,21 @@ def disk_bytes(spec: Spec) -> dict[str, float]:
             "generate": runs * per_run * g.sampling.max_tokens * 4 * 2,  # ~4 bytes a token, follow-ups
             "score": runs * per_run * SCORE_ROW_BYTES,
             "analyze": ANALYSIS_BYTES}
+
+
+def memory_problems(spec: Spec) -> list[tuple[str, str]]:
+    """(field, why) for each model whose GPU training worker cannot hold its smallest layout
+    (runner.train.memory.layout_problem): `valind plan` and, before any compute, `valind run`
+    (runner.preflight.check_inputs) refuse it."""
+    t = spec.train
+    gpu_gb = spec.cluster.gpu_memory_gb if spec.cluster else 80
+    cells = len(spec.conditions()) * len(spec.seeds.values)
+    out = []
+    for m in spec.models:
+        p = params_b(m.name, m.path, m.params_b)
+        if (why := layout_problem(m.name, p, t, gpu_gb, cells, model_shape(p, m.path))) is not None:
+            out.append(("train.adapters_per_group", why))
+    return out
 
 
 def group_saving(spec: Spec, gpu_gb: float, slots: int) -> str | None:

@@ -29,6 +29,7 @@ from runner import preflight_inputs as pi
 from runner.chat_render import render
 from runner.cluster import init_ray
 from runner.data.sources import DataError, check_local
+from runner.plan import memory_problems
 from runner.preflight_rows import PLACEHOLDER_TOKENS, RESPONSE, SYSTEM, TURNS, Row, sample_chat
 from runner.secrets import redact
 from runner.spec import Spec, SpecError
@@ -50,12 +51,13 @@ def check_spec(spec: Spec, source: str = "spec") -> None:
 
 
 def check_inputs(ctx, generates: bool = True, annotated: bool = False) -> None:
-    """`valind run`'s checks before any compute (ctx: runner.context.StudyContext; raises SpecError).
+    """`valind run`'s checks before any compute (ctx: runner.context.StudyContext; raises SpecError),
+    a GPU training worker too small for its model's smallest layout (runner.plan.memory_problems) included.
     The preference files are read by annotation alone: once it is done (`annotated`), they are not
     needed; the data directory by generation and scoring (`generates`: the run goes that far)."""
     files = [] if annotated else file_problems(ctx.spec)
     data = data_dir_problems(ctx.spec) if generates else []
-    _raise("spec", data + files + template_problems(ctx.spec, ctx) + lora_problems(ctx))
+    _raise("spec", data + files + template_problems(ctx.spec, ctx) + lora_problems(ctx) + memory_problems(ctx.spec))
 
 
 def data_dir_problems(spec: Spec) -> Problems:

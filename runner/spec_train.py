@@ -86,6 +86,11 @@ class TrainSpec(_Section):
     bf16: Literal["auto", True, False] = "auto"  # auto: where native (bf16 GPUs; CPUs with AMX/AVX512-BF16)
     report_every: int = Field(default=1, ge=1)
     checkpoint_every: int = Field(default=50, ge=1)  # optimizer steps between DeepSpeed checkpoints
+    # Seconds between checkpoints besides (each eval_at point is one too): a failure loses at most
+    # this much work. "auto": 15 min on GPU workers; off on CPU workers, whose cells (demo, tests)
+    # last minutes, where checkpoint_every covers them and a clock would make resume points vary run
+    # to run. null: off.
+    checkpoint_every_s: Literal["auto"] | float | None = "auto"
     max_failures: int = Field(default=1, ge=0)
     # A system message put first in every training prompt (runner.train.batches.with_system): a fixed
     # text, or a template whose {value} is the induced value's name (a matched control gets its value's).
@@ -169,6 +174,19 @@ class TrainSpec(_Section):
             if v > 1 and info.data.get("zero_stage") == 3:
                 raise ValueError("a group holds the whole base model on every worker; ZeRO-3 shards it: set 1")
         return v
+
+    @field_validator("checkpoint_every_s")
+    @classmethod
+    def _positive_seconds(cls, v: str | float | None) -> str | float | None:
+        if isinstance(v, (int, float)) and v <= 0:
+            raise ValueError(f"must be a positive number of seconds, 'auto' or null, got {v}")
+        return v
+
+    def checkpoint_seconds(self) -> float | None:
+        """checkpoint_every_s resolved: "auto" is 900 s on GPU workers and off (None) on CPU workers."""
+        if self.checkpoint_every_s == "auto":
+            return 900.0 if self.gpus_per_worker > 0 else None
+        return None if self.checkpoint_every_s is None else float(self.checkpoint_every_s)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainSpec":

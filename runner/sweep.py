@@ -33,6 +33,7 @@ def _trial(config: dict) -> None:
     CI with Ray 2.60: `_get_result_from_queues` → `report` → `Queue.put`)."""
     # deferred: transformers, torch and deepspeed (runner.train.launch) load in the trial's process only
     from transformers import AutoTokenizer
+    from runner.train.group import checkpoint_dir
     from runner.train.launch import train_cell, train_group
 
     group: Group = config["group"]
@@ -40,7 +41,8 @@ def _trial(config: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(first.model_path, trust_remote_code=first.trust_remote_code)
     # fault injection (tests/test_train_state.py): a worker dies after this optimizer step, first attempt only
     fail = int(os.environ["VALIND_FAIL_AT_STEP"]) if os.environ.get("VALIND_FAIL_AT_STEP") else None
-    if len(group.cells) == 1:
+    # a lone cell split off a group that ran out of memory (runner.stages.train) resumes its adapter there
+    if len(group.cells) == 1 and not (checkpoint_dir(first) / "state.json").is_file():
         train_cell(first, tokenizer=tokenizer, fail_at_step=fail)
     else:
         train_group(list(group.cells), tokenizer=tokenizer, per_forward=group.per_forward, fail_at_step=fail)

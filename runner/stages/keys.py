@@ -43,6 +43,7 @@ OUTSIDE_KEYS: dict[str, str] = {
                                 "(tests/test_group.py, to 1e-5)",
     "train.max_failures": "how often a failed worker group is restarted (a resume replays the same batches)",
     "train.checkpoint_every": "how often training state is saved (a resume replays the same batches)",
+    "train.checkpoint_every_s": "how often training state is saved (a resume replays the same batches)",
     "train.report_every": "how often step metrics are reported",
     "generate.runs_per_chunk": "how runs are batched through the pool: each run's requests are the same, "
                                "answered up to the batch-composition rounding the adapter check measures",

@@ -5,6 +5,7 @@ cell; the trial and its workers read only that."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,7 +34,7 @@ class Trained(StageResult):
 
 
 # train fields that cannot change what a cell learns (runner.stages.keys.OUTSIDE_KEYS says why)
-NOT_LEARNED = {"adapters_per_group", "max_failures", "checkpoint_every", "report_every"}
+NOT_LEARNED = {"adapters_per_group", "max_failures", "checkpoint_every", "checkpoint_every_s", "report_every"}
 
 
 def _train_section(ctx: StudyContext, run: Any) -> dict[str, Any]:
@@ -98,7 +99,6 @@ def adapter_path(ctx: StudyContext, r: Run) -> Path:
 
 def _train(ctx: StudyContext, todo: list[Run]) -> None:
     # deferred: Ray and torch (the trainer), imported only when a cell trains
-    from runner.sweep import run_grid
     from runner.train.launch import bf16_enabled
 
     cur = ctx.need(Curated)
@@ -124,8 +124,7 @@ def _train(ctx: StudyContext, todo: list[Run]) -> None:
         say(f"  {len(grid)} cells in {len(groups)} worker group(s) of "
             f"{', '.join(f'{len(g.cells)} ({g.per_forward} per forward)' for g in groups)}: LoRA adapters of "
             f"one base model train together, data parallel (train.adapters_per_group: {s.train.adapters_per_group})")
-    errors = run_grid(groups, train, ctx.root / "ray_tune", f"grid-{content_hash(list(by_id), n=8)}",
-                      on_complete=lambda c: adopt(ctx, by_id[c.cell_id]), cluster=s.cluster)
+    errors = _run_groups(ctx, groups, train, by_id)
     failed = []
     for cid, r in by_id.items():
         err = errors.get(cid, "the trial did not run")
@@ -140,6 +139,45 @@ def _train(ctx: StudyContext, todo: list[Run]) -> None:
             failed.append(f"{r.run_id}: {err}")
     if failed:
         raise StageError(f"train: {len(failed)} cell(s) failed: " + "; ".join(failed))
+
+
+def _run_groups(ctx: StudyContext, groups: list[Group], train: TrainSpec,
+                by_id: dict[str, Run]) -> dict[str, str | None]:
+    """run_grid over the groups; the groups that ran out of memory at one adapter per forward then run
+    again split in two, each adapter from its checkpoint, until none does (or only lone cells do).
+    Returns cell_id -> error (None: trained)."""
+    from runner.sweep import run_grid  # deferred: Ray and torch (the trainer), imported only when a cell trains
+
+    name = f"grid-{content_hash(list(by_id), n=8)}"
+    errors: dict[str, str | None] = {}
+    for attempt in range(len(by_id)):  # each round halves a group: log2(cells) rounds at most
+        errors.update(run_grid(groups, train, ctx.root / "ray_tune", name + (f"-split{attempt}" if attempt else ""),
+                               on_complete=lambda c: adopt(ctx, by_id[c.cell_id]), cluster=ctx.spec.cluster))
+        for r in by_id.values():
+            adopt(ctx, r)
+        groups = split_out_of_memory(groups, lambda c: not cell_unit(ctx, by_id[c.cell_id]).cached())
+        if not groups:
+            break
+        say(f"  out of memory at 1 adapter per forward: {len(groups)} smaller group(s) of "
+            f"{', '.join(str(len(g.cells)) for g in groups)}, each adapter resuming from its checkpoint")
+    return errors
+
+
+def split_out_of_memory(groups: list[Group], unpublished: Callable[[Cell], bool]) -> list[Group]:
+    """Each group of several cells that ran out of memory at one adapter per forward (its oom_file:
+    runner.train.group.out_of_memory) as two halves of its `unpublished` cells, at one adapter per
+    forward; nothing for the others (a lone cell cannot be split: its error stands)."""
+    from runner.train.group import out_of_memory  # deferred: torch, imported only when a cell trains
+
+    out = []
+    for g in groups:
+        left = [c for c in g.cells if unpublished(c)]
+        if len(g.cells) > 1 and len(left) > 1 and any(out_of_memory(c) for c in left):
+            half = (len(left) + 1) // 2
+            out += [Group(tuple(left[:half]), 1), Group(tuple(left[half:]), 1)]
+        elif len(g.cells) > 1 and len(left) == 1 and out_of_memory(left[0]):
+            out.append(Group((left[0],), 1))  # trains as a group of one, from its checkpoint (runner.sweep)
+    return out
 
 
 def _cell_train(train: TrainSpec, r: Run) -> TrainSpec:

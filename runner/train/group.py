@@ -42,6 +42,25 @@ from runner.train.reference import worker_references
 from runner.train.safe_load import load_tensors
 
 MAX_GRAD_NORM = 1.0  # as a cell alone (runner.train.loop.ds_config)
+# Fault injection (tests, in the style of VALIND_FAIL_AT_STEP): a forward of more than N adapters'
+# micro-batches raises torch.OutOfMemoryError, as a GPU too small for it would, on every attempt.
+OOM_ABOVE_ENV = "VALIND_OOM_ABOVE"
+
+
+class GroupOutOfMemory(RuntimeError):
+    """Out of memory at one adapter per forward: the group's adapters must train in smaller groups."""
+
+
+def oom_file(cell: Cell) -> Path:
+    """The note a group that ran out of memory at one adapter per forward leaves for the driver, beside
+    the cell's checkpoint: {"adapters": its group's size} (runner.stages.train splits such groups)."""
+    return Path(cell.work_dir) / cell.cell_id / "valind-oom.json"
+
+
+def out_of_memory(cell: Cell) -> int | None:
+    """The size of the group this cell last ran out of memory in (oom_file), or None."""
+    note = read_state(oom_file(cell))
+    return note.get("adapters") if isinstance(note, dict) else None
 
 
 def checkpoint_dir(cell: Cell) -> Path:
@@ -109,6 +128,7 @@ def group_step(model, router, forwards: list[dict[int, list[Example]]], loss_fn:
     index → its micro-batch; each adapter has grad_acc micro-batches in all). Returns per-adapter
     sums [K, 7] as runner.train.loop.optimizer_step. `heap` is called after each backward (HeapCap)."""
     sums = torch.zeros(n_adapters, 7, dtype=torch.float64, device=device)
+    above = int(os.environ[OOM_ABOVE_ENV]) if os.environ.get(OOM_ABOVE_ENV) else None
     for exs in forwards:
         batch = {key: v.to(device) for key, v in pair_blocks(list(exs.values()), pad).items()}
         owner = torch.tensor([k for k, ex in exs.items() for _ in range(2 * len(ex))], device=device)
@@ -125,6 +145,8 @@ def group_step(model, router, forwards: list[dict[int, list[Example]]], loss_fn:
                 c, i = r + b, i + b
             # a cell alone back-propagates each micro-batch's mean loss / accumulation steps (DeepSpeed)
             (total / grad_acc).backward()
+        if above is not None and len(exs) > above:  # after its backward: gradients left behind, as a real one may
+            raise torch.OutOfMemoryError(f"{OOM_ABOVE_ENV}={above}: a forward of {len(exs)} adapters (injected)")
         heap()
     return sums
 
@@ -188,7 +210,9 @@ def _save(model, slot: Slot, final: bool) -> None:
 
 def group_loop(cfg: dict) -> None:
     """The worker: cfg is {"cells": [Cell], "examples": [ObjectRef of list[Example]] (one per cell),
-    "pad_id", "per_forward", "fail_at_step"}."""
+    "pad_id", "per_forward", "fail_at_step"}. Out of memory at one adapter per forward (run_steps), it
+    saves every unfinished adapter, leaves each an oom_file and returns: an error would only be
+    retried by Ray Train (train.max_failures) into the same error."""
     # deferred: Ray Train, in the training worker only (bench/group_check.py runs the group without Ray)
     import ray
     import ray.train
@@ -207,34 +231,72 @@ def group_loop(cfg: dict) -> None:
     resumed = any([_resume(model, s) for s in slots])  # every slot loads its own checkpoint
     for s in slots if rank == 0 else ():
         record_start(s.cell, s.step)
+        oom_file(s.cell).unlink(missing_ok=True)  # this start's memory is another question
     save_at = {s.name: progress_steps(s.cell.train.eval_at, len(s.steps)) for s in slots}  # a cell's own points
     fail_at = cfg.get("fail_at_step")
-    for stepped in run_steps(model, router, slots, cfg["pad_id"], device, rank, world, cfg["per_forward"]):
-        for s in stepped:
-            if rank == 0:
+    every_s, saved = train.checkpoint_seconds(), time.monotonic()
+    steps = run_steps(model, router, slots, cfg["pad_id"], device, rank, world, cfg["per_forward"])
+    try:
+        for stepped in steps:
+            # rank 0 alone saves, so its clock alone decides
+            due = every_s is not None and time.monotonic() - saved >= every_s
+            for s in stepped if rank == 0 else ():
                 record_step(s.cell, s.step, len(s.steps))
-            if rank == 0 and s.step in save_at[s.name]:
-                for f in save_at[s.name][s.step]:
-                    with atomic_dir(progress_dir(s.cell, f)) as tmp:
-                        save_adapter(model, s.name, tmp)
-            if fail_at is not None and s.step == fail_at and rank == world - 1 and not resumed:
-                os._exit(1)  # simulate a dead worker (only on the first attempt)
-            if rank == 0 and (s.done or s.step % train.checkpoint_every == 0):
-                _save(model, s, final=s.done)
+                _checkpoint(model, s, save_at[s.name].get(s.step, []), due)
+            saved = time.monotonic() if due else saved
+            if fail_at is not None and any(s.step == fail_at for s in stepped) and not resumed:
+                _die(rank, world)
+    except GroupOutOfMemory as e:
+        if rank == 0:
+            leave_for_split(model, slots)
+            print(f"{e}: each adapter saved at its step, for smaller groups (runner.stages.train)", flush=True)
+
+
+def leave_for_split(model, slots: list[Slot]) -> None:
+    """Rank 0, after GroupOutOfMemory: each unfinished adapter's checkpoint (as it was before the step
+    that failed) and its oom_file, for the smaller groups the driver makes of them."""
+    for s in slots:
+        if not s.done:
+            _save(model, s, final=False)
+            oom_file(s.cell).write_text(json.dumps({"adapters": len(slots)}))
+
+
+def _die(rank: int, world: int) -> None:
+    """Fault injection (tests; first attempt only): the last worker dies after this group step, once
+    rank 0 has saved it (a barrier), so that the resume point is known."""
+    if world > 1:
+        dist.barrier()
+    if rank == world - 1:
+        os._exit(1)
+
+
+def _checkpoint(model, s: Slot, fractions: list[float], due: bool) -> None:
+    """After one of the slot's steps: its eval_at adapters (`fractions` ending at this step), and its
+    checkpoint, a resume point, at each of them, every train.checkpoint_every steps, when
+    train.checkpoint_every_s is `due`, and at its end (final_dir)."""
+    for f in fractions:
+        with atomic_dir(progress_dir(s.cell, f)) as tmp:
+            save_adapter(model, s.name, tmp)
+    if s.done or fractions or due or s.step % s.cell.train.checkpoint_every == 0:
+        _save(model, s, final=s.done)
 
 
 def run_steps(model, router, slots: list[Slot], pad: int, device, rank: int = 0, world: int = 1,
               per_forward: int | None = None):
     """Train the slots to the end, `per_forward` adapters' micro-batches per forward (default: all);
-    yields the slots that stepped after every group step."""
+    yields the slots that stepped after every group step. A step that runs out of memory on any
+    worker is taken again by every worker at half as many adapters per forward, down to one, and that
+    number holds from then on (the adapters are the same at any number: tests/test_group_memory.py);
+    out of memory at one, GroupOutOfMemory, with the slots as they were before the step."""
     train = slots[0].cell.train
     loss_fn, micro = make_loss(train), train.micro_batch_size
     grad_acc = train.batch_size // (micro * world)
     heap = HeapCap(device)
     model.train()
+    limit = per_forward
     while active := [k for k, s in enumerate(slots) if not s.done]:
         t0 = time.perf_counter()
-        per = per_forward or len(active)
+        per = min(limit or len(active), len(active))
         forwards = []
         for m in range(grad_acc):
             for j in range(0, len(active), per):
@@ -244,7 +306,15 @@ def run_steps(model, router, slots: list[Slot], pad: int, device, rank: int = 0,
                     mine = s.steps[s.step][rank * micro * grad_acc:(rank + 1) * micro * grad_acc]
                     fwd[k] = [s.examples[i] for i in mine[m * micro:(m + 1) * micro]]
                 forwards.append(fwd)
-        sums = group_step(model, router, forwards, loss_fn, pad, device, len(slots), grad_acc, heap)
+        sums = _attempt(model, router, slots, forwards, (loss_fn, pad, grad_acc, heap), device, world)
+        if sums is None:
+            if per == 1:
+                raise GroupOutOfMemory(f"a group of {len(slots)} adapters ran out of memory at 1 adapter per forward")
+            limit = per // 2
+            if rank == 0:
+                print(f"group of {len(slots)} adapters: out of memory at {per} adapters per forward; taking the "
+                      f"step again at {limit} per forward", flush=True)
+            continue
         apply_step([slots[k] for k in active], world)
         if world > 1:
             dist.all_reduce(sums)
@@ -253,6 +323,29 @@ def run_steps(model, router, slots: list[Slot], pad: int, device, rank: int = 0,
             s = slots[k]
             s.history.append({**step_metrics(sums[k].tolist(), s.step + 1, train.lr, dt,
                                              s.step * train.batch_size / max(1, len(s.examples))),
-                              "group_adapters": len(active)})
+                              "group_adapters": len(active), "per_forward": per})
             s.step += 1
         yield [slots[k] for k in active]
+
+
+def _attempt(model, router, slots: list[Slot], forwards, how: tuple, device, world: int) -> torch.Tensor | None:
+    """group_step's sums (`how`: its loss_fn, pad, grad_acc, heap), or None where any worker ran out
+    of memory: every worker then drops the step's gradients, so that all retry it together (none is
+    left waiting in apply_step's all_reduce)."""
+    loss_fn, pad, grad_acc, heap = how
+    try:
+        sums, oom = group_step(model, router, forwards, loss_fn, pad, device, len(slots), grad_acc, heap), False
+    except torch.OutOfMemoryError:
+        sums, oom = None, True
+    # out of the handler: the error's frames, and the activations they held, are released
+    if world > 1:
+        flag = torch.tensor([float(oom)], device=device)
+        dist.all_reduce(flag)
+        oom = flag.item() > 0
+    if not oom:
+        return sums
+    for s in slots:
+        s.optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the failed step's cached blocks, for the smaller forwards
+    return None

@@ -24,7 +24,7 @@ from runner.store import atomic_dir
 from runner.train.batches import Example, encode_pairs
 from runner.train.cell import Cell
 from runner.train.doses import epochs_of
-from runner.train.group import final_dir, finished, group_loop
+from runner.train.group import final_dir, finished, group_loop, out_of_memory
 from runner.train.loop import dist_backend, progress_dir, starts_file, train_loop
 from runner.train.reference import cache_paths, cached_logps, fill, subsets_logps
 
@@ -234,7 +234,9 @@ def train_group(cells: list[Cell], tokenizer, per_forward: int | None = None,
         ref_hit = reference is None and train.method != "sft"
         d = final_dir(c)
         if not finished(c):
-            raise TrainError(f"{c.cell_id}: the group ended without this adapter's final state")
+            oom = out_of_memory(c)  # smaller groups may fit (runner.stages.train splits it)
+            raise TrainError(f"{c.cell_id}: " + (f"out of memory in a group of {oom} adapter(s) at 1 per forward"
+                                                 if oom else "the group ended without this adapter's final state"))
         _publish(c, d / "model", d / "metrics.jsonl", len(examples), ref_hit, started,
                  group=[x.cell_id for x in cells])
         shutil.rmtree(Path(c.work_dir) / c.cell_id, ignore_errors=True)

@@ -212,6 +212,7 @@ def train_loop(cfg: dict) -> None:
     pad = cfg["pad_id"]
     fail_at = cfg.get("fail_at_step")  # fault-injection hook for tests
     engine.train()
+    every_s, saved = train.checkpoint_seconds(), time.monotonic()
     for step in range(start, len(steps)):
         t0 = time.perf_counter()
         mine = steps[step][rank * micro * grad_acc:(rank + 1) * micro * grad_acc]
@@ -229,10 +230,24 @@ def train_loop(cfg: dict) -> None:
             _save_progress(engine, train.zero_stage, rank, [progress_dir(cell, f) for f in save_at[step + 1]])
         if fail_at is not None and step + 1 == fail_at and rank == world - 1 and not ckpt:
             os._exit(1)  # simulate a dead worker (only on the first attempt)
-        if last or (step + 1) % train.checkpoint_every == 0:
+        # a resume point at each eval_at point too: a failure there resumes from the saved adapter
+        due = time_due(every_s, saved, world, device)
+        if last or (step + 1) % train.checkpoint_every == 0 or step + 1 in save_at or due:
             _report_with_checkpoint(engine, cell, rank, step + 1, history, metrics, final=last)
+            saved = time.monotonic()
         elif (step + 1) % train.report_every == 0:
             ray.train.report(metrics)
+
+
+def time_due(every_s: float | None, since: float, world: int, device) -> bool:
+    """Whether train.checkpoint_every_s (resolved: TrainSpec.checkpoint_seconds) has passed since
+    `since` by rank 0's clock, which every rank follows: DeepSpeed's save is collective."""
+    if every_s is None:
+        return False
+    due = torch.tensor([float(time.monotonic() - since >= every_s)], device=device)
+    if world > 1:
+        dist.broadcast(due, 0)
+    return bool(due.item())
 
 
 def _exclude_every_frozen_name(engine) -> None:

@@ -9,9 +9,19 @@ from pathlib import Path
 
 # Peak memory of a training worker: activation bytes per token, hidden unit and layer of a bf16
 # transformer without recomputation (Korthikanti et al. 2022, https://arxiv.org/abs/2205.05198 §4:
-# 34) and with activation checkpointing (each layer's input, 2); both responses' logits in fp32 over
-# a Llama-3-size vocabulary.
+# 34) and with activation checkpointing (each layer's input, 2); both responses' logits over a
+# Llama-3-size vocabulary.
 ACT_BYTES, ACT_BYTES_CHECKPOINTED, VOCAB = 34, 2, 128_256
+# Bytes per logit (position × vocabulary entry) at the peak of runner.train.batches.response_logps:
+# four fp32 copies. Forward (8 bytes): the head's output upcast by `.float()` (saved for logsumexp's
+# backward; the bf16 output is freed) and logsumexp's exp(x - max) temporary. Backward, at
+# logsumexp's node (it runs first): the saved upcast, x - lse, its exp, and that times the incoming
+# gradient (16 bytes); gather's scatter gradient comes once the temporaries are freed and is summed
+# into logsumexp's gradient in place. Measured on CPU (peak resident memory over that forward and
+# backward, bf16 or fp32 head: tests/test_group_memory.py): 16.1 bytes per logit at 1,000 × 128,256
+# logits, 16.5 at 200 × 128,256 (a fixed ~25 MB besides). Counted over every token of the pair: an
+# upper bound, as only response positions reach the head.
+LOGIT_BYTES = 16
 # Share of parameters a LoRA adapter trains: by count, rank 16 on attention is ~0.5% of an 8B
 # model; 1% leaves room for more target modules.
 LORA_TRAINABLE = 0.01
@@ -32,13 +42,13 @@ def model_shape(p: float, path: str | None = None) -> tuple[float, float, float]
 
 
 def micro_batch_gb(p: float, t, shape: tuple | None = None, cpu: bool = False) -> float:
-    """Activations and fp32 logits of one micro-batch of chosen+rejected pairs at max_length."""
+    """Activations and logits (LOGIT_BYTES) of one micro-batch of chosen+rejected pairs at max_length."""
     hidden, layers, vocab = shape or model_shape(p)
     tokens = 2 * t.micro_batch_size * t.max_length
     full = ACT_BYTES_CPU if cpu else ACT_BYTES
     # with recomputation: every layer's input, and one layer's activations at a time
     per_layer = ACT_BYTES_CHECKPOINTED * layers + full if t.gradient_checkpointing else full * layers
-    return (tokens * hidden * per_layer + tokens * vocab * 4) / 1e9
+    return (tokens * hidden * per_layer + tokens * vocab * LOGIT_BYTES) / 1e9
 
 
 def train_memory_gb(p: float, t, shape: tuple | None = None) -> float:
@@ -100,3 +110,22 @@ def group_layout(p: float, t, budget_gb: float, cells: int, share: int,
     (a group step costs about the sum of its adapters')."""
     k, per = adapters_per_group(p, t, budget_gb, cells, shape)
     return max(math.ceil(cells / k), min(cells, share)), per
+
+
+def layout_problem(model: str, p: float, t, gpu_gb: float, cells: int, shape: tuple | None = None) -> str | None:
+    """Why a GPU training worker cannot hold the smallest layout of `model`'s cells (None: it can, or
+    the workers are CPUs, whose memory is the node's): a cell alone (train.adapters_per_group 1, full
+    fine-tuning, ZeRO-3, a lone cell), else a group of one adapter, one micro-batch per forward."""
+    if t.gpus_per_worker <= 0:
+        return None
+    have = gpu_gb * t.gpus_per_worker
+    alone = t.finetune != "lora" or t.zero_stage == 3 or t.adapters_per_group == 1 or cells == 1
+    need = train_memory_gb(p, t, shape) if alone else group_memory_gb(p, t, 1, 1, shape)
+    if need <= have:
+        return None
+    how = ("each cell alone under DeepSpeed (train.adapters_per_group: 1)" if alone else
+           f"a group of a single LoRA adapter (train.adapters_per_group: {t.adapters_per_group})")
+    return (f"train: {model} needs about {need:.0f} GB per worker as {how} ({p:g}B, micro_batch_size "
+            f"{t.micro_batch_size} × 2 × {t.max_length} tokens) and a worker has {have:g} GB "
+            "(cluster.gpu_memory_gb × train.gpus_per_worker): set train.gradient_checkpointing: true, "
+            "or lower train.micro_batch_size or train.max_length")
