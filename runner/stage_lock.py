@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from evaluation.errors import ValindError
+from runner.store import pid_alive
 
 
 class LockTimeout(ValindError):
@@ -64,7 +65,7 @@ class SharedLock:
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
             return None
-        if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not _alive(info["pid"]):
+        if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not pid_alive(info["pid"]):
             return f"its holder (pid {info['pid']} on this host) is gone"
         if age > self.stale_s:
             return f"no heartbeat for {age:.0f} s (> {self.stale_s:g} s)"
@@ -132,16 +133,6 @@ class SharedLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _who(info: dict) -> str:

@@ -244,7 +244,8 @@ def _file_problem(unit: Path, rel: str, rec: list) -> str | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host is alive (one of another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -263,7 +264,7 @@ def sweep(root: Path) -> list[Path]:
         if not m or not p.exists():
             continue
         host = m["host"] or HOST  # older valind versions wrote no host
-        stale = (not _pid_alive(int(m["pid"])) if host == HOST
+        stale = (not pid_alive(int(m["pid"])) if host == HOST
                  else now - p.lstat().st_mtime > STALE_TMP_S)
         if stale:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)

@@ -182,18 +182,11 @@ class EnginePool:
                     self._lose(actor, f"a call ran past engine.call_timeout_s ({self.call_timeout_s:g}s); "
                                       "the actor was killed", pending, todo)
                 self._submit(method, batches, todo, pending)
-                if not pending:  # no actor left: only a replacement can go on
-                    self._wait_for_replacement()
+                if (ref := self._next_done(pending)) is None:
                     continue
-                done, _ = ray.wait(list(pending) + list(self._starting), num_returns=1, timeout=self._next_deadline())
-                if not done:  # a call ran past call_timeout_s: taken out at the top
-                    continue
-                if done[0] in self._starting:
-                    self._join(done[0])
-                    continue
-                b, actor = pending.pop(done[0])
+                b, actor = pending.pop(ref)
                 try:
-                    results[b] = ray.get(done[0])
+                    results[b] = ray.get(ref)
                 except Exception as e:
                     if (why := lost(e)) is None:
                         raise  # the engine refused the request: not the actor's fault
@@ -219,6 +212,20 @@ class EnginePool:
                     pending[getattr(actor, method).remote(batches[b])] = (b, actor)
                     self._since.setdefault(actor, time.monotonic())
                     load[actor] += 1
+
+    def _next_done(self, pending: dict):
+        """The next finished call of `pending`; None (loop again) when no actor is left (after waiting
+        for a replacement), a call ran past call_timeout_s, or a replacement joined the pool."""
+        if not pending:  # no actor left: only a replacement can go on
+            self._wait_for_replacement()
+            return None
+        done, _ = ray.wait(list(pending) + list(self._starting), num_returns=1, timeout=self._next_deadline())
+        if not done:  # a call ran past call_timeout_s: taken out at the top of the loop
+            return None
+        if done[0] in self._starting:
+            self._join(done[0])
+            return None
+        return done[0]
 
     def _next_deadline(self) -> float | None:
         """Seconds until the oldest running call passes call_timeout_s (None: no call running)."""

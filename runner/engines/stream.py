@@ -88,18 +88,11 @@ def stream_requests(pool: Any, requests: Sequence, desc: str) -> list[str]:
                 pool._lose(actor, f"no request finished within engine.call_timeout_s ({pool.call_timeout_s:g}s); "
                                   "the actor was killed", pending, todo, held)
             _top_up(pool, units, tag, todo, held, pending)
-            if not pending:  # no actor left: only a replacement can go on
-                pool._wait_for_replacement()
+            if (ref := pool._next_done(pending)) is None:
                 continue
-            done, _ = ray.wait(list(pending) + list(pool._starting), num_returns=1, timeout=pool._next_deadline())
-            if not done:  # an actor ran past call_timeout_s: taken out at the top
-                continue
-            if done[0] in pool._starting:
-                pool._join(done[0])
-                continue
-            _, actor = pending.pop(done[0])
+            _, actor = pending.pop(ref)
             try:
-                got = ray.get(done[0])
+                got = ray.get(ref)
             except Exception as e:
                 if (why := lost(e)) is None:
                     raise  # the engine refused a request: not the actor's fault

@@ -168,17 +168,7 @@ def train_loop(cfg: dict) -> None:
     train = cell.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    ckpt = ray.train.get_checkpoint()
-    start, history = 0, []  # the step to resume from and the metrics before it
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state = resumable(cell, read_state(Path(d, "state.json"), {}), rank)
-            if state is None:
-                ckpt = None
-            else:
-                start = state["step"]
-                if Path(d, "metrics.jsonl").exists():
-                    history = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines()]
+    ckpt, start, history = _checkpoint_to_resume(cell, ray.train.get_checkpoint(), rank)
     if rank == 0:  # first thing, one line per worker-group start
         record_start(cell, start)
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
@@ -237,6 +227,20 @@ def train_loop(cfg: dict) -> None:
             saved = time.monotonic()
         elif (step + 1) % train.report_every == 0:
             ray.train.report(metrics)
+
+
+def _checkpoint_to_resume(cell: Cell, ckpt, rank: int) -> tuple:
+    """(the checkpoint, the step to resume from, the metrics before it); (None, 0, []) when there is
+    none or it is another cell's state (runner.train.loop.resumable)."""
+    if not ckpt:
+        return None, 0, []
+    with ckpt.as_directory() as d:
+        state = resumable(cell, read_state(Path(d, "state.json"), {}), rank)
+        if state is None:
+            return None, 0, []
+        metrics = Path(d, "metrics.jsonl")
+        history = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+        return ckpt, state["step"], history
 
 
 def time_due(every_s: float | None, since: float, world: int, device) -> bool:
