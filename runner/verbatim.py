@@ -75,6 +75,8 @@ class Machine:
         self.cluster = LocalCluster(self.root / "cluster")
         self.notes: list[str] = []
         self.exports: dict[str, str] = {}  # the README's `export` lines, in the user's shell
+        self._ended = threading.Event()  # set by end_faults: fault threads stop waiting and do nothing more
+        self._fault_threads: list[threading.Thread] = []
 
     def note(self, line: str) -> None:
         self.notes.append(line)
@@ -306,20 +308,22 @@ class Machine:
         holder = "RayTrainWorker" if stage == "train" else "EngineActor"
 
         def stop() -> None:
-            time.sleep(after_s)
+            if self._ended.wait(after_s):
+                return
             # in training, once a worker group is in its loop (its first line in valind-starts.txt)
             studies = Path(self.sub(load_spec(ROOT / self.submit_line()[1]).study.output_dir))
             while stage == "train" and not any(studies.glob("*/ray_train/**/valind-starts.txt")):
-                time.sleep(0.5)
+                if self._ended.wait(0.5):
+                    return
             while (i := self.node_holding(holder)) is None:
-                time.sleep(0.5)
+                if self._ended.wait(0.5):
+                    return
             node = self.cluster.stop_node(i)
             faults.append({"stage": stage, "after_s": after_s, "node": node["temp_dir"], "held": holder,
                            "stopped_at": time.time()})
             self.note(f"fault: worker node {Path(node['temp_dir']).name} (a {holder} ran on it) killed "
                       f"{after_s:g}s into {stage}")
-            if replace_after is not None:
-                time.sleep(replace_after)
+            if replace_after is not None and not self._ended.wait(replace_after):
                 self.cluster.add_node()
                 faults[-1]["replaced_at"] = time.time()
                 self.note(f"fault: replacement node started {replace_after:g}s later")
@@ -327,10 +331,18 @@ class Machine:
         def on_line(text: str) -> None:
             if text.startswith(f"{stage}:") and not faults and not started:
                 started.append(threading.Thread(target=stop, daemon=True))
+                self._fault_threads.append(started[0])
                 started[0].start()
 
         started: list[threading.Thread] = []
         return on_line, faults, started
+
+    def end_faults(self, timeout_s: float = 60) -> None:
+        """Stop every fault thread still waiting (a replacement node not yet due is never started:
+        it would outlive the cluster's teardown) and wait for them."""
+        self._ended.set()
+        for t in self._fault_threads:
+            t.join(timeout_s)
 
     def stop_job_on(self, pattern: str) -> tuple:
         """An `on_line` hook: at the first output line matching `pattern`, `ray job stop` the job (its
@@ -377,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             on_line, faults, _ = m.stop_node_during(stage, float(after or 30),
                                                     None if a.replace_after == "never" else float(a.replace_after))
         rc = m.submit(m.root / "job.log", on_line)
+        m.end_faults()
         print(json.dumps({"rc": rc, "faults": faults}, indent=1))
         return rc
     return 0

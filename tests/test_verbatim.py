@@ -27,6 +27,7 @@ def machine(tmp_path, data_dir):
         m.prepare(data_dir)  # the README's lines before `ray job submit`
         yield m
     finally:
+        m.end_faults()  # before teardown: a replacement node due later must not start after it
         dirs = [str(m.cluster.dir), *m.cluster.temp_dirs()]
         m.cluster.down()
         assert not [d for d in dirs if pids_matching(d)], "cluster processes outlived teardown"
