@@ -177,8 +177,7 @@ class EnginePool:
         self._join_ready(timeout=0)
         with progress(total=len(items), desc=desc) as bar:
             while todo or pending:
-                now = time.monotonic()
-                for actor in [a for a, t in self._since.items() if now - t >= self.call_timeout_s]:
+                for actor in self._timed_out():
                     self._lose(actor, f"a call ran past engine.call_timeout_s ({self.call_timeout_s:g}s); "
                                       "the actor was killed", pending, todo)
                 self._submit(method, batches, todo, pending)
@@ -212,6 +211,11 @@ class EnginePool:
                     pending[getattr(actor, method).remote(batches[b])] = (b, actor)
                     self._since.setdefault(actor, time.monotonic())
                     load[actor] += 1
+
+    def _timed_out(self) -> list:
+        """The actors whose current call has run call_timeout_s or longer."""
+        now = time.monotonic()
+        return [a for a, t in self._since.items() if now - t >= self.call_timeout_s]
 
     def _next_done(self, pending: dict):
         """The next finished call of `pending`; None (loop again) when no actor is left (after waiting

@@ -83,8 +83,7 @@ def stream_requests(pool: Any, requests: Sequence, desc: str) -> list[str]:
     pool._join_ready(timeout=0)
     with progress(total=len(requests), desc=desc) as bar:
         while todo or held:
-            now = time.monotonic()
-            for actor in [a for a, t in pool._since.items() if now - t >= pool.call_timeout_s]:
+            for actor in pool._timed_out():
                 pool._lose(actor, f"no request finished within engine.call_timeout_s ({pool.call_timeout_s:g}s); "
                                   "the actor was killed", pending, todo, held)
             _top_up(pool, units, tag, todo, held, pending)
