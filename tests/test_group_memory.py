@@ -98,14 +98,14 @@ def test_out_of_memory_at_one_per_forward_leaves_each_adapter_to_resume_in_a_sma
     next(steps)
     after_one = [adapter_state(model, s.name) for s in slots]
     monkeypatch.setenv(OOM_ABOVE_ENV, "0")
-    with pytest.raises(GroupOutOfMemory, match="a group of 2 adapters ran out of memory at 1 adapter per forward"):
+    with pytest.raises(GroupOutOfMemory, match="a group of 2 adapters ran out of memory at 1 adapter per forward") as e:
         next(steps)
     assert "out of memory at 2 adapters per forward; taking the step again at 1 per forward" in capsys.readouterr().out
     for s, want in zip(slots, after_one):
         assert s.step == 1 and len(s.history) == 1 and all(p.grad is None for p in s.params)
         assert all(torch.equal(v, want[k]) for k, v in adapter_state(model, s.name).items())
-    leave_for_split(model, slots)
-    assert [out_of_memory(c) for c in cells] == [2, 2]
+    leave_for_split(model, slots, e.value)
+    assert [out_of_memory(c) for c in cells] == ["a forward of one adapter of a group of 2 adapter(s)"] * 2
 
     monkeypatch.delenv(OOM_ABOVE_ENV)
     for cell, ex, want in zip(cells, subsets, clean):
@@ -118,6 +118,60 @@ def test_out_of_memory_at_one_per_forward_leaves_each_adapter_to_resume_in_a_sma
         assert worst < 1e-5, (cell.cell_id, worst)
 
 
+def test_out_of_memory_in_the_optimizer_step_resumes_each_adapter_from_its_last_checkpoint(tiny_model, examples,
+                                                                                           tmp_path, monkeypatch):
+    """fp32, 4 adapters of 3 steps, checkpointed after each step. At step 1 the optimizer step of a group
+    of more than 2 runs out of memory once 2 adapters have stepped (injected: VALIND_OOM_STEP_ABOVE=2@1),
+    so the adapters in memory are part-stepped: nothing is saved from them, and each adapter, resumed
+    from its step-1 checkpoint in a group of 2, finishes equal to the clean run. Saving the memory's
+    state instead (as after an OOM in a forward) is shown to give other adapters."""
+    from runner.train.adapters import adapter_state
+    from runner.train.group import (OOM_STEP_ENV, GroupOutOfMemory, _resume, _save, build_group, leave_for_split,
+                                    out_of_memory, run_steps)
+
+    torch.set_num_threads(2)
+    cells, subsets = _cells(tiny_model, 4, tmp_path), [examples[:12], examples[4:16], examples[2:14], examples[:12]]
+    monkeypatch.delenv(OOM_STEP_ENV, raising=False)
+    model, router, slots = build_group(cells, subsets, CPU)
+    list(run_steps(model, router, slots, 0, CPU, per_forward=4))
+    clean = [adapter_state(model, s.name) for s in slots]
+
+    def out_of_memory_at_step_1():
+        model, router, slots = build_group(cells, subsets, CPU)
+        steps = run_steps(model, router, slots, 0, CPU, per_forward=4)
+        for s in next(steps):
+            _save(model, s, final=False)  # as group_loop's checkpoint_every: 1
+        monkeypatch.setenv(OOM_STEP_ENV, "2@1")
+        with pytest.raises(GroupOutOfMemory, match="a group of 4 adapters ran out of memory in the optimizer step") as e:
+            next(steps)
+        monkeypatch.delenv(OOM_STEP_ENV)
+        assert not e.value.intact and [s.step for s in slots] == [1] * 4
+        return model, slots, e.value
+
+    def resumed_in_pairs():
+        got = []
+        for pair in (slice(0, 2), slice(2, 4)):
+            model, router, two = build_group(cells[pair], subsets[pair], CPU)
+            assert all(_resume(model, s) and s.step == 1 for s in two)
+            list(run_steps(model, router, two, 0, CPU, per_forward=1))
+            got += [adapter_state(model, s.name) for s in two]
+        return [max((g[k] - c[k]).abs().max().item() for k in c) for g, c in zip(got, clean)]
+
+    model, slots, e = out_of_memory_at_step_1()
+    leave_for_split(model, slots, e)
+    assert [out_of_memory(c) for c in cells] == ["the optimizer step of a group of 4 adapter(s)"] * 4
+    worst = resumed_in_pairs()
+    print("max |split and resumed - clean| " + " ".join(f"{w:.2e}" for w in worst))
+    assert max(worst) < 1e-5, worst
+
+    model, slots, e = out_of_memory_at_step_1()
+    e.intact = True  # broken on purpose: the part-stepped adapters saved as if intact
+    leave_for_split(model, slots, e)
+    wrong = resumed_in_pairs()
+    print("saved part-stepped: " + " ".join(f"{w:.2e}" for w in wrong))
+    assert min(wrong[:2]) > 1e-4 and max(wrong[2:]) < 1e-5, wrong  # the 2 that stepped took the step twice
+
+
 def test_groups_that_ran_out_of_memory_split_in_halves_of_their_unpublished_cells(tmp_path, tiny_model):
     from runner.stages.train import split_out_of_memory
     from runner.train.group import oom_file, out_of_memory
@@ -127,8 +181,8 @@ def test_groups_that_ran_out_of_memory_split_in_halves_of_their_unpublished_cell
     assert split_out_of_memory([big, other], lambda c: True) == []  # no note: nothing to split
     for c in cells:
         oom_file(c).parent.mkdir(parents=True, exist_ok=True)
-        oom_file(c).write_text(json.dumps({"adapters": 5}))
-    assert out_of_memory(cells[0]) == 5
+        oom_file(c).write_text(json.dumps({"adapters": 5, "where": "the optimizer step"}))
+    assert out_of_memory(cells[0]) == "the optimizer step of a group of 5 adapter(s)"
     published = {"c1"}
     split = split_out_of_memory([big, other], lambda c: c.cell_id not in published)
     assert [[c.cell_id for c in g.cells] for g in split] == [["c0", "c2"], ["c3", "c4"]]

@@ -143,10 +143,12 @@ def _train(ctx: StudyContext, todo: list[Run]) -> None:
 
 def _run_groups(ctx: StudyContext, groups: list[Group], train: TrainSpec,
                 by_id: dict[str, Run]) -> dict[str, str | None]:
-    """run_grid over the groups; the groups that ran out of memory at one adapter per forward then run
-    again split in two, each adapter from its checkpoint, until none does (or only lone cells do).
+    """run_grid over the groups; the groups that ran out of memory (at one adapter per forward, or in
+    the optimizer step) then run again split in two, each adapter from its checkpoint, until none does (or only lone cells do).
     Returns cell_id -> error (None: trained)."""
-    from runner.sweep import run_grid  # deferred: Ray and torch (the trainer), imported only when a cell trains
+    # deferred: Ray and torch (the trainer), imported only when a cell trains
+    from runner.sweep import run_grid
+    from runner.train.group import out_of_memory
 
     name = f"grid-{content_hash(list(by_id), n=8)}"
     errors: dict[str, str | None] = {}
@@ -158,14 +160,15 @@ def _run_groups(ctx: StudyContext, groups: list[Group], train: TrainSpec,
         groups = split_out_of_memory(groups, lambda c: not cell_unit(ctx, by_id[c.cell_id]).cached())
         if not groups:
             break
-        say(f"  out of memory at 1 adapter per forward: {len(groups)} smaller group(s) of "
+        notes = sorted({n for g in groups for c in g.cells if (n := out_of_memory(c))})
+        say(f"  out of memory in {'; '.join(notes)}: {len(groups)} smaller group(s) of "
             f"{', '.join(str(len(g.cells)) for g in groups)}, each adapter resuming from its checkpoint")
     return errors
 
 
 def split_out_of_memory(groups: list[Group], unpublished: Callable[[Cell], bool]) -> list[Group]:
-    """Each group of several cells that ran out of memory at one adapter per forward (its oom_file:
-    runner.train.group.out_of_memory) as two halves of its `unpublished` cells, at one adapter per
+    """Each group of several cells that ran out of memory (its oom_file: runner.train.group.out_of_memory)
+    as two halves of its `unpublished` cells, at one adapter per
     forward; nothing for the others (a lone cell cannot be split: its error stands)."""
     from runner.train.group import out_of_memory  # deferred: torch, imported only when a cell trains
 

@@ -45,10 +45,19 @@ MAX_GRAD_NORM = 1.0  # as a cell alone (runner.train.loop.ds_config)
 # Fault injection (tests, in the style of VALIND_FAIL_AT_STEP): a forward of more than N adapters'
 # micro-batches raises torch.OutOfMemoryError, as a GPU too small for it would, on every attempt.
 OOM_ABOVE_ENV = "VALIND_OOM_ABOVE"
+# ... and "N@S": the optimizer step of a group of more than N adapters raises it once N adapters have
+# stepped, from the adapters' step S on (default 0, the first, where AdamW allocates its state).
+OOM_STEP_ENV = "VALIND_OOM_STEP_ABOVE"
 
 
 class GroupOutOfMemory(RuntimeError):
-    """Out of memory at one adapter per forward: the group's adapters must train in smaller groups."""
+    """The group's adapters must train in smaller groups: out of memory at one adapter per forward (the
+    slots are as before the step: `intact`), or in the optimizer step (some adapters stepped, some not:
+    only their checkpoints on disk are sound)."""
+
+    def __init__(self, message: str, intact: bool):
+        super().__init__(message)
+        self.intact = intact
 
 
 def oom_file(cell: Cell) -> Path:
@@ -57,10 +66,10 @@ def oom_file(cell: Cell) -> Path:
     return Path(cell.work_dir) / cell.cell_id / "valind-oom.json"
 
 
-def out_of_memory(cell: Cell) -> int | None:
-    """The size of the group this cell last ran out of memory in (oom_file), or None."""
+def out_of_memory(cell: Cell) -> str | None:
+    """Where this cell last ran out of memory in a group (oom_file), in words, or None."""
     note = read_state(oom_file(cell))
-    return note.get("adapters") if isinstance(note, dict) else None
+    return f"{note['where']} of a group of {note['adapters']} adapter(s)" if isinstance(note, dict) else None
 
 
 def checkpoint_dir(cell: Cell) -> Path:
@@ -151,8 +160,9 @@ def group_step(model, router, forwards: list[dict[int, list[Example]]], loss_fn:
     return sums
 
 
-def apply_step(slots: list[Slot], world: int) -> None:
-    """Average the active adapters' gradients over workers, clip each adapter alone, step its AdamW."""
+def apply_step(slots: list[Slot], world: int, oom_after: int | None = None) -> bool:
+    """Average the active adapters' gradients over workers, clip each adapter alone, step its AdamW.
+    False where any worker ran out of memory stepping (injected after `oom_after` adapters stepped)."""
     for s in slots:
         for p in s.params:
             if p.grad is None:
@@ -164,10 +174,35 @@ def apply_step(slots: list[Slot], world: int) -> None:
         flat /= world
         for g, f in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(f)
-    for s in slots:
-        torch.nn.utils.clip_grad_norm_(s.params, MAX_GRAD_NORM)
-        s.optimizer.step()
-        s.optimizer.zero_grad(set_to_none=True)
+    oom = False
+    try:
+        for i, s in enumerate(slots):
+            if i == oom_after:
+                raise torch.OutOfMemoryError(f"{OOM_STEP_ENV}: the optimizer step of {len(slots)} adapters (injected)")
+            torch.nn.utils.clip_grad_norm_(s.params, MAX_GRAD_NORM)
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
+    except torch.OutOfMemoryError:
+        oom = True
+    return not _any_worker(oom, world, slots[0].params[0].device)
+
+
+def _any_worker(flag: bool, world: int, device) -> bool:
+    """Whether `flag` holds on any worker (every worker calls it: one small all_reduce)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+def _step_oom_after(n_slots: int, step: int) -> int | None:
+    """The OOM_STEP_ENV injection for a group of `n_slots` adapters at the adapters' `step`: after how
+    many adapters the optimizer step runs out of memory, or None."""
+    above, _, start = os.environ.get(OOM_STEP_ENV, "").partition("@")
+    if not above or n_slots <= int(above) or step < int(start or 0):
+        return None
+    return int(above)
 
 
 def build_group(cells: list[Cell], examples: list[list[Example]], device):
@@ -248,17 +283,22 @@ def group_loop(cfg: dict) -> None:
                 _die(rank, world)
     except GroupOutOfMemory as e:
         if rank == 0:
-            leave_for_split(model, slots)
-            print(f"{e}: each adapter saved at its step, for smaller groups (runner.stages.train)", flush=True)
+            leave_for_split(model, slots, e)
+            print(f"{e}: each adapter left at its " + ("step" if e.intact else "last checkpoint")
+                  + ", for smaller groups (runner.stages.train)", flush=True)
 
 
-def leave_for_split(model, slots: list[Slot]) -> None:
-    """Rank 0, after GroupOutOfMemory: each unfinished adapter's checkpoint (as it was before the step
-    that failed) and its oom_file, for the smaller groups the driver makes of them."""
+def leave_for_split(model, slots: list[Slot], e: GroupOutOfMemory) -> None:
+    """Rank 0, after GroupOutOfMemory: each unfinished adapter's oom_file, for the smaller groups the
+    driver makes of them, which resume it from its checkpoint: saved now where the slots are as before
+    the step that failed (e.intact); else the last one saved (a part-taken optimizer step is lost)."""
+    where = "a forward of one adapter" if e.intact else "the optimizer step"
     for s in slots:
         if not s.done:
-            _save(model, s, final=False)
-            oom_file(s.cell).write_text(json.dumps({"adapters": len(slots)}))
+            if e.intact:
+                _save(model, s, final=False)
+            oom_file(s.cell).parent.mkdir(parents=True, exist_ok=True)
+            oom_file(s.cell).write_text(json.dumps({"adapters": len(slots), "where": where}))
 
 
 def _die(rank: int, world: int) -> None:
@@ -309,13 +349,17 @@ def run_steps(model, router, slots: list[Slot], pad: int, device, rank: int = 0,
         sums = _attempt(model, router, slots, forwards, (loss_fn, pad, grad_acc, heap), device, world)
         if sums is None:
             if per == 1:
-                raise GroupOutOfMemory(f"a group of {len(slots)} adapters ran out of memory at 1 adapter per forward")
+                raise GroupOutOfMemory(f"a group of {len(slots)} adapters ran out of memory at 1 adapter per forward",
+                                       intact=True)
             limit = per // 2
             if rank == 0:
                 print(f"group of {len(slots)} adapters: out of memory at {per} adapters per forward; taking the "
                       f"step again at {limit} per forward", flush=True)
             continue
-        apply_step([slots[k] for k in active], world)
+        # more adapters per forward would not help here: AdamW's state is per adapter, smaller groups may
+        if not apply_step([slots[k] for k in active], world, _step_oom_after(len(slots), slots[active[0]].step)):
+            raise GroupOutOfMemory(f"a group of {len(slots)} adapters ran out of memory in the optimizer step",
+                                   intact=False)
         if world > 1:
             dist.all_reduce(sums)
         dt = time.perf_counter() - t0
@@ -338,11 +382,7 @@ def _attempt(model, router, slots: list[Slot], forwards, how: tuple, device, wor
     except torch.OutOfMemoryError:
         sums, oom = None, True
     # out of the handler: the error's frames, and the activations they held, are released
-    if world > 1:
-        flag = torch.tensor([float(oom)], device=device)
-        dist.all_reduce(flag)
-        oom = flag.item() > 0
-    if not oom:
+    if not _any_worker(oom, world, device):
         return sums
     for s in slots:
         s.optimizer.zero_grad(set_to_none=True)
