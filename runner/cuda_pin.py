@@ -12,10 +12,12 @@ import shutil
 import subprocess
 import sys
 
-# torch==2.13.0 and vllm==0.32.0 (pyproject's `gpu` extra) as built for CUDA 12.8: vLLM's PyPI
-# wheel is compiled against torch's cu128 build, which cluster.yaml installs from this index.
-CUDA = "12.8"
-TORCH_INDEX = "https://download.pytorch.org/whl/cu128"
+# torch==2.13.0 and vllm==0.32.0 (pyproject's `gpu` extra) as PyPI builds them: CUDA 13.0. Read from
+# the wheels (2026-12-07): torch 2.13.0's manylinux wheel requires cuda-toolkit==13.0.3 and
+# nvidia-nccl-cu13; vLLM 0.32.0's requires torch==2.13.0 and cu13 kernels, and its extensions link
+# libcudart.so.13 and libnvrtc.so.13, so a torch of another CUDA (a cu12x index) cannot load them.
+# cluster.yaml installs both from PyPI, with no other torch index.
+CUDA = "13.0"
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -36,11 +38,11 @@ def problem(driver: str | None, installed: str | None = None) -> str | None:
         return "nvidia-smi printed no 'CUDA Version': is the NVIDIA driver loaded?"
     if _version(driver)[0] != _version(CUDA)[0] or _version(driver) < _version(CUDA):
         return (f"the driver supports CUDA {driver}, the pinned torch/vLLM build needs CUDA {CUDA}: use an image whose "
-                f"driver supports CUDA {CUDA} (ImageId in cluster.yaml), or change runner/cuda_pin.py's CUDA and "
-                "TORCH_INDEX with cluster.yaml's --extra-index-url to a build the driver runs")
+                f"driver supports CUDA {CUDA} (NVIDIA driver 580 or newer; ImageId in cluster.yaml): vLLM 0.32.0's "
+                "wheel is built for it")
     if installed is not None and installed != CUDA:
         return (f"the installed torch is built for CUDA {installed}, not the pinned {CUDA}: pip took another build; "
-                f"reinstall with --extra-index-url {TORCH_INDEX}")
+                "reinstall torch==2.13.0 from PyPI, with no other torch index (PIP_EXTRA_INDEX_URL, pip.conf)")
     return None
 
 

@@ -84,10 +84,9 @@ class Machine:
 
     def sub(self, cmd: str) -> str:
         """cluster.yaml's paths on this machine (a node's own disk, /home/ubuntu, is one directory here
-        beside the stand-in shared filesystem); `.[gpu]` → `.[cpu]` and no CUDA wheel index (no CUDA here)."""
+        beside the stand-in shared filesystem); `.[gpu]` → `.[cpu]` (no CUDA here)."""
         cmd = cmd.replace("/mnt/shared", str(self.shared)).replace("/home/ubuntu", str(self.home))
         cmd = cmd.replace("~/", f"{self.home}/").replace(".[gpu]", ".[cpu]")
-        cmd = re.sub(r" --extra-index-url https://download\.pytorch\.org/whl/cu\d+", "", cmd)
         return cmd.replace("$RAY_HEAD_IP:6379", "127.0.0.1:@GCS_PORT@").replace("--port=6379", "--port=@GCS_PORT@")
 
     def env(self, home: Path | None = None) -> dict[str, str]:

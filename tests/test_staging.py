@@ -192,18 +192,18 @@ def test_a_dead_holders_lock_is_taken_over_and_a_live_one_waited_for(tmp_path):
 def test_the_cuda_pin_against_the_driver():
     banner = "| NVIDIA-SMI 550.54.15    Driver Version: 550.54.15    CUDA Version: 12.4     |"
     assert cuda_pin.driver_cuda(banner) == "12.4"
-    assert "the driver supports CUDA 12.4, the pinned torch/vLLM build needs CUDA 12.8" in cuda_pin.problem("12.4")
-    assert cuda_pin.problem("12.8") is None and cuda_pin.problem("12.9") is None
-    assert "needs CUDA 12.8" in cuda_pin.problem("13.0")  # another major: another build
-    assert "built for CUDA 12.6, not the pinned 12.8" in cuda_pin.problem("12.9", installed="12.6")
+    assert "the driver supports CUDA 12.4, the pinned torch/vLLM build needs CUDA 13.0" in cuda_pin.problem("12.4")
+    assert "needs CUDA 13.0" in cuda_pin.problem("12.9")  # a 12.x driver cannot load libcudart.so.13
+    assert cuda_pin.problem("13.0") is None and cuda_pin.problem("13.2") is None
+    assert "needs CUDA 13.0" in cuda_pin.problem("14.0")  # another major: another build
+    assert "built for CUDA 12.8, not the pinned 13.0" in cuda_pin.problem("13.1", installed="12.8")
     assert "no 'CUDA Version'" in cuda_pin.problem(cuda_pin.driver_cuda("NVIDIA-SMI has failed"))
 
 
 def test_cluster_yaml_pins_the_cuda_build_and_checks_it_on_each_node(tmp_path):
     setup = yaml.safe_load((ROOT / "cluster.yaml").read_text())["setup_commands"]
     assert setup[0] == "python3 /home/ubuntu/valind/runner/cuda_pin.py"  # before the install
-    assert f"--extra-index-url {cuda_pin.TORCH_INDEX} -e '.[gpu]'" in setup[1]
-    assert cuda_pin.TORCH_INDEX.endswith("cu" + cuda_pin.CUDA.replace(".", ""))
+    assert "pip install -q -e '.[gpu]'" in setup[1] and "index-url" not in setup[1]  # PyPI's builds: CUDA 13.0
     assert setup[2].endswith("-m runner.cuda_pin --installed")  # after it
     # a node without nvidia-smi (the CPU head) skips the check, with the system python
     r = subprocess.run(["/usr/bin/env", "python3", str(ROOT / "runner" / "cuda_pin.py")], capture_output=True,
@@ -211,11 +211,11 @@ def test_cluster_yaml_pins_the_cuda_build_and_checks_it_on_each_node(tmp_path):
     assert r.returncode == 0 and "the CUDA check is skipped" in r.stdout, r.stderr
     # a GPU node whose driver is too old fails, naming both versions
     smi = tmp_path / "nvidia-smi"
-    smi.write_text("#!/bin/sh\necho '| Driver Version: 535.1    CUDA Version: 12.2 |'\n")
+    smi.write_text("#!/bin/sh\necho '| Driver Version: 570.1    CUDA Version: 12.8 |'\n")
     smi.chmod(0o755)
     r = subprocess.run(["/usr/bin/env", "python3", str(ROOT / "runner" / "cuda_pin.py")], capture_output=True,
                        text=True, env={"PATH": str(tmp_path) + ":/usr/bin:/bin"})
-    assert r.returncode == 1 and "driver supports CUDA 12.2" in r.stderr and "needs CUDA 12.8" in r.stderr
+    assert r.returncode == 1 and "driver supports CUDA 12.8" in r.stderr and "needs CUDA 13.0" in r.stderr
 
 
 def test_preflight_offline_names_each_model_not_staged_and_passes_a_staged_one(tmp_path, monkeypatch):
