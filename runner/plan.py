@@ -360,21 +360,26 @@ def _generate_row(s: _Sizing) -> Row:
 
 
 def _score_rows(s: _Sizing) -> list[Row]:
-    """LLM judges over the generations (none when no suite has one)."""
-    st = suite_settings(s.spec)
-    judged = []  # (judge model, requests)
+    """LLM judges over the generations (a suite's own and its extra ones, e.g. the harm judge), and
+    score.check's judge over its sample of each judged suite (none when no suite has a judge)."""
+    st, check = suite_settings(s.spec), s.spec.score.check
+    judged, checked = [], []  # (judge model, requests)
     for name in s.items:
-        if judge_of := suites.get(name).judge(st):
-            judged.append((judge_of[0], s.runs * s.items[name] * suites.get(name).judge_requests(st)))
-    if not judged:
-        return []
-    sc_gh, n_req = 0.0, 0
-    for model, n in judged:
-        rate, src, e = s.judge(model)
-        sc_gh += n / rate / 3600 / s.eff
-        n_req += n
-    used = s.used(e)
-    return [Row("score", f"{n_req:,} judge requests", f"{rate:.3g} resp/s", src, used, sc_gh, sc_gh / used)]
+        suite = suites.get(name)
+        own = [(j[0], suite.judge_requests(st))] if (j := suite.judge(st)) else []
+        per_item = own + [(x.model, 1) for x in suite.extra_judges(st).values()]
+        judged += [(model, s.runs * s.items[name] * n) for model, n in per_item]
+        if check and per_item:  # the check judge takes each judge's prompts over its sample
+            checked.append((check.judge_model, min(check.sample, s.runs * s.items[name]) * sum(n for _, n in per_item)))
+    rows = []
+    for label, requests in (("score", judged), ("  score check", checked)):
+        if requests:
+            gh = sum(n / s.judge(model)[0] / 3600 / s.eff for model, n in requests)
+            rate, src, e = s.judge(requests[-1][0])
+            used = s.used(e)
+            rows.append(Row(label, f"{sum(n for _, n in requests):,} judge requests", f"{rate:.3g} resp/s", src,
+                            used, gh, gh / used))
+    return rows
 
 
 def _benchmark_rows(s: _Sizing) -> list[Row]:

@@ -15,7 +15,7 @@ from runner.spec import AnnotateCheck, PositiveControlSpec, load_spec, parse_spe
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _spec(**plan):
+def _spec(score=None, **plan):
     return parse_spec({
         "study": {"name": "p"},
         "models": [{"name": "m", "path": "org/Model-8B"}],
@@ -28,6 +28,7 @@ def _spec(**plan):
         "generate": {"suites": ["values", "safety"], "items_per_suite": 50, "sampling": {"max_tokens": 100}},
         "plan": {"efficiency": 1.0, **plan},
         "cluster": {"nodes": 1, "gpus_per_node": 4},
+        **({"score": score} if score else {}),
     })
 
 
@@ -143,6 +144,19 @@ def test_annotate_check_is_counted_on_the_check_judge():
     assert {r.stage.strip(): r for r in estimate(spec.model_copy(update={"annotate": ann})).rows}[
         "annotate check"].work == "2,000 responses"  # no more than there are
     assert "annotate check" not in {r.stage.strip() for r in estimate(spec).rows}
+
+
+def test_the_harm_judge_and_the_score_check_are_counted():
+    """7 runs × 50 items per suite: the values judge, the safety LLM judge and its harm judge (8B: 10
+    responses/s); score.check's 70B judge over 20 responses per judged suite, with each judge's prompts."""
+    rows = {r.stage.strip(): r for r in estimate(_spec(score={
+        "suites": {"safety": {"judges": ["strmatch", "llm"], "llm_judge": "org/Judge-8B", "harm_judge": "org/Guard-8B"}},
+        "check": {"judge_model": "org/Judge-70B", "sample": 20}})).rows}
+    assert rows["score"].work == "1,050 judge requests"
+    assert rows["score"].gpu_hours == pytest.approx(3 * 7 * 50 / 10 / 3600)
+    assert rows["score check"].work == "60 judge requests"  # values 20, safety 20 + harm 20
+    assert rows["score check"].gpu_hours == pytest.approx(60 / (80 / 70) / 3600)
+    assert "score check" not in {r.stage.strip() for r in estimate(_spec()).rows}
 
 
 def test_adapters_per_group_from_memory_and_the_paper_saving_line(tiny_model):
