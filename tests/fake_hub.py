@@ -12,14 +12,13 @@ LFS files: their ETag is the sha256 of the content, as on the Hub; other files' 
 
 To break it on purpose: `Repo.listed` (the size the API lists instead of the true one) and
 `Repo.served` (what GET sends instead of the file, while HEAD still describes the file);
-`Repo.delay_s` slows each GET of a file. `FakeHub.counts` counts requests per "METHOD path".
+`Repo.gate` holds a file's GET until the test lets it go (`FakeHub.waiting` names the files held). `FakeHub.counts` counts requests per "METHOD path".
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,7 +38,7 @@ class Repo:
     files: dict[str, bytes]                               # path in the repo -> content
     listed: dict[str, int] = field(default_factory=dict)  # the API lists this size instead
     served: dict[str, bytes] = field(default_factory=dict)  # GET sends this instead
-    delay_s: dict[str, float] = field(default_factory=dict)  # GET waits this long first
+    gate: dict[str, threading.Event] = field(default_factory=dict)  # GET waits for it to be set (60 s at most)
 
     @classmethod
     def from_dir(cls, root: Path) -> Repo:
@@ -67,6 +66,7 @@ class FakeHub:
     def __init__(self, repos: dict[str, Repo], page_size: int = 1000):
         self.repos, self.page_size = repos, page_size
         self.counts: Counter[str] = Counter()
+        self.waiting: set[str] = set()
         self._lock = threading.Lock()
         hub = self
 
@@ -129,9 +129,9 @@ class FakeHub:
         if blobs:  # files_metadata=True
             for s in siblings:
                 e = r.entry(s["rfilename"])
-                s.update({"size": e["size"], "blobId": e["oid"]}, **({"lfs": {"sha256": e["lfs"]["oid"], "size": e["size"],
-                                                                              "pointerSize": e["lfs"]["pointerSize"]}}
-                                                                     if "lfs" in e else {}))
+                s.update(size=e["size"], blobId=e["oid"])
+                if "lfs" in e:
+                    s["lfs"] = {"sha256": e["lfs"]["oid"], "size": e["size"], "pointerSize": e["lfs"]["pointerSize"]}
         return {"id": repo, "modelId": repo, "sha": COMMIT, "private": False, "gated": False, "siblings": siblings}
 
     def _tree(self, h: BaseHTTPRequestHandler, repo: str, cursor: int, query: dict) -> None:
@@ -152,8 +152,9 @@ class FakeHub:
         if file not in r.files:
             return self._send(h, 404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT}, b"Entry not found")
         body = r.files[file] if head else r.served.get(file, r.files[file])
-        if not head:
-            time.sleep(r.delay_s.get(file, 0))
+        if not head and file in r.gate:
+            self.waiting.add(file)
+            r.gate[file].wait(60)
         self._send(h, 200, {"X-Repo-Commit": COMMIT, "ETag": f'"{r.etag(file)}"',
                             "Content-Type": "application/octet-stream"}, body, head)
 

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -298,21 +299,29 @@ def test_a_hub_serving_other_bytes_than_it_lists_fails_naming_the_file(hub_spec,
 
 
 def test_two_stages_at_once_one_waits_and_each_file_is_downloaded_once(hub_spec, tmp_path):
+    """The second starts while the first holds the lock (its download of the weights held by the hub)."""
     repo = _repo()
-    repo.delay_s["model.safetensors"] = 3.0  # the first holds the lock while the second starts
-    home = tmp_path / "hf"
-    env = {**os.environ, "HF_HOME": str(home), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "0",
-           "HF_HUB_DISABLE_XET": "1", "VALIND_DATA_DIR": str(tmp_path / "data")}
+    repo.gate["model.safetensors"] = gate = threading.Event()
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "0",
+           "HF_HUB_DISABLE_XET": "1", "VALIND_DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"}
     with FakeHub({"acme/tiny": repo}) as hub:
         env["HF_ENDPOINT"] = hub.url
-        procs = [subprocess.Popen([sys.executable, "-m", "runner.cli", "stage", str(hub_spec)], cwd=ROOT, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-        outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    stdout = [o[0] for o in outs]
-    print(*stdout, sep="\n")
-    assert sum("waiting for" in o and ".valind-stage.lock, held by pid" in o for o in stdout) == 1, stdout
-    assert sorted("downloaded, " in o and "already staged" not in o for o in stdout) == [False, True], stdout
+
+        def start():
+            return subprocess.Popen([sys.executable, "-m", "runner.cli", "stage", str(hub_spec)], cwd=ROOT, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        first = start()
+        deadline = time.time() + 60
+        while "model.safetensors" not in hub.waiting and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        second = start()
+        waited = second.stdout.readline()  # its first line, while the first still holds the lock
+        gate.set()
+        outs = [first.communicate(timeout=60)[0], waited + second.communicate(timeout=60)[0]]
+    print(*outs, sep="\n")
+    assert [first.returncode, second.returncode] == [0, 0], outs
+    assert waited.startswith(f"stage: waiting for {tmp_path / 'hf' / '.valind-stage.lock'}, held by pid {first.pid}")
+    assert "[downloaded, " in outs[0] and "[already staged, 0.00 GB, sizes match the hub's" in outs[1], outs
     assert _gets(hub) == dict.fromkeys(["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"], 1)
 
 
