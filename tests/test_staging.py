@@ -178,6 +178,7 @@ def test_a_dead_holders_lock_is_taken_over_and_a_live_one_waited_for(tmp_path):
     said = []
     with SharedLock(lock, say=said.append):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert [p.name for p in tmp_path.iterdir()] == [".lock"]  # the holder's own file, linked and removed
     assert any("taken over" in s and f"pid {dead.pid} on this host) is gone" in s for s in said), said
 
     lock.write_text(json.dumps({"host": "other-node", "pid": 1, "since": time.time(), "token": "y"}))
