@@ -1,9 +1,9 @@
-"""One writer on a shared filesystem: a lock file made with O_CREAT|O_EXCL (runner.staging).
+"""One writer on a shared filesystem: a lock file made by a hard link, never over another (runner.staging).
 
 Why not `flock`: on NFS it is as good as the mount makes it. With `local_lock=flock` or `nolock`
 (common on appliances and some EFS helpers) it locks on the node only, so two nodes both "hold" it;
 where it is forwarded it becomes an NFS byte-range lock that a client which lost its lease may keep
-believing it holds. Exclusive create is atomic on NFSv3 and v4 (the server decides), and the lock is
+believing it holds. A hard link to a new name is atomic on NFSv3 and v4 (the server decides), and the lock is
 a file anyone can read: it names its holder (host, pid, since) and the holder refreshes its mtime
 (a heartbeat), so a lock whose holder died is taken over: at once when the holder was a process on
 this host that is gone, otherwise once its heartbeat is `stale_s` old.
@@ -48,15 +48,20 @@ class SharedLock:
             return {}
 
     def _create(self) -> bool:
+        """Write the holder to a file of our own, then link it to the lock's name: link fails where a file
+        exists, and a waiter never reads a lock created but not yet written (it would say "an unknown holder")."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
+        mine = self.path.with_name(f"{self.path.name}.{self.token}")
+        with open(mine, "w") as f:
             json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "token": self.token}, f)
             f.flush()
             os.fsync(f.fileno())
+        try:
+            os.link(mine, self.path)
+        except FileExistsError:
+            return False
+        finally:
+            mine.unlink(missing_ok=True)
         return True
 
     def _stale(self, info: dict) -> str | None:

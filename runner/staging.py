@@ -151,15 +151,23 @@ def verify_snapshot(snapshot: Path, hub_sizes: dict[str, int] | None = None) -> 
         shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
         problems += [f"{snapshot / s}: listed in {index.name}, missing" for s in sorted(shards)
                      if not (snapshot / s).is_file()]
-    weights = sorted(snapshot.glob("*.safetensors")) or sorted(snapshot.glob("*.bin"))
-    if not weights:
+    if not (any(snapshot.glob("*.safetensors")) or any(snapshot.glob("*.bin"))):
         problems.append(f"{snapshot}: no weights (*.safetensors or *.bin)")
-    problems += [p for w in weights if w.suffix == ".safetensors" and (p := safetensors_problem(w))]
+    return problems + [p for ps in broken_files(snapshot, hub_sizes).values() for p in ps]
+
+
+def broken_files(snapshot: Path, hub_sizes: dict[str, int] | None = None) -> dict[str, list[str]]:
+    """The snapshot's files that are there but wrong, by their path in the repo: a .safetensors file's
+    framing (where the weights are safetensors), a size other than the hub's."""
+    out: dict[str, list[str]] = {}
+    for w in sorted(snapshot.glob("*.safetensors")):
+        if p := safetensors_problem(w):
+            out.setdefault(w.name, []).append(p)
     for rel, size in (hub_sizes or {}).items():
         local = snapshot / rel
         if local.is_file() and local.stat().st_size != size:
-            problems.append(f"{local}: {local.stat().st_size} bytes, the hub says {size}")
-    return problems
+            out.setdefault(rel, []).append(f"{local}: {local.stat().st_size} bytes, the hub says {size}")
+    return out
 
 
 def total_bytes(snapshot: Path) -> int:
@@ -168,7 +176,7 @@ def total_bytes(snapshot: Path) -> int:
 
 # --- staging -------------------------------------------------------------------------------------
 
-def _snapshot(repo_id: str, revision: str | None, local_only: bool, force: bool = False) -> Path:
+def _snapshot(repo_id: str, revision: str | None, local_only: bool) -> Path:
     """The model's files as runner.models.hub_snapshot fetches them (config, tokenizer, safetensors
     else .bin, never `original/`), at its revision: a branch name writes the cache's ref, which
     the offline job resolves the commit from."""
@@ -176,12 +184,21 @@ def _snapshot(repo_id: str, revision: str | None, local_only: bool, force: bool 
 
     def fetch(patterns: tuple[str, ...]) -> Path:
         return Path(snapshot_download(repo_id, revision=revision or "main", allow_patterns=[*models.FILES, *patterns],
-                                      ignore_patterns=["original/*"], local_files_only=local_only,
-                                      force_download=force))
+                                      ignore_patterns=["original/*"], local_files_only=local_only))
     path = fetch(models.WEIGHTS[:1])
     if not any(path.glob("*.safetensors")):
         path = fetch(models.WEIGHTS[1:])
     return path
+
+
+def _repair(repo_id: str, revision: str | None, snapshot: Path, broken: list[str]) -> Path:
+    """Download again, once: each broken file alone (force_download at the snapshot's commit: a 30-shard
+    model with one bad shard fetches that shard), then whatever is missing (snapshot_download fetches
+    only files it does not have)."""
+    from huggingface_hub import hf_hub_download  # deferred: as above
+    for rel in broken:
+        hf_hub_download(repo_id, rel, revision=snapshot.name, force_download=True)
+    return _snapshot(repo_id, revision, local_only=False)
 
 
 def _hub_sizes(repo_id: str, commit: str) -> dict[str, int]:
@@ -217,14 +234,15 @@ def _model(item: Item, offline: bool, source: str) -> str | None:
         problems = verify_snapshot(path, sizes)
         if problems and not offline:  # a file cut short or corrupted: fetched again, once
             item.notes.append("re-downloaded: " + "; ".join(problems))
-            path = _snapshot(item.ref, item.revision, local_only=False, force=True)
+            path = _repair(item.ref, item.revision, path, sorted(broken_files(path, sizes)))
             problems = verify_snapshot(path, sizes)
     except Exception as e:
         gated = " (gated: accept its license on the hub; the token is read from $VALIND_SECRETS_DIR)" if item.gated else ""
         return f"{item.label}: cannot download ({type(e).__name__}: {str(e)[:300]}){gated}"
     item.where = str(path)
+    checked = (", sizes match the hub's" if sizes else "") + ", safetensors headers parse"  # claimed only if true
     item.notes.append(("already staged" if cached else "downloaded") + f", {total_bytes(path) / 1e9:.2f} GB"
-                      + (", sizes match the hub's" if sizes else "") + ", safetensors headers parse")
+                      + (", STILL BROKEN (below)" if problems else checked))
     return "; ".join(problems) or None
 
 

@@ -6,13 +6,16 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from safetensors.numpy import save_file
+import fake_hub
+from fake_hub import FakeHub, Repo
+from safetensors.numpy import save, save_file
 
 from runner import cuda_pin, staging
 from runner.stage_lock import LockTimeout, SharedLock
@@ -175,6 +178,7 @@ def test_a_dead_holders_lock_is_taken_over_and_a_live_one_waited_for(tmp_path):
     said = []
     with SharedLock(lock, say=said.append):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert [p.name for p in tmp_path.iterdir()] == [".lock"]  # the holder's own file, linked and removed
     assert any("taken over" in s and f"pid {dead.pid} on this host) is gone" in s for s in said), said
 
     lock.write_text(json.dumps({"host": "other-node", "pid": 1, "since": time.time(), "token": "y"}))
@@ -185,6 +189,141 @@ def test_a_dead_holders_lock_is_taken_over_and_a_live_one_waited_for(tmp_path):
     with SharedLock(lock, stale_s=300, say=said.append):
         pass
     assert "no heartbeat for" in said[-1] and not lock.exists()
+
+
+# --- online, against a stand-in of the Hub's HTTP API (tests/fake_hub.py), with the real client ------------
+
+def _repo() -> Repo:
+    weights = save({"w": np.arange(4096, dtype=np.float32).reshape(64, 64), "b": np.ones(64, np.float32)})
+    return Repo({"config.json": b'{"model_type": "llama"}', "tokenizer.json": b'{"version": "1.0"}',
+                 "tokenizer_config.json": b"{}", "model.safetensors": weights,
+                 "README.md": b"# tiny", "original/consolidated.pth": b"not fetched"})  # the last two: never fetched
+
+
+@pytest.fixture
+def hub_spec(tmp_path):
+    """The smoke spec with a hub model (acme/tiny) as every model, its data source in a data dir of its own:
+    one hub item."""
+    d = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
+    d["models"][0]["path"] = "acme/tiny"
+    (tmp_path / "data" / "preference").mkdir(parents=True)
+    (tmp_path / "data" / "preference" / "hh-rlhf-harmless-base-test.jsonl.gz").write_bytes(b"")
+    (tmp_path / "hub.yaml").write_text(yaml.safe_dump(d))
+    return tmp_path / "hub.yaml"
+
+
+def _stage(spec, home, hub, **env):
+    """`valind stage SPEC` in a process of its own: huggingface_hub reads HF_ENDPOINT at import."""
+    env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+           "VALIND_DATA_DIR": str(spec.parent / "data"), **env}
+    return _cli(["stage", str(spec)], home, **env)
+
+
+def _gets(hub):
+    """Each file's downloads (GET .../resolve/...) since the counts were last cleared."""
+    return {k.rsplit("/", 1)[1]: n for k, n in hub.counts.items() if k.startswith("GET /acme/tiny/resolve/")}
+
+
+def test_stage_downloads_from_the_hub_checks_sizes_and_offline_finds_it_with_no_request(hub_spec, tmp_path):
+    repo = _repo()
+    home = tmp_path / "hf"
+    with FakeHub({"acme/tiny": repo}, page_size=2) as hub:  # 2: the tree listing comes in pages
+        r = _stage(hub_spec, home, hub)
+        print(r.stdout)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "downloaded, 0.00 GB, sizes match the hub's, safetensors headers parse" in r.stdout
+        snap = home / "hub" / "models--acme--tiny" / "snapshots" / fake_hub.COMMIT
+        assert f"hub: {snap}" in r.stdout
+        fetched = {"config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"}
+        assert {p.name for p in snap.iterdir()} == fetched
+        assert all((snap / f).read_bytes() == repo.files[f] for f in fetched)
+        assert (snap.parent.parent / "refs" / "main").read_text() == fake_hub.COMMIT  # the offline job resolves main
+        assert _gets(hub) == dict.fromkeys(fetched, 1)
+        assert hub.counts[f"GET /api/models/acme/tiny/revision/{fake_hub.COMMIT}"] == 1  # the sizes, asked once
+
+        hub.counts.clear()
+        r = _stage(hub_spec, home, hub)  # online again: found in the cache, sizes checked, nothing fetched
+        assert r.returncode == 0 and "already staged, 0.00 GB, sizes match the hub's" in r.stdout, r.stdout + r.stderr
+        assert _gets(hub) == {}
+
+        hub.counts.clear()
+        r = _stage(hub_spec, home, hub, HF_HUB_OFFLINE="1")
+        print(r.stdout)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "HF_HUB_OFFLINE is set: checked, not downloaded" in r.stdout and "already staged" in r.stdout
+        assert sum(hub.counts.values()) == 0, hub.counts  # not one request
+
+
+def test_a_corrupted_cached_blob_is_caught_and_only_it_downloaded_again(hub_spec, tmp_path):
+    repo = _repo()
+    home = tmp_path / "hf"
+    with FakeHub({"acme/tiny": repo}) as hub:
+        assert _stage(hub_spec, home, hub).returncode == 0
+        blob = home / "hub" / "models--acme--tiny" / "blobs" / repo.etag("model.safetensors")
+        n = blob.stat().st_size
+        blob.write_bytes(blob.read_bytes()[:-100])  # a blob cut short on the shared disk
+        hub.counts.clear()
+        r = _stage(hub_spec, home, hub)
+        print(r.stdout)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "re-downloaded: " in r.stdout and f"model.safetensors: {n - 100} bytes, the hub says {n}" in r.stdout
+        assert "(truncated?)" in r.stdout  # the header check too
+        assert _gets(hub) == {"model.safetensors": 1}  # that file, once; not the whole snapshot
+        assert blob.read_bytes() == repo.files["model.safetensors"]
+
+
+@pytest.mark.parametrize("fault", ["listed", "served", "truncated"])
+def test_a_hub_serving_other_bytes_than_it_lists_fails_naming_the_file(hub_spec, tmp_path, fault):
+    """listed: the API lists another size than the file has; served: GET sends fewer bytes than HEAD
+    announced; truncated: the hub's own file is cut short, consistently listed."""
+    repo, f = _repo(), "model.safetensors"
+    whole = repo.files[f]
+    if fault == "listed":
+        repo.listed[f] = len(whole) + 8
+    elif fault == "served":
+        repo.served[f] = whole[:-100]
+    else:
+        repo.files[f] = whole[:-100]
+    with FakeHub({"acme/tiny": repo}) as hub:
+        r = _stage(hub_spec, tmp_path / "hf", hub)
+    print(r.stdout, r.stderr)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "stage: 1 problem(s):" in r.stderr and f in r.stderr.split("problem(s):")[1], r.stderr
+    expected = {"listed": f"{f}: {len(whole)} bytes, the hub says {len(whole) + 8}",
+                "served": "cannot download (OSError: Consistency check failed",
+                "truncated": "lie outside the file's"}[fault]
+    assert expected in r.stderr, r.stderr
+    assert "sizes match" not in r.stdout and "headers parse" not in r.stdout  # the listing claims nothing untrue
+    if fault != "served":  # fetched, found broken, fetched again once, still broken
+        assert "re-downloaded: " in r.stdout and "downloaded, 0.00 GB, STILL BROKEN (below)" in r.stdout
+        assert _gets(hub)[f] == 2 and _gets(hub)["config.json"] == 1
+
+
+def test_two_stages_at_once_one_waits_and_each_file_is_downloaded_once(hub_spec, tmp_path):
+    """The second starts while the first holds the lock (its download of the weights held by the hub)."""
+    repo = _repo()
+    repo.gate["model.safetensors"] = gate = threading.Event()
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "0",
+           "HF_HUB_DISABLE_XET": "1", "VALIND_DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"}
+    with FakeHub({"acme/tiny": repo}) as hub:
+        env["HF_ENDPOINT"] = hub.url
+
+        def start():
+            return subprocess.Popen([sys.executable, "-m", "runner.cli", "stage", str(hub_spec)], cwd=ROOT, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        first = start()
+        deadline = time.time() + 60
+        while "model.safetensors" not in hub.waiting and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        second = start()
+        waited = second.stdout.readline()  # its first line, while the first still holds the lock
+        gate.set()
+        outs = [first.communicate(timeout=60)[0], waited + second.communicate(timeout=60)[0]]
+    print(*outs, sep="\n")
+    assert [first.returncode, second.returncode] == [0, 0], outs
+    assert waited.startswith(f"stage: waiting for {tmp_path / 'hf' / '.valind-stage.lock'}, held by pid {first.pid}")
+    assert "[downloaded, " in outs[0] and "[already staged, 0.00 GB, sizes match the hub's" in outs[1], outs
+    assert _gets(hub) == dict.fromkeys(["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"], 1)
 
 
 # --- the CUDA pin -----------------------------------------------------------------------------------------
