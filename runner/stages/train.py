@@ -144,8 +144,8 @@ def _train(ctx: StudyContext, todo: list[Run]) -> None:
 def _run_groups(ctx: StudyContext, groups: list[Group], train: TrainSpec,
                 by_id: dict[str, Run]) -> dict[str, str | None]:
     """run_grid over the groups; the groups that ran out of memory (at one adapter per forward, or in
-    the optimizer step) then run again split in two, each adapter from its checkpoint, until none does (or only lone cells do).
-    Returns cell_id -> error (None: trained)."""
+    the optimizer step) then run again split in two, each adapter from its checkpoint, until none does
+    (or only lone cells do). Returns cell_id -> error (None: trained)."""
     # deferred: Ray and torch (the trainer), imported only when a cell trains
     from runner.sweep import run_grid
     from runner.train.group import out_of_memory
@@ -168,8 +168,8 @@ def _run_groups(ctx: StudyContext, groups: list[Group], train: TrainSpec,
 
 def split_out_of_memory(groups: list[Group], unpublished: Callable[[Cell], bool]) -> list[Group]:
     """Each group of several cells that ran out of memory (its oom_file: runner.train.group.out_of_memory)
-    as two halves of its `unpublished` cells, at one adapter per
-    forward; nothing for the others (a lone cell cannot be split: its error stands)."""
+    as two halves of its `unpublished` cells, at one adapter per forward; nothing for the others (a
+    lone cell cannot be split: its error stands)."""
     from runner.train.group import out_of_memory  # deferred: torch, imported only when a cell trains
 
     out = []
