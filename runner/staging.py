@@ -22,8 +22,7 @@ from pathlib import Path
 from evaluation.benchmarks import HUB_TASKS
 from evaluation.errors import ValindError
 from runner import models
-from runner.data.registry import get_source
-from runner.data.sources import DataError, locate
+from runner.data.sources import DataError, _formats, locate
 from runner.preflight_inputs import is_gated, model_fields
 from runner.preflight_rows import Row
 from runner.spec import Spec
@@ -47,15 +46,16 @@ class Item:
     fields: list[str]              # the spec fields that name it
     source: str                    # "hub" (downloaded) | "builtin" | "local dir" | "data dir"
     revision: str | None = None    # hub models: models[i].revision (None: main)
-    config: str | None = None      # hub datasets: load_dataset's name / split
-    split: str | None = None
+    config: str | None = None      # hub datasets: load_dataset's name, split and keyword args, as the job
+    split: str | None = None       # passes them: the datasets cache keys its copy on them
+    kwargs: dict[str, str] = field(default_factory=dict)
     gated: bool = False
     where: str = ""                # where it lives (after staging: the snapshot / dataset cache)
     notes: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
-        extra = "/".join(x for x in (self.config, self.split) if x)
+        extra = "/".join(x for x in (self.config, *(f"{k}={v}" for k, v in self.kwargs.items()), self.split) if x)
         return self.ref + (f"@{self.revision}" if self.revision else "") + (f" [{extra}]" if extra else "")
 
 
@@ -83,12 +83,12 @@ def plan(spec: Spec) -> list[Item]:
             path, hub = locate(src, d)
         except DataError as e:
             raise StageError(f"data.sources[{i}]: {e}") from None
-        entry = get_source(src.name)
         if path is not None:
             items.append(Item("dataset", str(path), [f"data.sources[{i}]"], "data dir"))
-        elif hub is not None:
-            items.append(Item("dataset", hub, [f"data.sources[{i}]"], "hub", config=src.subset or entry.default_subset,
-                              split=entry.dataset_split(src.split)))
+        elif hub is not None:  # load_dataset's arguments as runner.data.sources._dataset_rows gives them
+            entry, _, fmt = _formats(src)
+            items.append(Item("dataset", hub, [f"data.sources[{i}]"], "hub", split=fmt["split"],
+                              kwargs={k: v.format(**fmt) for k, v in entry.hub_kwargs.items()}))
     for b in spec.score.benchmarks:
         if (hub := HUB_TASKS.get(f"valind_{b}")) is not None:
             items.append(Item("dataset", hub, [f"score.benchmarks: {b}"], "hub", config=BENCHMARK_CONFIG.get(hub)))
@@ -208,8 +208,9 @@ def _hub_sizes(repo_id: str, commit: str) -> dict[str, int]:
 
 
 def not_staged(item: Item, source: str) -> str:
-    _, hub, _ = hub_home()
-    return (f"{item.kind} {item.label} ({', '.join(item.fields)}) is not in the Hugging Face cache {hub} and "
+    _, hub, ds = hub_home()
+    return (f"{item.kind} {item.label} ({', '.join(item.fields)}) is not in the Hugging Face cache "
+            f"{ds if item.kind == 'dataset' else hub} and "
             f"HF_HUB_OFFLINE is set: run `valind stage {source}` where the hub is reachable, with the same HF_HOME")
 
 
@@ -250,11 +251,16 @@ def _dataset(item: Item, offline: bool, source: str) -> str | None:
     """Load a hub dataset as the job does (datasets.load_dataset): downloaded online, from the cache offline."""
     import datasets  # deferred: datasets imports pyarrow and more (seconds); reads HF_HUB_OFFLINE at import
     try:
-        ds = datasets.load_dataset(item.ref, item.config, split=item.split)
+        ds = datasets.load_dataset(item.ref, item.config, split=item.split, **item.kwargs)
     except Exception as e:
-        if offline:
-            return not_staged(item, source) + f" ({type(e).__name__})"
-        return f"{item.label}: cannot load ({type(e).__name__}: {str(e)[:300]})"
+        why = f"{type(e).__name__}: {str(e)[:300]}"
+        ns, _, name = item.ref.rpartition("/")  # the datasets cache's folder for the repo, as datasets names it
+        cached = hub_home()[2] / "___".join(x for x in (ns, datasets.naming.camelcase_to_snakecase(name)) if x)
+        if offline and cached.is_dir():  # staged, yet not found: datasets' offline lookup keys a data_dir load
+            return (f"dataset {item.label} ({', '.join(item.fields)}) is in the datasets cache {cached}, but datasets "
+                    f"cannot reload it offline ({why}); a load with data_dir or data_files is keyed differently "
+                    "offline (huggingface/datasets#6609): put its file in the data directory instead")
+        return not_staged(item, source) + f" ({why})" if offline else f"{item.label}: cannot load ({why})"
     parts = ds.values() if isinstance(ds, datasets.DatasetDict) else [ds]
     rows = sum(len(p) for p in parts)
     files = [f["filename"] for p in parts for f in p.cache_files]

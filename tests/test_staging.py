@@ -1,8 +1,11 @@
 """`valind stage` (runner.staging, runner.stage_lock) and the CUDA pin (runner.cuda_pin): fast, no Ray,
 no network. The Hugging Face cache here is a real one on disk, laid out as huggingface_hub writes it
 and read back by huggingface_hub itself."""
+import gzip
+import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,6 +14,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 import fake_hub
@@ -324,6 +329,106 @@ def test_two_stages_at_once_one_waits_and_each_file_is_downloaded_once(hub_spec,
     assert waited.startswith(f"stage: waiting for {tmp_path / 'hf' / '.valind-stage.lock'}, held by pid {first.pid}")
     assert "[downloaded, " in outs[0] and "[already staged, 0.00 GB, sizes match the hub's" in outs[1], outs
     assert _gets(hub) == dict.fromkeys(["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"], 1)
+
+
+# --- hub datasets, from the same stand-in: load_dataset with the arguments the job passes ---------------------
+
+def _parquet(rows: list[dict], n: int) -> bytes:
+    """The first n rows as a parquet file (n = 0: the columns and no row group, as an empty split is written)."""
+    out, table = io.BytesIO(), pa.Table.from_pylist(rows).slice(0, n)
+    with pq.ParquetWriter(out, table.schema) as w:
+        if n:
+            w.write_table(table)
+    return out.getvalue()
+
+
+def _ds_repos(test_rows: int = 3) -> dict[str, Repo]:
+    """The smoke spec's two sources' hub layouts: hh-rlhf's jsonl.gz per subset folder (the job passes
+    data_dir=<subset>), UltraFeedback's parquet per split under data/."""
+    hh = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: yes", "rejected": f"\n\nHuman: q{i}\n\nAssistant: no"}
+          for i in range(4)]
+    gz = lambda rows: gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode(), mtime=0)  # noqa: E731
+    uf = [{"prompt": f"q{i}", "chosen": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "yes"}],
+           "rejected": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "no"}]} for i in range(4)]
+    return {"Anthropic/hh-rlhf": Repo({"README.md": b"# hh", "harmless-base/train.jsonl.gz": gz(hh),
+                                       "harmless-base/test.jsonl.gz": gz(hh[:2]), "helpful-base/test.jsonl.gz": gz(hh)}),
+            "HuggingFaceH4/ultrafeedback_binarized": Repo({
+                "data/train_prefs-00000-of-00001.parquet": _parquet(uf, 4),
+                "data/test_prefs-00000-of-00001.parquet": _parquet(uf, test_rows)})}
+
+
+@pytest.fixture
+def ds_spec(tmp_path):
+    """The smoke spec (a builtin model) reading hh-rlhf and UltraFeedback from the hub: an empty data dir."""
+    d = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
+    d["data"]["sources"].append({"name": "ultrafeedback", "split": "test"})
+    (tmp_path / "data").mkdir()
+    (tmp_path / "ds.yaml").write_text(yaml.safe_dump(d))
+    return tmp_path / "ds.yaml"
+
+
+JOB_READS = """
+import sys
+from runner.data.sources import load_pairs
+from runner.spec import load_spec
+from runner.data.registry import DataError
+for s in load_spec(sys.argv[1]).data.sources:
+    try:
+        pairs, drops = load_pairs(s, None, 10_000)
+        print(f"{s.name}: {len(pairs) + sum(drops.values())} rows read")
+    except DataError as e:
+        print(f"{s.name}: {e}".splitlines()[0][:200])
+"""
+
+
+def test_stage_loads_hub_datasets_as_the_job_does_and_offline_says_what_the_job_will_find(ds_spec, tmp_path):
+    home = tmp_path / "hf"
+    with FakeHub({}, datasets=_ds_repos()) as hub:
+        r = _stage(ds_spec, home, hub)
+        print(r.stdout)
+        assert r.returncode == 0, r.stdout + r.stderr
+        out = r.stdout
+        assert "2 hub item(s) staged" in out and "dataset Anthropic/hh-rlhf [data_dir=harmless-base/test]" in out
+        assert "dataset HuggingFaceH4/ultrafeedback_binarized [test_prefs]" in out
+        cache = home / "datasets"
+        assert re.search(f"hub: {cache}/Anthropic___hh-rlhf/default-[0-9a-f]+/0.0.0/{fake_hub.COMMIT}  \\[2 rows\\]", out)
+        assert f"hub: {cache}/HuggingFaceH4___ultrafeedback_binarized/default/0.0.0/{fake_hub.COMMIT}  [3 rows]" in out
+        assert hub.counts[f"GET /datasets/Anthropic/hh-rlhf/resolve/{fake_hub.COMMIT}/harmless-base/test.jsonl.gz"] == 1
+        assert not any("helpful-base" in k and "resolve" in k for k in hub.counts)  # another subset: not fetched
+
+        hub.counts.clear()
+        offline = {"HF_HUB_OFFLINE": "1"}
+        r = _stage(ds_spec, home, hub, **offline)
+        print(r.stdout, r.stderr)
+        assert "HF_HUB_OFFLINE is set" in r.stdout and "[3 rows]" in r.stdout  # UltraFeedback: found in the cache
+        # hh-rlhf (loaded with data_dir) is in the cache, but datasets 5.2 looks for it offline under another key:
+        # the stage says so (exit 1), as the job meets it (below)
+        assert r.returncode == 1 and "stage: 1 problem(s):" in r.stderr, r.stdout + r.stderr
+        assert (f"dataset Anthropic/hh-rlhf [data_dir=harmless-base/test] (data.sources[0]) is in the datasets cache "
+                f"{cache}/Anthropic___hh-rlhf, but datasets cannot reload it offline (ValueError: Couldn't find cache "
+                "for Anthropic/hh-rlhf for config 'default-data_dir=harmless-base'") in r.stderr, r.stderr
+        env = {**os.environ, "HF_HOME": str(home), "PYTHONPATH": str(ROOT), "HF_ENDPOINT": hub.url, **offline}
+        job = subprocess.run([sys.executable, "-c", JOB_READS, str(ds_spec)], env=env, capture_output=True, text=True,
+                             timeout=120)  # the job's own loader (runner.data.sources), on what was staged
+        print(job.stdout)
+        lines = job.stdout.splitlines()
+        assert lines[0].startswith("hh_rlhf: hh_rlhf (test): not found locally") and "failed to load" in lines[0], lines
+        assert lines[1:] == ["ultrafeedback: 3 rows read"], job.stdout + job.stderr
+        assert sum(hub.counts.values()) == 0, hub.counts  # not one request
+
+
+def test_a_dataset_the_hub_lacks_or_an_empty_split_fails_naming_it(ds_spec, tmp_path):
+    repos = _ds_repos(test_rows=0)
+    del repos["Anthropic/hh-rlhf"]
+    with FakeHub({}, datasets=repos) as hub:
+        r = _stage(ds_spec, tmp_path / "hf", hub)
+    print(r.stdout, r.stderr)
+    assert r.returncode == 1, r.stdout + r.stderr
+    err = r.stderr.split("stage: 2 problem(s):")[1]
+    assert "Anthropic/hh-rlhf [data_dir=harmless-base/test]: cannot load (DatasetNotFoundError" in err, err
+    # an empty split: datasets refuses it itself (split= set; "loaded with no rows" is for a split=None load)
+    assert ('HuggingFaceH4/ultrafeedback_binarized [test_prefs]: cannot load (ValueError: Instruction "test_prefs" '
+            "corresponds to no data!)") in err, err
 
 
 # --- the CUDA pin -----------------------------------------------------------------------------------------
