@@ -22,7 +22,7 @@ from pathlib import Path
 from evaluation.benchmarks import HUB_TASKS
 from evaluation.errors import ValindError
 from runner import models
-from runner.data.sources import DataError, _formats, locate
+from runner.data.sources import DataError, hub_load, hub_rows, locate
 from runner.preflight_inputs import is_gated, model_fields
 from runner.preflight_rows import Row
 from runner.spec import Spec
@@ -85,10 +85,9 @@ def plan(spec: Spec) -> list[Item]:
             raise StageError(f"data.sources[{i}]: {e}") from None
         if path is not None:
             items.append(Item("dataset", str(path), [f"data.sources[{i}]"], "data dir"))
-        elif hub is not None:  # load_dataset's arguments as runner.data.sources._dataset_rows gives them
-            entry, _, fmt = _formats(src)
-            items.append(Item("dataset", hub, [f"data.sources[{i}]"], "hub", split=fmt["split"],
-                              kwargs={k: v.format(**fmt) for k, v in entry.hub_kwargs.items()}))
+        elif hub is not None:  # loaded as the job loads it (runner.data.sources.hub_rows)
+            _, split, kwargs = hub_load(src)
+            items.append(Item("dataset", hub, [f"data.sources[{i}]"], "hub", split=split, kwargs=kwargs))
     for b in spec.score.benchmarks:
         if (hub := HUB_TASKS.get(f"valind_{b}")) is not None:
             items.append(Item("dataset", hub, [f"score.benchmarks: {b}"], "hub", config=BENCHMARK_CONFIG.get(hub)))
@@ -248,18 +247,13 @@ def _model(item: Item, offline: bool, source: str) -> str | None:
 
 
 def _dataset(item: Item, offline: bool, source: str) -> str | None:
-    """Load a hub dataset as the job does (datasets.load_dataset): downloaded online, from the cache offline."""
+    """Load a hub dataset as the job does (runner.data.sources.hub_rows): downloaded online, from the
+    cache offline."""
     import datasets  # deferred: datasets imports pyarrow and more (seconds); reads HF_HUB_OFFLINE at import
     try:
-        ds = datasets.load_dataset(item.ref, item.config, split=item.split, **item.kwargs)
+        ds = hub_rows(item.ref, item.split, **({"name": item.config} if item.config else {}), **item.kwargs)
     except Exception as e:
         why = f"{type(e).__name__}: {str(e)[:300]}"
-        ns, _, name = item.ref.rpartition("/")  # the datasets cache's folder for the repo, as datasets names it
-        cached = hub_home()[2] / "___".join(x for x in (ns, datasets.naming.camelcase_to_snakecase(name)) if x)
-        if offline and cached.is_dir():  # staged, yet not found: datasets' offline lookup keys a data_dir load
-            return (f"dataset {item.label} ({', '.join(item.fields)}) is in the datasets cache {cached}, but datasets "
-                    f"cannot reload it offline ({why}); a load with data_dir or data_files is keyed differently "
-                    "offline (huggingface/datasets#6609): put its file in the data directory instead")
         return not_staged(item, source) + f" ({why})" if offline else f"{item.label}: cannot load ({why})"
     parts = ds.values() if isinstance(ds, datasets.DatasetDict) else [ds]
     rows = sum(len(p) for p in parts)

@@ -116,7 +116,7 @@ def test_hh_subset_errors(hh_dir: Path):
 def test_hub_missing_everywhere_is_clear(tmp_path: Path, monkeypatch):
     def offline(hub_id, split, **kw):
         raise ConnectionError("offline")
-    monkeypatch.setattr(sources, "_hub_rows", offline)
+    monkeypatch.setattr(sources, "hub_rows", offline)
     with pytest.raises(DataError) as e:
         load_pairs(SourceSpec(name="ultrafeedback"), tmp_path, 4000)
     msg = str(e.value)
@@ -130,7 +130,7 @@ def test_hub_fallback_passes_split_and_subset(monkeypatch):
     def fake(hub_id, split, **kw):
         calls.append((hub_id, split, kw))
         return HH_ROWS[:2]
-    monkeypatch.setattr(sources, "_hub_rows", fake)
+    monkeypatch.setattr(sources, "hub_rows", fake)
     df, _ = load_pairs(SourceSpec(name="hh_rlhf", subset="helpful-base", split="train"), None, 4000)
     assert calls == [("Anthropic/hh-rlhf", "train", {"data_dir": "helpful-base"})]
     assert df["pair_id"].iloc[0] == "hh_rlhf/helpful-base/train/000000"
@@ -246,7 +246,7 @@ def test_helpsteer2_split_alias_hub_and_size(monkeypatch, tmp_path: Path):
     def fake(hub_id, split, **kw):
         calls.append((hub_id, split, kw))
         return HS2_ROWS[:4]
-    monkeypatch.setattr(sources, "_hub_rows", fake)
+    monkeypatch.setattr(sources, "hub_rows", fake)
     df, _ = load_pairs(SourceSpec(name="helpsteer2"), tmp_path, 4000)  # spec default "test" -> validation
     assert calls == [("nvidia/HelpSteer2", "validation", {})]
     assert df["pair_id"].tolist() == ["helpsteer2/validation/000000", "helpsteer2/validation/000002"]

@@ -153,7 +153,7 @@ def _dataset_rows(entry: Source, split: str, fmt: dict[str, str], data_dir: Path
     hub_kwargs = {k: v.format(**fmt) for k, v in entry.hub_kwargs.items()}
     where = f"{name} ({split}): not found locally (tried {', '.join(tried) or 'none: VALIND_DATA_DIR is not set'})"
     try:
-        rows = _hub_rows(entry.hub_id, split, **hub_kwargs)
+        rows = hub_rows(entry.hub_id, split, **hub_kwargs)
     except HubUnreachable as e:
         raise DataError(f"{where}, and the Hugging Face hub is unreachable ({e}). Set VALIND_DATA_DIR to a data "
                         "directory that holds it, or HF_HUB_OFFLINE=1 to read the local datasets cache only") from None
@@ -179,11 +179,27 @@ def check_hub(timeout_s: float = 3.0) -> None:
         raise HubUnreachable(f"{url.hostname}:{port}: {e}") from None
 
 
-def _hub_rows(hub_id: str, split: str, **kwargs: Any) -> Iterable[dict]:
-    """Rows of a hub dataset split (tests monkeypatch this)."""
+def hub_rows(hub_id: str, split: str | None, **kwargs: Any) -> Any:
+    """A hub dataset's split (a `datasets.Dataset`; all splits where `split` is None), as `valind stage`
+    downloads it and the job reads it, online and offline (tests monkeypatch this).
+
+    A `data_dir` load reads the repo's files of that folder (huggingface_hub's cache) as a local
+    dataset: `datasets` keys a hub load with data_dir one way online and another offline, so a
+    staged copy was never found offline (huggingface/datasets#6609)."""
     check_hub()
     import datasets  # deferred: heavy; only needed when the data dir lacks the file
-    return datasets.load_dataset(hub_id, split=split, **kwargs)
+    from huggingface_hub import snapshot_download  # deferred: as datasets (reads HF_HOME at import)
+
+    if (data_dir := kwargs.pop("data_dir", None)) is None:
+        return datasets.load_dataset(hub_id, split=split, **kwargs)
+    files = snapshot_download(hub_id, repo_type="dataset", allow_patterns=[f"{data_dir}/*"])
+    return datasets.load_dataset(str(Path(files) / data_dir), split=split, **kwargs)
+
+
+def hub_load(source: SourceSpec) -> tuple[str | None, str, dict[str, str]]:
+    """A registered source's hub dataset, split and load_dataset keywords (hub_rows' arguments)."""
+    entry, _, fmt = _formats(source)
+    return entry.hub_id, fmt["split"], {k: v.format(**fmt) for k, v in entry.hub_kwargs.items()}
 
 
 def _local_fields(source: SourceSpec) -> tuple[dict[str, str], str | None]:
