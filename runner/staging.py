@@ -18,8 +18,11 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from evaluation.benchmarks import HUB_TASKS
+import yaml
+
+from evaluation.benchmarks import HUB_TASKS, TASKS_DIR
 from evaluation.errors import ValindError
 from runner import models
 from runner.data.sources import DataError, hub_load, hub_rows, locate
@@ -29,8 +32,6 @@ from runner.spec import Spec
 from runner.spec_views import llm_judges
 from runner.stage_lock import SharedLock
 
-# lm-eval's dataset config for each hub benchmark (evaluation/benchmarks/tasks: dataset_name)
-BENCHMARK_CONFIG = {"cais/mmlu": "all"}
 LOCK_NAME = ".valind-stage.lock"
 
 
@@ -48,7 +49,7 @@ class Item:
     revision: str | None = None    # hub models: models[i].revision (None: main)
     config: str | None = None      # hub datasets: load_dataset's name, split and keyword args, as the job
     split: str | None = None       # passes them: the datasets cache keys its copy on them
-    kwargs: dict[str, str] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
     gated: bool = False
     where: str = ""                # where it lives (after staging: the snapshot / dataset cache)
     notes: list[str] = field(default_factory=list)
@@ -89,9 +90,26 @@ def plan(spec: Spec) -> list[Item]:
             _, split, kwargs = hub_load(src)
             items.append(Item("dataset", hub, [f"data.sources[{i}]"], "hub", split=split, kwargs=kwargs))
     for b in spec.score.benchmarks:
-        if (hub := HUB_TASKS.get(f"valind_{b}")) is not None:
-            items.append(Item("dataset", hub, [f"score.benchmarks: {b}"], "hub", config=BENCHMARK_CONFIG.get(hub)))
+        if f"valind_{b}" in HUB_TASKS:
+            hub, config, kwargs = task_load(f"valind_{b}")
+            items.append(Item("dataset", hub, [f"score.benchmarks: {b}"], "hub", config=config, kwargs=kwargs))
     return items
+
+
+class _TaskLoader(yaml.SafeLoader):
+    """lm-eval's task YAML: its `!function` tags (process_docs hooks) read as None, not run."""
+
+
+_TaskLoader.add_multi_constructor("!", lambda loader, tag, node: None)
+
+
+def task_load(task: str, tasks_dir: Path = TASKS_DIR) -> tuple[str, str | None, dict[str, Any]]:
+    """(dataset_path, dataset_name, dataset_kwargs) of a valind lm-eval task, from its own YAML: lm-eval's
+    Task.download calls load_dataset(path, name, **kwargs) for all splits, and the datasets cache keys its
+    copy on these, so staging loads with exactly them (trust_remote_code dropped, as lm-eval drops it)."""
+    t = yaml.load((tasks_dir / f"{task}.yaml").read_text(), Loader=_TaskLoader)
+    kwargs = {k: v for k, v in (t.get("dataset_kwargs") or {}).items() if k != "trust_remote_code"}
+    return t["dataset_path"], t.get("dataset_name"), kwargs
 
 
 def _model_item(spec: Spec, name: str, fields: list[str]) -> Item:

@@ -1,4 +1,5 @@
-"""A small stand-in for the Hugging Face Hub's HTTP API, for tests of `valind stage` (tests/test_staging.py).
+"""A small stand-in for the Hugging Face Hub's HTTP API, for tests of `valind stage` (tests/test_staging.py,
+tests/test_staging_benchmarks.py: a repo whose README.md maps configs to folders, as cais/mmlu, needs nothing more).
 
 Only what huggingface_hub 2.4.0 calls for `snapshot_download`, `hf_hub_download`,
 `HfApi().model_info(..., files_metadata=True)` and, for dataset repos, what `datasets.load_dataset`
