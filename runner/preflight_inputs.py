@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from evaluation.benchmarks import DATA_FILES, HUB_TASKS
+from evaluation.benchmarks import DATA_FILES, HUB_TASKS, task_load
 from evaluation.suites import load_suite
 from evaluation.suites import registry as suites
 from runner import models
@@ -46,12 +46,13 @@ def _source(spec: Spec, i: int, src, d: Path | None) -> Row:
             check_local(src, d)
             return Row(check, where, True, str(local_path(src, d)))
         path, hub = locate(src, d)
+        first = src.model_copy(update={"max_pairs": 1})
         if path is None:
             if hub is None:
                 return Row(check, where, False, f"no file for it under {d}/preference" if d else "no data directory",
                            DATA_FIX)
-            return _hub_dataset(check, where, hub)
-        pairs, _ = load_pairs(src.model_copy(update={"max_pairs": 1}), d, spec.data.max_chars)
+            return _hub_dataset(check, where, hub, lambda: load_pairs(first, d, spec.data.max_chars))
+        pairs, _ = load_pairs(first, d, spec.data.max_chars)
         if pairs.empty:
             return Row(check, where, False, f"{path}: no valid pair", "check the file (valind annotate drops invalid rows)")
         return Row(check, where, True, str(path))
@@ -59,17 +60,19 @@ def _source(spec: Spec, i: int, src, d: Path | None) -> Row:
         return Row(check, where, False, str(e), DATA_FIX)
 
 
-def _hub_dataset(check: str, where: str, hub_id: str) -> Row:
-    """A hub dataset: in the local cache when offline, else known to the hub."""
+def _hub_dataset(check: str, where: str, hub_id: str, load: Callable[[], object]) -> Row:
+    """A hub dataset: offline, loaded from the local cache as the job loads it (`load`: a folder of
+    that name is not enough, another config or an interrupted download leaves one); else known to the hub."""
     from huggingface_hub import constants  # deferred: huggingface_hub, for hub datasets only
     if constants.HF_HUB_OFFLINE:
-        cache = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
-        found = [p for p in (cache / hub_id.replace("/", "___"),
-                             Path(constants.HF_HUB_CACHE) / f"datasets--{hub_id.replace('/', '--')}") if p.is_dir()]
-        if found:
-            return Row(check, where, True, f"hub dataset {hub_id} in the local cache ({found[0]})")
-        return Row(check, where, False, f"not in the data directory, HF_HUB_OFFLINE is set and the hub dataset "
-                                        f"{hub_id} is not in the local cache", f"{DATA_FIX}, or unset HF_HUB_OFFLINE")
+        try:
+            load()
+        except Exception as e:
+            return Row(check, where, False, f"not in the data directory, HF_HUB_OFFLINE is set and the hub dataset "
+                                            f"{hub_id} does not load from the local cache ({type(e).__name__}: "
+                                            f"{str(e)[-300:]})",
+                       f"{DATA_FIX}, or run `valind stage SPEC` where the hub is reachable, or unset HF_HUB_OFFLINE")
+        return Row(check, where, True, f"hub dataset {hub_id}, loaded from the local cache")
     try:
         from huggingface_hub import HfApi  # deferred: huggingface_hub, for hub datasets only
         HfApi().dataset_info(hub_id, timeout=10)
@@ -77,6 +80,13 @@ def _hub_dataset(check: str, where: str, hub_id: str) -> Row:
         return Row(check, where, False, f"hub dataset {hub_id}: {type(e).__name__}: {str(e)[:200]}",
                    f"{DATA_FIX}, or make the hub reachable (and the token valid for a gated dataset)")
     return Row(check, where, True, f"hub dataset {hub_id}")
+
+
+def _lm_eval_load(task: str) -> object:
+    """The hub dataset of an lm-eval task, loaded as its Task.download loads it (all splits)."""
+    import datasets  # deferred: datasets imports pyarrow and more (seconds), for hub benchmarks only
+    path, name, kwargs = task_load(task)
+    return datasets.load_dataset(path, name, **kwargs)
 
 
 def _suite(spec: Spec, name: str, d: Path | None) -> Row:
@@ -94,7 +104,7 @@ def _suite(spec: Spec, name: str, d: Path | None) -> Row:
 def _benchmark(name: str, d: Path | None) -> Row:
     task, check, where = f"valind_{name}", f"benchmark {name}", f"score.benchmarks: {name}"
     if task in HUB_TASKS:
-        return _hub_dataset(check, where, HUB_TASKS[task])
+        return _hub_dataset(check, where, HUB_TASKS[task], lambda: _lm_eval_load(task))
     if d is None:
         return Row(check, where, False, "no data directory", DATA_FIX)
     path = d / DATA_FILES[task]

@@ -20,9 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from evaluation.benchmarks import HUB_TASKS, TASKS_DIR
+from evaluation.benchmarks import HUB_TASKS, task_load
 from evaluation.errors import ValindError
 from runner import models
 from runner.data.sources import DataError, hub_load, hub_rows, locate
@@ -94,22 +92,6 @@ def plan(spec: Spec) -> list[Item]:
             hub, config, kwargs = task_load(f"valind_{b}")
             items.append(Item("dataset", hub, [f"score.benchmarks: {b}"], "hub", config=config, kwargs=kwargs))
     return items
-
-
-class _TaskLoader(yaml.SafeLoader):
-    """lm-eval's task YAML: its `!function` tags (process_docs hooks) read as None, not run."""
-
-
-_TaskLoader.add_multi_constructor("!", lambda loader, tag, node: None)
-
-
-def task_load(task: str, tasks_dir: Path = TASKS_DIR) -> tuple[str, str | None, dict[str, Any]]:
-    """(dataset_path, dataset_name, dataset_kwargs) of a valind lm-eval task, from its own YAML: lm-eval's
-    Task.download calls load_dataset(path, name, **kwargs) for all splits, and the datasets cache keys its
-    copy on these, so staging loads with exactly them (trust_remote_code dropped, as lm-eval drops it)."""
-    t = yaml.load((tasks_dir / f"{task}.yaml").read_text(), Loader=_TaskLoader)
-    kwargs = {k: v for k, v in (t.get("dataset_kwargs") or {}).items() if k != "trust_remote_code"}
-    return t["dataset_path"], t.get("dataset_name"), kwargs
 
 
 def _model_item(spec: Spec, name: str, fields: list[str]) -> Item:

@@ -200,7 +200,10 @@ def test_a_hub_dataset_offline_and_not_cached_is_a_problem(monkeypatch, tmp_path
     monkeypatch.setattr(constants, "HF_HOME", str(tmp_path))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     row = _benchmark("mmlu", None)
-    assert not row.ok and "cais/mmlu is not in the local cache" in row.detail
+    assert not row.ok and "the hub dataset cais/mmlu does not load from the local cache" in row.detail, row.detail
+    assert "valind stage SPEC" in row.fix
+    # a folder of its name is not a staged dataset (the old check passed this)
     (tmp_path / "datasets" / "cais___mmlu").mkdir(parents=True)
-    assert _benchmark("mmlu", None).ok
+    assert not _benchmark("mmlu", None).ok

@@ -96,6 +96,13 @@ for t in tasks:
 """
 
 
+PREFLIGHT_SAYS = """
+from runner.preflight_inputs import _benchmark
+row = _benchmark("mmlu", None)
+print(row.ok, row.detail[:120])
+"""
+
+
 def test_staged_hub_benchmarks_are_what_lm_evals_task_loads_offline_with_no_request(bench_spec, tmp_path):
     assert HUB_TASKS == {"valind_mmlu": "cais/mmlu"}  # a new hub task: give it a repo here
     home = tmp_path / "hf"
@@ -111,6 +118,12 @@ def test_staged_hub_benchmarks_are_what_lm_evals_task_loads_offline_with_no_requ
         assert job.returncode == 1 and "valind_mmlu needs the Hugging Face dataset 'cais/mmlu', which is not " \
             "available offline: HF_HUB_OFFLINE is set" in job.stderr, job.stderr[-3000:]
         assert sum(hub.counts.values()) == 0, hub.counts
+
+        def preflight_says():  # `valind preflight`'s benchmark row, offline: the same load as the task's
+            return subprocess.run([sys.executable, "-c", PREFLIGHT_SAYS], env=env, capture_output=True, text=True,
+                                  timeout=120).stdout.strip()
+        assert preflight_says().startswith("False not in the data directory, HF_HUB_OFFLINE is set and the hub "
+                                           "dataset cais/mmlu does not load from the local cache")
 
         r = _stage(bench_spec, home, hub)
         print(r.stdout)
@@ -131,4 +144,5 @@ def test_staged_hub_benchmarks_are_what_lm_evals_task_loads_offline_with_no_requ
         assert job.stdout.splitlines() == [
             "valind_mmlu: cais/mmlu [all] splits ['auxiliary_train', 'dev', 'test', 'validation'], "
             "3 test docs, first 'test q0?' answer 0"], job.stdout
+        assert preflight_says() == "True hub dataset cais/mmlu, loaded from the local cache"
         assert sum(hub.counts.values()) == 0, hub.counts  # not one request: the staged copy was found

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
+import yaml
 
 from evaluation.errors import ValindError
 from evaluation.types import SCORE_COLUMNS, vllm_lora_rank
@@ -35,6 +36,22 @@ DATA_FILES = {"valind_truthfulqa_mc": "qa/truthfulqa.csv", "valind_openbookqa": 
 
 class BenchmarkError(ValindError):
     pass
+
+
+class _TaskLoader(yaml.SafeLoader):  # type: ignore[misc]  # (PyYAML ships no types here)
+    """lm-eval's task YAML: its `!function` tags (process_docs hooks) read as None, not run."""
+
+
+_TaskLoader.add_multi_constructor("!", lambda loader, tag, node: None)
+
+
+def task_load(task: str, tasks_dir: Path = TASKS_DIR) -> tuple[str, str | None, dict[str, Any]]:
+    """(dataset_path, dataset_name, dataset_kwargs) of a valind lm-eval task, from its own YAML: lm-eval's
+    Task.download calls load_dataset(path, name, **kwargs) for all splits, and the datasets cache keys its
+    copy on these, so staging loads with exactly them (trust_remote_code dropped, as lm-eval drops it)."""
+    t = yaml.load((tasks_dir / f"{task}.yaml").read_text(), Loader=_TaskLoader)
+    kwargs = {k: v for k, v in (t.get("dataset_kwargs") or {}).items() if k != "trust_remote_code"}
+    return t["dataset_path"], t.get("dataset_name"), kwargs
 
 
 def write_task_dir(data_dir: Path, dest: Path, tasks: tuple[str, ...] | list[str] = OFFLINE_TASKS) -> Path:
