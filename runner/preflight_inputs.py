@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from evaluation.benchmarks import DATA_FILES, HUB_TASKS, task_load
+from evaluation.benchmarks import DATA_FILES, HUB_TASKS, load_task_dataset
 from evaluation.suites import load_suite
 from evaluation.suites import registry as suites
 from runner import models
@@ -82,13 +82,6 @@ def _hub_dataset(check: str, where: str, hub_id: str, load: Callable[[], object]
     return Row(check, where, True, f"hub dataset {hub_id}")
 
 
-def _lm_eval_load(task: str) -> object:
-    """The hub dataset of an lm-eval task, loaded as its Task.download loads it (all splits)."""
-    import datasets  # deferred: datasets imports pyarrow and more (seconds), for hub benchmarks only
-    path, name, kwargs = task_load(task)
-    return datasets.load_dataset(path, name, **kwargs)
-
-
 def _suite(spec: Spec, name: str, d: Path | None) -> Row:
     """The suite's own loader, on every file it reads (held-out suites get one sample prompt)."""
     check, where = f"suite {name}", f"generate.suites: {name}"
@@ -104,7 +97,7 @@ def _suite(spec: Spec, name: str, d: Path | None) -> Row:
 def _benchmark(name: str, d: Path | None) -> Row:
     task, check, where = f"valind_{name}", f"benchmark {name}", f"score.benchmarks: {name}"
     if task in HUB_TASKS:
-        return _hub_dataset(check, where, HUB_TASKS[task], lambda: _lm_eval_load(task))
+        return _hub_dataset(check, where, HUB_TASKS[task], lambda: load_task_dataset(task))
     if d is None:
         return Row(check, where, False, "no data directory", DATA_FIX)
     path = d / DATA_FILES[task]

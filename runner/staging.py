@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evaluation.benchmarks import HUB_TASKS, task_load
+from evaluation.benchmarks import HUB_TASKS, load_task_dataset, task_load
 from evaluation.errors import ValindError
 from runner import models
 from runner.data.sources import DataError, hub_load, hub_rows, locate
@@ -48,6 +48,7 @@ class Item:
     config: str | None = None      # hub datasets: load_dataset's name, split and keyword args, as the job
     split: str | None = None       # passes them: the datasets cache keys its copy on them
     kwargs: dict[str, Any] = field(default_factory=dict)
+    task: str | None = None        # a hub benchmark: its lm-eval task, which loads it (load_task_dataset)
     gated: bool = False
     where: str = ""                # where it lives (after staging: the snapshot / dataset cache)
     notes: list[str] = field(default_factory=list)
@@ -90,7 +91,8 @@ def plan(spec: Spec) -> list[Item]:
     for b in spec.score.benchmarks:
         if f"valind_{b}" in HUB_TASKS:
             hub, config, kwargs = task_load(f"valind_{b}")
-            items.append(Item("dataset", hub, [f"score.benchmarks: {b}"], "hub", config=config, kwargs=kwargs))
+            items.append(Item("dataset", hub, [f"score.benchmarks: {b}"], "hub", config=config, kwargs=kwargs,
+                              task=f"valind_{b}"))
     return items
 
 
@@ -247,11 +249,11 @@ def _model(item: Item, offline: bool, source: str) -> str | None:
 
 
 def _dataset(item: Item, offline: bool, source: str) -> str | None:
-    """Load a hub dataset as the job does (runner.data.sources.hub_rows): downloaded online, from the
-    cache offline."""
+    """Load a hub dataset as the job does (a preference source: runner.data.sources.hub_rows; a benchmark:
+    its lm-eval task's load): downloaded online, from the cache offline."""
     import datasets  # deferred: datasets imports pyarrow and more (seconds); reads HF_HUB_OFFLINE at import
     try:
-        ds = hub_rows(item.ref, item.split, **({"name": item.config} if item.config else {}), **item.kwargs)
+        ds = load_task_dataset(item.task) if item.task else hub_rows(item.ref, item.split, **item.kwargs)
     except Exception as e:
         why = f"{type(e).__name__}: {str(e)[:300]}"
         return not_staged(item, source) + f" ({why})" if offline else f"{item.label}: cannot load ({why})"

@@ -190,6 +190,11 @@ def test_groups_that_ran_out_of_memory_split_in_halves_of_their_unpublished_cell
     # halves of one: each a group of one, resumed from its checkpoint; a lone cell's error stands
     assert [[c.cell_id for c in g.cells] for g in split_out_of_memory(split[:1], lambda c: True)] == [["c0"], ["c2"]]
     assert split_out_of_memory([lone], lambda c: True) == []
+    # a group's last cell, left out of memory alone (its note: a group of 1), is not run alone again
+    oom_file(cells[3]).write_text(json.dumps({"adapters": 1, "where": "a forward of one adapter"}))
+    assert split_out_of_memory([Group(tuple(cells[2:4]), 1)], lambda c: c.cell_id == "c3") == []
+    assert [[c.cell_id for c in g.cells] for g in split_out_of_memory([Group(tuple(cells[3:5]), 1)],
+                                                                     lambda c: c.cell_id == "c4")] == [["c4"]]
 
 
 def test_the_logits_term_counts_the_fp32_copies_response_logps_makes():

@@ -54,6 +54,14 @@ def task_load(task: str, tasks_dir: Path = TASKS_DIR) -> tuple[str, str | None, 
     return t["dataset_path"], t.get("dataset_name"), kwargs
 
 
+def load_task_dataset(task: str) -> Any:
+    """A hub task's dataset (every split) as lm-eval's Task.download loads it: what `valind stage`
+    stages and `valind preflight` checks offline, so both find what the task will look up."""
+    import datasets  # deferred: datasets imports pyarrow and more (seconds), for hub benchmarks only
+    path, name, kwargs = task_load(task)
+    return datasets.load_dataset(path, name, **kwargs)
+
+
 def write_task_dir(data_dir: Path, dest: Path, tasks: tuple[str, ...] | list[str] = OFFLINE_TASKS) -> Path:
     """Render all task YAMLs (and their `utils.py`) into `dest` with `data_dir` made absolute;
     the data files of `tasks` must exist."""

@@ -246,15 +246,12 @@ class EnginePool:
         self.actors = [a for a in self.actors if a != actor]
         self._since.pop(actor, None)
         ray.kill(actor, no_restart=True)
-        back = [ref for ref, (_, a) in pending.items() if a == actor]
-        if held is None:
-            todo[:0] = sorted(pending.pop(ref)[0] for ref in back)
-        else:
-            for ref in back:
-                pending.pop(ref)
-            todo[:0] = sorted(u for u, a in held.items() if a == actor)
-            for u in todo:
-                held.pop(u, None)
+        back = [pending.pop(ref)[0] for ref, (_, a) in list(pending.items()) if a == actor]
+        if held is not None:  # streamed: the units it held, whichever of its calls brought them
+            back = [u for u, a in held.items() if a == actor]
+            for u in back:
+                del held[u]
+        todo[:0] = sorted(back)
         self.losses.append(why)
         say(f"  engine pool for {self.cfg.model}: an actor was lost: {why}; its batches go to the "
             f"{len(self.actors)} other actor(s) now")

@@ -167,18 +167,20 @@ def _run_groups(ctx: StudyContext, groups: list[Group], train: TrainSpec,
 
 
 def split_out_of_memory(groups: list[Group], unpublished: Callable[[Cell], bool]) -> list[Group]:
-    """Each group of several cells that ran out of memory (its oom_file: runner.train.group.out_of_memory)
-    as two halves of its `unpublished` cells, at one adapter per forward; nothing for the others (a
-    lone cell cannot be split: its error stands)."""
-    from runner.train.group import out_of_memory  # deferred: torch, imported only when a cell trains
+    """Each group of several cells that ran out of memory (runner.train.group.splittable: its note names a
+    group of more than one) as two halves of its `unpublished` cells, at one adapter per forward;
+    nothing for the others (a cell that ran out of memory alone cannot be split: its error stands)."""
+    from runner.train.group import splittable  # deferred: torch, imported only when a cell trains
 
     out = []
     for g in groups:
         left = [c for c in g.cells if unpublished(c)]
-        if len(g.cells) > 1 and len(left) > 1 and any(out_of_memory(c) for c in left):
+        if len(g.cells) == 1 or not any(splittable(c) for c in left):
+            continue
+        if len(left) > 1:
             half = (len(left) + 1) // 2
             out += [Group(tuple(left[:half]), 1), Group(tuple(left[half:]), 1)]
-        elif len(g.cells) > 1 and len(left) == 1 and out_of_memory(left[0]):
+        else:
             out.append(Group((left[0],), 1))  # trains as a group of one, from its checkpoint (runner.sweep)
     return out
 

@@ -72,6 +72,13 @@ def out_of_memory(cell: Cell) -> str | None:
     return f"{note['where']} of a group of {note['adapters']} adapter(s)" if isinstance(note, dict) else None
 
 
+def splittable(cell: Cell) -> bool:
+    """Whether the cell last ran out of memory in a group of more than one adapter: a smaller group,
+    down to the cell alone, may fit (runner.stages.train splits it); alone, it cannot."""
+    note = read_state(oom_file(cell))
+    return isinstance(note, dict) and note.get("adapters", 0) > 1
+
+
 def checkpoint_dir(cell: Cell) -> Path:
     """An adapter's latest checkpoint (weights, Adam state, step, metrics), beside its starts file."""
     return Path(cell.work_dir) / cell.cell_id / "valind-adapter"

@@ -24,7 +24,7 @@ from runner.store import atomic_dir
 from runner.train.batches import Example, encode_pairs
 from runner.train.cell import Cell
 from runner.train.doses import epochs_of
-from runner.train.group import final_dir, finished, group_loop, out_of_memory
+from runner.train.group import final_dir, finished, group_loop, out_of_memory, splittable
 from runner.train.loop import dist_backend, progress_dir, starts_file, train_loop
 from runner.train.reference import cache_paths, cached_logps, fill, subsets_logps
 
@@ -236,10 +236,9 @@ def train_group(cells: list[Cell], tokenizer, per_forward: int | None = None,
                  group=[x.cell_id for x in cells])
         shutil.rmtree(Path(c.work_dir) / c.cell_id, ignore_errors=True)
         out[c.cell_id] = {"out_dir": Path(c.out_dir), "ref_cache_hit": ref_hit}
-    left = [c for c in cells if c.cell_id not in out]
-    notes = [out_of_memory(c) for c in left]
     # out of memory in a group of several: runner.stages.train trains its cells in smaller groups, not an error here
-    if left and (len(todo) == 1 or not all(notes)):
-        raise TrainError(f"{left[0].cell_id}: " + (f"out of memory in {notes[0]}" if notes[0]
-                                                   else "the group ended without this adapter's final state"))
+    if stuck := [c for c in cells if c.cell_id not in out and not splittable(c)]:
+        oom = out_of_memory(stuck[0])
+        raise TrainError(f"{stuck[0].cell_id}: " + (f"out of memory in {oom}" if oom
+                                                    else "the group ended without this adapter's final state"))
     return out
