@@ -266,3 +266,28 @@ def test_run_refuses_a_layout_that_cannot_fit_before_any_stage(tmp_path, monkeyp
     problems = dict(e.value.problems)
     assert list(problems) == ["train.adapters_per_group"], problems
     assert "(cluster.gpu_memory_gb × train.gpus_per_worker)" in problems["train.adapters_per_group"]
+
+
+def test_checkpoints_by_time_are_resume_points(tiny_model, examples, tmp_path):
+    """train.checkpoint_every_s: "auto" is 15 min on GPU workers and off on CPU ones; `time_due` says when
+    it has passed (the DeepSpeed loop), and a group adapter saved because it was due (checkpoint_every
+    far off) is the point a new group resumes it from. A save that ignored `due` would leave none."""
+    import time
+
+    from runner.train.group import _checkpoint, _resume, build_group, checkpoint_dir, run_steps
+    from runner.train.loop import time_due
+
+    assert TrainSpec(gpus_per_worker=1).checkpoint_seconds() == 900.0
+    assert TrainSpec().checkpoint_seconds() is None and TrainSpec(checkpoint_every_s=30).checkpoint_seconds() == 30.0
+    assert not time_due(None, 0.0, 1, CPU) and not time_due(3600.0, time.monotonic(), 1, CPU)
+    assert time_due(0.0, time.monotonic(), 1, CPU)
+
+    torch.set_num_threads(2)
+    cell = _cells(tiny_model, 1, tmp_path)[0]  # checkpoint_every: 50, two steps in all
+    model, router, (slot,) = build_group([cell], [examples[:8]], CPU)
+    next(run_steps(model, router, [slot], 0, CPU))
+    _checkpoint(model, slot, [], due=False)
+    assert not (checkpoint_dir(cell) / "state.json").exists()  # step 1: neither due nor a checkpoint_every step
+    _checkpoint(model, slot, [], due=True)
+    model, router, (again,) = build_group([cell], [examples[:8]], CPU)
+    assert _resume(model, again) and again.step == 1
